@@ -1,0 +1,88 @@
+//! supermachine-agent: PID 1 of every supermachine VM, or a development server on a unix socket.
+//!
+//! `main` is the C entry point (`no_main`): std's runtime would abort when descriptors 0-2 are
+//! closed and /dev/null does not exist, which is exactly the situation of /init in an initramfs.
+
+#![cfg_attr(not(test), no_main)]
+// Unit-test builds have no entry point, so most of the crate looks unused there.
+#![cfg_attr(test, allow(dead_code))]
+
+mod exec;
+mod files;
+mod init;
+mod proto;
+mod server;
+mod sys;
+
+use std::os::unix::net::UnixListener;
+
+use server::{Server, Transport};
+
+const USAGE: &str = "usage: supermachine-agent [--version | --serve-unix PATH]\n\
+                     (run as PID 1 it boots the VM and serves the virtio port)";
+
+#[cfg(not(test))]
+#[no_mangle]
+pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+    sys::ignore_sigpipe();
+    if sys::getpid() == 1 {
+        run_init()
+    }
+    sys::ensure_std_fds();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["--version"] => {
+            println!("supermachine-agent {} (protocol {})", env!("CARGO_PKG_VERSION"), proto::VERSION);
+            0
+        }
+        ["--serve-unix", path] => serve_unix(path),
+        _ => {
+            eprintln!("{USAGE}");
+            2
+        }
+    }
+}
+
+fn run_init() -> ! {
+    init::early_console();
+    std::panic::set_hook(Box::new(|info| init::fatal(&format!("panic: {info}"))));
+    let (port, name) = match init::boot() {
+        Ok(p) => p,
+        Err(e) => init::fatal(&format!("boot: {e}")),
+    };
+    let mut server = match Server::new(Transport::Port { fd: port, connected: false }, true) {
+        Ok(s) => s,
+        Err(e) => init::fatal(&e.to_string()),
+    };
+    eprintln!("supermachine-agent: ready (version {}, port {name})", env!("CARGO_PKG_VERSION"));
+    match server.run() {
+        Ok(()) => init::fatal("server loop ended"),
+        Err(e) => init::fatal(&e.to_string()),
+    }
+}
+
+fn serve_unix(path: &str) -> libc::c_int {
+    let _ = std::fs::remove_file(path);
+    let listener = match UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("supermachine-agent: cannot listen on {path}: {e}");
+            return 1;
+        }
+    };
+    // Like PID 1: children without a cwd start in "/", and orphans of our children are reaped
+    // by us, so tests see the same behaviour as a VM.
+    if let Err(e) = std::env::set_current_dir("/") {
+        eprintln!("supermachine-agent: cannot chdir to /: {e}");
+        return 1;
+    }
+    let _ = sys::set_child_subreaper();
+    let result = Server::new(Transport::Unix { listener, conn: None }, false).and_then(|mut s| s.run());
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("supermachine-agent: {e}");
+            1
+        }
+    }
+}

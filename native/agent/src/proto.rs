@@ -1,0 +1,558 @@
+//! Frame and field codec of PROTOCOL.md (version 1), plus typed requests and replies.
+
+use std::fmt;
+
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 12;
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Largest DATA payload the agent sends.
+pub const MAX_DATA: usize = 64 * 1024;
+pub const INITIAL_WINDOW: u32 = 262_144;
+
+pub const HELLO: u8 = 0x01;
+pub const HELLO_OK: u8 = 0x02;
+pub const PING: u8 = 0x03;
+pub const PONG: u8 = 0x04;
+pub const SHUTDOWN: u8 = 0x05;
+pub const GOAWAY: u8 = 0x06;
+pub const EXEC: u8 = 0x10;
+pub const STARTED: u8 = 0x11;
+pub const DATA: u8 = 0x12;
+pub const WINDOW: u8 = 0x13;
+pub const EXIT: u8 = 0x14;
+pub const SIGNAL: u8 = 0x15;
+pub const STREAM_ERROR: u8 = 0x16;
+pub const RESIZE: u8 = 0x17;
+pub const CANCEL: u8 = 0x18;
+pub const WRITE_FILE: u8 = 0x20;
+pub const READ_FILE: u8 = 0x21;
+pub const OK: u8 = 0x22;
+pub const SPAWN_BENCH: u8 = 0x30;
+
+/// DATA flag: end of this channel.
+pub const FLAG_EOF: u8 = 0x80;
+pub const CHANNEL_MASK: u8 = 0x03;
+pub const STDIN: u8 = 0;
+pub const STDOUT: u8 = 1;
+pub const STDERR: u8 = 2;
+
+/// STREAM_ERROR / GOAWAY codes.
+pub const BAD_REQUEST: u32 = 1;
+pub const STREAM_IN_USE: u32 = 2;
+pub const IO: u32 = 3;
+pub const NOT_FOUND: u32 = 4;
+pub const TOO_LARGE: u32 = 5;
+pub const UNSUPPORTED: u32 = 6;
+pub const VERSION_ERR: u32 = 7;
+pub const PROTOCOL: u32 = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtoError {
+    /// A frame header announces more than MAX_PAYLOAD.
+    Oversized(u32),
+    /// A field runs past the end of the payload.
+    TruncatedField,
+    /// A known tag with the wrong value length.
+    BadLength { tag: u8, len: usize },
+    /// A required field is missing or a value is out of range.
+    Invalid(&'static str),
+}
+
+impl fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtoError::Oversized(n) => write!(f, "frame payload of {n} bytes exceeds {MAX_PAYLOAD}"),
+            ProtoError::TruncatedField => write!(f, "field runs past the end of the payload"),
+            ProtoError::BadLength { tag, len } => write!(f, "field {tag} has invalid length {len}"),
+            ProtoError::Invalid(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub len: u32,
+    pub ty: u8,
+    pub flags: u8,
+    pub stream: u32,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&self.len.to_le_bytes());
+        h[4] = self.ty;
+        h[5] = self.flags;
+        h[8..12].copy_from_slice(&self.stream.to_le_bytes());
+        h
+    }
+
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Header {
+        Header {
+            len: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            ty: b[4],
+            flags: b[5],
+            stream: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        }
+    }
+}
+
+/// Looks for one complete frame at the start of `buf`.
+/// Ok(None): more bytes needed. Ok(Some((header, total))): the payload is `buf[12..total]`.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Header, usize)>, ProtoError> {
+    let Some(head) = buf.get(..HEADER_LEN) else { return Ok(None) };
+    let header = Header::decode(head.try_into().expect("12 bytes"));
+    if header.len as usize > MAX_PAYLOAD {
+        return Err(ProtoError::Oversized(header.len));
+    }
+    let total = HEADER_LEN + header.len as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    Ok(Some((header, total)))
+}
+
+/// Appends a complete frame to `out`.
+pub fn encode_frame(out: &mut Vec<u8>, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+    debug_assert!(payload.len() <= MAX_PAYLOAD);
+    out.extend_from_slice(&Header { len: payload.len() as u32, ty, flags, stream }.encode());
+    out.extend_from_slice(payload);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fields
+
+#[derive(Debug, Clone, Copy)]
+pub struct Field<'a> {
+    pub tag: u8,
+    pub value: &'a [u8],
+}
+
+impl<'a> Field<'a> {
+    fn fixed<const N: usize>(&self) -> Result<[u8; N], ProtoError> {
+        self.value.try_into().map_err(|_| ProtoError::BadLength { tag: self.tag, len: self.value.len() })
+    }
+    pub fn u8(&self) -> Result<u8, ProtoError> {
+        Ok(self.fixed::<1>()?[0])
+    }
+    pub fn u16(&self) -> Result<u16, ProtoError> {
+        Ok(u16::from_le_bytes(self.fixed()?))
+    }
+    pub fn u32(&self) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(self.fixed()?))
+    }
+    #[allow(dead_code)] // the agent only sends i32 fields; kept for a complete codec
+    pub fn i32(&self) -> Result<i32, ProtoError> {
+        Ok(i32::from_le_bytes(self.fixed()?))
+    }
+    pub fn u64(&self) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(self.fixed()?))
+    }
+    #[allow(dead_code)] // the agent only sends u64[] fields; kept for a complete codec
+    pub fn u64s(&self) -> Result<Vec<u64>, ProtoError> {
+        if !self.value.len().is_multiple_of(8) {
+            return Err(ProtoError::BadLength { tag: self.tag, len: self.value.len() });
+        }
+        Ok(self.value.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+    }
+}
+
+/// Iterates over the fields of a control payload.
+pub struct Fields<'a> {
+    rest: &'a [u8],
+}
+
+pub fn fields(payload: &[u8]) -> Fields<'_> {
+    Fields { rest: payload }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<Field<'a>, ProtoError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        if self.rest.len() < 5 {
+            self.rest = &[];
+            return Some(Err(ProtoError::TruncatedField));
+        }
+        let tag = self.rest[0];
+        let len = u32::from_le_bytes([self.rest[1], self.rest[2], self.rest[3], self.rest[4]]) as usize;
+        let body = &self.rest[5..];
+        if body.len() < len {
+            self.rest = &[];
+            return Some(Err(ProtoError::TruncatedField));
+        }
+        self.rest = &body[len..];
+        Some(Ok(Field { tag, value: &body[..len] }))
+    }
+}
+
+/// Builds a control payload.
+#[derive(Default)]
+pub struct FieldWriter {
+    buf: Vec<u8>,
+}
+
+impl FieldWriter {
+    pub fn new() -> FieldWriter {
+        FieldWriter::default()
+    }
+    pub fn bytes(mut self, tag: u8, value: &[u8]) -> Self {
+        self.buf.push(tag);
+        self.buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(value);
+        self
+    }
+    pub fn u8(self, tag: u8, v: u8) -> Self {
+        self.bytes(tag, &[v])
+    }
+    pub fn u16(self, tag: u8, v: u16) -> Self {
+        self.bytes(tag, &v.to_le_bytes())
+    }
+    pub fn u32(self, tag: u8, v: u32) -> Self {
+        self.bytes(tag, &v.to_le_bytes())
+    }
+    pub fn i32(self, tag: u8, v: i32) -> Self {
+        self.bytes(tag, &v.to_le_bytes())
+    }
+    pub fn u64(self, tag: u8, v: u64) -> Self {
+        self.bytes(tag, &v.to_le_bytes())
+    }
+    pub fn u64s(self, tag: u8, v: &[u64]) -> Self {
+        let packed: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.bytes(tag, &packed)
+    }
+    pub fn finish(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed requests (host → agent)
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version_min: u16,
+    pub version_max: u16,
+    pub host_time_ns: Option<u64>,
+    pub entropy: Vec<u8>,
+}
+
+impl Hello {
+    pub fn parse(payload: &[u8]) -> Result<Hello, ProtoError> {
+        let mut h = Hello { version_min: VERSION, version_max: VERSION, host_time_ns: None, entropy: Vec::new() };
+        for f in fields(payload) {
+            let f = f?;
+            match f.tag {
+                1 => h.version_min = f.u16()?,
+                2 => h.version_max = f.u16()?,
+                3 => h.host_time_ns = Some(f.u64()?),
+                4 => h.entropy = f.value.iter().copied().take(256).collect(),
+                _ => {}
+            }
+        }
+        Ok(h)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Exec {
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<Vec<u8>>,
+    pub cwd: Option<Vec<u8>>,
+    pub timeout_ms: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub stdin_pipe: bool,
+    pub tty: u8,
+}
+
+impl Exec {
+    pub fn parse(payload: &[u8]) -> Result<Exec, ProtoError> {
+        let mut e = Exec::default();
+        for f in fields(payload) {
+            let f = f?;
+            match f.tag {
+                1 => e.argv.push(f.value.to_vec()),
+                2 => e.env.push(f.value.to_vec()),
+                3 => e.cwd = Some(f.value.to_vec()),
+                4 => e.timeout_ms = f.u64()?,
+                5 => e.uid = f.u32()?,
+                6 => e.gid = f.u32()?,
+                7 => {
+                    e.stdin_pipe = match f.u8()? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(ProtoError::Invalid("stdin must be 0 or 1")),
+                    }
+                }
+                8 => e.tty = f.u8()?,
+                _ => {}
+            }
+        }
+        if e.argv.is_empty() || e.argv[0].is_empty() {
+            return Err(ProtoError::Invalid("argv is empty"));
+        }
+        Ok(e)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signal {
+    pub signum: u32,
+    pub group: bool,
+}
+
+impl Signal {
+    pub fn parse(payload: &[u8]) -> Result<Signal, ProtoError> {
+        let mut signum = None;
+        let mut group = false;
+        for f in fields(payload) {
+            let f = f?;
+            match f.tag {
+                1 => signum = Some(f.u32()?),
+                2 => group = f.u8()? != 0,
+                _ => {}
+            }
+        }
+        let signum = signum.ok_or(ProtoError::Invalid("signum missing"))?;
+        Ok(Signal { signum, group })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFile {
+    pub path: Vec<u8>,
+    pub mode: u32,
+    pub size: Option<u64>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mkdirs: bool,
+}
+
+impl WriteFile {
+    pub fn parse(payload: &[u8]) -> Result<WriteFile, ProtoError> {
+        let mut w = WriteFile { path: Vec::new(), mode: 0o644, size: None, uid: None, gid: None, mkdirs: true };
+        for f in fields(payload) {
+            let f = f?;
+            match f.tag {
+                1 => w.path = f.value.to_vec(),
+                2 => w.mode = f.u32()? & 0o7777,
+                3 => w.size = Some(f.u64()?),
+                4 => w.uid = Some(f.u32()?),
+                5 => w.gid = Some(f.u32()?),
+                6 => w.mkdirs = f.u8()? != 0,
+                _ => {}
+            }
+        }
+        if w.path.first() != Some(&b'/') {
+            return Err(ProtoError::Invalid("path must be absolute"));
+        }
+        Ok(w)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadFile {
+    pub path: Vec<u8>,
+    pub max_size: u64,
+}
+
+impl ReadFile {
+    pub fn parse(payload: &[u8]) -> Result<ReadFile, ProtoError> {
+        let mut r = ReadFile { path: Vec::new(), max_size: 0 };
+        for f in fields(payload) {
+            let f = f?;
+            match f.tag {
+                1 => r.path = f.value.to_vec(),
+                2 => r.max_size = f.u64()?,
+                _ => {}
+            }
+        }
+        if r.path.is_empty() {
+            return Err(ProtoError::Invalid("path missing"));
+        }
+        Ok(r)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnBench {
+    pub argv: Vec<Vec<u8>>,
+    pub count: u32,
+    pub env: Vec<Vec<u8>>,
+}
+
+impl SpawnBench {
+    pub fn parse(payload: &[u8]) -> Result<SpawnBench, ProtoError> {
+        let mut b = SpawnBench { argv: Vec::new(), count: 1, env: Vec::new() };
+        for f in fields(payload) {
+            let f = f?;
+            match f.tag {
+                1 => b.argv.push(f.value.to_vec()),
+                2 => b.count = f.u32()?,
+                3 => b.env.push(f.value.to_vec()),
+                _ => {}
+            }
+        }
+        if b.argv.is_empty() || b.argv[0].is_empty() {
+            return Err(ProtoError::Invalid("argv is empty"));
+        }
+        Ok(b)
+    }
+}
+
+/// WINDOW payload: a bare u32 increment.
+pub fn parse_window(payload: &[u8]) -> Result<u32, ProtoError> {
+    let b: [u8; 4] = payload.try_into().map_err(|_| ProtoError::BadLength { tag: 0, len: payload.len() })?;
+    Ok(u32::from_le_bytes(b))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies (agent → host)
+
+pub fn hello_ok(agent_version: &str, uptime_ms: u64, features: &str) -> Vec<u8> {
+    FieldWriter::new()
+        .u16(1, VERSION)
+        .bytes(2, agent_version.as_bytes())
+        .u64(3, uptime_ms)
+        .bytes(4, features.as_bytes())
+        .finish()
+}
+
+pub fn error_fields(code: u32, message: &str) -> Vec<u8> {
+    FieldWriter::new().u32(1, code).bytes(2, message.as_bytes()).finish()
+}
+
+pub fn started(pid: u32) -> Vec<u8> {
+    FieldWriter::new().u32(1, pid).finish()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExitInfo {
+    pub exit_code: i32,
+    pub signal: u32,
+    pub timed_out: bool,
+    pub peak_rss_kib: u64,
+    pub duration_us: u64,
+}
+
+impl ExitInfo {
+    pub fn encode(&self) -> Vec<u8> {
+        FieldWriter::new()
+            .i32(1, self.exit_code)
+            .u32(2, self.signal)
+            .u8(3, self.timed_out as u8)
+            .u64(4, self.peak_rss_kib)
+            .u64(5, self.duration_us)
+            .finish()
+    }
+}
+
+pub fn ok_size(size: u64) -> Vec<u8> {
+    FieldWriter::new().u64(1, size).finish()
+}
+
+pub fn ok_samples(samples: &[u64]) -> Vec<u8> {
+    FieldWriter::new().u64s(2, samples).finish()
+}
+
+pub fn window(increment: u32) -> [u8; 4] {
+    increment.to_le_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip() {
+        let h = Header { len: 77, ty: EXEC, flags: 0x81, stream: 0xdead_beef };
+        let enc = h.encode();
+        assert_eq!(enc[6..8], [0, 0]);
+        assert_eq!(Header::decode(&enc), h);
+    }
+
+    #[test]
+    fn frame_round_trip_and_partial() {
+        let mut buf = Vec::new();
+        encode_frame(&mut buf, PING, 0, 7, b"hello");
+        encode_frame(&mut buf, DATA, FLAG_EOF | STDOUT, 9, b"");
+        let (h, total) = decode_frame(&buf).unwrap().unwrap();
+        assert_eq!((h.ty, h.stream, h.len, total), (PING, 7, 5, 17));
+        assert_eq!(&buf[HEADER_LEN..total], b"hello");
+        let (h2, total2) = decode_frame(&buf[total..]).unwrap().unwrap();
+        assert_eq!((h2.ty, h2.flags, h2.len, total2), (DATA, 0x81, 0, 12));
+        // Every strict prefix of a frame is "need more".
+        for cut in 0..total {
+            assert_eq!(decode_frame(&buf[..cut]).unwrap(), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn oversized_frame_is_an_error() {
+        let h = Header { len: MAX_PAYLOAD as u32 + 1, ty: DATA, flags: 0, stream: 1 }.encode();
+        assert_eq!(decode_frame(&h), Err(ProtoError::Oversized(MAX_PAYLOAD as u32 + 1)));
+        let h = Header { len: MAX_PAYLOAD as u32, ty: DATA, flags: 0, stream: 1 }.encode();
+        assert_eq!(decode_frame(&h), Ok(None));
+    }
+
+    #[test]
+    fn fields_round_trip() {
+        let p = FieldWriter::new()
+            .bytes(1, b"echo")
+            .bytes(1, b"hi")
+            .bytes(2, b"PATH=/bin")
+            .u64(4, 300)
+            .u32(5, 1000)
+            .u8(7, 1)
+            .finish();
+        let e = Exec::parse(&p).unwrap();
+        assert_eq!(e.argv, vec![b"echo".to_vec(), b"hi".to_vec()]);
+        assert_eq!(e.env, vec![b"PATH=/bin".to_vec()]);
+        assert_eq!((e.timeout_ms, e.uid, e.gid, e.stdin_pipe, e.cwd), (300, 1000, 0, true, None));
+        let x = ExitInfo { exit_code: -1, signal: 9, timed_out: true, peak_rss_kib: 5, duration_us: 6 };
+        let mut got = ExitInfo::default();
+        for f in fields(&x.encode()) {
+            let f = f.unwrap();
+            match f.tag {
+                1 => got.exit_code = f.i32().unwrap(),
+                2 => got.signal = f.u32().unwrap(),
+                3 => got.timed_out = f.u8().unwrap() == 1,
+                4 => got.peak_rss_kib = f.u64().unwrap(),
+                5 => got.duration_us = f.u64().unwrap(),
+                _ => panic!(),
+            }
+        }
+        assert_eq!(got, x);
+        let s = ok_samples(&[1, 2, u64::MAX]);
+        let f = fields(&s).next().unwrap().unwrap();
+        assert_eq!(f.u64s().unwrap(), vec![1, 2, u64::MAX]);
+    }
+
+    #[test]
+    fn unknown_tags_are_ignored() {
+        let p = FieldWriter::new().bytes(200, b"future").bytes(1, b"true").u64(99, 1).finish();
+        assert_eq!(Exec::parse(&p).unwrap().argv, vec![b"true".to_vec()]);
+        let h = Hello::parse(&FieldWriter::new().u16(1, 1).bytes(42, &[0; 3]).u16(2, 3).finish()).unwrap();
+        assert_eq!((h.version_min, h.version_max), (1, 3));
+    }
+
+    #[test]
+    fn truncated_and_malformed_fields() {
+        let p = FieldWriter::new().bytes(1, b"echo").finish();
+        for cut in 1..p.len() {
+            assert_eq!(Exec::parse(&p[..cut]), Err(ProtoError::TruncatedField), "cut at {cut}");
+        }
+        let bad = FieldWriter::new().bytes(1, b"x").bytes(4, &[1, 2, 3]).finish();
+        assert_eq!(Exec::parse(&bad), Err(ProtoError::BadLength { tag: 4, len: 3 }));
+        assert!(Exec::parse(&[]).is_err());
+        assert!(WriteFile::parse(&FieldWriter::new().bytes(1, b"rel").finish()).is_err());
+        assert!(parse_window(&[1, 2, 3]).is_err());
+        assert_eq!(parse_window(&5u32.to_le_bytes()), Ok(5));
+        let bad_u64s = FieldWriter::new().bytes(2, &[0; 9]).finish();
+        assert!(fields(&bad_u64s).next().unwrap().unwrap().u64s().is_err());
+    }
+}

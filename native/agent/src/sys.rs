@@ -1,0 +1,713 @@
+//! Thin safe wrappers over the libc calls the agent needs. All `unsafe` in the crate lives here.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+
+pub use libc::pid_t;
+
+/// Turns a libc `-1 + errno` return into an `io::Result`.
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+fn cstr(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Wraps a freshly returned descriptor.
+fn owned(fd: libc::c_int) -> OwnedFd {
+    // SAFETY: callers pass a descriptor just returned by a successful syscall; nothing else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// `strerror` text without std's " (os error N)" suffix.
+pub fn errno_text(errno: i32) -> String {
+    let s = io::Error::from_raw_os_error(errno).to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+pub fn io_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => errno_text(n),
+        None => e.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process-wide setup
+
+/// Ignores SIGPIPE (writes to closed pipes/sockets must return EPIPE, not kill the agent).
+pub fn ignore_sigpipe() {
+    // SAFETY: installing SIG_IGN has no memory-safety implications.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
+/// Makes sure descriptors 0, 1 and 2 are open, so no later descriptor lands there.
+pub fn ensure_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
+            continue;
+        }
+        for path in [c"/dev/null", c"/"] {
+            // SAFETY: path is a valid C string; the result is checked below.
+            let got = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+            if got == fd {
+                break;
+            }
+            if got >= 0 {
+                // SAFETY: we own `got`; dup2 onto the closed standard descriptor.
+                unsafe {
+                    libc::dup2(got, fd);
+                    libc::close(got);
+                }
+                break;
+            }
+        }
+    }
+}
+
+/// Opens `path` and installs it as descriptors 0, 1 and 2.
+pub fn redirect_stdio(path: &CStr) -> io::Result<()> {
+    // SAFETY: path is a valid C string.
+    let fd = cvt(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) })?;
+    for target in 0..3 {
+        if fd != target {
+            // SAFETY: both descriptors are valid; dup2 replaces the target atomically.
+            cvt(unsafe { libc::dup2(fd, target) })?;
+        }
+    }
+    if fd > 2 {
+        drop(owned(fd));
+    }
+    Ok(())
+}
+
+pub fn getpid() -> pid_t {
+    // SAFETY: getpid cannot fail.
+    unsafe { libc::getpid() }
+}
+
+pub fn geteuid() -> u32 {
+    // SAFETY: cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+pub fn getegid() -> u32 {
+    // SAFETY: cannot fail.
+    unsafe { libc::getegid() }
+}
+
+/// Makes this process the reaper of orphaned descendants (used outside PID 1).
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with an integer argument.
+    cvt(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) }).map(|_| ())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain descriptor I/O
+
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: buf is a valid writable region of buf.len() bytes.
+        let r = cvt_size(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: buf is a valid readable region of buf.len() bytes.
+        let r = cvt_size(unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Reads at most `max` bytes, appending them to `buf` without zero-filling its spare capacity
+/// first (that memset is measurable under TCG emulation).
+pub fn read_append(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let len = spare.len().min(max);
+    loop {
+        // SAFETY: `spare` is writable, allocated memory of at least `len` bytes; the kernel
+        // writes only the bytes it reports, and only those are exposed via set_len below.
+        let r = cvt_size(unsafe { libc::read(fd, spare.as_mut_ptr().cast(), len) });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(n) => {
+                // SAFETY: the first n bytes of the spare capacity were just initialised by read.
+                unsafe { buf.set_len(buf.len() + n) };
+                return Ok(n);
+            }
+        }
+    }
+}
+
+/// Sets O_NONBLOCK on a pipe end that has no other status flags (one syscall instead of two).
+pub fn set_pipe_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we hold; pipe ends carry only their access mode, which
+    // F_SETFL ignores.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) }).map(|_| ())
+}
+
+/// A pipe with both ends close-on-exec: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: fds has room for two descriptors.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    Ok((owned(fds[0]), owned(fds[1])))
+}
+
+/// Bytes waiting to be read in a pipe.
+pub fn bytes_readable(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    cvt(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) })?;
+    Ok(n.max(0) as usize)
+}
+
+pub fn poll_hup(fd: RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+pub fn open_rw_nonblock(path: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: valid C string.
+    let fd = cvt(unsafe {
+        libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+    })?;
+    Ok(owned(fd))
+}
+
+// ---------------------------------------------------------------------------------------------
+// epoll, signalfd, timerfd
+
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+pub const EPOLLIN: u32 = libc::EPOLLIN as u32;
+pub const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
+pub const EPOLLERR: u32 = libc::EPOLLERR as u32;
+pub const EPOLLHUP: u32 = libc::EPOLLHUP as u32;
+
+#[derive(Clone, Copy)]
+pub struct Event {
+    pub events: u32,
+    pub token: u64,
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: plain syscall.
+        let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        Ok(Epoll { fd: owned(fd) })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: ev is a valid epoll_event for the duration of the call.
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) }).map(|_| ())
+    }
+
+    pub fn add(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token)
+    }
+
+    pub fn modify(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
+    }
+
+    pub fn delete(&self, fd: RawFd) {
+        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+    }
+
+    /// Waits for events; `timeout_ms` -1 blocks. EINTR yields an empty list.
+    pub fn wait(&self, out: &mut Vec<Event>, timeout_ms: i32) -> io::Result<()> {
+        const MAX: usize = 128;
+        let mut raw = [libc::epoll_event { events: 0, u64: 0 }; MAX];
+        // SAFETY: raw has room for MAX events.
+        let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), raw.as_mut_ptr(), MAX as i32, timeout_ms) };
+        out.clear();
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(()) } else { Err(e) };
+        }
+        for ev in &raw[..n as usize] {
+            let (events, token) = (ev.events, ev.u64);
+            out.push(Event { events, token });
+        }
+        Ok(())
+    }
+}
+
+fn sigset_of(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks SIGCHLD and returns a non-blocking signalfd for it.
+pub fn sigchld_fd() -> io::Result<OwnedFd> {
+    let set = sigset_of(&[libc::SIGCHLD]);
+    // SAFETY: set is initialised; the old mask is not needed.
+    cvt(unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, ptr::null_mut()) })?;
+    // SAFETY: as above.
+    let fd = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) })?;
+    Ok(owned(fd))
+}
+
+/// Empties a non-blocking signalfd or timerfd (a short read means nothing is left).
+pub fn drain(fd: RawFd) {
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = read(fd, &mut buf) {
+        if n < buf.len() {
+            break;
+        }
+    }
+}
+
+pub struct TimerFd {
+    fd: OwnedFd,
+    armed_ns: u64,
+}
+
+impl TimerFd {
+    pub fn new() -> io::Result<TimerFd> {
+        // SAFETY: plain syscall.
+        let fd = cvt(unsafe {
+            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+        })?;
+        Ok(TimerFd { fd: owned(fd), armed_ns: 0 })
+    }
+
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Arms the timer for the absolute CLOCK_MONOTONIC time `at_ns`; 0 disarms it.
+    pub fn set(&mut self, at_ns: u64) {
+        if at_ns == self.armed_ns {
+            return;
+        }
+        self.armed_ns = at_ns;
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: (at_ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (at_ns % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: spec is valid; the old value is not needed. Cannot fail for a valid fd/spec.
+        unsafe {
+            libc::timerfd_settime(self.fd.as_raw_fd(), libc::TFD_TIMER_ABSTIME, &spec, ptr::null_mut());
+        }
+    }
+
+    /// Called after the timer fired.
+    pub fn fired(&mut self) {
+        drain(self.fd.as_raw_fd());
+        self.armed_ns = 0;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clocks
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is valid; the clocks used always exist.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+pub fn set_realtime_ns(ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: ts is valid.
+    cvt(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(|_| ())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+pub fn kill(pid: pid_t, sig: i32) -> io::Result<()> {
+    // SAFETY: plain syscall; callers never pass 0 as pid by accident (checked by callers).
+    cvt(unsafe { libc::kill(pid, sig) }).map(|_| ())
+}
+
+pub struct Reaped {
+    pub pid: pid_t,
+    pub status: libc::c_int,
+    pub maxrss_kib: u64,
+}
+
+impl Reaped {
+    /// (exit_code, signal): exit_code is -1 when killed by a signal.
+    pub fn code_and_signal(&self) -> (i32, u32) {
+        if libc::WIFEXITED(self.status) {
+            (libc::WEXITSTATUS(self.status), 0)
+        } else if libc::WIFSIGNALED(self.status) {
+            (-1, libc::WTERMSIG(self.status) as u32)
+        } else {
+            (-1, 0)
+        }
+    }
+}
+
+/// Reaps one terminated child (any pid) without blocking.
+pub fn reap_any() -> Option<Reaped> {
+    loop {
+        let mut status = 0;
+        // SAFETY: rusage is plain data, filled by the kernel.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: status and ru are valid out-pointers.
+        let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut ru) };
+        if pid > 0 {
+            return Some(Reaped { pid, status, maxrss_kib: ru.ru_maxrss.max(0) as u64 });
+        }
+        if pid < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return None;
+    }
+}
+
+fn reap_blocking(pid: pid_t) {
+    let mut status = 0;
+    loop {
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return;
+        }
+    }
+}
+
+/// Which step of starting a process failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpawnStage {
+    Setup,
+    Chdir,
+    Credentials,
+    Exec,
+}
+
+#[derive(Debug)]
+pub struct SpawnError {
+    pub stage: SpawnStage,
+    pub errno: i32,
+}
+
+/// What to start. Descriptors are installed as the child's 0, 1 and 2.
+pub struct SpawnSpec<'a> {
+    pub path: &'a CStr,
+    pub argv: &'a [CString],
+    pub env: &'a [CString],
+    pub cwd: Option<&'a CStr>,
+    pub stdio: [RawFd; 3],
+    /// `Some((uid, gid))` to switch credentials (requires fork+exec).
+    pub creds: Option<(u32, u32)>,
+}
+
+fn ptr_array(items: &[CString]) -> Vec<*const libc::c_char> {
+    items.iter().map(|s| s.as_ptr()).chain(std::iter::once(ptr::null())).collect()
+}
+
+extern "C" {
+    // glibc >= 2.29; not declared by libc 0.2.139.
+    fn posix_spawn_file_actions_addchdir_np(
+        actions: *mut libc::posix_spawn_file_actions_t,
+        path: *const libc::c_char,
+    ) -> libc::c_int;
+}
+
+/// Starts a process in a new session (it leads its own process group).
+/// Uses posix_spawn (CLONE_VFORK in glibc) unless credentials must change.
+pub fn spawn(spec: &SpawnSpec) -> Result<pid_t, SpawnError> {
+    let argv = ptr_array(spec.argv);
+    let envp = ptr_array(spec.env);
+    match spec.creds {
+        None => posix_spawn(spec, &argv, &envp),
+        Some((uid, gid)) => fork_exec(spec, &argv, &envp, uid, gid),
+    }
+}
+
+fn posix_spawn(spec: &SpawnSpec, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> Result<pid_t, SpawnError> {
+    let setup = |errno| SpawnError { stage: SpawnStage::Setup, errno };
+    // SAFETY: attr and actions are initialised before use and destroyed on every path; every
+    // pointer handed to posix_spawn (path, argv, envp, cwd) outlives the call, and argv/envp are
+    // NULL-terminated arrays of valid C strings.
+    unsafe {
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let r = libc::posix_spawnattr_init(&mut attr);
+        if r != 0 {
+            return Err(setup(r));
+        }
+        let r = libc::posix_spawn_file_actions_init(&mut actions);
+        if r != 0 {
+            libc::posix_spawnattr_destroy(&mut attr);
+            return Err(setup(r));
+        }
+        let empty = sigset_of(&[]);
+        let defaults = sigset_of(&[libc::SIGPIPE, libc::SIGCHLD]);
+        let flags = libc::POSIX_SPAWN_SETSID | libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+        let mut r = libc::posix_spawnattr_setflags(&mut attr, flags as libc::c_short);
+        if r == 0 {
+            r = libc::posix_spawnattr_setsigmask(&mut attr, &empty);
+        }
+        if r == 0 {
+            r = libc::posix_spawnattr_setsigdefault(&mut attr, &defaults);
+        }
+        for (target, &fd) in spec.stdio.iter().enumerate() {
+            if r == 0 {
+                r = libc::posix_spawn_file_actions_adddup2(&mut actions, fd, target as libc::c_int);
+            }
+        }
+        if r == 0 {
+            if let Some(cwd) = spec.cwd {
+                r = posix_spawn_file_actions_addchdir_np(&mut actions, cwd.as_ptr());
+            }
+        }
+        let mut pid: pid_t = 0;
+        let result = if r != 0 {
+            Err(setup(r))
+        } else {
+            let r = libc::posix_spawn(
+                &mut pid,
+                spec.path.as_ptr(),
+                &actions,
+                &attr,
+                argv.as_ptr() as *const *mut libc::c_char,
+                envp.as_ptr() as *const *mut libc::c_char,
+            );
+            if r == 0 {
+                Ok(pid)
+            } else {
+                Err(SpawnError { stage: SpawnStage::Exec, errno: r })
+            }
+        };
+        libc::posix_spawn_file_actions_destroy(&mut actions);
+        libc::posix_spawnattr_destroy(&mut attr);
+        result
+    }
+}
+
+fn fork_exec(
+    spec: &SpawnSpec,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    uid: u32,
+    gid: u32,
+) -> Result<pid_t, SpawnError> {
+    let setup = |e: io::Error| SpawnError { stage: SpawnStage::Setup, errno: e.raw_os_error().unwrap_or(libc::EIO) };
+    let (err_r, err_w) = pipe().map_err(setup)?;
+    let empty = sigset_of(&[]);
+    // SAFETY: after fork the child only makes async-signal-safe calls (no allocation: every
+    // buffer was prepared before the fork) and ends in execve or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(setup(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: child side of fork; see above.
+        unsafe {
+            let fail = |stage: u32| -> ! {
+                let report = [stage, *libc::__errno_location() as u32];
+                libc::write(err_w.as_raw_fd(), report.as_ptr().cast(), 8);
+                libc::_exit(127)
+            };
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::setsid();
+            for (target, &fd) in spec.stdio.iter().enumerate() {
+                if libc::dup2(fd, target as libc::c_int) < 0 {
+                    fail(0);
+                }
+            }
+            if let Some(cwd) = spec.cwd {
+                if libc::chdir(cwd.as_ptr()) < 0 {
+                    fail(1);
+                }
+            }
+            let groups = [gid];
+            if libc::setgroups(1, groups.as_ptr()) < 0 || libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
+                fail(2);
+            }
+            libc::execve(spec.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            fail(3);
+        }
+    }
+    drop(err_w);
+    let mut report = [0u8; 8];
+    let mut got = 0;
+    while got < 8 {
+        match read(err_r.as_raw_fd(), &mut report[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    if got < 8 {
+        return Ok(pid); // exec succeeded: the close-on-exec pipe closed without a report
+    }
+    reap_blocking(pid);
+    let stage = match u32::from_ne_bytes(report[..4].try_into().unwrap_or([0; 4])) {
+        1 => SpawnStage::Chdir,
+        2 => SpawnStage::Credentials,
+        3 => SpawnStage::Exec,
+        _ => SpawnStage::Setup,
+    };
+    let errno = i32::from_ne_bytes(report[4..].try_into().unwrap_or([0; 4]));
+    Err(SpawnError { stage, errno })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Boot-time system calls (PID 1 only)
+
+pub fn mkdir(path: &str, mode: u32) -> io::Result<()> {
+    let p = cstr(path.as_bytes())?;
+    // SAFETY: valid C string.
+    match cvt(unsafe { libc::mkdir(p.as_ptr(), mode as libc::mode_t) }) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        r => r.map(|_| ()),
+    }
+}
+
+pub fn mount(source: &str, target: &str, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> io::Result<()> {
+    let source = cstr(source.as_bytes())?;
+    let target = cstr(target.as_bytes())?;
+    let fstype = fstype.map(|s| cstr(s.as_bytes())).transpose()?;
+    let data = data.map(|s| cstr(s.as_bytes())).transpose()?;
+    // SAFETY: all pointers are valid C strings or NULL.
+    cvt(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ref().map_or(ptr::null(), |s| s.as_ptr()),
+            flags,
+            data.as_ref().map_or(ptr::null(), |s| s.as_ptr().cast()),
+        )
+    })
+    .map(|_| ())
+}
+
+pub use libc::{MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY};
+
+pub fn chroot(path: &str) -> io::Result<()> {
+    let p = cstr(path.as_bytes())?;
+    // SAFETY: valid C string.
+    cvt(unsafe { libc::chroot(p.as_ptr()) }).map(|_| ())
+}
+
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: pointer and length describe `name`.
+    cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(|_| ())
+}
+
+/// Sets IFF_UP on an interface (e.g. "lo").
+pub fn interface_up(name: &str) -> io::Result<()> {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    if name.len() >= 16 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: plain syscall.
+    let sock = owned(cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?);
+    let mut req = IfReq { name: [0; 16], flags: 0, _pad: [0; 22] };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: req has the layout of struct ifreq (16-byte name + 24-byte union).
+    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req as *mut IfReq) })?;
+    req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: as above.
+    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req as *mut IfReq) }).map(|_| ())
+}
+
+/// Mixes `data` into the kernel RNG, crediting it (RNDADDENTROPY), or just mixes it in.
+pub fn add_entropy(data: &[u8]) -> io::Result<()> {
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203; // _IOW('R', 0x03, int[2])
+    if data.is_empty() {
+        return Ok(());
+    }
+    let mut info = Vec::with_capacity(8 + data.len());
+    info.extend_from_slice(&((data.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(data.len() as i32).to_ne_bytes());
+    info.extend_from_slice(data);
+    info.resize(8 + data.len().div_ceil(4) * 4, 0);
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open("/dev/random") {
+        // SAFETY: info is a struct rand_pool_info with buf_size bytes of buffer following.
+        if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } == 0 {
+            return Ok(());
+        }
+    }
+    use std::io::Write;
+    std::fs::OpenOptions::new().write(true).open("/dev/urandom")?.write_all(data)
+}
+
+pub fn sync() {
+    // SAFETY: cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Kills every process except this one (PID 1 use).
+pub fn kill_all() {
+    // SAFETY: kill(-1) from init signals every other process.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+}
+
+/// Restarts the machine; QEMU runs with -no-reboot, so this ends the VM. Never returns.
+pub fn reboot() -> ! {
+    // SAFETY: reboot only returns on error (e.g. not PID 1 / no CAP_SYS_BOOT).
+    unsafe {
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    loop {
+        // SAFETY: pause just sleeps; PID 1 must never exit.
+        unsafe { libc::pause() };
+    }
+}

@@ -1,0 +1,516 @@
+//! Drives the real agent binary in `--serve-unix` mode with an independent client written
+//! straight from PROTOCOL.md.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HELLO: u8 = 0x01;
+const HELLO_OK: u8 = 0x02;
+const PING: u8 = 0x03;
+const PONG: u8 = 0x04;
+const GOAWAY: u8 = 0x06;
+const EXEC: u8 = 0x10;
+const STARTED: u8 = 0x11;
+const DATA: u8 = 0x12;
+const WINDOW: u8 = 0x13;
+const EXIT: u8 = 0x14;
+const STREAM_ERROR: u8 = 0x16;
+const CANCEL: u8 = 0x18;
+const WRITE_FILE: u8 = 0x20;
+const READ_FILE: u8 = 0x21;
+const OK: u8 = 0x22;
+const SPAWN_BENCH: u8 = 0x30;
+const EOF: u8 = 0x80;
+const INITIAL_WINDOW: i64 = 262_144;
+
+struct Agent {
+    child: Child,
+    sock: PathBuf,
+    dir: PathBuf,
+}
+
+impl Agent {
+    fn start(name: &str) -> Agent {
+        let dir = std::env::temp_dir().join(format!("sm-agent-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("agent.sock");
+        // SUPERMACHINE_AGENT_BIN runs the suite against another build (e.g. the static release one).
+        let bin = std::env::var_os("SUPERMACHINE_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_supermachine-agent")));
+        let child = Command::new(bin)
+            .arg("--serve-unix")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start agent");
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(start.elapsed() < Duration::from_secs(5), "agent socket did not appear");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Agent { child, sock, dir }
+    }
+
+    fn connect(&self) -> Client {
+        let s = UnixStream::connect(&self.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        Client { s, buf: Vec::new(), next_id: 1, credit: HashMap::new() }
+    }
+
+    fn hello(&self) -> Client {
+        let mut c = self.connect();
+        c.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 1).u64(3, 0).finish());
+        let f = c.recv();
+        assert_eq!(f.ty, HELLO_OK);
+        c
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[derive(Default)]
+struct Fields(Vec<u8>);
+
+impl Fields {
+    fn new() -> Fields {
+        Fields::default()
+    }
+    fn bytes(mut self, tag: u8, v: &[u8]) -> Fields {
+        self.0.push(tag);
+        self.0.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(v);
+        self
+    }
+    fn u8(self, tag: u8, v: u8) -> Fields {
+        self.bytes(tag, &[v])
+    }
+    fn u16(self, tag: u8, v: u16) -> Fields {
+        self.bytes(tag, &v.to_le_bytes())
+    }
+    fn u32(self, tag: u8, v: u32) -> Fields {
+        self.bytes(tag, &v.to_le_bytes())
+    }
+    fn u64(self, tag: u8, v: u64) -> Fields {
+        self.bytes(tag, &v.to_le_bytes())
+    }
+    fn finish(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+fn parse_fields(p: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < p.len() {
+        let tag = p[i];
+        let len = u32::from_le_bytes(p[i + 1..i + 5].try_into().unwrap()) as usize;
+        out.push((tag, p[i + 5..i + 5 + len].to_vec()));
+        i += 5 + len;
+    }
+    assert_eq!(i, p.len(), "fields overrun the payload");
+    out
+}
+
+fn field(fs: &[(u8, Vec<u8>)], tag: u8) -> &[u8] {
+    &fs.iter().find(|(t, _)| *t == tag).unwrap_or_else(|| panic!("missing field {tag}")).1
+}
+
+fn fu64(fs: &[(u8, Vec<u8>)], tag: u8) -> u64 {
+    u64::from_le_bytes(field(fs, tag).try_into().unwrap())
+}
+
+fn fu32(fs: &[(u8, Vec<u8>)], tag: u8) -> u32 {
+    u32::from_le_bytes(field(fs, tag).try_into().unwrap())
+}
+
+#[derive(Debug)]
+struct Frame {
+    ty: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+struct Client {
+    s: UnixStream,
+    buf: Vec<u8>,
+    next_id: u32,
+    /// (stream, channel) → credit the agent still has; checked on every DATA.
+    credit: HashMap<(u32, u8), i64>,
+}
+
+#[derive(Default, Debug)]
+struct Outcome {
+    started: bool,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    eof: [bool; 2],
+    exit: Option<Vec<(u8, Vec<u8>)>>,
+    ok: Option<Vec<(u8, Vec<u8>)>>,
+    error: Option<(u32, String)>,
+}
+
+impl Outcome {
+    fn code(&self) -> i32 {
+        i32::from_le_bytes(field(self.exit.as_ref().unwrap(), 1).try_into().unwrap())
+    }
+    fn exit_u32(&self, tag: u8) -> u32 {
+        fu32(self.exit.as_ref().unwrap(), tag)
+    }
+    fn timed_out(&self) -> u8 {
+        field(self.exit.as_ref().unwrap(), 3)[0]
+    }
+    fn done(&self) -> bool {
+        self.exit.is_some() || self.ok.is_some() || self.error.is_some()
+    }
+}
+
+impl Client {
+    fn send(&mut self, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let mut f = Vec::with_capacity(12 + payload.len());
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(&[ty, flags, 0, 0]);
+        f.extend_from_slice(&stream.to_le_bytes());
+        f.extend_from_slice(payload);
+        self.s.write_all(&f).unwrap();
+    }
+
+    fn recv(&mut self) -> Frame {
+        loop {
+            if self.buf.len() >= 12 {
+                let len = u32::from_le_bytes(self.buf[0..4].try_into().unwrap()) as usize;
+                assert!(len <= 1 << 20);
+                if self.buf.len() >= 12 + len {
+                    let f = Frame {
+                        ty: self.buf[4],
+                        flags: self.buf[5],
+                        stream: u32::from_le_bytes(self.buf[8..12].try_into().unwrap()),
+                        payload: self.buf[12..12 + len].to_vec(),
+                    };
+                    assert_eq!(&self.buf[6..8], &[0, 0], "reserved must be 0");
+                    self.buf.drain(..12 + len);
+                    return f;
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.s.read(&mut chunk).expect("read from agent");
+            assert!(n > 0, "agent closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.credit.insert((id, 1), INITIAL_WINDOW);
+        self.credit.insert((id, 2), INITIAL_WINDOW);
+        id
+    }
+
+    fn exec(&mut self, argv: &[&str], extra: Fields) -> u32 {
+        let id = self.id();
+        let mut f = Fields::new();
+        for a in argv {
+            f = f.bytes(1, a.as_bytes());
+        }
+        f = f.bytes(2, b"PATH=/usr/local/bin:/usr/bin:/bin");
+        f.0.extend_from_slice(&extra.0);
+        self.send(EXEC, 0, id, &f.0);
+        id
+    }
+
+    /// Handles one frame into `outcomes`; returns WINDOW credit granted for stdin (stream, n).
+    fn pump(&mut self, outcomes: &mut HashMap<u32, Outcome>) -> Option<(u32, u32)> {
+        let f = self.recv();
+        let o = outcomes.entry(f.stream).or_default();
+        assert!(!o.done(), "frame {:?} after the terminal message", f.ty);
+        match f.ty {
+            STARTED => o.started = true,
+            DATA => {
+                let ch = f.flags & 3;
+                assert!(ch == 1 || ch == 2, "bad channel");
+                assert!(f.payload.len() <= 65536);
+                assert!(!o.eof[ch as usize - 1], "DATA after EOF");
+                let c = self.credit.entry((f.stream, ch)).or_insert(INITIAL_WINDOW);
+                *c -= f.payload.len() as i64;
+                assert!(*c >= 0, "agent overran the window");
+                if ch == 1 { &mut o.stdout } else { &mut o.stderr }.extend_from_slice(&f.payload);
+                if f.flags & EOF != 0 {
+                    o.eof[ch as usize - 1] = true;
+                } else if !f.payload.is_empty() {
+                    *c += f.payload.len() as i64;
+                    self.send(WINDOW, ch, f.stream, &(f.payload.len() as u32).to_le_bytes());
+                }
+            }
+            EXIT => {
+                assert!(o.eof[0] && o.eof[1], "EXIT before EOF on stdout and stderr");
+                o.exit = Some(parse_fields(&f.payload));
+            }
+            OK => o.ok = Some(parse_fields(&f.payload)),
+            STREAM_ERROR => {
+                let fs = parse_fields(&f.payload);
+                o.error = Some((fu32(&fs, 1), String::from_utf8_lossy(field(&fs, 2)).into_owned()));
+            }
+            WINDOW => {
+                assert_eq!(f.flags & 3, 0);
+                return Some((f.stream, u32::from_le_bytes(f.payload[..].try_into().unwrap())));
+            }
+            other => panic!("unexpected frame type {other:#x}"),
+        }
+        None
+    }
+
+    fn wait(&mut self, id: u32) -> Outcome {
+        let mut outcomes = HashMap::new();
+        while !outcomes.get(&id).is_some_and(Outcome::done) {
+            self.pump(&mut outcomes);
+        }
+        outcomes.remove(&id).unwrap()
+    }
+
+    fn run(&mut self, argv: &[&str], extra: Fields) -> Outcome {
+        let id = self.exec(argv, extra);
+        self.wait(id)
+    }
+}
+
+#[test]
+fn hello_ping_and_frames_before_hello() {
+    let agent = Agent::start("hello");
+    let mut c = agent.connect();
+    c.send(PING, 0, 9, b"ignored"); // before HELLO: ignored
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 3).bytes(77, b"future field").finish());
+    let f = c.recv();
+    assert_eq!(f.ty, HELLO_OK);
+    let fs = parse_fields(&f.payload);
+    assert_eq!(field(&fs, 1), &1u16.to_le_bytes());
+    assert_eq!(field(&fs, 4), b"exec,files,bench");
+    assert!(!field(&fs, 2).is_empty());
+    fu64(&fs, 3);
+    c.send(PING, 0, 42, b"payload");
+    let f = c.recv();
+    assert_eq!((f.ty, f.stream, &f.payload[..]), (PONG, 42, &b"payload"[..]));
+    // Version mismatch → GOAWAY VERSION, then the connection closes; a new one works.
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 5).finish());
+    let f = c.recv();
+    assert_eq!(f.ty, GOAWAY);
+    assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
+    let mut c = agent.hello();
+    assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
+}
+
+#[test]
+fn echo_exit_codes_and_signals() {
+    let agent = Agent::start("echo");
+    let mut c = agent.hello();
+    let o = c.run(&["echo", "hi"], Fields::new());
+    assert!(o.started);
+    assert_eq!((o.stdout.as_slice(), o.stderr.as_slice(), o.code()), (&b"hi\n"[..], &b""[..], 0));
+    let o = c.run(&["sh", "-c", "echo out; echo err >&2; exit 3"], Fields::new());
+    assert_eq!((o.stdout.as_slice(), o.stderr.as_slice(), o.code()), (&b"out\n"[..], &b"err\n"[..], 3));
+    let o = c.run(&["sh", "-c", "kill -9 $$"], Fields::new());
+    assert_eq!((o.code(), o.exit_u32(2), o.timed_out()), (-1, 9, 0));
+    assert_eq!(c.run(&["pwd"], Fields::new()).stdout, b"/\n");
+    let o = c.run(&["pwd"], Fields::new().bytes(3, b"/tmp"));
+    assert_eq!(o.stdout, b"/tmp\n");
+    let o = c.run(&["sh", "-c", "echo $FOO"], Fields::new().bytes(2, b"FOO=bar"));
+    assert_eq!(o.stdout, b"bar\n");
+}
+
+#[test]
+fn start_failures() {
+    let agent = Agent::start("fail");
+    let mut c = agent.hello();
+    let o = c.run(&["definitely-not-a-command"], Fields::new());
+    assert!(!o.started);
+    assert_eq!(o.code(), 127);
+    assert_eq!(o.stderr, b"supermachine: definitely-not-a-command: command not found\n");
+    let o = c.run(&["true"], Fields::new().bytes(3, b"/no/such/dir"));
+    assert_eq!(o.code(), 126);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/no/such/dir"), "{:?}", o.stderr);
+    // Malformed request: wrong length for timeout_ms.
+    let id = c.id();
+    c.send(EXEC, 0, id, &Fields::new().bytes(1, b"true").bytes(4, &[1, 2]).finish());
+    assert_eq!(c.wait(id).error.unwrap().0, 1);
+    // Unknown message type on a stream.
+    let id = c.id();
+    c.send(0x7e, 0, id, &[]);
+    assert_eq!(c.wait(id).error.unwrap().0, 6);
+}
+
+#[test]
+fn timeout_and_cancel() {
+    let agent = Agent::start("timeout");
+    let mut c = agent.hello();
+    let t = Instant::now();
+    let o = c.run(&["sleep", "10"], Fields::new().u64(4, 300));
+    assert!(t.elapsed() < Duration::from_secs(3), "timeout took {:?}", t.elapsed());
+    assert_eq!((o.code(), o.exit_u32(2), o.timed_out()), (-1, 9, 1));
+    let t = Instant::now();
+    let id = c.exec(&["sleep", "10"], Fields::new());
+    std::thread::sleep(Duration::from_millis(50));
+    c.send(CANCEL, 0, id, &[]);
+    let o = c.wait(id);
+    assert!(t.elapsed() < Duration::from_secs(3));
+    assert_eq!((o.code(), o.timed_out()), (-1, 0));
+    // A background process holding the pipes open does not delay EXIT.
+    let t = Instant::now();
+    let o = c.run(&["sh", "-c", "echo fg; setsid sleep 5 & exit 0"], Fields::new());
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    assert_eq!((o.stdout.as_slice(), o.code()), (&b"fg\n"[..], 0));
+}
+
+#[test]
+fn concurrent_execs() {
+    let agent = Agent::start("concurrent");
+    let mut c = agent.hello();
+    let ids: Vec<u32> = (0..20).map(|i| c.exec(&["sh", "-c", &format!("sleep 0.1; echo {i}")], Fields::new())).collect();
+    let mut outcomes = HashMap::new();
+    while !ids.iter().all(|id| outcomes.get(id).is_some_and(Outcome::done)) {
+        c.pump(&mut outcomes);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let o = &outcomes[id];
+        assert_eq!((o.stdout.clone(), o.code()), (format!("{i}\n").into_bytes(), 0));
+    }
+}
+
+#[test]
+fn stdin_to_cat_with_flow_control() {
+    let agent = Agent::start("stdin");
+    let mut c = agent.hello();
+    let input: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let id = c.exec(&["cat"], Fields::new().u8(7, 1));
+    let mut window = INITIAL_WINDOW;
+    let mut sent = 0;
+    let mut outcomes = HashMap::new();
+    let mut eof_sent = false;
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        while !eof_sent && window > 0 {
+            let n = (input.len() - sent).min(65536).min(window as usize);
+            let last = sent + n == input.len();
+            c.send(DATA, if last { EOF } else { 0 }, id, &input[sent..sent + n]);
+            sent += n;
+            window -= n as i64;
+            eof_sent = last;
+        }
+        if let Some((sid, inc)) = c.pump(&mut outcomes) {
+            assert_eq!(sid, id);
+            window += inc as i64;
+        }
+    }
+    let o = &outcomes[&id];
+    assert_eq!(o.code(), 0);
+    assert!(o.stdout == input, "cat output differs ({} bytes)", o.stdout.len());
+}
+
+#[test]
+fn large_output() {
+    let agent = Agent::start("large");
+    let mut c = agent.hello();
+    let o = c.run(&["head", "-c", "5000000", "/dev/zero"], Fields::new());
+    assert_eq!((o.stdout.len(), o.code()), (5_000_000, 0));
+    assert!(o.stdout.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn write_then_read_file() {
+    let agent = Agent::start("files");
+    let mut c = agent.hello();
+    let path = agent.dir.join("sub/dir/file.bin");
+    let content: Vec<u8> = (0..700_000u32).map(|i| (i % 253) as u8).collect();
+    let id = c.id();
+    let req = Fields::new()
+        .bytes(1, path.to_str().unwrap().as_bytes())
+        .u32(2, 0o600)
+        .u64(3, content.len() as u64)
+        .finish();
+    c.send(WRITE_FILE, 0, id, &req);
+    let (mut window, mut sent) = (INITIAL_WINDOW, 0);
+    let mut outcomes = HashMap::new();
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        while sent < content.len() && window > 0 {
+            let n = (content.len() - sent).min(65536).min(window as usize);
+            let last = sent + n == content.len();
+            c.send(DATA, if last { EOF } else { 0 }, id, &content[sent..sent + n]);
+            sent += n;
+            window -= n as i64;
+        }
+        if let Some((_, inc)) = c.pump(&mut outcomes) {
+            window += inc as i64;
+        }
+    }
+    let o = &outcomes[&id];
+    assert!(o.error.is_none(), "{:?}", o.error);
+    assert_eq!(fu64(o.ok.as_ref().unwrap(), 1), content.len() as u64);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::read(&path).unwrap(), content);
+
+    let id = c.id();
+    c.send(READ_FILE, 0, id, &Fields::new().bytes(1, path.to_str().unwrap().as_bytes()).finish());
+    let o = c.wait(id);
+    assert!(o.eof[0]);
+    assert_eq!(fu64(o.ok.as_ref().unwrap(), 1), content.len() as u64);
+    assert!(o.stdout == content);
+
+    let id = c.id();
+    c.send(READ_FILE, 0, id, &Fields::new().bytes(1, b"/no/such/file").finish());
+    assert_eq!(c.wait(id).error.unwrap().0, 4);
+    let id = c.id();
+    c.send(READ_FILE, 0, id, &Fields::new().bytes(1, path.to_str().unwrap().as_bytes()).u64(2, 10).finish());
+    assert_eq!(c.wait(id).error.unwrap().0, 5);
+}
+
+#[test]
+fn spawn_bench_and_exec_rate() {
+    let agent = Agent::start("bench");
+    let mut c = agent.hello();
+    let id = c.id();
+    c.send(SPAWN_BENCH, 0, id, &Fields::new().bytes(1, b"/bin/true").u32(2, 20).finish());
+    let o = c.wait(id);
+    let samples = field(o.ok.as_ref().unwrap(), 2);
+    assert_eq!(samples.len(), 20 * 8);
+    let mut ns: Vec<u64> = samples.chunks(8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect();
+    ns.sort();
+    assert!(ns[0] > 0);
+    let n = 50;
+    let t = Instant::now();
+    for _ in 0..n {
+        assert_eq!(c.run(&["/bin/true"], Fields::new()).code(), 0);
+    }
+    eprintln!(
+        "SPAWN_BENCH /bin/true median {} us; EXEC round trip /bin/true {} us",
+        ns[10] / 1000,
+        t.elapsed().as_micros() / n
+    );
+}
+
+#[test]
+fn garbage_gets_goaway_and_agent_survives() {
+    let agent = Agent::start("garbage");
+    let mut c = agent.hello();
+    let mut bad = Vec::new();
+    bad.extend_from_slice(&(2u32 << 20).to_le_bytes());
+    bad.extend_from_slice(&[EXEC, 0, 0, 0, 1, 0, 0, 0]);
+    c.s.write_all(&bad).unwrap();
+    let f = c.recv();
+    assert_eq!(f.ty, GOAWAY);
+    assert_eq!(fu32(&parse_fields(&f.payload), 1), 8);
+    let mut rest = Vec::new();
+    assert_eq!(c.s.read_to_end(&mut rest).unwrap(), 0, "connection should close after GOAWAY");
+    let mut c = agent.hello();
+    assert_eq!(c.run(&["echo", "still alive"], Fields::new()).stdout, b"still alive\n");
+}

@@ -1,0 +1,256 @@
+/**
+ * Host side of the wire protocol specified in native/agent/PROTOCOL.md: frame header, field
+ * codec and message constants. Nothing here does I/O; see client.ts for the connection.
+ */
+import { AgentError } from "../errors.js";
+
+export const PROTOCOL_VERSION = 1;
+export const HEADER_SIZE = 12;
+export const MAX_PAYLOAD = 1024 * 1024;
+export const INITIAL_WINDOW = 256 * 1024;
+/** Largest DATA payload the host sends; keeps one stream from hogging the channel. */
+export const DATA_CHUNK = 64 * 1024;
+export const MAX_PING_PAYLOAD = 4096;
+
+export const Msg = {
+  HELLO: 0x01,
+  HELLO_OK: 0x02,
+  PING: 0x03,
+  PONG: 0x04,
+  SHUTDOWN: 0x05,
+  GOAWAY: 0x06,
+  EXEC: 0x10,
+  STARTED: 0x11,
+  DATA: 0x12,
+  WINDOW: 0x13,
+  EXIT: 0x14,
+  SIGNAL: 0x15,
+  STREAM_ERROR: 0x16,
+  RESIZE: 0x17,
+  CANCEL: 0x18,
+  WRITE_FILE: 0x20,
+  READ_FILE: 0x21,
+  OK: 0x22,
+  SPAWN_BENCH: 0x30,
+} as const;
+
+export const Channel = { STDIN: 0, STDOUT: 1, STDERR: 2 } as const;
+export type ChannelId = (typeof Channel)[keyof typeof Channel];
+export const FLAG_EOF = 0x80;
+export const CHANNEL_MASK = 0x03;
+
+export const StreamErrorCode: Record<number, string> = {
+  1: "BAD_REQUEST",
+  2: "STREAM_IN_USE",
+  3: "IO",
+  4: "NOT_FOUND",
+  5: "TOO_LARGE",
+  6: "UNSUPPORTED",
+  7: "VERSION",
+  8: "PROTOCOL",
+};
+
+/** Field tags, per message (PROTOCOL.md section 4). */
+export const Tag = {
+  hello: { versionMin: 1, versionMax: 2, hostTimeNs: 3, entropy: 4 },
+  helloOk: { version: 1, agentVersion: 2, uptimeMs: 3, features: 4 },
+  goaway: { code: 1, message: 2 },
+  exec: { argv: 1, env: 2, cwd: 3, timeoutMs: 4, uid: 5, gid: 6, stdin: 7, tty: 8 },
+  started: { pid: 1 },
+  exit: { exitCode: 1, signal: 2, timedOut: 3, peakRssKib: 4, durationUs: 5 },
+  signal: { signum: 1, group: 2 },
+  streamError: { code: 1, message: 2 },
+  writeFile: { path: 1, mode: 2, size: 3, uid: 4, gid: 5, mkdirs: 6 },
+  readFile: { path: 1, maxSize: 2 },
+  ok: { size: 1, samplesNs: 2 },
+  spawnBench: { argv: 1, count: 2, env: 3 },
+} as const;
+
+export interface Frame {
+  type: number;
+  flags: number;
+  stream: number;
+  payload: Buffer;
+}
+
+export function encodeFrame(type: number, stream: number, payload: Buffer = EMPTY, flags = 0): Buffer {
+  if (payload.length > MAX_PAYLOAD) {
+    throw new AgentError("AGENT_FRAME_TOO_LARGE", `frame payload of ${payload.length} bytes exceeds ${MAX_PAYLOAD}`);
+  }
+  const out = Buffer.allocUnsafe(HEADER_SIZE + payload.length);
+  out.writeUInt32LE(payload.length, 0);
+  out.writeUInt8(type, 4);
+  out.writeUInt8(flags, 5);
+  out.writeUInt16LE(0, 6);
+  out.writeUInt32LE(stream >>> 0, 8);
+  payload.copy(out, HEADER_SIZE);
+  return out;
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/**
+ * Incremental frame parser for a byte stream. `push` returns the complete frames; a header
+ * that announces more than `MAX_PAYLOAD` throws, after which the decoder is unusable (the
+ * stream cannot be resynchronised). `pending` tells whether a partial frame is buffered, so
+ * that end-of-stream in the middle of a frame can be reported as truncation.
+ */
+export class FrameDecoder {
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+  private failed = false;
+
+  constructor(private readonly maxPayload = MAX_PAYLOAD) {}
+
+  get pending(): number {
+    return this.buffered;
+  }
+
+  push(chunk: Buffer): Frame[] {
+    if (this.failed) throw new AgentError("AGENT_PROTOCOL", "frame decoder used after a protocol error");
+    if (chunk.length > 0) {
+      this.chunks.push(chunk);
+      this.buffered += chunk.length;
+    }
+    const frames: Frame[] = [];
+    if (this.buffered < HEADER_SIZE) return frames;
+    let buf = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks, this.buffered);
+    let off = 0;
+    while (buf.length - off >= HEADER_SIZE) {
+      const len = buf.readUInt32LE(off);
+      if (len > this.maxPayload) {
+        this.failed = true;
+        throw new AgentError(
+          "AGENT_PROTOCOL",
+          `agent sent a frame header announcing ${len} bytes (limit ${this.maxPayload})`,
+        );
+      }
+      if (buf.length - off < HEADER_SIZE + len) break;
+      frames.push({
+        type: buf.readUInt8(off + 4),
+        flags: buf.readUInt8(off + 5),
+        stream: buf.readUInt32LE(off + 8),
+        // Copy: the frame may outlive the read buffer it came from.
+        payload: Buffer.from(buf.subarray(off + HEADER_SIZE, off + HEADER_SIZE + len)),
+      });
+      off += HEADER_SIZE + len;
+    }
+    const rest = buf.subarray(off);
+    this.chunks = rest.length ? [rest] : [];
+    this.buffered = rest.length;
+    return frames;
+  }
+}
+
+// ---- fields -------------------------------------------------------------------------------
+
+export type FieldValue = Buffer | string;
+
+/** Builds a fields payload: `tag: u8, len: u32 LE, value`. */
+export class FieldWriter {
+  private parts: Buffer[] = [];
+
+  bytes(tag: number, value: FieldValue): this {
+    const v = typeof value === "string" ? Buffer.from(value, "utf8") : value;
+    const head = Buffer.allocUnsafe(5);
+    head.writeUInt8(tag, 0);
+    head.writeUInt32LE(v.length, 1);
+    this.parts.push(head, v);
+    return this;
+  }
+  u8(tag: number, v: number): this {
+    const b = Buffer.allocUnsafe(1);
+    b.writeUInt8(v, 0);
+    return this.bytes(tag, b);
+  }
+  u16(tag: number, v: number): this {
+    const b = Buffer.allocUnsafe(2);
+    b.writeUInt16LE(v, 0);
+    return this.bytes(tag, b);
+  }
+  u32(tag: number, v: number): this {
+    const b = Buffer.allocUnsafe(4);
+    b.writeUInt32LE(v >>> 0, 0);
+    return this.bytes(tag, b);
+  }
+  u64(tag: number, v: bigint | number): this {
+    const b = Buffer.allocUnsafe(8);
+    b.writeBigUInt64LE(BigInt(v), 0);
+    return this.bytes(tag, b);
+  }
+  finish(): Buffer {
+    return Buffer.concat(this.parts);
+  }
+}
+
+/** Parsed fields, by tag, in arrival order. Truncated fields throw. */
+export class Fields {
+  private readonly map = new Map<number, Buffer[]>();
+
+  constructor(payload: Buffer, what = "message") {
+    let off = 0;
+    while (off < payload.length) {
+      if (payload.length - off < 5) {
+        throw new AgentError("AGENT_PROTOCOL", `${what}: truncated field header at byte ${off}`);
+      }
+      const tag = payload.readUInt8(off);
+      const len = payload.readUInt32LE(off + 1);
+      off += 5;
+      if (payload.length - off < len) {
+        throw new AgentError("AGENT_PROTOCOL", `${what}: field ${tag} announces ${len} bytes, ${payload.length - off} left`);
+      }
+      const list = this.map.get(tag);
+      const value = payload.subarray(off, off + len);
+      if (list) list.push(value);
+      else this.map.set(tag, [value]);
+      off += len;
+    }
+  }
+
+  all(tag: number): Buffer[] {
+    return this.map.get(tag) ?? [];
+  }
+  bytes(tag: number): Buffer | undefined {
+    return this.map.get(tag)?.[0];
+  }
+  string(tag: number): string | undefined {
+    return this.bytes(tag)?.toString("utf8");
+  }
+  private fixed(tag: number, size: number): Buffer | undefined {
+    const b = this.bytes(tag);
+    if (b === undefined) return undefined;
+    if (b.length !== size) {
+      throw new AgentError("AGENT_PROTOCOL", `field ${tag}: expected ${size} bytes, got ${b.length}`);
+    }
+    return b;
+  }
+  u8(tag: number): number | undefined {
+    return this.fixed(tag, 1)?.readUInt8(0);
+  }
+  u16(tag: number): number | undefined {
+    return this.fixed(tag, 2)?.readUInt16LE(0);
+  }
+  u32(tag: number): number | undefined {
+    return this.fixed(tag, 4)?.readUInt32LE(0);
+  }
+  i32(tag: number): number | undefined {
+    return this.fixed(tag, 4)?.readInt32LE(0);
+  }
+  u64(tag: number): bigint | undefined {
+    return this.fixed(tag, 8)?.readBigUInt64LE(0);
+  }
+  u64Array(tag: number): bigint[] {
+    const b = this.bytes(tag);
+    if (!b) return [];
+    if (b.length % 8 !== 0) throw new AgentError("AGENT_PROTOCOL", `field ${tag}: u64 array of ${b.length} bytes`);
+    const out: bigint[] = [];
+    for (let i = 0; i < b.length; i += 8) out.push(b.readBigUInt64LE(i));
+    return out;
+  }
+}
+
+export function windowPayload(increment: number): Buffer {
+  const b = Buffer.allocUnsafe(4);
+  b.writeUInt32LE(increment >>> 0, 0);
+  return b;
+}

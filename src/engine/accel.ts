@@ -1,0 +1,65 @@
+/**
+ * Choice of QEMU accelerator. KVM is used only where the CPU advertises hardware
+ * virtualization (vmx/svm) and /dev/kvm opens read-write; a kernel module such as kvm_pvm can
+ * provide /dev/kvm without it, and guests then run far slower than under TCG (see the
+ * project's host-virtualization notes). Everything else runs under TCG. `SUPERMACHINE_ACCEL`
+ * forces one. The engine additionally falls back to TCG when a KVM boot fails (see vm.ts).
+ */
+import { accessSync, constants, existsSync, readFileSync } from "node:fs";
+import { OptionError, listAccepted } from "../errors.js";
+
+export type Accel = "kvm" | "tcg";
+export const ACCELS: readonly Accel[] = ["kvm", "tcg"];
+
+export interface AccelChoice {
+  accel: Accel;
+  /** Why this accelerator was picked, for `supermachine info` and logs. */
+  reason: string;
+  /** True when the user forced it through SUPERMACHINE_ACCEL. */
+  forced: boolean;
+}
+
+let probed: AccelChoice | undefined;
+let kvmBroken: string | undefined;
+
+export function chooseAccel(env: NodeJS.ProcessEnv = process.env): AccelChoice {
+  const forced = env.SUPERMACHINE_ACCEL?.trim();
+  if (forced) {
+    if (!(ACCELS as readonly string[]).includes(forced)) {
+      throw new OptionError("OPTION_ACCEL_INVALID", `SUPERMACHINE_ACCEL=${JSON.stringify(forced)} is not an accelerator`, {
+        hint: `accepted values: ${listAccepted(ACCELS)}`,
+      });
+    }
+    return { accel: forced as Accel, reason: "forced by SUPERMACHINE_ACCEL", forced: true };
+  }
+  if (kvmBroken) return { accel: "tcg", reason: `KVM boot failed earlier in this process: ${kvmBroken}`, forced: false };
+  probed ??= probeHost();
+  return probed;
+}
+
+/** Called by the engine when a KVM boot failed: later VMs in this process use TCG. */
+export function markKvmBroken(why: string): void {
+  kvmBroken = why;
+}
+
+function probeHost(): AccelChoice {
+  let flags = "";
+  try {
+    const cpuinfo = readFileSync("/proc/cpuinfo", "utf8");
+    flags = /^flags\s*:(.*)$/m.exec(cpuinfo)?.[1] ?? "";
+  } catch {
+    /* not Linux-like; TCG */
+  }
+  const hw = /\b(vmx|svm)\b/.test(flags);
+  if (!existsSync("/dev/kvm")) return { accel: "tcg", reason: "no /dev/kvm", forced: false };
+  if (!hw) {
+    const pvm = existsSync("/sys/module/kvm_pvm") ? " (the kvm_pvm module provides /dev/kvm without it)" : "";
+    return { accel: "tcg", reason: `CPU has no vmx/svm flag${pvm}`, forced: false };
+  }
+  try {
+    accessSync("/dev/kvm", constants.R_OK | constants.W_OK);
+  } catch {
+    return { accel: "tcg", reason: "/dev/kvm is not accessible read-write (add your user to the kvm group)", forced: false };
+  }
+  return { accel: "kvm", reason: "hardware virtualization available", forced: false };
+}

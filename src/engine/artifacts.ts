@@ -1,0 +1,77 @@
+/**
+ * Where the guest kernel and the agent initramfs live. `npm run setup` builds both into the
+ * cache directory, keyed by a hash of their inputs, and records the paths in
+ * `<package>/dist/native.json`. `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS` override.
+ */
+import { existsSync, readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { SetupError } from "../errors.js";
+
+export interface NativeArtifacts {
+  kernel: string;
+  initramfs: string;
+  kernelKey: string;
+  agentKey: string;
+  agentVersion: string;
+}
+
+const SETUP_HINT = 'run "npm run setup" in the supermachine checkout (it builds the guest kernel and agent)';
+
+/** The directory holding supermachine's package.json, found from this module's location. */
+export function packageRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const pj = join(dir, "package.json");
+    if (existsSync(pj)) {
+      try {
+        if ((JSON.parse(readFileSync(pj, "utf8")) as { name?: string }).name === "supermachine") return dir;
+      } catch {
+        /* keep looking */
+      }
+    }
+    const up = dirname(dir);
+    if (up === dir) throw new SetupError("SETUP_PACKAGE_ROOT", "cannot find supermachine's package.json above " + fileURLToPath(import.meta.url));
+    dir = up;
+  }
+}
+
+let cached: NativeArtifacts | undefined;
+
+export function nativeArtifacts(env: NodeJS.ProcessEnv = process.env): NativeArtifacts {
+  if (cached && !env.SUPERMACHINE_KERNEL && !env.SUPERMACHINE_INITRAMFS) return cached;
+  const manifest = join(packageRoot(), "dist", "native.json");
+  let recorded: Partial<NativeArtifacts> = {};
+  if (existsSync(manifest)) {
+    try {
+      recorded = JSON.parse(readFileSync(manifest, "utf8")) as Partial<NativeArtifacts>;
+    } catch (err) {
+      throw new SetupError("SETUP_MANIFEST_CORRUPT", `${manifest} is not valid JSON`, { hint: SETUP_HINT, cause: err });
+    }
+  }
+  const kernel = env.SUPERMACHINE_KERNEL || recorded.kernel;
+  const initramfs = env.SUPERMACHINE_INITRAMFS || recorded.initramfs;
+  if (!kernel || !existsSync(kernel)) {
+    throw new SetupError(
+      "SETUP_KERNEL_MISSING",
+      kernel ? `guest kernel not found at ${kernel}` : `no guest kernel has been built (${manifest} is missing)`,
+      { hint: SETUP_HINT },
+    );
+  }
+  if (!initramfs || !existsSync(initramfs)) {
+    throw new SetupError(
+      "SETUP_AGENT_MISSING",
+      initramfs ? `guest agent initramfs not found at ${initramfs}` : `no guest agent has been built (${manifest} is missing)`,
+      { hint: SETUP_HINT },
+    );
+  }
+  const result: NativeArtifacts = {
+    kernel,
+    initramfs,
+    kernelKey: recorded.kernelKey ?? "custom",
+    agentKey: recorded.agentKey ?? "custom",
+    agentVersion: recorded.agentVersion ?? "unknown",
+  };
+  if (!env.SUPERMACHINE_KERNEL && !env.SUPERMACHINE_INITRAMFS) cached = result;
+  return result;
+}

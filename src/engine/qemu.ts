@@ -1,0 +1,423 @@
+/**
+ * One QEMU `microvm` process per VM. The process connects back to two unix sockets we listen
+ * on (QMP and the agent's virtio-serial port), so nothing polls for QEMU's sockets to appear.
+ * QEMU runs under `setpriv --pdeathsig KILL`, so it dies with the Node process that started
+ * it, even when that process is SIGKILLed.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, unlinkSync } from "node:fs";
+import { createServer, type Server, type Socket } from "node:net";
+import { join } from "node:path";
+import { AgentClient, type HelloInfo } from "../agent/client.js";
+import { EngineError, OptionError } from "../errors.js";
+import { logger } from "../log.js";
+import { homePaths, runtimeRoot } from "../paths.js";
+import { type Accel, chooseAccel, markKvmBroken } from "./accel.js";
+import { nativeArtifacts } from "./artifacts.js";
+import { QmpClient } from "./qmp.js";
+
+const log = logger("engine");
+
+/** The QEMU binary; `SUPERMACHINE_QEMU` overrides (read at every launch). */
+export const qemuBinary = (): string => process.env.SUPERMACHINE_QEMU || "qemu-system-x86_64";
+export const AGENT_PORT_NAME = "supermachine.0";
+const STDERR_TAIL = 8 * 1024;
+const KEPT_LOGS = 20;
+
+export interface VmSpec {
+  /** Squashfs image attached read-only as the guest's root lower layer. */
+  rootfs: string;
+  memoryMib: number;
+  vcpus: number;
+  /** Deadline for the agent's first answer. */
+  bootTimeoutMs?: number;
+  /** Forces an accelerator (tests, benchmarks); default: `chooseAccel()`. */
+  accel?: Accel;
+  /** Extra kernel command-line words (debugging). */
+  extraCmdline?: string[];
+}
+
+export interface VmExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  /** Exit requested by us (stop/kill), as opposed to a crash or a guest-side poweroff. */
+  expected: boolean;
+}
+
+/** Every QEMU process alive in this Node process, killed synchronously on `exit`. */
+const live = new Set<ChildProcess>();
+let exitHookInstalled = false;
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on("exit", () => {
+    for (const p of live) {
+      try {
+        p.kill("SIGKILL");
+      } catch {
+        /* already gone */
+      }
+    }
+  });
+}
+
+/** Number of QEMU processes this Node process currently owns. */
+export function liveVmCount(): number {
+  return live.size;
+}
+
+function validateSpec(spec: VmSpec): void {
+  if (!Number.isInteger(spec.memoryMib) || spec.memoryMib < 64 || spec.memoryMib > 1024 * 1024) {
+    throw new OptionError("OPTION_MEMORY_INVALID", `memoryMib ${spec.memoryMib} is not an integer between 64 and 1048576`, {
+      hint: "pass memoryMib in MiB, for example 256",
+    });
+  }
+  if (!Number.isInteger(spec.vcpus) || spec.vcpus < 1 || spec.vcpus > 255) {
+    throw new OptionError("OPTION_VCPUS_INVALID", `vcpus ${spec.vcpus} is not an integer between 1 and 255`);
+  }
+}
+
+/** Kernel command line. `quiet` keeps the emulated UART (slow under TCG) out of the boot path. */
+export function kernelCmdline(accel: Accel, vcpus: number, extra: string[] = []): string {
+  return [
+    "console=ttyS0",
+    "quiet",
+    "panic=-1",
+    "reboot=t",
+    "tsc=reliable",
+    "no_timer_check",
+    "noreplace-smp",
+    // Skips the local APIC timer calibration (~300 ms under TCG). Only safe with one vCPU:
+    // secondary CPUs would be left without high-resolution timers.
+    ...(vcpus === 1 ? ["nolapic_timer"] : []),
+    "random.trust_cpu=on",
+    "sm.root=/dev/vda",
+    `sm.port=${AGENT_PORT_NAME}`,
+    ...extra,
+  ].join(" ");
+}
+
+export function qemuArgs(o: {
+  accel: Accel;
+  kernel: string;
+  initramfs: string;
+  rootfs: string;
+  memoryMib: number;
+  vcpus: number;
+  qmpSock: string;
+  agentSock: string;
+  consoleLog: string;
+  cmdline: string;
+}): string[] {
+  // The PIT, PIC and RTC stay: without the PIT the guest cannot calibrate its TSC under TCG,
+  // without the PIC it hangs early, without the RTC it stalls a second and starts in 1970.
+  const machine = "microvm,acpi=off,x-option-roms=off";
+  return [
+    "-M", machine,
+    "-accel", o.accel === "kvm" ? "kvm" : "tcg",
+    "-cpu", o.accel === "kvm" ? "host" : "max",
+    "-m", String(o.memoryMib),
+    "-smp", String(o.vcpus),
+    "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+    "-kernel", o.kernel,
+    "-initrd", o.initramfs,
+    "-append", o.cmdline,
+    "-serial", `file:${o.consoleLog}`,
+    "-drive", `id=root,file=${o.rootfs},format=raw,if=none,readonly=on`,
+    "-device", "virtio-blk-device,drive=root",
+    "-device", "virtio-rng-device",
+    "-device", "virtio-serial-device,max_ports=2",
+    "-chardev", `socket,id=agent,path=${o.agentSock},server=off`,
+    "-device", `virtserialport,chardev=agent,name=${AGENT_PORT_NAME}`,
+    "-chardev", `socket,id=qmp,path=${o.qmpSock},server=off`,
+    "-mon", "chardev=qmp,mode=control",
+  ];
+}
+
+/** Accept exactly one connection on a fresh unix socket. */
+function acceptOnce(path: string): { server: Server; conn: Promise<Socket> } {
+  const server = createServer();
+  const conn = new Promise<Socket>((resolve, reject) => {
+    server.once("connection", (s) => {
+      server.close();
+      resolve(s);
+    });
+    server.once("error", reject);
+  });
+  conn.catch(() => {});
+  server.listen(path);
+  return { server, conn };
+}
+
+export class MicroVm {
+  readonly exited: Promise<VmExit>;
+  private exitInfo: VmExit | undefined;
+  private stopping = false;
+
+  private constructor(
+    private readonly proc: ChildProcess,
+    readonly runDir: string,
+    readonly consoleLog: string,
+    readonly accel: Accel,
+    readonly agent: AgentClient,
+    readonly qmp: QmpClient,
+    readonly hello: HelloInfo,
+    /** Milliseconds from process spawn to the agent's HELLO_OK. */
+    readonly bootMs: number,
+    exited: Promise<VmExit>,
+  ) {
+    this.exited = exited;
+    void exited.then((e) => (this.exitInfo = e));
+  }
+
+  get pid(): number {
+    return this.proc.pid ?? -1;
+  }
+
+  get alive(): boolean {
+    return this.exitInfo === undefined && !this.agent.dead;
+  }
+
+  /** Boot a VM and wait until its agent answers. */
+  static async launch(spec: VmSpec): Promise<MicroVm> {
+    validateSpec(spec);
+    const artifacts = nativeArtifacts();
+    const choice = spec.accel ? { accel: spec.accel, forced: true, reason: "requested" } : chooseAccel();
+    try {
+      return await MicroVm.launchWith(spec, choice.accel, artifacts.kernel, artifacts.initramfs);
+    } catch (err) {
+      if (choice.accel === "kvm" && !choice.forced && err instanceof EngineError) {
+        markKvmBroken(err.message.split("\n")[0] ?? "boot failed");
+        log("KVM boot failed, falling back to TCG: %s", err.message);
+        return MicroVm.launchWith(spec, "tcg", artifacts.kernel, artifacts.initramfs);
+      }
+      throw err;
+    }
+  }
+
+  private static async launchWith(spec: VmSpec, accel: Accel, kernel: string, initramfs: string): Promise<MicroVm> {
+    if (!existsSync(spec.rootfs)) {
+      throw new EngineError("ENGINE_ROOTFS_MISSING", `root filesystem image ${spec.rootfs} does not exist`);
+    }
+    const runDir = mkdtempSync(join(runtimeRoot(), "sm-"));
+    const qmpSock = join(runDir, "qmp.sock");
+    const agentSock = join(runDir, "agent.sock");
+    const consoleLog = join(runDir, "console.log");
+    const qmpL = acceptOnce(qmpSock);
+    const agentL = acceptOnce(agentSock);
+    const closeListeners = () => {
+      qmpL.server.close();
+      agentL.server.close();
+    };
+    const args = qemuArgs({
+      accel,
+      kernel,
+      initramfs,
+      rootfs: spec.rootfs,
+      memoryMib: spec.memoryMib,
+      vcpus: spec.vcpus,
+      qmpSock,
+      agentSock,
+      consoleLog,
+      cmdline: kernelCmdline(accel, spec.vcpus, spec.extraCmdline),
+    });
+    await Promise.all([listening(qmpL.server), listening(agentL.server)]);
+    const t0 = performance.now();
+    const qemu = qemuBinary();
+    log("spawn %s %s", qemu, args.join(" "));
+    const proc = spawn("setpriv", ["--pdeathsig", "SIGKILL", "--", qemu, ...args], {
+      stdio: ["ignore", "ignore", "pipe"],
+    });
+    installExitHook();
+    live.add(proc);
+    let stderr = "";
+    proc.stderr!.setEncoding("utf8");
+    proc.stderr!.on("data", (d: string) => {
+      stderr = (stderr + d).slice(-STDERR_TAIL);
+    });
+    let vm: MicroVm | undefined;
+    let expected = false;
+    const exited = new Promise<VmExit>((resolve) => {
+      const done = (code: number | null, signal: NodeJS.Signals | null) => {
+        live.delete(proc);
+        closeListeners();
+        const info: VmExit = { code, signal, expected: expected || (vm?.stopping ?? false) };
+        resolve(info);
+      };
+      proc.once("exit", done);
+      proc.once("error", () => done(null, null));
+    });
+    const spawnError = new Promise<never>((_, reject) => {
+      proc.once("error", (e: NodeJS.ErrnoException) =>
+        reject(
+          new EngineError("ENGINE_SPAWN_FAILED", `could not start setpriv for ${qemu}: ${e.message}`, {
+            hint: e.code === "ENOENT" ? "install QEMU (Debian package qemu-system-x86) and util-linux (setpriv), or run npm run setup" : undefined,
+          }),
+        ),
+      );
+    });
+    spawnError.catch(() => {});
+    const earlyExit = exited.then((e) => {
+      throw new EngineError(
+        "ENGINE_EXITED_DURING_BOOT",
+        `QEMU exited during boot (${e.signal ? `signal ${e.signal}` : `code ${e.code}`})` + describeFailure(stderr, consoleLog),
+        { hint: failureHint(stderr) },
+      );
+    });
+    earlyExit.catch(() => {});
+    const bootTimeoutMs = spec.bootTimeoutMs ?? 60_000;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () =>
+          reject(
+            new EngineError(
+              "ENGINE_BOOT_TIMEOUT",
+              `the guest agent did not answer within ${bootTimeoutMs} ms (accel ${accel})` + describeFailure(stderr, consoleLog),
+            ),
+          ),
+        bootTimeoutMs,
+      );
+    });
+    timeout.catch(() => {});
+    try {
+      const agentSocket = await Promise.race([agentL.conn, spawnError, earlyExit, timeout]);
+      agentSocket.setNoDelay?.(true);
+      const agent = new AgentClient(agentSocket);
+      const hello = await Promise.race([agent.hello({ entropy: randomBytes(64) }), spawnError, earlyExit, timeout]);
+      const bootMs = performance.now() - t0;
+      const qmpSocket = await Promise.race([qmpL.conn, spawnError, earlyExit, timeout]);
+      const qmp = new QmpClient(qmpSocket);
+      vm = new MicroVm(proc, runDir, consoleLog, accel, agent, qmp, hello, bootMs, exited);
+      const theVm = vm;
+      void exited.then((e) => theVm.onExit(e, stderr));
+      agent.on("fatal", (err: Error) => {
+        if (!theVm.stopping) {
+          log("vm %d: agent connection failed (%s); killing the VM", proc.pid, err.message);
+          theVm.kill();
+        }
+      });
+      // An idle VM must not keep the owner's event loop alive (the exit hook kills it).
+      proc.unref();
+      (proc.stderr as unknown as { unref?: () => void }).unref?.();
+      qmpSocket.unref();
+      log("vm %d ready in %s ms (accel %s, agent %s)", proc.pid, bootMs.toFixed(1), accel, hello.agentVersion);
+      return vm;
+    } catch (err) {
+      // A broken agent channel is usually the symptom of QEMU exiting: if it exits within a
+      // moment, its own error (with stderr) is the one worth reporting.
+      const exitErr = await Promise.race([earlyExit.catch((e: unknown) => e), sleep(1_000).then(() => undefined)]);
+      expected = true;
+      proc.kill("SIGKILL");
+      await exited;
+      keepConsoleLog(consoleLog, proc.pid);
+      rmSync(runDir, { recursive: true, force: true });
+      throw exitErr instanceof EngineError && !(err instanceof EngineError) ? exitErr : err;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  private onExit(e: VmExit, stderr: string): void {
+    const failed = !e.expected && !this.stopping;
+    if (failed) {
+      const kept = keepConsoleLog(this.consoleLog, this.pid);
+      log("vm %d exited unexpectedly (%o); console log kept at %s", this.pid, e, kept);
+    }
+    this.agent.close(
+      new EngineError("ENGINE_VM_EXITED", `the VM (QEMU pid ${this.pid}) has exited` + (failed ? describeFailure(stderr, this.consoleLog) : "")),
+    );
+    this.qmp.close();
+    rmSync(this.runDir, { recursive: true, force: true });
+  }
+
+  /** Ask the guest to power off; SIGKILL after `graceMs`. Resolves when QEMU has exited. */
+  async stop(graceMs = 2_000): Promise<VmExit> {
+    if (this.exitInfo) return this.exitInfo;
+    this.stopping = true;
+    this.proc.ref();
+    try {
+      this.agent.shutdown();
+    } catch {
+      /* channel already dead: kill below */
+    }
+    const t = setTimeout(() => this.proc.kill("SIGKILL"), graceMs);
+    try {
+      return await this.exited;
+    } finally {
+      clearTimeout(t);
+    }
+  }
+
+  /** Immediate SIGKILL. Resolves when QEMU has exited. */
+  kill(): Promise<VmExit> {
+    this.stopping = true;
+    // Whoever awaits the exit needs the event loop to stay up until it arrives.
+    this.proc.ref();
+    if (!this.exitInfo) this.proc.kill("SIGKILL");
+    return this.exited;
+  }
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+function listening(server: Server): Promise<void> {
+  return server.listening ? Promise.resolve() : new Promise((res, rej) => {
+    server.once("listening", () => res());
+    server.once("error", rej);
+  });
+}
+
+function describeFailure(stderr: string, consoleLog: string): string {
+  const tail = stderr.trim().split("\n").slice(-10).join("\n");
+  return (tail ? `\nQEMU stderr:\n${tail}` : "") + `\nguest console log: ${keptLogPath(consoleLog)}`;
+}
+
+function failureHint(stderr: string): string | undefined {
+  if (/failed to execute/.test(stderr)) return "install QEMU (Debian package qemu-system-x86, or run npm run setup) or point SUPERMACHINE_QEMU at it";
+  if (/memory|ram size|cannot set up guest memory/i.test(stderr)) return "lower memoryMib or free host memory";
+  if (/kvm/i.test(stderr)) return "set SUPERMACHINE_ACCEL=tcg to use software emulation";
+  return undefined;
+}
+
+/** Console logs of failed VMs are moved to `<home>/logs` (the run dir is removed). */
+const keptLogs = new Map<string, string>();
+function keptLogPath(consoleLog: string): string {
+  let p = keptLogs.get(consoleLog);
+  if (!p) {
+    p = join(homePaths().logs, `vm-${Date.now()}-${randomBytes(3).toString("hex")}.log`);
+    keptLogs.set(consoleLog, p);
+  }
+  return p;
+}
+
+function keepConsoleLog(consoleLog: string, _pid: number | undefined): string | undefined {
+  const dest = keptLogPath(consoleLog);
+  keptLogs.delete(consoleLog);
+  try {
+    if (!existsSync(consoleLog)) return undefined;
+    const dir = homePaths().logs;
+    mkdirSync(dir, { recursive: true });
+    copyFileSync(consoleLog, dest);
+    pruneLogs(dir);
+    return dest;
+  } catch (err) {
+    log("could not keep console log: %s", (err as Error).message);
+    return undefined;
+  }
+}
+
+function pruneLogs(dir: string): void {
+  const files = readdirSync(dir)
+    .filter((f) => f.startsWith("vm-") && f.endsWith(".log"))
+    .map((f) => ({ f, t: statSync(join(dir, f)).mtimeMs }))
+    .sort((a, b) => b.t - a.t);
+  for (const { f } of files.slice(KEPT_LOGS)) {
+    try {
+      unlinkSync(join(dir, f));
+    } catch {
+      /* raced with another process */
+    }
+  }
+}

@@ -1,0 +1,52 @@
+/**
+ * Every error the library throws on purpose is a `SupermachineError`: a stable `code` that
+ * programs can switch on, a message that names the input at fault, and a `hint` that says what
+ * to do about it when we know.
+ */
+export interface ErrorDetails {
+  hint?: string;
+  cause?: unknown;
+}
+
+export class SupermachineError extends Error {
+  readonly code: string;
+  readonly hint: string | undefined;
+
+  constructor(code: string, message: string, details: ErrorDetails = {}) {
+    super(message, details.cause === undefined ? undefined : { cause: details.cause });
+    this.name = new.target.name;
+    this.code = code;
+    this.hint = details.hint;
+  }
+
+  /** Message plus hint, as the CLI prints it. */
+  describe(): string {
+    return this.hint ? `${this.message}\n  hint: ${this.hint}` : this.message;
+  }
+}
+
+/** A build artifact (kernel, agent) or host tool the engine needs is missing. */
+export class SetupError extends SupermachineError {}
+
+/** A reference string that cannot be parsed or resolved. */
+export class RefError extends SupermachineError {}
+
+/** An image could not be read, verified or converted. */
+export class ImageError extends SupermachineError {}
+
+/** The hypervisor process failed to start or died. */
+export class EngineError extends SupermachineError {}
+
+/** The host-agent channel broke or the agent violated the protocol. */
+export class AgentError extends SupermachineError {}
+
+/** An option passed to the public API has an invalid value. */
+export class OptionError extends SupermachineError {}
+
+/** Pool-level failures: shut down, acquire timeout. */
+export class PoolError extends SupermachineError {}
+
+/** `what` must be one of `accepted`; used to build "expected one of" messages. */
+export function listAccepted(accepted: readonly string[]): string {
+  return accepted.map((a) => JSON.stringify(a)).join(", ");
+}

@@ -1,0 +1,33 @@
+import { homedir, tmpdir } from "node:os";
+import { join } from "node:path";
+
+/**
+ * Root of everything supermachine keeps outside a repository: build artifacts (kernel, agent),
+ * the image store, snapshots and logs. `$SUPERMACHINE_HOME` overrides the default
+ * `~/.cache/supermachine` (or `$XDG_CACHE_HOME/supermachine`).
+ */
+export function supermachineHome(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.SUPERMACHINE_HOME) return env.SUPERMACHINE_HOME;
+  const cache = env.XDG_CACHE_HOME || join(homedir(), ".cache");
+  return join(cache, "supermachine");
+}
+
+export const homePaths = (home = supermachineHome()) => ({
+  home,
+  /** Content-addressed image store: squashfs root filesystems and metadata. */
+  images: join(home, "images"),
+  /** OCI layouts that setup builds offline (the built-in busybox image). */
+  builtin: join(home, "builtin"),
+  /** Console logs of VMs that failed, kept for diagnosis. */
+  logs: join(home, "logs"),
+  kernel: join(home, "kernel"),
+  agent: join(home, "agent"),
+});
+
+/**
+ * Short-lived per-VM directories (sockets, console log). Unix socket paths are limited to
+ * 107 bytes, so these live under the system temp dir rather than under the home directory.
+ */
+export function runtimeRoot(env: NodeJS.ProcessEnv = process.env): string {
+  return env.SUPERMACHINE_RUNTIME_DIR || tmpdir();
+}

@@ -1,0 +1,225 @@
+/**
+ * `Pool`: keeps `min` VMs ready, at most `max` alive, and serves `acquire()` callers in
+ * arrival order. In this version a fresh VM is a cold boot; `restoreOnRelease: true` (the
+ * default) throws a released VM away and boots a clean one in its place, `false` hands the
+ * same VM, as it was left, to the next caller.
+ */
+import { PoolError } from "../errors.js";
+import { logger } from "../log.js";
+import { MicroVm, type VmSpec } from "../engine/qemu.js";
+import type { ResolvedPool } from "./options.js";
+import { Vm, type ExecDefaults } from "./vm.js";
+
+const log = logger("pool");
+
+export interface PoolStats {
+  /** Total VMs: idle plus checked out (booting ones not counted). */
+  alive: number;
+  inUse: number;
+  idle: number;
+  /** acquire() callers waiting for a VM. */
+  waiting: number;
+  min: number;
+  max: number;
+}
+
+interface Waiter {
+  resolve: (vm: Vm) => void;
+  reject: (e: Error) => void;
+  timer: NodeJS.Timeout | undefined;
+}
+
+interface IdleEntry {
+  machine: MicroVm;
+  since: number;
+}
+
+export class Pool {
+  private readonly idle: IdleEntry[] = [];
+  private readonly inUse = new Set<Vm>();
+  private readonly waiters: Waiter[] = [];
+  private booting = 0;
+  private closed = false;
+  private lastBootError: Error | undefined;
+  private idleTimer: NodeJS.Timeout | undefined;
+
+  /** @internal */
+  constructor(
+    private readonly spec: VmSpec,
+    private readonly defaults: ExecDefaults,
+    private readonly opts: ResolvedPool,
+  ) {
+    if (opts.idleTimeoutMs !== undefined) {
+      this.idleTimer = setInterval(() => this.evictIdle(), Math.max(50, Math.min(opts.idleTimeoutMs / 2, 5_000)));
+      this.idleTimer.unref();
+    }
+  }
+
+  /** @internal Boots the initial `min` VMs; rejects if the first boot fails. */
+  async warm(): Promise<void> {
+    const boots: Promise<void>[] = [];
+    for (let i = 0; i < this.opts.min; i++) boots.push(this.bootOne());
+    const results = await Promise.allSettled(boots);
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
+    if (failed && this.idle.length === 0) {
+      await this.shutdown();
+      throw failed.reason;
+    }
+  }
+
+  stats(): PoolStats {
+    return {
+      alive: this.idle.length + this.inUse.size,
+      inUse: this.inUse.size,
+      idle: this.idle.length,
+      waiting: this.waiters.length,
+      min: this.opts.min,
+      max: this.opts.max,
+    };
+  }
+
+  acquire(): Promise<Vm> {
+    if (this.closed) return Promise.reject(new PoolError("POOL_SHUT_DOWN", "pool.acquire: the pool has been shut down"));
+    const machine = this.takeIdle();
+    if (machine && this.waiters.length === 0) {
+      const vm = this.checkout(machine);
+      this.pump();
+      return Promise.resolve(vm);
+    }
+    if (machine) this.idle.unshift({ machine, since: Date.now() });
+    return new Promise<Vm>((resolve, reject) => {
+      const w: Waiter = { resolve, reject, timer: undefined };
+      const t = this.opts.acquireTimeoutMs;
+      if (t > 0) {
+        w.timer = setTimeout(() => {
+          const i = this.waiters.indexOf(w);
+          if (i >= 0) this.waiters.splice(i, 1);
+          const s = this.stats();
+          reject(
+            new PoolError("POOL_ACQUIRE_TIMEOUT", `pool.acquire: no VM became free within ${t} ms (${s.inUse} in use, max ${s.max})`, {
+              hint: "release VMs sooner, raise max, or pass acquireTimeoutMs: 0 to wait without limit",
+              cause: this.lastBootError,
+            }),
+          );
+        }, t);
+      }
+      this.waiters.push(w);
+      this.pump();
+    });
+  }
+
+  /** Stops every VM (idle and checked out) and rejects waiting acquire() calls. */
+  async shutdown(): Promise<void> {
+    this.closed = true;
+    if (this.idleTimer) clearInterval(this.idleTimer);
+    for (const w of this.waiters.splice(0)) {
+      clearTimeout(w.timer);
+      w.reject(new PoolError("POOL_SHUT_DOWN", "pool.acquire: the pool was shut down while waiting"));
+    }
+    const machines = [...this.idle.splice(0).map((e) => e.machine), ...[...this.inUse].map((v) => v.machine)];
+    this.inUse.clear();
+    await Promise.all(machines.map((m) => m.kill()));
+    // Boots still in flight notice `closed` and kill their VM; wait for them too.
+    while (this.booting > 0) await new Promise((r) => setTimeout(r, 10));
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.shutdown();
+  }
+
+  private takeIdle(): MicroVm | undefined {
+    while (this.idle.length) {
+      const e = this.idle.pop()!;
+      if (e.machine.alive) return e.machine;
+      log("dropping dead idle VM %d", e.machine.pid);
+    }
+    return undefined;
+  }
+
+  private checkout(machine: MicroVm): Vm {
+    const vm = new Vm(machine, this.defaults, (v) => this.onRelease(v));
+    this.inUse.add(vm);
+    void machine.exited.then(() => {
+      if (!this.closed && this.inUse.has(vm)) log("checked-out VM %d died", machine.pid);
+    });
+    return vm;
+  }
+
+  private async onRelease(vm: Vm): Promise<void> {
+    if (!this.inUse.delete(vm)) return;
+    const m = vm.machine;
+    if (this.closed || this.opts.restoreOnRelease || !m.alive) {
+      await m.kill();
+    } else {
+      this.idle.push({ machine: m, since: Date.now() });
+    }
+    this.pump();
+  }
+
+  /** Serve waiters from idle VMs, then boot what the waiters and `min` still need. */
+  private pump(): void {
+    if (this.closed) return;
+    while (this.waiters.length) {
+      const m = this.takeIdle();
+      if (!m) break;
+      const w = this.waiters.shift()!;
+      clearTimeout(w.timer);
+      w.resolve(this.checkout(m));
+    }
+    const total = this.idle.length + this.inUse.size + this.booting;
+    const wanted = this.waiters.length + this.opts.min - this.idle.length - this.booting;
+    const room = this.opts.max - total;
+    for (let i = 0; i < Math.min(wanted, room); i++) {
+      this.bootOne().catch(() => {});
+    }
+  }
+
+  private async bootOne(): Promise<void> {
+    this.booting++;
+    let machine: MicroVm;
+    try {
+      machine = await MicroVm.launch(this.spec);
+    } catch (err) {
+      this.booting--;
+      this.lastBootError = err as Error;
+      log("boot failed: %s", (err as Error).message);
+      // A waiter that caused this boot learns why, rather than waiting for its timeout.
+      const w = this.waiters.shift();
+      if (w) {
+        clearTimeout(w.timer);
+        w.reject(err as Error);
+      }
+      throw err;
+    }
+    this.booting--;
+    if (this.closed) {
+      await machine.kill();
+      return;
+    }
+    void machine.exited.then(() => {
+      const i = this.idle.findIndex((e) => e.machine === machine);
+      if (i >= 0 && !this.closed) {
+        this.idle.splice(i, 1);
+        log("idle VM %d died; replacing it", machine.pid);
+        this.pump();
+      }
+    });
+    this.idle.push({ machine, since: Date.now() });
+    this.pump();
+  }
+
+  private evictIdle(): void {
+    const limit = this.opts.idleTimeoutMs;
+    if (limit === undefined || this.closed) return;
+    const now = Date.now();
+    // Oldest first: idle is a stack (pop = most recently used), so scan from the bottom.
+    for (let i = 0; i < this.idle.length && this.idle.length > this.opts.min; ) {
+      const e = this.idle[i]!;
+      if (now - e.since >= limit) {
+        this.idle.splice(i, 1);
+        log("evicting VM %d idle for %d ms", e.machine.pid, now - e.since);
+        void e.machine.kill();
+      } else i++;
+    }
+  }
+}

@@ -1,0 +1,212 @@
+/**
+ * `Vm`: a VM checked out of a pool. Runs processes and moves files through the guest agent.
+ */
+import type { ExecRequest, ExitInfo } from "../agent/client.js";
+import { AgentError, OptionError, PoolError, SupermachineError } from "../errors.js";
+import type { MicroVm } from "../engine/qemu.js";
+import type { ImageConfig } from "../image/oci-layout.js";
+import { FILE_LIMIT, resolveExecOptions, type ExecOptions, type ExecOutput } from "./options.js";
+
+/** Output a collect-mode exec keeps per stream before it kills the process. */
+const MAX_COLLECT = 64 * 1024 * 1024;
+const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+export class ExecError extends SupermachineError {}
+
+/** What a Vm needs to know about its image to run processes as the image says. */
+export interface ExecDefaults {
+  /** KEY=VALUE list from the image config, plus build-time `env`. */
+  env: string[];
+  workingDir: string | undefined;
+  user: string | undefined;
+}
+
+export function execDefaults(config: ImageConfig, buildEnv: Record<string, string>): ExecDefaults {
+  return {
+    env: mergeEnv(config.env, buildEnv),
+    workingDir: config.workingDir || undefined,
+    user: config.user || undefined,
+  };
+}
+
+/** Later keys win; a PATH is always present so argv[0] lookup works. */
+export function mergeEnv(base: string[], extra: Record<string, string>): string[] {
+  const map = new Map<string, string>();
+  for (const kv of base) {
+    const i = kv.indexOf("=");
+    if (i > 0) map.set(kv.slice(0, i), kv.slice(i + 1));
+  }
+  for (const [k, v] of Object.entries(extra)) map.set(k, v);
+  if (!map.has("PATH")) map.set("PATH", DEFAULT_PATH);
+  return [...map].map(([k, v]) => `${k}=${v}`);
+}
+
+type ReleaseFn = (vm: Vm) => Promise<void>;
+
+export class Vm {
+  private released = false;
+  private user: { uid: number; gid: number } | undefined;
+
+  /** @internal */
+  constructor(
+    /** @internal */ readonly machine: MicroVm,
+    private readonly defaults: ExecDefaults,
+    private readonly releaseTo: ReleaseFn,
+  ) {}
+
+  /** Path of the unix socket the agent channel runs on (diagnostics; it is already connected). */
+  get vsockPath(): string {
+    return `${this.machine.runDir}/agent.sock`;
+  }
+  get execPath(): string {
+    return this.vsockPath;
+  }
+  /** Host pid of the QEMU process. */
+  get pid(): number {
+    return this.machine.pid;
+  }
+  /** "kvm" or "tcg". */
+  get accel(): string {
+    return this.machine.accel;
+  }
+
+  private usable(what: string): void {
+    if (this.released) throw new PoolError("VM_RELEASED", `${what}: this VM was released back to its pool`, { hint: "acquire a new VM" });
+    if (!this.machine.alive) {
+      throw new PoolError("VM_DEAD", `${what}: the VM (QEMU pid ${this.machine.pid}) is no longer running`, {
+        hint: "release it and acquire another; the pool replaces dead VMs",
+      });
+    }
+  }
+
+  private async resolveUser(): Promise<{ uid: number; gid: number } | undefined> {
+    const spec = this.defaults.user;
+    if (!spec) return undefined;
+    if (this.user) return this.user;
+    const [u, g] = spec.split(":", 2) as [string, string | undefined];
+    let uid = /^\d+$/.test(u) ? Number(u) : undefined;
+    let gid = g !== undefined && /^\d+$/.test(g) ? Number(g) : undefined;
+    if (uid === undefined || (g !== undefined && gid === undefined) || (g === undefined && gid === undefined)) {
+      const passwd = (await this.machine.agent.readFile("/etc/passwd", 1 << 20).catch(() => Buffer.alloc(0))).toString();
+      for (const line of passwd.split("\n")) {
+        const f = line.split(":");
+        if (f.length < 4) continue;
+        if (uid === undefined ? f[0] === u : Number(f[2]) === uid) {
+          uid = Number(f[2]);
+          if (g === undefined) gid = Number(f[3]);
+          break;
+        }
+      }
+      if (g !== undefined && gid === undefined) {
+        const group = (await this.machine.agent.readFile("/etc/group", 1 << 20).catch(() => Buffer.alloc(0))).toString();
+        gid = group.split("\n").map((l) => l.split(":")).find((f) => f[0] === g)?.[2] as unknown as number | undefined;
+        gid = gid === undefined ? undefined : Number(gid);
+      }
+    }
+    if (uid === undefined || gid === undefined || Number.isNaN(uid) || Number.isNaN(gid)) {
+      throw new ExecError("EXEC_USER_UNKNOWN", `the image's User ${JSON.stringify(spec)} is not in the guest's /etc/passwd or /etc/group`);
+    }
+    this.user = { uid, gid };
+    return this.user;
+  }
+
+  /** Run a process to completion and collect its output. */
+  async exec(options: ExecOptions): Promise<ExecOutput> {
+    this.usable("vm.exec");
+    const o = resolveExecOptions(options);
+    o.signal?.throwIfAborted();
+    await Promise.all(o.files.map((f) => this.machine.agent.writeFile(f.path, f.bytes, { mode: f.mode })));
+    const base: Omit<ExecRequest, "argv"> = {
+      env: mergeEnv(this.defaults.env, o.env),
+      cwd: o.cwd ?? this.defaults.workingDir ?? "/",
+      timeoutMs: o.timeoutMs,
+      ...(await this.resolveUser()),
+    };
+    const first = await this.collect({ ...base, argv: o.argv }, o.signal);
+    if (!o.chain || first.exitCode !== 0) return first;
+    const second = await this.collect({ ...base, argv: o.chain }, o.signal);
+    return {
+      stdout: Buffer.concat([first.stdout, second.stdout]),
+      stderr: Buffer.concat([first.stderr, second.stderr]),
+      exitCode: second.exitCode,
+    };
+  }
+
+  private async collect(req: ExecRequest, signal: AbortSignal | undefined): Promise<ExecOutput> {
+    const stream = this.machine.agent.exec(req);
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    let outLen = 0;
+    let errLen = 0;
+    let overflow = false;
+    stream.onStdout = (c) => {
+      outLen += c.length;
+      if (outLen > MAX_COLLECT) return void (overflow ||= (stream.cancel(), true));
+      out.push(c);
+    };
+    stream.onStderr = (c) => {
+      errLen += c.length;
+      if (errLen > MAX_COLLECT) return void (overflow ||= (stream.cancel(), true));
+      err.push(c);
+    };
+    const onAbort = () => stream.cancel();
+    signal?.addEventListener("abort", onAbort, { once: true });
+    let exit: ExitInfo;
+    try {
+      exit = await stream.wait();
+    } catch (e) {
+      throw this.explain(e, req.argv);
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+    }
+    if (signal?.aborted) throw signal.reason;
+    if (overflow) {
+      throw new ExecError("EXEC_OUTPUT_LIMIT", `${req.argv[0]} wrote more than ${MAX_COLLECT} bytes on one stream; it was killed`, {
+        hint: "redirect large output to a file and read it with vm.readFile, or use a streaming API",
+      });
+    }
+    return { stdout: Buffer.concat(out), stderr: Buffer.concat(err), exitCode: exit.exitCode };
+  }
+
+  private explain(e: unknown, argv: string[]): Error {
+    if (!this.machine.alive) {
+      return new PoolError("VM_DEAD", `exec ${JSON.stringify(argv[0])}: the VM (QEMU pid ${this.machine.pid}) died`, { cause: e });
+    }
+    return e instanceof Error ? e : new AgentError("AGENT_UNKNOWN", String(e));
+  }
+
+  /** Write a file in the guest (mode 0644, parents created). At most 4 MiB. */
+  async writeFile(path: string, bytes: Buffer): Promise<void> {
+    this.usable("vm.writeFile");
+    if (typeof path !== "string" || !path.startsWith("/")) throw new OptionError("OPTION_INVALID", `vm.writeFile: path ${JSON.stringify(path)} must be absolute`);
+    if (bytes.length > FILE_LIMIT) throw new OptionError("OPTION_FILE_TOO_LARGE", `vm.writeFile: ${bytes.length} bytes is over the ${FILE_LIMIT}-byte limit`);
+    await this.machine.agent.writeFile(path, Buffer.from(bytes));
+  }
+
+  /** Read a file from the guest. At most 4 MiB. */
+  async readFile(path: string): Promise<Buffer> {
+    this.usable("vm.readFile");
+    if (typeof path !== "string" || !path.startsWith("/")) throw new OptionError("OPTION_INVALID", `vm.readFile: path ${JSON.stringify(path)} must be absolute`);
+    return this.machine.agent.readFile(path, FILE_LIMIT);
+  }
+
+  /** Return the VM to its pool. Idempotent. */
+  async release(): Promise<void> {
+    if (this.released) return;
+    this.released = true;
+    await this.releaseTo(this);
+  }
+
+  dispose(): Promise<void> {
+    return this.release();
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.release();
+  }
+
+  /** For `using vm = ...` (synchronous disposal): the release runs in the background. */
+  [Symbol.dispose](): void {
+    this.release().catch(() => {});
+  }
+}

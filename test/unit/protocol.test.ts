@@ -1,0 +1,133 @@
+import { describe, expect, it } from "vitest";
+import { PassThrough } from "node:stream";
+import {
+  encodeFrame,
+  FieldWriter,
+  Fields,
+  FrameDecoder,
+  HEADER_SIZE,
+  MAX_PAYLOAD,
+  Msg,
+  FLAG_EOF,
+  Tag,
+  INITIAL_WINDOW,
+} from "../../src/agent/protocol.js";
+import { AgentClient } from "../../src/agent/client.js";
+import { AgentError } from "../../src/errors.js";
+
+describe("frame codec", () => {
+  it("round-trips frames split at every byte boundary", () => {
+    const frames = [
+      encodeFrame(Msg.PING, 7, Buffer.from("abc")),
+      encodeFrame(Msg.DATA, 0xffffffff, Buffer.alloc(0), 1 | FLAG_EOF),
+      encodeFrame(Msg.EXEC, 3, Buffer.alloc(70_000, 0x5a)),
+    ];
+    const wire = Buffer.concat(frames);
+    for (const step of [1, 5, 12, 13, 4096, wire.length]) {
+      const d = new FrameDecoder();
+      const got = [];
+      for (let i = 0; i < wire.length; i += step) got.push(...d.push(wire.subarray(i, i + step)));
+      expect(got.map((f) => [f.type, f.stream, f.flags, f.payload.length])).toEqual([
+        [Msg.PING, 7, 0, 3],
+        [Msg.DATA, 0xffffffff, 1 | FLAG_EOF, 0],
+        [Msg.EXEC, 3, 0, 70_000],
+      ]);
+      expect(got[0]!.payload.toString()).toBe("abc");
+      expect(d.pending).toBe(0);
+    }
+  });
+
+  it("writes the documented little-endian header", () => {
+    const f = encodeFrame(Msg.WINDOW, 0x01020304, Buffer.from([9, 9]), 2);
+    expect([...f.subarray(0, HEADER_SIZE)]).toEqual([2, 0, 0, 0, Msg.WINDOW, 2, 0, 0, 4, 3, 2, 1]);
+  });
+
+  it("keeps a truncated frame pending instead of inventing one", () => {
+    const d = new FrameDecoder();
+    const f = encodeFrame(Msg.PONG, 1, Buffer.from("hello"));
+    expect(d.push(f.subarray(0, f.length - 1))).toEqual([]);
+    expect(d.pending).toBe(f.length - 1);
+    expect(d.push(f.subarray(f.length - 1))).toHaveLength(1);
+  });
+
+  it("rejects a header announcing more than MAX_PAYLOAD and stays failed", () => {
+    const d = new FrameDecoder();
+    const h = Buffer.alloc(HEADER_SIZE);
+    h.writeUInt32LE(MAX_PAYLOAD + 1, 0);
+    expect(() => d.push(h)).toThrow(/announcing/);
+    expect(() => d.push(Buffer.alloc(1))).toThrow(AgentError);
+  });
+
+  it("refuses to encode an oversized payload", () => {
+    expect(() => encodeFrame(Msg.DATA, 1, Buffer.alloc(MAX_PAYLOAD + 1))).toThrow(/exceeds/);
+  });
+});
+
+describe("field codec", () => {
+  it("round-trips repeated and typed fields and skips unknown tags", () => {
+    const p = new FieldWriter()
+      .bytes(Tag.exec.argv, "echo")
+      .bytes(Tag.exec.argv, "hi there")
+      .bytes(99, Buffer.from("from the future"))
+      .u64(Tag.exec.timeoutMs, 5000)
+      .u32(Tag.exec.uid, 1000)
+      .finish();
+    const f = new Fields(p);
+    expect(f.all(Tag.exec.argv).map(String)).toEqual(["echo", "hi there"]);
+    expect(f.u64(Tag.exec.timeoutMs)).toBe(5000n);
+    expect(f.u32(Tag.exec.uid)).toBe(1000);
+    expect(f.string(Tag.exec.cwd)).toBeUndefined();
+  });
+
+  it("rejects truncated fields and wrong widths", () => {
+    const p = new FieldWriter().bytes(1, "abcdef").finish();
+    expect(() => new Fields(p.subarray(0, p.length - 2))).toThrow(/announces/);
+    expect(() => new Fields(p.subarray(0, 3))).toThrow(/truncated/);
+    expect(() => new Fields(new FieldWriter().u16(1, 7).finish()).u32(1)).toThrow(/expected 4 bytes/);
+  });
+});
+
+describe("client against a hostile peer", () => {
+  function connected() {
+    const toAgent = new PassThrough();
+    const fromAgent = new PassThrough();
+    // A duplex whose writes go to `toAgent` and whose reads come from `fromAgent`.
+    const ch = new (class extends PassThrough {
+      override _write(c: Buffer, e: BufferEncoding, cb: () => void) {
+        toAgent.write(c, e);
+        cb();
+      }
+    })();
+    fromAgent.on("data", (d) => ch.push(d));
+    const fatal: Error[] = [];
+    const client = new AgentClient(ch, { onFatal: (e) => fatal.push(e) });
+    return { client, fromAgent, toAgent, fatal };
+  }
+
+  it("fails the connection when the agent overruns a stream's window", async () => {
+    const { client, fromAgent, fatal } = connected();
+    const s = client.exec({ argv: ["cat"], env: [] });
+    fromAgent.write(encodeFrame(Msg.DATA, s.id, Buffer.alloc(INITIAL_WINDOW + 1), 1));
+    await expect(s.wait()).rejects.toThrow(/window/);
+    expect(fatal[0]).toBeInstanceOf(AgentError);
+  });
+
+  it("fails the connection on an oversized frame header", async () => {
+    const { client, fromAgent, fatal } = connected();
+    const p = client.ping();
+    const h = Buffer.alloc(HEADER_SIZE);
+    h.writeUInt32LE(0xffffffff, 0);
+    fromAgent.write(h);
+    await expect(p).rejects.toThrow(/announcing/);
+    expect(fatal).toHaveLength(1);
+  });
+
+  it("ignores frames for streams it does not know", async () => {
+    const { client, fromAgent, fatal } = connected();
+    fromAgent.write(encodeFrame(Msg.DATA, 12345, Buffer.from("stray"), 1));
+    const p = client.ping(Buffer.from("x"));
+    fromAgent.write(encodeFrame(Msg.PONG, 1, Buffer.from("x")));
+    await expect(p).resolves.toBeGreaterThanOrEqual(0);
+    expect(fatal).toHaveLength(0);
+  });
+});

@@ -1,0 +1,127 @@
+// Failure paths and process hygiene: clear errors, and no QEMU process outlives its owner.
+import { spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { afterEach, describe, expect, it } from "vitest";
+import { Image } from "../../src/index.js";
+import { isRunning, waitFor } from "../helpers.js";
+
+const root = join(import.meta.dirname, "..", "..");
+const saved = { ...process.env };
+afterEach(() => {
+  for (const k of ["SUPERMACHINE_KERNEL", "SUPERMACHINE_QEMU", "SUPERMACHINE_INITRAMFS"]) {
+    if (saved[k] === undefined) delete process.env[k];
+    else process.env[k] = saved[k];
+  }
+});
+
+describe("errors", () => {
+  it("names the setup command when the kernel is missing", async () => {
+    process.env.SUPERMACHINE_KERNEL = "/nonexistent/vmlinux";
+    const image = await Image.build({ ref: "builtin:busybox" });
+    const err = await image.pool({ min: 1 }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: "SETUP_KERNEL_MISSING" });
+    expect((err as Error).message).toContain("/nonexistent/vmlinux");
+    expect((err as { hint: string }).hint).toContain("npm run setup");
+  });
+
+  it("reports QEMU's stderr and the console log path when QEMU cannot start", async () => {
+    process.env.SUPERMACHINE_QEMU = "/nonexistent/qemu-system-x86_64";
+    const image = await Image.build({ ref: "builtin:busybox" });
+    const err = (await image.pool({ min: 1 }).catch((e: unknown) => e)) as Error & { code: string; hint?: string };
+    expect(err.code).toBe("ENGINE_EXITED_DURING_BOOT");
+    expect(err.message).toMatch(/QEMU stderr:[\s\S]*nonexistent/);
+    expect(err.message).toMatch(/guest console log: \S+/);
+    expect(err.hint).toMatch(/qemu-system-x86/);
+  });
+
+  it("reports QEMU's own error for a memory size it cannot allocate", async () => {
+    const image = await Image.build({ ref: "builtin:busybox", memoryMib: 1 << 20 });
+    const err = (await image.pool({ min: 1 }).catch((e: unknown) => e)) as Error & { code: string };
+    expect(err.code).toBe("ENGINE_EXITED_DURING_BOOT");
+    expect(err.message).toMatch(/QEMU stderr:[\s\S]*(memory|allocate)/i);
+  });
+
+  it("rejects bad options with the accepted values", async () => {
+    await expect(Image.build({ ref: "builtin:busybox", pullPolicy: "sometimes" as never })).rejects.toMatchObject({
+      code: "OPTION_INVALID",
+      hint: expect.stringContaining('"missing"'),
+    });
+    await expect(Image.build({ ref: "builtin:busybox", memroyMib: 512 } as never)).rejects.toMatchObject({ code: "OPTION_UNKNOWN" });
+    const image = await Image.build({ ref: "builtin:busybox" });
+    await expect(image.pool({ min: 3, max: 2 })).rejects.toThrow(/min \(3\) is larger than max \(2\)/);
+  });
+
+  it("rejects unknown and malformed references, naming them", async () => {
+    await expect(Image.build({ ref: "oci:/nonexistent/layout" })).rejects.toMatchObject({
+      code: "IMAGE_LAYOUT_NOT_FOUND",
+      message: expect.stringContaining("/nonexistent/layout"),
+    });
+    await expect(Image.build({ ref: "builtin:nope" })).rejects.toThrow(/nope/);
+    await expect(Image.build({ ref: "gopher://x" })).rejects.toThrow(/gopher:\/\/x/);
+  });
+});
+
+/** Runs a Node script that boots VMs and prints lines; resolves with the child and its lines. */
+function runScript(code: string) {
+  const child = spawn(process.execPath, ["--input-type=module", "-e", code], { cwd: root, stdio: ["ignore", "pipe", "inherit"] });
+  const lines: string[] = [];
+  let buf = "";
+  child.stdout.setEncoding("utf8");
+  child.stdout.on("data", (d: string) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf("\n")) >= 0) {
+      lines.push(buf.slice(0, i));
+      buf = buf.slice(i + 1);
+    }
+  });
+  const exited = new Promise<number | null>((r) => child.on("exit", (c) => r(c)));
+  return { child, lines, exited };
+}
+
+describe("process hygiene", () => {
+  it("kills QEMU when the owning Node process is SIGKILLed", async () => {
+    const { child, lines, exited } = runScript(`
+      import { Image } from "supermachine";
+      const img = await Image.build({ ref: "builtin:busybox" });
+      const pool = await img.pool({ min: 2, max: 2 });
+      const a = await pool.acquire(), b = await pool.acquire();
+      console.log(a.pid + " " + b.pid);
+      setInterval(() => {}, 1000);
+    `);
+    expect(await waitFor(() => lines.length > 0, 60_000, 50)).toBe(true);
+    const pids = lines[0]!.split(" ").map(Number);
+    expect(pids.every(isRunning)).toBe(true);
+    child.kill("SIGKILL");
+    await exited;
+    expect(await waitFor(() => !pids.some(isRunning), 5_000)).toBe(true);
+  });
+
+  it("lets a seed-style program (no shutdown) exit on its own, leaving no QEMU behind", async () => {
+    const { lines, exited } = runScript(`
+      import { Image } from "supermachine";
+      const img = await Image.build({ ref: "builtin:busybox", name: "hello-busybox" });
+      const pool = await img.pool({ min: 1, max: 1 });
+      const vm = await pool.acquire();
+      const { stdout, exitCode } = await vm.exec({ argv: ["echo", "hello from supermachine"], timeoutMs: 5_000 });
+      console.log(vm.pid);
+      console.log(\`exit \${exitCode}:\`, stdout.toString().trim());
+      await vm.release();
+    `);
+    const code = await exited;
+    expect(code).toBe(0);
+    expect(lines[1]).toBe("exit 0: hello from supermachine");
+    expect(await waitFor(() => !isRunning(Number(lines[0])), 3_000)).toBe(true);
+  });
+
+  it("removes each VM's runtime directory when it stops", async () => {
+    const image = await Image.build({ ref: "builtin:busybox" });
+    const pool = await image.pool({ min: 1, max: 1 });
+    const vm = await pool.acquire();
+    const dir = vm.vsockPath.replace(/\/agent\.sock$/, "");
+    expect(existsSync(dir)).toBe(true);
+    await pool.shutdown();
+    expect(await waitFor(() => !existsSync(dir), 2_000)).toBe(true);
+  });
+});
