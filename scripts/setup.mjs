@@ -24,6 +24,8 @@ const quiet = args.has("--quiet");
 const home =
   process.env.SUPERMACHINE_HOME || join(process.env.XDG_CACHE_HOME || join(homedir(), ".cache"), "supermachine");
 const started = Date.now();
+/** PATH with rustup's default location appended, for hosts where cargo is not on PATH. */
+const buildEnv = { ...process.env, PATH: `${process.env.PATH ?? "/usr/bin:/bin"}:${join(homedir(), ".cargo", "bin")}` };
 
 const say = (msg) => process.stderr.write(`[setup] ${msg}\n`);
 const note = (msg) => quiet || say(msg);
@@ -99,9 +101,7 @@ function missingPackages() {
 function ensurePackages() {
   if (args.has("--skip-apt")) return;
   const missing = missingPackages();
-  if (!existsSync(join(process.env.HOME || homedir(), ".cargo/bin/cargo")) && spawnSync("cargo", ["--version"]).status !== 0) {
-    missing.push("cargo");
-  }
+  if (spawnSync("cargo", ["--version"], { env: buildEnv }).status !== 0) missing.push("cargo");
   if (missing.length === 0) return;
   const t0 = Date.now();
   say(`installing Debian packages: ${missing.join(", ")}`);
@@ -208,7 +208,7 @@ async function ensureArtifact(kind, key, files, build, expect) {
 
 function buildWith(script) {
   return (out) => {
-    const r = spawnSync("bash", [join(root, script), out], { stdio: ["ignore", "ignore", "inherit"], cwd: root });
+    const r = spawnSync("bash", [join(root, script), out], { stdio: ["ignore", "ignore", "inherit"], cwd: root, env: buildEnv });
     if (r.status !== 0) fail(`${script} failed (exit ${r.status ?? r.signal})`, `see the output above; logs are in ${out}`);
   };
 }
@@ -222,7 +222,7 @@ async function ensureKernel() {
 
 async function ensureAgent() {
   const a = join(root, "native", "agent");
-  const rustc = spawnSync("rustc", ["--version"], { encoding: "utf8" }).stdout?.trim() ?? "";
+  const rustc = spawnSync("rustc", ["--version"], { encoding: "utf8", env: buildEnv }).stdout?.trim() ?? "";
   const key = sha256(hashTree(a, (p) => p.endsWith("/target")), rustc).slice(0, 16);
   const dir = await ensureArtifact("agent", key, ["initramfs.cpio", "supermachine-agent"], buildWith("native/agent/build.sh"), "under a minute");
   const cargo = readFileSync(join(a, "Cargo.toml"), "utf8");

@@ -54,6 +54,12 @@ fn run_init() -> ! {
         Ok(s) => s,
         Err(e) => init::fatal(&e.to_string()),
     };
+    // The agent wakes for every pipe write and child exit; as a batch task it does not preempt
+    // the process that woke it, so a short command runs to its exit and the agent handles its
+    // output and its exit in one wake-up. Children are put back to SCHED_OTHER (sys::spawn).
+    if let Err(e) = sys::set_sched_batch() {
+        eprintln!("supermachine-agent: SCHED_BATCH unavailable: {e}");
+    }
     eprintln!("supermachine-agent: ready (version {}, port {name})", env!("CARGO_PKG_VERSION"));
     match server.run() {
         Ok(()) => init::fatal("server loop ended"),

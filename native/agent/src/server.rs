@@ -18,6 +18,10 @@ const OUT_LOW: usize = 1 << 20;
 const READ_CHUNK: usize = 256 * 1024;
 /// How often a disconnected virtio port is checked for the host coming back.
 const RECONNECT_POLL_NS: u64 = 20_000_000;
+/// How long a frame that nobody waits for (STARTED) may sit in the queue before it is written.
+/// Writing it at once would cost a trip through the virtio port while the new process waits
+/// for the CPU; usually it leaves with the process's first output or its EXIT instead.
+const LAZY_FLUSH_NS: u64 = 2_000_000;
 const MAX_BENCH_COUNT: u32 = 1_000_000;
 const FEATURES: &str = "exec,files,bench";
 
@@ -121,6 +125,8 @@ pub struct Server {
     inbuf: Vec<u8>,
     out: Vec<u8>,
     out_pos: usize,
+    /// Set while everything queued is lazy: the monotonic time by which it must be written.
+    lazy_deadline: Option<u64>,
     /// Events currently registered for the connection (None: not registered).
     conn_mask: Option<u32>,
     want_write: bool,
@@ -197,6 +203,7 @@ impl Server {
             inbuf: Vec::new(),
             out: Vec::new(),
             out_pos: 0,
+            lazy_deadline: None,
             conn_mask: None,
             want_write: false,
             hello: false,
@@ -229,12 +236,21 @@ impl Server {
     pub fn run(&mut self) -> Result<(), ServerError> {
         let mut events: Vec<Event> = Vec::with_capacity(128);
         loop {
-            self.flush();
+            let mut timeout_ms = -1;
+            match self.lazy_deadline {
+                Some(t) if sys::monotonic_ns() < t => {
+                    timeout_ms = ((t - sys::monotonic_ns()) / 1_000_000).max(1) as i32;
+                }
+                _ => {
+                    self.lazy_deadline = None;
+                    self.flush();
+                }
+            }
             self.update_pause();
             self.update_conn_interest();
             self.arm_timer();
             let busy = !self.readers.is_empty() && !self.paused;
-            self.epoll.wait(&mut events, if busy { 0 } else { -1 }).map_err(ServerError::Wait)?;
+            self.epoll.wait(&mut events, if busy { 0 } else { timeout_ms }).map_err(ServerError::Wait)?;
             for ev in &events {
                 self.dispatch(*ev);
             }
@@ -401,7 +417,17 @@ impl Server {
         if self.dead || self.conn_fd().is_none() {
             return;
         }
+        self.lazy_deadline = None;
         proto::encode_frame(&mut self.out, ty, flags, stream, payload);
+    }
+
+    /// Queues a frame that may wait up to LAZY_FLUSH_NS for company (see run()).
+    fn send_lazy(&mut self, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let was_empty = self.pending_out() == 0;
+        self.send(ty, flags, stream, payload);
+        if was_empty {
+            self.lazy_deadline = Some(sys::monotonic_ns() + LAZY_FLUSH_NS);
+        }
     }
 
     fn send_window(&mut self, stream: u32, channel: u8, inc: u64) {
@@ -442,6 +468,7 @@ impl Server {
         if self.out_pos == self.out.len() {
             self.out.clear();
             self.out_pos = 0;
+            self.lazy_deadline = None;
             self.want_write = false;
             if self.dead && matches!(self.transport, Transport::Unix { .. }) {
                 self.disconnect(); // development mode: GOAWAY delivered, close the connection
@@ -672,7 +699,7 @@ impl Server {
         };
         drop((out_w, err_w));
         let stdin_w = stdin.map(|(_, w)| w);
-        self.send(proto::STARTED, 0, id, &proto::started(pid as u32));
+        self.send_lazy(proto::STARTED, 0, id, &proto::started(pid as u32));
         let deadline = if req.timeout_ms > 0 { start_ns.saturating_add(req.timeout_ms.saturating_mul(1_000_000)) } else { 0 };
         let mut ex = ExecStream {
             pid,

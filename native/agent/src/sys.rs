@@ -465,6 +465,16 @@ extern "C" {
 
 /// Starts a process in a new session (it leads its own process group).
 /// Uses posix_spawn (CLONE_VFORK in glibc) unless credentials must change.
+/// Makes the calling process a SCHED_BATCH task (no wake-up preemption of running tasks).
+pub fn set_sched_batch() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscall on the calling process with a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn spawn(spec: &SpawnSpec) -> Result<pid_t, SpawnError> {
     let argv = ptr_array(spec.argv);
     let envp = ptr_array(spec.env);
@@ -493,8 +503,18 @@ fn posix_spawn(spec: &SpawnSpec, argv: &[*const libc::c_char], envp: &[*const li
         }
         let empty = sigset_of(&[]);
         let defaults = sigset_of(&[libc::SIGPIPE, libc::SIGCHLD]);
-        let flags = libc::POSIX_SPAWN_SETSID | libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+        let flags = libc::POSIX_SPAWN_SETSID
+            | libc::POSIX_SPAWN_SETSIGMASK
+            | libc::POSIX_SPAWN_SETSIGDEF
+            | libc::POSIX_SPAWN_SETSCHEDULER;
         let mut r = libc::posix_spawnattr_setflags(&mut attr, flags as libc::c_short);
+        if r == 0 {
+            r = libc::posix_spawnattr_setschedpolicy(&mut attr, libc::SCHED_OTHER);
+        }
+        if r == 0 {
+            let param = libc::sched_param { sched_priority: 0 };
+            r = libc::posix_spawnattr_setschedparam(&mut attr, &param);
+        }
         if r == 0 {
             r = libc::posix_spawnattr_setsigmask(&mut attr, &empty);
         }
@@ -561,6 +581,8 @@ fn fork_exec(
             };
             libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            let param = libc::sched_param { sched_priority: 0 };
+            libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
             libc::setsid();
             for (target, &fd) in spec.stdio.iter().enumerate() {
                 if libc::dup2(fd, target as libc::c_int) < 0 {
