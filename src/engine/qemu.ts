@@ -45,21 +45,59 @@ export interface VmExit {
   expected: boolean;
 }
 
-/** Every QEMU process alive in this Node process, killed synchronously on `exit`. */
-const live = new Set<ChildProcess>();
+/**
+ * Every QEMU process alive in this Node process, with its runtime directory. On `exit` the
+ * processes are killed and the directories removed, synchronously.
+ */
+const live = new Map<ChildProcess, string>();
 let exitHookInstalled = false;
 function installExitHook(): void {
   if (exitHookInstalled) return;
   exitHookInstalled = true;
   process.on("exit", () => {
-    for (const p of live) {
+    for (const [p, dir] of live) {
       try {
         p.kill("SIGKILL");
       } catch {
         /* already gone */
       }
+      rmSync(dir, { recursive: true, force: true });
     }
   });
+  sweepStaleRunDirs();
+}
+
+const RUN_DIR_PREFIX = "sm-";
+/** `sm-<owner pid>-<random>`: the owner's pid lets a later process tell an orphan. */
+const RUN_DIR_RE = /^sm-(\d+)-[A-Za-z0-9]{6}$/;
+
+/**
+ * Removes runtime directories left by processes that died without cleaning up (SIGKILL):
+ * their QEMU processes died with them (pdeathsig), only the directory stayed.
+ */
+function sweepStaleRunDirs(): void {
+  const root = runtimeRoot();
+  let names: string[];
+  try {
+    names = readdirSync(root);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const m = RUN_DIR_RE.exec(name);
+    if (!m || Number(m[1]) === process.pid || pidAlive(Number(m[1]))) continue;
+    rmSync(join(root, name), { recursive: true, force: true });
+    log("removed stale runtime directory %s", name);
+  }
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
 }
 
 /** Number of QEMU processes this Node process currently owns. */
@@ -200,7 +238,8 @@ export class MicroVm {
     if (!existsSync(spec.rootfs)) {
       throw new EngineError("ENGINE_ROOTFS_MISSING", `root filesystem image ${spec.rootfs} does not exist`);
     }
-    const runDir = mkdtempSync(join(runtimeRoot(), "sm-"));
+    installExitHook();
+    const runDir = mkdtempSync(join(runtimeRoot(), `${RUN_DIR_PREFIX}${process.pid}-`));
     const qmpSock = join(runDir, "qmp.sock");
     const agentSock = join(runDir, "agent.sock");
     const consoleLog = join(runDir, "console.log");
@@ -229,8 +268,7 @@ export class MicroVm {
     const proc = spawn("setpriv", ["--pdeathsig", "SIGKILL", "--", qemu, ...args], {
       stdio: ["ignore", "ignore", "pipe"],
     });
-    installExitHook();
-    live.add(proc);
+    live.set(proc, runDir);
     let stderr = "";
     proc.stderr!.setEncoding("utf8");
     proc.stderr!.on("data", (d: string) => {

@@ -166,6 +166,21 @@ describe("pools", () => {
     await p.shutdown();
   });
 
+  it("reports a VM whose QEMU process died, and serves a fresh one after release", async () => {
+    const p = await image.pool({ min: 1, max: 1 });
+    const v = await p.acquire();
+    const pending = v.exec({ argv: ["sleep", "30"] });
+    await new Promise((r) => setTimeout(r, 200));
+    process.kill(v.pid, "SIGKILL");
+    await expect(pending).rejects.toMatchObject({ code: "VM_DEAD" });
+    await expect(v.exec({ argv: ["true"] })).rejects.toMatchObject({ code: "VM_DEAD" });
+    await v.release();
+    const fresh = await p.acquire();
+    expect(fresh.pid).not.toBe(v.pid);
+    expect((await fresh.exec({ argv: ["echo", "ok"] })).stdout.toString()).toBe("ok\n");
+    await p.shutdown();
+  });
+
   it("supports await using", async () => {
     const p = await image.pool({ min: 1, max: 1, restoreOnRelease: false });
     {

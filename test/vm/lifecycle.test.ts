@@ -1,6 +1,7 @@
 // Failure paths and process hygiene: clear errors, and no QEMU process outlives its owner.
 import { spawn } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { Image } from "../../src/index.js";
@@ -80,22 +81,29 @@ function runScript(code: string) {
   return { child, lines, exited };
 }
 
+/** Runtime directories (sockets, console log) that a process with this pid created. */
+const runDirsOf = (pid: number) => readdirSync(tmpdir()).filter((n) => n.startsWith(`sm-${pid}-`));
+
 describe("process hygiene", () => {
+  let killedOwner = 0;
+
   it("kills QEMU when the owning Node process is SIGKILLed", async () => {
     const { child, lines, exited } = runScript(`
       import { Image } from "supermachine";
       const img = await Image.build({ ref: "builtin:busybox" });
       const pool = await img.pool({ min: 2, max: 2 });
       const a = await pool.acquire(), b = await pool.acquire();
-      console.log(a.pid + " " + b.pid);
+      console.log(a.pid + " " + b.pid + " " + process.pid);
       setInterval(() => {}, 1000);
     `);
     expect(await waitFor(() => lines.length > 0, 60_000, 50)).toBe(true);
-    const pids = lines[0]!.split(" ").map(Number);
-    expect(pids.every(isRunning)).toBe(true);
+    const [a, b, owner] = lines[0]!.split(" ").map(Number) as [number, number, number];
+    expect([a, b].every(isRunning)).toBe(true);
+    expect(runDirsOf(owner)).toHaveLength(2);
     child.kill("SIGKILL");
     await exited;
-    expect(await waitFor(() => !pids.some(isRunning), 5_000)).toBe(true);
+    expect(await waitFor(() => !isRunning(a) && !isRunning(b), 5_000)).toBe(true);
+    killedOwner = owner;
   });
 
   it("lets a seed-style program (no shutdown) exit on its own, leaving no QEMU behind", async () => {
@@ -105,14 +113,19 @@ describe("process hygiene", () => {
       const pool = await img.pool({ min: 1, max: 1 });
       const vm = await pool.acquire();
       const { stdout, exitCode } = await vm.exec({ argv: ["echo", "hello from supermachine"], timeoutMs: 5_000 });
-      console.log(vm.pid);
+      console.log(vm.pid + " " + process.pid);
       console.log(\`exit \${exitCode}:\`, stdout.toString().trim());
       await vm.release();
     `);
     const code = await exited;
     expect(code).toBe(0);
     expect(lines[1]).toBe("exit 0: hello from supermachine");
-    expect(await waitFor(() => !isRunning(Number(lines[0])), 3_000)).toBe(true);
+    const [vmPid, owner] = lines[0]!.split(" ").map(Number) as [number, number];
+    expect(await waitFor(() => !isRunning(vmPid), 3_000)).toBe(true);
+    // Its own runtime directories went with it; those of the SIGKILLed owner above were
+    // swept by this process's first launch.
+    expect(runDirsOf(owner)).toEqual([]);
+    if (killedOwner) expect(runDirsOf(killedOwner)).toEqual([]);
   });
 
   it("removes each VM's runtime directory when it stops", async () => {

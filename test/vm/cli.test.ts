@@ -1,0 +1,43 @@
+// The `supermachine` command, run as a user would (built JS from dist/, set up by npm test).
+import { spawnSync } from "node:child_process";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+
+const root = join(import.meta.dirname, "..", "..");
+const cli = (...args: string[]) =>
+  spawnSync(process.execPath, [join(root, "dist/src/cli/main.js"), ...args], { encoding: "utf8", timeout: 60_000 });
+
+describe("supermachine CLI", () => {
+  it("runs a command in a VM and reports JSON", () => {
+    const r = cli("run", "--json", "-e", "WHO=cli", "builtin:busybox", "--", "sh", "-c", 'echo "hi $WHO"');
+    expect(r.status).toBe(0);
+    const out = JSON.parse(r.stdout);
+    expect(out).toMatchObject({ exitCode: 0, stdout: "hi cli\n", stderr: "", accel: expect.stringMatching(/^(kvm|tcg)$/) });
+    expect(out.imageDigest).toMatch(/^sha256:[0-9a-f]{64}$/);
+  });
+
+  it("exits with the command's exit code and passes its output through", () => {
+    const r = cli("run", "builtin:busybox", "--", "sh", "-c", "echo out; echo err >&2; exit 7");
+    expect(r.status).toBe(7);
+    expect(r.stdout).toBe("out\n");
+    expect(r.stderr).toBe("err\n");
+  });
+
+  it("reports errors with their code in JSON and a usage error with status 2", () => {
+    const bad = cli("run", "--json", "oci:/nonexistent", "--", "true");
+    expect(bad.status).toBe(1);
+    expect(JSON.parse(bad.stdout).error).toMatchObject({ code: "IMAGE_LAYOUT_NOT_FOUND" });
+    const usage = cli("frobnicate");
+    expect(usage.status).toBe(2);
+    expect(usage.stderr).toContain("unknown command");
+  });
+
+  it("explains its accelerator choice", () => {
+    const r = cli("info", "--json");
+    expect(r.status).toBe(0);
+    const info = JSON.parse(r.stdout);
+    expect(info.accel).toMatch(/^(kvm|tcg)$/);
+    expect(info.accelReason).toBeTruthy();
+    expect(info.artifacts.kernel).toMatch(/vmlinux$/);
+  });
+});
