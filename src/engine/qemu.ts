@@ -370,7 +370,10 @@ export class MicroVm {
     rmSync(this.runDir, { recursive: true, force: true });
   }
 
-  /** Ask the guest to power off; SIGKILL after `graceMs`. Resolves when QEMU has exited. */
+  /**
+   * Orderly stop: the agent powers the guest off; if QEMU is still there after `graceMs`, QMP
+   * `quit`, and SIGKILL after as long again. Resolves when QEMU has exited.
+   */
   async stop(graceMs = 2_000): Promise<VmExit> {
     if (this.exitInfo) return this.exitInfo;
     this.stopping = true;
@@ -378,13 +381,15 @@ export class MicroVm {
     try {
       this.agent.shutdown();
     } catch {
-      /* channel already dead: kill below */
+      /* channel already dead: QMP or SIGKILL below */
     }
-    const t = setTimeout(() => this.proc.kill("SIGKILL"), graceMs);
+    const quit = setTimeout(() => void this.qmp.execute("quit").catch(() => {}), graceMs);
+    const kill = setTimeout(() => this.proc.kill("SIGKILL"), 2 * graceMs);
     try {
       return await this.exited;
     } finally {
-      clearTimeout(t);
+      clearTimeout(quit);
+      clearTimeout(kill);
     }
   }
 

@@ -138,3 +138,20 @@ describe("process hygiene", () => {
     expect(await waitFor(() => !existsSync(dir), 2_000)).toBe(true);
   });
 });
+
+describe("orderly stop", () => {
+  it("powers the guest off through the agent, or quits QEMU over QMP when the agent cannot", async () => {
+    const { MicroVm } = await import("../../src/engine/qemu.js");
+    const image = await Image.build({ ref: "builtin:busybox" });
+    const spec = { rootfs: image.rootfsPath, memoryMib: 256, vcpus: 1 };
+    const a = await MicroVm.launch(spec);
+    const byAgent = await a.stop();
+    expect(byAgent).toMatchObject({ code: 0, signal: null });
+    // Stop the guest's vCPU so the agent cannot answer: QMP quit must end QEMU (exit 0),
+    // not the SIGKILL that comes later.
+    const b = await MicroVm.launch(spec);
+    await b.qmp.execute("stop");
+    const byQmp = await b.stop(300);
+    expect(byQmp).toMatchObject({ code: 0, signal: null });
+  });
+});
