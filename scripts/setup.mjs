@@ -83,6 +83,12 @@ const PACKAGES = {
   cpio: "packing the agent initramfs",
   file: "checking the agent binary is static",
   "librust-libc-dev": "the agent's only crate",
+  zstd: "zstd-compressed image layers",
+  "docker-registry": "tests: a real OCI distribution registry on loopback",
+  skopeo: "tests: pushing fixture images, writing docker archives",
+  mmdebstrap: "tests: building the Debian python fixture image",
+  openssl: "tests: a self-signed CA for the TLS registry",
+  "apache2-utils": "tests: htpasswd for the registry with basic auth",
 };
 
 function missingPackages() {

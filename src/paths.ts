@@ -14,8 +14,12 @@ export function supermachineHome(env: NodeJS.ProcessEnv = process.env): string {
 
 export const homePaths = (home = supermachineHome()) => ({
   home,
-  /** Content-addressed image store: squashfs root filesystems and metadata. */
+  /** Squashfs root filesystems and metadata, by manifest digest. */
   images: join(home, "images"),
+  /** Shared blob store (an OCI layout): manifests, configs and layers of pulled images. */
+  store: join(home, "store"),
+  /** Local names of pulled images: which manifest a registry reference resolved to. */
+  refs: join(home, "refs"),
   /** OCI layouts that setup builds offline (the built-in busybox image). */
   builtin: join(home, "builtin"),
   /** Console logs of VMs that failed, kept for diagnosis. */

@@ -108,7 +108,30 @@ export async function selectManifest(layoutDir: string, ref: string, tag?: strin
   await checkLayoutMarker(layoutDir, ref);
   const indexPath = join(layoutDir, "index.json");
   const index = parseJson(await readLimited(indexPath, ref, "index.json"), ref, indexPath);
-  let desc = pickFromTopIndex(index, ref, indexPath, tag);
+  return resolveDescriptor(layoutDir, pickFromTopIndex(index, ref, indexPath, tag), ref);
+}
+
+/**
+ * Selects an image by the digest of its manifest (or of an index, which is then followed to
+ * the host platform), for layouts without a tag for it, such as the shared blob store.
+ */
+export async function selectManifestByDigest(layoutDir: string, digest: string, ref: string): Promise<SelectedManifest> {
+  const path = blobPath(layoutDir, digest, ref);
+  let size: number;
+  try {
+    size = (await stat(path)).size;
+  } catch (cause) {
+    throw new ImageError("IMAGE_BLOB_MISSING", `image ${JSON.stringify(ref)}: manifest ${digest} is not in ${layoutDir}`, { cause });
+  }
+  const raw = asObject(parseJson(await readBlob(layoutDir, { digest, size, mediaType: "" }, ref), ref, path), ref, path);
+  const mediaType =
+    typeof raw.mediaType === "string" ? raw.mediaType : Array.isArray(raw.manifests) ? MEDIA_TYPES.ociIndex : MEDIA_TYPES.ociManifest;
+  return resolveDescriptor(layoutDir, { digest, size, mediaType }, ref);
+}
+
+/** Follows `desc` through nested indexes to the host platform's manifest, and reads that. */
+async function resolveDescriptor(layoutDir: string, top: Descriptor, ref: string): Promise<SelectedManifest> {
+  let desc = top;
   for (let depth = 0; INDEX_TYPES.has(desc.mediaType); depth++) {
     if (depth >= MAX_INDEX_DEPTH) {
       throw new ImageError("IMAGE_INDEX_TOO_DEEP", `image ${JSON.stringify(ref)}: image indexes nest deeper than ${MAX_INDEX_DEPTH} levels`);
@@ -140,7 +163,7 @@ export async function selectManifest(layoutDir: string, ref: string, tag?: strin
     const d = toDescriptor(raw, ref, `layer ${i} of manifest ${desc.digest}`);
     if (!LAYER_TYPES.has(d.mediaType)) {
       throw new ImageError("IMAGE_LAYER_MEDIA_TYPE_UNSUPPORTED", `image ${JSON.stringify(ref)}: layer ${d.digest} has unsupported media type ${JSON.stringify(d.mediaType)}`, {
-        hint: "layers must be tar archives, uncompressed or gzip-compressed",
+        hint: "layers must be tar archives: uncompressed, gzip- or zstd-compressed",
       });
     }
     return { digest: d.digest, mediaType: d.mediaType, size: d.size, path: blobPath(layoutDir, d.digest, ref) };

@@ -2,14 +2,24 @@ import { statSync } from "node:fs";
 import { resolve } from "node:path";
 import { ImageError, RefError, listAccepted } from "../errors.js";
 import { BUILTIN_IMAGES, builtinLayoutDir, isBuiltinImage, type BuiltinImageName } from "./builtin-busybox.js";
+import { parseDockerRef, type RegistryRef } from "./docker-ref.js";
 
 /** The reference forms this version understands, as shown in error messages. */
-export const ACCEPTED_REF_FORMS = ["oci:<dir>[:<tag>]", "builtin:<name>"] as const;
+export const ACCEPTED_REF_FORMS = [
+  "[registry[:port]/]name[:tag][@sha256:<digest>]",
+  "oci:<dir>[:<tag>]",
+  "docker-archive:<file.tar>[:<name:tag>]",
+  "builtin:<name>",
+] as const;
 
 /** A parsed image reference. */
 export type ImageRef =
   | { kind: "oci"; ref: string; dir: string; tag?: string }
-  | { kind: "builtin"; ref: string; name: BuiltinImageName };
+  | { kind: "builtin"; ref: string; name: BuiltinImageName }
+  | { kind: "registry"; ref: string; registry: RegistryRef }
+  | { kind: "docker-archive"; ref: string; file: string; name?: string };
+
+
 
 /** A reference pointing at an OCI image layout on disk, plus the tag to select (if any). */
 export interface LayoutLocation {
@@ -58,20 +68,44 @@ export function parseImageRef(ref: string, cwd: string = process.cwd()): ImageRe
     }
     return { kind: "builtin", ref, name };
   }
-  throw new RefError(
-    "REF_UNSUPPORTED",
-    `unsupported image reference ${JSON.stringify(ref)}: expected one of ${listAccepted(ACCEPTED_REF_FORMS)}`,
-    {
-      hint:
-        "registry references such as alpine:latest arrive in a later version; for now export the image to an OCI layout, " +
-        "e.g. `skopeo copy docker://alpine:latest oci:./alpine:latest`, and use oci:./alpine:latest",
-    },
-  );
+  if (ref.startsWith("docker-archive:")) {
+    const rest = ref.slice("docker-archive:".length);
+    // The file ends at the first ":" after ".tar" when a name follows (`file.tar:busybox:latest`).
+    const m = /^(.*?\.tar)(?::(.+))?$/.exec(rest);
+    const file = m ? m[1]! : rest;
+    const name = m?.[2];
+    if (file === "") {
+      throw new RefError("REF_INVALID", `image reference ${JSON.stringify(ref)} has no file after "docker-archive:"`, {
+        hint: 'write it as "docker-archive:<file.tar>" or "docker-archive:<file.tar>:<name:tag>"',
+      });
+    }
+    if (name !== undefined) parseDockerRef(name); // a malformed name fails here, naming itself
+    const parsed: ImageRef = { kind: "docker-archive", ref, file: resolve(cwd, file) };
+    if (name !== undefined) parsed.name = name;
+    return parsed;
+  }
+  // `name:tag` looks like `scheme:rest`; only the URL form `scheme://` is taken as a transport.
+  const scheme = /^([a-z][a-z0-9+.-]*):\/\//.exec(ref)?.[1];
+  if (scheme !== undefined && scheme !== "docker") {
+    throw new RefError("REF_UNSUPPORTED", `unsupported image reference ${JSON.stringify(ref)}: unknown transport ${JSON.stringify(scheme)}`, {
+      hint: `accepted forms: ${listAccepted(ACCEPTED_REF_FORMS)}`,
+    });
+  }
+  const bare = ref.startsWith("docker://") ? ref.slice("docker://".length) : ref;
+  return { kind: "registry", ref, registry: parseDockerRef(bare) };
 }
 
 /** Parses `ref` and checks that the layout directory it names exists. */
 export function locateImage(ref: string, home?: string): LayoutLocation {
-  const parsed = parseImageRef(ref);
+  return locateLayout(parseImageRef(ref), home);
+}
+
+/** The OCI layout directory of a local (`oci:` or `builtin:`) reference; it must exist. */
+export function locateLayout(parsed: ImageRef, home?: string): LayoutLocation {
+  const ref = parsed.ref;
+  if (parsed.kind === "registry" || parsed.kind === "docker-archive") {
+    throw new RefError("REF_NOT_LOCAL", `image reference ${JSON.stringify(ref)} does not name a local OCI layout`);
+  }
   if (parsed.kind === "builtin") {
     const layoutDir = builtinLayoutDir(parsed.name, home);
     if (!isDirectory(layoutDir)) {

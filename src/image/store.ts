@@ -11,9 +11,14 @@ import lockfile from "proper-lockfile";
 import { ImageError } from "../errors.js";
 import { logger } from "../log.js";
 import { homePaths } from "../paths.js";
-import { planFlatten, streamFlattened } from "./flatten.js";
-import { loadImage, selectManifest, type ImageConfig } from "./oci-layout.js";
-import { locateImage } from "./reference.js";
+import { planFlatten, streamFlattened, type FlattenOptions } from "./flatten.js";
+import { pullImage, resolveDigest, type Platform, type PullProgress } from "../registry/index.js";
+import { BlobStore } from "./blob-store.js";
+import { importDockerArchive } from "./docker-archive.js";
+import type { RegistryRef } from "./docker-ref.js";
+import { loadImage, selectManifest, selectManifestByDigest, type ImageConfig, type SelectedManifest } from "./oci-layout.js";
+import { locateLayout, parseImageRef, type ImageRef } from "./reference.js";
+import { readRef, writeRef, type RefRecord } from "./refs.js";
 import { buildSquashfs, fsyncDir } from "./squashfs.js";
 
 const log = logger("image");
@@ -35,14 +40,33 @@ export interface ResolvedImage {
 export type ImageProgress =
   | { phase: "cached" }
   | { phase: "waiting-for-lock" }
+  | { phase: "pull"; event: PullProgress }
+  | { phase: "import"; file: string }
   | { phase: "scan-layer" | "copy-layer"; layer: number; layers: number; digest: string }
   | { phase: "squashfs" }
   | { phase: "done"; durationMs: number; sizeBytes: number };
+
+export type PullPolicy = "always" | "missing" | "never";
 
 export interface ResolveImageOptions {
   onProgress?: (p: ImageProgress) => void;
   /** supermachine home; defaults to `$SUPERMACHINE_HOME` or the user cache dir (paths.ts). */
   home?: string;
+  /** Docker's meaning: pull every time / only when not present / never (default "missing"). */
+  pullPolicy?: PullPolicy;
+  /** Platform to select from multi-platform images (default: linux and the host's architecture). */
+  platform?: Platform;
+  /** Registries (host[:port]) to reach over plain HTTP; loopback registries always are. */
+  insecureRegistries?: string[];
+  signal?: AbortSignal;
+  /** Limits for untrusted layers (defaults in flatten.ts). Devices change the rootfs, so they stay refused. */
+  flatten?: Pick<FlattenOptions, "maxLayerBytes" | "maxLayerEntries">;
+}
+
+/** Where the manifest of a reference lives, found without building anything. */
+interface Located {
+  digest: string;
+  select: () => Promise<SelectedManifest>;
 }
 
 interface ImageMetadata {
@@ -61,16 +85,17 @@ interface ImageMetadata {
  */
 export async function resolveImage(ref: string, opts: ResolveImageOptions = {}): Promise<ResolvedImage> {
   const images = homePaths(opts.home).images;
-  const loc = locateImage(ref, opts.home);
-  const selected = await selectManifest(loc.layoutDir, ref, loc.tag);
-  const hex = selected.digest.slice("sha256:".length); // validated by selectManifest
+  const located = await locate(parseImageRef(ref), opts);
+  const digest = located.digest;
+  const hex = digest.slice("sha256:".length); // validated by every locator
   const entryDir = join(images, hex);
 
-  const hit = await readCacheEntry(entryDir, selected.digest, ref);
+  const hit = await readCacheEntry(entryDir, digest, ref);
   if (hit) {
     opts.onProgress?.({ phase: "cached" });
     return hit;
   }
+  const selected = await located.select();
 
   await mkdir(images, { recursive: true });
   const release = await acquireLock(images, hex, opts);
@@ -90,9 +115,9 @@ export async function resolveImage(ref: string, opts: ResolveImageOptions = {}):
     try {
       const onLayer = (e: { pass: 1 | 2; layer: number; layers: number; digest: string }) =>
         opts.onProgress?.({ phase: e.pass === 1 ? "scan-layer" : "copy-layer", layer: e.layer, layers: e.layers, digest: e.digest });
-      const plan = await planFlatten(image.layers, { ref, onLayer });
+      const plan = await planFlatten(image.layers, { ref, onLayer, ...opts.flatten });
       opts.onProgress?.({ phase: "squashfs" });
-      const sqfs = await buildSquashfs(streamFlattened(plan, { ref, onLayer }), join(tmpDir, ROOTFS_FILE), plan.root ? { root: plan.root } : {});
+      const sqfs = await buildSquashfs(streamFlattened(plan, { ref, onLayer, ...opts.flatten }), join(tmpDir, ROOTFS_FILE), plan.root ? { root: plan.root } : {});
       const meta: ImageMetadata = {
         version: METADATA_VERSION,
         ref,
@@ -125,6 +150,83 @@ export async function resolveImage(ref: string, opts: ResolveImageOptions = {}):
   } finally {
     await release();
   }
+}
+
+/** Finds the manifest `parsed` names: in a layout, the local refs, a registry or an archive. */
+async function locate(parsed: ImageRef, opts: ResolveImageOptions): Promise<Located> {
+  const ref = parsed.ref;
+  switch (parsed.kind) {
+    case "oci":
+    case "builtin": {
+      const loc = locateLayout(parsed, opts.home);
+      const selected = await selectManifest(loc.layoutDir, ref, loc.tag);
+      return { digest: selected.digest, select: async () => selected };
+    }
+    case "registry":
+      return locateRegistry(parsed.registry, ref, opts);
+    case "docker-archive":
+      return locateArchive(parsed.file, parsed.name, ref, opts);
+  }
+}
+
+function fromStore(store: BlobStore, digest: string, ref: string): Located {
+  return { digest, select: () => selectManifestByDigest(store.root, digest, ref) };
+}
+
+async function locateRegistry(r: RegistryRef, ref: string, opts: ResolveImageOptions): Promise<Located> {
+  const store = BlobStore.open(opts.home);
+  const policy = opts.pullPolicy ?? "missing";
+  const record = await readRef(r.canonical, opts.home);
+  const local = record && (await store.has(record.manifestDigest)) ? record.manifestDigest : undefined;
+  const pullOpts = {
+    store,
+    ...(opts.platform ? { platform: opts.platform } : {}),
+    ...(opts.insecureRegistries ? { insecureRegistries: opts.insecureRegistries } : {}),
+    ...(opts.signal ? { signal: opts.signal } : {}),
+    onProgress: (event: PullProgress) => opts.onProgress?.({ phase: "pull", event }),
+  };
+  if (policy !== "always") {
+    if (local) return fromStore(store, local, ref);
+    // A digest reference whose manifest (or index) is already stored needs no network either.
+    if (r.digest && (await store.has(r.digest))) {
+      const selected = await selectManifestByDigest(store.root, r.digest, ref); // may be an index
+      return { digest: selected.digest, select: async () => selected };
+    }
+    if (policy === "never") {
+      throw new ImageError("IMAGE_NOT_PRESENT", `image ${JSON.stringify(ref)} (${r.canonical}) is not present locally and pullPolicy is "never"`, {
+        hint: `pull it first (supermachine pull ${ref}) or use pullPolicy "missing"`,
+      });
+    }
+  } else if (local) {
+    const current = await resolveDigest(r, pullOpts);
+    if (current === local) return fromStore(store, local, ref);
+  }
+  const pulled = await pullImage(r, pullOpts);
+  const rec: RefRecord = { ref: r.canonical, manifestDigest: pulled.manifestDigest, source: "registry", pulledAt: new Date().toISOString() };
+  if (pulled.indexDigest) rec.indexDigest = pulled.indexDigest;
+  await writeRef(rec, opts.home);
+  return fromStore(store, pulled.manifestDigest, ref);
+}
+
+async function locateArchive(file: string, name: string | undefined, ref: string, opts: ResolveImageOptions): Promise<Located> {
+  let st;
+  try {
+    st = await stat(file);
+  } catch (cause) {
+    throw new ImageError("IMAGE_ARCHIVE_NOT_FOUND", `docker archive for ${JSON.stringify(ref)} not found: ${file}`, {
+      cause,
+      hint: "docker-archive:<file> names a tar written by `docker save` (or `skopeo copy ... docker-archive:<file>`)",
+    });
+  }
+  // The archive's identity is its path, name, size and mtime: a rewritten archive is re-imported.
+  const key = `docker-archive:${file}:${name ?? ""}@${st.size}-${Math.round(st.mtimeMs)}`;
+  const store = BlobStore.open(opts.home);
+  const record = await readRef(key, opts.home);
+  if (record && (await store.has(record.manifestDigest))) return fromStore(store, record.manifestDigest, ref);
+  opts.onProgress?.({ phase: "import", file });
+  const imported = await importDockerArchive(file, { store, ref, ...(name !== undefined ? { name } : {}) });
+  await writeRef({ ref: key, manifestDigest: imported.manifestDigest, source: "docker-archive", pulledAt: new Date().toISOString() }, opts.home);
+  return fromStore(store, imported.manifestDigest, ref);
 }
 
 /** Returns the cached image if its metadata is readable and its rootfs has the recorded size. */

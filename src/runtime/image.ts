@@ -26,7 +26,12 @@ export class Image {
    */
   static async build(options: BuildOptions): Promise<Image> {
     const b = resolveBuildOptions(options);
-    const resolved = await resolveImage(b.ref);
+    const resolved = await resolveImage(b.ref, {
+      pullPolicy: b.pullPolicy,
+      ...(b.platform ? { platform: b.platform } : {}),
+      ...(b.insecureRegistries ? { insecureRegistries: b.insecureRegistries } : {}),
+      ...(b.onProgress ? { onProgress: b.onProgress } : {}),
+    });
     return new Image(b, resolved.manifestDigest, resolved.config, resolved.rootfsPath);
   }
 

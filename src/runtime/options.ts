@@ -4,6 +4,7 @@
  * back to a default; options that this version does not implement yet are rejected by name.
  */
 import { OptionError, listAccepted } from "../errors.js";
+import type { ImageProgress } from "../image/store.js";
 
 export interface ExtraFile {
   hostPath: string;
@@ -24,6 +25,12 @@ export interface BuildOptions {
   warmupTag?: string;
   warmup?: (vm: unknown) => Promise<void>;
   snapshotsDir?: string;
+  /** Platform to pick from a multi-platform image, `os/arch[/variant]` (default: linux/<host arch>). */
+  platform?: string;
+  /** Registries (host[:port]) reached over plain HTTP; loopback ones always are. */
+  insecureRegistries?: string[];
+  /** Progress of pulls and image conversion (layer bytes, phases). */
+  onProgress?: (p: ImageProgress) => void;
 }
 
 export interface PoolOptions {
@@ -72,7 +79,7 @@ export const FILE_LIMIT = 4 * 1024 * 1024;
 
 const BUILD_KEYS = [
   "ref", "name", "memoryMib", "vcpus", "pullPolicy", "cmd", "env", "guestPort", "listenerRequired",
-  "extraFiles", "warmupTag", "warmup", "snapshotsDir",
+  "extraFiles", "warmupTag", "warmup", "snapshotsDir", "platform", "insecureRegistries", "onProgress",
 ] as const;
 /** Accepted by the type but not implemented by this version: refused by name rather than ignored. */
 const BUILD_NOT_YET: Record<string, string> = {
@@ -135,6 +142,20 @@ export interface ResolvedBuild {
   pullPolicy: "always" | "missing" | "never";
   cmd: string[] | undefined;
   env: Record<string, string>;
+  platform: { os: string; architecture: string; variant?: string } | undefined;
+  insecureRegistries: string[] | undefined;
+  onProgress: ((p: ImageProgress) => void) | undefined;
+}
+
+function parsePlatform(v: unknown): ResolvedBuild["platform"] {
+  if (v === undefined) return undefined;
+  const m = typeof v === "string" ? /^([a-z0-9]+)\/([a-z0-9_]+)(?:\/([a-z0-9]+))?$/.exec(v) : null;
+  if (!m) {
+    throw new OptionError("OPTION_INVALID", `Image.build: platform ${JSON.stringify(v)} is not of the form os/arch[/variant]`, {
+      hint: 'for example "linux/amd64" or "linux/arm64/v8"',
+    });
+  }
+  return m[3] ? { os: m[1]!, architecture: m[2]!, variant: m[3] } : { os: m[1]!, architecture: m[2]! };
 }
 
 export function resolveBuildOptions(o: unknown): ResolvedBuild {
@@ -166,6 +187,9 @@ export function resolveBuildOptions(o: unknown): ResolvedBuild {
     pullPolicy: pullPolicy as ResolvedBuild["pullPolicy"],
     cmd: o.cmd === undefined ? undefined : stringArray("Image.build: cmd", o.cmd, true),
     env: o.env === undefined ? {} : stringRecord("Image.build: env", o.env),
+    platform: parsePlatform(o.platform),
+    insecureRegistries: o.insecureRegistries === undefined ? undefined : stringArray("Image.build: insecureRegistries", o.insecureRegistries, false),
+    onProgress: typeof o.onProgress === "function" ? (o.onProgress as ResolvedBuild["onProgress"]) : undefined,
   };
 }
 

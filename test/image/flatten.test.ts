@@ -140,9 +140,9 @@ describe("flatten", () => {
     expect(out.find((e) => e.name === "pipe")?.type).toBe("fifo");
   });
 
-  it("rejects zstd layers by magic bytes", async () => {
-    const blob = Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0]);
-    const path = join(dir, "zstd");
+  it("rejects xz layers by magic bytes", async () => {
+    const blob = Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0, 0]);
+    const path = join(dir, "xz");
     await writeFile(path, blob);
     const layer = { digest: sha256(blob), size: blob.length, path, mediaType: "application/vnd.oci.image.layer.v1.tar+gzip" };
     await expect(planFlatten([layer], { ref: "test" })).rejects.toMatchObject({ code: "IMAGE_LAYER_COMPRESSION_UNSUPPORTED" });

@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -9,7 +10,7 @@ import type { LayerBlob } from "../../src/image/oci-layout.js";
 export interface TestEntry {
   name: string;
   type?: "file" | "directory" | "symlink" | "link" | "fifo";
-  data?: string;
+  data?: string | Buffer;
   linkname?: string;
   mode?: number;
 }
@@ -79,15 +80,42 @@ export async function writeLayerBlobs(dir: string, layers: { tar: Buffer; gzip?:
   return out;
 }
 
+/**
+ * A layer of a test layout: `tar` gzip-compressed (`gzip`), or compressed as `compression` says
+ * (zstd via the zstd CLI), or `raw` bytes used verbatim as the blob; `mediaType` overrides the
+ * one derived from the compression.
+ */
+export interface LayoutLayer {
+  tar: Buffer;
+  gzip?: boolean;
+  compression?: "gzip" | "zstd" | "none";
+  raw?: Buffer;
+  mediaType?: string;
+}
+
+/** zstd-compresses with the zstd CLI. */
+export function zstdCompress(data: Buffer, level = 3): Buffer {
+  return execFileSync("zstd", ["-q", "-c", `-${level}`], { input: data, maxBuffer: 1024 ** 3 });
+}
+
+function layerBlob(l: LayoutLayer): { blob: Buffer; mediaType: string } {
+  const compression = l.compression ?? (l.gzip ? "gzip" : "none");
+  const blob = l.raw ?? (compression === "gzip" ? gzipSync(l.tar) : compression === "zstd" ? zstdCompress(l.tar) : l.tar);
+  return { blob, mediaType: l.mediaType ?? `application/vnd.oci.image.layer.v1.tar${compression === "none" ? "" : `+${compression}`}` };
+}
+
 export interface LayoutSpec {
-  layers: { tar: Buffer; gzip?: boolean }[];
+  layers: LayoutLayer[];
   config?: Record<string, unknown>;
   tag?: string;
   architecture?: string;
 }
 
 /** Writes an OCI image layout; returns the manifest digest and blob paths. */
-export async function writeLayout(dir: string, spec: LayoutSpec): Promise<{ manifestDigest: string; layerPaths: string[]; manifestPath: string }> {
+export async function writeLayout(
+  dir: string,
+  spec: LayoutSpec,
+): Promise<{ manifestDigest: string; layerPaths: string[]; manifestPath: string; layerDigests: string[]; configDigest: string }> {
   const blobs = join(dir, "blobs", "sha256");
   await mkdir(blobs, { recursive: true });
   const put = async (buf: Buffer) => {
@@ -97,9 +125,9 @@ export async function writeLayout(dir: string, spec: LayoutSpec): Promise<{ mani
   };
   const layers = [];
   for (const l of spec.layers) {
-    const blob = l.gzip ? gzipSync(l.tar) : l.tar;
+    const { blob, mediaType } = layerBlob(l);
     const d = await put(blob);
-    layers.push({ ...d, mediaType: `application/vnd.oci.image.layer.v1.tar${l.gzip ? "+gzip" : ""}` });
+    layers.push({ ...d, mediaType });
   }
   const config = Buffer.from(
     JSON.stringify({
@@ -123,5 +151,76 @@ export async function writeLayout(dir: string, spec: LayoutSpec): Promise<{ mani
   if (spec.tag) desc.annotations = { "org.opencontainers.image.ref.name": spec.tag };
   await writeFile(join(dir, "index.json"), JSON.stringify({ schemaVersion: 2, manifests: [desc] }));
   await writeFile(join(dir, "oci-layout"), JSON.stringify({ imageLayoutVersion: "1.0.0" }));
-  return { manifestDigest: m.digest, layerPaths: layers.map((l) => l.path), manifestPath: m.path };
+  return { manifestDigest: m.digest, layerPaths: layers.map((l) => l.path), manifestPath: m.path, layerDigests: layers.map((l) => l.digest), configDigest: c.digest };
 }
+
+/** A tar entry written byte by byte, for headers tar-stream refuses to produce. */
+export interface RawTarEntry {
+  name: string;
+  /** Type flag character: "0" file, "1" hardlink, "2" symlink, "3" char dev, "4" block dev, "5" dir, "6" fifo. */
+  typeflag?: string;
+  data?: Buffer | string;
+  linkname?: string;
+  mode?: number;
+  devmajor?: number;
+  devminor?: number;
+  /** Raw 12 bytes for the size field (e.g. base-256 encodings), instead of the data length. */
+  sizeField?: Buffer;
+  /** Pax records, emitted as a preceding `x` header; values may hold any bytes. */
+  pax?: Record<string, string | Buffer>;
+  /** Raw pax data, used verbatim instead of `pax`. */
+  paxRaw?: Buffer;
+}
+
+const octal = (n: number, width: number) => n.toString(8).padStart(width - 1, "0") + "\0";
+
+/** One 512-byte ustar header; `name` and `linkname` are truncated to their 100-byte fields. */
+export function rawTarHeader(e: RawTarEntry, size: number): Buffer {
+  const h = Buffer.alloc(512);
+  Buffer.from(e.name).copy(h, 0, 0, 100);
+  h.write(octal(e.mode ?? 0o644, 8), 100, "latin1");
+  h.write(octal(0, 8), 108, "latin1");
+  h.write(octal(0, 8), 116, "latin1");
+  if (e.sizeField) e.sizeField.copy(h, 124, 0, 12);
+  else h.write(octal(size, 12), 124, "latin1");
+  h.write(octal(1_000_000, 12), 136, "latin1");
+  h.write(e.typeflag ?? "0", 156, "latin1");
+  if (e.linkname !== undefined) Buffer.from(e.linkname).copy(h, 157, 0, 100);
+  h.write("ustar\0", 257, "latin1");
+  h.write("00", 263, "latin1");
+  h.write(octal(e.devmajor ?? 0, 8), 329, "latin1");
+  h.write(octal(e.devminor ?? 0, 8), 337, "latin1");
+  h.fill(" ", 148, 156);
+  let sum = 0;
+  for (const b of h) sum += b;
+  h.write(octal(sum, 7) + " ", 148, "latin1");
+  return h;
+}
+
+/** Pax extended-header data: `<len> <key>=<value>\n` records. */
+export function paxData(records: Record<string, string | Buffer>): Buffer {
+  const out: Buffer[] = [];
+  for (const [k, v] of Object.entries(records)) {
+    const body = Buffer.concat([Buffer.from(` ${k}=`), Buffer.from(v), Buffer.from("\n")]);
+    let len = body.length + 1;
+    while (String(len).length + body.length !== len) len = String(len).length + body.length;
+    out.push(Buffer.from(String(len)), body);
+  }
+  return Buffer.concat(out);
+}
+
+const pad512 = (b: Buffer) => Buffer.concat([b, Buffer.alloc((512 - (b.length % 512)) % 512)]);
+
+/** A tar archive from raw entries, with the end-of-archive marker unless `end` is false. */
+export function rawTar(entries: RawTarEntry[], end = true): Buffer {
+  const parts: Buffer[] = [];
+  for (const e of entries) {
+    const pax = e.paxRaw ?? (e.pax ? paxData(e.pax) : undefined);
+    if (pax) parts.push(rawTarHeader({ name: "PaxHeader/x", typeflag: "x" }, pax.length), pad512(pax));
+    const data = e.data === undefined ? Buffer.alloc(0) : Buffer.from(e.data);
+    parts.push(rawTarHeader(e, data.length), pad512(data));
+  }
+  if (end) parts.push(Buffer.alloc(1024));
+  return Buffer.concat(parts);
+}
+

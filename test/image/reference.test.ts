@@ -17,18 +17,28 @@ describe("parseImageRef", () => {
     expect(() => parseImageRef("builtin:ubuntu")).toThrow(expect.objectContaining({ code: "REF_UNKNOWN_BUILTIN" }));
   });
 
-  it("refuses registry refs, naming the accepted forms", () => {
+  it("parses registry refs with Docker's defaults", () => {
+    expect(parseImageRef("alpine:latest")).toMatchObject({ kind: "registry", registry: { canonical: "docker.io/library/alpine:latest" } });
+    expect(parseImageRef("docker://ghcr.io/o/i:1")).toMatchObject({ kind: "registry", registry: { registry: "ghcr.io", repository: "o/i", tag: "1" } });
+  });
+
+  it("parses docker-archive refs with and without a name", () => {
+    expect(parseImageRef("docker-archive:/x/img.tar")).toEqual({ kind: "docker-archive", ref: "docker-archive:/x/img.tar", file: "/x/img.tar" });
+    expect(parseImageRef("docker-archive:rel.tar:busybox:latest", "/w")).toMatchObject({ file: "/w/rel.tar", name: "busybox:latest" });
+    expect(() => parseImageRef("docker-archive:/x/img.tar:Bad Name")).toThrow(expect.objectContaining({ code: "REF_INVALID" }));
+  });
+
+  it("refuses unknown transports, naming the accepted forms", () => {
     let err: unknown;
     try {
-      parseImageRef("alpine:latest");
+      parseImageRef("gopher://host/img");
     } catch (e) {
       err = e;
     }
     expect(err).toBeInstanceOf(RefError);
     expect(err).toMatchObject({ code: "REF_UNSUPPORTED" });
-    expect((err as RefError).message).toContain('"alpine:latest"');
-    expect((err as RefError).message).toContain("oci:<dir>[:<tag>]");
-    expect((err as RefError).hint).toContain("later version");
+    expect((err as RefError).message).toContain('"gopher://host/img"');
+    expect((err as RefError).hint).toContain("oci:<dir>[:<tag>]");
   });
 
   it("refuses oci: without a directory", () => {
