@@ -2,11 +2,17 @@
  * `npm run bench [-- --json] [-- --quick]`: benchmarks on real microVMs, reported as the
  * project's bench contract says (one JSON object on stdout with --json; progress on stderr).
  */
-import { readFileSync } from "node:fs";
-import { cpus, release, totalmem } from "node:os";
+import { execFileSync, spawn } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { createServer, type AddressInfo } from "node:net";
+import { cpus, release, tmpdir, totalmem } from "node:os";
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { chooseAccel } from "../src/engine/accel.js";
+import { packageRoot } from "../src/engine/artifacts.js";
 import { MicroVm } from "../src/engine/qemu.js";
+import { resolveImage } from "../src/image/store.js";
 import { Image } from "../src/runtime/image.js";
 
 interface Metric {
@@ -109,6 +115,87 @@ await skip("vm_rss_mib", async () => {
 
 await vm.release();
 await pool.shutdown();
+
+await skip("pull_python_ms", () => registryBenchmarks());
+
+/**
+ * Pull figures against a real registry on loopback (Debian's docker-registry) holding the
+ * python fixture image: a cold pull into an empty store (network, verification, squashfs), and
+ * Image.build of an image that is already local.
+ */
+async function registryBenchmarks(): Promise<void> {
+  const root = packageRoot();
+  const fixturesMod = pathToFileURL(join(root, "test/fixtures/build-fixtures.mjs")).href;
+  const registryMod = pathToFileURL(join(root, "test/fixtures/registry-config.mjs")).href;
+  const { ensureFixtures } = (await import(fixturesMod)) as {
+    ensureFixtures(o: { only: string[]; log: (l: string) => void }): Promise<{ python: { layout: string; tag: string } }>;
+  };
+  const { writeRegistryConfig } = (await import(registryMod)) as {
+    writeRegistryConfig(o: { dir: string; port: number }): string;
+  };
+  const fx = await ensureFixtures({ only: ["python"], log: progress });
+  const dir = mkdtempSync(join(tmpdir(), "sm-bench-registry-"));
+  const port = await freePort();
+  const registry = spawn("docker-registry", ["serve", writeRegistryConfig({ dir, port })], { stdio: "ignore" });
+  const homes: string[] = [];
+  try {
+    await waitForHttp(`http://127.0.0.1:${port}/v2/`);
+    execFileSync("skopeo", ["copy", "--quiet", "--dest-tls-verify=false", `oci:${fx.python.layout}:${fx.python.tag}`, `docker://127.0.0.1:${port}/library/python:3-bookworm`]);
+    const ref = `127.0.0.1:${port}/library/python:3-bookworm`;
+    const cold: number[] = [];
+    for (let i = 0; i < (quick ? 1 : 3); i++) {
+      const home = mkdtempSync(join(tmpdir(), "sm-bench-home-"));
+      homes.push(home);
+      const t0 = performance.now();
+      await resolveImage(ref, { home });
+      cold.push(performance.now() - t0);
+    }
+    record("pull_python_ms", cold);
+    const saved = process.env.SUPERMACHINE_HOME;
+    process.env.SUPERMACHINE_HOME = homes[0]!;
+    try {
+      const cached: number[] = [];
+      for (let i = 0; i < (quick ? 30 : 100); i++) {
+        const t0 = performance.now();
+        await Image.build({ ref });
+        cached.push(performance.now() - t0);
+      }
+      record("build_cached_image_ms", cached);
+    } finally {
+      if (saved === undefined) delete process.env.SUPERMACHINE_HOME;
+      else process.env.SUPERMACHINE_HOME = saved;
+    }
+  } finally {
+    registry.kill("SIGKILL");
+    rmSync(dir, { recursive: true, force: true });
+    for (const h of homes) rmSync(h, { recursive: true, force: true });
+  }
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const port = (srv.address() as AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+async function waitForHttp(url: string, ms = 15_000): Promise<void> {
+  const end = Date.now() + ms;
+  for (;;) {
+    try {
+      const r = await fetch(url);
+      if (r.status < 500) return;
+    } catch {
+      /* not listening yet */
+    }
+    if (Date.now() > end) throw new Error(`${url} did not answer within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
 
 const report = {
   accel: chooseAccel().accel,

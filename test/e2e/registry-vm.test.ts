@@ -1,13 +1,13 @@
 // End to end: images pulled from a real registry on loopback (Debian's docker-registry) and
 // imported from a docker archive, booted as microVMs. Pull policies, local image management.
-import { spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { spawn, spawnSync } from "node:child_process";
+import { mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Image } from "../../src/index.js";
 import type { ImageProgress } from "../../src/image/store.js";
-import { startRegistry, type Registry } from "../registry/harness.js";
+import { startProxy, startRegistry, type Registry } from "../registry/harness.js";
 
 interface Fx {
   python: { layout: string; tag: string };
@@ -67,6 +67,38 @@ describe("a Python image from a registry", () => {
       expect(r.exitCode).toBe(0);
     } finally {
       await pool.shutdown();
+    }
+  });
+
+  it("is downloaded once when two processes pull it at the same time", async () => {
+    // A proxy in front of the registry counts blob downloads; each pull gets a slow start so
+    // that the two really overlap.
+    const proxy = await startProxy(reg.host, () => ({ delay: 50 }));
+    const sharedHome = mkdtempSync(join(tmpdir(), "sm-e2e-shared-"));
+    try {
+      const ref = `${proxy.host}/library/python:3-bookworm`;
+      const run = () =>
+        new Promise<{ code: number | null; out: string }>((resolve) => {
+          const child = spawn(process.execPath, [join(root, "dist/src/cli/main.js"), "pull", "--json", ref], {
+            env: { ...process.env, SUPERMACHINE_HOME: sharedHome },
+            stdio: ["ignore", "pipe", "ignore"],
+          });
+          let out = "";
+          child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+          child.on("exit", (code) => resolve({ code, out }));
+        });
+      const [a, b] = await Promise.all([run(), run()]);
+      expect([a.code, b.code]).toEqual([0, 0]);
+      expect(JSON.parse(a.out).digest).toBe(JSON.parse(b.out).digest);
+      const blobGets = proxy.seen.filter((r) => r.method === "GET" && r.path.includes("/blobs/sha256:"));
+      const perBlob = new Map<string, number>();
+      for (const r of blobGets) perBlob.set(r.path, (perBlob.get(r.path) ?? 0) + 1);
+      expect(perBlob.size).toBeGreaterThanOrEqual(2); // config and layer
+      expect([...perBlob.values()].every((n) => n === 1)).toBe(true);
+      expect(readdirSync(join(sharedHome, "store", "tmp"))).toEqual([]);
+    } finally {
+      await proxy.close();
+      rmSync(sharedHome, { recursive: true, force: true });
     }
   });
 

@@ -137,6 +137,22 @@ describe("multi-arch images", () => {
     expect(await resolveDigest(parseDockerRef(`${reg.host}/test/multi`))).toBe(res.manifestDigest);
   });
 
+  it("shares layers between images: a layer already in the store is not downloaded again", async () => {
+    const store = newStore();
+    const bb = await pullImage(parseDockerRef(`${reg.host}/test/busybox:1.36`), { store });
+    const events: PullProgress[] = [];
+    const multi = await pullImage(parseDockerRef(`${reg.host}/test/multi`), { store, onProgress: (e) => events.push(e) });
+    const shared = bb.layers.map((l) => l.digest).filter((d) => multi.layers.some((m) => m.digest === d));
+    expect(shared.length).toBeGreaterThan(0);
+    for (const d of shared) {
+      const ev = events.filter((e): e is Extract<PullProgress, { type: "layer" }> => e.type === "layer" && e.digest === d);
+      expect(ev.length).toBeGreaterThan(0);
+      expect(ev.every((e) => e.cached)).toBe(true);
+    }
+    const blobs = readdirSync(join(store.root, "blobs", "sha256"));
+    expect(new Set(blobs).size).toBe(blobs.length);
+  });
+
   it("picks another platform when asked", async () => {
     const store = newStore();
     const platform = { os: "linux", architecture: foreign() };
