@@ -36,6 +36,14 @@ export interface VmSpec {
   accel?: Accel;
   /** Extra kernel command-line words (debugging). */
   extraCmdline?: string[];
+  /**
+   * Guest RAM in a file instead of anonymous memory. `shared: true` writes guest memory to the
+   * file (a VM that will be snapshotted); `false` maps it copy-on-write (a VM restored from a
+   * snapshot: every restore shares the file's untouched pages, writes stay private).
+   */
+  memoryFile?: { path: string; shared: boolean };
+  /** Restore: start paused and load this device-state file (QEMU migration stream) first. */
+  incomingState?: string;
 }
 
 export interface VmExit {
@@ -147,11 +155,21 @@ export function qemuArgs(o: {
   agentSock: string;
   consoleLog: string;
   cmdline: string;
+  memoryFile?: { path: string; shared: boolean };
+  incoming?: boolean;
 }): string[] {
   // The PIT, PIC and RTC stay: without the PIT the guest cannot calibrate its TSC under TCG,
   // without the PIC it hangs early, without the RTC it stalls a second and starts in 1970.
-  const machine = "microvm,acpi=off,x-option-roms=off";
+  const machine = "microvm,acpi=off,x-option-roms=off" + (o.memoryFile ? ",memory-backend=mem" : "");
+  const memory = o.memoryFile
+    ? [
+        "-object",
+        `memory-backend-file,id=mem,size=${o.memoryMib}M,mem-path=${qemuOptValue(o.memoryFile.path)},share=${o.memoryFile.shared ? "on" : "off"}`,
+      ]
+    : [];
   return [
+    ...memory,
+    ...(o.incoming ? ["-incoming", "defer"] : []),
     "-M", machine,
     "-accel", o.accel === "kvm" ? "kvm" : "tcg",
     "-cpu", o.accel === "kvm" ? "host" : "max",
@@ -171,6 +189,21 @@ export function qemuArgs(o: {
     "-chardev", `socket,id=qmp,path=${o.qmpSock},server=off`,
     "-mon", "chardev=qmp,mode=control",
   ];
+}
+
+/** QEMU option values cannot hold a comma unescaped (it is doubled). */
+function qemuOptValue(v: string): string {
+  return v.replace(/,/g, ",,");
+}
+
+/** A path for QEMU's `exec:` migration URIs, which run through /bin/sh. */
+function shellPath(p: string): string {
+  if (!/^[A-Za-z0-9_./+-]+$/.test(p)) {
+    throw new EngineError("ENGINE_PATH_UNSAFE", `path ${JSON.stringify(p)} has characters the migration channel cannot carry`, {
+      hint: "use a snapshot directory whose path holds only letters, digits and . _ - / +",
+    });
+  }
+  return p;
 }
 
 /** Accept exactly one connection on a fresh unix socket. */
@@ -260,6 +293,8 @@ export class MicroVm {
       agentSock,
       consoleLog,
       cmdline: kernelCmdline(accel, spec.vcpus, spec.extraCmdline),
+      ...(spec.memoryFile ? { memoryFile: spec.memoryFile } : {}),
+      incoming: spec.incomingState !== undefined,
     });
     await Promise.all([listening(qmpL.server), listening(agentL.server)]);
     const t0 = performance.now();
@@ -320,13 +355,14 @@ export class MicroVm {
     });
     timeout.catch(() => {});
     try {
-      const agentSocket = await Promise.race([agentL.conn, spawnError, earlyExit, timeout]);
-      agentSocket.setNoDelay?.(true);
+      const race = <T,>(p: Promise<T>) => Promise.race([p, spawnError, earlyExit, timeout]);
+      const agentSocket = await race(agentL.conn);
       const agent = new AgentClient(agentSocket);
-      const hello = await Promise.race([agent.hello({ entropy: randomBytes(64) }), spawnError, earlyExit, timeout]);
+      const qmp = new QmpClient(await race(qmpL.conn));
+      if (spec.incomingState !== undefined) await race(restoreState(qmp, spec.incomingState));
+      // After a restore, HELLO also gives the clone the host's clock and fresh entropy.
+      const hello = await race(agent.hello({ entropy: randomBytes(64) }));
       const bootMs = performance.now() - t0;
-      const qmpSocket = await Promise.race([qmpL.conn, spawnError, earlyExit, timeout]);
-      const qmp = new QmpClient(qmpSocket);
       vm = new MicroVm(proc, runDir, consoleLog, accel, agent, qmp, hello, bootMs, exited);
       const theVm = vm;
       void exited.then((e) => theVm.onExit(e, stderr));
@@ -339,7 +375,7 @@ export class MicroVm {
       // An idle VM must not keep the owner's event loop alive (the exit hook kills it).
       proc.unref();
       (proc.stderr as unknown as { unref?: () => void }).unref?.();
-      qmpSocket.unref();
+      qmp.unref();
       log("vm %d ready in %s ms (accel %s, agent %s)", proc.pid, bootMs.toFixed(1), accel, hello.agentVersion);
       return vm;
     } catch (err) {
@@ -351,7 +387,12 @@ export class MicroVm {
       await exited;
       keepConsoleLog(consoleLog, proc.pid);
       rmSync(runDir, { recursive: true, force: true });
-      throw exitErr instanceof EngineError && !(err instanceof EngineError) ? exitErr : err;
+      if (!(exitErr instanceof EngineError)) throw err;
+      if (spec.incomingState === undefined) throw exitErr;
+      throw new EngineError("ENGINE_RESTORE_FAILED", `restoring ${spec.incomingState} failed: ${exitErr.message}`, {
+        hint: "the snapshot is corrupt or was made by another QEMU, kernel or agent; bake it again",
+        cause: err,
+      });
     } finally {
       clearTimeout(timer);
     }
@@ -393,6 +434,21 @@ export class MicroVm {
     }
   }
 
+  /**
+   * Captures the VM: pauses it and writes its device state to `stateFile` through QEMU
+   * migration. With file-backed shared memory (`memoryFile.shared`), the guest RAM is already
+   * in its file and is not copied (`x-ignore-shared`). The VM stays paused; since it shares the
+   * RAM file, it must not run again: the caller kills it.
+   */
+  async snapshot(stateFile: string): Promise<{ durationMs: number }> {
+    const t0 = performance.now();
+    await this.qmp.execute("stop");
+    await this.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
+    await this.qmp.execute("migrate", { uri: `exec:cat > ${shellPath(stateFile)}` });
+    await waitMigration(this.qmp, "snapshot");
+    return { durationMs: performance.now() - t0 };
+  }
+
   /** Immediate SIGKILL. Resolves when QEMU has exited. */
   kill(): Promise<VmExit> {
     this.stopping = true;
@@ -404,6 +460,48 @@ export class MicroVm {
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Polls `query-migrate` until the migration completed (or failed: an EngineError). */
+async function waitMigration(qmp: QmpClient, what: string): Promise<void> {
+  for (let delay = 1; ; delay = Math.min(delay * 2, 20)) {
+    const st = await qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+    if (st.status === "completed") return;
+    if (st.status === "failed" || st.status === "cancelled") {
+      throw new EngineError("ENGINE_MIGRATION_FAILED", `${what} failed: ${st["error-desc"] ?? st.status}`);
+    }
+    await sleep(delay);
+  }
+}
+
+/** Loads a device-state file into a QEMU started with `-incoming defer`, then resumes it. */
+async function restoreState(qmp: QmpClient, stateFile: string): Promise<void> {
+  await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
+  await qmp.execute("migrate-incoming", { uri: `exec:cat ${shellPath(stateFile)}` });
+  for (let delay = 1; ; delay = Math.min(delay * 2, 10)) {
+    const st = await qmp.execute<{ status?: string }>("query-status");
+    if (st.status === "paused" || st.status === "running") break;
+    if (st.status === "inmigrate") {
+      await sleep(delay);
+      continue;
+    }
+    throw new EngineError("ENGINE_RESTORE_FAILED", `restoring ${stateFile} left the VM in state ${JSON.stringify(st.status)}`);
+  }
+  await waitIncoming(qmp, stateFile);
+  await qmp.execute("cont");
+}
+
+async function waitIncoming(qmp: QmpClient, stateFile: string): Promise<void> {
+  for (let delay = 1; ; delay = Math.min(delay * 2, 10)) {
+    const st = await qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+    if (st.status === undefined || st.status === "completed") return;
+    if (st.status === "failed") {
+      throw new EngineError("ENGINE_RESTORE_FAILED", `restoring ${stateFile} failed: ${st["error-desc"] ?? "migration failed"}`, {
+        hint: "the snapshot is corrupt or was made by another QEMU, kernel or agent; bake it again",
+      });
+    }
+    await sleep(delay);
+  }
+}
 
 function listening(server: Server): Promise<void> {
   return server.listening ? Promise.resolve() : new Promise((res, rej) => {

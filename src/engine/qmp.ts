@@ -79,6 +79,7 @@ export class QmpClient extends EventEmitter {
     const p = id ? this.pending.get(id) : undefined;
     if (!p || !id) return;
     this.pending.delete(id);
+    this.updateRef();
     if ("error" in msg) {
       const e = msg.error as { class?: string; desc?: string };
       p.reject(new EngineError("QMP_COMMAND_FAILED", `QMP ${p.command} failed: ${e.desc ?? e.class ?? "unknown error"}`));
@@ -100,6 +101,7 @@ export class QmpClient extends EventEmitter {
     const id = `c${this.nextId++}`;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject, command: execute });
+      this.updateRef();
       this.socket.write(JSON.stringify(args ? { execute, arguments: args, id } : { execute, id }) + "\n");
     });
   }
@@ -112,5 +114,20 @@ export class QmpClient extends EventEmitter {
 
   close(): void {
     this.socket.destroy();
+  }
+
+  /**
+   * From now on the connection keeps the owner's event loop alive only while a command is in
+   * flight (an idle VM must not keep a program from exiting).
+   */
+  unref(): void {
+    this.refWhenIdle = false;
+    this.updateRef();
+  }
+
+  private refWhenIdle = true;
+  private updateRef(): void {
+    if (this.refWhenIdle || this.pending.size > 0) this.socket.ref();
+    else this.socket.unref();
   }
 }

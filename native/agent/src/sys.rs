@@ -701,9 +701,14 @@ pub fn add_entropy(data: &[u8]) -> io::Result<()> {
     info.extend_from_slice(&(data.len() as i32).to_ne_bytes());
     info.extend_from_slice(data);
     info.resize(8 + data.len().div_ceil(4) * 4, 0);
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207; // _IO('R', 0x07)
     if let Ok(f) = std::fs::OpenOptions::new().write(true).open("/dev/random") {
         // SAFETY: info is a struct rand_pool_info with buf_size bytes of buffer following.
         if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } == 0 {
+            // Reseed now rather than at the next periodic reseed, so that VMs restored from
+            // one snapshot diverge from their first read of /dev/urandom on.
+            // SAFETY: argument-less ioctl on the random device.
+            unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) };
             return Ok(());
         }
     }
