@@ -20,6 +20,8 @@ export const homePaths = (home = supermachineHome()) => ({
   store: join(home, "store"),
   /** Local names of pulled images: which manifest a registry reference resolved to. */
   refs: join(home, "refs"),
+  /** Baked VM snapshots (the default `snapshotsDir`). */
+  snapshots: join(home, "snapshots"),
   /** OCI layouts that setup builds offline (the built-in busybox image). */
   builtin: join(home, "builtin"),
   /** Console logs of VMs that failed, kept for diagnosis. */

@@ -446,6 +446,11 @@ export class AgentClient extends EventEmitter {
   }
   private refd = true;
 
+  /** Re-evaluates whether the channel keeps the event loop alive (idle: it does not). */
+  settle(): void {
+    this.updateRef();
+  }
+
   private allocId(): number {
     for (;;) {
       const id = this.nextId;

@@ -3,7 +3,7 @@
  * cache directory, keyed by a hash of their inputs, and records the paths in
  * `<package>/dist/native.json`. `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS` override.
  */
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { SetupError } from "../errors.js";
@@ -65,11 +65,17 @@ export function nativeArtifacts(env: NodeJS.ProcessEnv = process.env): NativeArt
       { hint: SETUP_HINT },
     );
   }
+  // An override is identified by its path, size and mtime (snapshots made with it must not be
+  // mistaken for ones made with the built artifacts).
+  const custom = (p: string) => {
+    const st = statSync(p);
+    return `custom:${p}:${st.size}:${Math.round(st.mtimeMs)}`;
+  };
   const result: NativeArtifacts = {
     kernel,
     initramfs,
-    kernelKey: recorded.kernelKey ?? "custom",
-    agentKey: recorded.agentKey ?? "custom",
+    kernelKey: env.SUPERMACHINE_KERNEL ? custom(kernel) : (recorded.kernelKey ?? custom(kernel)),
+    agentKey: env.SUPERMACHINE_INITRAMFS ? custom(initramfs) : (recorded.agentKey ?? custom(initramfs)),
     agentVersion: recorded.agentVersion ?? "unknown",
   };
   if (!env.SUPERMACHINE_KERNEL && !env.SUPERMACHINE_INITRAMFS) cached = result;

@@ -8,6 +8,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, unlinkSync } from "node:fs";
 import { createServer, type Server, type Socket } from "node:net";
+import { totalmem } from "node:os";
 import { join } from "node:path";
 import { AgentClient, type HelloInfo } from "../agent/client.js";
 import { EngineError, OptionError } from "../errors.js";
@@ -18,6 +19,34 @@ import { nativeArtifacts } from "./artifacts.js";
 import { QmpClient } from "./qmp.js";
 
 const log = logger("engine");
+
+/**
+ * Identity of the QEMU binary in use (path, size, mtime), for snapshot input hashes: a snapshot
+ * is restored only by the QEMU that made it. Memoised per binary name.
+ */
+const qemuIds = new Map<string, string>();
+export function qemuIdentity(): string {
+  const name = qemuBinary();
+  let id = qemuIds.get(name);
+  if (id === undefined) {
+    const dirs = name.includes("/") ? [""] : (process.env.PATH ?? "/usr/bin:/bin").split(":");
+    id = `${name}:missing`;
+    for (const d of dirs) {
+      const p = d ? join(d, name) : name;
+      try {
+        const st = statSync(p);
+        if (st.isFile()) {
+          id = `${p}:${st.size}:${Math.round(st.mtimeMs)}`;
+          break;
+        }
+      } catch {
+        /* not in this directory */
+      }
+    }
+    qemuIds.set(name, id);
+  }
+  return id;
+}
 
 /** The QEMU binary; `SUPERMACHINE_QEMU` overrides (read at every launch). */
 export const qemuBinary = (): string => process.env.SUPERMACHINE_QEMU || "qemu-system-x86_64";
@@ -114,8 +143,11 @@ export function liveVmCount(): number {
 }
 
 function validateSpec(spec: VmSpec): void {
-  if (!Number.isInteger(spec.memoryMib) || spec.memoryMib < 64 || spec.memoryMib > 1024 * 1024) {
-    throw new OptionError("OPTION_MEMORY_INVALID", `memoryMib ${spec.memoryMib} is not an integer between 64 and 1048576`, {
+  // Guest RAM is committed lazily, but a guest larger than the host makes no sense, and with
+  // file-backed RAM a huge size would become a huge file.
+  const hostMib = Math.floor(totalmem() / (1024 * 1024));
+  if (!Number.isInteger(spec.memoryMib) || spec.memoryMib < 64 || spec.memoryMib > hostMib) {
+    throw new OptionError("OPTION_MEMORY_INVALID", `memoryMib ${spec.memoryMib} is not an integer between 64 and this host's ${hostMib} MiB`, {
       hint: "pass memoryMib in MiB, for example 256",
     });
   }
@@ -268,134 +300,47 @@ export class MicroVm {
   }
 
   private static async launchWith(spec: VmSpec, accel: Accel, kernel: string, initramfs: string): Promise<MicroVm> {
-    if (!existsSync(spec.rootfs)) {
-      throw new EngineError("ENGINE_ROOTFS_MISSING", `root filesystem image ${spec.rootfs} does not exist`);
+    const pending = await PendingVm.spawn(spec, accel, kernel, initramfs);
+    return pending.start();
+  }
+
+  /**
+   * Starts a QEMU process for a restore of `spec.incomingState` and stops there: the process
+   * waits (`-incoming defer`) with its channels connected, so that `start()` later costs only
+   * the state load and the agent's first answer, not the process start.
+   */
+  static async prestart(spec: VmSpec): Promise<PendingVm> {
+    validateSpec(spec);
+    if (spec.incomingState === undefined) {
+      throw new EngineError("ENGINE_PRESTART_NEEDS_STATE", "only restores can be pre-started (VmSpec.incomingState is missing)");
     }
-    installExitHook();
-    const runDir = mkdtempSync(join(runtimeRoot(), `${RUN_DIR_PREFIX}${process.pid}-`));
-    const qmpSock = join(runDir, "qmp.sock");
-    const agentSock = join(runDir, "agent.sock");
-    const consoleLog = join(runDir, "console.log");
-    const qmpL = acceptOnce(qmpSock);
-    const agentL = acceptOnce(agentSock);
-    const closeListeners = () => {
-      qmpL.server.close();
-      agentL.server.close();
-    };
-    const args = qemuArgs({
-      accel,
-      kernel,
-      initramfs,
-      rootfs: spec.rootfs,
-      memoryMib: spec.memoryMib,
-      vcpus: spec.vcpus,
-      qmpSock,
-      agentSock,
-      consoleLog,
-      cmdline: kernelCmdline(accel, spec.vcpus, spec.extraCmdline),
-      ...(spec.memoryFile ? { memoryFile: spec.memoryFile } : {}),
-      incoming: spec.incomingState !== undefined,
+    const artifacts = nativeArtifacts();
+    const accel = spec.accel ?? chooseAccel().accel;
+    const pending = await PendingVm.spawn(spec, accel, artifacts.kernel, artifacts.initramfs);
+    pending.idle();
+    return pending;
+  }
+
+  /** @internal Wires up a VM whose agent has answered. */
+  static adopt(p: PendingVm, agent: AgentClient, qmp: QmpClient, hello: HelloInfo, bootMs: number): MicroVm {
+    const vm = new MicroVm(p.proc, p.runDir, p.consoleLog, p.accel, agent, qmp, hello, bootMs, p.exited);
+    p.owner = vm;
+    void p.exited.then((e) => vm.onExit(e, p.stderr));
+    agent.on("fatal", (err: Error) => {
+      if (!vm.stopping) {
+        log("vm %d: agent connection failed (%s); killing the VM", p.proc.pid, err.message);
+        void vm.kill();
+      }
     });
-    await Promise.all([listening(qmpL.server), listening(agentL.server)]);
-    const t0 = performance.now();
-    const qemu = qemuBinary();
-    log("spawn %s %s", qemu, args.join(" "));
-    const proc = spawn("setpriv", ["--pdeathsig", "SIGKILL", "--", qemu, ...args], {
-      stdio: ["ignore", "ignore", "pipe"],
-    });
-    live.set(proc, runDir);
-    let stderr = "";
-    proc.stderr!.setEncoding("utf8");
-    proc.stderr!.on("data", (d: string) => {
-      stderr = (stderr + d).slice(-STDERR_TAIL);
-    });
-    let vm: MicroVm | undefined;
-    let expected = false;
-    const exited = new Promise<VmExit>((resolve) => {
-      const done = (code: number | null, signal: NodeJS.Signals | null) => {
-        live.delete(proc);
-        closeListeners();
-        const info: VmExit = { code, signal, expected: expected || (vm?.stopping ?? false) };
-        resolve(info);
-      };
-      proc.once("exit", done);
-      proc.once("error", () => done(null, null));
-    });
-    const spawnError = new Promise<never>((_, reject) => {
-      proc.once("error", (e: NodeJS.ErrnoException) =>
-        reject(
-          new EngineError("ENGINE_SPAWN_FAILED", `could not start setpriv for ${qemu}: ${e.message}`, {
-            hint: e.code === "ENOENT" ? "install QEMU (Debian package qemu-system-x86) and util-linux (setpriv), or run npm run setup" : undefined,
-          }),
-        ),
-      );
-    });
-    spawnError.catch(() => {});
-    const earlyExit = exited.then((e) => {
-      throw new EngineError(
-        "ENGINE_EXITED_DURING_BOOT",
-        `QEMU exited during boot (${e.signal ? `signal ${e.signal}` : `code ${e.code}`})` + describeFailure(stderr, consoleLog),
-        { hint: failureHint(stderr) },
-      );
-    });
-    earlyExit.catch(() => {});
-    const bootTimeoutMs = spec.bootTimeoutMs ?? 60_000;
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () =>
-          reject(
-            new EngineError(
-              "ENGINE_BOOT_TIMEOUT",
-              `the guest agent did not answer within ${bootTimeoutMs} ms (accel ${accel})` + describeFailure(stderr, consoleLog),
-            ),
-          ),
-        bootTimeoutMs,
-      );
-    });
-    timeout.catch(() => {});
-    try {
-      const race = <T,>(p: Promise<T>) => Promise.race([p, spawnError, earlyExit, timeout]);
-      const agentSocket = await race(agentL.conn);
-      const agent = new AgentClient(agentSocket);
-      const qmp = new QmpClient(await race(qmpL.conn));
-      if (spec.incomingState !== undefined) await race(restoreState(qmp, spec.incomingState));
-      // After a restore, HELLO also gives the clone the host's clock and fresh entropy.
-      const hello = await race(agent.hello({ entropy: randomBytes(64) }));
-      const bootMs = performance.now() - t0;
-      vm = new MicroVm(proc, runDir, consoleLog, accel, agent, qmp, hello, bootMs, exited);
-      const theVm = vm;
-      void exited.then((e) => theVm.onExit(e, stderr));
-      agent.on("fatal", (err: Error) => {
-        if (!theVm.stopping) {
-          log("vm %d: agent connection failed (%s); killing the VM", proc.pid, err.message);
-          theVm.kill();
-        }
-      });
-      // An idle VM must not keep the owner's event loop alive (the exit hook kills it).
-      proc.unref();
-      (proc.stderr as unknown as { unref?: () => void }).unref?.();
-      qmp.unref();
-      log("vm %d ready in %s ms (accel %s, agent %s)", proc.pid, bootMs.toFixed(1), accel, hello.agentVersion);
-      return vm;
-    } catch (err) {
-      // A broken agent channel is usually the symptom of QEMU exiting: if it exits within a
-      // moment, its own error (with stderr) is the one worth reporting.
-      const exitErr = await Promise.race([earlyExit.catch((e: unknown) => e), sleep(1_000).then(() => undefined)]);
-      expected = true;
-      proc.kill("SIGKILL");
-      await exited;
-      keepConsoleLog(consoleLog, proc.pid);
-      rmSync(runDir, { recursive: true, force: true });
-      if (!(exitErr instanceof EngineError)) throw err;
-      if (spec.incomingState === undefined) throw exitErr;
-      throw new EngineError("ENGINE_RESTORE_FAILED", `restoring ${spec.incomingState} failed: ${exitErr.message}`, {
-        hint: "the snapshot is corrupt or was made by another QEMU, kernel or agent; bake it again",
-        cause: err,
-      });
-    } finally {
-      clearTimeout(timer);
-    }
+    // An idle VM must not keep the owner's event loop alive (the exit hook kills it).
+    p.idle();
+    log("vm %d ready in %s ms (accel %s, agent %s)", p.proc.pid, bootMs.toFixed(1), p.accel, hello.agentVersion);
+    return vm;
+  }
+
+  /** @internal */
+  get isStopping(): boolean {
+    return this.stopping;
   }
 
   private onExit(e: VmExit, stderr: string): void {
@@ -456,6 +401,187 @@ export class MicroVm {
     this.proc.ref();
     if (!this.exitInfo) this.proc.kill("SIGKILL");
     return this.exited;
+  }
+}
+
+/**
+ * A QEMU process that has been spawned and has connected its QMP and agent channels, but whose
+ * guest has not been started (restore) or has not answered yet (boot).
+ */
+export class PendingVm {
+  stderr = "";
+  owner: MicroVm | undefined;
+  expected = false;
+  readonly exited: Promise<VmExit>;
+  private readonly spawnError: Promise<never>;
+  private readonly earlyExit: Promise<never>;
+  private used = false;
+
+  private constructor(
+    readonly spec: VmSpec,
+    readonly proc: ChildProcess,
+    readonly runDir: string,
+    readonly consoleLog: string,
+    readonly accel: Accel,
+    readonly t0: number,
+    private readonly closeListeners: () => void,
+    private readonly channels: { agent: Promise<Socket>; qmp: Promise<Socket> },
+  ) {
+    const qemu = qemuBinary();
+    proc.stderr!.setEncoding("utf8");
+    proc.stderr!.on("data", (d: string) => {
+      this.stderr = (this.stderr + d).slice(-STDERR_TAIL);
+    });
+    this.exited = new Promise<VmExit>((resolve) => {
+      const done = (code: number | null, signal: NodeJS.Signals | null) => {
+        live.delete(proc);
+        this.closeListeners();
+        resolve({ code, signal, expected: this.expected || (this.owner?.isStopping ?? false) });
+      };
+      proc.once("exit", done);
+      proc.once("error", () => done(null, null));
+    });
+    this.spawnError = new Promise<never>((_, reject) => {
+      proc.once("error", (e: NodeJS.ErrnoException) =>
+        reject(
+          new EngineError("ENGINE_SPAWN_FAILED", `could not start setpriv for ${qemu}: ${e.message}`, {
+            hint: e.code === "ENOENT" ? "install QEMU (Debian package qemu-system-x86) and util-linux (setpriv), or run npm run setup" : undefined,
+          }),
+        ),
+      );
+    });
+    this.spawnError.catch(() => {});
+    this.earlyExit = this.exited.then((e) => {
+      throw new EngineError(
+        "ENGINE_EXITED_DURING_BOOT",
+        `QEMU exited during boot (${e.signal ? `signal ${e.signal}` : `code ${e.code}`})` + describeFailure(this.stderr, consoleLog),
+        { hint: failureHint(this.stderr) },
+      );
+    });
+    this.earlyExit.catch(() => {});
+  }
+
+  agent: AgentClient | undefined;
+  qmp: QmpClient | undefined;
+
+  static async spawn(spec: VmSpec, accel: Accel, kernel: string, initramfs: string): Promise<PendingVm> {
+    if (!existsSync(spec.rootfs)) {
+      throw new EngineError("ENGINE_ROOTFS_MISSING", `root filesystem image ${spec.rootfs} does not exist`);
+    }
+    installExitHook();
+    const runDir = mkdtempSync(join(runtimeRoot(), `${RUN_DIR_PREFIX}${process.pid}-`));
+    const qmpSock = join(runDir, "qmp.sock");
+    const agentSock = join(runDir, "agent.sock");
+    const consoleLog = join(runDir, "console.log");
+    const qmpL = acceptOnce(qmpSock);
+    const agentL = acceptOnce(agentSock);
+    const args = qemuArgs({
+      accel,
+      kernel,
+      initramfs,
+      rootfs: spec.rootfs,
+      memoryMib: spec.memoryMib,
+      vcpus: spec.vcpus,
+      qmpSock,
+      agentSock,
+      consoleLog,
+      cmdline: kernelCmdline(accel, spec.vcpus, spec.extraCmdline),
+      ...(spec.memoryFile ? { memoryFile: spec.memoryFile } : {}),
+      incoming: spec.incomingState !== undefined,
+    });
+    await Promise.all([listening(qmpL.server), listening(agentL.server)]);
+    const t0 = performance.now();
+    const qemu = qemuBinary();
+    log("spawn %s %s", qemu, args.join(" "));
+    const proc = spawn("setpriv", ["--pdeathsig", "SIGKILL", "--", qemu, ...args], { stdio: ["ignore", "ignore", "pipe"] });
+    live.set(proc, runDir);
+    const p = new PendingVm(spec, proc, runDir, consoleLog, accel, t0, () => {
+      qmpL.server.close();
+      agentL.server.close();
+    }, { agent: agentL.conn, qmp: qmpL.conn });
+    await p.guard(spec.bootTimeoutMs ?? 60_000, async (race) => {
+      p.agent = new AgentClient(await race(p.channels.agent));
+      p.qmp = new QmpClient(await race(p.channels.qmp));
+    });
+    return p;
+  }
+
+  /** Lets the owner's program exit while this process waits (the exit hook kills it). */
+  idle(): void {
+    this.proc.unref();
+    (this.proc.stderr as unknown as { unref?: () => void }).unref?.();
+    this.qmp?.unref();
+    this.agent?.settle();
+  }
+
+  /** Restores the state (if any), waits for the agent's HELLO_OK and returns the running VM. */
+  async start(): Promise<MicroVm> {
+    if (this.used) throw new EngineError("ENGINE_PENDING_USED", "this pre-started VM was already started");
+    this.used = true;
+    this.proc.ref();
+    const t0 = performance.now();
+    return this.guard(this.spec.bootTimeoutMs ?? 60_000, async (race) => {
+      const agent = this.agent!;
+      const qmp = this.qmp!;
+      if (this.spec.incomingState !== undefined) await race(restoreState(qmp, this.spec.incomingState));
+      // After a restore, HELLO also gives the clone the host's clock and fresh entropy.
+      const hello = await race(agent.hello({ entropy: randomBytes(64) }));
+      // A boot is timed from the process spawn; a restore from the state load (the process may
+      // have been waiting, pre-started).
+      const bootMs = performance.now() - (this.spec.incomingState !== undefined ? t0 : this.t0);
+      return MicroVm.adopt(this, agent, qmp, hello, bootMs);
+    });
+  }
+
+  /** Kills a process that will not be used. */
+  async kill(): Promise<void> {
+    this.expected = true;
+    this.proc.ref();
+    this.proc.kill("SIGKILL");
+    await this.exited;
+    rmSync(this.runDir, { recursive: true, force: true });
+  }
+
+  /**
+   * Runs `fn` racing QEMU's death and a deadline. On failure the process is killed, its console
+   * log kept, and the most telling error thrown: QEMU's own (with its stderr) when it died.
+   */
+  private async guard<T>(timeoutMs: number, fn: (race: <U>(p: Promise<U>) => Promise<U>) => Promise<T>): Promise<T> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () =>
+          reject(
+            new EngineError(
+              "ENGINE_BOOT_TIMEOUT",
+              `the guest agent did not answer within ${timeoutMs} ms (accel ${this.accel})` + describeFailure(this.stderr, this.consoleLog),
+            ),
+          ),
+        timeoutMs,
+      );
+    });
+    timeout.catch(() => {});
+    const race = <U,>(p: Promise<U>) => Promise.race([p, this.spawnError, this.earlyExit, timeout]);
+    try {
+      return await fn(race);
+    } catch (err) {
+      // A broken channel is usually the symptom of QEMU exiting: if it exits within a moment,
+      // its own error (with stderr) is the one worth reporting.
+      const exitErr = await Promise.race([this.earlyExit.catch((e: unknown) => e), sleep(1_000).then(() => undefined)]);
+      this.expected = true;
+      this.proc.kill("SIGKILL");
+      await this.exited;
+      keepConsoleLog(this.consoleLog, this.proc.pid);
+      rmSync(this.runDir, { recursive: true, force: true });
+      if (!(exitErr instanceof EngineError)) throw err;
+      if (this.spec.incomingState === undefined) throw exitErr;
+      throw new EngineError("ENGINE_RESTORE_FAILED", `restoring ${this.spec.incomingState} failed: ${exitErr.message}`, {
+        hint: "the snapshot is corrupt or was made by another QEMU, kernel or agent; bake it again",
+        cause: err,
+      });
+    } finally {
+      clearTimeout(timer);
+    }
   }
 }
 

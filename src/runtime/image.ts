@@ -1,28 +1,31 @@
 /**
- * `Image`: an OCI image made ready to boot (its layers flattened into a cached squashfs),
- * plus the VM shape (memory, vCPUs) and exec defaults that pools created from it use.
+ * `Image`: an OCI image made ready to serve VMs. `Image.build` resolves the reference (pulling
+ * or importing it when needed), flattens it into a cached squashfs, boots it once and captures
+ * the booted VM as a snapshot ("bake"). Pools then restore that snapshot for every VM. A build
+ * whose inputs were already baked returns without booting anything.
  */
-import { dirname } from "node:path";
+import { join } from "node:path";
+import { ensureSnapshot, inputHash, loadSnapshot, type LoadedSnapshot, type SnapshotInputs } from "../cache/snapshots.js";
+import { chooseAccel, type AccelChoice } from "../engine/accel.js";
+import { nativeArtifacts } from "../engine/artifacts.js";
+import { qemuIdentity, type VmSpec } from "../engine/qemu.js";
+import { ImageError } from "../errors.js";
+import { logger } from "../log.js";
 import type { ImageConfig } from "../image/oci-layout.js";
 import { resolveImage } from "../image/store.js";
-import { chooseAccel, type AccelChoice } from "../engine/accel.js";
+import { homePaths } from "../paths.js";
 import { Pool } from "./pool.js";
-import { resolveBuildOptions, resolvePoolOptions, type BuildOptions, type PoolOptions, type ResolvedBuild } from "./options.js";
+import { resolveBuildOptions, resolvePoolOptions, type BuildOptions, type PoolOptions } from "./options.js";
 import { execDefaults } from "./vm.js";
 
+const log = logger("image");
+
 export class Image {
-  private constructor(
-    private readonly build: ResolvedBuild,
-    /** Manifest digest the image resolved to (`sha256:...`). */
-    readonly digest: string,
-    /** Parsed image config (Env, Cmd, WorkingDir, User, ...). */
-    readonly config: ImageConfig,
-    private readonly rootfs: string,
-  ) {}
+  private constructor(private readonly snap: LoadedSnapshot) {}
 
   /**
-   * Resolve `ref`, flatten its layers into a squashfs root filesystem (cached by manifest
-   * digest, so a second build of the same image is a cache hit), and return the image.
+   * Resolve `ref`, build its root filesystem and bake its snapshot, each step served from the
+   * cache when its inputs are unchanged.
    */
   static async build(options: BuildOptions): Promise<Image> {
     const b = resolveBuildOptions(options);
@@ -32,43 +35,101 @@ export class Image {
       ...(b.insecureRegistries ? { insecureRegistries: b.insecureRegistries } : {}),
       ...(b.onProgress ? { onProgress: b.onProgress } : {}),
     });
-    return new Image(b, resolved.manifestDigest, resolved.config, resolved.rootfsPath);
+    const artifacts = nativeArtifacts();
+    const inputs: SnapshotInputs = {
+      manifestDigest: resolved.manifestDigest,
+      memoryMib: b.memoryMib,
+      vcpus: b.vcpus,
+      env: b.env,
+      cmd: b.cmd ?? null,
+      guestPort: b.guestPort,
+      listenerRequired: false,
+      warmupTag: b.warmupTag,
+      extraFiles: [],
+      engine: {
+        qemu: qemuIdentity(),
+        accel: chooseAccel().accel,
+        kernelKey: artifacts.kernelKey,
+        agentKey: artifacts.agentKey,
+        agentVersion: artifacts.agentVersion,
+      },
+    };
+    const hash = inputHash(inputs);
+    const dir = join(b.snapshotsDir ?? homePaths().snapshots, b.name ?? `img-${hash.slice(0, 16)}`);
+    const { snapshot, baked } = await ensureSnapshot({
+      dir,
+      hash,
+      inputs,
+      image: { ref: b.ref, digest: resolved.manifestDigest, config: resolved.config, rootfs: resolved.rootfsPath, rootfsSize: resolved.sizeBytes },
+      memoryMib: b.memoryMib,
+      vcpus: b.vcpus,
+    });
+    log("%s: snapshot %s (%s)", b.ref, dir, baked ? `baked in ${snapshot.meta.bakeMs} ms` : "cached");
+    return new Image(snapshot);
+  }
+
+  /** Opens a snapshot directory made by `Image.build` (or `vm.snapshot`), after verifying it. */
+  static async fromSnapshot(path: string): Promise<Image> {
+    const snap = await loadSnapshot(path);
+    if (!snap) {
+      throw new ImageError("SNAPSHOT_NOT_FOUND", `no snapshot at ${path} (no meta.json)`, {
+        hint: "pass the directory Image.build baked into: image.snapshotPath",
+      });
+    }
+    return new Image(snap);
   }
 
   get ref(): string {
-    return this.build.ref;
+    return this.snap.meta.image.ref;
+  }
+  /** Manifest digest the image resolved to (`sha256:...`). */
+  get digest(): string {
+    return this.snap.meta.image.digest;
+  }
+  /** Parsed image config (Env, Cmd, WorkingDir, User, ...). */
+  get config(): ImageConfig {
+    return this.snap.meta.image.config;
   }
   get memoryMib(): number {
-    return this.build.memoryMib;
+    return this.snap.meta.memoryMib;
   }
   get vcpus(): number {
-    return this.build.vcpus;
+    return this.snap.meta.vcpus;
   }
-  /**
-   * Directory holding this image's on-disk state. In this version that is the image store
-   * entry (squashfs root filesystem and metadata); snapshots move here in a later version.
-   */
+  /** The snapshot directory (`ram`, `state`, `meta.json`). */
   get snapshotPath(): string {
-    return dirname(this.rootfs);
+    return this.snap.dir;
   }
-  /** Path of the squashfs root filesystem the VMs boot from. */
+  /** Path of the squashfs root filesystem the VMs run on. */
   get rootfsPath(): string {
-    return this.rootfs;
+    return this.snap.meta.image.rootfs;
+  }
+  /** Hash of everything the snapshot depends on. */
+  get inputHash(): string {
+    return this.snap.meta.hash;
   }
 
-  /** The accelerator VMs of this image will use, and why. */
+  /** The accelerator VMs will use, and why. */
   static accel(): AccelChoice {
     return chooseAccel();
   }
 
-  /** Create a pool and boot its first `min` VMs. */
+  /** @internal How a pool makes a VM: a restore of the snapshot, or a cold boot when the shape differs. */
+  vmSpec(memoryMib: number, vcpus: number, timeoutMs: number): VmSpec {
+    const base = { rootfs: this.rootfsPath, memoryMib, vcpus, bootTimeoutMs: timeoutMs };
+    if (memoryMib !== this.memoryMib || vcpus !== this.vcpus) {
+      // A snapshot holds the guest's RAM size and CPU count: another shape needs a boot.
+      log("pool shape %d MiB/%d vCPU differs from the snapshot (%d/%d): VMs boot cold", memoryMib, vcpus, this.memoryMib, this.vcpus);
+      return base;
+    }
+    return { ...base, memoryFile: { path: this.snap.ram, shared: false }, incomingState: this.snap.state };
+  }
+
+  /** Create a pool and make its first `min` VMs ready. */
   async pool(options: PoolOptions = {}): Promise<Pool> {
     const o = resolvePoolOptions(options);
-    const pool = new Pool(
-      { rootfs: this.rootfs, memoryMib: o.memoryMib ?? this.memoryMib, vcpus: o.vcpus ?? this.vcpus, bootTimeoutMs: o.restoreTimeoutMs },
-      execDefaults(this.config, this.build.env),
-      o,
-    );
+    const spec = this.vmSpec(o.memoryMib ?? this.memoryMib, o.vcpus ?? this.vcpus, o.restoreTimeoutMs);
+    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.inputs.env), o);
     await pool.warm();
     return pool;
   }

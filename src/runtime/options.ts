@@ -3,6 +3,7 @@
  * Unknown keys are rejected with the list of accepted ones, so a typo never silently falls
  * back to a default; options that this version does not implement yet are rejected by name.
  */
+import { resolve as resolvePath } from "node:path";
 import { OptionError, listAccepted } from "../errors.js";
 import type { ImageProgress } from "../image/store.js";
 
@@ -137,6 +138,9 @@ export function stringRecord(what: string, v: unknown): Record<string, string> {
 export interface ResolvedBuild {
   ref: string;
   name: string | undefined;
+  guestPort: number;
+  warmupTag: string;
+  snapshotsDir: string | undefined;
   memoryMib: number;
   vcpus: number;
   pullPolicy: "always" | "missing" | "never";
@@ -179,9 +183,18 @@ export function resolveBuildOptions(o: unknown): ResolvedBuild {
   if (o.name !== undefined && (typeof o.name !== "string" || !/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(o.name))) {
     throw new OptionError("OPTION_INVALID", `Image.build: name ${JSON.stringify(o.name)} must match [A-Za-z0-9][A-Za-z0-9._-]*`);
   }
+  if (o.warmupTag !== undefined && typeof o.warmupTag !== "string") {
+    throw new OptionError("OPTION_INVALID", `Image.build: warmupTag must be a string, got ${JSON.stringify(o.warmupTag)}`);
+  }
+  if (o.snapshotsDir !== undefined && (typeof o.snapshotsDir !== "string" || o.snapshotsDir === "")) {
+    throw new OptionError("OPTION_INVALID", `Image.build: snapshotsDir must be a directory path, got ${JSON.stringify(o.snapshotsDir)}`);
+  }
   return {
     ref: o.ref.trim(),
     name: o.name as string | undefined,
+    guestPort: positiveInt("Image.build: guestPort", o.guestPort ?? BUILD_DEFAULTS.guestPort, { max: 65535 }),
+    warmupTag: (o.warmupTag as string | undefined) ?? BUILD_DEFAULTS.warmupTag,
+    snapshotsDir: o.snapshotsDir === undefined ? undefined : resolvePath(o.snapshotsDir as string),
     memoryMib: positiveInt("Image.build: memoryMib", o.memoryMib ?? BUILD_DEFAULTS.memoryMib, { min: 64, max: 1 << 20 }),
     vcpus: positiveInt("Image.build: vcpus", o.vcpus ?? BUILD_DEFAULTS.vcpus, { max: 255 }),
     pullPolicy: pullPolicy as ResolvedBuild["pullPolicy"],

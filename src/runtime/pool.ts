@@ -1,16 +1,19 @@
 /**
  * `Pool`: keeps `min` VMs ready, at most `max` alive, and serves `acquire()` callers in
- * arrival order. In this version a fresh VM is a cold boot; `restoreOnRelease: true` (the
- * default) throws a released VM away and boots a clean one in its place, `false` hands the
- * same VM, as it was left, to the next caller.
+ * arrival order. A fresh VM is a restore of the image's snapshot into a QEMU process that was
+ * started beforehand and waits for it (so process start-up is off the critical path).
+ * `restoreOnRelease: true` (the default) throws a released VM away and restores a clean one in
+ * its place; `false` hands the same VM, as it was left, to the next caller.
  */
 import { PoolError } from "../errors.js";
 import { logger } from "../log.js";
-import { MicroVm, type VmSpec } from "../engine/qemu.js";
+import { MicroVm, type PendingVm, type VmSpec } from "../engine/qemu.js";
 import type { ResolvedPool } from "./options.js";
 import { Vm, type ExecDefaults } from "./vm.js";
 
 const log = logger("pool");
+/** QEMU processes kept started and waiting for a snapshot to restore. */
+const PRESTART = 1;
 
 export interface PoolStats {
   /** Total VMs: idle plus checked out (booting ones not counted). */
@@ -39,6 +42,8 @@ export class Pool {
   private readonly inUse = new Set<Vm>();
   private readonly waiters: Waiter[] = [];
   private booting = 0;
+  private readonly prestarted: PendingVm[] = [];
+  private prestarting = 0;
   private closed = false;
   private lastBootError: Error | undefined;
   private idleTimer: NodeJS.Timeout | undefined;
@@ -57,6 +62,7 @@ export class Pool {
 
   /** @internal Boots the initial `min` VMs; rejects if the first boot fails. */
   async warm(): Promise<void> {
+    this.refillPrestart();
     const boots: Promise<void>[] = [];
     for (let i = 0; i < this.opts.min; i++) boots.push(this.bootOne());
     const results = await Promise.allSettled(boots);
@@ -118,9 +124,9 @@ export class Pool {
     }
     const machines = [...this.idle.splice(0).map((e) => e.machine), ...[...this.inUse].map((v) => v.machine)];
     this.inUse.clear();
-    await Promise.all(machines.map((m) => m.kill()));
-    // Boots still in flight notice `closed` and kill their VM; wait for them too.
-    while (this.booting > 0) await new Promise((r) => setTimeout(r, 10));
+    await Promise.all([...machines.map((m) => m.kill()), ...this.prestarted.splice(0).map((p) => p.kill())]);
+    // Boots and pre-starts still in flight notice `closed` and kill their process; wait for them.
+    while (this.booting > 0 || this.prestarting > 0) await new Promise((r) => setTimeout(r, 10));
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -174,11 +180,41 @@ export class Pool {
     }
   }
 
+  /** Keeps PRESTART processes waiting for a restore (restore pools only). */
+  private refillPrestart(): void {
+    if (this.closed || this.spec.incomingState === undefined) return;
+    while (this.prestarted.length + this.prestarting < PRESTART) {
+      this.prestarting++;
+      MicroVm.prestart(this.spec).then(
+        (p) => {
+          this.prestarting--;
+          if (this.closed) return void p.kill();
+          this.prestarted.push(p);
+          void p.exited.then(() => {
+            const i = this.prestarted.indexOf(p);
+            if (i >= 0) this.prestarted.splice(i, 1);
+          });
+        },
+        (err: Error) => {
+          this.prestarting--;
+          log("pre-start failed: %s", err.message);
+        },
+      );
+    }
+  }
+
+  /** A new VM: a pre-started process restoring the snapshot, or a fresh launch. */
+  private launchOne(): Promise<MicroVm> {
+    const pending = this.prestarted.shift();
+    this.refillPrestart();
+    return pending ? pending.start() : MicroVm.launch(this.spec);
+  }
+
   private async bootOne(): Promise<void> {
     this.booting++;
     let machine: MicroVm;
     try {
-      machine = await MicroVm.launch(this.spec);
+      machine = await this.launchOne();
     } catch (err) {
       this.booting--;
       this.lastBootError = err as Error;

@@ -1,0 +1,242 @@
+/**
+ * Baked snapshots on disk: `<snapshotsDir>/<name>/{ram,state,meta.json}`.
+ *
+ * `ram` is the guest memory (a file the bake VM's RAM lived in; restores map it copy-on-write),
+ * `state` the device state QEMU migration wrote, `meta.json` what the snapshot was made from.
+ * Its input hash covers everything that changes the snapshot, and the inputs themselves are
+ * kept beside it, so that a rebake can say what changed.
+ *
+ * A snapshot directory appears only by renaming a complete, fsynced temp directory; bakes of one
+ * directory take turns under a file lock, and the second one reuses the first one's result.
+ */
+import { createHash, randomBytes } from "node:crypto";
+import { existsSync, readdirSync, statSync } from "node:fs";
+import { mkdir, open, readFile, rename, rm, stat } from "node:fs/promises";
+import { basename, dirname, join } from "node:path";
+import lockfile from "proper-lockfile";
+import { EngineError, ImageError } from "../errors.js";
+import { logger } from "../log.js";
+import { MicroVm } from "../engine/qemu.js";
+import type { ImageConfig } from "../image/oci-layout.js";
+
+const log = logger("snapshots");
+const META_VERSION = 1;
+export const SNAPSHOT_FILES = { ram: "ram", state: "state", meta: "meta.json" } as const;
+
+/** Everything a snapshot depends on. Changing any of it makes a different snapshot. */
+export interface SnapshotInputs {
+  manifestDigest: string;
+  memoryMib: number;
+  vcpus: number;
+  env: Record<string, string>;
+  cmd: string[] | null;
+  guestPort: number;
+  listenerRequired: boolean;
+  warmupTag: string;
+  extraFiles: { guestPath: string; sha256: string }[];
+  engine: { qemu: string; accel: string; kernelKey: string; agentKey: string; agentVersion: string };
+}
+
+export interface SnapshotMeta {
+  version: number;
+  hash: string;
+  inputs: SnapshotInputs;
+  image: { ref: string; digest: string; config: ImageConfig; rootfs: string; rootfsSize: number };
+  memoryMib: number;
+  vcpus: number;
+  files: { ram: { size: number }; state: { size: number; sha256: string } };
+  created: string;
+  bakeMs: number;
+}
+
+export function inputHash(inputs: SnapshotInputs): string {
+  return createHash("sha256").update(stableJson(inputs)).digest("hex");
+}
+
+/** JSON with sorted keys, so that the hash does not depend on property order. */
+function stableJson(v: unknown): string {
+  if (Array.isArray(v)) return `[${v.map(stableJson).join(",")}]`;
+  if (v && typeof v === "object") {
+    return `{${Object.keys(v)
+      .sort()
+      .map((k) => `${JSON.stringify(k)}:${stableJson((v as Record<string, unknown>)[k])}`)
+      .join(",")}}`;
+  }
+  return JSON.stringify(v);
+}
+
+export interface LoadedSnapshot {
+  dir: string;
+  ram: string;
+  state: string;
+  meta: SnapshotMeta;
+}
+
+/**
+ * Reads and verifies a snapshot directory: metadata, the device state's checksum, the RAM
+ * file's size and the root filesystem it was made on. Resolves undefined when there is none or
+ * when `hash` is given and differs; throws ImageError when it is present but damaged.
+ */
+export async function loadSnapshot(dir: string, hash?: string, inputs?: SnapshotInputs): Promise<LoadedSnapshot | undefined> {
+  let meta: SnapshotMeta;
+  try {
+    meta = JSON.parse(await readFile(join(dir, SNAPSHOT_FILES.meta), "utf8")) as SnapshotMeta;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+    throw damaged(dir, `its ${SNAPSHOT_FILES.meta} cannot be read: ${(err as Error).message}`);
+  }
+  if (meta.version !== META_VERSION || typeof meta.hash !== "string") throw damaged(dir, "its metadata has an unknown format");
+  if (hash !== undefined && meta.hash !== hash) {
+    log("snapshot %s was made from other inputs (%s); rebaking", dir, explainDiff(inputs, meta.inputs));
+    return undefined;
+  }
+  const ram = join(dir, SNAPSHOT_FILES.ram);
+  const state = join(dir, SNAPSHOT_FILES.state);
+  const ramSize = await stat(ram).then((s) => s.size, () => -1);
+  if (ramSize !== meta.files.ram.size) throw damaged(dir, `its RAM file is ${ramSize < 0 ? "missing" : `${ramSize} bytes`}, expected ${meta.files.ram.size}`);
+  let stateBytes: Buffer;
+  try {
+    stateBytes = await readFile(state);
+  } catch {
+    throw damaged(dir, "its device-state file is missing");
+  }
+  const sum = createHash("sha256").update(stateBytes).digest("hex");
+  if (stateBytes.length !== meta.files.state.size || sum !== meta.files.state.sha256) {
+    throw damaged(dir, `its device-state file does not match its checksum (sha256 ${sum.slice(0, 12)}…, expected ${meta.files.state.sha256.slice(0, 12)}…)`);
+  }
+  const rootfsSize = await stat(meta.image.rootfs).then((s) => s.size, () => -1);
+  if (rootfsSize !== meta.image.rootfsSize) {
+    throw damaged(dir, `the root filesystem it was made on (${meta.image.rootfs}) is ${rootfsSize < 0 ? "gone" : "different"}`);
+  }
+  return { dir, ram, state, meta };
+}
+
+function damaged(dir: string, why: string): ImageError {
+  return new ImageError("SNAPSHOT_DAMAGED", `snapshot ${dir} is damaged: ${why}`, {
+    hint: "Image.build rebakes it; Image.fromSnapshot cannot: bake it again",
+  });
+}
+
+/** Which inputs differ (for logs: why a cached snapshot was not used). */
+export function explainDiff(a: SnapshotInputs | undefined, b: SnapshotInputs | undefined): string {
+  if (!a || !b) return "inputs changed";
+  const keys = Object.keys(a) as (keyof SnapshotInputs)[];
+  const changed = keys.filter((k) => stableJson(a[k]) !== stableJson(b[k]));
+  return changed.length ? `changed: ${changed.join(", ")}` : "no input changed";
+}
+
+export interface BakeRequest {
+  dir: string;
+  hash: string;
+  inputs: SnapshotInputs;
+  image: SnapshotMeta["image"];
+  memoryMib: number;
+  vcpus: number;
+  bootTimeoutMs?: number;
+}
+
+/**
+ * Returns the snapshot in `dir` when it matches `hash`, and otherwise boots the image, captures
+ * it and installs the snapshot there. Damaged snapshots are replaced.
+ */
+export async function ensureSnapshot(req: BakeRequest): Promise<{ snapshot: LoadedSnapshot; baked: boolean }> {
+  const existing = await loadSnapshot(req.dir, req.hash, req.inputs).catch((err: unknown) => {
+    log("%s", (err as Error).message);
+    return undefined;
+  });
+  if (existing) return { snapshot: existing, baked: false };
+  const parent = dirname(req.dir);
+  await mkdir(parent, { recursive: true });
+  const release = await lockfile.lock(req.dir, {
+    realpath: false,
+    lockfilePath: `${req.dir}.lock`,
+    stale: 30_000,
+    update: 5_000,
+    retries: { retries: 600, factor: 1.2, minTimeout: 20, maxTimeout: 500 },
+  });
+  try {
+    const raced = await loadSnapshot(req.dir, req.hash).catch(() => undefined);
+    if (raced) return { snapshot: raced, baked: false };
+    await removeTemps(req.dir);
+    const tmp = `${req.dir}.tmp-${randomBytes(6).toString("hex")}`;
+    await mkdir(tmp);
+    try {
+      const meta = await bakeInto(tmp, req);
+      await rm(req.dir, { recursive: true, force: true });
+      await rename(tmp, req.dir);
+      await fsyncPath(parent);
+      return { snapshot: { dir: req.dir, ram: join(req.dir, SNAPSHOT_FILES.ram), state: join(req.dir, SNAPSHOT_FILES.state), meta }, baked: true };
+    } catch (err) {
+      await rm(tmp, { recursive: true, force: true });
+      throw err;
+    }
+  } finally {
+    await release().catch(() => {});
+  }
+}
+
+async function bakeInto(tmp: string, req: BakeRequest): Promise<SnapshotMeta> {
+  const t0 = performance.now();
+  const ram = join(tmp, SNAPSHOT_FILES.ram);
+  const state = join(tmp, SNAPSHOT_FILES.state);
+  const vm = await MicroVm.launch({
+    rootfs: req.image.rootfs,
+    memoryMib: req.memoryMib,
+    vcpus: req.vcpus,
+    memoryFile: { path: ram, shared: true },
+    ...(req.bootTimeoutMs ? { bootTimeoutMs: req.bootTimeoutMs } : {}),
+  });
+  try {
+    await vm.snapshot(state);
+  } finally {
+    await vm.kill();
+  }
+  const stateBytes = await readFile(state);
+  if (stateBytes.length === 0) throw new EngineError("ENGINE_SNAPSHOT_EMPTY", `snapshot of ${req.image.ref}: QEMU wrote no device state`);
+  await fsyncPath(ram);
+  await fsyncPath(state);
+  const meta: SnapshotMeta = {
+    version: META_VERSION,
+    hash: req.hash,
+    inputs: req.inputs,
+    image: req.image,
+    memoryMib: req.memoryMib,
+    vcpus: req.vcpus,
+    files: {
+      ram: { size: statSync(ram).size },
+      state: { size: stateBytes.length, sha256: createHash("sha256").update(stateBytes).digest("hex") },
+    },
+    created: new Date().toISOString(),
+    bakeMs: Math.round(performance.now() - t0),
+  };
+  const metaPath = join(tmp, SNAPSHOT_FILES.meta);
+  const fh = await open(metaPath, "w");
+  try {
+    await fh.writeFile(JSON.stringify(meta, null, 2) + "\n");
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fsyncPath(tmp);
+  log("baked %s in %d ms", req.image.ref, meta.bakeMs);
+  return meta;
+}
+
+/** Removes temp directories of `dir` left by crashed bakes (the caller holds the lock). */
+async function removeTemps(dir: string): Promise<void> {
+  const prefix = `${basename(dir)}.tmp-`;
+  const parent = dirname(dir);
+  if (!existsSync(parent)) return;
+  for (const name of readdirSync(parent)) {
+    if (name.startsWith(prefix)) await rm(join(parent, name), { recursive: true, force: true });
+  }
+}
+
+async function fsyncPath(path: string): Promise<void> {
+  const fh = await open(path, "r");
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
