@@ -137,9 +137,11 @@ function pidAlive(pid: number): boolean {
   }
 }
 
-/** Number of QEMU processes this Node process currently owns. */
-export function liveVmCount(): number {
-  return live.size;
+let launched = 0;
+
+/** QEMU processes this Node process owns now, and has started in all. */
+export function engineCounters(): { live: number; launched: number } {
+  return { live: live.size, launched };
 }
 
 function validateSpec(spec: VmSpec): void {
@@ -280,6 +282,20 @@ export class MicroVm {
 
   get alive(): boolean {
     return this.exitInfo === undefined && !this.agent.dead;
+  }
+
+  /**
+   * Like `alive`, but also catches a process that died so recently that Node has not reaped it
+   * yet (a zombie): reads /proc, so it costs a few microseconds. Used before handing a VM out.
+   */
+  get aliveNow(): boolean {
+    if (!this.alive) return false;
+    try {
+      const stat = readFileSync(`/proc/${this.proc.pid}/stat`, "latin1");
+      return stat.charAt(stat.lastIndexOf(")") + 2) !== "Z";
+    } catch {
+      return false;
+    }
   }
 
   /** Boot a VM and wait until its agent answers. */
@@ -495,6 +511,7 @@ export class PendingVm {
     log("spawn %s %s", qemu, args.join(" "));
     const proc = spawn("setpriv", ["--pdeathsig", "SIGKILL", "--", qemu, ...args], { stdio: ["ignore", "ignore", "pipe"] });
     live.set(proc, runDir);
+    launched++;
     const p = new PendingVm(spec, proc, runDir, consoleLog, accel, t0, () => {
       qmpL.server.close();
       agentL.server.close();

@@ -136,8 +136,9 @@ export class Pool {
   private takeIdle(): MicroVm | undefined {
     while (this.idle.length) {
       const e = this.idle.pop()!;
-      if (e.machine.alive) return e.machine;
+      if (e.machine.aliveNow) return e.machine;
       log("dropping dead idle VM %d", e.machine.pid);
+      void e.machine.kill();
     }
     return undefined;
   }
@@ -187,8 +188,12 @@ export class Pool {
       this.prestarting++;
       MicroVm.prestart(this.spec).then(
         (p) => {
+          if (this.closed) {
+            // shutdown() waits on `prestarting`: count this one until it is gone.
+            void p.kill().finally(() => this.prestarting--);
+            return;
+          }
           this.prestarting--;
-          if (this.closed) return void p.kill();
           this.prestarted.push(p);
           void p.exited.then(() => {
             const i = this.prestarted.indexOf(p);
@@ -227,11 +232,12 @@ export class Pool {
       }
       throw err;
     }
-    this.booting--;
     if (this.closed) {
       await machine.kill();
+      this.booting--;
       return;
     }
+    this.booting--;
     void machine.exited.then(() => {
       const i = this.idle.findIndex((e) => e.machine === machine);
       if (i >= 0 && !this.closed) {

@@ -70,6 +70,36 @@ describe("a Python image from a registry", () => {
     }
   });
 
+  it("runs the seed's Pattern 1: candidates through a pool of 8, each in a clean VM", async () => {
+    const image = await Image.build({ ref: pythonRef, memoryMib: 256 });
+    const pool = await image.pool({ min: 0, max: 8, restoreOnRelease: true });
+    async function runCandidate(source: string): Promise<{ ok: boolean; stdout: string }> {
+      const vm = await pool.acquire();
+      try {
+        const out = await vm.exec({
+          argv: ["python3", "/tmp/code.py"],
+          stageFiles: { "/tmp/code.py": Buffer.from(source) },
+          timeoutMs: 60_000,
+        });
+        return { ok: out.exitCode === 0, stdout: out.stdout.toString() };
+      } finally {
+        await vm.release();
+      }
+    }
+    // Each candidate reports whether an earlier one left its marker behind, then leaves one.
+    const candidates = Array.from(
+      { length: 12 },
+      (_, i) => `import os\nprint(${i}, os.path.exists("/tmp/dirty"))\nopen("/tmp/dirty", "w").write("x")\n`,
+    );
+    try {
+      const results = await Promise.all(candidates.map(runCandidate));
+      expect(results).toEqual(candidates.map((_, i) => ({ ok: true, stdout: `${i} False\n` })));
+      expect(pool.stats().alive).toBeLessThanOrEqual(8);
+    } finally {
+      await pool.shutdown();
+    }
+  });
+
   it("is downloaded once when two processes pull it at the same time", async () => {
     // A proxy in front of the registry counts blob downloads; each pull gets a slow start so
     // that the two really overlap.
