@@ -116,7 +116,133 @@ await skip("vm_rss_mib", async () => {
 await vm.release();
 await pool.shutdown();
 
+await skip("restore_to_exec_ms", () => restoreBenchmarks());
+await skip("cold_bake_ms", () => bakeBenchmarks());
+await skip("acquire_idle_ms", () => acquireBenchmark());
+await skip("pool_cycle_per_s", () => poolCycleBenchmark());
+await skip("idle_vm_pss_mib", () => densityBenchmark());
 await skip("pull_python_ms", () => registryBenchmarks());
+
+/**
+ * A new VM from the snapshot through the pool (a pre-started process restores it) to the first
+ * `echo` answered, beside the plain way: a QEMU process started cold with -incoming on the same
+ * snapshot, timed to the agent's first answer.
+ */
+async function restoreBenchmarks(): Promise<void> {
+  const n = quick ? 8 : 20;
+  const ours: number[] = [];
+  const pool = await image.pool({ min: 0, max: 1, restoreOnRelease: true });
+  try {
+    for (let i = 0; i < n + 2; i++) {
+      await waitUntil(() => pool.spareCount() > 0);
+      const t0 = performance.now();
+      const v = await pool.acquire();
+      const r = await v.exec({ argv: ["echo", "hi"] });
+      const dt = performance.now() - t0;
+      if (r.stdout.toString() !== "hi\n") throw new Error("echo failed after restore");
+      if (i >= 2) ours.push(dt);
+      await v.release();
+    }
+  } finally {
+    await pool.shutdown();
+  }
+  const plain: number[] = [];
+  const spec = image.vmSpec(image.memoryMib, image.vcpus, 30_000);
+  for (let i = 0; i < n; i++) {
+    const t0 = performance.now();
+    const m = await MicroVm.launch(spec);
+    plain.push(performance.now() - t0);
+    await m.kill();
+  }
+  record("restore_to_exec_ms", ours);
+  record("qemu_incoming_restore_ms", plain);
+}
+
+async function bakeBenchmarks(): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), "sm-bench-snapshots-"));
+  try {
+    const cold: number[] = [];
+    for (let i = 0; i < (quick ? 1 : 3); i++) {
+      const t0 = performance.now();
+      await Image.build({ ref: "builtin:busybox", snapshotsDir: dir, name: `cold-${i}` });
+      cold.push(performance.now() - t0);
+    }
+    record("cold_bake_ms", cold);
+    const hit: number[] = [];
+    for (let i = 0; i < (quick ? 30 : 100); i++) {
+      const t0 = performance.now();
+      await Image.build({ ref: "builtin:busybox", snapshotsDir: dir, name: "cold-0" });
+      hit.push(performance.now() - t0);
+    }
+    record("cache_hit_bake_ms", hit);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+async function acquireBenchmark(): Promise<void> {
+  const pool = await image.pool({ min: 1, max: 1, restoreOnRelease: false });
+  try {
+    const samples: number[] = [];
+    for (let i = 0; i < (quick ? 300 : 1000); i++) {
+      const t0 = performance.now();
+      const v = await pool.acquire();
+      samples.push(performance.now() - t0);
+      await v.release();
+    }
+    record("acquire_idle_ms", samples);
+  } finally {
+    await pool.shutdown();
+  }
+}
+
+async function poolCycleBenchmark(): Promise<void> {
+  const seconds = quick ? 8 : 30;
+  const pool = await image.pool({ min: 2, max: 2, restoreOnRelease: true });
+  let cycles = 0;
+  try {
+    const end = performance.now() + seconds * 1000;
+    const worker = async () => {
+      while (performance.now() < end) {
+        const v = await pool.acquire();
+        await v.exec({ argv: ["echo", "hi"] });
+        await v.release();
+        cycles++;
+      }
+    };
+    const t0 = performance.now();
+    await Promise.all([worker(), worker()]);
+    recordValue("pool_cycle_per_s", cycles / ((performance.now() - t0) / 1000), cycles, "cycles/s");
+  } finally {
+    await pool.shutdown();
+  }
+}
+
+/** PSS per idle VM with many VMs restored from one snapshot (shared RAM pages counted once). */
+async function densityBenchmark(): Promise<void> {
+  const count = quick ? 5 : 20;
+  const pool = await image.pool({ min: 0, max: count, restoreOnRelease: false });
+  try {
+    const vms = [];
+    for (let i = 0; i < count; i++) vms.push(await pool.acquire());
+    await new Promise((r) => setTimeout(r, 2_000));
+    const pss = vms.map((v) => memoryOf(v.pid).pss);
+    const rss = vms.map((v) => memoryOf(v.pid).rss);
+    recordValue("idle_vm_pss_mib", pss.reduce((a, b) => a + b, 0) / count, count, "MiB");
+    recordValue("idle_vm_rss_mib", rss.reduce((a, b) => a + b, 0) / count, count, "MiB");
+    await Promise.all(vms.map((v) => v.release()));
+  } finally {
+    await pool.shutdown();
+  }
+}
+
+async function waitUntil(cond: () => boolean, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error("timed out waiting for a spare VM");
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
 
 /**
  * Pull figures against a real registry on loopback (Debian's docker-registry) holding the
@@ -154,6 +280,7 @@ async function registryBenchmarks(): Promise<void> {
     const saved = process.env.SUPERMACHINE_HOME;
     process.env.SUPERMACHINE_HOME = homes[0]!;
     try {
+      await Image.build({ ref }); // the first build bakes the snapshot; measure the cached ones
       const cached: number[] = [];
       for (let i = 0; i < (quick ? 30 : 100); i++) {
         const t0 = performance.now();

@@ -1,19 +1,23 @@
 /**
  * `Pool`: keeps `min` VMs ready, at most `max` alive, and serves `acquire()` callers in
- * arrival order. A fresh VM is a restore of the image's snapshot into a QEMU process that was
- * started beforehand and waits for it (so process start-up is off the critical path).
- * `restoreOnRelease: true` (the default) throws a released VM away and restores a clean one in
- * its place; `false` hands the same VM, as it was left, to the next caller.
+ * arrival order. A fresh VM is a restore of the image's snapshot. The pool keeps one restore
+ * done ahead of time (a spare: QEMU started, snapshot loaded, first process start done, so
+ * that the emulator has translated the guest's exec path), which makes a new VM cost about as
+ * much as handing out an idle one. `restoreOnRelease: true` (the default) throws a released VM
+ * away and restores a clean one in its place; `false` hands the same VM, as it was left, to the
+ * next caller.
  */
 import { PoolError } from "../errors.js";
 import { logger } from "../log.js";
-import { MicroVm, type PendingVm, type VmSpec } from "../engine/qemu.js";
+import { MicroVm, type VmSpec } from "../engine/qemu.js";
 import type { ResolvedPool } from "./options.js";
 import { Vm, type ExecDefaults } from "./vm.js";
 
 const log = logger("pool");
-/** QEMU processes kept started and waiting for a snapshot to restore. */
-const PRESTART = 1;
+/** Restored VMs kept ready beyond `min` (restore pools only). */
+const SPARES = 1;
+/** The warm-up run in a spare: the agent itself, which every image has (at /proc/1/exe). */
+const WARMUP_ARGV = ["/proc/1/exe", "--version"];
 
 export interface PoolStats {
   /** Total VMs: idle plus checked out (booting ones not counted). */
@@ -42,8 +46,8 @@ export class Pool {
   private readonly inUse = new Set<Vm>();
   private readonly waiters: Waiter[] = [];
   private booting = 0;
-  private readonly prestarted: PendingVm[] = [];
-  private prestarting = 0;
+  private readonly spares: MicroVm[] = [];
+  private preparing = 0;
   private closed = false;
   private lastBootError: Error | undefined;
   private idleTimer: NodeJS.Timeout | undefined;
@@ -62,7 +66,7 @@ export class Pool {
 
   /** @internal Boots the initial `min` VMs; rejects if the first boot fails. */
   async warm(): Promise<void> {
-    this.refillPrestart();
+    this.refillSpares();
     const boots: Promise<void>[] = [];
     for (let i = 0; i < this.opts.min; i++) boots.push(this.bootOne());
     const results = await Promise.allSettled(boots);
@@ -124,9 +128,9 @@ export class Pool {
     }
     const machines = [...this.idle.splice(0).map((e) => e.machine), ...[...this.inUse].map((v) => v.machine)];
     this.inUse.clear();
-    await Promise.all([...machines.map((m) => m.kill()), ...this.prestarted.splice(0).map((p) => p.kill())]);
-    // Boots and pre-starts still in flight notice `closed` and kill their process; wait for them.
-    while (this.booting > 0 || this.prestarting > 0) await new Promise((r) => setTimeout(r, 10));
+    await Promise.all([...machines, ...this.spares.splice(0)].map((m) => m.kill()));
+    // Boots and spares still in flight notice `closed` and kill their process; wait for them.
+    while (this.booting > 0 || this.preparing > 0) await new Promise((r) => setTimeout(r, 10));
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -181,38 +185,53 @@ export class Pool {
     }
   }
 
-  /** Keeps PRESTART processes waiting for a restore (restore pools only). */
-  private refillPrestart(): void {
+  /** Keeps SPARES restored, warmed VMs ready (restore pools only). */
+  private refillSpares(): void {
     if (this.closed || this.spec.incomingState === undefined) return;
-    while (this.prestarted.length + this.prestarting < PRESTART) {
-      this.prestarting++;
-      MicroVm.prestart(this.spec).then(
-        (p) => {
+    while (this.spares.length + this.preparing < SPARES) {
+      this.preparing++;
+      this.prepareSpare().then(
+        (m) => {
           if (this.closed) {
-            // shutdown() waits on `prestarting`: count this one until it is gone.
-            void p.kill().finally(() => this.prestarting--);
+            // shutdown() waits on `preparing`: count this one until it is gone.
+            void m.kill().finally(() => this.preparing--);
             return;
           }
-          this.prestarting--;
-          this.prestarted.push(p);
-          void p.exited.then(() => {
-            const i = this.prestarted.indexOf(p);
-            if (i >= 0) this.prestarted.splice(i, 1);
+          this.preparing--;
+          this.spares.push(m);
+          void m.exited.then(() => {
+            const i = this.spares.indexOf(m);
+            if (i >= 0) this.spares.splice(i, 1);
           });
+          // A caller may be waiting for exactly this.
+          if (this.waiters.length) this.pump();
         },
         (err: Error) => {
-          this.prestarting--;
-          log("pre-start failed: %s", err.message);
+          this.preparing--;
+          log("preparing a spare VM failed: %s", err.message);
         },
       );
     }
   }
 
-  /** A new VM: a pre-started process restoring the snapshot, or a fresh launch. */
+  private async prepareSpare(): Promise<MicroVm> {
+    const pending = await MicroVm.prestart(this.spec);
+    const m = await pending.start();
+    await m.agent.spawnBench(WARMUP_ARGV, 1).catch((e: Error) => log("warm-up of VM %d: %s", m.pid, e.message));
+    return m;
+  }
+
+  /** A new VM: a spare if one is ready, or a restore (or boot) now. */
   private launchOne(): Promise<MicroVm> {
-    const pending = this.prestarted.shift();
-    this.refillPrestart();
-    return pending ? pending.start() : MicroVm.launch(this.spec);
+    let spare: MicroVm | undefined;
+    while ((spare = this.spares.shift()) && !spare.aliveNow) void spare.kill();
+    this.refillSpares();
+    return spare ? Promise.resolve(spare) : MicroVm.launch(this.spec);
+  }
+
+  /** @internal Spare VMs ready to be handed out (benchmarks, diagnostics). */
+  spareCount(): number {
+    return this.spares.length;
   }
 
   private async bootOne(): Promise<void> {
