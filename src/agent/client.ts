@@ -584,6 +584,34 @@ export class AgentClient extends EventEmitter {
     return f.u64Array(Tag.ok.samplesNs).map((ns) => Number(ns) / 1e6);
   }
 
+  /** Starts the image's workload (PROTOCOL.md: WORKLOAD_START). Resolves with its guest pid. */
+  async startWorkload(req: Omit<ExecRequest, "stdin" | "timeoutMs">): Promise<number> {
+    this.checkAlive();
+    const id = this.allocId();
+    const op = new RequestOp(this, id, `start workload ${req.argv[0] ?? ""}`);
+    const w = new FieldWriter();
+    for (const a of req.argv) w.bytes(Tag.exec.argv, a);
+    for (const e of req.env) w.bytes(Tag.exec.env, e);
+    if (req.cwd !== undefined) w.bytes(Tag.exec.cwd, req.cwd);
+    if (req.uid !== undefined) w.u32(Tag.exec.uid, req.uid);
+    if (req.gid !== undefined) w.u32(Tag.exec.gid, req.gid);
+    this.streams.set(id, op);
+    this.updateRef();
+    this.send(Msg.WORKLOAD_START, id, w.finish());
+    return (await op.result).u32(Tag.ok.pid) ?? -1;
+  }
+
+  /** Sends `signum` to the workload's process group. */
+  async signalWorkload(signum: number): Promise<void> {
+    this.checkAlive();
+    const id = this.allocId();
+    const op = new RequestOp(this, id, `signal ${signum} to the workload`);
+    this.streams.set(id, op);
+    this.updateRef();
+    this.send(Msg.WORKLOAD_SIGNAL, id, new FieldWriter().u32(Tag.signal.signum, signum).finish());
+    await op.result;
+  }
+
   /** Ask the guest to power off. The caller waits for the hypervisor to exit. */
   shutdown(): void {
     if (!this.fatal) this.send(Msg.SHUTDOWN, 0);

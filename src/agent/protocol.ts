@@ -32,6 +32,8 @@ export const Msg = {
   READ_FILE: 0x21,
   OK: 0x22,
   SPAWN_BENCH: 0x30,
+  WORKLOAD_START: 0x40,
+  WORKLOAD_SIGNAL: 0x41,
 } as const;
 
 export const Channel = { STDIN: 0, STDOUT: 1, STDERR: 2 } as const;
@@ -62,7 +64,7 @@ export const Tag = {
   streamError: { code: 1, message: 2 },
   writeFile: { path: 1, mode: 2, size: 3, uid: 4, gid: 5, mkdirs: 6 },
   readFile: { path: 1, maxSize: 2 },
-  ok: { size: 1, samplesNs: 2 },
+  ok: { size: 1, samplesNs: 2, pid: 3 },
   spawnBench: { argv: 1, count: 2, env: 3 },
 } as const;
 

@@ -18,6 +18,7 @@ import { EngineError, ImageError } from "../errors.js";
 import { logger } from "../log.js";
 import { MicroVm } from "../engine/qemu.js";
 import type { ImageConfig } from "../image/oci-layout.js";
+import { resolveImageUser } from "../runtime/vm.js";
 
 const log = logger("snapshots");
 const META_VERSION = 1;
@@ -37,6 +38,15 @@ export interface SnapshotInputs {
   engine: { qemu: string; accel: string; kernelKey: string; agentKey: string; agentVersion: string };
 }
 
+/** The image's main process, as the agent runs it (PROTOCOL.md: WORKLOAD_START). */
+export interface WorkloadSpec {
+  argv: string[];
+  env: string[];
+  cwd: string;
+  /** Image `User`, resolved in the guest. */
+  user: string | undefined;
+}
+
 export interface SnapshotMeta {
   version: number;
   hash: string;
@@ -45,6 +55,9 @@ export interface SnapshotMeta {
   memoryMib: number;
   vcpus: number;
   files: { ram: { size: number }; state: { size: number; sha256: string } };
+  /** The workload to run in every VM, and whether it already runs in the snapshot. */
+  workload: WorkloadSpec | null;
+  workloadRunning: boolean;
   created: string;
   bakeMs: number;
 }
@@ -133,6 +146,10 @@ export interface BakeRequest {
   memoryMib: number;
   vcpus: number;
   bootTimeoutMs?: number;
+  workload: WorkloadSpec | null;
+  /** Start the workload at bake and capture once it listens on `guestPort`. */
+  listenerRequired: boolean;
+  guestPort: number;
 }
 
 /**
@@ -188,6 +205,15 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<SnapshotMeta> {
   });
   try {
     await warmGuest(vm, req.image.config);
+    if (req.listenerRequired) {
+      if (!req.workload) {
+        throw new ImageError("IMAGE_NO_WORKLOAD", `${req.image.ref}: listenerRequired needs a workload, and the image has no ENTRYPOINT or CMD`, {
+          hint: "pass cmd: [...] to Image.build",
+        });
+      }
+      await startWorkload(vm, req.workload);
+      await waitListening(vm, req.guestPort, req.bootTimeoutMs ?? 60_000, req.image.ref);
+    }
     await vm.snapshot(state);
   } finally {
     await vm.kill();
@@ -207,6 +233,8 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<SnapshotMeta> {
       ram: { size: statSync(ram).size },
       state: { size: stateBytes.length, sha256: createHash("sha256").update(stateBytes).digest("hex") },
     },
+    workload: req.workload,
+    workloadRunning: req.listenerRequired,
     created: new Date().toISOString(),
     bakeMs: Math.round(performance.now() - t0),
   };
@@ -236,6 +264,31 @@ async function warmGuest(vm: MicroVm, config: ImageConfig): Promise<void> {
     } catch (err) {
       log("warm-up %s: %s", argv.join(" "), (err as Error).message);
     }
+  }
+}
+
+/** Starts the workload in `vm` (the user is resolved against the guest's own files). */
+export async function startWorkload(vm: MicroVm, w: WorkloadSpec): Promise<number> {
+  const ids = w.user ? await resolveImageUser(vm.agent, w.user) : undefined;
+  return vm.agent.startWorkload({ argv: w.argv, env: w.env, cwd: w.cwd, ...ids });
+}
+
+/** Polls the guest's TCP tables until something listens on `port`. */
+async function waitListening(vm: MicroVm, port: number, timeoutMs: number, ref: string): Promise<void> {
+  const hex = `:${port.toString(16).toUpperCase().padStart(4, "0")}`;
+  const end = performance.now() + timeoutMs;
+  for (;;) {
+    for (const table of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+      const text = (await vm.agent.readFile(table, 1 << 20).catch(() => Buffer.alloc(0))).toString();
+      // Columns: sl local_address rem_address st ...; st 0A is LISTEN.
+      if (text.split("\n").some((l) => l.trim().split(/\s+/)[1]?.endsWith(hex) && l.trim().split(/\s+/)[3] === "0A")) return;
+    }
+    if (performance.now() > end) {
+      throw new ImageError("IMAGE_LISTENER_TIMEOUT", `${ref}: the workload did not listen on port ${port} within ${timeoutMs} ms`, {
+        hint: "check guestPort, and the workload's output in the guest console log (DEBUG=supermachine:*)",
+      });
+    }
+    await new Promise((r) => setTimeout(r, 20));
   }
 }
 

@@ -5,7 +5,7 @@
  * whose inputs were already baked returns without booting anything.
  */
 import { join } from "node:path";
-import { ensureSnapshot, inputHash, loadSnapshot, type LoadedSnapshot, type SnapshotInputs } from "../cache/snapshots.js";
+import { ensureSnapshot, inputHash, loadSnapshot, type LoadedSnapshot, type SnapshotInputs, type WorkloadSpec } from "../cache/snapshots.js";
 import { chooseAccel, type AccelChoice } from "../engine/accel.js";
 import { nativeArtifacts } from "../engine/artifacts.js";
 import { qemuIdentity, type VmSpec } from "../engine/qemu.js";
@@ -54,6 +54,13 @@ export class Image {
         agentVersion: artifacts.agentVersion,
       },
     };
+    const defaults = execDefaults(resolved.config, b.env);
+    const argv = b.cmd ?? [...(resolved.config.entrypoint ?? []), ...(resolved.config.cmd ?? [])];
+    const workload: WorkloadSpec | null = argv.length
+      ? { argv, env: defaults.env, cwd: defaults.workingDir ?? "/", user: defaults.user }
+      : null;
+    inputs.cmd = workload ? argv : null;
+    inputs.listenerRequired = b.listenerRequired;
     const hash = inputHash(inputs);
     const dir = join(b.snapshotsDir ?? homePaths().snapshots, b.name ?? `img-${hash.slice(0, 16)}`);
     const { snapshot, baked } = await ensureSnapshot({
@@ -63,6 +70,9 @@ export class Image {
       image: { ref: b.ref, digest: resolved.manifestDigest, config: resolved.config, rootfs: resolved.rootfsPath, rootfsSize: resolved.sizeBytes },
       memoryMib: b.memoryMib,
       vcpus: b.vcpus,
+      workload,
+      listenerRequired: b.listenerRequired,
+      guestPort: b.guestPort,
     });
     log("%s: snapshot %s (%s)", b.ref, dir, baked ? `baked in ${snapshot.meta.bakeMs} ms` : "cached");
     return new Image(snapshot);
@@ -129,7 +139,11 @@ export class Image {
   async pool(options: PoolOptions = {}): Promise<Pool> {
     const o = resolvePoolOptions(options);
     const spec = this.vmSpec(o.memoryMib ?? this.memoryMib, o.vcpus ?? this.vcpus, o.restoreTimeoutMs);
-    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.inputs.env), o);
+    // The workload runs in every VM: captured running (listenerRequired) or started after each
+    // restore or boot.
+    const restored = spec.incomingState !== undefined;
+    const workload = this.snap.meta.workload && !(restored && this.snap.meta.workloadRunning) ? this.snap.meta.workload : undefined;
+    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.inputs.env), o, workload);
     await pool.warm();
     return pool;
   }

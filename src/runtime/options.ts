@@ -84,10 +84,8 @@ const BUILD_KEYS = [
 ] as const;
 /** Accepted by the type but not implemented by this version: refused by name rather than ignored. */
 const BUILD_NOT_YET: Record<string, string> = {
-  listenerRequired: "listener-ready snapshots arrive with snapshot baking",
-  warmup: "warmup arrives with snapshot baking",
-  extraFiles: "extraFiles arrive with snapshot baking",
-  cmd: "the image workload (CMD/ENTRYPOINT) arrives with snapshot baking; use vm.exec",
+  warmup: "warmup closures arrive with the declarative layer; bake state with a workload (cmd) for now",
+  extraFiles: "extraFiles arrive with the declarative layer; stage files with vm.writeFile or exec's stageFiles",
 };
 const POOL_KEYS = [
   "min", "max", "acquireTimeoutMs", "idleTimeoutMs", "restoreOnRelease", "memoryMib", "vcpus", "restoreTimeoutMs",
@@ -139,6 +137,7 @@ export interface ResolvedBuild {
   ref: string;
   name: string | undefined;
   guestPort: number;
+  listenerRequired: boolean;
   warmupTag: string;
   snapshotsDir: string | undefined;
   memoryMib: number;
@@ -193,6 +192,7 @@ export function resolveBuildOptions(o: unknown): ResolvedBuild {
     ref: o.ref.trim(),
     name: o.name as string | undefined,
     guestPort: positiveInt("Image.build: guestPort", o.guestPort ?? BUILD_DEFAULTS.guestPort, { max: 65535 }),
+    listenerRequired: o.listenerRequired === true,
     warmupTag: (o.warmupTag as string | undefined) ?? BUILD_DEFAULTS.warmupTag,
     snapshotsDir: o.snapshotsDir === undefined ? undefined : resolvePath(o.snapshotsDir as string),
     memoryMib: positiveInt("Image.build: memoryMib", o.memoryMib ?? BUILD_DEFAULTS.memoryMib, { min: 64, max: 1 << 20 }),

@@ -11,6 +11,7 @@ import { PoolError } from "../errors.js";
 import { logger } from "../log.js";
 import { MicroVm, type VmSpec } from "../engine/qemu.js";
 import type { ResolvedPool } from "./options.js";
+import { startWorkload, type WorkloadSpec } from "../cache/snapshots.js";
 import { Vm, type ExecDefaults } from "./vm.js";
 
 const log = logger("pool");
@@ -57,6 +58,8 @@ export class Pool {
     private readonly spec: VmSpec,
     private readonly defaults: ExecDefaults,
     private readonly opts: ResolvedPool,
+    /** Started in every new VM, when the snapshot does not already run it. */
+    private readonly workload?: WorkloadSpec,
   ) {
     if (opts.idleTimeoutMs !== undefined) {
       this.idleTimer = setInterval(() => this.evictIdle(), Math.max(50, Math.min(opts.idleTimeoutMs / 2, 5_000)));
@@ -218,15 +221,29 @@ export class Pool {
     const pending = await MicroVm.prestart(this.spec);
     const m = await pending.start();
     await m.agent.spawnBench(WARMUP_ARGV, 1).catch((e: Error) => log("warm-up of VM %d: %s", m.pid, e.message));
+    await this.startWorkloadIn(m);
     return m;
   }
 
   /** A new VM: a spare if one is ready, or a restore (or boot) now. */
-  private launchOne(): Promise<MicroVm> {
+  private async launchOne(): Promise<MicroVm> {
     let spare: MicroVm | undefined;
     while ((spare = this.spares.shift()) && !spare.aliveNow) void spare.kill();
     this.refillSpares();
-    return spare ? Promise.resolve(spare) : MicroVm.launch(this.spec);
+    if (spare) return spare;
+    const m = await MicroVm.launch(this.spec);
+    await this.startWorkloadIn(m);
+    return m;
+  }
+
+  private async startWorkloadIn(m: MicroVm): Promise<void> {
+    if (!this.workload) return;
+    try {
+      await startWorkload(m, this.workload);
+    } catch (err) {
+      await m.kill();
+      throw err;
+    }
   }
 
   /** @internal Spare VMs ready to be handed out (benchmarks, diagnostics). */

@@ -1,7 +1,7 @@
 /**
  * `Vm`: a VM checked out of a pool. Runs processes and moves files through the guest agent.
  */
-import type { ExecRequest, ExitInfo } from "../agent/client.js";
+import type { AgentClient, ExecRequest, ExitInfo } from "../agent/client.js";
 import { AgentError, OptionError, PoolError, SupermachineError } from "../errors.js";
 import type { MicroVm } from "../engine/qemu.js";
 import type { ImageConfig } from "../image/oci-layout.js";
@@ -43,6 +43,38 @@ export function mergeEnv(base: string[], extra: Record<string, string>): string[
 
 type ReleaseFn = (vm: Vm) => Promise<void>;
 
+/**
+ * Resolves an image `User` (`name`, `uid`, `name:group`, `uid:gid`) to numeric ids, reading the
+ * guest's /etc/passwd and /etc/group when names are involved.
+ */
+export async function resolveImageUser(agent: AgentClient, spec: string): Promise<{ uid: number; gid: number }> {
+  const [u, g] = spec.split(":", 2) as [string, string | undefined];
+  let uid = /^\d+$/.test(u) ? Number(u) : undefined;
+  let gid = g !== undefined && /^\d+$/.test(g) ? Number(g) : undefined;
+  if (uid === undefined || gid === undefined) {
+    const passwd = (await agent.readFile("/etc/passwd", 1 << 20).catch(() => Buffer.alloc(0))).toString();
+    for (const line of passwd.split("\n")) {
+      const f = line.split(":");
+      if (f.length < 4) continue;
+      if (uid === undefined ? f[0] === u : Number(f[2]) === uid) {
+        uid = Number(f[2]);
+        if (g === undefined) gid = Number(f[3]);
+        break;
+      }
+    }
+    if (uid !== undefined && g === undefined && gid === undefined) gid = uid;
+    if (g !== undefined && gid === undefined) {
+      const group = (await agent.readFile("/etc/group", 1 << 20).catch(() => Buffer.alloc(0))).toString();
+      const found = group.split("\n").map((l) => l.split(":")).find((f) => f[0] === g)?.[2];
+      gid = found === undefined ? undefined : Number(found);
+    }
+  }
+  if (uid === undefined || gid === undefined || Number.isNaN(uid) || Number.isNaN(gid)) {
+    throw new ExecError("EXEC_USER_UNKNOWN", `the image's User ${JSON.stringify(spec)} is not in the guest's /etc/passwd or /etc/group`);
+  }
+  return { uid, gid };
+}
+
 export class Vm {
   private released = false;
   private user: { uid: number; gid: number } | undefined;
@@ -80,34 +112,23 @@ export class Vm {
   }
 
   private async resolveUser(): Promise<{ uid: number; gid: number } | undefined> {
-    const spec = this.defaults.user;
-    if (!spec) return undefined;
-    if (this.user) return this.user;
-    const [u, g] = spec.split(":", 2) as [string, string | undefined];
-    let uid = /^\d+$/.test(u) ? Number(u) : undefined;
-    let gid = g !== undefined && /^\d+$/.test(g) ? Number(g) : undefined;
-    if (uid === undefined || (g !== undefined && gid === undefined) || (g === undefined && gid === undefined)) {
-      const passwd = (await this.machine.agent.readFile("/etc/passwd", 1 << 20).catch(() => Buffer.alloc(0))).toString();
-      for (const line of passwd.split("\n")) {
-        const f = line.split(":");
-        if (f.length < 4) continue;
-        if (uid === undefined ? f[0] === u : Number(f[2]) === uid) {
-          uid = Number(f[2]);
-          if (g === undefined) gid = Number(f[3]);
-          break;
-        }
-      }
-      if (g !== undefined && gid === undefined) {
-        const group = (await this.machine.agent.readFile("/etc/group", 1 << 20).catch(() => Buffer.alloc(0))).toString();
-        gid = group.split("\n").map((l) => l.split(":")).find((f) => f[0] === g)?.[2] as unknown as number | undefined;
-        gid = gid === undefined ? undefined : Number(gid);
-      }
-    }
-    if (uid === undefined || gid === undefined || Number.isNaN(uid) || Number.isNaN(gid)) {
-      throw new ExecError("EXEC_USER_UNKNOWN", `the image's User ${JSON.stringify(spec)} is not in the guest's /etc/passwd or /etc/group`);
-    }
-    this.user = { uid, gid };
+    if (!this.defaults.user) return undefined;
+    this.user ??= await resolveImageUser(this.machine.agent, this.defaults.user);
     return this.user;
+  }
+
+  /** Sends a signal (e.g. 15 for SIGTERM) to the image's workload, the VM's main process. */
+  async workloadSignal(signum: number): Promise<void> {
+    this.usable("vm.workloadSignal");
+    if (!Number.isInteger(signum) || signum < 1 || signum > 64) {
+      throw new OptionError("OPTION_INVALID", `vm.workloadSignal: signum ${JSON.stringify(signum)} must be an integer from 1 to 64`);
+    }
+    await this.machine.agent.signalWorkload(signum).catch((e: unknown) => {
+      throw new ExecError("EXEC_NO_WORKLOAD", `vm.workloadSignal(${signum}): ${(e as Error).message}`, {
+        cause: e,
+        hint: "the image has no workload running (no ENTRYPOINT/CMD, or it exited)",
+      });
+    });
   }
 
   /** Run a process to completion and collect its output. */

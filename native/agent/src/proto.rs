@@ -28,6 +28,8 @@ pub const WRITE_FILE: u8 = 0x20;
 pub const READ_FILE: u8 = 0x21;
 pub const OK: u8 = 0x22;
 pub const SPAWN_BENCH: u8 = 0x30;
+pub const WORKLOAD_START: u8 = 0x40;
+pub const WORKLOAD_SIGNAL: u8 = 0x41;
 
 /// DATA flag: end of this channel.
 pub const FLAG_EOF: u8 = 0x80;
@@ -453,6 +455,10 @@ impl ExitInfo {
 
 pub fn ok_size(size: u64) -> Vec<u8> {
     FieldWriter::new().u64(1, size).finish()
+}
+
+pub fn ok_pid(pid: u32) -> Vec<u8> {
+    FieldWriter::new().u32(3, pid).finish()
 }
 
 pub fn ok_samples(samples: &[u64]) -> Vec<u8> {

@@ -122,6 +122,9 @@ pub struct Server {
     timer: TimerFd,
     transport: Transport,
     devnull: OwnedFd,
+    /// The image's workload (ENTRYPOINT/CMD), at most one; its pid survives snapshots with the
+    /// rest of the guest's memory.
+    workload: Option<pid_t>,
     inbuf: Vec<u8>,
     out: Vec<u8>,
     out_pos: usize,
@@ -200,6 +203,7 @@ impl Server {
             timer,
             transport,
             devnull,
+            workload: None,
             inbuf: Vec::new(),
             out: Vec::new(),
             out_pos: 0,
@@ -554,6 +558,8 @@ impl Server {
             proto::SIGNAL => self.on_signal(h.stream, payload),
             proto::CANCEL => self.on_cancel(h.stream),
             proto::RESIZE => {}
+            proto::WORKLOAD_START if h.stream != 0 => self.start_workload(h.stream, payload),
+            proto::WORKLOAD_SIGNAL if h.stream != 0 => self.signal_workload(h.stream, payload),
             other => {
                 let msg = format!("unsupported message type 0x{other:02x}");
                 if h.stream == 0 {
@@ -843,6 +849,12 @@ impl Server {
 
     fn reap(&mut self) {
         while let Some(r) = sys::reap_any() {
+            if self.workload == Some(r.pid) {
+                self.workload = None;
+                let (code, signal) = r.code_and_signal();
+                eprintln!("supermachine-agent: workload (pid {}) ended: exit {code}, signal {signal}", r.pid);
+                continue;
+            }
             let Some(id) = self.children.remove(&r.pid) else { continue }; // an orphan
             let now = sys::monotonic_ns();
             match self.streams.get_mut(&id) {
@@ -1062,6 +1074,50 @@ impl Server {
                     self.stream_error(id, e.code, &e.message);
                 }
             }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Workload
+
+    /// Starts the image's workload: a process of its own session whose output goes to the
+    /// agent's console, not to a stream, so that it outlives connections and snapshots.
+    fn start_workload(&mut self, id: u32, payload: &[u8]) {
+        if let Some(pid) = self.workload {
+            return self.stream_error(id, proto::STREAM_IN_USE, &format!("a workload is already running (pid {pid})"));
+        }
+        let req = match proto::Exec::parse(payload) {
+            Ok(r) => r,
+            Err(e) => return self.stream_error(id, proto::BAD_REQUEST, &e.to_string()),
+        };
+        let prepared = match exec::prepare(&req.argv, &req.env, req.cwd.as_deref(), req.uid, req.gid) {
+            Ok(p) => p,
+            Err(ExecError::BadRequest(m)) => return self.stream_error(id, proto::BAD_REQUEST, &m),
+            Err(ExecError::NotFound(m)) => return self.stream_error(id, proto::NOT_FOUND, m.trim_end()),
+            Err(ExecError::CannotStart(m)) => return self.stream_error(id, proto::IO, m.trim_end()),
+        };
+        match prepared.start([self.devnull.as_raw_fd(), 1, 2]) {
+            Ok(pid) => {
+                self.workload = Some(pid);
+                self.send(proto::OK, 0, id, &proto::ok_pid(pid as u32));
+            }
+            Err(e) => self.stream_error(id, proto::IO, e.to_string().trim_end()),
+        }
+    }
+
+    /// Signals the workload's process group.
+    fn signal_workload(&mut self, id: u32, payload: &[u8]) {
+        let sig = match proto::Signal::parse(payload) {
+            Ok(s) if s.signum >= 1 && s.signum <= 64 => s,
+            Ok(_) => return self.stream_error(id, proto::BAD_REQUEST, "signum must be 1 to 64"),
+            Err(e) => return self.stream_error(id, proto::BAD_REQUEST, &e.to_string()),
+        };
+        match self.workload {
+            Some(pid) => match sys::kill(-pid, sig.signum as i32) {
+                Ok(()) => self.send(proto::OK, 0, id, &[]),
+                Err(e) => self.stream_error(id, proto::IO, &format!("kill: {e}")),
+            },
+            None => self.stream_error(id, proto::NOT_FOUND, "no workload is running"),
         }
     }
 
