@@ -267,6 +267,73 @@ async function warmGuest(vm: MicroVm, config: ImageConfig): Promise<void> {
   }
 }
 
+/**
+ * Captures a running VM (whose RAM is private, as in every restored VM) into a new snapshot
+ * directory. Its RAM is not in any file, so the capture goes in two steps: a full migration
+ * stream (RAM included) is written while the VM is paused, and the VM resumes; then a helper
+ * QEMU loads that stream into a shared RAM file and is captured the usual way, RAM staying in
+ * the file. The helper and the full stream are gone afterwards.
+ */
+export async function captureRunning(vm: MicroVm, destDir: string, origin: SnapshotMeta): Promise<LoadedSnapshot> {
+  const t0 = performance.now();
+  await mkdir(dirname(destDir), { recursive: true });
+  const tmp = `${destDir}.tmp-${randomBytes(6).toString("hex")}`;
+  await mkdir(tmp);
+  try {
+    const full = join(tmp, "full-stream");
+    try {
+      await vm.snapshot(full, { includeRam: true });
+    } finally {
+      await vm.qmp.execute("cont").catch((e: Error) => log("resuming VM %d: %s", vm.pid, e.message));
+    }
+    const helper = await MicroVm.launch({
+      rootfs: origin.image.rootfs,
+      memoryMib: origin.memoryMib,
+      vcpus: origin.vcpus,
+      memoryFile: { path: join(tmp, SNAPSHOT_FILES.ram), shared: true },
+      incomingState: full,
+      incomingHasRam: true,
+    });
+    try {
+      await helper.snapshot(join(tmp, SNAPSHOT_FILES.state));
+    } finally {
+      await helper.kill();
+    }
+    await rm(full, { force: true });
+    const stateBytes = await readFile(join(tmp, SNAPSHOT_FILES.state));
+    await fsyncPath(join(tmp, SNAPSHOT_FILES.ram));
+    await fsyncPath(join(tmp, SNAPSHOT_FILES.state));
+    const meta: SnapshotMeta = {
+      ...origin,
+      // Not reproducible from inputs: a capture of one VM at one moment.
+      hash: `capture-${randomBytes(16).toString("hex")}`,
+      files: {
+        ram: { size: statSync(join(tmp, SNAPSHOT_FILES.ram)).size },
+        state: { size: stateBytes.length, sha256: createHash("sha256").update(stateBytes).digest("hex") },
+      },
+      // Whatever the VM was running is running in the capture.
+      workloadRunning: origin.workload !== null,
+      created: new Date().toISOString(),
+      bakeMs: Math.round(performance.now() - t0),
+    };
+    const fh = await open(join(tmp, SNAPSHOT_FILES.meta), "w");
+    try {
+      await fh.writeFile(JSON.stringify(meta, null, 2) + "\n");
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await fsyncPath(tmp);
+    await rm(destDir, { recursive: true, force: true });
+    await rename(tmp, destDir);
+    await fsyncPath(dirname(destDir));
+    return { dir: destDir, ram: join(destDir, SNAPSHOT_FILES.ram), state: join(destDir, SNAPSHOT_FILES.state), meta };
+  } catch (err) {
+    await rm(tmp, { recursive: true, force: true });
+    throw err;
+  }
+}
+
 /** Starts the workload in `vm` (the user is resolved against the guest's own files). */
 export async function startWorkload(vm: MicroVm, w: WorkloadSpec): Promise<number> {
   const ids = w.user ? await resolveImageUser(vm.agent, w.user) : undefined;

@@ -73,6 +73,8 @@ export interface VmSpec {
   memoryFile?: { path: string; shared: boolean };
   /** Restore: start paused and load this device-state file (QEMU migration stream) first. */
   incomingState?: string;
+  /** The state file is a complete stream with the RAM in it (`snapshot({ includeRam })`). */
+  incomingHasRam?: boolean;
 }
 
 export interface VmExit {
@@ -401,10 +403,12 @@ export class MicroVm {
    * in its file and is not copied (`x-ignore-shared`). The VM stays paused; since it shares the
    * RAM file, it must not run again: the caller kills it.
    */
-  async snapshot(stateFile: string): Promise<{ durationMs: number }> {
+  async snapshot(stateFile: string, opts: { includeRam?: boolean } = {}): Promise<{ durationMs: number }> {
     const t0 = performance.now();
     await this.qmp.execute("stop");
-    await this.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
+    // includeRam: a complete stream, RAM in it (for VMs whose RAM is in no file of its own).
+    const ignoreShared = !opts.includeRam;
+    await this.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: ignoreShared }] });
     await this.qmp.execute("migrate", { uri: `exec:cat > ${shellPath(stateFile)}` });
     await waitMigration(this.qmp, "snapshot");
     return { durationMs: performance.now() - t0 };
@@ -540,7 +544,7 @@ export class PendingVm {
     return this.guard(this.spec.bootTimeoutMs ?? 60_000, async (race) => {
       const agent = this.agent!;
       const qmp = this.qmp!;
-      if (this.spec.incomingState !== undefined) await race(restoreState(qmp, this.spec.incomingState));
+      if (this.spec.incomingState !== undefined) await race(restoreState(qmp, this.spec.incomingState, !this.spec.incomingHasRam));
       // After a restore, HELLO also gives the clone the host's clock and fresh entropy.
       const hello = await race(agent.hello({ entropy: randomBytes(64) }));
       // A boot is timed from the process spawn; a restore from the state load (the process may
@@ -617,8 +621,8 @@ async function waitMigration(qmp: QmpClient, what: string): Promise<void> {
 }
 
 /** Loads a device-state file into a QEMU started with `-incoming defer`, then resumes it. */
-async function restoreState(qmp: QmpClient, stateFile: string): Promise<void> {
-  await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
+async function restoreState(qmp: QmpClient, stateFile: string, ignoreShared: boolean): Promise<void> {
+  await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: ignoreShared }] });
   await qmp.execute("migrate-incoming", { uri: `exec:cat ${shellPath(stateFile)}` });
   for (let delay = 1; ; delay = Math.min(delay * 2, 10)) {
     const st = await qmp.execute<{ status?: string }>("query-status");

@@ -21,7 +21,8 @@ import { execDefaults } from "./vm.js";
 const log = logger("image");
 
 export class Image {
-  private constructor(private readonly snap: LoadedSnapshot) {}
+  /** @internal */
+  constructor(private readonly snap: LoadedSnapshot) {}
 
   /**
    * Resolve `ref`, build its root filesystem and bake its snapshot, each step served from the
@@ -143,7 +144,7 @@ export class Image {
     // restore or boot.
     const restored = spec.incomingState !== undefined;
     const workload = this.snap.meta.workload && !(restored && this.snap.meta.workloadRunning) ? this.snap.meta.workload : undefined;
-    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.inputs.env), o, workload);
+    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.inputs.env), o, workload, this.snap.meta);
     await pool.warm();
     return pool;
   }

@@ -11,7 +11,7 @@ import { PoolError } from "../errors.js";
 import { logger } from "../log.js";
 import { MicroVm, type VmSpec } from "../engine/qemu.js";
 import type { ResolvedPool } from "./options.js";
-import { startWorkload, type WorkloadSpec } from "../cache/snapshots.js";
+import { startWorkload, type SnapshotMeta, type WorkloadSpec } from "../cache/snapshots.js";
 import { Vm, type ExecDefaults } from "./vm.js";
 
 const log = logger("pool");
@@ -60,6 +60,8 @@ export class Pool {
     private readonly opts: ResolvedPool,
     /** Started in every new VM, when the snapshot does not already run it. */
     private readonly workload?: WorkloadSpec,
+    /** The snapshot VMs come from (for vm.snapshot). */
+    private readonly origin?: SnapshotMeta,
   ) {
     if (opts.idleTimeoutMs !== undefined) {
       this.idleTimer = setInterval(() => this.evictIdle(), Math.max(50, Math.min(opts.idleTimeoutMs / 2, 5_000)));
@@ -151,7 +153,7 @@ export class Pool {
   }
 
   private checkout(machine: MicroVm): Vm {
-    const vm = new Vm(machine, this.defaults, (v) => this.onRelease(v));
+    const vm = new Vm(machine, this.defaults, (v) => this.onRelease(v), this.origin);
     this.inUse.add(vm);
     void machine.exited.then(() => {
       if (!this.closed && this.inUse.has(vm)) log("checked-out VM %d died", machine.pid);

@@ -1,7 +1,10 @@
 /**
  * `Vm`: a VM checked out of a pool. Runs processes and moves files through the guest agent.
  */
+import { resolve as resolvePath } from "node:path";
 import type { AgentClient, ExecRequest, ExitInfo } from "../agent/client.js";
+import { captureRunning, type SnapshotMeta } from "../cache/snapshots.js";
+import { Image } from "./image.js";
 import { AgentError, OptionError, PoolError, SupermachineError } from "../errors.js";
 import type { MicroVm } from "../engine/qemu.js";
 import type { ImageConfig } from "../image/oci-layout.js";
@@ -84,6 +87,7 @@ export class Vm {
     /** @internal */ readonly machine: MicroVm,
     private readonly defaults: ExecDefaults,
     private readonly releaseTo: ReleaseFn,
+    private readonly origin?: SnapshotMeta,
   ) {}
 
   /** Path of the unix socket the agent channel runs on (diagnostics; it is already connected). */
@@ -209,6 +213,22 @@ export class Vm {
     this.usable("vm.readFile");
     if (typeof path !== "string" || !path.startsWith("/")) throw new OptionError("OPTION_INVALID", `vm.readFile: path ${JSON.stringify(path)} must be absolute`);
     return this.machine.agent.readFile(path, FILE_LIMIT);
+  }
+
+  /**
+   * Captures this VM as it is now (files, processes, memory) into `destDir` and returns it as an
+   * Image whose pools restore that state. The VM pauses for the capture and then goes on.
+   */
+  async snapshot(destDir: string): Promise<Image> {
+    this.usable("vm.snapshot");
+    if (typeof destDir !== "string" || destDir === "") throw new OptionError("OPTION_INVALID", "vm.snapshot: destDir must be a directory path");
+    if (!this.origin) {
+      throw new ExecError("EXEC_SNAPSHOT_UNSUPPORTED", "vm.snapshot: this VM was not restored from a snapshot (its pool boots cold)", {
+        hint: "use a pool with the image's own memoryMib and vcpus",
+      });
+    }
+    const snap = await captureRunning(this.machine, resolvePath(destDir), this.origin);
+    return new Image(snap);
   }
 
   /** Return the VM to its pool. Idempotent. */

@@ -123,3 +123,31 @@ describe("pools on snapshots", () => {
     }
   });
 });
+
+describe("vm.snapshot", () => {
+  it("captures a running VM into a new image; the VM goes on", async () => {
+    const img = await Image.build({ ref: "builtin:busybox", snapshotsDir, name: "bb" });
+    const pool = await img.pool({ min: 1, max: 1 });
+    const dest = join(snapshotsDir, "captured");
+    try {
+      const vm = await pool.acquire();
+      await vm.exec({ argv: ["sh", "-c", "echo captured-state > /root/note; (sleep 1000 &) ; true"] });
+      const captured = await vm.snapshot(dest);
+      expect(captured.snapshotPath).toBe(dest);
+      expect(captured.digest).toBe(img.digest);
+      // The original VM continues.
+      expect((await vm.exec({ argv: ["cat", "/root/note"] })).stdout.toString()).toBe("captured-state\n");
+      const again = await Image.fromSnapshot(dest);
+      const p2 = await again.pool({ min: 1, max: 1 });
+      try {
+        const clone = await p2.acquire();
+        expect((await clone.exec({ argv: ["cat", "/root/note"] })).stdout.toString()).toBe("captured-state\n");
+        expect((await clone.exec({ argv: ["sh", "-c", "pidof sleep >/dev/null && echo running"] })).stdout.toString()).toBe("running\n");
+      } finally {
+        await p2.shutdown();
+      }
+    } finally {
+      await pool.shutdown();
+    }
+  });
+});
