@@ -11,6 +11,8 @@ export type {
   StagedFileMode,
 } from "./runtime/options.js";
 export type { ImageConfig } from "./image/oci-layout.js";
+export type { ImageProgress, PullPolicy } from "./image/store.js";
+export { RegistryError } from "./registry/errors.js";
 export type { AccelChoice, Accel } from "./engine/accel.js";
 export {
   SupermachineError,

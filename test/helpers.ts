@@ -1,4 +1,8 @@
 import { execFileSync, spawnSync } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { gunzipSync } from "node:zlib";
+import { homePaths } from "../src/paths.js";
 
 /** Pids of qemu-system processes currently on the machine. */
 export function qemuPids(): number[] {
@@ -24,4 +28,13 @@ export async function waitFor(cond: () => boolean, ms: number, step = 20): Promi
     await new Promise((r) => setTimeout(r, step));
   }
   return cond();
+}
+
+/** The layer of the built-in busybox image, uncompressed (a base layer for test images). */
+export function busyboxLayer(): Buffer {
+  const layout = join(homePaths().builtin, "busybox");
+  const blob = (d: string) => readFileSync(join(layout, "blobs", "sha256", d.slice("sha256:".length)));
+  const index = JSON.parse(readFileSync(join(layout, "index.json"), "utf8")) as { manifests: { digest: string }[] };
+  const manifest = JSON.parse(blob(index.manifests[0]!.digest).toString()) as { layers: { digest: string }[] };
+  return gunzipSync(blob(manifest.layers[0]!.digest));
 }

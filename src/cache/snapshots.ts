@@ -238,14 +238,7 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<SnapshotMeta> {
     created: new Date().toISOString(),
     bakeMs: Math.round(performance.now() - t0),
   };
-  const metaPath = join(tmp, SNAPSHOT_FILES.meta);
-  const fh = await open(metaPath, "w");
-  try {
-    await fh.writeFile(JSON.stringify(meta, null, 2) + "\n");
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
+  await writeSynced(join(tmp, SNAPSHOT_FILES.meta), JSON.stringify(meta, null, 2) + "\n");
   await fsyncPath(tmp);
   log("baked %s in %d ms", req.image.ref, meta.bakeMs);
   return meta;
@@ -316,13 +309,7 @@ export async function captureRunning(vm: MicroVm, destDir: string, origin: Snaps
       created: new Date().toISOString(),
       bakeMs: Math.round(performance.now() - t0),
     };
-    const fh = await open(join(tmp, SNAPSHOT_FILES.meta), "w");
-    try {
-      await fh.writeFile(JSON.stringify(meta, null, 2) + "\n");
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
+    await writeSynced(join(tmp, SNAPSHOT_FILES.meta), JSON.stringify(meta, null, 2) + "\n");
     await fsyncPath(tmp);
     await rm(destDir, { recursive: true, force: true });
     await rename(tmp, destDir);
@@ -366,6 +353,16 @@ async function removeTemps(dir: string): Promise<void> {
   if (!existsSync(parent)) return;
   for (const name of readdirSync(parent)) {
     if (name.startsWith(prefix)) await rm(join(parent, name), { recursive: true, force: true });
+  }
+}
+
+async function writeSynced(path: string, text: string): Promise<void> {
+  const fh = await open(path, "w");
+  try {
+    await fh.writeFile(text);
+    await fh.sync();
+  } finally {
+    await fh.close();
   }
 }
 

@@ -1,23 +1,12 @@
 // An OCI image layout made in the test (busybox base layer + a layer with whiteouts), booted
 // for real: layer semantics and the image config (Env, WorkingDir, User) as the guest sees them.
-import { readFileSync } from "node:fs";
-import { join } from "node:path";
-import { gunzipSync } from "node:zlib";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Image, type Pool } from "../../src/index.js";
-import { homePaths } from "../../src/paths.js";
+import { busyboxLayer } from "../helpers.js";
 import { makeTar, removeDir, tempDir, writeLayout } from "../image/helpers.js";
 
 let dir: string;
 let pool: Pool | undefined;
-
-function busyboxLayer(): Buffer {
-  const layout = join(homePaths().builtin, "busybox");
-  const blob = (d: string) => readFileSync(join(layout, "blobs", "sha256", d.slice("sha256:".length)));
-  const index = JSON.parse(readFileSync(join(layout, "index.json"), "utf8"));
-  const manifest = JSON.parse(blob(index.manifests[0].digest).toString());
-  return gunzipSync(blob(manifest.layers[0].digest));
-}
 
 beforeAll(async () => {
   dir = await tempDir("sm-oci-vm-");

@@ -1,12 +1,11 @@
 // The image's workload: started after every restore by default (pre-exec snapshots), captured
 // already listening with listenerRequired, and reachable with vm.workloadSignal.
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { Image, type Vm } from "../../src/index.js";
-import { gunzipSync } from "node:zlib";
-import { homePaths } from "../../src/paths.js";
+import { busyboxLayer } from "../helpers.js";
 import { writeLayout } from "../image/helpers.js";
 
 const snapshotsDir = mkdtempSync(join(tmpdir(), "sm-workload-test-"));
@@ -83,10 +82,3 @@ describe("workloads", () => {
   });
 });
 
-function busyboxLayer(): Buffer {
-  const layout = join(homePaths().builtin, "busybox");
-  const blob = (d: string) => readFileSync(join(layout, "blobs", "sha256", d.slice("sha256:".length)));
-  const index = JSON.parse(readFileSync(join(layout, "index.json"), "utf8"));
-  const manifest = JSON.parse(blob(index.manifests[0].digest).toString());
-  return gunzipSync(blob(manifest.layers[0].digest));
-}
