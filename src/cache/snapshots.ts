@@ -156,7 +156,7 @@ export interface BakeRequest {
  * Returns the snapshot in `dir` when it matches `hash`, and otherwise boots the image, captures
  * it and installs the snapshot there. Damaged snapshots are replaced.
  */
-export async function ensureSnapshot(req: BakeRequest): Promise<{ snapshot: LoadedSnapshot; baked: boolean }> {
+export async function ensureSnapshot(req: BakeRequest): Promise<{ snapshot: LoadedSnapshot; baked: boolean; handoff?: MicroVm }> {
   const existing = await loadSnapshot(req.dir, req.hash, req.inputs).catch((err: unknown) => {
     log("%s", (err as Error).message);
     return undefined;
@@ -178,11 +178,12 @@ export async function ensureSnapshot(req: BakeRequest): Promise<{ snapshot: Load
     const tmp = `${req.dir}.tmp-${randomBytes(6).toString("hex")}`;
     await mkdir(tmp);
     try {
-      const meta = await bakeInto(tmp, req);
+      const { meta, handoff } = await bakeInto(tmp, req);
       await rm(req.dir, { recursive: true, force: true });
       await rename(tmp, req.dir);
       await fsyncPath(parent);
-      return { snapshot: { dir: req.dir, ram: join(req.dir, SNAPSHOT_FILES.ram), state: join(req.dir, SNAPSHOT_FILES.state), meta }, baked: true };
+      const snapshot = { dir: req.dir, ram: join(req.dir, SNAPSHOT_FILES.ram), state: join(req.dir, SNAPSHOT_FILES.state), meta };
+      return { snapshot, baked: true, ...(handoff ? { handoff } : {}) };
     } catch (err) {
       await rm(tmp, { recursive: true, force: true });
       throw err;
@@ -192,7 +193,7 @@ export async function ensureSnapshot(req: BakeRequest): Promise<{ snapshot: Load
   }
 }
 
-async function bakeInto(tmp: string, req: BakeRequest): Promise<SnapshotMeta> {
+async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: SnapshotMeta; handoff: MicroVm | undefined }> {
   const t0 = performance.now();
   const ram = join(tmp, SNAPSHOT_FILES.ram);
   const state = join(tmp, SNAPSHOT_FILES.state);
@@ -203,6 +204,7 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<SnapshotMeta> {
     memoryFile: { path: ram, shared: true },
     ...(req.bootTimeoutMs ? { bootTimeoutMs: req.bootTimeoutMs } : {}),
   });
+  let handoff: MicroVm | undefined;
   try {
     await warmGuest(vm, req.image.config);
     if (req.listenerRequired) {
@@ -215,9 +217,21 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<SnapshotMeta> {
       await waitListening(vm, req.guestPort, req.bootTimeoutMs ?? 60_000, req.image.ref);
     }
     await vm.snapshot(state);
+    handoff = await detachForHandoff(vm, ram);
   } finally {
-    await vm.kill();
+    if (!handoff) await vm.kill();
   }
+  try {
+    return { meta: await finishBake(tmp, req, t0), handoff };
+  } catch (err) {
+    await handoff?.kill();
+    throw err;
+  }
+}
+
+async function finishBake(tmp: string, req: BakeRequest, t0: number): Promise<SnapshotMeta> {
+  const ram = join(tmp, SNAPSHOT_FILES.ram);
+  const state = join(tmp, SNAPSHOT_FILES.state);
   const stateBytes = await readFile(state);
   if (stateBytes.length === 0) throw new EngineError("ENGINE_SNAPSHOT_EMPTY", `snapshot of ${req.image.ref}: QEMU wrote no device state`);
   await fsyncPath(ram);
@@ -242,6 +256,60 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<SnapshotMeta> {
   await fsyncPath(tmp);
   log("baked %s in %d ms", req.image.ref, meta.bakeMs);
   return meta;
+}
+
+/**
+ * Warm handoff: the baked VM goes on running, for the first VM a pool of this image needs.
+ * Its RAM lives in the snapshot's RAM file, which it would keep writing to; so the paused VM
+ * keeps that file (renamed away, then unlinked: its mapping stays) and the snapshot gets a
+ * sparse copy made while the VM cannot change it. The resumed VM then gets a HELLO of its own:
+ * the host's clock and fresh entropy, as every restored VM does. Failing that, no handoff.
+ */
+async function detachForHandoff(vm: MicroVm, ram: string): Promise<MicroVm | undefined> {
+  const live = `${ram}.live`;
+  try {
+    await rename(ram, live);
+    await sparseCopy(live, ram);
+    await rm(live, { force: true });
+    await vm.qmp.execute("cont");
+    await vm.agent.hello({ entropy: randomBytes(64), timeoutMs: 10_000 });
+    return vm;
+  } catch (err) {
+    log("no warm handoff: %s", (err as Error).message);
+    if (existsSync(live)) {
+      await rm(ram, { force: true });
+      await rename(live, ram);
+    }
+    return undefined;
+  }
+}
+
+/** Copies `from` to `to`, leaving holes where `from` has all-zero blocks. */
+async function sparseCopy(from: string, to: string): Promise<void> {
+  const block = 1 << 20;
+  const src = await open(from, "r");
+  const dst = await open(to, "wx");
+  try {
+    const size = (await src.stat()).size;
+    const buf = Buffer.allocUnsafe(block);
+    for (let off = 0; off < size; off += block) {
+      const { bytesRead } = await src.read(buf, 0, Math.min(block, size - off), off);
+      const chunk = buf.subarray(0, bytesRead);
+      if (!isZero(chunk)) await dst.write(chunk, 0, bytesRead, off);
+    }
+    await dst.truncate(size);
+  } finally {
+    await src.close();
+    await dst.close();
+  }
+}
+
+function isZero(b: Buffer): boolean {
+  // Compare 8 bytes at a time; most blocks of a fresh guest are either all zero or clearly not.
+  const words = b.length >> 3;
+  for (let i = 0; i < words; i++) if (b.readBigUInt64LE(i << 3) !== 0n) return false;
+  for (let i = words << 3; i < b.length; i++) if (b[i] !== 0) return false;
+  return true;
 }
 
 /**

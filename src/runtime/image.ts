@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { ensureSnapshot, inputHash, loadSnapshot, type LoadedSnapshot, type SnapshotInputs, type WorkloadSpec } from "../cache/snapshots.js";
 import { chooseAccel, type AccelChoice } from "../engine/accel.js";
 import { nativeArtifacts } from "../engine/artifacts.js";
-import { qemuIdentity, type VmSpec } from "../engine/qemu.js";
+import { qemuIdentity, type MicroVm, type VmSpec } from "../engine/qemu.js";
 import { ImageError } from "../errors.js";
 import { logger } from "../log.js";
 import type { ImageConfig } from "../image/oci-layout.js";
@@ -19,10 +19,31 @@ import { resolveBuildOptions, resolvePoolOptions, type BuildOptions, type PoolOp
 import { execDefaults } from "./vm.js";
 
 const log = logger("image");
+/** How long a baked VM waits for a pool to claim it (warm handoff) before it is stopped. */
+const HANDOFF_TTL_MS = 60_000;
 
 export class Image {
+  /** The VM that was baked, kept running for this image's first pool (warm handoff). */
+  private handoff: MicroVm | undefined;
+
   /** @internal */
-  constructor(private readonly snap: LoadedSnapshot) {}
+  constructor(
+    private readonly snap: LoadedSnapshot,
+    handoff?: MicroVm,
+  ) {
+    if (handoff) {
+      this.handoff = handoff;
+      // Not kept forever if no pool claims it.
+      const t = setTimeout(() => this.takeHandoff()?.kill(), HANDOFF_TTL_MS);
+      t.unref();
+    }
+  }
+
+  private takeHandoff(): MicroVm | undefined {
+    const h = this.handoff;
+    this.handoff = undefined;
+    return h;
+  }
 
   /**
    * Resolve `ref`, build its root filesystem and bake its snapshot, each step served from the
@@ -64,7 +85,7 @@ export class Image {
     inputs.listenerRequired = b.listenerRequired;
     const hash = inputHash(inputs);
     const dir = join(b.snapshotsDir ?? homePaths().snapshots, b.name ?? `img-${hash.slice(0, 16)}`);
-    const { snapshot, baked } = await ensureSnapshot({
+    const { snapshot, baked, handoff } = await ensureSnapshot({
       dir,
       hash,
       inputs,
@@ -76,7 +97,7 @@ export class Image {
       guestPort: b.guestPort,
     });
     log("%s: snapshot %s (%s)", b.ref, dir, baked ? `baked in ${snapshot.meta.bakeMs} ms` : "cached");
-    return new Image(snapshot);
+    return new Image(snapshot, handoff);
   }
 
   /** Opens a snapshot directory made by `Image.build` (or `vm.snapshot`), after verifying it. */
@@ -145,7 +166,9 @@ export class Image {
     const restored = spec.incomingState !== undefined;
     const workload = this.snap.meta.workload && !(restored && this.snap.meta.workloadRunning) ? this.snap.meta.workload : undefined;
     const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.inputs.env), o, workload, this.snap.meta);
-    await pool.warm();
+    // The baked VM has the snapshot's shape; a pool of another shape cannot use it.
+    const handoff = spec.incomingState !== undefined ? this.takeHandoff() : undefined;
+    await pool.warm(handoff);
     return pool;
   }
 }

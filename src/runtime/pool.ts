@@ -69,11 +69,24 @@ export class Pool {
     }
   }
 
-  /** @internal Boots the initial `min` VMs; rejects if the first boot fails. */
-  async warm(): Promise<void> {
+  /**
+   * @internal Makes the initial `min` VMs ready; rejects if the first boot fails. `handoff`, the
+   * VM the image was baked from, is the first of them when given (warm handoff).
+   */
+  async warm(handoff?: MicroVm): Promise<void> {
     this.refillSpares();
+    let adopted = 0;
+    if (handoff && handoff.aliveNow) {
+      try {
+        await this.startWorkloadIn(handoff);
+        this.adopt(handoff);
+        adopted = 1;
+      } catch (err) {
+        log("warm handoff failed: %s", (err as Error).message);
+      }
+    }
     const boots: Promise<void>[] = [];
-    for (let i = 0; i < this.opts.min; i++) boots.push(this.bootOne());
+    for (let i = adopted; i < this.opts.min; i++) boots.push(this.bootOne());
     const results = await Promise.allSettled(boots);
     const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
     if (failed && this.idle.length === 0) {
@@ -276,6 +289,11 @@ export class Pool {
       return;
     }
     this.booting--;
+    this.adopt(machine);
+  }
+
+  /** Takes a ready VM into the pool (idle, watched for death). */
+  private adopt(machine: MicroVm): void {
     void machine.exited.then(() => {
       const i = this.idle.findIndex((e) => e.machine === machine);
       if (i >= 0 && !this.closed) {
