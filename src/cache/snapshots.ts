@@ -286,7 +286,7 @@ async function detachForHandoff(vm: MicroVm, ram: string): Promise<MicroVm | und
 
 /** Copies `from` to `to`, leaving holes where `from` has all-zero blocks. */
 async function sparseCopy(from: string, to: string): Promise<void> {
-  const block = 1 << 20;
+  const block = ZERO_BLOCK.length;
   const src = await open(from, "r");
   const dst = await open(to, "wx");
   try {
@@ -304,12 +304,10 @@ async function sparseCopy(from: string, to: string): Promise<void> {
   }
 }
 
+const ZERO_BLOCK = Buffer.alloc(1 << 20);
+/** memcmp against a zero block: far cheaper than a loop in JavaScript. */
 function isZero(b: Buffer): boolean {
-  // Compare 8 bytes at a time; most blocks of a fresh guest are either all zero or clearly not.
-  const words = b.length >> 3;
-  for (let i = 0; i < words; i++) if (b.readBigUInt64LE(i << 3) !== 0n) return false;
-  for (let i = words << 3; i < b.length; i++) if (b[i] !== 0) return false;
-  return true;
+  return b.length === ZERO_BLOCK.length ? b.equals(ZERO_BLOCK) : b.equals(ZERO_BLOCK.subarray(0, b.length));
 }
 
 /**
