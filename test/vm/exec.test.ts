@@ -153,17 +153,36 @@ describe("pools", () => {
   });
 
   it("times out acquire when the pool is saturated, and serves waiters in order", async () => {
-    const p = await image.pool({ min: 1, max: 1, restoreOnRelease: false, acquireTimeoutMs: 400 });
+    const p = await image.pool({ min: 1, max: 1, restoreOnRelease: false, acquireTimeoutMs: 5_000 });
     const held = await p.acquire();
-    await expect(p.acquire()).rejects.toMatchObject({ code: "POOL_ACQUIRE_TIMEOUT" });
+    const quick = await image.pool({ min: 1, max: 1, acquireTimeoutMs: 400 });
+    const busy = await quick.acquire();
+    await expect(quick.acquire()).rejects.toMatchObject({ code: "POOL_ACQUIRE_TIMEOUT" });
+    await busy.release();
+    await quick.shutdown();
     const order: number[] = [];
-    const w1 = p.acquire().then((v) => (order.push(1), v));
-    expect(p.stats().waiting).toBe(1);
+    const waiters = [1, 2, 3].map((n) => p.acquire().then((v) => (order.push(n), v)));
+    expect(p.stats().waiting).toBe(3);
     await held.release();
-    const v = await w1;
-    expect(order).toEqual([1]);
-    await v.release();
+    for (const w of waiters) await (await w).release();
+    expect(order).toEqual([1, 2, 3]);
     await p.shutdown();
+  });
+
+  it("waits without limit with acquireTimeoutMs 0, and shutdown rejects waiters", async () => {
+    const p = await image.pool({ min: 1, max: 1, restoreOnRelease: false, acquireTimeoutMs: 0 });
+    const held = await p.acquire();
+    let settled = false;
+    const waiting = p.acquire().finally(() => (settled = true));
+    await new Promise((r) => setTimeout(r, 500));
+    expect(settled).toBe(false);
+    await held.release();
+    await (await waiting).release();
+    const held2 = await p.acquire();
+    const rejected = p.acquire();
+    await p.shutdown();
+    await expect(rejected).rejects.toMatchObject({ code: "POOL_SHUT_DOWN" });
+    void held2;
   });
 
   it("reports a VM whose QEMU process died, and serves a fresh one after release", async () => {
