@@ -16,6 +16,7 @@ import { basename, dirname, join } from "node:path";
 import lockfile from "proper-lockfile";
 import { EngineError, ImageError } from "../errors.js";
 import { logger } from "../log.js";
+import { fsyncPath, writeFileSynced } from "./durable.js";
 import { MicroVm } from "../engine/qemu.js";
 import type { ImageConfig } from "../image/oci-layout.js";
 import { resolveImageUser } from "../runtime/vm.js";
@@ -252,7 +253,7 @@ async function finishBake(tmp: string, req: BakeRequest, t0: number): Promise<Sn
     created: new Date().toISOString(),
     bakeMs: Math.round(performance.now() - t0),
   };
-  await writeSynced(join(tmp, SNAPSHOT_FILES.meta), JSON.stringify(meta, null, 2) + "\n");
+  await writeFileSynced(join(tmp, SNAPSHOT_FILES.meta), JSON.stringify(meta, null, 2) + "\n");
   await fsyncPath(tmp);
   log("baked %s in %d ms", req.image.ref, meta.bakeMs);
   return meta;
@@ -375,7 +376,7 @@ export async function captureRunning(vm: MicroVm, destDir: string, origin: Snaps
       created: new Date().toISOString(),
       bakeMs: Math.round(performance.now() - t0),
     };
-    await writeSynced(join(tmp, SNAPSHOT_FILES.meta), JSON.stringify(meta, null, 2) + "\n");
+    await writeFileSynced(join(tmp, SNAPSHOT_FILES.meta), JSON.stringify(meta, null, 2) + "\n");
     await fsyncPath(tmp);
     await rm(destDir, { recursive: true, force: true });
     await rename(tmp, destDir);
@@ -422,21 +423,4 @@ async function removeTemps(dir: string): Promise<void> {
   }
 }
 
-async function writeSynced(path: string, text: string): Promise<void> {
-  const fh = await open(path, "w");
-  try {
-    await fh.writeFile(text);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
-async function fsyncPath(path: string): Promise<void> {
-  const fh = await open(path, "r");
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}

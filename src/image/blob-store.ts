@@ -18,7 +18,7 @@ import { ImageError } from "../errors.js";
 import { logger } from "../log.js";
 import { homePaths } from "../paths.js";
 import { isValidDigest } from "./oci-layout.js";
-import { fsyncDir } from "./squashfs.js";
+import { fsyncPath } from "../cache/durable.js";
 
 const log = logger("blobs");
 
@@ -86,7 +86,7 @@ export class BlobStore {
       try {
         await this.writeVerified(tmp, await openSource(), digest, opts);
         await rename(tmp, final);
-        await fsyncDir(this.blobsDir);
+        await fsyncPath(this.blobsDir);
       } catch (err) {
         await rm(tmp, { force: true });
         throw err;

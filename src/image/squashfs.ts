@@ -1,8 +1,9 @@
 import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { open, rename, rm, stat } from "node:fs/promises";
+import { rename, rm, stat } from "node:fs/promises";
 import { dirname } from "node:path";
 import type { Readable } from "node:stream";
+import { fsyncPath } from "../cache/durable.js";
 import { ImageError, SetupError } from "../errors.js";
 import { logger } from "../log.js";
 import type { RootAttributes } from "./flatten.js";
@@ -54,14 +55,9 @@ export async function buildSquashfs(tarStream: Readable, out: string, opts: Squa
   try {
     await runSqfstar(tarStream, sqfstarArgs(tmp, opts.root), out);
     if (opts.check !== false) await checkSquashfs(tmp, out);
-    const fh = await open(tmp, "r");
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
+    await fsyncPath(tmp);
     await rename(tmp, out);
-    await fsyncDir(dirname(out));
+    await fsyncPath(dirname(out));
   } catch (err) {
     await rm(tmp, { force: true });
     throw err;
@@ -137,11 +133,3 @@ async function checkSquashfs(path: string, out: string): Promise<void> {
 }
 
 /** fsyncs a directory so a rename in it is durable. */
-export async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, "r");
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}

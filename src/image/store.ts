@@ -5,7 +5,7 @@
  * (which holds the per-digest lock, so nobody else can be writing them).
  */
 import { randomBytes } from "node:crypto";
-import { mkdir, open, readFile, readdir, rename, rm, stat } from "node:fs/promises";
+import { mkdir, readFile, readdir, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import lockfile from "proper-lockfile";
 import { ImageError } from "../errors.js";
@@ -19,7 +19,8 @@ import type { RegistryRef } from "./docker-ref.js";
 import { loadImage, selectManifest, selectManifestByDigest, type ImageConfig, type SelectedManifest } from "./oci-layout.js";
 import { locateLayout, parseImageRef, type ImageRef } from "./reference.js";
 import { readRef, writeRef, type RefRecord } from "./refs.js";
-import { buildSquashfs, fsyncDir } from "./squashfs.js";
+import { buildSquashfs } from "./squashfs.js";
+import { fsyncPath, writeFileSynced } from "../cache/durable.js";
 
 const log = logger("image");
 
@@ -127,7 +128,7 @@ export async function resolveImage(ref: string, opts: ResolveImageOptions = {}):
         created: new Date().toISOString(),
       };
       await writeFileSynced(join(tmpDir, METADATA_FILE), JSON.stringify(meta, null, 2) + "\n");
-      await fsyncDir(tmpDir);
+      await fsyncPath(tmpDir);
       try {
         await rename(tmpDir, entryDir);
       } catch (err) {
@@ -138,7 +139,7 @@ export async function resolveImage(ref: string, opts: ResolveImageOptions = {}):
         await rm(tmpDir, { recursive: true, force: true });
         return other;
       }
-      await fsyncDir(images);
+      await fsyncPath(images);
       const durationMs = performance.now() - started;
       log("image %s (%s) built in %d ms", ref, selected.digest, Math.round(durationMs));
       opts.onProgress?.({ phase: "done", durationMs, sizeBytes: sqfs.sizeBytes });
@@ -289,15 +290,5 @@ async function removeStaleTemps(images: string, hex: string): Promise<void> {
     if (!name.startsWith(prefix)) continue;
     log("removing leftover %s", name);
     await rm(join(images, name), { recursive: true, force: true });
-  }
-}
-
-async function writeFileSynced(path: string, data: string): Promise<void> {
-  const fh = await open(path, "w");
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
   }
 }
