@@ -18,6 +18,7 @@ import { type AddressInfo, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
+import { BlobStore } from "../../src/image/blob-store.js";
 
 const execFileP = promisify(execFile);
 
@@ -195,55 +196,51 @@ async function waitReady(url: string, child: ChildProcess, stderr: () => string,
   }
 }
 
+interface RegistryConfigOptions {
+  dir: string;
+  port: number;
+  tls?: { cert: string; key: string };
+  htpasswd?: string;
+  token?: { realm: string; service: string; issuer: string; rootcertbundle: string };
+}
+
+/** The registry config writer shared with the fixture builder (plain JavaScript). */
+async function registryConfig(): Promise<{ writeRegistryConfig(o: RegistryConfigOptions): string }> {
+  // @ts-ignore -- plain JavaScript module without types
+  return (await import("../fixtures/registry-config.mjs")) as { writeRegistryConfig(o: RegistryConfigOptions): string };
+}
+
+/** A blob store in a fresh temporary home, removed with the other temp dirs of the file. */
+export function tempStore(homes: string[]): BlobStore {
+  const home = tempDir("sm-registry-store-");
+  homes.push(home);
+  return BlobStore.open(home);
+}
+
 /** Starts a registry of the given flavour; `stop()` kills it and removes its directory. */
 export async function startRegistry(kind: "plain" | "tls" | "token"): Promise<Registry> {
+  const { writeRegistryConfig } = await registryConfig();
   const dir = tempDir(`sm-registry-${kind}-`);
   const port = await freePort();
   const host = `127.0.0.1:${port}`;
-  const q = (s: string) => JSON.stringify(s);
-  const lines = [
-    "version: 0.1",
-    "log:",
-    "  level: error",
-    "  accesslog:",
-    "    disabled: true",
-    "storage:",
-    "  filesystem:",
-    `    rootdirectory: ${q(join(dir, "storage"))}`,
-    "  maintenance:",
-    "    uploadpurging:",
-    "      enabled: false",
-    "http:",
-    `  addr: ${q(host)}`,
-    "  secret: supermachine-test",
-  ];
   const tokenRequests: TokenRequest[] = [];
   let caPem: string | undefined;
   let caFile: string | undefined;
   let tokenServer: Awaited<ReturnType<typeof startTokenServer>> | undefined;
+  const options: RegistryConfigOptions = { dir, port };
   if (kind === "tls") {
     const tls = makeTlsFiles(dir);
     caFile = tls.caFile;
     caPem = readFileSync(tls.caFile, "utf8");
-    const htpasswd = execFileSync("htpasswd", ["-Bbn", USER, PASS], { encoding: "utf8" });
-    writeFileSync(join(dir, "htpasswd"), htpasswd);
-    lines.push("  tls:", `    certificate: ${q(tls.cert)}`, `    key: ${q(tls.key)}`);
-    lines.push("auth:", "  htpasswd:", "    realm: supermachine-test", `    path: ${q(join(dir, "htpasswd"))}`);
+    writeFileSync(join(dir, "htpasswd"), execFileSync("htpasswd", ["-Bbn", USER, PASS], { encoding: "utf8" }));
+    options.tls = { cert: tls.cert, key: tls.key };
+    options.htpasswd = join(dir, "htpasswd");
   }
   if (kind === "token") {
     tokenServer = await startTokenServer(dir, tokenRequests);
-    lines.push(
-      "auth:",
-      "  token:",
-      `    realm: ${q(tokenServer.url)}`,
-      `    service: ${q(SERVICE)}`,
-      `    issuer: ${q(ISSUER)}`,
-      `    rootcertbundle: ${q(tokenServer.certFile)}`,
-    );
+    options.token = { realm: tokenServer.url, service: SERVICE, issuer: ISSUER, rootcertbundle: tokenServer.certFile };
   }
-  const config = join(dir, "config.yml");
-  writeFileSync(config, lines.join("\n") + "\n");
-  mkdirSync(join(dir, "storage"), { recursive: true });
+  const config = writeRegistryConfig(options);
 
   const child = spawn("/usr/bin/docker-registry", ["serve", config], { stdio: ["ignore", "ignore", "pipe"] });
   let err = "";

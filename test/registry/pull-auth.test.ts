@@ -5,6 +5,7 @@ import { BlobStore } from "../../src/image/blob-store.js";
 import { parseDockerRef } from "../../src/image/docker-ref.js";
 import { clearTokenCache, pullImage, resolveDigest } from "../../src/registry/index.js";
 import {
+  tempStore,
   cleanupTemps,
   corruptBlobs,
   fixtures,
@@ -27,11 +28,7 @@ const homes: string[] = [];
 const basic = (u: string, p: string) => Buffer.from(`${u}:${p}`).toString("base64");
 const noConfig = () => writeDockerConfig({});
 
-function newStore(): BlobStore {
-  const home = tempDir("sm-registry-store-");
-  homes.push(home);
-  return BlobStore.open(home);
-}
+const newStore = () => tempStore(homes);
 
 beforeAll(async () => {
   fx = await fixtures();

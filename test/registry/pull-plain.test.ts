@@ -5,7 +5,7 @@ import { BlobStore } from "../../src/image/blob-store.js";
 import { parseDockerRef } from "../../src/image/docker-ref.js";
 import { TARGET_PLATFORM } from "../../src/image/oci-layout.js";
 import { pullImage, resolveDigest, type PullProgress } from "../../src/registry/index.js";
-import { cleanupTemps, corruptBlobs, fixtures, freePort, removeDir, startRegistry, tempDir, type Fixtures, type Registry } from "./harness.js";
+import { cleanupTemps, corruptBlobs, fixtures, freePort, removeDir, startRegistry, tempDir, tempStore, type Fixtures, type Registry } from "./harness.js";
 
 afterAll(() => cleanupTemps());
 
@@ -13,11 +13,7 @@ let reg: Registry;
 let fx: Fixtures;
 const homes: string[] = [];
 
-function newStore(): BlobStore {
-  const home = tempDir("sm-registry-store-");
-  homes.push(home);
-  return BlobStore.open(home);
-}
+const newStore = () => tempStore(homes);
 
 beforeAll(async () => {
   fx = await fixtures();

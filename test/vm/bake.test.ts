@@ -58,7 +58,8 @@ describe("baking", () => {
     const img = await Image.build({ ref: "builtin:busybox", snapshotsDir, name: "bb" });
     const state = join(img.snapshotPath, "state");
     const bytes = readFileSync(state);
-    bytes[bytes.length >> 1] ^= 0xff;
+    const mid = bytes.length >> 1;
+    bytes[mid] = bytes[mid]! ^ 0xff;
     writeFileSync(state, bytes);
     await expect(Image.fromSnapshot(img.snapshotPath)).rejects.toMatchObject({ code: "SNAPSHOT_DAMAGED" });
     const before = engineCounters().launched;
