@@ -40,6 +40,7 @@ export function sqfstarArgs(out: string, root?: RootAttributes): string[] {
     "-root-mode", r.mode.toString(8),
     "-root-uid", String(r.uid),
     "-root-gid", String(r.gid),
+    // Ignored by sqfstar 4.5.1 (the root gets the build time); honoured by later versions.
     "-root-time", String(r.mtime),
     out,
   ];
