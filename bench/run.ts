@@ -4,7 +4,6 @@
  */
 import { execFileSync, spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { createServer, type AddressInfo } from "node:net";
 import { cpus, release, tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -256,8 +255,9 @@ async function registryBenchmarks(): Promise<void> {
   const { ensureFixtures } = (await import(fixturesMod)) as {
     ensureFixtures(o: { only: string[]; log: (l: string) => void }): Promise<{ python: { layout: string; tag: string } }>;
   };
-  const { writeRegistryConfig } = (await import(registryMod)) as {
+  const { writeRegistryConfig, freePort } = (await import(registryMod)) as {
     writeRegistryConfig(o: { dir: string; port: number }): string;
+    freePort(): Promise<number>;
   };
   const fx = await ensureFixtures({ only: ["python"], log: progress });
   const dir = mkdtempSync(join(tmpdir(), "sm-bench-registry-"));
@@ -297,17 +297,6 @@ async function registryBenchmarks(): Promise<void> {
     rmSync(dir, { recursive: true, force: true });
     for (const h of homes) rmSync(h, { recursive: true, force: true });
   }
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const port = (srv.address() as AddressInfo).port;
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 async function waitForHttp(url: string, ms = 15_000): Promise<void> {

@@ -14,7 +14,7 @@ import { createHash, createPrivateKey, randomBytes, sign, X509Certificate } from
 import { mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import https from "node:https";
-import { type AddressInfo, createServer } from "node:net";
+import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -41,14 +41,7 @@ process.once("exit", () => {
 });
 
 export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const port = (srv.address() as AddressInfo).port;
-      srv.close(() => resolve(port));
-    });
-  });
+  return (await registryConfig()).freePort();
 }
 
 const temps = new Set<string>();
@@ -205,9 +198,13 @@ interface RegistryConfigOptions {
 }
 
 /** The registry config writer shared with the fixture builder (plain JavaScript). */
-async function registryConfig(): Promise<{ writeRegistryConfig(o: RegistryConfigOptions): string }> {
+interface RegistryConfigModule {
+  writeRegistryConfig(o: RegistryConfigOptions): string;
+  freePort(): Promise<number>;
+}
+async function registryConfig(): Promise<RegistryConfigModule> {
   // @ts-ignore -- plain JavaScript module without types
-  return (await import("../fixtures/registry-config.mjs")) as { writeRegistryConfig(o: RegistryConfigOptions): string };
+  return (await import("../fixtures/registry-config.mjs")) as RegistryConfigModule;
 }
 
 /** A blob store in a fresh temporary home, removed with the other temp dirs of the file. */
