@@ -18,7 +18,7 @@ import { ImageError } from "../errors.js";
 import { logger } from "../log.js";
 import { homePaths } from "../paths.js";
 import { isValidDigest } from "./oci-layout.js";
-import { fsyncPath } from "../cache/durable.js";
+import { fsyncPath } from "../store/durable.js";
 
 const log = logger("blobs");
 

@@ -3,7 +3,7 @@ import { randomBytes } from "node:crypto";
 import { rename, rm, stat } from "node:fs/promises";
 import { dirname } from "node:path";
 import type { Readable } from "node:stream";
-import { fsyncPath } from "../cache/durable.js";
+import { fsyncPath } from "../store/durable.js";
 import { ImageError, SetupError } from "../errors.js";
 import { logger } from "../log.js";
 import type { RootAttributes } from "./flatten.js";

@@ -20,7 +20,7 @@ import { loadImage, selectManifest, selectManifestByDigest, type ImageConfig, ty
 import { locateLayout, parseImageRef, type ImageRef } from "./reference.js";
 import { readRef, writeRef, type RefRecord } from "./refs.js";
 import { buildSquashfs } from "./squashfs.js";
-import { fsyncPath, writeFileSynced } from "../cache/durable.js";
+import { fsyncPath, writeFileSynced } from "../store/durable.js";
 
 const log = logger("image");
 

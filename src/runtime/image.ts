@@ -5,7 +5,7 @@
  * whose inputs were already baked returns without booting anything.
  */
 import { join } from "node:path";
-import { ensureSnapshot, inputHash, loadSnapshot, type LoadedSnapshot, type SnapshotInputs, type WorkloadSpec } from "../cache/snapshots.js";
+import { ensureSnapshot, inputHash, loadSnapshot, type LoadedSnapshot, type SnapshotInputs, type WorkloadSpec } from "../store/snapshots.js";
 import { chooseAccel, type AccelChoice } from "../engine/accel.js";
 import { nativeArtifacts } from "../engine/artifacts.js";
 import { qemuIdentity, type MicroVm, type VmSpec } from "../engine/qemu.js";

@@ -11,7 +11,7 @@ import { PoolError } from "../errors.js";
 import { logger } from "../log.js";
 import { MicroVm, type VmSpec } from "../engine/qemu.js";
 import type { ResolvedPool } from "./options.js";
-import { startWorkload, type SnapshotMeta, type WorkloadSpec } from "../cache/snapshots.js";
+import { startWorkload, type SnapshotMeta, type WorkloadSpec } from "../store/snapshots.js";
 import { Vm, type ExecDefaults } from "./vm.js";
 
 const log = logger("pool");

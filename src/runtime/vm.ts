@@ -3,7 +3,7 @@
  */
 import { resolve as resolvePath } from "node:path";
 import type { AgentClient, ExecRequest, ExitInfo } from "../agent/client.js";
-import { captureRunning, type SnapshotMeta } from "../cache/snapshots.js";
+import { captureRunning, type SnapshotMeta } from "../store/snapshots.js";
 import { Image } from "./image.js";
 import { AgentError, OptionError, PoolError, SupermachineError } from "../errors.js";
 import type { MicroVm } from "../engine/qemu.js";
