@@ -20,7 +20,6 @@
  *                                parent path goes through a symlink in the merged tree, a hardlink
  *                                whose target is not (yet) in the merged tree, or is a directory
  *   IMAGE_LAYER_NAME_TOO_LONG    a name or link target over 4096 bytes, a component over 255
- *   IMAGE_LAYER_DEVICE           a character or block device (unless `allowDevices`)
  *   IMAGE_LAYER_TOO_LARGE        more than `maxLayerBytes` of uncompressed tar, or an entry that
  *                                says it is larger; decompression stops right there
  *   IMAGE_LAYER_TOO_MANY_ENTRIES more than `maxLayerEntries` entries in one layer
@@ -29,7 +28,16 @@
  *   IMAGE_DIGEST_MISMATCH / IMAGE_BLOB_SIZE_MISMATCH   the blob is not what its descriptor says
  *
  * Leading `/` is stripped from names (as docker does); symlinks may point anywhere, since they
- * resolve inside the guest's root. Fifos are kept.
+ * resolve inside the guest's root.
+ *
+ * Character and block devices and fifos are kept, as Docker keeps them (mmdebstrap, debootstrap
+ * and `docker import` images carry /dev/console, /dev/null and the like). They are safe for the
+ * host: nothing is extracted here, the entry only becomes an inode in the squashfs, and a device
+ * number there names a *guest* device, opened (if ever) by the guest kernel. In the guest, /dev
+ * is a devtmpfs mounted over the image's /dev, so those entries are hidden; a node elsewhere
+ * gives nothing root in the guest could not mknod itself, and a non-root user only what its
+ * permissions allow, which the image author controls as they do setuid binaries. Skipping them
+ * instead would diverge from Docker for no gain in isolation.
  *
  * Limitations: a hardlink whose target did not survive (replaced or whited out by a later layer)
  * is dropped, not materialised as a copy. Extended attributes (pax SCHILY.xattr) are not carried
@@ -103,8 +111,6 @@ export interface FlattenOptions {
   maxLayerBytes?: number;
   /** Refuse a layer with more tar entries than this (default 1,000,000). */
   maxLayerEntries?: number;
-  /** Keep character and block devices instead of refusing them (default false). */
-  allowDevices?: boolean;
   onLayer?: (event: { pass: 1 | 2; layer: number; layers: number; digest: string }) => void;
 }
 
@@ -161,11 +167,6 @@ export async function planFlatten(layers: readonly LayerBlob[], opts: FlattenOpt
       if (type === null) {
         log("layer %s: skipping %s of unsupported type %s", layer.digest, h.name, h.type);
         continue;
-      }
-      if ((type === "character-device" || type === "block-device") && !opts.allowDevices) {
-        throw new ImageError("IMAGE_LAYER_DEVICE", `${layerWhat(ref, layer)} has entry ${showName(h.name)} that is refused because it is a ${type.replace("-", " ")} (${h.devmajor ?? 0}:${h.devminor ?? 0})`, {
-          hint: "device nodes in images are refused; the guest's /dev is provided by the kernel (devtmpfs)",
-        });
       }
       const e: EntryRef = { layer: li, index: i, path, type, header: h };
       if (type === "link") {
@@ -429,7 +430,7 @@ function unsafeEntry(ref: string, layer: LayerBlob, name: string, why: string): 
 
 /**
  * Header checks made in both passes, before an entry is used: name and link target syntax,
- * size field sanity. (Device and tree checks need the plan: see planFlatten.)
+ * size field sanity. (Tree checks need the plan: see planFlatten.)
  */
 function checkHeader(h: TarHeaders, ref: string, layer: LayerBlob, maxBytes: number): void {
   for (const [field, value] of [["name", h.name], ["link target", h.linkname]] as const) {

@@ -60,7 +60,7 @@ export interface ResolveImageOptions {
   /** Registries (host[:port]) to reach over plain HTTP; loopback registries always are. */
   insecureRegistries?: string[];
   signal?: AbortSignal;
-  /** Limits for untrusted layers (defaults in flatten.ts). Devices change the rootfs, so they stay refused. */
+  /** Limits for untrusted layers (defaults in flatten.ts). */
   flatten?: Pick<FlattenOptions, "maxLayerBytes" | "maxLayerEntries">;
 }
 

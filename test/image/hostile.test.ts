@@ -19,7 +19,7 @@ import { planFlatten, streamFlattened } from "../../src/image/flatten.js";
 import { resolveImage } from "../../src/image/store.js";
 import { makeTar, rawTar, readTar, removeDir, tempDir, writeLayerBlobs, writeLayout, type LayoutLayer, type RawTarEntry, type TestEntry } from "./helpers.js";
 
-const hoisted = vi.hoisted(() => ({ limits: {} as { maxLayerBytes?: number; maxLayerEntries?: number; allowDevices?: boolean } }));
+const hoisted = vi.hoisted(() => ({ limits: {} as { maxLayerBytes?: number; maxLayerEntries?: number } }));
 vi.mock("../../src/image/flatten.js", async (importOriginal) => {
   const mod = await importOriginal<typeof import("../../src/image/flatten.js")>();
   return {
@@ -184,31 +184,40 @@ describe("writing through symlinks", () => {
 });
 
 describe("special files", () => {
-  it("refuses a character device", async () => {
-    const tar = rawTar([{ name: "dev/", typeflag: "5", mode: 0o755 }, { name: "dev/kmem", typeflag: "3", devmajor: 1, devminor: 2 }]);
-    await expectRefused([{ tar }], "IMAGE_LAYER_DEVICE", ['"dev/kmem"', "character device (1:2)"]);
-  });
-
-  it("refuses a block device", async () => {
-    const tar = rawTar([{ name: "sda", typeflag: "4", devmajor: 8, devminor: 0 }]);
-    await expectRefused([{ tar }], "IMAGE_LAYER_DEVICE", ['"sda"', "block device"]);
-  });
-
-  it("keeps devices with allowDevices, and fifos always", async () => {
-    const tar = rawTar([{ name: "null", typeflag: "3", devmajor: 1, devminor: 3 }, { name: "pipe", typeflag: "6" }]);
-    const dir = join(work, "blobs");
-    const blobs = await writeLayerBlobs(dir, [{ tar }]);
-    await expect(planFlatten(blobs, { ref: "t" })).rejects.toMatchObject({ code: "IMAGE_LAYER_DEVICE" });
-    const plan = await planFlatten(blobs, { ref: "t", allowDevices: true });
-    const out = await readTar(streamFlattened(plan, { ref: "t", allowDevices: true }));
-    expect(out.map((e) => [e.name, e.type])).toEqual([
-      ["null", "character-device"],
-      ["pipe", "fifo"],
+  // Device nodes and fifos are kept (see flatten.ts): the squashfs holds them as inodes, nothing
+  // is created on the host, and the guest's /dev is a devtmpfs over them.
+  it("keeps character and block devices and fifos in the squashfs", async () => {
+    const tar = rawTar([
+      { name: "dev/", typeflag: "5", mode: 0o755 },
+      { name: "dev/console", typeflag: "3", mode: 0o600, devmajor: 5, devminor: 1 },
+      { name: "dev/null", typeflag: "3", mode: 0o666, devmajor: 1, devminor: 3 },
+      { name: "dev/sda", typeflag: "4", mode: 0o660, devmajor: 8, devminor: 0 },
+      { name: "dev/initctl", typeflag: "6", mode: 0o600 },
+      { name: "kmem", typeflag: "3", mode: 0o640, devmajor: 1, devminor: 2 }, // outside /dev too
     ]);
-
     const layout = join(work, "img");
-    await writeLayout(layout, { layers: [{ tar: rawTar([{ name: "pipe", typeflag: "6" }]) }] });
-    await expect(resolveImage(`oci:${layout}`, { home })).resolves.toMatchObject({ sizeBytes: expect.any(Number) });
+    await writeLayout(layout, { layers: [{ tar: await base() }, { tar }] });
+    const image = await resolveImage(`oci:${layout}`, { home });
+    const lines = unsquashfs("-lls", "-d", "", image.rootfsPath).split("\n");
+    const find = (path: string) => lines.find((l) => l.endsWith(` ${path}`));
+    expect(find("/dev/console")).toMatch(/^crw------- root\/root\s+5,\s*1 /);
+    expect(find("/dev/null")).toMatch(/^crw-rw-rw- root\/root\s+1,\s*3 /);
+    expect(find("/dev/sda")).toMatch(/^brw-rw---- root\/root\s+8,\s*0 /);
+    expect(find("/dev/initctl")).toMatch(/^prw------- /);
+    expect(find("/kmem")).toMatch(/^crw-r----- root\/root\s+1,\s*2 /);
+    expect(unsquashfs("-cat", image.rootfsPath, "etc/motd")).toBe("hi\n");
+  });
+
+  it("passes devices and fifos through the flattened stream, replaceable like any entry", async () => {
+    const l1 = rawTar([{ name: "null", typeflag: "3", devmajor: 1, devminor: 3 }, { name: "pipe", typeflag: "6" }, { name: "gone", typeflag: "4", devmajor: 8, devminor: 0 }]);
+    const l2 = rawTar([{ name: ".wh.gone" }, { name: "pipe", data: "now a file" }]);
+    const blobs = await writeLayerBlobs(join(work, "blobs"), [{ tar: l1 }, { tar: l2 }]);
+    const plan = await planFlatten(blobs, { ref: "t" });
+    const out = await readTar(streamFlattened(plan, { ref: "t" }));
+    expect(out.map((e) => [e.name, e.type, e.data])).toEqual([
+      ["null", "character-device", ""],
+      ["pipe", "file", "now a file"],
+    ]);
   });
 });
 
