@@ -46,6 +46,9 @@ export class OptionError extends SupermachineError {}
 /** Pool-level failures: shut down, acquire timeout. */
 export class PoolError extends SupermachineError {}
 
+/** The on-disk stores (images, blobs, refs, snapshots): an entry could not be published. */
+export class StoreError extends SupermachineError {}
+
 /** `what` must be one of `accepted`; used to build "expected one of" messages. */
 export function listAccepted(accepted: readonly string[]): string {
   return accepted.map((a) => JSON.stringify(a)).join(", ");

@@ -23,4 +23,5 @@ export {
   AgentError,
   OptionError,
   PoolError,
+  StoreError,
 } from "./errors.js";

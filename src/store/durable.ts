@@ -2,7 +2,8 @@
  * Durability helpers for the caches: data is fsynced before the rename that publishes it, and
  * the directory after, so that a crash never leaves a published entry with missing content.
  */
-import { open } from "node:fs/promises";
+import { open, readdir } from "node:fs/promises";
+import { join } from "node:path";
 
 /** fsync a file or a directory. */
 export async function fsyncPath(path: string): Promise<void> {
@@ -23,4 +24,18 @@ export async function writeFileSynced(path: string, data: string | Buffer): Prom
   } finally {
     await fh.close();
   }
+}
+
+/**
+ * fsyncs every file and directory under `dir`, then `dir` itself: children before their
+ * directory, so a directory is synced after the entries it names.
+ */
+export async function fsyncTree(dir: string): Promise<void> {
+  for (const entry of await readdir(dir, { withFileTypes: true })) {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) await fsyncTree(path);
+    else if (entry.isFile()) await fsyncPath(path);
+    // Symlinks and special files have no data to sync; their directory entry is synced below.
+  }
+  await fsyncPath(dir);
 }
