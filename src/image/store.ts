@@ -1,13 +1,11 @@
 /**
  * Content-addressed image store: `<images>/<manifest hex>/{rootfs.sqfs,image.json}`.
  * An entry directory appears only by an atomic rename of a fully written temp directory, so a
- * present entry is complete; temp directories left by a crash are removed by the next builder
- * (which holds the per-digest lock, so nobody else can be writing them).
+ * present entry is complete; builders of one digest take turns under its lock, and temp
+ * directories left by a crash are removed by the next builder (store/publish.ts).
  */
-import { randomBytes } from "node:crypto";
-import { mkdir, readFile, readdir, rename, rm, stat } from "node:fs/promises";
+import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
-import lockfile from "proper-lockfile";
 import { ImageError } from "../errors.js";
 import { logger } from "../log.js";
 import { homePaths } from "../paths.js";
@@ -20,7 +18,8 @@ import { loadImage, selectManifest, selectManifestByDigest, type ImageConfig, ty
 import { locateLayout, parseImageRef, type ImageRef } from "./reference.js";
 import { readRef, writeRef, type RefRecord } from "./refs.js";
 import { buildSquashfs } from "./squashfs.js";
-import { fsyncPath, writeFileSynced } from "../store/durable.js";
+import { writeFileSynced } from "../store/durable.js";
+import { publish } from "../store/publish.js";
 
 const log = logger("image");
 
@@ -91,66 +90,50 @@ export async function resolveImage(ref: string, opts: ResolveImageOptions = {}):
   const hex = digest.slice("sha256:".length); // validated by every locator
   const entryDir = join(images, hex);
 
-  const hit = await readCacheEntry(entryDir, digest, ref);
-  if (hit) {
+  let started = 0;
+  const { value: image, created } = await publish<ResolvedImage>({
+    target: entryDir,
+    kind: "dir",
+    what: `image ${JSON.stringify(ref)} (${digest})`,
+    check: () => readCacheEntry(entryDir, digest, ref),
+    write: (tmpDir) => {
+      started = performance.now();
+      return buildInto(tmpDir, ref, located, opts);
+    },
+    tmpPrefix: `.tmp-${hex}-`, // the names earlier versions used, so their leftovers are removed too
+    synced: true,
+    onWait: () => opts.onProgress?.({ phase: "waiting-for-lock" }),
+    ...(opts.signal ? { signal: opts.signal } : {}),
+  });
+  if (!created) {
     opts.onProgress?.({ phase: "cached" });
-    return hit;
+    return image;
   }
+  const durationMs = performance.now() - started;
+  log("image %s (%s) built in %d ms", ref, digest, Math.round(durationMs));
+  opts.onProgress?.({ phase: "done", durationMs, sizeBytes: image.sizeBytes });
+  return { ...image, rootfsPath: join(entryDir, ROOTFS_FILE) };
+}
+
+/** Flattens the image's layers into `tmpDir` (rootfs.sqfs, image.json), each file fsynced. */
+async function buildInto(tmpDir: string, ref: string, located: Located, opts: ResolveImageOptions): Promise<ResolvedImage> {
   const selected = await located.select();
-
-  await mkdir(images, { recursive: true });
-  const release = await acquireLock(images, hex, opts);
-  try {
-    const raced = await readCacheEntry(entryDir, selected.digest, ref);
-    if (raced) {
-      opts.onProgress?.({ phase: "cached" });
-      return raced;
-    }
-    await removeStaleTemps(images, hex);
-    await rm(entryDir, { recursive: true, force: true }); // an invalid entry, if any
-
-    const started = performance.now();
-    const image = await loadImage(selected, ref);
-    const tmpDir = join(images, `.tmp-${hex}-${randomBytes(6).toString("hex")}`);
-    await mkdir(tmpDir);
-    try {
-      const onLayer = (e: { pass: 1 | 2; layer: number; layers: number; digest: string }) =>
-        opts.onProgress?.({ phase: e.pass === 1 ? "scan-layer" : "copy-layer", layer: e.layer, layers: e.layers, digest: e.digest });
-      const plan = await planFlatten(image.layers, { ref, onLayer, ...opts.flatten });
-      opts.onProgress?.({ phase: "squashfs" });
-      const sqfs = await buildSquashfs(streamFlattened(plan, { ref, onLayer, ...opts.flatten }), join(tmpDir, ROOTFS_FILE), plan.root ? { root: plan.root } : {});
-      const meta: ImageMetadata = {
-        version: METADATA_VERSION,
-        ref,
-        manifestDigest: selected.digest,
-        config: image.config,
-        sizeBytes: sqfs.sizeBytes,
-        created: new Date().toISOString(),
-      };
-      await writeFileSynced(join(tmpDir, METADATA_FILE), JSON.stringify(meta, null, 2) + "\n");
-      await fsyncPath(tmpDir);
-      try {
-        await rename(tmpDir, entryDir);
-      } catch (err) {
-        // Only if our lock was taken over as stale and the other builder finished first.
-        const code = (err as NodeJS.ErrnoException).code;
-        const other = code === "ENOTEMPTY" || code === "EEXIST" ? await readCacheEntry(entryDir, selected.digest, ref) : undefined;
-        if (!other) throw err;
-        await rm(tmpDir, { recursive: true, force: true });
-        return other;
-      }
-      await fsyncPath(images);
-      const durationMs = performance.now() - started;
-      log("image %s (%s) built in %d ms", ref, selected.digest, Math.round(durationMs));
-      opts.onProgress?.({ phase: "done", durationMs, sizeBytes: sqfs.sizeBytes });
-      return { ref, manifestDigest: selected.digest, config: image.config, rootfsPath: join(entryDir, ROOTFS_FILE), sizeBytes: sqfs.sizeBytes };
-    } catch (err) {
-      await rm(tmpDir, { recursive: true, force: true });
-      throw err;
-    }
-  } finally {
-    await release();
-  }
+  const image = await loadImage(selected, ref);
+  const onLayer = (e: { pass: 1 | 2; layer: number; layers: number; digest: string }) =>
+    opts.onProgress?.({ phase: e.pass === 1 ? "scan-layer" : "copy-layer", layer: e.layer, layers: e.layers, digest: e.digest });
+  const plan = await planFlatten(image.layers, { ref, onLayer, ...opts.flatten });
+  opts.onProgress?.({ phase: "squashfs" });
+  const sqfs = await buildSquashfs(streamFlattened(plan, { ref, onLayer, ...opts.flatten }), join(tmpDir, ROOTFS_FILE), plan.root ? { root: plan.root } : {});
+  const meta: ImageMetadata = {
+    version: METADATA_VERSION,
+    ref,
+    manifestDigest: selected.digest,
+    config: image.config,
+    sizeBytes: sqfs.sizeBytes,
+    created: new Date().toISOString(),
+  };
+  await writeFileSynced(join(tmpDir, METADATA_FILE), JSON.stringify(meta, null, 2) + "\n");
+  return { ref, manifestDigest: selected.digest, config: image.config, rootfsPath: sqfs.path, sizeBytes: sqfs.sizeBytes };
 }
 
 /** Finds the manifest `parsed` names: in a layout, the local refs, a registry or an archive. */
@@ -249,46 +232,4 @@ async function readCacheEntry(entryDir: string, digest: string, ref: string): Pr
     return undefined;
   }
   return { ref, manifestDigest: digest, config: meta.config, rootfsPath, sizeBytes: meta.sizeBytes };
-}
-
-/** Takes `<images>/<hex>.lock`, waiting (up to ~10 minutes) while another process builds. */
-async function acquireLock(images: string, hex: string, opts: ResolveImageOptions): Promise<() => Promise<void>> {
-  const target = join(images, hex);
-  const lockfilePath = join(images, `${hex}.lock`);
-  const lockOpts = { realpath: false, lockfilePath, stale: 20_000, update: 5_000 };
-  let compromised: Error | undefined;
-  let release: () => Promise<void>;
-  try {
-    release = await lockfile.lock(target, { ...lockOpts, onCompromised: (err) => void (compromised = err) });
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== "ELOCKED") throw err;
-    opts.onProgress?.({ phase: "waiting-for-lock" });
-    log("waiting for another process building %s", hex);
-    try {
-      release = await lockfile.lock(target, {
-        ...lockOpts,
-        retries: { retries: 600, factor: 1.3, minTimeout: 50, maxTimeout: 1_000 },
-        onCompromised: (e) => void (compromised = e),
-      });
-    } catch (cause) {
-      throw new ImageError("IMAGE_LOCK_TIMEOUT", `timed out waiting for another process to finish building image ${hex} (lock ${lockfilePath})`, {
-        cause,
-        hint: "if no other supermachine process is running, remove the lock directory",
-      });
-    }
-  }
-  return async () => {
-    await release().catch((err: unknown) => log("releasing %s: %s", lockfilePath, (err as Error).message));
-    if (compromised) log("lock %s was compromised: %s", lockfilePath, compromised.message);
-  };
-}
-
-/** Removes temp dirs of `hex` left by crashed builders; the caller holds the lock for `hex`. */
-async function removeStaleTemps(images: string, hex: string): Promise<void> {
-  const prefix = `.tmp-${hex}-`;
-  for (const name of await readdir(images)) {
-    if (!name.startsWith(prefix)) continue;
-    log("removing leftover %s", name);
-    await rm(join(images, name), { recursive: true, force: true });
-  }
 }

@@ -1,6 +1,7 @@
 import { execFileSync } from "node:child_process";
 import { mkdir, readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import lockfile from "proper-lockfile";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { resolveImage, type ImageProgress } from "../../src/image/store.js";
 import { makeTar, removeDir, tempDir, writeLayout } from "./helpers.js";
@@ -100,6 +101,23 @@ describe("resolveImage", () => {
     const results = await Promise.all([1, 2, 3].map(() => resolveImage(`oci:${layout}`, { home })));
     expect(new Set(results.map((r) => r.rootfsPath)).size).toBe(1);
     expect((await readdir(join(home, "images"))).sort()).toEqual([hex]);
+  });
+
+  it("reports waiting-for-lock while another process holds the image's lock, and aborts on the signal", async () => {
+    const layout = join(work, "img");
+    const { manifestDigest } = await twoLayerLayout(layout);
+    const entry = join(home, "images", manifestDigest.slice(7));
+    await mkdir(join(home, "images"), { recursive: true });
+    const release = await lockfile.lock(entry, { realpath: false, lockfilePath: `${entry}.lock` });
+    const ac = new AbortController();
+    const aborted = resolveImage(`oci:${layout}`, { home, signal: ac.signal, onProgress: (p) => p.phase === "waiting-for-lock" && ac.abort(new Error("stop")) });
+    await expect(aborted).rejects.toThrow("stop");
+    const events: ImageProgress[] = [];
+    const waiting = resolveImage(`oci:${layout}`, { home, onProgress: (p) => events.push(p) });
+    setTimeout(() => void release(), 300);
+    await waiting;
+    expect(events[0]).toEqual({ phase: "waiting-for-lock" });
+    expect(events.at(-1)?.phase).toBe("done");
   });
 
   it("fails on a corrupted layer blob and leaves no cache entry", async () => {
