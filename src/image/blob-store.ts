@@ -4,23 +4,19 @@
  * it. The store directory is itself an OCI image layout (`oci-layout`, `blobs/sha256/<hex>`), so
  * the layout reader serves pulled images too.
  *
- * A blob appears only by renaming a fully written, fsynced temp file whose content hashed to
- * its name; two processes ingesting the same digest take turns (file lock) and the second one
- * reuses the first one's result.
+ * A blob appears only by renaming a fully written, fsynced temp file (in `tmp/`) whose content
+ * hashed to its name; two processes ingesting the same digest take turns (a lock in `locks/`)
+ * and the second one reuses the first one's result (store/publish.ts).
  */
-import { createHash, randomBytes } from "node:crypto";
+import { createHash } from "node:crypto";
 import { createWriteStream, existsSync, mkdirSync, writeFileSync } from "node:fs";
-import { open, readdir, rename, rm, stat } from "node:fs/promises";
+import { open, readdir, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { Readable } from "node:stream";
-import lockfile from "proper-lockfile";
 import { ImageError } from "../errors.js";
-import { logger } from "../log.js";
 import { homePaths } from "../paths.js";
 import { isValidDigest } from "./oci-layout.js";
-import { fsyncPath } from "../store/durable.js";
-
-const log = logger("blobs");
+import { publish } from "../store/publish.js";
 
 export interface IngestOptions {
   /** Expected size in bytes, when the descriptor says. */
@@ -31,6 +27,8 @@ export interface IngestOptions {
   onBytes?: (bytes: number) => void;
   /** What the blob is, for error messages: "layer sha256:... of docker.io/library/alpine:3". */
   what: string;
+  /** Aborts a wait for another process writing the same blob (rejecting with its reason). */
+  signal?: AbortSignal;
 }
 
 export class BlobStore {
@@ -78,23 +76,23 @@ export class BlobStore {
    */
   async ingest(digest: string, openSource: () => Promise<Readable | AsyncIterable<Buffer>>, opts: IngestOptions): Promise<string> {
     const final = this.path(digest);
-    if (await this.has(digest, opts.size)) return final;
-    const release = await this.lock(digest);
-    try {
-      if (await this.has(digest, opts.size)) return final;
-      const tmp = join(this.tmpDir, `${digest.slice(7)}-${randomBytes(6).toString("hex")}`);
-      try {
+    const hex = digest.slice("sha256:".length);
+    const { value } = await publish({
+      target: final,
+      kind: "file",
+      what: opts.what,
+      check: async () => ((await this.has(digest, opts.size)) ? final : undefined),
+      write: async (tmp) => {
         await this.writeVerified(tmp, await openSource(), digest, opts);
-        await rename(tmp, final);
-        await fsyncPath(this.blobsDir);
-      } catch (err) {
-        await rm(tmp, { force: true });
-        throw err;
-      }
-      return final;
-    } finally {
-      await release();
-    }
+        return final;
+      },
+      lockPath: join(this.locksDir, `${hex}.lock`),
+      tmpDir: this.tmpDir,
+      tmpPrefix: `${hex}-`,
+      synced: true, // writeVerified fsyncs
+      ...(opts.signal ? { signal: opts.signal } : {}),
+    });
+    return value;
   }
 
   /** Stores a small blob held in memory (manifests, configs); returns its digest. */
@@ -146,18 +144,6 @@ export class BlobStore {
     } finally {
       await fh.close();
     }
-  }
-
-  private async lock(digest: string): Promise<() => Promise<void>> {
-    const hex = digest.slice(7);
-    const release = await lockfile.lock(join(this.blobsDir, hex), {
-      realpath: false,
-      lockfilePath: join(this.locksDir, `${hex}.lock`),
-      stale: 30_000,
-      update: 5_000,
-      retries: { retries: 2_000, factor: 1.2, minTimeout: 20, maxTimeout: 500 },
-    });
-    return () => release().catch((e: unknown) => log("release lock %s: %s", hex, (e as Error).message));
   }
 
   /** Every blob digest in the store. */

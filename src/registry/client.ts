@@ -427,6 +427,7 @@ async function fetchBlob(client: RegistryClient, store: BlobStore, desc: Desc, w
       await store.ingest(desc.digest, () => client.openBlob(desc.digest, what), {
         size: desc.size,
         what,
+        signal,
         ...(onBytes ? { onBytes } : {}),
       });
       return desc.size;
