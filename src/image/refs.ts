@@ -1,12 +1,14 @@
 /**
  * Local names of images that came from a registry or an archive: which manifest a reference
  * resolved to when it was pulled. One small JSON file per canonical reference, replaced
- * atomically, so `pullPolicy: "missing"` answers from disk without touching the network.
+ * atomically (store/publish.ts: temp, fsync, rename, under a lock), so `pullPolicy: "missing"`
+ * answers from disk without touching the network.
  */
-import { createHash, randomBytes } from "node:crypto";
-import { mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { createHash } from "node:crypto";
+import { readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { homePaths } from "../paths.js";
+import { publish } from "../store/publish.js";
 import { isValidDigest } from "./oci-layout.js";
 
 export interface RefRecord {
@@ -32,12 +34,13 @@ export async function readRef(ref: string, home?: string): Promise<RefRecord | u
 }
 
 export async function writeRef(rec: RefRecord, home?: string): Promise<void> {
-  const dir = homePaths(home).refs;
-  await mkdir(dir, { recursive: true });
-  const final = fileFor(dir, rec.ref);
-  const tmp = `${final}.tmp-${randomBytes(4).toString("hex")}`;
-  await writeFile(tmp, JSON.stringify(rec, null, 2) + "\n");
-  await rename(tmp, final);
+  await publish({
+    target: fileFor(homePaths(home).refs, rec.ref),
+    kind: "file",
+    what: `ref ${rec.ref}`,
+    check: async () => undefined, // a ref is replaced on every write: no existing record is kept
+    write: (tmp) => writeFile(tmp, JSON.stringify(rec, null, 2) + "\n", { flag: "wx" }),
+  });
 }
 
 export async function removeRef(ref: string, home?: string): Promise<boolean> {
