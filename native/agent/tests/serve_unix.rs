@@ -58,14 +58,24 @@ impl Agent {
     }
 
     fn connect(&self) -> Client {
-        let s = UnixStream::connect(&self.sock).unwrap();
+        // The socket file appears at bind(), a moment before listen(): retry a refusal.
+        let start = Instant::now();
+        let s = loop {
+            match UnixStream::connect(&self.sock) {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && start.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        };
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         Client { s, buf: Vec::new(), next_id: 1, credit: HashMap::new() }
     }
 
     fn hello(&self) -> Client {
         let mut c = self.connect();
-        c.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 1).u64(3, 0).finish());
+        c.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 2).u64(3, 0).finish());
         let f = c.recv();
         assert_eq!(f.ty, HELLO_OK);
         c
@@ -295,20 +305,27 @@ fn hello_ping_and_frames_before_hello() {
     let f = c.recv();
     assert_eq!(f.ty, HELLO_OK);
     let fs = parse_fields(&f.payload);
-    assert_eq!(field(&fs, 1), &1u16.to_le_bytes());
-    assert_eq!(field(&fs, 4), b"exec,files,bench");
+    assert_eq!(field(&fs, 1), &2u16.to_le_bytes());
+    assert_eq!(field(&fs, 4), b"exec,files,bench,tty,chain,tcp,workload");
+    assert!(!fs.iter().any(|(t, _)| *t == 5), "no port name in development mode");
     assert!(!field(&fs, 2).is_empty());
     fu64(&fs, 3);
     c.send(PING, 0, 42, b"payload");
     let f = c.recv();
     assert_eq!((f.ty, f.stream, &f.payload[..]), (PONG, 42, &b"payload"[..]));
     // Version mismatch → GOAWAY VERSION, then the connection closes; a new one works.
-    c.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 5).finish());
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 3).u16(2, 5).finish());
     let f = c.recv();
     assert_eq!(f.ty, GOAWAY);
     assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
     let mut c = agent.hello();
     assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
+    // Version 1 only (a host from before version 2) → GOAWAY VERSION too.
+    let mut old = agent.connect();
+    old.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 1).finish());
+    let f = old.recv();
+    assert_eq!(f.ty, GOAWAY);
+    assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
 }
 
 #[test]
