@@ -18,12 +18,15 @@ const STARTED: u8 = 0x11;
 const DATA: u8 = 0x12;
 const WINDOW: u8 = 0x13;
 const EXIT: u8 = 0x14;
+const SIGNAL: u8 = 0x15;
 const STREAM_ERROR: u8 = 0x16;
+const RESIZE: u8 = 0x17;
 const CANCEL: u8 = 0x18;
 const WRITE_FILE: u8 = 0x20;
 const READ_FILE: u8 = 0x21;
 const OK: u8 = 0x22;
 const SPAWN_BENCH: u8 = 0x30;
+const TCP_CONNECT: u8 = 0x50;
 const EOF: u8 = 0x80;
 const INITIAL_WINDOW: i64 = 262_144;
 
@@ -70,7 +73,7 @@ impl Agent {
             }
         };
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        Client { s, buf: Vec::new(), next_id: 1, credit: HashMap::new() }
+        Client { s, buf: Vec::new(), next_id: 1, credit: HashMap::new(), auto_credit: true }
     }
 
     fn hello(&self) -> Client {
@@ -90,7 +93,7 @@ impl Drop for Agent {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Fields(Vec<u8>);
 
 impl Fields {
@@ -159,17 +162,22 @@ struct Client {
     next_id: u32,
     /// (stream, channel) → credit the agent still has; checked on every DATA.
     credit: HashMap<(u32, u8), i64>,
+    /// Return credit for every DATA at once (off: the host stops reading).
+    auto_credit: bool,
 }
 
 #[derive(Default, Debug)]
 struct Outcome {
     started: bool,
+    pid: Option<u32>,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     eof: [bool; 2],
     exit: Option<Vec<(u8, Vec<u8>)>>,
     ok: Option<Vec<(u8, Vec<u8>)>>,
     error: Option<(u32, String)>,
+    /// STREAM_ERROR errno (field 3), when sent.
+    errno: Option<u32>,
 }
 
 impl Outcome {
@@ -181,6 +189,9 @@ impl Outcome {
     }
     fn timed_out(&self) -> u8 {
         field(self.exit.as_ref().unwrap(), 3)[0]
+    }
+    fn step(&self) -> u8 {
+        field(self.exit.as_ref().unwrap(), 6)[0]
     }
     fn done(&self) -> bool {
         self.exit.is_some() || self.ok.is_some() || self.error.is_some()
@@ -195,6 +206,24 @@ impl Client {
         f.extend_from_slice(&stream.to_le_bytes());
         f.extend_from_slice(payload);
         self.s.write_all(&f).unwrap();
+    }
+
+    /// The next frame, or None if none arrives within `timeout`.
+    fn try_recv(&mut self, timeout: Duration) -> Option<Frame> {
+        self.s.set_read_timeout(Some(timeout)).unwrap();
+        let mut chunk = [0u8; 65536];
+        let r = if self.buf.len() >= 12 { Ok(None) } else { self.s.read(&mut chunk).map(Some) };
+        self.s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        match r {
+            Ok(Some(n)) => {
+                assert!(n > 0, "agent closed the connection");
+                self.buf.extend_from_slice(&chunk[..n]);
+                Some(self.recv())
+            }
+            Ok(None) => Some(self.recv()),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
+            Err(e) => panic!("read from agent: {e}"),
+        }
     }
 
     fn recv(&mut self) -> Frame {
@@ -247,7 +276,11 @@ impl Client {
         let o = outcomes.entry(f.stream).or_default();
         assert!(!o.done(), "frame {:?} after the terminal message", f.ty);
         match f.ty {
-            STARTED => o.started = true,
+            STARTED => {
+                assert!(!o.started, "STARTED twice");
+                o.started = true;
+                o.pid = parse_fields(&f.payload).iter().find(|(t, _)| *t == 1).map(|(_, v)| u32::from_le_bytes(v[..].try_into().unwrap()));
+            }
             DATA => {
                 let ch = f.flags & 3;
                 assert!(ch == 1 || ch == 2, "bad channel");
@@ -259,7 +292,7 @@ impl Client {
                 if ch == 1 { &mut o.stdout } else { &mut o.stderr }.extend_from_slice(&f.payload);
                 if f.flags & EOF != 0 {
                     o.eof[ch as usize - 1] = true;
-                } else if !f.payload.is_empty() {
+                } else if !f.payload.is_empty() && self.auto_credit {
                     *c += f.payload.len() as i64;
                     self.send(WINDOW, ch, f.stream, &(f.payload.len() as u32).to_le_bytes());
                 }
@@ -272,6 +305,7 @@ impl Client {
             STREAM_ERROR => {
                 let fs = parse_fields(&f.payload);
                 o.error = Some((fu32(&fs, 1), String::from_utf8_lossy(field(&fs, 2)).into_owned()));
+                o.errno = fs.iter().find(|(t, _)| *t == 3).map(|(_, v)| u32::from_le_bytes(v[..].try_into().unwrap()));
             }
             WINDOW => {
                 assert_eq!(f.flags & 3, 0);
@@ -530,4 +564,104 @@ fn garbage_gets_goaway_and_agent_survives() {
     assert_eq!(c.s.read_to_end(&mut rest).unwrap(), 0, "connection should close after GOAWAY");
     let mut c = agent.hello();
     assert_eq!(c.run(&["echo", "still alive"], Fields::new()).stdout, b"still alive\n");
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Waits until the process is gone (killed and reaped by the agent).
+fn wait_gone(pid: u32) -> bool {
+    let start = Instant::now();
+    while alive(pid) {
+        if start.elapsed() > Duration::from_secs(5) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+impl Client {
+    /// Pumps until the stream has sent STARTED; returns its pid.
+    fn started_pid(&mut self, id: u32, outcomes: &mut HashMap<u32, Outcome>) -> u32 {
+        while !outcomes.get(&id).is_some_and(|o| o.started) {
+            assert!(!outcomes.get(&id).is_some_and(Outcome::done), "stream ended before STARTED");
+            self.pump(outcomes);
+        }
+        outcomes[&id].pid.expect("STARTED carries the pid")
+    }
+}
+
+#[test]
+fn connections_are_independent() {
+    let agent = Agent::start("conns");
+    let mut a = agent.hello();
+    let mut b = agent.hello();
+    // The same stream id on both connections at once.
+    let (mut oa, mut ob) = (HashMap::new(), HashMap::new());
+    let ida = a.exec(&["sleep", "100"], Fields::new());
+    let idb = b.exec(&["sleep", "100"], Fields::new());
+    assert_eq!(ida, idb);
+    let pa = a.started_pid(ida, &mut oa);
+    let pb = b.started_pid(idb, &mut ob);
+    assert_ne!(pa, pb);
+    // Each connection answers its own PING and runs its own streams meanwhile.
+    a.send(PING, 0, 77, b"a");
+    b.send(PING, 0, 77, b"b");
+    let (fa, fb) = (a.recv(), b.recv());
+    assert_eq!((fa.ty, &fa.payload[..], fb.ty, &fb.payload[..]), (PONG, &b"a"[..], PONG, &b"b"[..]));
+    assert_eq!(b.run(&["echo", "on b"], Fields::new()).stdout, b"on b\n");
+    // Closing one connection kills only its processes.
+    drop(a);
+    assert!(wait_gone(pa), "the closed connection's process is still alive");
+    assert!(alive(pb), "the other connection's process was killed");
+    b.send(CANCEL, 0, idb, &[]);
+    let o = b.wait(idb);
+    assert_eq!((o.code(), o.exit_u32(2)), (-1, 9));
+    assert!(wait_gone(pb));
+}
+
+#[test]
+fn at_most_eight_connections() {
+    let agent = Agent::start("eight");
+    let mut open: Vec<Client> = (0..8).map(|_| agent.hello()).collect();
+    // The ninth waits in the backlog: its HELLO is answered once a slot frees.
+    let mut ninth = agent.connect();
+    ninth.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 2).finish());
+    assert!(ninth.try_recv(Duration::from_millis(300)).is_none(), "a ninth connection was served");
+    for c in open.iter_mut() {
+        assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
+    }
+    drop(open.remove(3));
+    assert_eq!(ninth.recv().ty, HELLO_OK);
+    assert_eq!(ninth.run(&["echo", "9"], Fields::new()).stdout, b"9\n");
+}
+
+#[test]
+fn stream_errors_carry_errno() {
+    let agent = Agent::start("errno");
+    let mut c = agent.hello();
+    let read = |c: &mut Client, path: &[u8]| {
+        let id = c.id();
+        c.send(READ_FILE, 0, id, &Fields::new().bytes(1, path).finish());
+        c.wait(id)
+    };
+    let o = read(&mut c, b"/no/such/file");
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (4, Some(2)));
+    let o = read(&mut c, agent.dir.to_str().unwrap().as_bytes());
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(21)), "{:?}", o.error);
+    // Writing below a regular file: ENOTDIR.
+    let file = agent.dir.join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let id = c.id();
+    let path = format!("{}/sub/f", file.display());
+    c.send(WRITE_FILE, 0, id, &Fields::new().bytes(1, path.as_bytes()).finish());
+    let o = c.wait(id);
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(20)), "{:?}", o.error);
+    // A malformed request has no errno.
+    let id = c.id();
+    c.send(READ_FILE, 0, id, &[]);
+    let o = c.wait(id);
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (1, None));
 }
