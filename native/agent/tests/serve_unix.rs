@@ -665,3 +665,125 @@ fn stream_errors_carry_errno() {
     let o = c.wait(id);
     assert_eq!((o.error.as_ref().unwrap().0, o.errno), (1, None));
 }
+
+fn tty(cols: u16, rows: u16) -> Fields {
+    Fields::new().u8(8, 1).u16(9, cols).u16(10, rows)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn tty_exec() {
+    let agent = Agent::start("tty");
+    let mut c = agent.hello();
+    let o = c.run(&["tty"], tty(100, 30));
+    assert_eq!(o.code(), 0, "{o:?}");
+    assert!(text(&o.stdout).starts_with("/dev/pts/") && o.stdout.ends_with(b"\r\n"), "{:?}", text(&o.stdout));
+    assert!(o.eof[0] && o.eof[1] && o.stderr.is_empty());
+    assert_eq!(text(&c.run(&["stty", "size"], tty(100, 30)).stdout), "30 100\r\n");
+    assert_eq!(text(&c.run(&["stty", "size"], Fields::new().u8(8, 1)).stdout), "24 80\r\n");
+    // The terminal is the controlling one: /dev/tty opens.
+    let o = c.run(&["sh", "-c", "echo via-dev-tty > /dev/tty && echo ok"], tty(80, 24));
+    assert_eq!((text(&o.stdout).as_str(), o.code()), ("via-dev-tty\r\nok\r\n", 0));
+    // stderr arrives on channel 1; channel 2 carries only its EOF.
+    let o = c.run(&["sh", "-c", "echo out; echo err >&2; exit 5"], tty(80, 24));
+    assert_eq!((text(&o.stdout).as_str(), o.stderr.as_slice(), o.code()), ("out\r\nerr\r\n", &b""[..], 5));
+    // Start failures on a terminal: the message comes on channel 1 as well.
+    let o = c.run(&["no-such-command-tty"], tty(80, 24));
+    assert_eq!((o.code(), o.stderr.as_slice()), (127, &b""[..]));
+    assert_eq!(text(&o.stdout), "supermachine: no-such-command-tty: command not found\n");
+}
+
+#[test]
+fn tty_input_eof_and_resize() {
+    let agent = Agent::start("tty-input");
+    let mut c = agent.hello();
+    // Typed input is echoed, cat repeats it, and channel-0 EOF (VEOF) ends cat.
+    let id = c.exec(&["cat"], tty(80, 24));
+    c.send(DATA, 0, id, b"hello\n");
+    c.send(DATA, EOF, id, b"");
+    let o = c.wait(id);
+    assert_eq!((text(&o.stdout).as_str(), o.code()), ("hello\r\nhello\r\n", 0));
+    // RESIZE changes what a later `stty size` in the same session prints.
+    let id = c.exec(&["sh", "-c", "stty size; read line; stty size"], tty(100, 30));
+    let mut outcomes = HashMap::new();
+    while !text(&outcomes.get(&id).map_or(Vec::new(), |o: &Outcome| o.stdout.clone())).contains("30 100\r\n") {
+        c.pump(&mut outcomes);
+    }
+    c.send(RESIZE, 0, id, &Fields::new().u16(1, 132).u16(2, 43).finish());
+    c.send(RESIZE, 0, id, &Fields::new().u16(1, 0).u16(2, 10).finish()); // zero: ignored
+    c.send(RESIZE, 0, 999, &Fields::new().u16(1, 1).u16(2, 1).finish()); // unknown id: ignored
+    c.send(DATA, 0, id, b"go\n");
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    let o = &outcomes[&id];
+    assert_eq!((text(&o.stdout).as_str(), o.code()), ("30 100\r\ngo\r\n43 132\r\n", 0));
+    // RESIZE on a pipe stream is ignored.
+    let id = c.exec(&["sh", "-c", "read x; echo $x"], Fields::new().u8(7, 1));
+    c.send(RESIZE, 0, id, &Fields::new().u16(1, 100).u16(2, 30).finish());
+    c.send(DATA, EOF, id, b"pipe\n");
+    assert_eq!(c.wait(id).stdout, b"pipe\n");
+}
+
+#[test]
+fn tty_output_is_complete_and_background_does_not_block() {
+    let agent = Agent::start("tty-drain");
+    let mut c = agent.hello();
+    // Large output, flow-controlled, and all of it arrives although the process exits at once.
+    let o = c.run(&["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' a; echo; echo end"], tty(80, 24));
+    assert_eq!(o.code(), 0);
+    let out = text(&o.stdout);
+    assert!(out.ends_with("\r\nend\r\n"), "tail {:?}", &out[out.len().saturating_sub(20)..]);
+    assert_eq!(out.bytes().filter(|&b| b == b'a').count(), 3_000_000);
+    // A background process keeping the terminal open does not delay the end.
+    let t = Instant::now();
+    let o = c.run(&["sh", "-c", "echo fg; (sleep 5 &) ; exit 0"], tty(80, 24));
+    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+    assert_eq!((text(&o.stdout).as_str(), o.code()), ("fg\r\n", 0));
+    // A timeout and a cancel end a terminal process like a piped one.
+    let o = c.run(&["sleep", "10"], tty(80, 24).u64(4, 300));
+    assert_eq!((o.code(), o.exit_u32(2), o.timed_out()), (-1, 9, 1));
+    let id = c.exec(&["sleep", "10"], tty(80, 24));
+    std::thread::sleep(Duration::from_millis(50));
+    c.send(CANCEL, 0, id, &[]);
+    assert_eq!(c.wait(id).code(), -1);
+}
+
+#[test]
+fn tty_drain_waits_for_credit() {
+    let agent = Agent::start("tty-credit");
+    let mut c = agent.hello();
+    c.auto_credit = false;
+    // More than the window: the process can still exit (the rest fits in the terminal's
+    // buffer), and the drain after the reap has to wait for credit.
+    let total = INITIAL_WINDOW as usize + 20_000;
+    let id = c.exec(&["head", "-c", &total.to_string(), "/dev/zero"], tty(80, 24));
+    let mut outcomes = HashMap::new();
+    while let Some(f) = c.try_recv(Duration::from_millis(700)) {
+        c.buf.splice(0..0, reframe(&f));
+        c.pump(&mut outcomes);
+    }
+    let o = &outcomes[&id];
+    assert_eq!((o.stdout.len(), o.done()), (INITIAL_WINDOW as usize, false));
+    c.auto_credit = true;
+    c.send(WINDOW, 1, id, &(o.stdout.len() as u32).to_le_bytes());
+    *c.credit.get_mut(&(id, 1)).unwrap() += o.stdout.len() as i64;
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    let o = &outcomes[&id];
+    assert_eq!((o.stdout.len(), o.code()), (total, 0));
+}
+
+/// The bytes of a frame, to put it back in front of the client's buffer.
+fn reframe(f: &Frame) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(f.payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(&[f.ty, f.flags, 0, 0]);
+    b.extend_from_slice(&f.stream.to_le_bytes());
+    b.extend_from_slice(&f.payload);
+    b
+}
