@@ -787,3 +787,121 @@ fn reframe(f: &Frame) -> Vec<u8> {
     b.extend_from_slice(&f.payload);
     b
 }
+
+fn chain(mut f: Fields, argv: &[&str]) -> Fields {
+    for a in argv {
+        f = f.bytes(11, a.as_bytes());
+    }
+    f
+}
+
+#[test]
+fn chain_runs_after_success_only() {
+    let agent = Agent::start("chain");
+    let mut c = agent.hello();
+    let o = c.run(&["sh", "-c", "exit 0"], chain(Fields::new(), &["echo", "second"]));
+    assert_eq!((o.stdout.as_slice(), o.code(), o.step()), (&b"second\n"[..], 0, 1));
+    assert!(o.started);
+    let o = c.run(&["sh", "-c", "echo first; exit 1"], chain(Fields::new(), &["echo", "second"]));
+    assert_eq!((o.stdout.as_slice(), o.code(), o.step()), (&b"first\n"[..], 1, 0));
+    let o = c.run(&["sh", "-c", "kill -9 $$"], chain(Fields::new(), &["echo", "second"]));
+    assert_eq!((o.stdout.as_slice(), o.code(), o.exit_u32(2), o.step()), (&b""[..], -1, 9, 0));
+    // Without a chain, step is 0.
+    assert_eq!(c.run(&["true"], Fields::new()).step(), 0);
+    // The chain's exit code is the stream's.
+    let o = c.run(&["true"], chain(Fields::new(), &["sh", "-c", "exit 7"]));
+    assert_eq!((o.code(), o.step()), (7, 1));
+}
+
+#[test]
+fn chain_start_failures() {
+    let agent = Agent::start("chain-fail");
+    let mut c = agent.hello();
+    let o = c.run(&["sh", "-c", "echo before; echo err >&2"], chain(Fields::new(), &["no-such-chained-cmd"]));
+    assert_eq!((o.code(), o.step()), (127, 1));
+    assert_eq!(o.stdout, b"before\n");
+    assert_eq!(text(&o.stderr), "err\nsupermachine: no-such-chained-cmd: command not found\n");
+    // The chain is looked up when it starts: the first command may create it.
+    let script = agent.dir.join("made-by-first");
+    let make = format!("printf '#!/bin/sh\\necho made\\n' > {0} && chmod +x {0}", script.display());
+    let o = c.run(&["sh", "-c", &make], chain(Fields::new(), &[script.to_str().unwrap()]));
+    assert_eq!((o.stdout.as_slice(), o.code(), o.step()), (&b"made\n"[..], 0, 1));
+    // Not executable: 126.
+    let plain = agent.dir.join("plain-file");
+    std::fs::write(&plain, b"x").unwrap();
+    let o = c.run(&["true"], chain(Fields::new(), &[plain.to_str().unwrap()]));
+    assert_eq!((o.code(), o.step()), (126, 1), "{:?}", text(&o.stderr));
+    assert!(!o.stderr.is_empty());
+    // On a terminal the message arrives on channel 1.
+    let o = c.run(&["true"], chain(tty(80, 24), &["no-such-chained-cmd"]));
+    assert_eq!((o.code(), o.stderr.as_slice()), (127, &b""[..]));
+    assert_eq!(text(&o.stdout), "supermachine: no-such-chained-cmd: command not found\n");
+    // A chain argv with a NUL byte is a malformed request.
+    let id = c.exec(&["true"], Fields::new().bytes(11, b"a\0b"));
+    assert_eq!(c.wait(id).error.unwrap().0, 1);
+}
+
+#[test]
+fn chain_shares_stdio_in_order() {
+    let agent = Agent::start("chain-io");
+    let mut c = agent.hello();
+    let o = c.run(
+        &["sh", "-c", "echo one; echo e1 >&2"],
+        chain(Fields::new(), &["sh", "-c", "echo two; echo e2 >&2"]),
+    );
+    assert_eq!((text(&o.stdout).as_str(), text(&o.stderr).as_str(), o.step()), ("one\ntwo\n", "e1\ne2\n", 1));
+    // Large output from both, in order, complete.
+    let o = c.run(
+        &["head", "-c", "700000", "/dev/zero"],
+        chain(Fields::new(), &["sh", "-c", "head -c 700000 /dev/zero | tr '\\0' b"]),
+    );
+    assert_eq!((o.stdout.len(), o.code()), (1_400_000, 0));
+    assert!(o.stdout[..700_000].iter().all(|&b| b == 0) && o.stdout[700_000..].iter().all(|&b| b == b'b'));
+    // stdin is shared: the first reads one line, the chain the rest.
+    let id = c.exec(&["sh", "-c", "read x; echo \"1:$x\""], chain(Fields::new().u8(7, 1), &["cat"]));
+    c.send(DATA, 0, id, b"a\nb\nc\n");
+    c.send(DATA, EOF, id, b"");
+    let o = c.wait(id);
+    assert_eq!((text(&o.stdout).as_str(), o.step()), ("1:a\nb\nc\n", 1));
+    // On a terminal: the same terminal, which the chain gets as its controlling one too.
+    let o = c.run(
+        &["sh", "-c", "tty; echo x > /dev/tty"],
+        chain(tty(90, 20), &["sh", "-c", "tty; stty size; echo y > /dev/tty"]),
+    );
+    let out = text(&o.stdout);
+    let lines: Vec<&str> = out.split("\r\n").collect();
+    assert_eq!((lines.len(), o.code(), o.step()), (6, 0, 1), "{out:?}");
+    assert!(lines[0].starts_with("/dev/pts/") && lines[2] == lines[0], "{out:?}");
+    assert_eq!((lines[1], lines[3], lines[4]), ("x", "20 90", "y"));
+}
+
+#[test]
+fn chain_timeout_signal_and_cancel() {
+    let agent = Agent::start("chain-kill");
+    let mut c = agent.hello();
+    // The timeout counts from the first start and covers both.
+    let t = Instant::now();
+    let o = c.run(&["sleep", "0.3"], chain(Fields::new().u64(4, 800), &["sleep", "10"]));
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_millis(2500), "took {took:?}");
+    assert_eq!((o.code(), o.exit_u32(2), o.timed_out(), o.step()), (-1, 9, 1, 1));
+    // The first timing out stops the chain.
+    let o = c.run(&["sleep", "10"], chain(Fields::new().u64(4, 200), &["echo", "no"]));
+    assert_eq!((o.stdout.as_slice(), o.timed_out(), o.step()), (&b""[..], 1, 0));
+    // SIGNAL goes to the command that runs.
+    let id = c.exec(&["true"], chain(Fields::new(), &["sleep", "10"]));
+    std::thread::sleep(Duration::from_millis(300));
+    c.send(SIGNAL, 0, id, &Fields::new().u32(1, 15).finish());
+    let o = c.wait(id);
+    assert_eq!((o.code(), o.exit_u32(2), o.step()), (-1, 15, 1));
+    // CANCEL kills the one that runs and stops the chain.
+    let id = c.exec(&["sleep", "10"], chain(Fields::new(), &["echo", "no"]));
+    std::thread::sleep(Duration::from_millis(100));
+    c.send(CANCEL, 0, id, &[]);
+    let o = c.wait(id);
+    assert_eq!((o.stdout.as_slice(), o.code(), o.step()), (&b""[..], -1, 0));
+    // Duration covers both commands; peak RSS is reported.
+    let o = c.run(&["sleep", "0.2"], chain(Fields::new(), &["sleep", "0.2"]));
+    assert!(fu64(o.exit.as_ref().unwrap(), 5) >= 400_000, "duration {}", fu64(o.exit.as_ref().unwrap(), 5));
+    assert!(fu64(o.exit.as_ref().unwrap(), 4) > 0);
+}
