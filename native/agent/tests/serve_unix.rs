@@ -905,3 +905,227 @@ fn chain_timeout_signal_and_cancel() {
     assert!(fu64(o.exit.as_ref().unwrap(), 5) >= 400_000, "duration {}", fu64(o.exit.as_ref().unwrap(), 5));
     assert!(fu64(o.exit.as_ref().unwrap(), 4) > 0);
 }
+
+fn tcp_open(c: &mut Client, port: u16, addr: Option<&str>) -> u32 {
+    let id = c.id();
+    let mut f = Fields::new().u16(1, port);
+    if let Some(a) = addr {
+        f = f.bytes(2, a.as_bytes());
+    }
+    c.send(TCP_CONNECT, 0, id, &f.finish());
+    id
+}
+
+/// Sends each stream's data on channel 0 (within its window, then EOF) while collecting
+/// everything the agent sends, until every stream has ended.
+fn transfer(c: &mut Client, streams: &[(u32, Vec<u8>)]) -> HashMap<u32, Outcome> {
+    let mut state: HashMap<u32, (i64, usize, bool)> = streams.iter().map(|(id, _)| (*id, (INITIAL_WINDOW, 0, false))).collect();
+    let mut outcomes = HashMap::new();
+    while !streams.iter().all(|(id, _)| outcomes.get(id).is_some_and(Outcome::done)) {
+        for (id, data) in streams {
+            let (window, sent, eof) = state.get_mut(id).unwrap();
+            while !*eof && *window > 0 && !outcomes.get(id).is_some_and(Outcome::done) {
+                let n = (data.len() - *sent).min(65536).min(*window as usize);
+                let last = *sent + n == data.len();
+                c.send(DATA, if last { EOF } else { 0 }, *id, &data[*sent..*sent + n]);
+                *sent += n;
+                *window -= n as i64;
+                *eof = last;
+            }
+        }
+        if let Some((id, inc)) = c.pump(&mut outcomes) {
+            state.get_mut(&id).unwrap().0 += inc as i64;
+        }
+    }
+    outcomes
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8).collect()
+}
+
+/// Echoes every connection it accepts until EOF, then sends `suffix` and closes.
+fn echo_server(listener: std::net::TcpListener, conns: usize, suffix: &'static [u8]) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut workers = Vec::new();
+        for _ in 0..conns {
+            let (mut s, _) = listener.accept().unwrap();
+            workers.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match s.read(&mut buf).unwrap() {
+                        0 => break,
+                        n => s.write_all(&buf[..n]).unwrap(),
+                    }
+                }
+                // Our side still sends after the peer's EOF (half-close).
+                s.write_all(suffix).unwrap();
+            }));
+        }
+        for w in workers {
+            w.join().unwrap();
+        }
+    })
+}
+
+fn listen() -> (std::net::TcpListener, u16) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+#[test]
+fn tcp_echo_with_flow_control_and_half_close() {
+    let agent = Agent::start("tcp-echo");
+    let mut c = agent.hello();
+    let (l, port) = listen();
+    let server = echo_server(l, 1, b"bye");
+    let data = pattern(3_000_000, 1);
+    let id = tcp_open(&mut c, port, None);
+    let mut outcomes = transfer(&mut c, &[(id, data.clone())]);
+    server.join().unwrap();
+    let o = outcomes.remove(&id).unwrap();
+    assert!(o.started && o.eof[0], "{:?}", o.error);
+    assert!(o.ok.is_some(), "{:?}", o.error);
+    assert_eq!(o.stdout.len(), data.len() + 3);
+    assert!(o.stdout[..data.len()] == data[..] && o.stdout.ends_with(b"bye"));
+    // IPv6, when the host has a loopback for it.
+    if let Ok(l6) = std::net::TcpListener::bind("[::1]:0") {
+        let port = l6.local_addr().unwrap().port();
+        let server = echo_server(l6, 1, b"");
+        let id = tcp_open(&mut c, port, Some("::1"));
+        let o = transfer(&mut c, &[(id, b"over v6".to_vec())]).remove(&id).unwrap();
+        server.join().unwrap();
+        assert_eq!((o.stdout.as_slice(), o.ok.is_some()), (&b"over v6"[..], true));
+    }
+}
+
+#[test]
+fn tcp_connect_errors() {
+    let agent = Agent::start("tcp-errors");
+    let mut c = agent.hello();
+    let (l, port) = listen();
+    drop(l);
+    let id = tcp_open(&mut c, port, None);
+    let o = c.wait(id);
+    assert!(!o.started);
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (9, Some(111)), "{:?}", o.error);
+    for bad in [
+        Fields::new().u16(1, 0),
+        Fields::new(),
+        Fields::new().u16(1, 80).bytes(2, b"not-an-address"),
+        Fields::new().bytes(1, &[80]),
+    ] {
+        let id = c.id();
+        c.send(TCP_CONNECT, 0, id, &bad.finish());
+        let o = c.wait(id);
+        assert_eq!((o.error.as_ref().unwrap().0, o.errno), (1, None), "{:?}", o.error);
+    }
+}
+
+#[test]
+fn tcp_cancel_resets_the_connection() {
+    let agent = Agent::start("tcp-cancel");
+    let mut c = agent.hello();
+    let (l, port) = listen();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 16];
+        s.read(&mut buf)
+    });
+    let id = tcp_open(&mut c, port, None);
+    let mut outcomes = HashMap::new();
+    while outcomes.get(&id).map_or(0, |o: &Outcome| o.stdout.len()) < 5 {
+        c.pump(&mut outcomes);
+    }
+    c.send(CANCEL, 0, id, &[]);
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    let o = &outcomes[&id];
+    assert_eq!(o.error.as_ref().map(|(code, m)| (*code, m.as_str())), Some((3, "cancelled")));
+    let r = server.join().unwrap();
+    assert_eq!(r.map_err(|e| e.kind()).unwrap_err(), std::io::ErrorKind::ConnectionReset);
+}
+
+#[test]
+fn tcp_many_at_once() {
+    let agent = Agent::start("tcp-many");
+    let mut c = agent.hello();
+    let (l, port) = listen();
+    let server = echo_server(l, 50, b".");
+    let streams: Vec<(u32, Vec<u8>)> = (0..50).map(|i| (tcp_open(&mut c, port, None), pattern(40_000 + i * 1000, i as u32))).collect();
+    let outcomes = transfer(&mut c, &streams);
+    server.join().unwrap();
+    for (id, data) in &streams {
+        let o = &outcomes[id];
+        assert!(o.ok.is_some(), "{:?}", o.error);
+        assert!(o.stdout.len() == data.len() + 1 && o.stdout[..data.len()] == data[..]);
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn tcp_backpressure_reaches_the_guest_peer() {
+    let agent = Agent::start("tcp-backpressure");
+    let mut c = agent.hello();
+    let rss_before = rss_kib(agent.child.id());
+    let (l, port) = listen();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = written.clone();
+    // A guest peer writing 100 MB that the host never reads.
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let chunk = vec![7u8; 65536];
+        while w.load(std::sync::atomic::Ordering::Relaxed) < 100 << 20 {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+            w.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    c.auto_credit = false;
+    let id = tcp_open(&mut c, port, None);
+    let mut outcomes = HashMap::new();
+    let mut last = (usize::MAX, Instant::now());
+    // Until the peer has been blocked for a while.
+    loop {
+        if let Some(f) = c.try_recv(Duration::from_millis(100)) {
+            c.buf.splice(0..0, reframe(&f));
+            c.pump(&mut outcomes);
+        }
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > Duration::from_millis(700) {
+            break;
+        }
+    }
+    let o = &outcomes[&id];
+    assert_eq!(o.stdout.len(), INITIAL_WINDOW as usize, "the agent forwards exactly one window");
+    let blocked_at = written.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(blocked_at < 40 << 20, "the peer wrote {blocked_at} bytes: the agent kept reading");
+    let grown = rss_kib(agent.child.id()).saturating_sub(rss_before);
+    eprintln!("peer blocked after {blocked_at} bytes; agent RSS {rss_before} KiB + {grown} KiB");
+    assert!(grown < 8 * 1024, "the agent's RSS grew by {grown} KiB");
+    // Credit moves it on; CANCEL ends it and the peer's write fails.
+    c.auto_credit = true;
+    c.send(WINDOW, 1, id, &(INITIAL_WINDOW as u32).to_le_bytes());
+    *c.credit.get_mut(&(id, 1)).unwrap() += INITIAL_WINDOW;
+    while outcomes[&id].stdout.len() < 2 * INITIAL_WINDOW as usize {
+        c.pump(&mut outcomes);
+    }
+    c.send(CANCEL, 0, id, &[]);
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    assert_eq!(outcomes[&id].error.as_ref().unwrap().0, 3);
+    server.join().unwrap();
+    assert!(written.load(std::sync::atomic::Ordering::Relaxed) < 100 << 20);
+}
