@@ -14,6 +14,8 @@ const DEFAULT_PORT: &str = "supermachine.0";
 const DEFAULT_EXEC_PORT: &str = "supermachine.1";
 const NEW_ROOT: &str = "/sm/root";
 const DEVICE_WAIT: Duration = Duration::from_secs(10);
+/// How long ports that exist may take to get their names once the primary has its own.
+const NAME_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub enum InitError {
@@ -106,10 +108,16 @@ pub fn boot() -> Result<Vec<Port>, InitError> {
     }
     let primary = open_port(&cmdline.port)?;
     let mut ports = vec![Port { fd: primary, name: cmdline.port.clone(), primary: true }];
-    // Not waited for: a VM without an exec port boots all the same. QEMU announces all ports
-    // together when the driver is ready, so by the time the primary has its name the exec port
-    // normally has too.
+    // The exec port is not waited for: a VM without one boots all the same. QEMU announces
+    // every port (PORT_ADD) at once when the driver is ready, ahead of the names it sends in
+    // answer to each port's PORT_READY, so once the primary has its name every other port
+    // exists, at worst a moment before its name (the sysfs `name` attribute appears with it).
+    // A port that never gets a name (a virtconsole without name=) would cost NAME_WAIT once.
     if !cmdline.exec_port.is_empty() && cmdline.exec_port != cmdline.port {
+        let start = Instant::now();
+        while !all_ports_named() && start.elapsed() < NAME_WAIT {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         if let Some(dev) = find_port(&cmdline.exec_port) {
             match open_dev(&dev) {
                 Ok(fd) => ports.push(Port { fd, name: cmdline.exec_port, primary: false }),
@@ -222,6 +230,11 @@ fn open_dev(dev: &str) -> Result<OwnedFd, InitError> {
         result = sys::open_rw_nonblock(&path);
     }
     step(|| format!("open /dev/{dev}"), result)
+}
+
+fn all_ports_named() -> bool {
+    let Ok(dir) = std::fs::read_dir("/sys/class/virtio-ports") else { return true };
+    dir.flatten().all(|e| e.path().join("name").exists())
 }
 
 fn find_port(name: &str) -> Option<String> {

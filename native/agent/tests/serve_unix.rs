@@ -670,6 +670,11 @@ fn tty(cols: u16, rows: u16) -> Fields {
     Fields::new().u8(8, 1).u16(9, cols).u16(10, rows)
 }
 
+/// Whether the tests run as root (then the agent can switch credentials).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -690,6 +695,11 @@ fn tty_exec() {
     // stderr arrives on channel 1; channel 2 carries only its EOF.
     let o = c.run(&["sh", "-c", "echo out; echo err >&2; exit 5"], tty(80, 24));
     assert_eq!((text(&o.stdout).as_str(), o.stderr.as_slice(), o.code()), ("out\r\nerr\r\n", &b""[..], 5));
+    // With other credentials (the fork path): still the controlling terminal.
+    if running_as_root() {
+        let o = c.run(&["sh", "-c", "id -u; stty size; echo x > /dev/tty"], tty(70, 10).u32(5, 65534).u32(6, 65534));
+        assert_eq!((text(&o.stdout).as_str(), o.code()), ("65534\r\n10 70\r\nx\r\n", 0));
+    }
     // Start failures on a terminal: the message comes on channel 1 as well.
     let o = c.run(&["no-such-command-tty"], tty(80, 24));
     assert_eq!((o.code(), o.stderr.as_slice()), (127, &b""[..]));
