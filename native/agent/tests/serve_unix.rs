@@ -1139,3 +1139,44 @@ fn tcp_backpressure_reaches_the_guest_peer() {
     server.join().unwrap();
     assert!(written.load(std::sync::atomic::Ordering::Relaxed) < 100 << 20);
 }
+
+#[test]
+fn tcp_reads_stop_while_the_host_does_not_read() {
+    let agent = Agent::start("tcp-pause");
+    let mut c = agent.hello();
+    let rss_before = rss_kib(agent.child.id());
+    let (l, port) = listen();
+    const STREAMS: usize = 40;
+    const EACH: usize = 600_000;
+    let server = std::thread::spawn(move || {
+        let mut workers = Vec::new();
+        for i in 0..STREAMS {
+            let (mut s, _) = l.accept().unwrap();
+            workers.push(std::thread::spawn(move || {
+                s.write_all(&pattern(EACH, i as u32)).unwrap();
+            }));
+        }
+        for w in workers {
+            w.join().unwrap();
+        }
+    });
+    let ids: Vec<u32> = (0..STREAMS).map(|_| tcp_open(&mut c, port, None)).collect();
+    for &id in &ids {
+        c.send(DATA, EOF, id, b"");
+    }
+    // The host reads nothing for a while: 40 windows (10 MB) could be queued, but the agent
+    // stops reading sockets once its output for this connection passes the high-water mark.
+    std::thread::sleep(Duration::from_millis(1500));
+    let grown = rss_kib(agent.child.id()).saturating_sub(rss_before);
+    eprintln!("agent RSS grew by {grown} KiB while the host did not read");
+    assert!(grown < 7 * 1024, "the agent's RSS grew by {grown} KiB");
+    let mut outcomes = HashMap::new();
+    while !ids.iter().all(|id| outcomes.get(id).is_some_and(Outcome::done)) {
+        c.pump(&mut outcomes);
+    }
+    server.join().unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let o = &outcomes[id];
+        assert!(o.ok.is_some() && o.stdout == pattern(EACH, i as u32), "stream {i}: {:?}", o.error);
+    }
+}
