@@ -267,7 +267,10 @@ impl Conn {
     /// switch itself costs one event (with HUP). When the host connects, the next event has
     /// EPOLLOUT (writable again) or EPOLLIN (its first bytes) and no HUP: the connection starts
     /// afresh (`on_host_connected`) and goes back to level-triggered interest. An idle port
-    /// thus costs no wake-ups, connected or not.
+    /// thus costs no wake-ups, connected or not. (O_ASYNC + F_SETOWN would work too — the same
+    /// PORT_OPEN handler calls `send_sigio_to_port` — but would need SIGIO in the signalfd and
+    /// a second path into the loop; edge-triggered epoll keeps the port's events where they
+    /// were.)
     fn update_interest(&mut self, sh: &mut Shared) {
         let (fd, want) = match &self.transport {
             Transport::Port { fd, connected: false, .. } => (fd.as_raw_fd(), EPOLLIN | EPOLLOUT | EPOLLET),

@@ -1180,3 +1180,31 @@ fn tcp_reads_stop_while_the_host_does_not_read() {
         assert!(o.ok.is_some() && o.stdout == pattern(EACH, i as u32), "stream {i}: {:?}", o.error);
     }
 }
+
+/// A listener whose accept queue is full: Linux drops further SYNs, so connects hang.
+fn full_listener() -> (std::net::TcpListener, u16, std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    // SAFETY: listen() again on the listening socket we own, now with a backlog of 0 (room for
+    // one queued connection).
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let queued = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    (l, port, queued)
+}
+
+#[test]
+fn tcp_connect_times_out() {
+    let agent = Agent::start("tcp-timeout");
+    let mut c = agent.hello();
+    let (_listener, port, _queued) = full_listener();
+    let t = Instant::now();
+    let id = tcp_open(&mut c, port, None);
+    // Meanwhile the connection is served as usual.
+    assert_eq!(c.run(&["echo", "meanwhile"], Fields::new()).stdout, b"meanwhile\n");
+    let o = c.wait(id);
+    let took = t.elapsed();
+    assert!(took >= Duration::from_secs(9) && took < Duration::from_secs(14), "took {took:?}");
+    assert!(!o.started);
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(110)), "{:?}", o.error);
+}
