@@ -27,7 +27,7 @@ use std::os::unix::net::UnixListener;
 use server::{Listen, Server};
 
 const USAGE: &str = "usage: supermachine-agent [--version | --serve-unix PATH]\n\
-                     (run as PID 1 it boots the VM and serves the virtio port)";
+                     (run as PID 1 it boots the VM and serves its virtio ports)";
 
 #[cfg(not(test))]
 #[no_mangle]

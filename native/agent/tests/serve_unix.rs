@@ -1208,3 +1208,21 @@ fn tcp_connect_times_out() {
     assert!(!o.started);
     assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(110)), "{:?}", o.error);
 }
+
+#[test]
+fn tcp_peer_reset_is_an_io_error() {
+    let agent = Agent::start("tcp-reset");
+    let mut c = agent.hello();
+    let (l, port) = listen();
+    let server = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(s); // closing with unread bytes sends a reset
+    });
+    let id = tcp_open(&mut c, port, None);
+    c.send(DATA, 0, id, b"never read");
+    let o = c.wait(id);
+    server.join().unwrap();
+    assert!(o.started);
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(104)), "{:?}", o.error);
+}
