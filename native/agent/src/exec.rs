@@ -1,6 +1,6 @@
 //! Preparing and starting processes: argv/env conversion, PATH lookup, credentials, spawn.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::fmt;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -17,15 +17,33 @@ pub enum ExecError {
     BadRequest(String),
     /// argv[0] was not found (exit 127); carries the stderr message.
     NotFound(String),
-    /// Anything else that prevents the start (exit 126); carries the stderr message.
-    CannotStart(String),
+    /// Anything else that prevents the start (exit 126); carries the stderr message and the
+    /// errno when a system call failed.
+    CannotStart(String, Option<i32>),
+}
+
+impl ExecError {
+    /// The exit code a stream reports for a process that could not start (None: not a start
+    /// failure but a malformed request).
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            ExecError::BadRequest(_) => None,
+            ExecError::NotFound(_) => Some(127),
+            ExecError::CannotStart(..) => Some(126),
+        }
+    }
+
+    /// The message (for stderr, ending with a newline, or for a STREAM_ERROR).
+    pub fn message(&self) -> &str {
+        match self {
+            ExecError::BadRequest(m) | ExecError::NotFound(m) | ExecError::CannotStart(m, _) => m,
+        }
+    }
 }
 
 impl fmt::Display for ExecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExecError::BadRequest(m) | ExecError::NotFound(m) | ExecError::CannotStart(m) => f.write_str(m.trim_end()),
-        }
+        f.write_str(self.message().trim_end())
     }
 }
 
@@ -65,7 +83,7 @@ pub fn resolve(argv0: &[u8], path_var: Option<&[u8]>, cwd: &Path) -> Result<Path
         return match std::fs::metadata(cwd.join(p)) {
             Ok(_) => Ok(p.to_path_buf()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(not_found()),
-            Err(e) => Err(ExecError::CannotStart(format!("supermachine: {name}: {}\n", sys::io_text(&e)))),
+            Err(e) => Err(ExecError::CannotStart(format!("supermachine: {name}: {}\n", sys::io_text(&e)), e.raw_os_error())),
         };
     }
     let mut denied = false;
@@ -79,7 +97,7 @@ pub fn resolve(argv0: &[u8], path_var: Option<&[u8]>, cwd: &Path) -> Result<Path
         }
     }
     if denied {
-        Err(ExecError::CannotStart(format!("supermachine: {name}: Permission denied\n")))
+        Err(ExecError::CannotStart(format!("supermachine: {name}: Permission denied\n"), Some(libc::EACCES)))
     } else {
         Err(not_found())
     }
@@ -97,17 +115,16 @@ pub fn prepare(argv: &[Vec<u8>], env: &[Vec<u8>], cwd: Option<&[u8]>, uid: u32, 
         None => {}
         Some(Ok(m)) if m.is_dir() => {}
         Some(Ok(_)) => {
-            return Err(ExecError::CannotStart(format!(
-                "supermachine: cannot change directory to {}: Not a directory\n",
-                cwd_path.display()
-            )))
+            return Err(ExecError::CannotStart(
+                format!("supermachine: cannot change directory to {}: Not a directory\n", cwd_path.display()),
+                Some(libc::ENOTDIR),
+            ))
         }
         Some(Err(e)) => {
-            return Err(ExecError::CannotStart(format!(
-                "supermachine: cannot change directory to {}: {}\n",
-                cwd_path.display(),
-                sys::io_text(&e)
-            )))
+            return Err(ExecError::CannotStart(
+                format!("supermachine: cannot change directory to {}: {}\n", cwd_path.display(), sys::io_text(&e)),
+                e.raw_os_error(),
+            ))
         }
     }
     let path_var = env.iter().find_map(|kv| kv.strip_prefix(b"PATH="));
@@ -117,9 +134,15 @@ pub fn prepare(argv: &[Vec<u8>], env: &[Vec<u8>], cwd: Option<&[u8]>, uid: u32, 
     Ok(Prepared { path, argv: cargv, env: cenv, cwd: ccwd, creds })
 }
 
+/// Checks that an argv that will be prepared later (a chain) can be: no NUL bytes.
+pub fn check_argv(argv: &[Vec<u8>]) -> Result<(), ExecError> {
+    cstrings(argv, "chain").map(|_| ())
+}
+
 impl Prepared {
-    /// Starts the program in a new session with the given descriptors as its stdio.
-    pub fn start(&self, stdio: [RawFd; 3]) -> Result<pid_t, ExecError> {
+    /// Starts the program in a new session with the given descriptors as its stdio; with
+    /// `ctty` (the path of the terminal in `stdio`) that terminal becomes its controlling one.
+    pub fn start(&self, stdio: [RawFd; 3], ctty: Option<&CStr>) -> Result<pid_t, ExecError> {
         let spec = SpawnSpec {
             path: &self.path,
             argv: &self.argv,
@@ -127,6 +150,7 @@ impl Prepared {
             cwd: self.cwd.as_deref(),
             stdio,
             creds: self.creds,
+            ctty,
         };
         sys::spawn(&spec).map_err(|e| {
             let text = sys::errno_text(e.errno);
@@ -143,7 +167,7 @@ impl Prepared {
                     format!("supermachine: {}: {text}\n", show(self.argv[0].as_bytes()))
                 }
             };
-            ExecError::CannotStart(msg)
+            ExecError::CannotStart(msg, Some(e.errno))
         })
     }
 }

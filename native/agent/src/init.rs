@@ -1,4 +1,4 @@
-//! PID-1 boot (PROTOCOL.md section 5): mounts, overlay root, switch root, lo, hostname, port.
+//! PID-1 boot (PROTOCOL.md section 5): mounts, overlay root, switch root, lo, hostname, ports.
 
 use std::ffi::CString;
 use std::fmt;
@@ -7,11 +7,15 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::server::Port;
 use crate::sys::{self, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY};
 
 const DEFAULT_PORT: &str = "supermachine.0";
+const DEFAULT_EXEC_PORT: &str = "supermachine.1";
 const NEW_ROOT: &str = "/sm/root";
 const DEVICE_WAIT: Duration = Duration::from_secs(10);
+/// How long ports that exist may take to get their names once the primary has its own.
+const NAME_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub enum InitError {
@@ -62,22 +66,26 @@ pub fn early_console() {
 pub struct Cmdline {
     pub root: Option<String>,
     pub port: String,
+    pub exec_port: String,
 }
 
 pub fn parse_cmdline(text: &str) -> Cmdline {
-    let mut c = Cmdline { root: None, port: DEFAULT_PORT.to_string() };
+    let mut c = Cmdline { root: None, port: DEFAULT_PORT.to_string(), exec_port: DEFAULT_EXEC_PORT.to_string() };
     for word in text.split_ascii_whitespace() {
         if let Some(v) = word.strip_prefix("sm.root=") {
             c.root = Some(v.to_string()).filter(|v| !v.is_empty());
         } else if let Some(v) = word.strip_prefix("sm.port=") {
             c.port = v.to_string();
+        } else if let Some(v) = word.strip_prefix("sm.exec_port=") {
+            c.exec_port = v.to_string();
         }
     }
     c
 }
 
-/// The boot contract. Returns the opened virtio port (O_RDWR | O_NONBLOCK | O_CLOEXEC).
-pub fn boot() -> Result<(OwnedFd, String), InitError> {
+/// The boot contract. Returns the opened virtio ports (O_RDWR | O_NONBLOCK | O_CLOEXEC): the
+/// primary one, waited for, and the exec port if the VM has one.
+pub fn boot() -> Result<Vec<Port>, InitError> {
     mkdir("/proc", 0o555)?;
     mkdir("/sys", 0o555)?;
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)?;
@@ -98,8 +106,26 @@ pub fn boot() -> Result<(OwnedFd, String), InitError> {
     if let Err(e) = sys::sethostname("supermachine") {
         log(&format!("cannot set hostname: {e}"));
     }
-    let port = open_port(&cmdline.port)?;
-    Ok((port, cmdline.port))
+    let primary = open_port(&cmdline.port)?;
+    let mut ports = vec![Port { fd: primary, name: cmdline.port.clone(), primary: true }];
+    // The exec port is not waited for: a VM without one boots all the same. QEMU announces
+    // every port (PORT_ADD) at once when the driver is ready, ahead of the names it sends in
+    // answer to each port's PORT_READY, so once the primary has its name every other port
+    // exists, at worst a moment before its name (the sysfs `name` attribute appears with it).
+    // A port that never gets a name (a virtconsole without name=) would cost NAME_WAIT once.
+    if !cmdline.exec_port.is_empty() && cmdline.exec_port != cmdline.port {
+        let start = Instant::now();
+        while !all_ports_named() && start.elapsed() < NAME_WAIT {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if let Some(dev) = find_port(&cmdline.exec_port) {
+            match open_dev(&dev) {
+                Ok(fd) => ports.push(Port { fd, name: cmdline.exec_port, primary: false }),
+                Err(e) => log(&format!("exec port {}: {e}", cmdline.exec_port)),
+            }
+        }
+    }
+    Ok(ports)
 }
 
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<(), InitError> {
@@ -190,8 +216,12 @@ fn open_port(name: &str) -> Result<OwnedFd, InitError> {
         found = find_port(name);
         found.is_some()
     })?;
-    let dev = found.unwrap_or_default();
-    let path = CString::new(format!("/dev/{dev}")).map_err(|_| InitError::Timeout(dev.clone()))?;
+    open_dev(&found.unwrap_or_default())
+}
+
+/// Opens /dev/<dev> (a vportXpY whose sysfs entry exists).
+fn open_dev(dev: &str) -> Result<OwnedFd, InitError> {
+    let path = CString::new(format!("/dev/{dev}")).map_err(|_| InitError::Timeout(dev.to_string()))?;
     let mut result = sys::open_rw_nonblock(&path);
     // The device node may appear a moment after the sysfs entry.
     let start = Instant::now();
@@ -200,6 +230,11 @@ fn open_port(name: &str) -> Result<OwnedFd, InitError> {
         result = sys::open_rw_nonblock(&path);
     }
     step(|| format!("open /dev/{dev}"), result)
+}
+
+fn all_ports_named() -> bool {
+    let Ok(dir) = std::fs::read_dir("/sys/class/virtio-ports") else { return true };
+    dir.flatten().all(|e| e.path().join("name").exists())
 }
 
 fn find_port(name: &str) -> Option<String> {
@@ -225,9 +260,9 @@ mod tests {
 
     #[test]
     fn cmdline() {
-        let c = parse_cmdline("console=hvc0 quiet sm.root=/dev/vda sm.port=sm.1 panic=-1\n");
-        assert_eq!(c, Cmdline { root: Some("/dev/vda".into()), port: "sm.1".into() });
+        let c = parse_cmdline("console=hvc0 quiet sm.root=/dev/vda sm.port=sm.1 panic=-1 sm.exec_port=sm.x\n");
+        assert_eq!(c, Cmdline { root: Some("/dev/vda".into()), port: "sm.1".into(), exec_port: "sm.x".into() });
         let c = parse_cmdline("console=ttyS0");
-        assert_eq!(c, Cmdline { root: None, port: DEFAULT_PORT.into() });
+        assert_eq!(c, Cmdline { root: None, port: DEFAULT_PORT.into(), exec_port: DEFAULT_EXEC_PORT.into() });
     }
 }

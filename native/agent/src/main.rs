@@ -7,19 +7,27 @@
 // Unit-test builds have no entry point, so most of the crate looks unused there.
 #![cfg_attr(test, allow(dead_code))]
 
+mod bench;
+mod conn;
 mod exec;
 mod files;
 mod init;
+mod pipes;
 mod proto;
+mod pty;
 mod server;
+mod stream;
+mod stream_exec;
 mod sys;
+mod tcp;
+mod workload;
 
 use std::os::unix::net::UnixListener;
 
-use server::{Server, Transport};
+use server::{Listen, Server};
 
 const USAGE: &str = "usage: supermachine-agent [--version | --serve-unix PATH]\n\
-                     (run as PID 1 it boots the VM and serves the virtio port)";
+                     (run as PID 1 it boots the VM and serves its virtio ports)";
 
 #[cfg(not(test))]
 #[no_mangle]
@@ -46,11 +54,12 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
 fn run_init() -> ! {
     init::early_console();
     std::panic::set_hook(Box::new(|info| init::fatal(&format!("panic: {info}"))));
-    let (port, name) = match init::boot() {
+    let ports = match init::boot() {
         Ok(p) => p,
         Err(e) => init::fatal(&format!("boot: {e}")),
     };
-    let mut server = match Server::new(Transport::Port { fd: port, connected: false }, true) {
+    let names: Vec<String> = ports.iter().map(|p| p.name.clone()).collect();
+    let mut server = match Server::new(Listen::Ports(ports), true) {
         Ok(s) => s,
         Err(e) => init::fatal(&e.to_string()),
     };
@@ -60,7 +69,7 @@ fn run_init() -> ! {
     if let Err(e) = sys::set_sched_batch() {
         eprintln!("supermachine-agent: SCHED_BATCH unavailable: {e}");
     }
-    eprintln!("supermachine-agent: ready (version {}, port {name})", env!("CARGO_PKG_VERSION"));
+    eprintln!("supermachine-agent: ready (version {}, ports {})", env!("CARGO_PKG_VERSION"), names.join(", "));
     match server.run() {
         Ok(()) => init::fatal("server loop ended"),
         Err(e) => init::fatal(&e.to_string()),
@@ -83,7 +92,7 @@ fn serve_unix(path: &str) -> libc::c_int {
         return 1;
     }
     let _ = sys::set_child_subreaper();
-    let result = Server::new(Transport::Unix { listener, conn: None }, false).and_then(|mut s| s.run());
+    let result = Server::new(Listen::Unix(listener), false).and_then(|mut s| s.run());
     match result {
         Ok(()) => 0,
         Err(e) => {

@@ -1,8 +1,11 @@
-//! Frame and field codec of PROTOCOL.md (version 1), plus typed requests and replies.
+//! Frame and field codec of PROTOCOL.md (version 2), plus typed requests and replies.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// HELLO_OK `features` of this version.
+pub const FEATURES: &str = "exec,files,bench,tty,chain,tcp,workload";
 pub const HEADER_LEN: usize = 12;
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Largest DATA payload the agent sends.
@@ -30,6 +33,7 @@ pub const OK: u8 = 0x22;
 pub const SPAWN_BENCH: u8 = 0x30;
 pub const WORKLOAD_START: u8 = 0x40;
 pub const WORKLOAD_SIGNAL: u8 = 0x41;
+pub const TCP_CONNECT: u8 = 0x50;
 
 /// DATA flag: end of this channel.
 pub const FLAG_EOF: u8 = 0x80;
@@ -47,6 +51,11 @@ pub const TOO_LARGE: u32 = 5;
 pub const UNSUPPORTED: u32 = 6;
 pub const VERSION_ERR: u32 = 7;
 pub const PROTOCOL: u32 = 8;
+pub const REFUSED: u32 = 9;
+
+/// EXEC terminal size when the request gives none.
+pub const DEFAULT_COLS: u16 = 80;
+pub const DEFAULT_ROWS: u16 = 24;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProtoError {
@@ -259,7 +268,7 @@ impl Hello {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exec {
     pub argv: Vec<Vec<u8>>,
     pub env: Vec<Vec<u8>>,
@@ -268,7 +277,37 @@ pub struct Exec {
     pub uid: u32,
     pub gid: u32,
     pub stdin_pipe: bool,
-    pub tty: u8,
+    pub tty: bool,
+    pub cols: u16,
+    pub rows: u16,
+    /// argv of the chained command; empty: no chain.
+    pub chain: Vec<Vec<u8>>,
+}
+
+impl Default for Exec {
+    fn default() -> Exec {
+        Exec {
+            argv: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            timeout_ms: 0,
+            uid: 0,
+            gid: 0,
+            stdin_pipe: false,
+            tty: false,
+            cols: DEFAULT_COLS,
+            rows: DEFAULT_ROWS,
+            chain: Vec::new(),
+        }
+    }
+}
+
+fn flag(f: &Field, what: &'static str) -> Result<bool, ProtoError> {
+    match f.u8()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(ProtoError::Invalid(what)),
+    }
 }
 
 impl Exec {
@@ -283,19 +322,20 @@ impl Exec {
                 4 => e.timeout_ms = f.u64()?,
                 5 => e.uid = f.u32()?,
                 6 => e.gid = f.u32()?,
-                7 => {
-                    e.stdin_pipe = match f.u8()? {
-                        0 => false,
-                        1 => true,
-                        _ => return Err(ProtoError::Invalid("stdin must be 0 or 1")),
-                    }
-                }
-                8 => e.tty = f.u8()?,
+                7 => e.stdin_pipe = flag(&f, "stdin must be 0 or 1")?,
+                8 => e.tty = flag(&f, "tty must be 0 or 1")?,
+                // 0 is no size at all: the default stands.
+                9 => e.cols = Some(f.u16()?).filter(|&c| c > 0).unwrap_or(DEFAULT_COLS),
+                10 => e.rows = Some(f.u16()?).filter(|&r| r > 0).unwrap_or(DEFAULT_ROWS),
+                11 => e.chain.push(f.value.to_vec()),
                 _ => {}
             }
         }
         if e.argv.is_empty() || e.argv[0].is_empty() {
             return Err(ProtoError::Invalid("argv is empty"));
+        }
+        if e.chain.first().is_some_and(|a| a.is_empty()) {
+            return Err(ProtoError::Invalid("chain argv[0] is empty"));
         }
         Ok(e)
     }
@@ -406,6 +446,61 @@ impl SpawnBench {
     }
 }
 
+/// RESIZE: a zero (or missing) dimension makes the request one to ignore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+impl Resize {
+    pub fn parse(payload: &[u8]) -> Result<Resize, ProtoError> {
+        let mut r = Resize { cols: 0, rows: 0 };
+        for f in fields(payload) {
+            let f = f?;
+            match f.tag {
+                1 => r.cols = f.u16()?,
+                2 => r.rows = f.u16()?,
+                _ => {}
+            }
+        }
+        Ok(r)
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.cols > 0 && self.rows > 0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpConnect {
+    pub addr: SocketAddr,
+}
+
+impl TcpConnect {
+    pub fn parse(payload: &[u8]) -> Result<TcpConnect, ProtoError> {
+        let mut port = 0;
+        let mut ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        for f in fields(payload) {
+            let f = f?;
+            match f.tag {
+                1 => port = f.u16()?,
+                2 => {
+                    ip = std::str::from_utf8(f.value)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or(ProtoError::Invalid("addr is not an IPv4 or IPv6 literal"))?
+                }
+                _ => {}
+            }
+        }
+        if port == 0 {
+            return Err(ProtoError::Invalid("port must be 1 to 65535"));
+        }
+        Ok(TcpConnect { addr: SocketAddr::new(ip, port) })
+    }
+}
+
 /// WINDOW payload: a bare u32 increment.
 pub fn parse_window(payload: &[u8]) -> Result<u32, ProtoError> {
     let b: [u8; 4] = payload.try_into().map_err(|_| ProtoError::BadLength { tag: 0, len: payload.len() })?;
@@ -415,17 +510,28 @@ pub fn parse_window(payload: &[u8]) -> Result<u32, ProtoError> {
 // ---------------------------------------------------------------------------------------------
 // Replies (agent → host)
 
-pub fn hello_ok(agent_version: &str, uptime_ms: u64, features: &str) -> Vec<u8> {
-    FieldWriter::new()
+/// HELLO_OK; `port` is the virtio port's name (None in development mode).
+pub fn hello_ok(agent_version: &str, uptime_ms: u64, port: Option<&str>) -> Vec<u8> {
+    let w = FieldWriter::new()
         .u16(1, VERSION)
         .bytes(2, agent_version.as_bytes())
         .u64(3, uptime_ms)
-        .bytes(4, features.as_bytes())
-        .finish()
+        .bytes(4, FEATURES.as_bytes());
+    match port {
+        Some(p) => w.bytes(5, p.as_bytes()),
+        None => w,
+    }
+    .finish()
 }
 
-pub fn error_fields(code: u32, message: &str) -> Vec<u8> {
-    FieldWriter::new().u32(1, code).bytes(2, message.as_bytes()).finish()
+/// STREAM_ERROR / GOAWAY fields; `errno` when a system call is behind the error.
+pub fn error_fields(code: u32, message: &str, errno: Option<i32>) -> Vec<u8> {
+    let w = FieldWriter::new().u32(1, code).bytes(2, message.as_bytes());
+    match errno {
+        Some(n) if n > 0 => w.u32(3, n as u32),
+        _ => w,
+    }
+    .finish()
 }
 
 pub fn started(pid: u32) -> Vec<u8> {
@@ -439,6 +545,8 @@ pub struct ExitInfo {
     pub timed_out: bool,
     pub peak_rss_kib: u64,
     pub duration_us: u64,
+    /// 0: the first command, 1: the chained one.
+    pub step: u8,
 }
 
 impl ExitInfo {
@@ -449,6 +557,7 @@ impl ExitInfo {
             .u8(3, self.timed_out as u8)
             .u64(4, self.peak_rss_kib)
             .u64(5, self.duration_us)
+            .u8(6, self.step)
             .finish()
     }
 }
@@ -519,7 +628,7 @@ mod tests {
         assert_eq!(e.argv, vec![b"echo".to_vec(), b"hi".to_vec()]);
         assert_eq!(e.env, vec![b"PATH=/bin".to_vec()]);
         assert_eq!((e.timeout_ms, e.uid, e.gid, e.stdin_pipe, e.cwd), (300, 1000, 0, true, None));
-        let x = ExitInfo { exit_code: -1, signal: 9, timed_out: true, peak_rss_kib: 5, duration_us: 6 };
+        let x = ExitInfo { exit_code: -1, signal: 9, timed_out: true, peak_rss_kib: 5, duration_us: 6, step: 1 };
         let mut got = ExitInfo::default();
         for f in fields(&x.encode()) {
             let f = f.unwrap();
@@ -529,6 +638,7 @@ mod tests {
                 3 => got.timed_out = f.u8().unwrap() == 1,
                 4 => got.peak_rss_kib = f.u64().unwrap(),
                 5 => got.duration_us = f.u64().unwrap(),
+                6 => got.step = f.u8().unwrap(),
                 _ => panic!(),
             }
         }
@@ -560,5 +670,60 @@ mod tests {
         assert_eq!(parse_window(&5u32.to_le_bytes()), Ok(5));
         let bad_u64s = FieldWriter::new().bytes(2, &[0; 9]).finish();
         assert!(fields(&bad_u64s).next().unwrap().unwrap().u64s().is_err());
+    }
+
+    #[test]
+    fn exec_v2_fields() {
+        let p = FieldWriter::new()
+            .bytes(1, b"sh")
+            .u8(8, 1)
+            .u16(9, 132)
+            .u16(10, 43)
+            .bytes(11, b"echo")
+            .bytes(11, b"second")
+            .finish();
+        let e = Exec::parse(&p).unwrap();
+        assert!(e.tty);
+        assert_eq!((e.cols, e.rows), (132, 43));
+        assert_eq!(e.chain, vec![b"echo".to_vec(), b"second".to_vec()]);
+        // Defaults: pipes, 80x24, no chain; a zero size keeps the default.
+        let e = Exec::parse(&FieldWriter::new().bytes(1, b"true").u16(9, 0).finish()).unwrap();
+        assert_eq!((e.tty, e.cols, e.rows, e.chain.len()), (false, DEFAULT_COLS, DEFAULT_ROWS, 0));
+        assert!(Exec::parse(&FieldWriter::new().bytes(1, b"true").u8(8, 2).finish()).is_err());
+        assert!(Exec::parse(&FieldWriter::new().bytes(1, b"true").bytes(9, &[80]).finish()).is_err());
+        assert!(Exec::parse(&FieldWriter::new().bytes(1, b"true").bytes(11, b"").finish()).is_err());
+    }
+
+    #[test]
+    fn resize_and_tcp_connect() {
+        let r = Resize::parse(&FieldWriter::new().u16(1, 100).u16(2, 30).finish()).unwrap();
+        assert_eq!(r, Resize { cols: 100, rows: 30 });
+        assert!(r.is_valid());
+        assert!(!Resize::parse(&FieldWriter::new().u16(1, 100).finish()).unwrap().is_valid());
+        assert!(Resize::parse(&FieldWriter::new().bytes(1, &[1]).finish()).is_err());
+
+        let t = TcpConnect::parse(&FieldWriter::new().u16(1, 8080).finish()).unwrap();
+        assert_eq!(t.addr, "127.0.0.1:8080".parse().unwrap());
+        let t = TcpConnect::parse(&FieldWriter::new().u16(1, 22).bytes(2, b"::1").finish()).unwrap();
+        assert_eq!(t.addr, "[::1]:22".parse().unwrap());
+        let t = TcpConnect::parse(&FieldWriter::new().bytes(2, b"10.0.0.2").u16(1, 65535).finish()).unwrap();
+        assert_eq!(t.addr, "10.0.0.2:65535".parse().unwrap());
+        assert!(TcpConnect::parse(&[]).is_err());
+        assert!(TcpConnect::parse(&FieldWriter::new().u16(1, 0).finish()).is_err());
+        assert!(TcpConnect::parse(&FieldWriter::new().u16(1, 80).bytes(2, b"localhost").finish()).is_err());
+        assert!(TcpConnect::parse(&FieldWriter::new().u32(1, 80).finish()).is_err());
+    }
+
+    #[test]
+    fn v2_replies() {
+        let parse = |p: &[u8]| fields(p).map(|f| f.map(|f| (f.tag, f.value.to_vec()))).collect::<Result<Vec<_>, _>>().unwrap();
+        let ok = parse(&hello_ok("0.1.0", 5, Some("supermachine.1")));
+        assert_eq!(ok[0], (1, VERSION.to_le_bytes().to_vec()));
+        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload".to_vec()));
+        assert_eq!(ok[4], (5, b"supermachine.1".to_vec()));
+        assert_eq!(parse(&hello_ok("0.1.0", 5, None)).len(), 4);
+        let e = parse(&error_fields(REFUSED, "refused", Some(111)));
+        assert_eq!(e, vec![(1, 9u32.to_le_bytes().to_vec()), (2, b"refused".to_vec()), (3, 111u32.to_le_bytes().to_vec())]);
+        assert_eq!(parse(&error_fields(BAD_REQUEST, "x", None)).len(), 2);
     }
 }

@@ -2,6 +2,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 
@@ -193,13 +194,6 @@ pub fn bytes_readable(fd: RawFd) -> io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
-pub fn poll_hup(fd: RawFd) -> bool {
-    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd, zero timeout.
-    let r = unsafe { libc::poll(&mut p, 1, 0) };
-    r > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
-}
-
 pub fn open_rw_nonblock(path: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: valid C string.
     let fd = cvt(unsafe {
@@ -219,6 +213,7 @@ pub const EPOLLIN: u32 = libc::EPOLLIN as u32;
 pub const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
 pub const EPOLLERR: u32 = libc::EPOLLERR as u32;
 pub const EPOLLHUP: u32 = libc::EPOLLHUP as u32;
+pub const EPOLLET: u32 = libc::EPOLLET as u32;
 
 #[derive(Clone, Copy)]
 pub struct Event {
@@ -449,6 +444,9 @@ pub struct SpawnSpec<'a> {
     pub stdio: [RawFd; 3],
     /// `Some((uid, gid))` to switch credentials (requires fork+exec).
     pub creds: Option<(u32, u32)>,
+    /// The path of a terminal slave (also in `stdio`) to make the controlling terminal of the
+    /// new session.
+    pub ctty: Option<&'a CStr>,
 }
 
 fn ptr_array(items: &[CString]) -> Vec<*const libc::c_char> {
@@ -521,9 +519,24 @@ fn posix_spawn(spec: &SpawnSpec, argv: &[*const libc::c_char], envp: &[*const li
         if r == 0 {
             r = libc::posix_spawnattr_setsigdefault(&mut attr, &defaults);
         }
-        for (target, &fd) in spec.stdio.iter().enumerate() {
-            if r == 0 {
-                r = libc::posix_spawn_file_actions_adddup2(&mut actions, fd, target as libc::c_int);
+        match spec.ctty {
+            // glibc's child runs setsid() (POSIX_SPAWN_SETSID) before the file actions, so this
+            // open (without O_NOCTTY) by a session leader without a terminal makes the slave
+            // its controlling terminal; a dup2 of the agent's slave descriptor would not.
+            Some(path) => {
+                r = libc::posix_spawn_file_actions_addopen(&mut actions, 0, path.as_ptr(), libc::O_RDWR, 0);
+                for target in 1..3 {
+                    if r == 0 {
+                        r = libc::posix_spawn_file_actions_adddup2(&mut actions, 0, target);
+                    }
+                }
+            }
+            None => {
+                for (target, &fd) in spec.stdio.iter().enumerate() {
+                    if r == 0 {
+                        r = libc::posix_spawn_file_actions_adddup2(&mut actions, fd, target as libc::c_int);
+                    }
+                }
             }
         }
         if r == 0 {
@@ -589,6 +602,9 @@ fn fork_exec(
                     fail(0);
                 }
             }
+            if spec.ctty.is_some() && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                fail(0);
+            }
             if let Some(cwd) = spec.cwd {
                 if libc::chdir(cwd.as_ptr()) < 0 {
                     fail(1);
@@ -623,6 +639,146 @@ fn fork_exec(
     };
     let errno = i32::from_ne_bytes(report[4..].try_into().unwrap_or([0; 4]));
     Err(SpawnError { stage, errno })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pseudo-terminals
+
+/// A new pseudo-terminal: the master (non-blocking), the slave (opened without becoming the
+/// agent's controlling terminal) and the slave's path. Both descriptors are close-on-exec.
+pub struct PtyPair {
+    pub master: OwnedFd,
+    pub slave: OwnedFd,
+    pub path: CString,
+}
+
+pub fn open_pty(cols: u16, rows: u16) -> io::Result<PtyPair> {
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: plain call; the result is checked.
+    let master = owned(cvt(unsafe { libc::posix_openpt(flags) })?);
+    // SAFETY: grantpt/unlockpt only act on the master descriptor we hold.
+    cvt(unsafe { libc::grantpt(master.as_raw_fd()) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::unlockpt(master.as_raw_fd()) })?;
+    let mut buf = [0 as libc::c_char; 128];
+    // SAFETY: buf is writable for buf.len() bytes; ptsname_r NUL-terminates on success.
+    let r = unsafe { libc::ptsname_r(master.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    // SAFETY: ptsname_r succeeded, so buf holds a NUL-terminated string.
+    let path = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_owned();
+    // SAFETY: valid C string.
+    let slave = owned(cvt(unsafe {
+        libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
+    })?);
+    set_winsize(master.as_raw_fd(), cols, rows)?;
+    Ok(PtyPair { master, slave, path })
+}
+
+/// TIOCSWINSZ: on a master it sets the size of the pair and signals SIGWINCH to the
+/// terminal's foreground process group.
+pub fn set_winsize(fd: RawFd, cols: u16, rows: u16) -> io::Result<()> {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one struct winsize.
+    cvt(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws as *const libc::winsize) }).map(|_| ())
+}
+
+/// The terminal's end-of-file character (c_cc[VEOF]); on a master this reads the slave's
+/// settings.
+pub fn veof_char(fd: RawFd) -> io::Result<u8> {
+    // SAFETY: termios is plain data, filled by tcgetattr.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: t is a valid out-pointer.
+    cvt(unsafe { libc::tcgetattr(fd, &mut t) })?;
+    Ok(t.c_cc[libc::VEOF])
+}
+
+// ---------------------------------------------------------------------------------------------
+// TCP sockets
+
+/// Starts a non-blocking TCP connect. Ok((socket, true)): connected already; Ok((socket,
+/// false)): in progress (writable once done; then see `socket_error`).
+pub fn tcp_connect(addr: &SocketAddr) -> io::Result<(OwnedFd, bool)> {
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain syscall.
+    let sock = owned(cvt(unsafe {
+        libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+    })?);
+    // SAFETY: sockaddr_storage is plain data large enough for either address family.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage, which is suitably aligned.
+            unsafe { ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage, which is suitably aligned.
+            unsafe { ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    // SAFETY: storage holds a valid address of `len` bytes.
+    let r = unsafe {
+        libc::connect(sock.as_raw_fd(), (&storage as *const libc::sockaddr_storage).cast(), len as libc::socklen_t)
+    };
+    if r == 0 {
+        return Ok((sock, true));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINPROGRESS) | Some(libc::EINTR) => Ok((sock, false)),
+        _ => Err(e),
+    }
+}
+
+fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and len are valid out-pointers of the sizes given.
+    cvt(unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut libc::c_int).cast(), &mut len) })?;
+    Ok(v)
+}
+
+/// Takes the socket's pending error (SO_ERROR): 0 when there is none.
+pub fn socket_error(fd: RawFd) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ERROR)
+}
+
+/// shutdown(SHUT_WR): the peer reads EOF once everything written before has arrived.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    cvt(unsafe { libc::shutdown(fd, libc::SHUT_WR) }).map(|_| ())
+}
+
+/// SO_LINGER with a zero timeout: closing the socket then sends a reset.
+pub fn set_linger_reset(fd: RawFd) -> io::Result<()> {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: l is a valid struct linger for the duration of the call.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,12 +18,15 @@ const STARTED: u8 = 0x11;
 const DATA: u8 = 0x12;
 const WINDOW: u8 = 0x13;
 const EXIT: u8 = 0x14;
+const SIGNAL: u8 = 0x15;
 const STREAM_ERROR: u8 = 0x16;
+const RESIZE: u8 = 0x17;
 const CANCEL: u8 = 0x18;
 const WRITE_FILE: u8 = 0x20;
 const READ_FILE: u8 = 0x21;
 const OK: u8 = 0x22;
 const SPAWN_BENCH: u8 = 0x30;
+const TCP_CONNECT: u8 = 0x50;
 const EOF: u8 = 0x80;
 const INITIAL_WINDOW: i64 = 262_144;
 
@@ -58,14 +61,24 @@ impl Agent {
     }
 
     fn connect(&self) -> Client {
-        let s = UnixStream::connect(&self.sock).unwrap();
+        // The socket file appears at bind(), a moment before listen(): retry a refusal.
+        let start = Instant::now();
+        let s = loop {
+            match UnixStream::connect(&self.sock) {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && start.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        };
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        Client { s, buf: Vec::new(), next_id: 1, credit: HashMap::new() }
+        Client { s, buf: Vec::new(), next_id: 1, credit: HashMap::new(), auto_credit: true }
     }
 
     fn hello(&self) -> Client {
         let mut c = self.connect();
-        c.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 1).u64(3, 0).finish());
+        c.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 2).u64(3, 0).finish());
         let f = c.recv();
         assert_eq!(f.ty, HELLO_OK);
         c
@@ -80,7 +93,7 @@ impl Drop for Agent {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Fields(Vec<u8>);
 
 impl Fields {
@@ -149,17 +162,22 @@ struct Client {
     next_id: u32,
     /// (stream, channel) → credit the agent still has; checked on every DATA.
     credit: HashMap<(u32, u8), i64>,
+    /// Return credit for every DATA at once (off: the host stops reading).
+    auto_credit: bool,
 }
 
 #[derive(Default, Debug)]
 struct Outcome {
     started: bool,
+    pid: Option<u32>,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     eof: [bool; 2],
     exit: Option<Vec<(u8, Vec<u8>)>>,
     ok: Option<Vec<(u8, Vec<u8>)>>,
     error: Option<(u32, String)>,
+    /// STREAM_ERROR errno (field 3), when sent.
+    errno: Option<u32>,
 }
 
 impl Outcome {
@@ -171,6 +189,9 @@ impl Outcome {
     }
     fn timed_out(&self) -> u8 {
         field(self.exit.as_ref().unwrap(), 3)[0]
+    }
+    fn step(&self) -> u8 {
+        field(self.exit.as_ref().unwrap(), 6)[0]
     }
     fn done(&self) -> bool {
         self.exit.is_some() || self.ok.is_some() || self.error.is_some()
@@ -185,6 +206,24 @@ impl Client {
         f.extend_from_slice(&stream.to_le_bytes());
         f.extend_from_slice(payload);
         self.s.write_all(&f).unwrap();
+    }
+
+    /// The next frame, or None if none arrives within `timeout`.
+    fn try_recv(&mut self, timeout: Duration) -> Option<Frame> {
+        self.s.set_read_timeout(Some(timeout)).unwrap();
+        let mut chunk = [0u8; 65536];
+        let r = if self.buf.len() >= 12 { Ok(None) } else { self.s.read(&mut chunk).map(Some) };
+        self.s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        match r {
+            Ok(Some(n)) => {
+                assert!(n > 0, "agent closed the connection");
+                self.buf.extend_from_slice(&chunk[..n]);
+                Some(self.recv())
+            }
+            Ok(None) => Some(self.recv()),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
+            Err(e) => panic!("read from agent: {e}"),
+        }
     }
 
     fn recv(&mut self) -> Frame {
@@ -237,7 +276,11 @@ impl Client {
         let o = outcomes.entry(f.stream).or_default();
         assert!(!o.done(), "frame {:?} after the terminal message", f.ty);
         match f.ty {
-            STARTED => o.started = true,
+            STARTED => {
+                assert!(!o.started, "STARTED twice");
+                o.started = true;
+                o.pid = parse_fields(&f.payload).iter().find(|(t, _)| *t == 1).map(|(_, v)| u32::from_le_bytes(v[..].try_into().unwrap()));
+            }
             DATA => {
                 let ch = f.flags & 3;
                 assert!(ch == 1 || ch == 2, "bad channel");
@@ -249,7 +292,7 @@ impl Client {
                 if ch == 1 { &mut o.stdout } else { &mut o.stderr }.extend_from_slice(&f.payload);
                 if f.flags & EOF != 0 {
                     o.eof[ch as usize - 1] = true;
-                } else if !f.payload.is_empty() {
+                } else if !f.payload.is_empty() && self.auto_credit {
                     *c += f.payload.len() as i64;
                     self.send(WINDOW, ch, f.stream, &(f.payload.len() as u32).to_le_bytes());
                 }
@@ -262,6 +305,7 @@ impl Client {
             STREAM_ERROR => {
                 let fs = parse_fields(&f.payload);
                 o.error = Some((fu32(&fs, 1), String::from_utf8_lossy(field(&fs, 2)).into_owned()));
+                o.errno = fs.iter().find(|(t, _)| *t == 3).map(|(_, v)| u32::from_le_bytes(v[..].try_into().unwrap()));
             }
             WINDOW => {
                 assert_eq!(f.flags & 3, 0);
@@ -295,20 +339,27 @@ fn hello_ping_and_frames_before_hello() {
     let f = c.recv();
     assert_eq!(f.ty, HELLO_OK);
     let fs = parse_fields(&f.payload);
-    assert_eq!(field(&fs, 1), &1u16.to_le_bytes());
-    assert_eq!(field(&fs, 4), b"exec,files,bench");
+    assert_eq!(field(&fs, 1), &2u16.to_le_bytes());
+    assert_eq!(field(&fs, 4), b"exec,files,bench,tty,chain,tcp,workload");
+    assert!(!fs.iter().any(|(t, _)| *t == 5), "no port name in development mode");
     assert!(!field(&fs, 2).is_empty());
     fu64(&fs, 3);
     c.send(PING, 0, 42, b"payload");
     let f = c.recv();
     assert_eq!((f.ty, f.stream, &f.payload[..]), (PONG, 42, &b"payload"[..]));
     // Version mismatch → GOAWAY VERSION, then the connection closes; a new one works.
-    c.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 5).finish());
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 3).u16(2, 5).finish());
     let f = c.recv();
     assert_eq!(f.ty, GOAWAY);
     assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
     let mut c = agent.hello();
     assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
+    // Version 1 only (a host from before version 2) → GOAWAY VERSION too.
+    let mut old = agent.connect();
+    old.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 1).finish());
+    let f = old.recv();
+    assert_eq!(f.ty, GOAWAY);
+    assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
 }
 
 #[test]
@@ -513,4 +564,665 @@ fn garbage_gets_goaway_and_agent_survives() {
     assert_eq!(c.s.read_to_end(&mut rest).unwrap(), 0, "connection should close after GOAWAY");
     let mut c = agent.hello();
     assert_eq!(c.run(&["echo", "still alive"], Fields::new()).stdout, b"still alive\n");
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Waits until the process is gone (killed and reaped by the agent).
+fn wait_gone(pid: u32) -> bool {
+    let start = Instant::now();
+    while alive(pid) {
+        if start.elapsed() > Duration::from_secs(5) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+impl Client {
+    /// Pumps until the stream has sent STARTED; returns its pid.
+    fn started_pid(&mut self, id: u32, outcomes: &mut HashMap<u32, Outcome>) -> u32 {
+        while !outcomes.get(&id).is_some_and(|o| o.started) {
+            assert!(!outcomes.get(&id).is_some_and(Outcome::done), "stream ended before STARTED");
+            self.pump(outcomes);
+        }
+        outcomes[&id].pid.expect("STARTED carries the pid")
+    }
+}
+
+#[test]
+fn connections_are_independent() {
+    let agent = Agent::start("conns");
+    let mut a = agent.hello();
+    let mut b = agent.hello();
+    // The same stream id on both connections at once.
+    let (mut oa, mut ob) = (HashMap::new(), HashMap::new());
+    let ida = a.exec(&["sleep", "100"], Fields::new());
+    let idb = b.exec(&["sleep", "100"], Fields::new());
+    assert_eq!(ida, idb);
+    let pa = a.started_pid(ida, &mut oa);
+    let pb = b.started_pid(idb, &mut ob);
+    assert_ne!(pa, pb);
+    // Each connection answers its own PING and runs its own streams meanwhile.
+    a.send(PING, 0, 77, b"a");
+    b.send(PING, 0, 77, b"b");
+    let (fa, fb) = (a.recv(), b.recv());
+    assert_eq!((fa.ty, &fa.payload[..], fb.ty, &fb.payload[..]), (PONG, &b"a"[..], PONG, &b"b"[..]));
+    assert_eq!(b.run(&["echo", "on b"], Fields::new()).stdout, b"on b\n");
+    // Closing one connection kills only its processes.
+    drop(a);
+    assert!(wait_gone(pa), "the closed connection's process is still alive");
+    assert!(alive(pb), "the other connection's process was killed");
+    b.send(CANCEL, 0, idb, &[]);
+    let o = b.wait(idb);
+    assert_eq!((o.code(), o.exit_u32(2)), (-1, 9));
+    assert!(wait_gone(pb));
+}
+
+#[test]
+fn at_most_eight_connections() {
+    let agent = Agent::start("eight");
+    let mut open: Vec<Client> = (0..8).map(|_| agent.hello()).collect();
+    // The ninth waits in the backlog: its HELLO is answered once a slot frees.
+    let mut ninth = agent.connect();
+    ninth.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 2).finish());
+    assert!(ninth.try_recv(Duration::from_millis(300)).is_none(), "a ninth connection was served");
+    for c in open.iter_mut() {
+        assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
+    }
+    drop(open.remove(3));
+    assert_eq!(ninth.recv().ty, HELLO_OK);
+    assert_eq!(ninth.run(&["echo", "9"], Fields::new()).stdout, b"9\n");
+}
+
+#[test]
+fn stream_errors_carry_errno() {
+    let agent = Agent::start("errno");
+    let mut c = agent.hello();
+    let read = |c: &mut Client, path: &[u8]| {
+        let id = c.id();
+        c.send(READ_FILE, 0, id, &Fields::new().bytes(1, path).finish());
+        c.wait(id)
+    };
+    let o = read(&mut c, b"/no/such/file");
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (4, Some(2)));
+    let o = read(&mut c, agent.dir.to_str().unwrap().as_bytes());
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(21)), "{:?}", o.error);
+    // Writing below a regular file: ENOTDIR.
+    let file = agent.dir.join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let id = c.id();
+    let path = format!("{}/sub/f", file.display());
+    c.send(WRITE_FILE, 0, id, &Fields::new().bytes(1, path.as_bytes()).finish());
+    let o = c.wait(id);
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(20)), "{:?}", o.error);
+    // A malformed request has no errno.
+    let id = c.id();
+    c.send(READ_FILE, 0, id, &[]);
+    let o = c.wait(id);
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (1, None));
+}
+
+fn tty(cols: u16, rows: u16) -> Fields {
+    Fields::new().u8(8, 1).u16(9, cols).u16(10, rows)
+}
+
+/// Whether the tests run as root (then the agent can switch credentials).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn tty_exec() {
+    let agent = Agent::start("tty");
+    let mut c = agent.hello();
+    let o = c.run(&["tty"], tty(100, 30));
+    assert_eq!(o.code(), 0, "{o:?}");
+    assert!(text(&o.stdout).starts_with("/dev/pts/") && o.stdout.ends_with(b"\r\n"), "{:?}", text(&o.stdout));
+    assert!(o.eof[0] && o.eof[1] && o.stderr.is_empty());
+    assert_eq!(text(&c.run(&["stty", "size"], tty(100, 30)).stdout), "30 100\r\n");
+    assert_eq!(text(&c.run(&["stty", "size"], Fields::new().u8(8, 1)).stdout), "24 80\r\n");
+    // The terminal is the controlling one: /dev/tty opens.
+    let o = c.run(&["sh", "-c", "echo via-dev-tty > /dev/tty && echo ok"], tty(80, 24));
+    assert_eq!((text(&o.stdout).as_str(), o.code()), ("via-dev-tty\r\nok\r\n", 0));
+    // stderr arrives on channel 1; channel 2 carries only its EOF.
+    let o = c.run(&["sh", "-c", "echo out; echo err >&2; exit 5"], tty(80, 24));
+    assert_eq!((text(&o.stdout).as_str(), o.stderr.as_slice(), o.code()), ("out\r\nerr\r\n", &b""[..], 5));
+    // With other credentials (the fork path): still the controlling terminal.
+    if running_as_root() {
+        let o = c.run(&["sh", "-c", "id -u; stty size; echo x > /dev/tty"], tty(70, 10).u32(5, 65534).u32(6, 65534));
+        assert_eq!((text(&o.stdout).as_str(), o.code()), ("65534\r\n10 70\r\nx\r\n", 0));
+    }
+    // Start failures on a terminal: the message comes on channel 1 as well.
+    let o = c.run(&["no-such-command-tty"], tty(80, 24));
+    assert_eq!((o.code(), o.stderr.as_slice()), (127, &b""[..]));
+    assert_eq!(text(&o.stdout), "supermachine: no-such-command-tty: command not found\n");
+}
+
+#[test]
+fn tty_input_eof_and_resize() {
+    let agent = Agent::start("tty-input");
+    let mut c = agent.hello();
+    // Typed input is echoed, cat repeats it, and channel-0 EOF (VEOF) ends cat.
+    let id = c.exec(&["cat"], tty(80, 24));
+    c.send(DATA, 0, id, b"hello\n");
+    c.send(DATA, EOF, id, b"");
+    let o = c.wait(id);
+    assert_eq!((text(&o.stdout).as_str(), o.code()), ("hello\r\nhello\r\n", 0));
+    // RESIZE changes what a later `stty size` in the same session prints.
+    let id = c.exec(&["sh", "-c", "stty size; read line; stty size"], tty(100, 30));
+    let mut outcomes = HashMap::new();
+    while !text(&outcomes.get(&id).map_or(Vec::new(), |o: &Outcome| o.stdout.clone())).contains("30 100\r\n") {
+        c.pump(&mut outcomes);
+    }
+    c.send(RESIZE, 0, id, &Fields::new().u16(1, 132).u16(2, 43).finish());
+    c.send(RESIZE, 0, id, &Fields::new().u16(1, 0).u16(2, 10).finish()); // zero: ignored
+    c.send(RESIZE, 0, 999, &Fields::new().u16(1, 1).u16(2, 1).finish()); // unknown id: ignored
+    c.send(DATA, 0, id, b"go\n");
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    let o = &outcomes[&id];
+    assert_eq!((text(&o.stdout).as_str(), o.code()), ("30 100\r\ngo\r\n43 132\r\n", 0));
+    // RESIZE on a pipe stream is ignored.
+    let id = c.exec(&["sh", "-c", "read x; echo $x"], Fields::new().u8(7, 1));
+    c.send(RESIZE, 0, id, &Fields::new().u16(1, 100).u16(2, 30).finish());
+    c.send(DATA, EOF, id, b"pipe\n");
+    assert_eq!(c.wait(id).stdout, b"pipe\n");
+}
+
+#[test]
+fn tty_output_is_complete_and_background_does_not_block() {
+    let agent = Agent::start("tty-drain");
+    let mut c = agent.hello();
+    // Large output, flow-controlled, and all of it arrives although the process exits at once.
+    let o = c.run(&["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' a; echo; echo end"], tty(80, 24));
+    assert_eq!(o.code(), 0);
+    let out = text(&o.stdout);
+    assert!(out.ends_with("\r\nend\r\n"), "tail {:?}", &out[out.len().saturating_sub(20)..]);
+    assert_eq!(out.bytes().filter(|&b| b == b'a').count(), 3_000_000);
+    // A background process keeping the terminal open does not delay the end.
+    let t = Instant::now();
+    let o = c.run(&["sh", "-c", "echo fg; (sleep 5 &) ; exit 0"], tty(80, 24));
+    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+    assert_eq!((text(&o.stdout).as_str(), o.code()), ("fg\r\n", 0));
+    // A timeout and a cancel end a terminal process like a piped one.
+    let o = c.run(&["sleep", "10"], tty(80, 24).u64(4, 300));
+    assert_eq!((o.code(), o.exit_u32(2), o.timed_out()), (-1, 9, 1));
+    let id = c.exec(&["sleep", "10"], tty(80, 24));
+    std::thread::sleep(Duration::from_millis(50));
+    c.send(CANCEL, 0, id, &[]);
+    assert_eq!(c.wait(id).code(), -1);
+}
+
+#[test]
+fn tty_drain_waits_for_credit() {
+    let agent = Agent::start("tty-credit");
+    let mut c = agent.hello();
+    c.auto_credit = false;
+    // More than the window: the process can still exit (the rest fits in the terminal's
+    // buffer), and the drain after the reap has to wait for credit.
+    let total = INITIAL_WINDOW as usize + 20_000;
+    let id = c.exec(&["head", "-c", &total.to_string(), "/dev/zero"], tty(80, 24));
+    let mut outcomes = HashMap::new();
+    while let Some(f) = c.try_recv(Duration::from_millis(700)) {
+        c.buf.splice(0..0, reframe(&f));
+        c.pump(&mut outcomes);
+    }
+    let o = &outcomes[&id];
+    assert_eq!((o.stdout.len(), o.done()), (INITIAL_WINDOW as usize, false));
+    c.auto_credit = true;
+    c.send(WINDOW, 1, id, &(o.stdout.len() as u32).to_le_bytes());
+    *c.credit.get_mut(&(id, 1)).unwrap() += o.stdout.len() as i64;
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    let o = &outcomes[&id];
+    assert_eq!((o.stdout.len(), o.code()), (total, 0));
+}
+
+/// The bytes of a frame, to put it back in front of the client's buffer.
+fn reframe(f: &Frame) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(f.payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(&[f.ty, f.flags, 0, 0]);
+    b.extend_from_slice(&f.stream.to_le_bytes());
+    b.extend_from_slice(&f.payload);
+    b
+}
+
+fn chain(mut f: Fields, argv: &[&str]) -> Fields {
+    for a in argv {
+        f = f.bytes(11, a.as_bytes());
+    }
+    f
+}
+
+#[test]
+fn chain_runs_after_success_only() {
+    let agent = Agent::start("chain");
+    let mut c = agent.hello();
+    let o = c.run(&["sh", "-c", "exit 0"], chain(Fields::new(), &["echo", "second"]));
+    assert_eq!((o.stdout.as_slice(), o.code(), o.step()), (&b"second\n"[..], 0, 1));
+    assert!(o.started);
+    let o = c.run(&["sh", "-c", "echo first; exit 1"], chain(Fields::new(), &["echo", "second"]));
+    assert_eq!((o.stdout.as_slice(), o.code(), o.step()), (&b"first\n"[..], 1, 0));
+    let o = c.run(&["sh", "-c", "kill -9 $$"], chain(Fields::new(), &["echo", "second"]));
+    assert_eq!((o.stdout.as_slice(), o.code(), o.exit_u32(2), o.step()), (&b""[..], -1, 9, 0));
+    // Without a chain, step is 0.
+    assert_eq!(c.run(&["true"], Fields::new()).step(), 0);
+    // The chain's exit code is the stream's.
+    let o = c.run(&["true"], chain(Fields::new(), &["sh", "-c", "exit 7"]));
+    assert_eq!((o.code(), o.step()), (7, 1));
+}
+
+#[test]
+fn chain_start_failures() {
+    let agent = Agent::start("chain-fail");
+    let mut c = agent.hello();
+    let o = c.run(&["sh", "-c", "echo before; echo err >&2"], chain(Fields::new(), &["no-such-chained-cmd"]));
+    assert_eq!((o.code(), o.step()), (127, 1));
+    assert_eq!(o.stdout, b"before\n");
+    assert_eq!(text(&o.stderr), "err\nsupermachine: no-such-chained-cmd: command not found\n");
+    // The chain is looked up when it starts: the first command may create it.
+    let script = agent.dir.join("made-by-first");
+    let make = format!("printf '#!/bin/sh\\necho made\\n' > {0} && chmod +x {0}", script.display());
+    let o = c.run(&["sh", "-c", &make], chain(Fields::new(), &[script.to_str().unwrap()]));
+    assert_eq!((o.stdout.as_slice(), o.code(), o.step()), (&b"made\n"[..], 0, 1));
+    // Not executable: 126.
+    let plain = agent.dir.join("plain-file");
+    std::fs::write(&plain, b"x").unwrap();
+    let o = c.run(&["true"], chain(Fields::new(), &[plain.to_str().unwrap()]));
+    assert_eq!((o.code(), o.step()), (126, 1), "{:?}", text(&o.stderr));
+    assert!(!o.stderr.is_empty());
+    // On a terminal the message arrives on channel 1.
+    let o = c.run(&["true"], chain(tty(80, 24), &["no-such-chained-cmd"]));
+    assert_eq!((o.code(), o.stderr.as_slice()), (127, &b""[..]));
+    assert_eq!(text(&o.stdout), "supermachine: no-such-chained-cmd: command not found\n");
+    // A chain argv with a NUL byte is a malformed request.
+    let id = c.exec(&["true"], Fields::new().bytes(11, b"a\0b"));
+    assert_eq!(c.wait(id).error.unwrap().0, 1);
+}
+
+#[test]
+fn chain_shares_stdio_in_order() {
+    let agent = Agent::start("chain-io");
+    let mut c = agent.hello();
+    let o = c.run(
+        &["sh", "-c", "echo one; echo e1 >&2"],
+        chain(Fields::new(), &["sh", "-c", "echo two; echo e2 >&2"]),
+    );
+    assert_eq!((text(&o.stdout).as_str(), text(&o.stderr).as_str(), o.step()), ("one\ntwo\n", "e1\ne2\n", 1));
+    // Large output from both, in order, complete.
+    let o = c.run(
+        &["head", "-c", "700000", "/dev/zero"],
+        chain(Fields::new(), &["sh", "-c", "head -c 700000 /dev/zero | tr '\\0' b"]),
+    );
+    assert_eq!((o.stdout.len(), o.code()), (1_400_000, 0));
+    assert!(o.stdout[..700_000].iter().all(|&b| b == 0) && o.stdout[700_000..].iter().all(|&b| b == b'b'));
+    // stdin is shared: the first reads one line, the chain the rest.
+    let id = c.exec(&["sh", "-c", "read x; echo \"1:$x\""], chain(Fields::new().u8(7, 1), &["cat"]));
+    c.send(DATA, 0, id, b"a\nb\nc\n");
+    c.send(DATA, EOF, id, b"");
+    let o = c.wait(id);
+    assert_eq!((text(&o.stdout).as_str(), o.step()), ("1:a\nb\nc\n", 1));
+    // On a terminal: the same terminal, which the chain gets as its controlling one too.
+    let o = c.run(
+        &["sh", "-c", "tty; echo x > /dev/tty"],
+        chain(tty(90, 20), &["sh", "-c", "tty; stty size; echo y > /dev/tty"]),
+    );
+    let out = text(&o.stdout);
+    let lines: Vec<&str> = out.split("\r\n").collect();
+    assert_eq!((lines.len(), o.code(), o.step()), (6, 0, 1), "{out:?}");
+    assert!(lines[0].starts_with("/dev/pts/") && lines[2] == lines[0], "{out:?}");
+    assert_eq!((lines[1], lines[3], lines[4]), ("x", "20 90", "y"));
+}
+
+#[test]
+fn chain_timeout_signal_and_cancel() {
+    let agent = Agent::start("chain-kill");
+    let mut c = agent.hello();
+    // The timeout counts from the first start and covers both.
+    let t = Instant::now();
+    let o = c.run(&["sleep", "0.3"], chain(Fields::new().u64(4, 800), &["sleep", "10"]));
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_millis(2500), "took {took:?}");
+    assert_eq!((o.code(), o.exit_u32(2), o.timed_out(), o.step()), (-1, 9, 1, 1));
+    // The first timing out stops the chain.
+    let o = c.run(&["sleep", "10"], chain(Fields::new().u64(4, 200), &["echo", "no"]));
+    assert_eq!((o.stdout.as_slice(), o.timed_out(), o.step()), (&b""[..], 1, 0));
+    // SIGNAL goes to the command that runs.
+    let id = c.exec(&["true"], chain(Fields::new(), &["sleep", "10"]));
+    std::thread::sleep(Duration::from_millis(300));
+    c.send(SIGNAL, 0, id, &Fields::new().u32(1, 15).finish());
+    let o = c.wait(id);
+    assert_eq!((o.code(), o.exit_u32(2), o.step()), (-1, 15, 1));
+    // CANCEL kills the one that runs and stops the chain.
+    let id = c.exec(&["sleep", "10"], chain(Fields::new(), &["echo", "no"]));
+    std::thread::sleep(Duration::from_millis(100));
+    c.send(CANCEL, 0, id, &[]);
+    let o = c.wait(id);
+    assert_eq!((o.stdout.as_slice(), o.code(), o.step()), (&b""[..], -1, 0));
+    // Duration covers both commands; peak RSS is reported.
+    let o = c.run(&["sleep", "0.2"], chain(Fields::new(), &["sleep", "0.2"]));
+    assert!(fu64(o.exit.as_ref().unwrap(), 5) >= 400_000, "duration {}", fu64(o.exit.as_ref().unwrap(), 5));
+    assert!(fu64(o.exit.as_ref().unwrap(), 4) > 0);
+}
+
+fn tcp_open(c: &mut Client, port: u16, addr: Option<&str>) -> u32 {
+    let id = c.id();
+    let mut f = Fields::new().u16(1, port);
+    if let Some(a) = addr {
+        f = f.bytes(2, a.as_bytes());
+    }
+    c.send(TCP_CONNECT, 0, id, &f.finish());
+    id
+}
+
+/// Sends each stream's data on channel 0 (within its window, then EOF) while collecting
+/// everything the agent sends, until every stream has ended.
+fn transfer(c: &mut Client, streams: &[(u32, Vec<u8>)]) -> HashMap<u32, Outcome> {
+    let mut state: HashMap<u32, (i64, usize, bool)> = streams.iter().map(|(id, _)| (*id, (INITIAL_WINDOW, 0, false))).collect();
+    let mut outcomes = HashMap::new();
+    while !streams.iter().all(|(id, _)| outcomes.get(id).is_some_and(Outcome::done)) {
+        for (id, data) in streams {
+            let (window, sent, eof) = state.get_mut(id).unwrap();
+            while !*eof && *window > 0 && !outcomes.get(id).is_some_and(Outcome::done) {
+                let n = (data.len() - *sent).min(65536).min(*window as usize);
+                let last = *sent + n == data.len();
+                c.send(DATA, if last { EOF } else { 0 }, *id, &data[*sent..*sent + n]);
+                *sent += n;
+                *window -= n as i64;
+                *eof = last;
+            }
+        }
+        if let Some((id, inc)) = c.pump(&mut outcomes) {
+            state.get_mut(&id).unwrap().0 += inc as i64;
+        }
+    }
+    outcomes
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8).collect()
+}
+
+/// Echoes every connection it accepts until EOF, then sends `suffix` and closes.
+fn echo_server(listener: std::net::TcpListener, conns: usize, suffix: &'static [u8]) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut workers = Vec::new();
+        for _ in 0..conns {
+            let (mut s, _) = listener.accept().unwrap();
+            workers.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match s.read(&mut buf).unwrap() {
+                        0 => break,
+                        n => s.write_all(&buf[..n]).unwrap(),
+                    }
+                }
+                // Our side still sends after the peer's EOF (half-close).
+                s.write_all(suffix).unwrap();
+            }));
+        }
+        for w in workers {
+            w.join().unwrap();
+        }
+    })
+}
+
+fn listen() -> (std::net::TcpListener, u16) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+#[test]
+fn tcp_echo_with_flow_control_and_half_close() {
+    let agent = Agent::start("tcp-echo");
+    let mut c = agent.hello();
+    let (l, port) = listen();
+    let server = echo_server(l, 1, b"bye");
+    let data = pattern(3_000_000, 1);
+    let id = tcp_open(&mut c, port, None);
+    let mut outcomes = transfer(&mut c, &[(id, data.clone())]);
+    server.join().unwrap();
+    let o = outcomes.remove(&id).unwrap();
+    assert!(o.started && o.eof[0], "{:?}", o.error);
+    assert!(o.ok.is_some(), "{:?}", o.error);
+    assert_eq!(o.stdout.len(), data.len() + 3);
+    assert!(o.stdout[..data.len()] == data[..] && o.stdout.ends_with(b"bye"));
+    // IPv6, when the host has a loopback for it.
+    if let Ok(l6) = std::net::TcpListener::bind("[::1]:0") {
+        let port = l6.local_addr().unwrap().port();
+        let server = echo_server(l6, 1, b"");
+        let id = tcp_open(&mut c, port, Some("::1"));
+        let o = transfer(&mut c, &[(id, b"over v6".to_vec())]).remove(&id).unwrap();
+        server.join().unwrap();
+        assert_eq!((o.stdout.as_slice(), o.ok.is_some()), (&b"over v6"[..], true));
+    }
+}
+
+#[test]
+fn tcp_connect_errors() {
+    let agent = Agent::start("tcp-errors");
+    let mut c = agent.hello();
+    let (l, port) = listen();
+    drop(l);
+    let id = tcp_open(&mut c, port, None);
+    let o = c.wait(id);
+    assert!(!o.started);
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (9, Some(111)), "{:?}", o.error);
+    for bad in [
+        Fields::new().u16(1, 0),
+        Fields::new(),
+        Fields::new().u16(1, 80).bytes(2, b"not-an-address"),
+        Fields::new().bytes(1, &[80]),
+    ] {
+        let id = c.id();
+        c.send(TCP_CONNECT, 0, id, &bad.finish());
+        let o = c.wait(id);
+        assert_eq!((o.error.as_ref().unwrap().0, o.errno), (1, None), "{:?}", o.error);
+    }
+}
+
+#[test]
+fn tcp_cancel_resets_the_connection() {
+    let agent = Agent::start("tcp-cancel");
+    let mut c = agent.hello();
+    let (l, port) = listen();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 16];
+        s.read(&mut buf)
+    });
+    let id = tcp_open(&mut c, port, None);
+    let mut outcomes = HashMap::new();
+    while outcomes.get(&id).map_or(0, |o: &Outcome| o.stdout.len()) < 5 {
+        c.pump(&mut outcomes);
+    }
+    c.send(CANCEL, 0, id, &[]);
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    let o = &outcomes[&id];
+    assert_eq!(o.error.as_ref().map(|(code, m)| (*code, m.as_str())), Some((3, "cancelled")));
+    let r = server.join().unwrap();
+    assert_eq!(r.map_err(|e| e.kind()).unwrap_err(), std::io::ErrorKind::ConnectionReset);
+}
+
+#[test]
+fn tcp_many_at_once() {
+    let agent = Agent::start("tcp-many");
+    let mut c = agent.hello();
+    let (l, port) = listen();
+    let server = echo_server(l, 50, b".");
+    let streams: Vec<(u32, Vec<u8>)> = (0..50).map(|i| (tcp_open(&mut c, port, None), pattern(40_000 + i * 1000, i as u32))).collect();
+    let outcomes = transfer(&mut c, &streams);
+    server.join().unwrap();
+    for (id, data) in &streams {
+        let o = &outcomes[id];
+        assert!(o.ok.is_some(), "{:?}", o.error);
+        assert!(o.stdout.len() == data.len() + 1 && o.stdout[..data.len()] == data[..]);
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn tcp_backpressure_reaches_the_guest_peer() {
+    let agent = Agent::start("tcp-backpressure");
+    let mut c = agent.hello();
+    let rss_before = rss_kib(agent.child.id());
+    let (l, port) = listen();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = written.clone();
+    // A guest peer writing 100 MB that the host never reads.
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let chunk = vec![7u8; 65536];
+        while w.load(std::sync::atomic::Ordering::Relaxed) < 100 << 20 {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+            w.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    c.auto_credit = false;
+    let id = tcp_open(&mut c, port, None);
+    let mut outcomes = HashMap::new();
+    let mut last = (usize::MAX, Instant::now());
+    // Until the peer has been blocked for a while.
+    loop {
+        if let Some(f) = c.try_recv(Duration::from_millis(100)) {
+            c.buf.splice(0..0, reframe(&f));
+            c.pump(&mut outcomes);
+        }
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > Duration::from_millis(700) {
+            break;
+        }
+    }
+    let o = &outcomes[&id];
+    assert_eq!(o.stdout.len(), INITIAL_WINDOW as usize, "the agent forwards exactly one window");
+    let blocked_at = written.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(blocked_at < 40 << 20, "the peer wrote {blocked_at} bytes: the agent kept reading");
+    let grown = rss_kib(agent.child.id()).saturating_sub(rss_before);
+    eprintln!("peer blocked after {blocked_at} bytes; agent RSS {rss_before} KiB + {grown} KiB");
+    assert!(grown < 8 * 1024, "the agent's RSS grew by {grown} KiB");
+    // Credit moves it on; CANCEL ends it and the peer's write fails.
+    c.auto_credit = true;
+    c.send(WINDOW, 1, id, &(INITIAL_WINDOW as u32).to_le_bytes());
+    *c.credit.get_mut(&(id, 1)).unwrap() += INITIAL_WINDOW;
+    while outcomes[&id].stdout.len() < 2 * INITIAL_WINDOW as usize {
+        c.pump(&mut outcomes);
+    }
+    c.send(CANCEL, 0, id, &[]);
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    assert_eq!(outcomes[&id].error.as_ref().unwrap().0, 3);
+    server.join().unwrap();
+    assert!(written.load(std::sync::atomic::Ordering::Relaxed) < 100 << 20);
+}
+
+#[test]
+fn tcp_reads_stop_while_the_host_does_not_read() {
+    let agent = Agent::start("tcp-pause");
+    let mut c = agent.hello();
+    let rss_before = rss_kib(agent.child.id());
+    let (l, port) = listen();
+    const STREAMS: usize = 40;
+    const EACH: usize = 600_000;
+    let server = std::thread::spawn(move || {
+        let mut workers = Vec::new();
+        for i in 0..STREAMS {
+            let (mut s, _) = l.accept().unwrap();
+            workers.push(std::thread::spawn(move || {
+                s.write_all(&pattern(EACH, i as u32)).unwrap();
+            }));
+        }
+        for w in workers {
+            w.join().unwrap();
+        }
+    });
+    let ids: Vec<u32> = (0..STREAMS).map(|_| tcp_open(&mut c, port, None)).collect();
+    for &id in &ids {
+        c.send(DATA, EOF, id, b"");
+    }
+    // The host reads nothing for a while: 40 windows (10 MB) could be queued, but the agent
+    // stops reading sockets once its output for this connection passes the high-water mark.
+    std::thread::sleep(Duration::from_millis(1500));
+    let grown = rss_kib(agent.child.id()).saturating_sub(rss_before);
+    eprintln!("agent RSS grew by {grown} KiB while the host did not read");
+    assert!(grown < 7 * 1024, "the agent's RSS grew by {grown} KiB");
+    let mut outcomes = HashMap::new();
+    while !ids.iter().all(|id| outcomes.get(id).is_some_and(Outcome::done)) {
+        c.pump(&mut outcomes);
+    }
+    server.join().unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let o = &outcomes[id];
+        assert!(o.ok.is_some() && o.stdout == pattern(EACH, i as u32), "stream {i}: {:?}", o.error);
+    }
+}
+
+/// A listener whose accept queue is full: Linux drops further SYNs, so connects hang.
+fn full_listener() -> (std::net::TcpListener, u16, std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    // SAFETY: listen() again on the listening socket we own, now with a backlog of 0 (room for
+    // one queued connection).
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let queued = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    (l, port, queued)
+}
+
+#[test]
+fn tcp_connect_times_out() {
+    let agent = Agent::start("tcp-timeout");
+    let mut c = agent.hello();
+    let (_listener, port, _queued) = full_listener();
+    let t = Instant::now();
+    let id = tcp_open(&mut c, port, None);
+    // Meanwhile the connection is served as usual.
+    assert_eq!(c.run(&["echo", "meanwhile"], Fields::new()).stdout, b"meanwhile\n");
+    let o = c.wait(id);
+    let took = t.elapsed();
+    assert!(took >= Duration::from_secs(9) && took < Duration::from_secs(14), "took {took:?}");
+    assert!(!o.started);
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(110)), "{:?}", o.error);
+}
+
+#[test]
+fn tcp_peer_reset_is_an_io_error() {
+    let agent = Agent::start("tcp-reset");
+    let mut c = agent.hello();
+    let (l, port) = listen();
+    let server = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(s); // closing with unread bytes sends a reset
+    });
+    let id = tcp_open(&mut c, port, None);
+    c.send(DATA, 0, id, b"never read");
+    let o = c.wait(id);
+    server.join().unwrap();
+    assert!(o.started);
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(104)), "{:?}", o.error);
 }

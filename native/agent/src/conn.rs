@@ -1,0 +1,515 @@
+//! One host connection (a virtio port, or an accepted unix socket in development mode): framing,
+//! the output queue and its high-water pause, HELLO state, and the connection's streams, to
+//! which it dispatches frames. Connections are independent: each has its own stream ids, flow
+//! control and pause; only the process table and the workload (in `Shared`) are common.
+//!
+//! A virtio port stays open for the VM's life; its host side comes and goes. While the host is
+//! away the port is registered edge-triggered, so the agent wakes only when the port changes
+//! (see `Conn::update_interest`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use crate::proto::{self, Header};
+use crate::server::Shared;
+use crate::stream::{token, ConnId, Ctx, Output, Stream, Violation, OUT_HIGH, OUT_LOW, T_CONN};
+use crate::sys::{self, Reaped, EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT};
+use crate::{bench, files, stream_exec, tcp};
+
+const READ_CHUNK: usize = 256 * 1024;
+
+pub enum Transport {
+    /// A virtio-serial port, opened once for the VM's life. `connected` follows its host side.
+    Port { fd: OwnedFd, name: String, connected: bool },
+    /// An accepted development-mode connection; None once it has closed.
+    Unix(Option<UnixStream>),
+}
+
+pub struct Conn {
+    slot: ConnId,
+    transport: Transport,
+    /// SHUTDOWN is honoured (the primary port; every development-mode connection).
+    shutdown_allowed: bool,
+    inbuf: Vec<u8>,
+    out: Output,
+    /// Events the connection descriptor is registered for.
+    registered: Option<u32>,
+    /// The last write hit EAGAIN: wait for EPOLLOUT.
+    want_write: bool,
+    hello: bool,
+    /// GOAWAY sent: discard all input, send nothing more.
+    dead: bool,
+    paused: bool,
+    /// The host asked for SHUTDOWN (the server acts on it).
+    pub shutdown: bool,
+    streams: HashMap<u32, Box<dyn Stream>>,
+    /// Streams whose `pump` is to be called (their work is not signalled by a descriptor).
+    ready: BTreeSet<u32>,
+}
+
+impl Conn {
+    pub fn port(slot: ConnId, fd: OwnedFd, name: String, primary: bool) -> Conn {
+        // Starts "disconnected": the first event of the edge-triggered registration tells.
+        Conn::new(slot, Transport::Port { fd, name, connected: false }, primary)
+    }
+
+    pub fn unix(slot: ConnId, stream: UnixStream) -> Conn {
+        let mut c = Conn::new(slot, Transport::Unix(Some(stream)), true);
+        c.out.open = true;
+        c
+    }
+
+    fn new(slot: ConnId, transport: Transport, shutdown_allowed: bool) -> Conn {
+        Conn {
+            slot,
+            transport,
+            shutdown_allowed,
+            inbuf: Vec::new(),
+            out: Output::new(),
+            registered: None,
+            want_write: false,
+            hello: false,
+            dead: false,
+            paused: false,
+            shutdown: false,
+            streams: HashMap::new(),
+            ready: BTreeSet::new(),
+        }
+    }
+
+    /// A development-mode connection that has ended (the server frees its slot).
+    pub fn closed(&self) -> bool {
+        matches!(self.transport, Transport::Unix(None))
+    }
+
+    /// The descriptor to talk to the host on, if one is there.
+    fn fd(&self) -> Option<RawFd> {
+        match &self.transport {
+            Transport::Port { fd, connected: true, .. } => Some(fd.as_raw_fd()),
+            Transport::Port { .. } => None,
+            Transport::Unix(s) => s.as_ref().map(|s| s.as_raw_fd()),
+        }
+    }
+
+    fn port_name(&self) -> Option<&str> {
+        match &self.transport {
+            Transport::Port { name, .. } => Some(name),
+            Transport::Unix(_) => None,
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Loop hooks
+
+    /// Before the loop sleeps: writes what is due, updates the pause and the epoll interest.
+    /// Returns the time at which lazily queued output must be written, if any.
+    pub fn prepare(&mut self, sh: &mut Shared, now: u64) -> Option<u64> {
+        match self.out.lazy_deadline {
+            Some(t) if now < t => {}
+            _ => {
+                self.out.lazy_deadline = None;
+                self.flush(sh);
+            }
+        }
+        self.update_pause(sh);
+        self.update_interest(sh);
+        self.out.lazy_deadline
+    }
+
+    /// Whether the loop must not sleep: some stream has pump work and may produce.
+    pub fn busy(&self) -> bool {
+        !self.ready.is_empty() && !self.paused && self.out.open
+    }
+
+    pub fn on_event(&mut self, sh: &mut Shared, events: u32) {
+        if let Transport::Port { connected: false, .. } = self.transport {
+            // Edge-triggered wake-up of a port without host: HUP means still nobody there
+            // (PORT_OPEN 0, or a stray wake-up); without HUP the host has connected.
+            if events & (EPOLLHUP | EPOLLERR) == 0 {
+                self.on_host_connected();
+            }
+            return;
+        }
+        if events & EPOLLOUT != 0 {
+            self.flush(sh);
+        }
+        if events & (EPOLLIN | EPOLLHUP | EPOLLERR) != 0 {
+            self.on_readable(sh);
+        }
+    }
+
+    pub fn on_stream_event(&mut self, sh: &mut Shared, id: u32, slot: u8, events: u32) {
+        self.call(sh, id, |s, cx| s.on_event(cx, slot, events));
+    }
+
+    pub fn on_child_exit(&mut self, sh: &mut Shared, id: u32, reaped: &Reaped) {
+        self.call(sh, id, |s, cx| s.on_exit(cx, reaped));
+    }
+
+    pub fn on_deadline(&mut self, sh: &mut Shared, id: u32, at: u64) {
+        self.call(sh, id, |s, cx| s.on_deadline(cx, at));
+    }
+
+    /// Gives every stream with pump work one turn (while the output has room).
+    pub fn pump_ready(&mut self, sh: &mut Shared) {
+        if self.paused || !self.out.open {
+            return;
+        }
+        let ids: Vec<u32> = self.ready.iter().copied().collect();
+        for id in ids {
+            if self.out.pending() >= OUT_HIGH {
+                return;
+            }
+            self.call(sh, id, |s, cx| s.pump(cx));
+        }
+    }
+
+    /// Ends every stream of this connection (killing their processes), without messages.
+    pub fn abort_all(&mut self, sh: &mut Shared) {
+        let ids: Vec<u32> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.abort_stream(sh, id);
+        }
+        self.ready.clear();
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Stream calls
+
+    /// Calls into one stream with its context, then forgets it if it has ended.
+    fn call<R>(&mut self, sh: &mut Shared, id: u32, f: impl FnOnce(&mut dyn Stream, &mut Ctx) -> R) -> Option<R> {
+        let s = self.streams.get_mut(&id)?;
+        let mut cx = Ctx {
+            id,
+            conn: self.slot,
+            epoll: &sh.epoll,
+            out: &mut self.out,
+            procs: &mut sh.procs,
+            paused: self.paused,
+        };
+        let r = f(s.as_mut(), &mut cx);
+        self.settle(id);
+        Some(r)
+    }
+
+    fn settle(&mut self, id: u32) {
+        let Some(s) = self.streams.get(&id) else { return };
+        if s.done() {
+            self.streams.remove(&id);
+            self.ready.remove(&id);
+        } else if s.wants_pump() {
+            self.ready.insert(id);
+        } else {
+            self.ready.remove(&id);
+        }
+    }
+
+    fn abort_stream(&mut self, sh: &mut Shared, id: u32) {
+        if let Some(mut s) = self.streams.remove(&id) {
+            let mut cx = Ctx {
+                id,
+                conn: self.slot,
+                epoll: &sh.epoll,
+                out: &mut self.out,
+                procs: &mut sh.procs,
+                paused: self.paused,
+            };
+            s.abort(&mut cx);
+        }
+        self.ready.remove(&id);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The host side
+
+    fn on_host_connected(&mut self) {
+        if let Transport::Port { connected, .. } = &mut self.transport {
+            *connected = true;
+        }
+        self.reset_state();
+        self.out.open = true;
+    }
+
+    fn reset_state(&mut self) {
+        self.inbuf.clear();
+        self.out.clear();
+        self.want_write = false;
+        self.hello = false;
+        self.dead = false;
+        self.paused = false;
+    }
+
+    /// The host went away: end every stream of this connection and wait for the next host.
+    fn disconnect(&mut self, sh: &mut Shared) {
+        self.abort_all(sh);
+        self.reset_state();
+        self.out.open = false;
+        match &mut self.transport {
+            // Dropping the socket also takes it out of the epoll set.
+            Transport::Unix(s) => *s = None,
+            // update_interest re-registers the port edge-triggered.
+            Transport::Port { connected, .. } => *connected = false,
+        }
+    }
+
+    /// Registers the connection descriptor for what it needs now.
+    ///
+    /// A port without host: `port_fops_poll` (drivers/char/virtio_console.c, Linux 6.1)
+    /// reports EPOLLHUP, and EPOLLIN too (`will_read_block` is false when !host_connected), for
+    /// as long as the host is away, so a level-triggered registration would wake the loop
+    /// without end (hence the 20 ms re-poll timer of version 1). Edge-triggered, epoll re-checks
+    /// the port only when its waitqueue is woken: by the VIRTIO_CONSOLE_PORT_OPEN control
+    /// message (`handle_control_message` wakes `port->waitqueue` whether the host opens or
+    /// closes), by incoming data (`in_intr`) and by reclaimed output (`out_intr`) — none of
+    /// which happens while nobody is there. EPOLL_CTL_ADD/MOD check readiness once, so the
+    /// switch itself costs one event (with HUP). When the host connects, the next event has
+    /// EPOLLOUT (writable again) or EPOLLIN (its first bytes) and no HUP: the connection starts
+    /// afresh (`on_host_connected`) and goes back to level-triggered interest. An idle port
+    /// thus costs no wake-ups, connected or not. (O_ASYNC + F_SETOWN would work too — the same
+    /// PORT_OPEN handler calls `send_sigio_to_port` — but would need SIGIO in the signalfd and
+    /// a second path into the loop; edge-triggered epoll keeps the port's events where they
+    /// were.)
+    fn update_interest(&mut self, sh: &mut Shared) {
+        let (fd, want) = match &self.transport {
+            Transport::Port { fd, connected: false, .. } => (fd.as_raw_fd(), EPOLLIN | EPOLLOUT | EPOLLET),
+            _ => {
+                let Some(fd) = self.fd() else { return };
+                let mut want = if self.paused && !self.dead { 0 } else { EPOLLIN };
+                if self.want_write {
+                    want |= EPOLLOUT;
+                }
+                if want == 0 {
+                    want = EPOLLOUT; // paused implies queued output; keeps HUP/ERR reporting alive
+                }
+                (fd, want)
+            }
+        };
+        if self.registered == Some(want) {
+            return;
+        }
+        let tok = token(T_CONN, self.slot, 0, 0);
+        let r = match self.registered {
+            Some(_) => sh.epoll.modify(fd, want, tok),
+            None => sh.epoll.add(fd, want, tok),
+        };
+        match r {
+            Ok(()) => self.registered = Some(want),
+            Err(e) => {
+                eprintln!("supermachine-agent: cannot watch the host connection: {e}");
+                if matches!(self.transport, Transport::Unix(_)) {
+                    self.disconnect(sh);
+                }
+            }
+        }
+    }
+
+    fn update_pause(&mut self, sh: &mut Shared) {
+        let pending = self.out.pending();
+        let paused = if self.paused { pending > OUT_LOW } else { pending >= OUT_HIGH };
+        if paused == self.paused {
+            return;
+        }
+        self.paused = paused;
+        let ids: Vec<u32> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.call(sh, id, |s, cx| s.on_pause(cx));
+        }
+    }
+
+    fn flush(&mut self, sh: &mut Shared) {
+        let Some(fd) = self.fd() else {
+            self.out.clear();
+            return;
+        };
+        match self.out.write_to(fd) {
+            Ok(true) => {
+                self.want_write = false;
+                if self.dead && matches!(self.transport, Transport::Unix(_)) {
+                    self.disconnect(sh); // development mode: GOAWAY delivered, close the connection
+                }
+            }
+            Ok(false) => self.want_write = true,
+            Err(_) => self.disconnect(sh),
+        }
+    }
+
+    fn on_readable(&mut self, sh: &mut Shared) {
+        let Some(fd) = self.fd() else { return };
+        match sys::read_append(fd, &mut self.inbuf, READ_CHUNK) {
+            Ok(n) if n > 0 => {}
+            Err(ref e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            _ => {
+                // EOF or error: the host side closed (a virtio port reads 0 when the host is gone).
+                self.disconnect(sh);
+                return;
+            }
+        }
+        if self.dead {
+            self.inbuf.clear();
+            return;
+        }
+        self.process_input(sh);
+    }
+
+    fn process_input(&mut self, sh: &mut Shared) {
+        let buf = std::mem::take(&mut self.inbuf);
+        let mut pos = 0;
+        loop {
+            match proto::decode_frame(&buf[pos..]) {
+                Ok(None) => break,
+                Ok(Some((h, total))) => {
+                    let payload = &buf[pos + proto::HEADER_LEN..pos + total];
+                    pos += total;
+                    self.on_frame(sh, h, payload);
+                    if self.dead || self.shutdown || self.fd().is_none() {
+                        pos = buf.len();
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.goaway(sh, proto::PROTOCOL, &e.to_string());
+                    pos = buf.len();
+                    break;
+                }
+            }
+        }
+        let mut buf = buf;
+        buf.drain(..pos);
+        if self.inbuf.is_empty() {
+            self.inbuf = buf;
+        }
+    }
+
+    fn goaway(&mut self, sh: &mut Shared, code: u32, message: &str) {
+        self.abort_all(sh);
+        self.out.send(proto::GOAWAY, 0, 0, &proto::error_fields(code, message, None));
+        self.out.open = false;
+        self.dead = true;
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Frames
+
+    fn on_frame(&mut self, sh: &mut Shared, h: Header, payload: &[u8]) {
+        if !self.hello && h.ty != proto::HELLO {
+            return;
+        }
+        let id = h.stream;
+        match h.ty {
+            proto::HELLO => self.on_hello(sh, payload),
+            proto::PING => self.out.send(proto::PONG, 0, id, payload),
+            proto::SHUTDOWN => self.shutdown |= self.shutdown_allowed,
+            proto::EXEC | proto::WRITE_FILE | proto::READ_FILE | proto::SPAWN_BENCH | proto::TCP_CONNECT => {
+                self.open_stream(sh, h, payload)
+            }
+            proto::DATA => {
+                let channel = h.flags & proto::CHANNEL_MASK;
+                let eof = h.flags & proto::FLAG_EOF != 0;
+                if let Some(Err(Violation(msg))) = self.call(sh, id, |s, cx| s.on_data(cx, channel, eof, payload)) {
+                    self.goaway(sh, proto::PROTOCOL, &format!("stream {id}: {msg}"));
+                }
+            }
+            proto::WINDOW => {
+                let Ok(inc) = proto::parse_window(payload) else { return };
+                let channel = h.flags & proto::CHANNEL_MASK;
+                self.call(sh, id, |s, cx| s.on_window(cx, channel, inc));
+            }
+            proto::SIGNAL => {
+                let Ok(sig) = proto::Signal::parse(payload) else { return };
+                if sig.signum <= 64 {
+                    self.call(sh, id, |s, cx| s.on_signal(cx, &sig));
+                }
+            }
+            proto::RESIZE => {
+                let Ok(size) = proto::Resize::parse(payload) else { return };
+                if size.is_valid() {
+                    self.call(sh, id, |s, cx| s.on_resize(cx, size));
+                }
+            }
+            proto::CANCEL => {
+                self.call(sh, id, |s, cx| s.on_cancel(cx));
+            }
+            proto::WORKLOAD_START if id != 0 => {
+                match sh.workload.start(payload, sh.procs.devnull.as_raw_fd()) {
+                    Ok(pid) => self.out.send(proto::OK, 0, id, &proto::ok_pid(pid as u32)),
+                    Err(e) => self.out.error(id, e.code(), &e.to_string(), e.errno()),
+                }
+            }
+            proto::WORKLOAD_SIGNAL if id != 0 => match sh.workload.signal(payload) {
+                Ok(()) => self.out.send(proto::OK, 0, id, &[]),
+                Err(e) => self.out.error(id, e.code(), &e.to_string(), e.errno()),
+            },
+            other => {
+                let msg = format!("unsupported message type 0x{other:02x}");
+                if id == 0 {
+                    self.goaway(sh, proto::UNSUPPORTED, &msg);
+                } else {
+                    self.abort_stream(sh, id);
+                    self.out.error(id, proto::UNSUPPORTED, &msg, None);
+                }
+            }
+        }
+    }
+
+    fn on_hello(&mut self, sh: &mut Shared, payload: &[u8]) {
+        let hello = match proto::Hello::parse(payload) {
+            Ok(h) => h,
+            Err(e) => return self.goaway(sh, proto::PROTOCOL, &format!("bad HELLO: {e}")),
+        };
+        if hello.version_min > proto::VERSION || hello.version_max < proto::VERSION {
+            let msg = format!(
+                "agent speaks version {} only, host offered {}..={}",
+                proto::VERSION,
+                hello.version_min,
+                hello.version_max
+            );
+            return self.goaway(sh, proto::VERSION_ERR, &msg);
+        }
+        if sh.init_mode {
+            if let Some(ns) = hello.host_time_ns {
+                if let Err(e) = sys::set_realtime_ns(ns) {
+                    eprintln!("supermachine-agent: cannot set the clock: {e}");
+                }
+            }
+            if let Err(e) = sys::add_entropy(&hello.entropy) {
+                eprintln!("supermachine-agent: cannot add entropy: {e}");
+            }
+        }
+        self.hello = true;
+        let ok = proto::hello_ok(env!("CARGO_PKG_VERSION"), sys::monotonic_ns() / 1_000_000, self.port_name());
+        self.out.send(proto::HELLO_OK, 0, 0, &ok);
+    }
+
+    fn open_stream(&mut self, sh: &mut Shared, h: Header, payload: &[u8]) {
+        let id = h.stream;
+        if id == 0 {
+            return self.goaway(sh, proto::PROTOCOL, "a stream cannot be opened on id 0");
+        }
+        if self.streams.contains_key(&id) {
+            // The id's one terminal message is this error, so the old stream ends with it.
+            self.abort_stream(sh, id);
+            return self.out.error(id, proto::STREAM_IN_USE, "stream id already in use", None);
+        }
+        let mut cx = Ctx {
+            id,
+            conn: self.slot,
+            epoll: &sh.epoll,
+            out: &mut self.out,
+            procs: &mut sh.procs,
+            paused: self.paused,
+        };
+        let stream = match h.ty {
+            proto::EXEC => stream_exec::open(&mut cx, payload),
+            proto::WRITE_FILE => files::open_write(&mut cx, payload),
+            proto::READ_FILE => files::open_read(&mut cx, payload),
+            proto::SPAWN_BENCH => bench::open(&mut cx, payload),
+            _ => tcp::open(&mut cx, payload),
+        };
+        if let Some(s) = stream {
+            self.streams.insert(id, s);
+            self.settle(id);
+        }
+    }
+}

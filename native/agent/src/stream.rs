@@ -1,0 +1,353 @@
+//! What the event loop knows about a stream: the `Stream` trait it dispatches to, the context
+//! a stream gets with every call (its id, its connection's output queue and pause state, the
+//! epoll set, the agent's process table), and the layout of epoll tokens.
+//!
+//! A stream owns its descriptors and registers them itself (`Watched`); the loop routes their
+//! events back by token. It ends by sending its one terminal message and reporting `done()`;
+//! the connection then forgets it. `abort()` ends it silently (connection closed, id reused).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::proto::{self, Header};
+use crate::sys::{self, pid_t, Epoll, Reaped};
+
+/// Index of a connection in the server's table.
+pub type ConnId = u8;
+
+/// Above this much queued output a connection stops every producer (and stops reading its
+/// host) until it has drained below OUT_LOW.
+pub const OUT_HIGH: usize = 4 << 20;
+pub const OUT_LOW: usize = 1 << 20;
+/// How long a frame that nobody waits for (STARTED) may sit in the queue before it is written.
+/// Writing it at once would cost a trip through the virtio port while the new process waits
+/// for the CPU; usually it leaves with the process's first output or its EXIT instead.
+const LAZY_FLUSH_NS: u64 = 2_000_000;
+
+// ---------------------------------------------------------------------------------------------
+// epoll tokens: bits 0-7 kind, 8-15 connection, 16-23 descriptor slot within the stream,
+// 32-63 stream id.
+
+pub const T_SIGNAL: u8 = 1;
+pub const T_TIMER: u8 = 2;
+pub const T_LISTENER: u8 = 3;
+pub const T_CONN: u8 = 4;
+pub const T_STREAM: u8 = 5;
+
+pub fn token(kind: u8, conn: ConnId, slot: u8, id: u32) -> u64 {
+    (id as u64) << 32 | (slot as u64) << 16 | (conn as u64) << 8 | kind as u64
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    pub kind: u8,
+    pub conn: ConnId,
+    pub slot: u8,
+    pub id: u32,
+}
+
+impl Token {
+    pub fn decode(t: u64) -> Token {
+        Token { kind: t as u8, conn: (t >> 8) as u8, slot: (t >> 16) as u8, id: (t >> 32) as u32 }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A connection's output queue
+
+pub struct Output {
+    buf: Vec<u8>,
+    pos: usize,
+    /// Set while everything queued is lazy: the monotonic time by which it must be written.
+    pub lazy_deadline: Option<u64>,
+    /// False while there is nobody to send to (disconnected, or after GOAWAY): frames are dropped.
+    pub open: bool,
+}
+
+impl Output {
+    pub fn new() -> Output {
+        Output { buf: Vec::new(), pos: 0, lazy_deadline: None, open: false }
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.pos = 0;
+        self.lazy_deadline = None;
+    }
+
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    pub fn send(&mut self, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+        if !self.open {
+            return;
+        }
+        self.lazy_deadline = None;
+        proto::encode_frame(&mut self.buf, ty, flags, stream, payload);
+    }
+
+    /// Queues a frame that may wait up to LAZY_FLUSH_NS for company.
+    pub fn send_lazy(&mut self, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let was_empty = self.pending() == 0;
+        self.send(ty, flags, stream, payload);
+        if was_empty && self.open {
+            self.lazy_deadline = Some(sys::monotonic_ns() + LAZY_FLUSH_NS);
+        }
+    }
+
+    pub fn window(&mut self, stream: u32, channel: u8, inc: u64) {
+        let mut left = inc;
+        while left > 0 {
+            let n = left.min(u32::MAX as u64);
+            self.send(proto::WINDOW, channel, stream, &proto::window(n as u32));
+            left -= n;
+        }
+    }
+
+    pub fn error(&mut self, stream: u32, code: u32, message: &str, errno: Option<i32>) {
+        self.send(proto::STREAM_ERROR, 0, stream, &proto::error_fields(code, message, errno));
+    }
+
+    /// Reads at most `max` bytes from `fd` straight into a DATA frame on `channel`.
+    /// Ok(0) is end of file; nothing is queued for Ok(0) or an error.
+    pub fn read_data(&mut self, stream: u32, channel: u8, fd: RawFd, max: usize) -> io::Result<usize> {
+        if !self.open {
+            // Nobody to send to: the bytes would be dropped, so leave them where they are.
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        }
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; proto::HEADER_LEN]);
+        match sys::read_append(fd, &mut self.buf, max) {
+            Ok(n) if n > 0 => {
+                let h = Header { len: n as u32, ty: proto::DATA, flags: channel, stream };
+                self.buf[start..start + proto::HEADER_LEN].copy_from_slice(&h.encode());
+                self.lazy_deadline = None;
+                Ok(n)
+            }
+            other => {
+                self.buf.truncate(start);
+                other
+            }
+        }
+    }
+
+    /// Writes as much as `fd` takes. Ok(true): everything queued is written.
+    pub fn write_to(&mut self, fd: RawFd) -> io::Result<bool> {
+        while self.pos < self.buf.len() {
+            match sys::write(fd, &self.buf[self.pos..]) {
+                Ok(n) => self.pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.pos == self.buf.len() {
+            self.clear();
+            return Ok(true);
+        }
+        if self.pos >= OUT_LOW {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        Ok(false)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent's process table (shared by all connections)
+
+pub struct Procs {
+    /// Children started for streams: pid → (connection, stream). Others are reaped silently.
+    children: HashMap<pid_t, (ConnId, u32)>,
+    /// Stream deadlines (exec timeouts, connect timeouts), earliest first.
+    deadlines: BTreeSet<(u64, ConnId, u32)>,
+    /// Read-write /dev/null, the stdin of processes without one.
+    pub devnull: OwnedFd,
+}
+
+impl Procs {
+    pub fn new(devnull: OwnedFd) -> Procs {
+        Procs { children: HashMap::new(), deadlines: BTreeSet::new(), devnull }
+    }
+
+    /// The stream a reaped child belongs to (and forgets it).
+    pub fn take_child(&mut self, pid: pid_t) -> Option<(ConnId, u32)> {
+        self.children.remove(&pid)
+    }
+
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.deadlines.first().map(|&(t, _, _)| t)
+    }
+
+    /// Pops the earliest deadline if it is due at `now`.
+    pub fn pop_due(&mut self, now: u64) -> Option<(u64, ConnId, u32)> {
+        match self.deadlines.first() {
+            Some(&(t, _, _)) if t <= now => self.deadlines.pop_first(),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The context of one stream call
+
+pub struct Ctx<'a> {
+    pub id: u32,
+    pub conn: ConnId,
+    pub epoll: &'a Epoll,
+    pub out: &'a mut Output,
+    pub procs: &'a mut Procs,
+    /// The connection's output is above the high-water mark: produce nothing.
+    pub paused: bool,
+}
+
+impl Ctx<'_> {
+    pub fn token(&self, slot: u8) -> u64 {
+        token(T_STREAM, self.conn, slot, self.id)
+    }
+
+    pub fn send(&mut self, ty: u8, flags: u8, payload: &[u8]) {
+        self.out.send(ty, flags, self.id, payload);
+    }
+
+    pub fn send_lazy(&mut self, ty: u8, flags: u8, payload: &[u8]) {
+        self.out.send_lazy(ty, flags, self.id, payload);
+    }
+
+    pub fn window(&mut self, channel: u8, inc: u64) {
+        self.out.window(self.id, channel, inc);
+    }
+
+    pub fn error(&mut self, code: u32, message: &str, errno: Option<i32>) {
+        self.out.error(self.id, code, message, errno);
+    }
+
+    pub fn eof(&mut self, channel: u8) {
+        self.send(proto::DATA, proto::FLAG_EOF | channel, &[]);
+    }
+
+    /// Whether a producer may queue more output now.
+    pub fn can_produce(&self) -> bool {
+        !self.paused && self.out.open && self.out.pending() < OUT_HIGH
+    }
+
+    pub fn read_data(&mut self, channel: u8, fd: RawFd, max: usize) -> io::Result<usize> {
+        self.out.read_data(self.id, channel, fd, max)
+    }
+
+    pub fn watch_child(&mut self, pid: pid_t) {
+        self.procs.children.insert(pid, (self.conn, self.id));
+    }
+
+    /// The child will not be reaped for this stream (it was killed on abort): reap it silently.
+    pub fn forget_child(&mut self, pid: pid_t) {
+        self.procs.children.remove(&pid);
+    }
+
+    pub fn set_deadline(&mut self, at: u64) {
+        if at > 0 {
+            self.procs.deadlines.insert((at, self.conn, self.id));
+        }
+    }
+
+    pub fn clear_deadline(&mut self, at: u64) {
+        self.procs.deadlines.remove(&(at, self.conn, self.id));
+    }
+
+    pub fn devnull(&self) -> RawFd {
+        self.procs.devnull.as_raw_fd()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A descriptor in the epoll set
+
+/// A descriptor the stream owns, with the events it is registered for (0: not registered).
+/// Dropping it closes the descriptor, which also takes it out of the epoll set: the agent holds
+/// the only reference (children get other ends, or copies that close on exec), so no
+/// EPOLL_CTL_DEL is needed on that path.
+pub struct Watched {
+    fd: OwnedFd,
+    events: u32,
+}
+
+impl Watched {
+    pub fn new(fd: OwnedFd) -> Watched {
+        Watched { fd, events: 0 }
+    }
+
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Registers for exactly `events` (0: leaves the set, so that HUP/ERR stop reporting too).
+    pub fn want(&mut self, epoll: &Epoll, token: u64, events: u32) -> io::Result<()> {
+        if events == self.events {
+            return Ok(());
+        }
+        let r = if events == 0 {
+            epoll.delete(self.raw());
+            Ok(())
+        } else if self.events == 0 {
+            epoll.add(self.raw(), events, token)
+        } else {
+            epoll.modify(self.raw(), events, token)
+        };
+        if r.is_ok() {
+            self.events = events;
+        }
+        r
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trait the loop dispatches to
+
+/// A host → agent DATA that breaks the protocol (beyond the window): the connection ends
+/// with GOAWAY PROTOCOL.
+#[derive(Debug)]
+pub struct Violation(pub String);
+
+pub trait Stream {
+    /// DATA from the host on `channel`.
+    fn on_data(&mut self, _cx: &mut Ctx, _channel: u8, _eof: bool, _payload: &[u8]) -> Result<(), Violation> {
+        Ok(())
+    }
+    /// WINDOW credit from the host for an agent → host `channel`.
+    fn on_window(&mut self, _cx: &mut Ctx, _channel: u8, _inc: u32) {}
+    fn on_signal(&mut self, _cx: &mut Ctx, _sig: &proto::Signal) {}
+    fn on_resize(&mut self, _cx: &mut Ctx, _size: proto::Resize) {}
+    /// CANCEL: end as soon as possible with the usual terminal message.
+    fn on_cancel(&mut self, cx: &mut Ctx);
+    /// Readiness of the stream's descriptor registered with `cx.token(slot)`.
+    fn on_event(&mut self, _cx: &mut Ctx, _slot: u8, _events: u32) {}
+    /// A child registered with `watch_child` was reaped.
+    fn on_exit(&mut self, _cx: &mut Ctx, _reaped: &Reaped) {}
+    /// A deadline registered with `set_deadline` is due.
+    fn on_deadline(&mut self, _cx: &mut Ctx, _at: u64) {}
+    /// `cx.paused` changed: (de)register producers.
+    fn on_pause(&mut self, _cx: &mut Ctx) {}
+    /// Work that no descriptor signals (a regular file, a drain): called while `wants_pump`.
+    fn pump(&mut self, _cx: &mut Ctx) {}
+    fn wants_pump(&self) -> bool {
+        false
+    }
+    /// Ends the stream without a terminal message: kill its processes, close its descriptors.
+    fn abort(&mut self, cx: &mut Ctx);
+    /// The terminal message has been sent.
+    fn done(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip() {
+        let t = Token::decode(token(T_STREAM, 7, 3, u32::MAX));
+        assert_eq!(t, Token { kind: T_STREAM, conn: 7, slot: 3, id: u32::MAX });
+        let t = Token::decode(token(T_CONN, 1, 0, 0));
+        assert_eq!((t.kind, t.conn, t.id), (T_CONN, 1, 0));
+    }
+}
