@@ -53,3 +53,30 @@ export class StoreError extends SupermachineError {}
 export function listAccepted(accepted: readonly string[]): string {
   return accepted.map((a) => JSON.stringify(a)).join(", ");
 }
+
+/** A call did not complete within its host-side deadline (the guest stopped answering?). */
+export class DeadlineError extends SupermachineError {}
+
+/** A file operation in the guest failed; `code` is the guest errno's name (`ENOENT`, `EISDIR`, ...). */
+export class GuestFileError extends SupermachineError {
+  constructor(
+    code: string,
+    message: string,
+    /** The guest path. */
+    readonly path: string,
+    /** The guest errno, when the guest gave one. */
+    readonly errno: number | undefined,
+    details: ErrorDetails = {},
+  ) {
+    super(code, message, details);
+  }
+}
+
+/** A process in the guest could not be run or controlled as asked. */
+export class ExecError extends SupermachineError {}
+
+/** A TCP forward (vm.exposeTcp, vm.vsockPath) could not be set up. */
+export class ForwardError extends SupermachineError {}
+
+/** A bake (boot, extraFiles, warmup, capture of a snapshot) failed. */
+export class BakeError extends SupermachineError {}

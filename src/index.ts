@@ -1,17 +1,27 @@
 // The public surface of supermachine. Everything else under src/ is internal.
 export { Image } from "./runtime/image.js";
 export { Pool, type PoolStats } from "./runtime/pool.js";
-export { Vm, ExecError } from "./runtime/vm.js";
+export { Vm } from "./runtime/vm.js";
+export { ExecChild, type ExecWaitResult } from "./guest/exec-child.js";
+export { TcpForwarder } from "./guest/tcp.js";
 export type {
   BuildOptions,
   PoolOptions,
   ExecOptions,
+  SpawnOptions,
   ExecOutput,
   ExtraFile,
   StagedFileMode,
-} from "./runtime/options.js";
-export type { ImageConfig } from "./image/oci-layout.js";
-export type { ImageProgress, PullPolicy } from "./image/store.js";
+  Winsize,
+  CallOptions,
+  ReadFileOptions,
+  WriteFileOptions,
+  WarmupVm,
+  ExecChildLike,
+} from "./spec/options.js";
+export { BUILD_DEFAULTS, POOL_DEFAULTS, EXEC_DEFAULT_TIMEOUT_MS, FILE_LIMIT } from "./spec/options.js";
+export type { ImageConfig, ImageProgress, PullProgress, BakeProgress, BakeStep, BuildProgress } from "./spec/image.js";
+export type { PullPolicy } from "./image/store.js";
 export { RegistryError } from "./registry/errors.js";
 export type { AccelChoice, Accel } from "./engine/accel.js";
 export {
@@ -24,4 +34,9 @@ export {
   OptionError,
   PoolError,
   StoreError,
+  ExecError,
+  ForwardError,
+  GuestFileError,
+  DeadlineError,
+  BakeError,
 } from "./errors.js";

@@ -1,10 +1,14 @@
 /**
- * A connection to one guest agent: multiplexes exec, file and ping operations over the
+ * A connection to one guest agent: multiplexes exec, file, TCP and ping operations over the
  * virtio-serial byte stream, with per-channel flow control (PROTOCOL.md section 3).
  *
  * The guest is untrusted: every frame it sends is validated, and any violation (oversized or
  * garbled frame, data beyond the granted window) fails the whole connection; the VM that owns
  * it is then torn down by its owner.
+ *
+ * Flow control is end to end: an operation returns window credit only as its consumer takes
+ * the bytes (`consumed`), so a guest writing faster than the host reads is paused in the guest,
+ * and host memory per channel stays within one window (256 KiB).
  */
 import { EventEmitter } from "node:events";
 import type { Duplex } from "node:stream";
@@ -36,6 +40,8 @@ export interface HelloInfo {
   agentVersion: string;
   uptimeMs: number;
   features: string[];
+  /** Name of the virtio port this connection runs on. */
+  port: string | undefined;
 }
 
 export interface ExecRequest {
@@ -48,14 +54,35 @@ export interface ExecRequest {
   gid?: number;
   /** When true the process reads stdin from `ExecStream.write`; otherwise /dev/null. */
   stdin?: boolean;
+  /** Run on a pseudo-terminal of this size. */
+  tty?: { cols: number; rows: number };
+  /** Run after argv exits 0, in the same stream. */
+  chain?: string[];
 }
 
 export interface ExitInfo {
   exitCode: number;
+  /** Terminating signal number, 0 if none. */
   signal: number;
   timedOut: boolean;
   peakRssKib: number | null;
   durationUs: number;
+  /** 0: the first command; 1: the chained one. */
+  step: number;
+}
+
+/**
+ * An error the agent reported for one stream (STREAM_ERROR): `agentCode` is the protocol's
+ * name (`NOT_FOUND`, `REFUSED`, ...), `errno` the guest errno behind it when there was one.
+ */
+export class AgentStreamError extends AgentError {
+  constructor(
+    readonly agentCode: string,
+    message: string,
+    readonly errno: number | undefined,
+  ) {
+    super(`AGENT_${agentCode}`, message);
+  }
 }
 
 /** Base for operations that own a stream id until the agent ends it. */
@@ -66,19 +93,77 @@ abstract class StreamOp {
     readonly id: number,
   ) {}
   abstract onFrame(frame: Frame): void;
+  /** Ends the operation with `err` (connection failure, abandon). */
   abstract fail(err: Error): void;
   protected end(): void {
     this.ended = true;
     this.client.forget(this.id);
   }
-  protected streamError(frame: Frame, what: string): AgentError {
+  protected streamError(frame: Frame, what: string): AgentStreamError {
     const f = new Fields(frame.payload, "STREAM_ERROR");
     const code = f.u32(Tag.streamError.code) ?? 0;
-    const name = StreamErrorCode[code] ?? `code ${code}`;
+    const name = StreamErrorCode[code] ?? `CODE_${code}`;
     const message = f.string(Tag.streamError.message) ?? "";
-    return new AgentError(`AGENT_${name}`, `${what}: ${message || name}`);
+    return new AgentStreamError(name, `${what}: ${message || name}`, f.u32(Tag.streamError.errno));
+  }
+  /**
+   * Gives up on the operation without waiting for the agent: sends CANCEL, fails with `err`
+   * and forgets the id (a late answer is dropped). For deadlines and aborts, when the guest may
+   * not answer at all.
+   */
+  abandon(err: Error): void {
+    if (this.ended) return;
+    this.client.trySend(Msg.CANCEL, this.id);
+    this.fail(err);
+    this.end();
+  }
+  /** Checks and accounts a DATA frame from the agent against our receive windows. */
+  protected checkData(frame: Frame, windows: Array<RecvWindow | undefined>, what: string): number {
+    const ch = frame.flags & CHANNEL_MASK;
+    const w = windows[ch];
+    if (!w) throw new AgentError("AGENT_PROTOCOL", `${what}: DATA on channel ${ch} from the agent`);
+    w.take(frame.payload.length, ch);
+    return ch;
+  }
+  /** Returns consumed credit on channel `ch` (batched, see RecvWindow). */
+  protected credit(windows: Array<RecvWindow | undefined>, ch: number, n: number): void {
+    if (this.ended || n <= 0) return;
+    const give = windows[ch]!.consume(n);
+    if (give > 0) this.client.send(Msg.WINDOW, this.id, windowPayload(give), ch);
   }
 }
+
+/**
+ * Receive side of one channel: the window the peer may still fill, and credit consumed but not
+ * yet returned. Credit goes back in lumps of at least a quarter window, so interactive traffic
+ * (many small messages) does not cost a WINDOW frame, and a guest wake-up, per message; the
+ * peer never runs dry, since what is held back is under a quarter of the window.
+ */
+class RecvWindow {
+  private window = INITIAL_WINDOW;
+  private owed = 0;
+  constructor(
+    private readonly what: string,
+    private readonly id: number,
+  ) {}
+  /** Accounts `len` received bytes; a frame beyond the window is a protocol violation. */
+  take(len: number, ch: number): void {
+    if (len > this.window) {
+      throw new AgentError("AGENT_PROTOCOL", `${this.what}: agent sent ${len} bytes on stream ${this.id} channel ${ch} with ${this.window} bytes of window`);
+    }
+    this.window -= len;
+  }
+  /** Marks `n` bytes consumed; returns the credit to send now (0: keep it for later). */
+  consume(n: number): number {
+    this.owed += n;
+    if (this.owed < CREDIT_LUMP) return 0;
+    const give = this.owed;
+    this.owed = 0;
+    this.window += give;
+    return give;
+  }
+}
+const CREDIT_LUMP = INITIAL_WINDOW / 4;
 
 /** Send side of one channel: respects the peer's window. */
 class SendWindow {
@@ -91,11 +176,12 @@ class SendWindow {
     this.waiters = [];
     for (const fn of w) fn();
   }
-  /** Resolves when at least one byte may be sent; returns how many. */
+  /** Resolves when at least one byte may be sent; returns how many (at most `want`). */
   async acquire(want: number, isDead: () => Error | undefined): Promise<number> {
-    while (this.credit <= 0) {
+    for (;;) {
       const dead = isDead();
       if (dead) throw dead;
+      if (this.credit > 0) break;
       await new Promise<void>((r) => this.waiters.push(r));
     }
     const n = Math.min(want, this.credit);
@@ -107,11 +193,22 @@ class SendWindow {
   }
 }
 
+/** Sends `data` on channel 0 of `op` within its window, in DATA_CHUNK pieces. */
+async function sendWindowed(client: AgentClient, id: number, win: SendWindow, data: Buffer, isDead: () => Error | undefined): Promise<void> {
+  let off = 0;
+  while (off < data.length) {
+    const n = await win.acquire(Math.min(DATA_CHUNK, data.length - off), isDead);
+    const dead = isDead();
+    if (dead) throw dead;
+    client.send(Msg.DATA, id, data.subarray(off, off + n), Channel.STDIN);
+    off += n;
+  }
+}
+
 /**
- * A running process in the guest. Output is delivered through the `onStdout`/`onStderr`
- * callbacks; with `autoGrant` the host returns window credit as soon as bytes arrive
- * (collect mode), otherwise the consumer calls `consumed()` (streaming mode, backpressure
- * reaches the guest process).
+ * A running process in the guest. Output is delivered through `onStdout`/`onStderr`; with
+ * `autoGrant` the host returns window credit as soon as bytes arrive (collect mode), otherwise
+ * the consumer calls `consumed()` (streaming mode: backpressure reaches the guest process).
  */
 export class ExecStream extends StreamOp {
   pid: number | undefined;
@@ -120,7 +217,10 @@ export class ExecStream extends StreamOp {
   private readonly done: Promise<ExitInfo>;
   private resolveDone!: (e: ExitInfo) => void;
   private rejectDone!: (e: Error) => void;
-  private readonly recvWindow = [0, INITIAL_WINDOW, INITIAL_WINDOW];
+  /** Resolves once the process runs (STARTED) or ended without starting (EXIT); rejects on error. */
+  readonly started: Promise<void>;
+  private settleStarted!: (err?: Error) => void;
+  private readonly recvWindow: Array<RecvWindow | undefined>;
   private readonly stdinWindow = new SendWindow();
   private stdinClosed = false;
   onStdout: (chunk: Buffer) => void = () => {};
@@ -133,11 +233,22 @@ export class ExecStream extends StreamOp {
     private readonly autoGrant: boolean,
   ) {
     super(client, id);
+    this.recvWindow = [undefined, new RecvWindow("exec", id), new RecvWindow("exec", id)];
     this.done = new Promise((res, rej) => {
       this.resolveDone = res;
       this.rejectDone = rej;
     });
     this.done.catch(() => {});
+    this.started = new Promise<void>((res, rej) => {
+      let settled = false;
+      this.settleStarted = (err) => {
+        if (settled) return;
+        settled = true;
+        if (err) rej(err);
+        else res();
+      };
+    });
+    this.started.catch(() => {});
   }
 
   wait(): Promise<ExitInfo> {
@@ -148,30 +259,26 @@ export class ExecStream extends StreamOp {
     return this.exitInfo;
   }
 
+  /** The error that ended the stream, if any. */
+  get failure(): Error | undefined {
+    return this.error;
+  }
+
   onFrame(frame: Frame): void {
     switch (frame.type) {
       case Msg.STARTED:
         this.pid = new Fields(frame.payload, "STARTED").u32(Tag.started.pid);
+        this.settleStarted();
         return;
       case Msg.DATA: {
-        const ch = frame.flags & CHANNEL_MASK;
-        if (ch !== Channel.STDOUT && ch !== Channel.STDERR) {
-          throw new AgentError("AGENT_PROTOCOL", `DATA on channel ${ch} from the agent`);
-        }
+        const ch = this.checkData(frame, this.recvWindow, `exec stream ${this.id}`);
         const len = frame.payload.length;
-        if (len > this.recvWindow[ch]!) {
-          throw new AgentError(
-            "AGENT_PROTOCOL",
-            `agent sent ${len} bytes on stream ${this.id} channel ${ch} with ${this.recvWindow[ch]} bytes of window`,
-          );
-        }
-        this.recvWindow[ch]! -= len;
         if (len > 0) {
           if (ch === Channel.STDOUT) this.onStdout(frame.payload);
           else this.onStderr(frame.payload);
           if (this.autoGrant) this.consumed(ch, len);
         }
-        if (frame.flags & FLAG_EOF) this.onOutputEnd(ch);
+        if (frame.flags & FLAG_EOF) this.onOutputEnd(ch as 1 | 2);
         return;
       }
       case Msg.WINDOW: {
@@ -189,15 +296,18 @@ export class ExecStream extends StreamOp {
           timedOut: (f.u8(Tag.exit.timedOut) ?? 0) === 1,
           peakRssKib: rss === undefined ? null : Number(rss),
           durationUs: Number(f.u64(Tag.exit.durationUs) ?? 0n),
+          step: f.u8(Tag.exit.step) ?? 0,
         };
         this.end();
         this.stdinWindow.wake();
+        this.settleStarted();
         this.resolveDone(this.exitInfo);
         return;
       }
       case Msg.STREAM_ERROR: {
-        this.fail(this.streamError(frame, "exec failed"));
+        const err = this.streamError(frame, "exec failed");
         this.end();
+        this.fail(err);
         return;
       }
       default:
@@ -207,22 +317,19 @@ export class ExecStream extends StreamOp {
 
   /** Return `n` bytes of credit on an output channel (streaming consumers call this). */
   consumed(channel: number, n: number): void {
-    if (this.ended || n <= 0) return;
-    this.recvWindow[channel]! += n;
-    this.client.send(Msg.WINDOW, this.id, windowPayload(n), channel);
+    this.credit(this.recvWindow, channel, n);
   }
+
+  private gone = (): Error | undefined =>
+    this.ended ? (this.error ?? new AgentError("AGENT_PROCESS_EXITED", "the process has exited")) : undefined;
 
   async write(data: Buffer): Promise<void> {
     if (this.stdinClosed) throw new AgentError("AGENT_STDIN_CLOSED", "stdin of this process is already closed");
-    let off = 0;
-    while (off < data.length) {
-      const n = await this.stdinWindow.acquire(Math.min(DATA_CHUNK, data.length - off), () =>
-        this.ended ? (this.error ?? new AgentError("AGENT_PROCESS_EXITED", "the process has exited")) : undefined,
-      );
-      if (this.ended) throw this.error ?? new AgentError("AGENT_PROCESS_EXITED", "the process has exited");
-      this.client.send(Msg.DATA, this.id, data.subarray(off, off + n), Channel.STDIN);
-      off += n;
-    }
+    await sendWindowed(this.client, this.id, this.stdinWindow, data, this.gone);
+  }
+
+  get stdinIsClosed(): boolean {
+    return this.stdinClosed;
   }
 
   closeStdin(): void {
@@ -237,6 +344,11 @@ export class ExecStream extends StreamOp {
     this.client.send(Msg.SIGNAL, this.id, p);
   }
 
+  resize(cols: number, rows: number): void {
+    if (this.ended) return;
+    this.client.send(Msg.RESIZE, this.id, new FieldWriter().u16(Tag.resize.cols, cols).u16(Tag.resize.rows, rows).finish());
+  }
+
   cancel(): void {
     if (!this.ended) this.client.send(Msg.CANCEL, this.id);
   }
@@ -246,27 +358,142 @@ export class ExecStream extends StreamOp {
     this.error = err;
     this.ended = true;
     this.stdinWindow.wake();
+    this.settleStarted(err);
     this.rejectDone(err);
   }
 }
 
-/** A request that ends with OK (file transfers, bench). */
+/**
+ * A TCP connection from the guest to one of its own ports (TCP_CONNECT). `connected` settles
+ * when the guest connected or refused; bytes from the guest arrive through `onData` (credit is
+ * returned with `consumed`), `write`/`end` send towards the guest, `done` settles when both
+ * directions have ended (OK) or the stream failed.
+ */
+export class TcpStream extends StreamOp {
+  readonly connected: Promise<void>;
+  readonly done: Promise<void>;
+  private settleConnected!: (err?: Error) => void;
+  private resolveDone!: () => void;
+  private rejectDone!: (e: Error) => void;
+  private readonly recvWindow: Array<RecvWindow | undefined>;
+  private readonly sendWin = new SendWindow();
+  private error: Error | undefined;
+  private sentEof = false;
+  onData: (chunk: Buffer) => void = () => {};
+  onEnd: () => void = () => {};
+  onStarted: () => void = () => {};
+
+  constructor(client: AgentClient, id: number) {
+    super(client, id);
+    this.recvWindow = [undefined, new RecvWindow("tcp", id)];
+    this.connected = new Promise<void>((res, rej) => {
+      let settled = false;
+      this.settleConnected = (err) => {
+        if (settled) return;
+        settled = true;
+        if (err) rej(err);
+        else res();
+      };
+    });
+    this.connected.catch(() => {});
+    this.done = new Promise<void>((res, rej) => {
+      this.resolveDone = res;
+      this.rejectDone = rej;
+    });
+    this.done.catch(() => {});
+  }
+
+  onFrame(frame: Frame): void {
+    switch (frame.type) {
+      case Msg.STARTED:
+        // Synchronously, before any DATA of this stream is dispatched.
+        this.onStarted();
+        this.settleConnected();
+        return;
+      case Msg.DATA: {
+        this.checkData(frame, this.recvWindow, `tcp stream ${this.id}`);
+        if (frame.payload.length) this.onData(frame.payload);
+        if (frame.flags & FLAG_EOF) this.onEnd();
+        return;
+      }
+      case Msg.WINDOW:
+        if ((frame.flags & CHANNEL_MASK) === Channel.STDIN && frame.payload.length === 4) this.sendWin.grant(frame.payload.readUInt32LE(0));
+        return;
+      case Msg.OK:
+        this.end();
+        this.sendWin.wake();
+        this.settleConnected();
+        this.resolveDone();
+        return;
+      case Msg.STREAM_ERROR: {
+        const err = this.streamError(frame, "guest connection");
+        this.end();
+        this.fail(err);
+        return;
+      }
+      default:
+        log("tcp stream %d: ignoring frame type %d", this.id, frame.type);
+    }
+  }
+
+  consumed(n: number): void {
+    this.credit(this.recvWindow, Channel.STDOUT, n);
+  }
+
+  private gone = (): Error | undefined =>
+    this.ended ? (this.error ?? new AgentError("AGENT_STREAM_ENDED", "the guest connection has ended")) : undefined;
+
+  /** Sends bytes to the guest; resolves when they are within the window (sent). */
+  async write(data: Buffer): Promise<void> {
+    if (this.sentEof) throw new AgentError("AGENT_STREAM_ENDED", "write after end");
+    await sendWindowed(this.client, this.id, this.sendWin, data, this.gone);
+  }
+
+  /** Half-close towards the guest (its socket's receiving side sees EOF). */
+  closeWrite(): void {
+    if (this.ended || this.sentEof) return;
+    this.sentEof = true;
+    this.client.send(Msg.DATA, this.id, undefined, Channel.STDIN | FLAG_EOF);
+  }
+
+  cancel(): void {
+    if (!this.ended) this.client.send(Msg.CANCEL, this.id);
+  }
+
+  fail(err: Error): void {
+    if (this.error) return;
+    this.error = err;
+    this.ended = true;
+    this.sendWin.wake();
+    this.settleConnected(err);
+    this.rejectDone(err);
+  }
+}
+
+/**
+ * A file transfer or a request that ends with OK (WRITE_FILE, READ_FILE, SPAWN_BENCH,
+ * WORKLOAD_*). For READ_FILE the content arrives through `onData`; credit goes back at once
+ * (`autoGrant`, buffered reads) or as the consumer calls `consumed` (streams).
+ */
 class RequestOp extends StreamOp {
   readonly result: Promise<Fields>;
   private resolve!: (f: Fields) => void;
   private reject!: (e: Error) => void;
   readonly sendWindow = new SendWindow();
-  private recvCredit = INITIAL_WINDOW;
+  private readonly recvWindow: Array<RecvWindow | undefined>;
   private receivedBytes = 0;
-  readonly chunks: Buffer[] = [];
+  private error: Error | undefined;
+  onData: (chunk: Buffer) => void = () => {};
 
   constructor(
     client: AgentClient,
     id: number,
-    private readonly what: string,
+    readonly what: string,
     private readonly maxBytes = Infinity,
+    private readonly autoGrant = true,
   ) {
     super(client, id);
+    this.recvWindow = [undefined, new RecvWindow(what, id)];
     this.result = new Promise((res, rej) => {
       this.resolve = res;
       this.reject = rej;
@@ -281,31 +508,28 @@ class RequestOp extends StreamOp {
         this.sendWindow.wake();
         this.resolve(new Fields(frame.payload, "OK"));
         return;
-      case Msg.STREAM_ERROR:
+      case Msg.STREAM_ERROR: {
+        const err = this.streamError(frame, this.what);
         this.end();
-        this.fail(this.streamError(frame, this.what));
+        this.fail(err);
         return;
+      }
       case Msg.WINDOW:
         if ((frame.flags & CHANNEL_MASK) === Channel.STDIN && frame.payload.length === 4) {
           this.sendWindow.grant(frame.payload.readUInt32LE(0));
         }
         return;
       case Msg.DATA: {
+        this.checkData(frame, this.recvWindow, this.what);
         const len = frame.payload.length;
-        if ((frame.flags & CHANNEL_MASK) !== Channel.STDOUT || len > this.recvCredit) {
-          throw new AgentError("AGENT_PROTOCOL", `${this.what}: agent sent data beyond its window`);
-        }
         this.receivedBytes += len;
         if (this.receivedBytes > this.maxBytes) {
-          this.client.send(Msg.CANCEL, this.id);
-          this.end();
-          this.fail(new AgentError("AGENT_TOO_LARGE", `${this.what}: more than ${this.maxBytes} bytes`));
+          this.abandon(new AgentError("AGENT_TOO_LARGE", `${this.what}: more than ${this.maxBytes} bytes`));
           return;
         }
         if (len) {
-          this.chunks.push(frame.payload);
-          // Consumed at once: hand the credit straight back.
-          this.client.send(Msg.WINDOW, this.id, windowPayload(len), Channel.STDOUT);
+          this.onData(frame.payload);
+          if (this.autoGrant) this.consumed(len);
         }
         return;
       }
@@ -314,11 +538,40 @@ class RequestOp extends StreamOp {
     }
   }
 
+  consumed(n: number): void {
+    this.credit(this.recvWindow, Channel.STDOUT, n);
+  }
+
+  gone = (): Error | undefined => (this.ended ? (this.error ?? new AgentError("AGENT_STREAM_ENDED", `${this.what}: the request has ended`)) : undefined);
+
   fail(err: Error): void {
+    if (this.error) return;
+    this.error = err;
     this.ended = true;
     this.sendWindow.wake();
     this.reject(err);
   }
+}
+
+export type { RequestOp };
+
+/** A READ_FILE in progress, for streaming consumers (credit returned as they consume). */
+export interface FileReader {
+  readonly id: number;
+  onData: (chunk: Buffer) => void;
+  consumed(n: number): void;
+  /** Resolves with the file size once the whole file was sent; rejects on error. */
+  readonly done: Promise<number>;
+  abandon(err: Error): void;
+}
+
+/** A WRITE_FILE in progress, fed by `write` and finished by `finish`. */
+export interface FileWriter {
+  readonly id: number;
+  write(chunk: Buffer): Promise<void>;
+  /** Sends EOF and resolves with the size the agent wrote. */
+  finish(): Promise<number>;
+  abandon(err: Error): void;
 }
 
 export interface AgentClientOptions {
@@ -352,6 +605,11 @@ export class AgentClient extends EventEmitter {
     return this.fatal;
   }
 
+  /** Streams in flight (diagnostics, tests). */
+  get openStreams(): number {
+    return this.streams.size;
+  }
+
   private onData(chunk: Buffer): void {
     if (this.fatal) return;
     try {
@@ -370,6 +628,7 @@ export class AgentClient extends EventEmitter {
           agentVersion: f.string(Tag.helloOk.agentVersion) ?? "unknown",
           uptimeMs: Number(f.u64(Tag.helloOk.uptimeMs) ?? 0n),
           features: (f.string(Tag.helloOk.features) ?? "").split(",").filter(Boolean),
+          port: f.string(Tag.helloOk.port),
         };
         const w = this.helloWaiter;
         this.helloWaiter = undefined;
@@ -426,6 +685,11 @@ export class AgentClient extends EventEmitter {
     this.channel.write(encodeFrame(type, stream, payload, flags));
   }
 
+  /** @internal Like send, but silently does nothing on a dead connection. */
+  trySend(type: number, stream: number, payload?: Buffer, flags = 0): void {
+    if (!this.fatal) this.channel.write(encodeFrame(type, stream, payload, flags));
+  }
+
   /** @internal */
   forget(id: number): void {
     this.streams.delete(id);
@@ -463,6 +727,13 @@ export class AgentClient extends EventEmitter {
     if (this.fatal) throw this.fatal;
   }
 
+  private open<T extends StreamOp>(op: T, type: number, payload: Buffer): T {
+    this.streams.set(op.id, op);
+    this.updateRef();
+    this.send(type, op.id, payload);
+    return op;
+  }
+
   hello(opts: { entropy?: Buffer; timeoutMs?: number } = {}): Promise<HelloInfo> {
     this.checkAlive();
     const w = new FieldWriter()
@@ -495,20 +766,28 @@ export class AgentClient extends EventEmitter {
   }
 
   /** One protocol round trip that starts no process. Resolves with the elapsed milliseconds. */
-  ping(payload: Buffer = Buffer.alloc(0)): Promise<number> {
+  ping(payload: Buffer = Buffer.alloc(0), opts: { timeoutMs?: number } = {}): Promise<number> {
     this.checkAlive();
     if (payload.length > MAX_PING_PAYLOAD) throw new AgentError("AGENT_PING_TOO_LARGE", `ping payload over ${MAX_PING_PAYLOAD} bytes`);
     const id = this.allocId();
     const t0 = performance.now();
     return new Promise<number>((resolve, reject) => {
-      const onFatal = (e: Error) => reject(e);
-      this.once("fatal", onFatal);
-      this.pings.set(id, (echo) => {
+      const timer =
+        opts.timeoutMs === undefined
+          ? undefined
+          : setTimeout(() => done(new AgentError("AGENT_PING_TIMEOUT", `the agent did not answer a ping within ${opts.timeoutMs} ms`)), opts.timeoutMs);
+      const done = (err?: Error, echo?: Buffer) => {
+        clearTimeout(timer);
         this.off("fatal", onFatal);
+        this.pings.delete(id);
         this.updateRef();
-        if (!echo.equals(payload)) reject(new AgentError("AGENT_PROTOCOL", "PONG payload differs from PING"));
+        if (err) reject(err);
+        else if (!echo!.equals(payload)) reject(new AgentError("AGENT_PROTOCOL", "PONG payload differs from PING"));
         else resolve(performance.now() - t0);
-      });
+      };
+      const onFatal = (e: Error) => done(e);
+      this.once("fatal", onFatal);
+      this.pings.set(id, (echo) => done(undefined, echo));
       this.updateRef();
       this.send(Msg.PING, id, payload);
     });
@@ -516,8 +795,6 @@ export class AgentClient extends EventEmitter {
 
   exec(req: ExecRequest, opts: { autoGrant?: boolean } = {}): ExecStream {
     this.checkAlive();
-    const id = this.allocId();
-    const op = new ExecStream(this, id, opts.autoGrant ?? true);
     const w = new FieldWriter();
     for (const a of req.argv) w.bytes(Tag.exec.argv, a);
     for (const e of req.env) w.bytes(Tag.exec.env, e);
@@ -526,89 +803,114 @@ export class AgentClient extends EventEmitter {
     if (req.uid !== undefined) w.u32(Tag.exec.uid, req.uid);
     if (req.gid !== undefined) w.u32(Tag.exec.gid, req.gid);
     if (req.stdin) w.u8(Tag.exec.stdin, 1);
-    this.streams.set(id, op);
-    this.updateRef();
-    this.send(Msg.EXEC, id, w.finish());
-    return op;
+    if (req.tty) w.u8(Tag.exec.tty, 1).u16(Tag.exec.cols, req.tty.cols).u16(Tag.exec.rows, req.tty.rows);
+    for (const a of req.chain ?? []) w.bytes(Tag.exec.chain, a);
+    return this.open(new ExecStream(this, this.allocId(), opts.autoGrant ?? true), Msg.EXEC, w.finish());
+  }
+
+  /** Opens a TCP connection from the guest to its own `addr:port` (default 127.0.0.1). */
+  tcpConnect(port: number, addr?: string): TcpStream {
+    this.checkAlive();
+    const w = new FieldWriter().u16(Tag.tcpConnect.port, port);
+    if (addr !== undefined) w.bytes(Tag.tcpConnect.addr, addr);
+    return this.open(new TcpStream(this, this.allocId()), Msg.TCP_CONNECT, w.finish());
+  }
+
+  /** Starts a WRITE_FILE; feed it with `write` and end it with `finish`. */
+  openWrite(path: string, opts: { mode?: number; uid?: number; gid?: number; size?: number } = {}): FileWriter {
+    this.checkAlive();
+    const w = new FieldWriter().bytes(Tag.writeFile.path, path).u32(Tag.writeFile.mode, opts.mode ?? 0o644);
+    if (opts.size !== undefined) w.u64(Tag.writeFile.size, opts.size);
+    if (opts.uid !== undefined) w.u32(Tag.writeFile.uid, opts.uid);
+    if (opts.gid !== undefined) w.u32(Tag.writeFile.gid, opts.gid);
+    const op = this.open(new RequestOp(this, this.allocId(), `write ${path}`), Msg.WRITE_FILE, w.finish());
+    let finished = false;
+    return {
+      id: op.id,
+      write: (chunk) => {
+        if (finished) return Promise.reject(new AgentError("AGENT_STREAM_ENDED", `write ${path}: write after finish`));
+        return sendWindowed(this, op.id, op.sendWindow, chunk, op.gone);
+      },
+      finish: async () => {
+        if (!finished && !op.ended) this.send(Msg.DATA, op.id, undefined, Channel.STDIN | FLAG_EOF);
+        finished = true;
+        return Number((await op.result).u64(Tag.ok.size) ?? 0n);
+      },
+      abandon: (err) => op.abandon(err),
+    };
   }
 
   async writeFile(path: string, data: Buffer, opts: { mode?: number; uid?: number; gid?: number } = {}): Promise<void> {
+    const w = this.openWrite(path, { ...opts, size: data.length });
+    await w.write(data);
+    await w.finish();
+  }
+
+  /**
+   * Starts a READ_FILE. With `autoGrant` (default) credit is returned as chunks arrive; a
+   * streaming consumer passes false and calls `consumed`.
+   */
+  openRead(path: string, maxSize = 0, autoGrant = true): FileReader {
     this.checkAlive();
-    const id = this.allocId();
-    const op = new RequestOp(this, id, `write ${path}`);
-    const w = new FieldWriter()
-      .bytes(Tag.writeFile.path, path)
-      .u32(Tag.writeFile.mode, opts.mode ?? 0o644)
-      .u64(Tag.writeFile.size, data.length);
-    if (opts.uid !== undefined) w.u32(Tag.writeFile.uid, opts.uid);
-    if (opts.gid !== undefined) w.u32(Tag.writeFile.gid, opts.gid);
-    this.streams.set(id, op);
-    this.updateRef();
-    this.send(Msg.WRITE_FILE, id, w.finish());
-    let off = 0;
-    while (off < data.length && !op.ended) {
-      const n = await op.sendWindow.acquire(Math.min(DATA_CHUNK, data.length - off), () => this.fatal);
-      if (op.ended) break;
-      this.send(Msg.DATA, id, data.subarray(off, off + n), Channel.STDIN);
-      off += n;
-    }
-    if (!op.ended) this.send(Msg.DATA, id, undefined, Channel.STDIN | FLAG_EOF);
-    await op.result;
+    const w = new FieldWriter().bytes(Tag.readFile.path, path).u64(Tag.readFile.maxSize, maxSize);
+    const op = this.open(new RequestOp(this, this.allocId(), `read ${path}`, maxSize || Infinity, autoGrant), Msg.READ_FILE, w.finish());
+    const reader: FileReader = {
+      id: op.id,
+      get onData() {
+        return op.onData;
+      },
+      set onData(fn) {
+        op.onData = fn;
+      },
+      consumed: (n) => op.consumed(n),
+      done: op.result.then((f) => Number(f.u64(Tag.ok.size) ?? 0n)),
+      abandon: (err) => op.abandon(err),
+    };
+    reader.done.catch(() => {});
+    return reader;
   }
 
   async readFile(path: string, maxSize = 0): Promise<Buffer> {
-    this.checkAlive();
-    const id = this.allocId();
-    const op = new RequestOp(this, id, `read ${path}`, maxSize || Infinity);
-    const w = new FieldWriter().bytes(Tag.readFile.path, path).u64(Tag.readFile.maxSize, maxSize);
-    this.streams.set(id, op);
-    this.updateRef();
-    this.send(Msg.READ_FILE, id, w.finish());
-    await op.result;
-    return Buffer.concat(op.chunks);
+    const r = this.openRead(path, maxSize);
+    const chunks: Buffer[] = [];
+    r.onData = (c) => chunks.push(c);
+    await r.done;
+    return Buffer.concat(chunks);
   }
 
   /** Ask the agent to time `count` spawn+reap cycles of `argv` itself (guest clock). */
   async spawnBench(argv: string[], count: number, env: string[] = []): Promise<number[]> {
     this.checkAlive();
-    const id = this.allocId();
-    const op = new RequestOp(this, id, `spawn bench ${argv.join(" ")}`);
     const w = new FieldWriter();
     for (const a of argv) w.bytes(Tag.spawnBench.argv, a);
     w.u32(Tag.spawnBench.count, count);
     for (const e of env) w.bytes(Tag.spawnBench.env, e);
-    this.streams.set(id, op);
-    this.updateRef();
-    this.send(Msg.SPAWN_BENCH, id, w.finish());
+    const op = this.open(new RequestOp(this, this.allocId(), `spawn bench ${argv.join(" ")}`), Msg.SPAWN_BENCH, w.finish());
     const f = await op.result;
     return f.u64Array(Tag.ok.samplesNs).map((ns) => Number(ns) / 1e6);
   }
 
   /** Starts the image's workload (PROTOCOL.md: WORKLOAD_START). Resolves with its guest pid. */
-  async startWorkload(req: Omit<ExecRequest, "stdin" | "timeoutMs">): Promise<number> {
+  async startWorkload(req: Omit<ExecRequest, "stdin" | "timeoutMs" | "tty" | "chain">): Promise<number> {
     this.checkAlive();
-    const id = this.allocId();
-    const op = new RequestOp(this, id, `start workload ${req.argv[0] ?? ""}`);
     const w = new FieldWriter();
     for (const a of req.argv) w.bytes(Tag.exec.argv, a);
     for (const e of req.env) w.bytes(Tag.exec.env, e);
     if (req.cwd !== undefined) w.bytes(Tag.exec.cwd, req.cwd);
     if (req.uid !== undefined) w.u32(Tag.exec.uid, req.uid);
     if (req.gid !== undefined) w.u32(Tag.exec.gid, req.gid);
-    this.streams.set(id, op);
-    this.updateRef();
-    this.send(Msg.WORKLOAD_START, id, w.finish());
+    const op = this.open(new RequestOp(this, this.allocId(), `start workload ${req.argv[0] ?? ""}`), Msg.WORKLOAD_START, w.finish());
     return (await op.result).u32(Tag.ok.pid) ?? -1;
   }
 
   /** Sends `signum` to the workload's process group. */
   async signalWorkload(signum: number): Promise<void> {
     this.checkAlive();
-    const id = this.allocId();
-    const op = new RequestOp(this, id, `signal ${signum} to the workload`);
-    this.streams.set(id, op);
-    this.updateRef();
-    this.send(Msg.WORKLOAD_SIGNAL, id, new FieldWriter().u32(Tag.signal.signum, signum).finish());
+    const op = this.open(
+      new RequestOp(this, this.allocId(), `signal ${signum} to the workload`),
+      Msg.WORKLOAD_SIGNAL,
+      new FieldWriter().u32(Tag.signal.signum, signum).finish(),
+    );
     await op.result;
   }
 

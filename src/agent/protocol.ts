@@ -4,7 +4,7 @@
  */
 import { AgentError } from "../errors.js";
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 export const HEADER_SIZE = 12;
 export const MAX_PAYLOAD = 1024 * 1024;
 export const INITIAL_WINDOW = 256 * 1024;
@@ -34,6 +34,7 @@ export const Msg = {
   SPAWN_BENCH: 0x30,
   WORKLOAD_START: 0x40,
   WORKLOAD_SIGNAL: 0x41,
+  TCP_CONNECT: 0x50,
 } as const;
 
 export const Channel = { STDIN: 0, STDOUT: 1, STDERR: 2 } as const;
@@ -50,18 +51,21 @@ export const StreamErrorCode: Record<number, string> = {
   6: "UNSUPPORTED",
   7: "VERSION",
   8: "PROTOCOL",
+  9: "REFUSED",
 };
 
 /** Field tags, per message (PROTOCOL.md section 4). */
 export const Tag = {
   hello: { versionMin: 1, versionMax: 2, hostTimeNs: 3, entropy: 4 },
-  helloOk: { version: 1, agentVersion: 2, uptimeMs: 3, features: 4 },
+  helloOk: { version: 1, agentVersion: 2, uptimeMs: 3, features: 4, port: 5 },
   goaway: { code: 1, message: 2 },
-  exec: { argv: 1, env: 2, cwd: 3, timeoutMs: 4, uid: 5, gid: 6, stdin: 7, tty: 8 },
+  exec: { argv: 1, env: 2, cwd: 3, timeoutMs: 4, uid: 5, gid: 6, stdin: 7, tty: 8, cols: 9, rows: 10, chain: 11 },
   started: { pid: 1 },
-  exit: { exitCode: 1, signal: 2, timedOut: 3, peakRssKib: 4, durationUs: 5 },
+  exit: { exitCode: 1, signal: 2, timedOut: 3, peakRssKib: 4, durationUs: 5, step: 6 },
   signal: { signum: 1, group: 2 },
-  streamError: { code: 1, message: 2 },
+  streamError: { code: 1, message: 2, errno: 3 },
+  resize: { cols: 1, rows: 2 },
+  tcpConnect: { port: 1, addr: 2 },
   writeFile: { path: 1, mode: 2, size: 3, uid: 4, gid: 5, mkdirs: 6 },
   readFile: { path: 1, maxSize: 2 },
   ok: { size: 1, samplesNs: 2, pid: 3 },

@@ -6,12 +6,13 @@ import { spawnSync } from "node:child_process";
 import { parseArgs } from "node:util";
 import { Image } from "../runtime/image.js";
 import { SupermachineError } from "../errors.js";
+import { engineFingerprint } from "../engine/fingerprint.js";
 import { chooseAccel } from "../engine/accel.js";
 import { nativeArtifacts } from "../engine/artifacts.js";
 import { qemuBinary } from "../engine/qemu.js";
 import { supermachineHome } from "../paths.js";
 import { collectGarbage, listImages, removeImage } from "../image/gc.js";
-import type { ImageProgress } from "../image/store.js";
+import type { BuildProgress } from "../spec/image.js";
 
 const USAGE = `usage: supermachine <command> [options]
 
@@ -149,7 +150,7 @@ async function run(
 }
 
 /** Human progress on stderr: one line per layer when it completes, and a summary. */
-function progressPrinter(json: boolean): (p: ImageProgress) => void {
+function progressPrinter(json: boolean): (p: BuildProgress) => void {
   if (json) return () => {};
   const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
   const reported = new Set<string>();
@@ -176,6 +177,15 @@ function progressPrinter(json: boolean): (p: ImageProgress) => void {
       process.stderr.write("building the root filesystem\n");
     } else if (p.phase === "done") {
       process.stderr.write(`root filesystem ready: ${mb(p.sizeBytes)} in ${(p.durationMs / 1000).toFixed(1)} s\n`);
+    } else if (p.phase === "bake") {
+      if (p.step === "boot") process.stderr.write("baking: booting the image\n");
+      else if (p.step === "warmup") process.stderr.write("baking: running the warmup\n");
+      else if (p.step === "extra-files") process.stderr.write("baking: staging extraFiles\n");
+      else if (p.step === "listener") process.stderr.write("baking: waiting for the workload to listen\n");
+    } else if (p.phase === "bake-waiting-for-lock") {
+      process.stderr.write("waiting for another process baking the same snapshot\n");
+    } else if (p.phase === "bake-done") {
+      process.stderr.write(`snapshot baked in ${(p.durationMs / 1000).toFixed(1)} s\n`);
     }
   };
 }
@@ -243,6 +253,8 @@ function info(json: boolean): number {
     qemu: qemu.status === 0 ? qemu.stdout.split("\n")[0] : `not found (${qemuBinary()})`,
     home: supermachineHome(),
     artifacts,
+    /** What snapshot keys record of the engine. */
+    fingerprint: "error" in artifacts ? null : engineFingerprint(),
   };
   if (json) {
     process.stdout.write(JSON.stringify(report, null, 2) + "\n");

@@ -1,7 +1,7 @@
 // `supermachine/config`: the declarative layer (defineImage modules and supermachine.config.ts).
 // This version declares images by reference only; warmup layers and the resolver graph come
 // with the declarative-layer work.
-import type { BuildOptions } from "../runtime/options.js";
+import type { BuildOptions } from "../spec/options.js";
 
 export interface ImageDefinition extends BuildOptions {}
 

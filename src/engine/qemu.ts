@@ -16,7 +16,7 @@ import { logger } from "../log.js";
 import { homePaths, runtimeRoot } from "../paths.js";
 import { type Accel, chooseAccel, markKvmBroken } from "./accel.js";
 import { nativeArtifacts } from "./artifacts.js";
-import { QmpClient } from "./qmp.js";
+import { QmpClient, type QmpCallOptions } from "./qmp.js";
 
 const log = logger("engine");
 
@@ -51,6 +51,8 @@ export function qemuIdentity(): string {
 /** The QEMU binary; `SUPERMACHINE_QEMU` overrides (read at every launch). */
 export const qemuBinary = (): string => process.env.SUPERMACHINE_QEMU || "qemu-system-x86_64";
 export const AGENT_PORT_NAME = "supermachine.0";
+/** The second agent port, for clients of the user's (`vm.execPath`). */
+export const EXEC_PORT_NAME = "supermachine.1";
 const STDERR_TAIL = 8 * 1024;
 const KEPT_LOGS = 20;
 
@@ -176,6 +178,7 @@ export function kernelCmdline(accel: Accel, vcpus: number, extra: string[] = [])
     "random.trust_cpu=on",
     "sm.root=/dev/vda",
     `sm.port=${AGENT_PORT_NAME}`,
+    `sm.exec_port=${EXEC_PORT_NAME}`,
     ...extra,
   ].join(" ");
 }
@@ -189,6 +192,8 @@ export function qemuArgs(o: {
   vcpus: number;
   qmpSock: string;
   agentSock: string;
+  /** Unix socket QEMU listens on for the exec port. */
+  execSock: string;
   consoleLog: string;
   cmdline: string;
   memoryFile?: { path: string; shared: boolean };
@@ -219,9 +224,11 @@ export function qemuArgs(o: {
     "-drive", `id=root,file=${o.rootfs},format=raw,if=none,readonly=on`,
     "-device", "virtio-blk-device,drive=root",
     "-device", "virtio-rng-device",
-    "-device", "virtio-serial-device,max_ports=2",
+    "-device", "virtio-serial-device,max_ports=3",
     "-chardev", `socket,id=agent,path=${o.agentSock},server=off`,
     "-device", `virtserialport,chardev=agent,name=${AGENT_PORT_NAME}`,
+    "-chardev", `socket,id=exec,path=${o.execSock},server=on,wait=off`,
+    "-device", `virtserialport,chardev=exec,name=${EXEC_PORT_NAME}`,
     "-chardev", `socket,id=qmp,path=${o.qmpSock},server=off`,
     "-mon", "chardev=qmp,mode=control",
   ];
@@ -268,7 +275,7 @@ export class MicroVm {
     readonly consoleLog: string,
     readonly accel: Accel,
     readonly agent: AgentClient,
-    readonly qmp: QmpClient,
+    private readonly qmp: QmpClient,
     readonly hello: HelloInfo,
     /** Milliseconds from process spawn to the agent's HELLO_OK. */
     readonly bootMs: number,
@@ -397,20 +404,35 @@ export class MicroVm {
     }
   }
 
+  /** The unix socket on which QEMU serves the exec port (PROTOCOL.md, for clients of the user's). */
+  get execPath(): string {
+    return join(this.runDir, "exec.sock");
+  }
+
+  /** Stops the guest's vCPUs (QMP `stop`). */
+  async pause(opts: QmpCallOptions = {}): Promise<void> {
+    await this.qmp.execute("stop", undefined, opts);
+  }
+
+  /** Lets a paused guest run again (QMP `cont`). */
+  async resume(opts: QmpCallOptions = {}): Promise<void> {
+    await this.qmp.execute("cont", undefined, opts);
+  }
+
   /**
    * Captures the VM: pauses it and writes its device state to `stateFile` through QEMU
    * migration. With file-backed shared memory (`memoryFile.shared`), the guest RAM is already
-   * in its file and is not copied (`x-ignore-shared`). The VM stays paused; since it shares the
-   * RAM file, it must not run again: the caller kills it.
+   * in its file and is not copied (`x-ignore-shared`); `includeRam` writes a complete stream
+   * instead (for a VM whose RAM is in no file of its own). The VM stays paused: one that shares
+   * its RAM file with a snapshot must not run again, the caller kills it or hands it off.
    */
-  async snapshot(stateFile: string, opts: { includeRam?: boolean } = {}): Promise<{ durationMs: number }> {
+  async capture(stateFile: string, opts: { includeRam?: boolean } & QmpCallOptions = {}): Promise<{ durationMs: number }> {
     const t0 = performance.now();
-    await this.qmp.execute("stop");
-    // includeRam: a complete stream, RAM in it (for VMs whose RAM is in no file of its own).
-    const ignoreShared = !opts.includeRam;
-    await this.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: ignoreShared }] });
-    await this.qmp.execute("migrate", { uri: `exec:cat > ${shellPath(stateFile)}` });
-    await waitMigration(this.qmp, "snapshot");
+    const q = { ...(opts.signal ? { signal: opts.signal } : {}) };
+    await this.qmp.execute("stop", undefined, q);
+    await this.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: !opts.includeRam }] }, q);
+    await this.qmp.execute("migrate", { uri: `exec:cat > ${shellPath(stateFile)}` }, q);
+    await waitMigration(this.qmp, "snapshot", q);
     return { durationMs: performance.now() - t0 };
   }
 
@@ -492,6 +514,7 @@ export class PendingVm {
     const runDir = mkdtempSync(join(runtimeRoot(), `${RUN_DIR_PREFIX}${process.pid}-`));
     const qmpSock = join(runDir, "qmp.sock");
     const agentSock = join(runDir, "agent.sock");
+    const execSock = join(runDir, "exec.sock");
     const consoleLog = join(runDir, "console.log");
     const qmpL = acceptOnce(qmpSock);
     const agentL = acceptOnce(agentSock);
@@ -504,6 +527,7 @@ export class PendingVm {
       vcpus: spec.vcpus,
       qmpSock,
       agentSock,
+      execSock,
       consoleLog,
       cmdline: kernelCmdline(accel, spec.vcpus, spec.extraCmdline),
       ...(spec.memoryFile ? { memoryFile: spec.memoryFile } : {}),
@@ -609,9 +633,10 @@ export class PendingVm {
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** Polls `query-migrate` until the migration completed (or failed: an EngineError). */
-async function waitMigration(qmp: QmpClient, what: string): Promise<void> {
+async function waitMigration(qmp: QmpClient, what: string, opts: QmpCallOptions = {}): Promise<void> {
   for (let delay = 1; ; delay = Math.min(delay * 2, 20)) {
-    const st = await qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+    opts.signal?.throwIfAborted();
+    const st = await qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate", undefined, opts);
     if (st.status === "completed") return;
     if (st.status === "failed" || st.status === "cancelled") {
       throw new EngineError("ENGINE_MIGRATION_FAILED", `${what} failed: ${st["error-desc"] ?? st.status}`);

@@ -11,6 +11,11 @@ const log = logger("qmp");
 /** A QMP line longer than this from QEMU is treated as a broken channel. */
 const MAX_LINE = 16 * 1024 * 1024;
 
+export interface QmpCallOptions {
+  /** Aborting rejects the command's promise with the signal's reason (QEMU may still run it). */
+  signal?: AbortSignal;
+}
+
 interface Pending {
   resolve: (v: unknown) => void;
   reject: (e: Error) => void;
@@ -107,9 +112,24 @@ export class QmpClient extends EventEmitter {
   }
 
   /** Run a QMP command once the capabilities handshake is done. */
-  async execute<T = unknown>(command: string, args?: Record<string, unknown>): Promise<T> {
-    await this.ready;
-    return (await this.command(command, args)) as T;
+  async execute<T = unknown>(command: string, args?: Record<string, unknown>, opts: QmpCallOptions = {}): Promise<T> {
+    const { signal } = opts;
+    if (!signal) {
+      await this.ready;
+      return (await this.command(command, args)) as T;
+    }
+    signal.throwIfAborted();
+    let onAbort!: () => void;
+    const aborted = new Promise<never>((_, reject) => {
+      onAbort = () => reject(signal.reason);
+      signal.addEventListener("abort", onAbort, { once: true });
+    });
+    try {
+      await Promise.race([this.ready, aborted]);
+      return (await Promise.race([this.command(command, args), aborted])) as T;
+    } finally {
+      signal.removeEventListener("abort", onAbort);
+    }
   }
 
   close(): void {

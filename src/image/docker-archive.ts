@@ -32,10 +32,10 @@ import type { Readable } from "node:stream";
 import tar from "tar-stream";
 import { ImageError, SupermachineError } from "../errors.js";
 import { logger } from "../log.js";
-import type { BlobStore } from "./blob-store.js";
+import type { BlobStore } from "../oci/blob-store.js";
 import { decompressStream, detectCompression, layerMediaType, MAGIC_BYTES, readHead, type Compression } from "./decompress.js";
-import { parseDockerRef } from "./docker-ref.js";
-import { MAX_JSON_BYTES, MEDIA_TYPES, parseImageConfig, type ImageConfig } from "./oci-layout.js";
+import { parseDockerRef } from "../oci/docker-ref.js";
+import { MAX_JSON_BYTES, MEDIA_TYPES, parseImageConfig, type ImageConfig } from "../oci/oci-layout.js";
 
 const log = logger("image");
 

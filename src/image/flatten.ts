@@ -50,7 +50,7 @@ import tar from "tar-stream";
 import { ImageError, SupermachineError } from "../errors.js";
 import { logger } from "../log.js";
 import { decompressStream, detectCompression, readHead, type Compression } from "./decompress.js";
-import { digestMismatch, type LayerBlob } from "./oci-layout.js";
+import { digestMismatch, type LayerBlob } from "../oci/oci-layout.js";
 
 const log = logger("image");
 

@@ -2,7 +2,7 @@ import { statSync } from "node:fs";
 import { resolve } from "node:path";
 import { ImageError, RefError, listAccepted } from "../errors.js";
 import { BUILTIN_IMAGES, builtinLayoutDir, isBuiltinImage, type BuiltinImageName } from "./builtin-busybox.js";
-import { parseDockerRef, type RegistryRef } from "./docker-ref.js";
+import { parseDockerRef, type RegistryRef } from "../oci/docker-ref.js";
 
 /** The reference forms this version understands, as shown in error messages. */
 export const ACCEPTED_REF_FORMS = [

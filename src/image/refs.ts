@@ -9,7 +9,7 @@ import { readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { homePaths } from "../paths.js";
 import { publish } from "../store/publish.js";
-import { isValidDigest } from "./oci-layout.js";
+import { isValidDigest } from "../oci/oci-layout.js";
 
 export interface RefRecord {
   /** Canonical reference (`docker.io/library/alpine:latest`, `docker-archive:/abs/file.tar:name`). */

@@ -11,10 +11,10 @@ import { logger } from "../log.js";
 import { homePaths } from "../paths.js";
 import { planFlatten, streamFlattened, type FlattenOptions } from "./flatten.js";
 import { pullImage, resolveDigest, type Platform, type PullProgress } from "../registry/index.js";
-import { BlobStore } from "./blob-store.js";
+import { BlobStore } from "../oci/blob-store.js";
 import { importDockerArchive } from "./docker-archive.js";
-import type { RegistryRef } from "./docker-ref.js";
-import { loadImage, selectManifest, selectManifestByDigest, type ImageConfig, type SelectedManifest } from "./oci-layout.js";
+import type { RegistryRef } from "../oci/docker-ref.js";
+import { loadImage, selectManifest, selectManifestByDigest, type ImageConfig, type SelectedManifest } from "../oci/oci-layout.js";
 import { locateLayout, parseImageRef, type ImageRef } from "./reference.js";
 import { readRef, writeRef, type RefRecord } from "./refs.js";
 import { buildSquashfs } from "./squashfs.js";
@@ -37,14 +37,8 @@ export interface ResolvedImage {
   sizeBytes: number;
 }
 
-export type ImageProgress =
-  | { phase: "cached" }
-  | { phase: "waiting-for-lock" }
-  | { phase: "pull"; event: PullProgress }
-  | { phase: "import"; file: string }
-  | { phase: "scan-layer" | "copy-layer"; layer: number; layers: number; digest: string }
-  | { phase: "squashfs" }
-  | { phase: "done"; durationMs: number; sizeBytes: number };
+import type { ImageProgress } from "../spec/image.js";
+export type { ImageProgress };
 
 export type PullPolicy = "always" | "missing" | "never";
 

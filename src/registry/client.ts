@@ -7,9 +7,9 @@ import { createHash } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import type { Readable } from "node:stream";
 import { ImageError, SupermachineError } from "../errors.js";
-import type { BlobStore } from "../image/blob-store.js";
-import { apiHost, type RegistryRef } from "../image/docker-ref.js";
-import { isValidDigest, MAX_JSON_BYTES, MEDIA_TYPES, TARGET_PLATFORM } from "../image/oci-layout.js";
+import type { BlobStore } from "../oci/blob-store.js";
+import { apiHost, type RegistryRef } from "../oci/docker-ref.js";
+import { isValidDigest, MAX_JSON_BYTES, MEDIA_TYPES, TARGET_PLATFORM } from "../oci/oci-layout.js";
 import { logger } from "../log.js";
 import { Authenticator, type CredentialOptions } from "./auth.js";
 import { RegistryError } from "./errors.js";
@@ -23,11 +23,8 @@ export interface Platform {
   variant?: string;
 }
 
-export type PullProgress =
-  | { type: "manifest"; ref: string }
-  | { type: "config"; digest: string; cached: boolean }
-  | { type: "layer"; digest: string; index: number; count: number; bytes: number; total: number; cached: boolean }
-  | { type: "done"; bytes: number };
+import type { PullProgress } from "../spec/image.js";
+export type { PullProgress };
 
 export interface RegistryOptions extends TransportOptions, CredentialOptions {
   /** Platform to pick from an index (default: linux and the host's architecture). */

@@ -4,19 +4,18 @@
  * the booted VM as a snapshot ("bake"). Pools then restore that snapshot for every VM. A build
  * whose inputs were already baked returns without booting anything.
  */
-import { join } from "node:path";
-import { ensureSnapshot, inputHash, loadSnapshot, type LoadedSnapshot, type SnapshotInputs, type WorkloadSpec } from "../store/snapshots.js";
+import { bakeBuild } from "../bake/plan.js";
 import { chooseAccel, type AccelChoice } from "../engine/accel.js";
-import { nativeArtifacts } from "../engine/artifacts.js";
-import { qemuIdentity, type MicroVm, type VmSpec } from "../engine/qemu.js";
-import { ImageError } from "../errors.js";
+import type { MicroVm, VmSpec } from "../engine/qemu.js";
+import { ImageError, OptionError } from "../errors.js";
+import { execDefaults } from "../guest/env.js";
 import { logger } from "../log.js";
-import type { ImageConfig } from "../image/oci-layout.js";
+import type { ImageConfig } from "../spec/image.js";
 import { resolveImage } from "../image/store.js";
-import { homePaths } from "../paths.js";
+import { buildSchema, poolSchema, type BuildOptions, type PoolOptions } from "../spec/options.js";
+import { parseOptions } from "../spec/parse.js";
+import { loadSnapshot, type LoadedSnapshot } from "../store/snapshots.js";
 import { Pool } from "./pool.js";
-import { resolveBuildOptions, resolvePoolOptions, type BuildOptions, type PoolOptions } from "./options.js";
-import { execDefaults } from "./vm.js";
 
 const log = logger("image");
 /** How long a baked VM waits for a pool to claim it (warm handoff) before it is stopped. */
@@ -50,53 +49,21 @@ export class Image {
    * cache when its inputs are unchanged.
    */
   static async build(options: BuildOptions): Promise<Image> {
-    const b = resolveBuildOptions(options);
+    if (options && typeof options === "object" && (options as { ref?: unknown }).ref === undefined) {
+      throw new OptionError("OPTION_REF_REQUIRED", "Image.build: `ref` is required (an image reference such as \"builtin:busybox\" or \"oci:./layout:tag\")", {
+        hint: "see the README's Images section for the accepted reference forms",
+      });
+    }
+    const b = parseOptions("Image.build", buildSchema, options);
+    const onProgress = b.onProgress;
     const resolved = await resolveImage(b.ref, {
       pullPolicy: b.pullPolicy,
-      ...(b.platform ? { platform: b.platform } : {}),
+      ...(b.platform ? { platform: parsePlatform(b.platform) } : {}),
       ...(b.insecureRegistries ? { insecureRegistries: b.insecureRegistries } : {}),
-      ...(b.onProgress ? { onProgress: b.onProgress } : {}),
+      ...(onProgress ? { onProgress } : {}),
     });
-    const artifacts = nativeArtifacts();
-    const inputs: SnapshotInputs = {
-      manifestDigest: resolved.manifestDigest,
-      memoryMib: b.memoryMib,
-      vcpus: b.vcpus,
-      env: b.env,
-      cmd: b.cmd ?? null,
-      guestPort: b.guestPort,
-      listenerRequired: false,
-      warmupTag: b.warmupTag,
-      extraFiles: [],
-      engine: {
-        qemu: qemuIdentity(),
-        accel: chooseAccel().accel,
-        kernelKey: artifacts.kernelKey,
-        agentKey: artifacts.agentKey,
-        agentVersion: artifacts.agentVersion,
-      },
-    };
-    const defaults = execDefaults(resolved.config, b.env);
-    const argv = b.cmd ?? [...(resolved.config.entrypoint ?? []), ...(resolved.config.cmd ?? [])];
-    const workload: WorkloadSpec | null = argv.length
-      ? { argv, env: defaults.env, cwd: defaults.workingDir ?? "/", user: defaults.user }
-      : null;
-    inputs.cmd = workload ? argv : null;
-    inputs.listenerRequired = b.listenerRequired;
-    const hash = inputHash(inputs);
-    const dir = join(b.snapshotsDir ?? homePaths().snapshots, b.name ?? `img-${hash.slice(0, 16)}`);
-    const { snapshot, baked, handoff } = await ensureSnapshot({
-      dir,
-      hash,
-      inputs,
-      image: { ref: b.ref, digest: resolved.manifestDigest, config: resolved.config, rootfs: resolved.rootfsPath, rootfsSize: resolved.sizeBytes },
-      memoryMib: b.memoryMib,
-      vcpus: b.vcpus,
-      workload,
-      listenerRequired: b.listenerRequired,
-      guestPort: b.guestPort,
-    });
-    log("%s: snapshot %s (%s)", b.ref, dir, baked ? `baked in ${snapshot.meta.bakeMs} ms` : "cached");
+    const { snapshot, baked, handoff } = await bakeBuild(b, resolved, onProgress ? { onProgress } : {});
+    log("%s: snapshot %s (%s)", b.ref, snapshot.dir, baked ? `baked in ${snapshot.meta.bakeMs} ms` : "cached");
     return new Image(snapshot, handoff);
   }
 
@@ -159,16 +126,21 @@ export class Image {
 
   /** Create a pool and make its first `min` VMs ready. */
   async pool(options: PoolOptions = {}): Promise<Pool> {
-    const o = resolvePoolOptions(options);
+    const o = parseOptions("image.pool", poolSchema, options);
     const spec = this.vmSpec(o.memoryMib ?? this.memoryMib, o.vcpus ?? this.vcpus, o.restoreTimeoutMs);
     // The workload runs in every VM: captured running (listenerRequired) or started after each
     // restore or boot.
     const restored = spec.incomingState !== undefined;
     const workload = this.snap.meta.workload && !(restored && this.snap.meta.workloadRunning) ? this.snap.meta.workload : undefined;
-    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.inputs.env), o, workload, this.snap.meta);
+    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.inputs.env), o, workload ?? undefined, this.snap.meta);
     // The baked VM has the snapshot's shape; a pool of another shape cannot use it.
     const handoff = spec.incomingState !== undefined ? this.takeHandoff() : undefined;
     await pool.warm(handoff);
     return pool;
   }
+}
+
+function parsePlatform(v: string): { os: string; architecture: string; variant?: string } {
+  const [os, architecture, variant] = v.split("/") as [string, string, string | undefined];
+  return variant ? { os, architecture, variant } : { os, architecture };
 }

@@ -10,9 +10,11 @@
 import { PoolError } from "../errors.js";
 import { logger } from "../log.js";
 import { MicroVm, type VmSpec } from "../engine/qemu.js";
-import type { ResolvedPool } from "./options.js";
-import { startWorkload, type SnapshotMeta, type WorkloadSpec } from "../store/snapshots.js";
-import { Vm, type ExecDefaults } from "./vm.js";
+import { startWorkload } from "../bake/workload.js";
+import type { ExecDefaults } from "../guest/env.js";
+import type { ResolvedPool } from "../spec/options.js";
+import type { SnapshotMeta, WorkloadSpec } from "../store/snapshots.js";
+import { Vm } from "./vm.js";
 
 const log = logger("pool");
 /** Restored VMs kept ready beyond `min` (restore pools only). */

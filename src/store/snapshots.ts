@@ -1,29 +1,27 @@
 /**
- * Baked snapshots on disk: `<snapshotsDir>/<name>/{ram,state,meta.json}`.
+ * Baked snapshots on disk: `<snapshotsDir>/<name>/{ram,state,meta.json,bake.log}`. Data only:
+ * the format, its verification, publication and listing. Baking lives in `src/bake/`.
  *
- * `ram` is the guest memory (a file the bake VM's RAM lived in; restores map it copy-on-write),
- * `state` the device state QEMU migration wrote, `meta.json` what the snapshot was made from.
- * Its input hash covers everything that changes the snapshot, and the inputs themselves are
- * kept beside it, so that a rebake can say what changed.
- *
- * A snapshot directory appears only by renaming a complete, fsynced temp directory; bakes of one
- * directory take turns under a file lock, and the second one reuses the first one's result.
+ * `ram` is the guest memory (the file the bake VM's RAM lived in; restores map it copy-on-write),
+ * `state` the device state QEMU migration wrote, `meta.json` what the snapshot was made from,
+ * `bake.log` what the bake did (warmup output included). The input hash covers everything that
+ * changes the snapshot, and the inputs themselves are kept beside it, so that a rebake can say
+ * what changed.
  */
-import { createHash, randomBytes } from "node:crypto";
-import { existsSync, readdirSync, statSync } from "node:fs";
-import { mkdir, open, readFile, rename, rm, stat } from "node:fs/promises";
-import { basename, dirname, join } from "node:path";
-import lockfile from "proper-lockfile";
+import { createHash } from "node:crypto";
+import { statSync } from "node:fs";
+import { readdir, readFile, stat } from "node:fs/promises";
+import { join } from "node:path";
 import { EngineError, ImageError } from "../errors.js";
+import type { EngineFingerprint } from "../engine/fingerprint.js";
+import type { ImageConfig } from "../spec/image.js";
 import { logger } from "../log.js";
 import { fsyncPath, writeFileSynced } from "./durable.js";
-import { MicroVm } from "../engine/qemu.js";
-import type { ImageConfig } from "../image/oci-layout.js";
-import { resolveImageUser } from "../runtime/vm.js";
+import { publish } from "./publish.js";
 
 const log = logger("snapshots");
-const META_VERSION = 1;
-export const SNAPSHOT_FILES = { ram: "ram", state: "state", meta: "meta.json" } as const;
+export const META_VERSION = 2;
+export const SNAPSHOT_FILES = { ram: "ram", state: "state", meta: "meta.json", log: "bake.log" } as const;
 
 /** Everything a snapshot depends on. Changing any of it makes a different snapshot. */
 export interface SnapshotInputs {
@@ -34,9 +32,12 @@ export interface SnapshotInputs {
   cmd: string[] | null;
   guestPort: number;
   listenerRequired: boolean;
+  /** Whether a warmup function runs, and its tag (the function itself cannot be hashed). */
+  warmup: boolean;
   warmupTag: string;
-  extraFiles: { guestPath: string; sha256: string }[];
-  engine: { qemu: string; accel: string; kernelKey: string; agentKey: string; agentVersion: string };
+  /** Staged host files: where they go, their mode and the sha256 of their contents. */
+  extraFiles: { guestPath: string; mode: number; sha256: string }[];
+  engine: EngineFingerprint;
 }
 
 /** The image's main process, as the agent runs it (PROTOCOL.md: WORKLOAD_START). */
@@ -63,12 +64,19 @@ export interface SnapshotMeta {
   bakeMs: number;
 }
 
+export interface LoadedSnapshot {
+  dir: string;
+  ram: string;
+  state: string;
+  meta: SnapshotMeta;
+}
+
 export function inputHash(inputs: SnapshotInputs): string {
   return createHash("sha256").update(stableJson(inputs)).digest("hex");
 }
 
 /** JSON with sorted keys, so that the hash does not depend on property order. */
-function stableJson(v: unknown): string {
+export function stableJson(v: unknown): string {
   if (Array.isArray(v)) return `[${v.map(stableJson).join(",")}]`;
   if (v && typeof v === "object") {
     return `{${Object.keys(v)
@@ -79,11 +87,16 @@ function stableJson(v: unknown): string {
   return JSON.stringify(v);
 }
 
-export interface LoadedSnapshot {
-  dir: string;
-  ram: string;
-  state: string;
-  meta: SnapshotMeta;
+/** Which inputs differ (for logs: why a cached snapshot was not used). */
+export function explainDiff(a: SnapshotInputs | undefined, b: SnapshotInputs | undefined): string {
+  if (!a || !b) return "inputs changed";
+  const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])] as (keyof SnapshotInputs)[];
+  const changed = keys.filter((k) => stableJson(a[k]) !== stableJson(b[k]));
+  return changed.length ? `changed: ${changed.join(", ")}` : "no input changed";
+}
+
+function paths(dir: string): Omit<LoadedSnapshot, "meta"> {
+  return { dir, ram: join(dir, SNAPSHOT_FILES.ram), state: join(dir, SNAPSHOT_FILES.state) };
 }
 
 /**
@@ -99,18 +112,23 @@ export async function loadSnapshot(dir: string, hash?: string, inputs?: Snapshot
     if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
     throw damaged(dir, `its ${SNAPSHOT_FILES.meta} cannot be read: ${(err as Error).message}`);
   }
-  if (meta.version !== META_VERSION || typeof meta.hash !== "string") throw damaged(dir, "its metadata has an unknown format");
+  if (meta.version !== META_VERSION || typeof meta.hash !== "string") {
+    if (hash !== undefined) {
+      log("snapshot %s has format version %s (this version writes %d); rebaking", dir, String(meta.version), META_VERSION);
+      return undefined;
+    }
+    throw damaged(dir, `its metadata has format version ${String(meta.version)}; this version of supermachine reads ${META_VERSION}`);
+  }
   if (hash !== undefined && meta.hash !== hash) {
     log("snapshot %s was made from other inputs (%s); rebaking", dir, explainDiff(inputs, meta.inputs));
     return undefined;
   }
-  const ram = join(dir, SNAPSHOT_FILES.ram);
-  const state = join(dir, SNAPSHOT_FILES.state);
-  const ramSize = await stat(ram).then((s) => s.size, () => -1);
+  const p = paths(dir);
+  const ramSize = await stat(p.ram).then((s) => s.size, () => -1);
   if (ramSize !== meta.files.ram.size) throw damaged(dir, `its RAM file is ${ramSize < 0 ? "missing" : `${ramSize} bytes`}, expected ${meta.files.ram.size}`);
   let stateBytes: Buffer;
   try {
-    stateBytes = await readFile(state);
+    stateBytes = await readFile(p.state);
   } catch {
     throw damaged(dir, "its device-state file is missing");
   }
@@ -122,7 +140,7 @@ export async function loadSnapshot(dir: string, hash?: string, inputs?: Snapshot
   if (rootfsSize !== meta.image.rootfsSize) {
     throw damaged(dir, `the root filesystem it was made on (${meta.image.rootfs}) is ${rootfsSize < 0 ? "gone" : "different"}`);
   }
-  return { dir, ram, state, meta };
+  return { ...p, meta };
 }
 
 function damaged(dir: string, why: string): ImageError {
@@ -131,296 +149,70 @@ function damaged(dir: string, why: string): ImageError {
   });
 }
 
-/** Which inputs differ (for logs: why a cached snapshot was not used). */
-export function explainDiff(a: SnapshotInputs | undefined, b: SnapshotInputs | undefined): string {
-  if (!a || !b) return "inputs changed";
-  const keys = Object.keys(a) as (keyof SnapshotInputs)[];
-  const changed = keys.filter((k) => stableJson(a[k]) !== stableJson(b[k]));
-  return changed.length ? `changed: ${changed.join(", ")}` : "no input changed";
-}
-
-export interface BakeRequest {
-  dir: string;
-  hash: string;
-  inputs: SnapshotInputs;
-  image: SnapshotMeta["image"];
-  memoryMib: number;
-  vcpus: number;
-  bootTimeoutMs?: number;
-  workload: WorkloadSpec | null;
-  /** Start the workload at bake and capture once it listens on `guestPort`. */
-  listenerRequired: boolean;
-  guestPort: number;
-}
-
 /**
- * Returns the snapshot in `dir` when it matches `hash`, and otherwise boots the image, captures
- * it and installs the snapshot there. Damaged snapshots are replaced.
+ * Finishes a snapshot directory whose `ram` and `state` are written: checks and fsyncs them,
+ * writes `meta.json` (everything but the file facts comes from `meta`) and returns the meta.
  */
-export async function ensureSnapshot(req: BakeRequest): Promise<{ snapshot: LoadedSnapshot; baked: boolean; handoff?: MicroVm }> {
-  const existing = await loadSnapshot(req.dir, req.hash, req.inputs).catch((err: unknown) => {
-    log("%s", (err as Error).message);
-    return undefined;
-  });
-  if (existing) return { snapshot: existing, baked: false };
-  const parent = dirname(req.dir);
-  await mkdir(parent, { recursive: true });
-  const release = await lockfile.lock(req.dir, {
-    realpath: false,
-    lockfilePath: `${req.dir}.lock`,
-    stale: 30_000,
-    update: 5_000,
-    retries: { retries: 600, factor: 1.2, minTimeout: 20, maxTimeout: 500 },
-  });
-  try {
-    const raced = await loadSnapshot(req.dir, req.hash).catch(() => undefined);
-    if (raced) return { snapshot: raced, baked: false };
-    await removeTemps(req.dir);
-    const tmp = `${req.dir}.tmp-${randomBytes(6).toString("hex")}`;
-    await mkdir(tmp);
-    try {
-      const { meta, handoff } = await bakeInto(tmp, req);
-      await rm(req.dir, { recursive: true, force: true });
-      await rename(tmp, req.dir);
-      await fsyncPath(parent);
-      const snapshot = { dir: req.dir, ram: join(req.dir, SNAPSHOT_FILES.ram), state: join(req.dir, SNAPSHOT_FILES.state), meta };
-      return { snapshot, baked: true, ...(handoff ? { handoff } : {}) };
-    } catch (err) {
-      await rm(tmp, { recursive: true, force: true });
-      throw err;
-    }
-  } finally {
-    await release().catch(() => {});
-  }
-}
-
-async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: SnapshotMeta; handoff: MicroVm | undefined }> {
-  const t0 = performance.now();
-  const ram = join(tmp, SNAPSHOT_FILES.ram);
-  const state = join(tmp, SNAPSHOT_FILES.state);
-  const vm = await MicroVm.launch({
-    rootfs: req.image.rootfs,
-    memoryMib: req.memoryMib,
-    vcpus: req.vcpus,
-    memoryFile: { path: ram, shared: true },
-    ...(req.bootTimeoutMs ? { bootTimeoutMs: req.bootTimeoutMs } : {}),
-  });
-  let handoff: MicroVm | undefined;
-  try {
-    await warmGuest(vm, req.image.config);
-    if (req.listenerRequired) {
-      if (!req.workload) {
-        throw new ImageError("IMAGE_NO_WORKLOAD", `${req.image.ref}: listenerRequired needs a workload, and the image has no ENTRYPOINT or CMD`, {
-          hint: "pass cmd: [...] to Image.build",
-        });
-      }
-      await startWorkload(vm, req.workload);
-      await waitListening(vm, req.guestPort, req.bootTimeoutMs ?? 60_000, req.image.ref);
-    }
-    await vm.snapshot(state);
-    handoff = await detachForHandoff(vm, ram);
-  } finally {
-    if (!handoff) await vm.kill();
-  }
-  try {
-    return { meta: await finishBake(tmp, req, t0), handoff };
-  } catch (err) {
-    await handoff?.kill();
-    throw err;
-  }
-}
-
-async function finishBake(tmp: string, req: BakeRequest, t0: number): Promise<SnapshotMeta> {
-  const ram = join(tmp, SNAPSHOT_FILES.ram);
-  const state = join(tmp, SNAPSHOT_FILES.state);
-  const stateBytes = await readFile(state);
-  if (stateBytes.length === 0) throw new EngineError("ENGINE_SNAPSHOT_EMPTY", `snapshot of ${req.image.ref}: QEMU wrote no device state`);
-  await fsyncPath(ram);
-  await fsyncPath(state);
-  const meta: SnapshotMeta = {
+export async function sealSnapshot(dir: string, meta: Omit<SnapshotMeta, "version" | "files">, what: string): Promise<SnapshotMeta> {
+  const p = paths(dir);
+  const stateBytes = await readFile(p.state);
+  if (stateBytes.length === 0) throw new EngineError("ENGINE_SNAPSHOT_EMPTY", `snapshot of ${what}: QEMU wrote no device state`);
+  await fsyncPath(p.ram);
+  await fsyncPath(p.state);
+  const full: SnapshotMeta = {
     version: META_VERSION,
-    hash: req.hash,
-    inputs: req.inputs,
-    image: req.image,
-    memoryMib: req.memoryMib,
-    vcpus: req.vcpus,
+    ...meta,
     files: {
-      ram: { size: statSync(ram).size },
+      ram: { size: statSync(p.ram).size },
       state: { size: stateBytes.length, sha256: createHash("sha256").update(stateBytes).digest("hex") },
     },
-    workload: req.workload,
-    workloadRunning: req.listenerRequired,
-    created: new Date().toISOString(),
-    bakeMs: Math.round(performance.now() - t0),
   };
-  await writeFileSynced(join(tmp, SNAPSHOT_FILES.meta), JSON.stringify(meta, null, 2) + "\n");
-  await fsyncPath(tmp);
-  log("baked %s in %d ms", req.image.ref, meta.bakeMs);
-  return meta;
+  await writeFileSynced(join(dir, SNAPSHOT_FILES.meta), JSON.stringify(full, null, 2) + "\n");
+  return full;
 }
 
 /**
- * Warm handoff: the baked VM goes on running, for the first VM a pool of this image needs.
- * Its RAM lives in the snapshot's RAM file, which it would keep writing to; so the paused VM
- * keeps that file (renamed away, then unlinked: its mapping stays) and the snapshot gets a
- * sparse copy made while the VM cannot change it. The resumed VM then gets a HELLO of its own:
- * the host's clock and fresh entropy, as every restored VM does. Failing that, no handoff.
+ * Returns the snapshot at `dir` when it matches `hash`; otherwise has `write` fill a fresh
+ * directory and publishes it there atomically (lock, temp, fsync, rename). A damaged snapshot
+ * is replaced.
  */
-async function detachForHandoff(vm: MicroVm, ram: string): Promise<MicroVm | undefined> {
-  const live = `${ram}.live`;
-  try {
-    await rename(ram, live);
-    await sparseCopy(live, ram);
-    await rm(live, { force: true });
-    await vm.qmp.execute("cont");
-    await vm.agent.hello({ entropy: randomBytes(64), timeoutMs: 10_000 });
-    return vm;
-  } catch (err) {
-    log("no warm handoff: %s", (err as Error).message);
-    if (existsSync(live)) {
-      await rm(ram, { force: true });
-      await rename(live, ram);
-    }
-    return undefined;
-  }
-}
-
-/** Copies `from` to `to`, leaving holes where `from` has all-zero blocks. */
-async function sparseCopy(from: string, to: string): Promise<void> {
-  const block = ZERO_BLOCK.length;
-  const src = await open(from, "r");
-  const dst = await open(to, "wx");
-  try {
-    const size = (await src.stat()).size;
-    const buf = Buffer.allocUnsafe(block);
-    for (let off = 0; off < size; off += block) {
-      const { bytesRead } = await src.read(buf, 0, Math.min(block, size - off), off);
-      const chunk = buf.subarray(0, bytesRead);
-      if (!isZero(chunk)) await dst.write(chunk, 0, bytesRead, off);
-    }
-    await dst.truncate(size);
-  } finally {
-    await src.close();
-    await dst.close();
-  }
-}
-
-const ZERO_BLOCK = Buffer.alloc(1 << 20);
-/** memcmp against a zero block: far cheaper than a loop in JavaScript. */
-function isZero(b: Buffer): boolean {
-  return b.length === ZERO_BLOCK.length ? b.equals(ZERO_BLOCK) : b.equals(ZERO_BLOCK.subarray(0, b.length));
-}
-
-/**
- * Runs the image's shell once before the capture, so that the snapshot's page cache already
- * holds the shell, the C library and the loader: a restored VM's first exec then reads nothing
- * from its (compressed) root disk. Images without a shell just skip it.
- */
-async function warmGuest(vm: MicroVm, config: ImageConfig): Promise<void> {
-  const env = config.env.some((e) => e.startsWith("PATH=")) ? config.env : [...config.env, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"];
-  for (const argv of [["sh", "-c", "true"], ["true"]]) {
-    try {
-      await vm.agent.exec({ argv, env, timeoutMs: 10_000 }).wait();
-    } catch (err) {
-      log("warm-up %s: %s", argv.join(" "), (err as Error).message);
-    }
-  }
-}
-
-/**
- * Captures a running VM (whose RAM is private, as in every restored VM) into a new snapshot
- * directory. Its RAM is not in any file, so the capture goes in two steps: a full migration
- * stream (RAM included) is written while the VM is paused, and the VM resumes; then a helper
- * QEMU loads that stream into a shared RAM file and is captured the usual way, RAM staying in
- * the file. The helper and the full stream are gone afterwards.
- */
-export async function captureRunning(vm: MicroVm, destDir: string, origin: SnapshotMeta): Promise<LoadedSnapshot> {
-  const t0 = performance.now();
-  await mkdir(dirname(destDir), { recursive: true });
-  const tmp = `${destDir}.tmp-${randomBytes(6).toString("hex")}`;
-  await mkdir(tmp);
-  try {
-    const full = join(tmp, "full-stream");
-    try {
-      await vm.snapshot(full, { includeRam: true });
-    } finally {
-      await vm.qmp.execute("cont").catch((e: Error) => log("resuming VM %d: %s", vm.pid, e.message));
-    }
-    const helper = await MicroVm.launch({
-      rootfs: origin.image.rootfs,
-      memoryMib: origin.memoryMib,
-      vcpus: origin.vcpus,
-      memoryFile: { path: join(tmp, SNAPSHOT_FILES.ram), shared: true },
-      incomingState: full,
-      incomingHasRam: true,
+export async function publishSnapshot(
+  dir: string,
+  hash: string,
+  inputs: SnapshotInputs | undefined,
+  write: (tmp: string) => Promise<SnapshotMeta>,
+  opts: { onWait?: () => void; signal?: AbortSignal } = {},
+): Promise<{ snapshot: LoadedSnapshot; created: boolean }> {
+  const check = () =>
+    loadSnapshot(dir, hash, inputs).catch((err: unknown) => {
+      log("%s", (err as Error).message);
+      return undefined;
     });
-    try {
-      await helper.snapshot(join(tmp, SNAPSHOT_FILES.state));
-    } finally {
-      await helper.kill();
-    }
-    await rm(full, { force: true });
-    const stateBytes = await readFile(join(tmp, SNAPSHOT_FILES.state));
-    await fsyncPath(join(tmp, SNAPSHOT_FILES.ram));
-    await fsyncPath(join(tmp, SNAPSHOT_FILES.state));
-    const meta: SnapshotMeta = {
-      ...origin,
-      // Not reproducible from inputs: a capture of one VM at one moment.
-      hash: `capture-${randomBytes(16).toString("hex")}`,
-      files: {
-        ram: { size: statSync(join(tmp, SNAPSHOT_FILES.ram)).size },
-        state: { size: stateBytes.length, sha256: createHash("sha256").update(stateBytes).digest("hex") },
-      },
-      // Whatever the VM was running is running in the capture.
-      workloadRunning: origin.workload !== null,
-      created: new Date().toISOString(),
-      bakeMs: Math.round(performance.now() - t0),
-    };
-    await writeFileSynced(join(tmp, SNAPSHOT_FILES.meta), JSON.stringify(meta, null, 2) + "\n");
-    await fsyncPath(tmp);
-    await rm(destDir, { recursive: true, force: true });
-    await rename(tmp, destDir);
-    await fsyncPath(dirname(destDir));
-    return { dir: destDir, ram: join(destDir, SNAPSHOT_FILES.ram), state: join(destDir, SNAPSHOT_FILES.state), meta };
-  } catch (err) {
-    await rm(tmp, { recursive: true, force: true });
-    throw err;
+  const r = await publish<LoadedSnapshot>({
+    target: dir,
+    kind: "dir",
+    what: `snapshot ${dir}`,
+    check,
+    write: async (tmp) => ({ ...paths(dir), meta: await write(tmp) }),
+    ...(opts.onWait ? { onWait: opts.onWait } : {}),
+    ...(opts.signal ? { signal: opts.signal } : {}),
+  });
+  return { snapshot: r.value, created: r.created };
+}
+
+/** Snapshot directories under `snapshotsDir` with their metadata (damaged ones are skipped). */
+export async function listSnapshots(snapshotsDir: string): Promise<LoadedSnapshot[]> {
+  let names: string[];
+  try {
+    names = await readdir(snapshotsDir);
+  } catch {
+    return [];
   }
-}
-
-/** Starts the workload in `vm` (the user is resolved against the guest's own files). */
-export async function startWorkload(vm: MicroVm, w: WorkloadSpec): Promise<number> {
-  const ids = w.user ? await resolveImageUser(vm.agent, w.user) : undefined;
-  return vm.agent.startWorkload({ argv: w.argv, env: w.env, cwd: w.cwd, ...ids });
-}
-
-/** Polls the guest's TCP tables until something listens on `port`. */
-async function waitListening(vm: MicroVm, port: number, timeoutMs: number, ref: string): Promise<void> {
-  const hex = `:${port.toString(16).toUpperCase().padStart(4, "0")}`;
-  const end = performance.now() + timeoutMs;
-  for (;;) {
-    for (const table of ["/proc/net/tcp", "/proc/net/tcp6"]) {
-      const text = (await vm.agent.readFile(table, 1 << 20).catch(() => Buffer.alloc(0))).toString();
-      // Columns: sl local_address rem_address st ...; st 0A is LISTEN.
-      if (text.split("\n").some((l) => l.trim().split(/\s+/)[1]?.endsWith(hex) && l.trim().split(/\s+/)[3] === "0A")) return;
-    }
-    if (performance.now() > end) {
-      throw new ImageError("IMAGE_LISTENER_TIMEOUT", `${ref}: the workload did not listen on port ${port} within ${timeoutMs} ms`, {
-        hint: "check guestPort, and the workload's output in the guest console log (DEBUG=supermachine:*)",
-      });
-    }
-    await new Promise((r) => setTimeout(r, 20));
+  const out: LoadedSnapshot[] = [];
+  for (const name of names.sort()) {
+    if (name.includes(".tmp-") || name.endsWith(".lock")) continue;
+    const snap = await loadSnapshot(join(snapshotsDir, name)).catch(() => undefined);
+    if (snap) out.push(snap);
   }
+  return out;
 }
-
-/** Removes temp directories of `dir` left by crashed bakes (the caller holds the lock). */
-async function removeTemps(dir: string): Promise<void> {
-  const prefix = `${basename(dir)}.tmp-`;
-  const parent = dirname(dir);
-  if (!existsSync(parent)) return;
-  for (const name of readdirSync(parent)) {
-    if (name.startsWith(prefix)) await rm(join(parent, name), { recursive: true, force: true });
-  }
-}
-
-

@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import tar from "tar-stream";
-import type { LayerBlob } from "../../src/image/oci-layout.js";
+import type { LayerBlob } from "../../src/oci/oci-layout.js";
 
 export interface TestEntry {
   name: string;

@@ -1,8 +1,8 @@
 import { readFileSync } from "node:fs";
 import { delimiter } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { BlobStore } from "../../src/image/blob-store.js";
-import { parseDockerRef } from "../../src/image/docker-ref.js";
+import { BlobStore } from "../../src/oci/blob-store.js";
+import { parseDockerRef } from "../../src/oci/docker-ref.js";
 import { clearTokenCache, pullImage, resolveDigest } from "../../src/registry/index.js";
 import {
   tempStore,

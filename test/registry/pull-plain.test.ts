@@ -1,9 +1,9 @@
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { BlobStore } from "../../src/image/blob-store.js";
-import { parseDockerRef } from "../../src/image/docker-ref.js";
-import { TARGET_PLATFORM } from "../../src/image/oci-layout.js";
+import { BlobStore } from "../../src/oci/blob-store.js";
+import { parseDockerRef } from "../../src/oci/docker-ref.js";
+import { TARGET_PLATFORM } from "../../src/oci/oci-layout.js";
 import { pullImage, resolveDigest, type PullProgress } from "../../src/registry/index.js";
 import { cleanupTemps, corruptBlobs, fixtures, freePort, removeDir, startRegistry, tempDir, tempStore, type Fixtures, type Registry } from "./harness.js";
 

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { parseDockerRef } from "../../src/image/docker-ref.js";
+import { parseDockerRef } from "../../src/oci/docker-ref.js";
 
 const D = "sha256:" + "ab".repeat(32);
 

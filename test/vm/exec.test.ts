@@ -21,7 +21,9 @@ afterAll(async () => {
 describe("exec on a busybox microVM", () => {
   it("runs commands and returns their output and exit codes", async () => {
     const hello = await vm.exec({ argv: ["echo", "hello from supermachine"] });
-    expect(hello).toEqual({ stdout: Buffer.from("hello from supermachine\n"), stderr: Buffer.alloc(0), exitCode: 0 });
+    expect(hello).toMatchObject({ stdout: Buffer.from("hello from supermachine\n"), stderr: Buffer.alloc(0), exitCode: 0, timedOut: false, signal: null });
+    expect(hello.durationMs).toBeGreaterThan(0);
+    expect(hello.durationMs).toBeLessThan(5_000);
 
     const uname = await vm.exec({ argv: ["uname", "-sm"] });
     expect(uname.stdout.toString()).toBe("Linux x86_64\n");
@@ -66,7 +68,7 @@ describe("exec on a busybox microVM", () => {
       argv: ["sh", "-c", "sleep 30 & echo $! > /tmp/bg.pid; echo started; sleep 30"],
       timeoutMs: 1_500,
     });
-    expect(r.exitCode).toBe(-1);
+    expect(r).toMatchObject({ exitCode: -1, timedOut: true, signal: "SIGKILL" });
     expect(r.stdout.toString()).toBe("started\n");
     expect(Date.now() - t0).toBeLessThan(10_000);
     // The background sleep was in the same process group: it is gone too.
@@ -81,6 +83,46 @@ describe("exec on a busybox microVM", () => {
       stageFilesMode: [{ path: "/work/run.sh", bytes: Buffer.from("#!/bin/sh\necho script ran\n"), mode: 0o755 }],
     });
     expect(r.stdout.toString()).toBe("staged\nscript ran\n644\n755\n");
+  });
+
+  it("tells a kill by signal from an exit and from a timeout", async () => {
+    const killed = await vm.exec({ argv: ["sh", "-c", "kill -TERM $$; sleep 5"] });
+    expect(killed).toMatchObject({ exitCode: -1, timedOut: false, signal: "SIGTERM" });
+    const exited = await vm.exec({ argv: ["sh", "-c", "exit 7"] });
+    expect(exited).toMatchObject({ exitCode: 7, timedOut: false, signal: null });
+  });
+
+  it("runs chain only after a zero exit, in one round trip", async () => {
+    const agent = vm.machine.agent;
+    const sent: number[] = [];
+    const orig = agent.exec.bind(agent);
+    agent.exec = (req, opts) => (sent.push(req.argv.length), orig(req, opts));
+    try {
+      const ok = await vm.exec({ argv: ["sh", "-c", "echo first; echo e1 >&2"], chain: ["sh", "-c", "echo second; exit 4"] });
+      expect(ok.stdout.toString()).toBe("first\nsecond\n");
+      expect(ok.stderr.toString()).toBe("e1\n");
+      expect(ok.exitCode).toBe(4);
+      const skipped = await vm.exec({ argv: ["sh", "-c", "echo only; exit 3"], chain: ["echo", "never"] });
+      expect(skipped.stdout.toString()).toBe("only\n");
+      expect(skipped.exitCode).toBe(3);
+      const missing = await vm.exec({ argv: ["true"], chain: ["no-such-chained-cmd"] });
+      expect(missing.exitCode).toBe(127);
+      expect(missing.stderr.toString()).toContain("no-such-chained-cmd");
+      // Each exec, chain included, was one EXEC request.
+      expect(sent).toEqual([3, 3, 1]);
+    } finally {
+      agent.exec = orig;
+    }
+  });
+
+  it("runs on a terminal with tty: stdout and stderr merged, the size as asked", async () => {
+    const r = await vm.exec({ argv: ["sh", "-c", "tty; stty size; echo to-stderr >&2"], tty: true, winsize: { cols: 123, rows: 45 } });
+    const text = r.stdout.toString();
+    expect(text).toMatch(/^\/dev\/pts\/\d+\r\n45 123\r\nto-stderr\r\n$/);
+    expect(r.stderr.length).toBe(0);
+    expect(r.exitCode).toBe(0);
+    const plain = await vm.exec({ argv: ["sh", "-c", "tty"] });
+    expect(plain.stdout.toString()).toBe("not a tty\n");
   });
 
   it("runs many execs concurrently on one VM", async () => {

@@ -29,7 +29,7 @@ beforeAll(async () => {
   spec = { rootfs: image.rootfsPath, memoryMib: 256, vcpus: 1 };
   const vm = await MicroVm.launch({ ...spec, memoryFile: { path: ram, shared: true } });
   await run(vm, "echo written-before-snapshot > /tmp/marker");
-  await vm.snapshot(state);
+  await vm.capture(state);
   await vm.kill();
 });
 

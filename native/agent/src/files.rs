@@ -84,6 +84,12 @@ impl Writer {
                     .recursive(true)
                     .mode(0o755)
                     .create(parent)
+                    // EEXIST here means the parent exists but is not a directory (a file where a
+                    // directory should be): for the caller that is ENOTDIR, as open(2) says.
+                    .map_err(|e| match e.raw_os_error() {
+                        Some(libc::EEXIST) => io::Error::from_raw_os_error(libc::ENOTDIR),
+                        _ => e,
+                    })
                     .map_err(os("cannot create directory", parent))?;
             }
         }

@@ -659,6 +659,12 @@ fn stream_errors_carry_errno() {
     c.send(WRITE_FILE, 0, id, &Fields::new().bytes(1, path.as_bytes()).finish());
     let o = c.wait(id);
     assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(20)), "{:?}", o.error);
+    // The file is the direct parent: ENOTDIR too (mkdir -p alone would say EEXIST).
+    let id = c.id();
+    let path = format!("{}/f", file.display());
+    c.send(WRITE_FILE, 0, id, &Fields::new().bytes(1, path.as_bytes()).finish());
+    let o = c.wait(id);
+    assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(20)), "{:?}", o.error);
     // A malformed request has no errno.
     let id = c.id();
     c.send(READ_FILE, 0, id, &[]);

@@ -40,15 +40,8 @@ const LAYER_TYPES = new Set<string>([
 export const TARGET_PLATFORM = { os: "linux", architecture: process.arch === "arm64" ? "arm64" : "amd64" } as const;
 
 /** The parts of an image config that matter for running a container. */
-export interface ImageConfig {
-  env: string[];
-  entrypoint?: string[];
-  cmd?: string[];
-  workingDir?: string;
-  user?: string;
-  exposedPorts: string[];
-  labels: Record<string, string>;
-}
+import type { ImageConfig } from "../spec/image.js";
+export type { ImageConfig };
 
 export interface LayerDescriptor {
   digest: string;

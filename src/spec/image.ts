@@ -1,0 +1,45 @@
+/**
+ * Shapes shared by the image, registry, store and runtime layers (pure types, no code): an
+ * image's config as supermachine keeps it, and the progress events of a build.
+ */
+
+/** The parts of an OCI image config that supermachine uses. */
+export interface ImageConfig {
+  env: string[];
+  entrypoint?: string[];
+  cmd?: string[];
+  workingDir?: string;
+  user?: string;
+  exposedPorts: string[];
+  labels: Record<string, string>;
+}
+
+/** Progress of a registry pull. */
+export type PullProgress =
+  | { type: "manifest"; ref: string }
+  | { type: "config"; digest: string; cached: boolean }
+  | { type: "layer"; digest: string; index: number; count: number; bytes: number; total: number; cached: boolean }
+  | { type: "done"; bytes: number };
+
+/** Progress of resolving an image into a root filesystem. */
+export type ImageProgress =
+  | { phase: "cached" }
+  | { phase: "waiting-for-lock" }
+  | { phase: "pull"; event: PullProgress }
+  | { phase: "import"; file: string }
+  | { phase: "scan-layer" | "copy-layer"; layer: number; layers: number; digest: string }
+  | { phase: "squashfs" }
+  | { phase: "done"; durationMs: number; sizeBytes: number };
+
+/** Steps of a bake, in order. */
+export type BakeStep = "boot" | "extra-files" | "warmup" | "listener" | "capture" | "handoff";
+
+/** Progress of baking a snapshot. */
+export type BakeProgress =
+  | { phase: "bake-cached"; snapshot: string }
+  | { phase: "bake-waiting-for-lock"; snapshot: string }
+  | { phase: "bake"; step: BakeStep; snapshot: string }
+  | { phase: "bake-done"; snapshot: string; durationMs: number };
+
+/** Everything `Image.build`'s `onProgress` receives. */
+export type BuildProgress = ImageProgress | BakeProgress;

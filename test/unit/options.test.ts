@@ -1,0 +1,112 @@
+// The option schemas (src/spec): every bad input is refused with a stable code, a message naming
+// the call, the option and the value, and a hint, before anything reaches a guest.
+import { describe, expect, it } from "vitest";
+import { buildSchema, execSchema, poolSchema, spawnSchema, readFileSchema } from "../../src/spec/options.js";
+import { parseOptions } from "../../src/spec/parse.js";
+import { OptionError } from "../../src/errors.js";
+
+function refused(fn: () => unknown): OptionError {
+  try {
+    fn();
+  } catch (e) {
+    expect(e).toBeInstanceOf(OptionError);
+    return e as OptionError;
+  }
+  throw new Error("expected an OptionError");
+}
+
+const exec = (o: unknown) => parseOptions("vm.exec", execSchema, o);
+
+describe("exec options", () => {
+  it("fills the seed's defaults", () => {
+    const o = exec({ argv: ["echo", "hi"] });
+    expect(o).toMatchObject({ argv: ["echo", "hi"], timeoutMs: 60_000, env: {}, tty: false, files: [] });
+  });
+
+  it("refuses an unknown option with the accepted ones in the hint", () => {
+    const e = refused(() => exec({ argv: ["x"], timeout: 5 }));
+    expect(e.code).toBe("OPTION_UNKNOWN");
+    expect(e.message).toContain('"timeout"');
+    expect(e.hint).toContain('"timeoutMs"');
+    expect(e.hint).toContain('"winsize"');
+  });
+
+  it("refuses an empty argv, a non-string entry, an empty program and NUL bytes", () => {
+    expect(refused(() => exec({ argv: [] })).message).toMatch(/vm\.exec: argv must not be empty/);
+    const e = refused(() => exec({ argv: ["echo", 3] }));
+    expect(e.code).toBe("OPTION_INVALID");
+    expect(e.message).toBe("vm.exec: argv[1] must be a string, got 3");
+    expect(refused(() => exec({ argv: [""] })).message).toMatch(/argv\[0\] is empty/);
+    expect(refused(() => exec({ argv: ["a\0b"] })).message).toMatch(/argv\[0\] must not contain a NUL byte/);
+    expect(refused(() => exec({})).code).toBe("OPTION_MISSING");
+    expect(refused(() => exec("echo")).message).toMatch(/options must be an object, got "echo"/);
+  });
+
+  it("refuses relative and non-normalised guest paths in stageFiles", () => {
+    for (const bad of ["tmp/x", "/tmp/../etc/x", "/tmp//x", "/tmp/x/", "/tmp/./x", "/"]) {
+      const e = refused(() => exec({ argv: ["true"], stageFiles: { [bad]: Buffer.from("x") } }));
+      expect(e.message).toContain(JSON.stringify(bad));
+      expect(e.message).toContain("absolute, normalised guest path");
+    }
+    const e = refused(() => exec({ argv: ["true"], stageFilesMode: [{ path: "rel", bytes: Buffer.alloc(1), mode: 0o755 }] }));
+    expect(e.message).toContain("stageFilesMode[0].path");
+    const m = refused(() => exec({ argv: ["true"], stageFilesMode: [{ path: "/x", bytes: Buffer.alloc(1), mode: 0o10000 }] }));
+    expect(m.message).toContain("stageFilesMode[0].mode must be an integer from 0 to 4095");
+  });
+
+  it("refuses staged files over the 4 MiB cap with their own code", () => {
+    const e = refused(() => exec({ argv: ["true"], stageFiles: { "/big": Buffer.alloc(4 * 1024 * 1024 + 1) } }));
+    expect(e.code).toBe("OPTION_FILE_TOO_LARGE");
+    expect(e.message).toContain("Buffer(4194305)");
+  });
+
+  it("refuses winsize without tty, and bad sizes", () => {
+    const e = refused(() => exec({ argv: ["true"], winsize: { cols: 80, rows: 24 } }));
+    expect(e.message).toBe('vm.exec: winsize needs tty: true (a size is only for a terminal), got {"cols":80,"rows":24}');
+    expect(refused(() => exec({ argv: ["true"], tty: true, winsize: { cols: 0, rows: 24 } })).message).toContain("winsize.cols");
+    expect(exec({ argv: ["true"], tty: true, winsize: { cols: 100, rows: 30 } }).winsize).toEqual({ cols: 100, rows: 30 });
+  });
+
+  it("checks chain, env, cwd and signal", () => {
+    expect(refused(() => exec({ argv: ["true"], chain: [] })).message).toContain("chain must not be empty");
+    expect(refused(() => exec({ argv: ["true"], env: { "A=B": "x" } })).message).toContain("not a valid environment variable name");
+    expect(refused(() => exec({ argv: ["true"], env: { A: 1 } })).message).toContain("env.A must be a string");
+    expect(refused(() => exec({ argv: ["true"], cwd: "tmp" })).message).toContain("cwd must be an absolute");
+    expect(refused(() => exec({ argv: ["true"], signal: {} })).message).toContain("signal must be an AbortSignal");
+    expect(exec({ argv: ["true"], cwd: "/" }).cwd).toBe("/");
+  });
+
+  it("gives spawn no default timeout", () => {
+    expect(parseOptions("vm.spawn", spawnSchema, { argv: ["cat"] }).timeoutMs).toBeUndefined();
+  });
+});
+
+describe("build and pool options", () => {
+  it("fills defaults and refuses bad values", () => {
+    const b = parseOptions("Image.build", buildSchema, { ref: " builtin:busybox " });
+    expect(b).toMatchObject({ ref: "builtin:busybox", memoryMib: 256, vcpus: 1, pullPolicy: "missing", guestPort: 80, warmupTag: "default", extraFiles: [] });
+    const p = refused(() => parseOptions("Image.build", buildSchema, { ref: "x", pullPolicy: "sometimes" }));
+    expect(p.hint).toBe('accepted values: "always", "missing", "never"');
+    expect(refused(() => parseOptions("Image.build", buildSchema, { ref: "x", guestPort: 70000 })).message).toContain("guestPort must be an integer from 1 to 65535");
+    expect(refused(() => parseOptions("Image.build", buildSchema, { ref: "x", warmup: "python3 -c 1" })).message).toContain("warmup must be a function");
+    const ef = refused(() => parseOptions("Image.build", buildSchema, { ref: "x", extraFiles: [{ hostPath: "./a", guestPath: "etc/a" }] }));
+    expect(ef.message).toContain("extraFiles[0].guestPath");
+    const dup = refused(() =>
+      parseOptions("Image.build", buildSchema, { ref: "x", extraFiles: [{ hostPath: "./a", guestPath: "/a" }, { hostPath: "./b", guestPath: "/a" }] }),
+    );
+    expect(dup.message).toContain("extraFiles[1].guestPath appears twice");
+    const unk = refused(() => parseOptions("Image.build", buildSchema, { ref: "x", extraFiles: [{ hostPath: "./a", guestPath: "/a", owner: 0 }] }));
+    expect(unk.code).toBe("OPTION_UNKNOWN");
+    expect(unk.hint).toBe('accepted options of extraFiles[0]: "hostPath", "guestPath", "mode"');
+  });
+
+  it("pool: min over max is refused; max follows min", () => {
+    expect(parseOptions("image.pool", poolSchema, { min: 3 }).max).toBe(3);
+    expect(refused(() => parseOptions("image.pool", poolSchema, { min: 5, max: 2 })).message).toContain("min is larger than max (2), got 5");
+  });
+
+  it("files: the 4 MiB default is configurable", () => {
+    expect(parseOptions("vm.readFile", readFileSchema, {}).maxBytes).toBe(4 * 1024 * 1024);
+    expect(parseOptions("vm.readFile", readFileSchema, { maxBytes: 10 }).maxBytes).toBe(10);
+  });
+});

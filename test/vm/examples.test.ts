@@ -1,0 +1,152 @@
+// Runs every example in examples/ the way a user does (`node examples/<file>` from the repo root,
+// with this process's environment) and checks that it exits 0, prints what it should, and leaves
+// no QEMU process and no temp directory behind. Files starting with "_" are helpers, not
+// examples. Every example needs an entry in EXPECTED: a new one without it fails.
+import { spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { readdirSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { describe, expect, it } from "vitest";
+import { qemuPids, waitFor } from "../helpers.js";
+
+const ROOT = fileURLToPath(new URL("../..", import.meta.url));
+const EXAMPLES = join(ROOT, "examples");
+/** Per example: the first run bakes its snapshots, and the python image may need building (~30 s). */
+const RUN_TIMEOUT_MS = 300_000;
+/** The prefix the examples give their temp directories. */
+const TEMP_PREFIX = "supermachine-example-";
+
+/** What each example's stdout must contain (strings) or match (regular expressions). */
+const EXPECTED: Record<string, (string | RegExp)[]> = {
+  "01-hello.mjs": ["exit 0: hello from supermachine"],
+  "02-pool.mjs": [
+    "pool ready: alive 2, in use 0, idle 2, waiting 0 (min 2, max 4)",
+    "4 acquired: alive 4, in use 4, idle 0, waiting 0 (min 2, max 4)",
+    /task 1 was here \(QEMU pid \d+\)/,
+    /task 4 was here \(QEMU pid \d+\)/,
+    "next acquire: no /tmp/leftover: a clean VM",
+  ],
+  "03-snapshot-then-restore.mjs": [/snapshot saved: \S+configured-vm\n/, "  notes: written before the snapshot\n", "  answer: 42\n"],
+  "04-expose-tcp.mjs": [
+    /guest port 8080 is at http:\/\/127\.0\.0\.1:\d+\//,
+    "GET /index.html -> 200 OK, text/html",
+    "body: <h1>hello from inside the VM</h1>",
+    "GET /nope.html -> 404",
+  ],
+  "05-spawn-streaming.mjs": [
+    // Five ticks, the last one at least 600 ms after the first: streamed, not collected.
+    /\+ *(\d+) ms {2}tick 1\n(?:.*\n){3}.*\+ *(?:[7-9]\d\d|\d{4,}) ms {2}tick 5\n/,
+    /exit 0 after \d+ ms in the guest/,
+    'sent "hello", got "HELLO"',
+    'sent "streaming stdin", got "STREAMING STDIN"',
+    'after closeStdin: "bye", exit 0',
+    "stty size with winsize { cols: 100, rows: 30 }: 30 100",
+    "stty size after resize(132, 43): 43 132",
+  ],
+  "pattern-1-one-shot-exec.mjs": [
+    /sum-of-squares +ok: 285\n/,
+    /reads-env +ok: home is/,
+    /tampers +ok: deleted python3\n/,
+    /checks-python +ok: python3 still there: True\n/,
+    /crashes +failed, exit 1: ValueError: bad candidate\n/,
+    /never-ends +timed out after 5 s \(killed\)\n/,
+    "6 candidates in",
+  ],
+  "pattern-2-agent-runtime.mjs": [
+    /image ready in \d+ ms: (baked, warmup ran|snapshot cached, warmup skipped)\n/,
+    "task 1: exit 0\n  n=5 min=1 max=5 mean=2.80\n",
+    "task 2: exit 0\n  n=4 min=1 max=8 mean=4.50\n",
+    "task 3: exit 0\n  n=6 min=0 max=8 mean=3.17\n",
+    /(byte-compiled at warmup: True\n {2}scratch from an earlier task: False\n[\s\S]*){3}/,
+  ],
+  "pattern-3-persistent-service.mjs": [
+    // Two VMs, the same page: written once when the workload started at bake time.
+    /VM with QEMU pid \d+: 200 "(started \d\d:\d\d:\d\d UTC, instance [0-9a-f]{8})" .*\nVM with QEMU pid \d+: 200 "\1" /,
+    "same page in both VMs",
+  ],
+  "pattern-4-resource-files.mjs": [
+    "  guest says: hello from a baked-in script\n",
+    "  files unchanged: same inputHash, the snapshot is reused\n",
+    "  app.conf edited: new inputHash, a new snapshot was baked\n",
+    "  guest says: bonjour from a baked-in script\n",
+  ],
+};
+
+const examples = readdirSync(EXAMPLES)
+  .filter((f) => /\.(mjs|cjs|js)$/.test(f) && !f.startsWith("_"))
+  .sort();
+
+const tempDirs = () => new Set(readdirSync(tmpdir()).filter((e) => e.startsWith(TEMP_PREFIX)));
+
+/** QEMU processes started with `marker` in their environment. */
+function qemuWithMarker(marker: string): number[] {
+  return qemuPids().filter((pid) => {
+    try {
+      return readFileSync(`/proc/${pid}/environ`, "latin1").split("\0").includes(marker);
+    } catch {
+      return false; // gone meanwhile
+    }
+  });
+}
+
+interface Run {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  ms: number;
+}
+
+function runExample(file: string, marker: string): Promise<Run> {
+  const t0 = Date.now();
+  return new Promise((resolve, reject) => {
+    const [key, value] = marker.split("=") as [string, string];
+    const child = spawn(process.execPath, [join("examples", file)], {
+      cwd: ROOT,
+      env: { ...process.env, [key]: value },
+      stdio: ["ignore", "pipe", "pipe"],
+      timeout: RUN_TIMEOUT_MS,
+      killSignal: "SIGKILL",
+    });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on("data", (c: Buffer) => out.push(c));
+    child.stderr.on("data", (c: Buffer) => err.push(c));
+    child.on("error", reject);
+    child.on("close", (code, signal) =>
+      resolve({ code, signal, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString(), ms: Date.now() - t0 }),
+    );
+  });
+}
+
+describe("examples", () => {
+  it("finds the examples, and every one has an expected-output entry", () => {
+    expect(examples).toContain("01-hello.mjs");
+    expect(examples.filter((f) => !(f in EXPECTED)), "examples without an EXPECTED entry").toEqual([]);
+    expect(Object.keys(EXPECTED).filter((f) => !examples.includes(f)), "EXPECTED entries without an example").toEqual([]);
+  });
+
+  for (const file of examples) {
+    it(
+      `${file} runs, prints what it should and cleans up`,
+      async () => {
+        const marker = `SUPERMACHINE_EXAMPLE_RUN=${file}-${randomBytes(4).toString("hex")}`;
+        const tempsBefore = tempDirs();
+        const r = await runExample(file, marker);
+        const report = `node examples/${file}: exit ${r.code ?? r.signal} after ${r.ms} ms\n--- stdout\n${r.stdout}--- stderr\n${r.stderr}`;
+        expect(r.code, report).toBe(0);
+        for (const want of EXPECTED[file] ?? []) {
+          if (typeof want === "string") expect(r.stdout, report).toContain(want);
+          else expect(r.stdout, report).toMatch(want);
+        }
+        // QEMU dies with its owner; give the kernel a moment to deliver that.
+        expect(await waitFor(() => qemuWithMarker(marker).length === 0, 5_000, 100), `QEMU processes left by ${file}`).toBe(true);
+        const leftover = [...tempDirs()].filter((d) => !tempsBefore.has(d));
+        expect(leftover, `temp dirs left by ${file}`).toEqual([]);
+      },
+      RUN_TIMEOUT_MS + 20_000,
+    );
+  }
+});
