@@ -28,6 +28,7 @@ const { values } = parseArgs({ options: { json: { type: "boolean" }, quick: { ty
 const quick = values.quick ?? false;
 const results: Record<string, Metric> = {};
 const progress = (m: string) => process.stderr.write(`[bench] ${m}\n`);
+const MiB = 1024 * 1024;
 
 function quantile(sorted: number[], q: number): number {
   if (sorted.length === 0) return NaN;
@@ -199,8 +200,6 @@ async function bakeBenchmarks(): Promise<void> {
     rmSync(dir, { recursive: true, force: true });
   }
 }
-
-const MiB = 1024 * 1024;
 
 /**
  * Streaming throughput through the agent channel: a 64 MiB guest file `cat` to stdout and read
