@@ -13,8 +13,8 @@
 
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
-import { homedir } from "node:os";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { homedir, tmpdir } from "node:os";
 import { dirname, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -212,9 +212,9 @@ async function ensureArtifact(kind, key, files, build, expect) {
   }
 }
 
-function buildWith(script) {
+function buildWith(script, extraEnv = () => ({})) {
   return (out) => {
-    const r = spawnSync("bash", [join(root, script), out], { stdio: ["ignore", "ignore", "inherit"], cwd: root, env: buildEnv });
+    const r = spawnSync("bash", [join(root, script), out], { stdio: ["ignore", "ignore", "inherit"], cwd: root, env: { ...buildEnv, ...extraEnv() } });
     if (r.status !== 0) fail(`${script} failed (exit ${r.status ?? r.signal})`, `see the output above; logs are in ${out}`);
   };
 }
@@ -230,7 +230,23 @@ async function ensureAgent() {
   const a = join(root, "native", "agent");
   const rustc = spawnSync("rustc", ["--version"], { encoding: "utf8", env: buildEnv }).stdout?.trim() ?? "";
   const key = sha256(hashTree(a, (p) => p.endsWith("/target")), rustc).slice(0, 16);
-  const dir = await ensureArtifact("agent", key, ["initramfs.cpio", "supermachine-agent"], buildWith("native/agent/build.sh"), "under a minute");
+  // A cargo target directory of its own for each build: one shared between checkouts can hand
+  // a binary of another checkout's sources to this key (cargo judged it fresh by mtimes).
+  let target;
+  const build = buildWith("native/agent/build.sh", () => ({ CARGO_TARGET_DIR: (target = mkdtempSync(join(tmpdir(), "supermachine-agent-target-"))) }));
+  let dir;
+  try {
+    dir = await ensureArtifact("agent", key, ["initramfs.cpio", "supermachine-agent"], build, "under a minute");
+  } finally {
+    if (target) rmSync(target, { recursive: true, force: true });
+  }
+  // The binary must be the one these sources make: it reports the protocol version they define.
+  const proto = /pub const VERSION: u16 = (\d+);/.exec(readFileSync(join(a, "src", "proto.rs"), "utf8"))?.[1];
+  const reported = spawnSync(join(dir, "supermachine-agent"), ["--version"], { encoding: "utf8" }).stdout ?? "";
+  if (proto && !reported.includes(`(protocol ${proto})`)) {
+    rmSync(dir, { recursive: true, force: true });
+    fail(`the agent built for key ${key} reports "${reported.trim()}", but its sources define protocol ${proto}`, "run npm run setup again (the cached build was removed)");
+  }
   const cargo = readFileSync(join(a, "Cargo.toml"), "utf8");
   const agentVersion = /^version\s*=\s*"([^"]+)"/m.exec(cargo)?.[1] ?? "unknown";
   return { initramfs: join(dir, "initramfs.cpio"), agentBinary: join(dir, "supermachine-agent"), agentKey: key, agentVersion };

@@ -2,6 +2,8 @@ import { execFileSync, spawnSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { gunzipSync } from "node:zlib";
+import { afterAll, beforeAll } from "vitest";
+import { Image, type Pool, type PoolOptions, type Vm } from "../src/index.js";
 import { homePaths } from "../src/paths.js";
 
 /** Pids of qemu-system processes currently on the machine. */
@@ -37,4 +39,29 @@ export function busyboxLayer(): Buffer {
   const index = JSON.parse(readFileSync(join(layout, "index.json"), "utf8")) as { manifests: { digest: string }[] };
   const manifest = JSON.parse(blob(index.manifests[0]!.digest).toString()) as { layers: { digest: string }[] };
   return gunzipSync(blob(manifest.layers[0]!.digest));
+}
+
+/**
+ * Registers hooks that bake the built-in busybox image, open a pool and acquire one VM before
+ * the file's tests, and shut the pool down after them. Read `ctx.vm` / `ctx.pool` inside tests.
+ */
+export function useBusyboxVm(poolOptions: PoolOptions = { min: 1, max: 1 }): { readonly vm: Vm; readonly pool: Pool } {
+  let pool: Pool | undefined;
+  let vm: Vm | undefined;
+  beforeAll(async () => {
+    const image = await Image.build({ ref: "builtin:busybox" });
+    pool = await image.pool(poolOptions);
+    vm = await pool.acquire();
+  });
+  afterAll(async () => {
+    await pool?.shutdown();
+  });
+  return {
+    get vm() {
+      return vm!;
+    },
+    get pool() {
+      return pool!;
+    },
+  };
 }

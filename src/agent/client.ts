@@ -35,6 +35,20 @@ import {
 
 const log = logger("agent");
 
+/** A promise with its settle functions; settles once, and never counts as unhandled. */
+class Deferred<T> {
+  readonly promise: Promise<T>;
+  resolve!: (v: T) => void;
+  reject!: (e: Error) => void;
+  constructor() {
+    this.promise = new Promise<T>((res, rej) => {
+      this.resolve = res;
+      this.reject = rej;
+    });
+    this.promise.catch(() => {});
+  }
+}
+
 export interface HelloInfo {
   version: number;
   agentVersion: string;
@@ -188,6 +202,12 @@ class SendWindow {
     this.credit -= n;
     return n;
   }
+  /** Takes `n` bytes of credit if that much is there (the fast path: no await). */
+  tryTake(n: number): boolean {
+    if (this.credit < n) return false;
+    this.credit -= n;
+    return true;
+  }
   wake(): void {
     this.grant(0);
   }
@@ -214,12 +234,8 @@ export class ExecStream extends StreamOp {
   pid: number | undefined;
   private exitInfo: ExitInfo | undefined;
   private error: Error | undefined;
-  private readonly done: Promise<ExitInfo>;
-  private resolveDone!: (e: ExitInfo) => void;
-  private rejectDone!: (e: Error) => void;
-  /** Resolves once the process runs (STARTED) or ended without starting (EXIT); rejects on error. */
-  readonly started: Promise<void>;
-  private settleStarted!: (err?: Error) => void;
+  private readonly done = new Deferred<ExitInfo>();
+  private readonly start = new Deferred<void>();
   private readonly recvWindow: Array<RecvWindow | undefined>;
   private readonly stdinWindow = new SendWindow();
   private stdinClosed = false;
@@ -234,25 +250,15 @@ export class ExecStream extends StreamOp {
   ) {
     super(client, id);
     this.recvWindow = [undefined, new RecvWindow("exec", id), new RecvWindow("exec", id)];
-    this.done = new Promise((res, rej) => {
-      this.resolveDone = res;
-      this.rejectDone = rej;
-    });
-    this.done.catch(() => {});
-    this.started = new Promise<void>((res, rej) => {
-      let settled = false;
-      this.settleStarted = (err) => {
-        if (settled) return;
-        settled = true;
-        if (err) rej(err);
-        else res();
-      };
-    });
-    this.started.catch(() => {});
+  }
+
+  /** Resolves once the process runs (STARTED) or ended without starting (EXIT); rejects on error. */
+  get started(): Promise<void> {
+    return this.start.promise;
   }
 
   wait(): Promise<ExitInfo> {
-    return this.done;
+    return this.done.promise;
   }
 
   get exit(): ExitInfo | undefined {
@@ -268,7 +274,7 @@ export class ExecStream extends StreamOp {
     switch (frame.type) {
       case Msg.STARTED:
         this.pid = new Fields(frame.payload, "STARTED").u32(Tag.started.pid);
-        this.settleStarted();
+        this.start.resolve();
         return;
       case Msg.DATA: {
         const ch = this.checkData(frame, this.recvWindow, `exec stream ${this.id}`);
@@ -300,8 +306,8 @@ export class ExecStream extends StreamOp {
         };
         this.end();
         this.stdinWindow.wake();
-        this.settleStarted();
-        this.resolveDone(this.exitInfo);
+        this.start.resolve();
+        this.done.resolve(this.exitInfo);
         return;
       }
       case Msg.STREAM_ERROR: {
@@ -358,8 +364,8 @@ export class ExecStream extends StreamOp {
     this.error = err;
     this.ended = true;
     this.stdinWindow.wake();
-    this.settleStarted(err);
-    this.rejectDone(err);
+    this.start.reject(err);
+    this.done.reject(err);
   }
 }
 
@@ -370,11 +376,8 @@ export class ExecStream extends StreamOp {
  * directions have ended (OK) or the stream failed.
  */
 export class TcpStream extends StreamOp {
-  readonly connected: Promise<void>;
-  readonly done: Promise<void>;
-  private settleConnected!: (err?: Error) => void;
-  private resolveDone!: () => void;
-  private rejectDone!: (e: Error) => void;
+  private readonly connect = new Deferred<void>();
+  private readonly finish = new Deferred<void>();
   private readonly recvWindow: Array<RecvWindow | undefined>;
   private readonly sendWin = new SendWindow();
   private error: Error | undefined;
@@ -386,21 +389,16 @@ export class TcpStream extends StreamOp {
   constructor(client: AgentClient, id: number) {
     super(client, id);
     this.recvWindow = [undefined, new RecvWindow("tcp", id)];
-    this.connected = new Promise<void>((res, rej) => {
-      let settled = false;
-      this.settleConnected = (err) => {
-        if (settled) return;
-        settled = true;
-        if (err) rej(err);
-        else res();
-      };
-    });
-    this.connected.catch(() => {});
-    this.done = new Promise<void>((res, rej) => {
-      this.resolveDone = res;
-      this.rejectDone = rej;
-    });
-    this.done.catch(() => {});
+  }
+
+  /** Settles when the guest connected (STARTED) or could not (REFUSED, IO). */
+  get connected(): Promise<void> {
+    return this.connect.promise;
+  }
+
+  /** Settles when both directions have ended (OK) or the stream failed. */
+  get done(): Promise<void> {
+    return this.finish.promise;
   }
 
   onFrame(frame: Frame): void {
@@ -408,7 +406,7 @@ export class TcpStream extends StreamOp {
       case Msg.STARTED:
         // Synchronously, before any DATA of this stream is dispatched.
         this.onStarted();
-        this.settleConnected();
+        this.connect.resolve();
         return;
       case Msg.DATA: {
         this.checkData(frame, this.recvWindow, `tcp stream ${this.id}`);
@@ -422,8 +420,8 @@ export class TcpStream extends StreamOp {
       case Msg.OK:
         this.end();
         this.sendWin.wake();
-        this.settleConnected();
-        this.resolveDone();
+        this.connect.resolve();
+        this.finish.resolve();
         return;
       case Msg.STREAM_ERROR: {
         const err = this.streamError(frame, "guest connection");
@@ -442,6 +440,18 @@ export class TcpStream extends StreamOp {
 
   private gone = (): Error | undefined =>
     this.ended ? (this.error ?? new AgentError("AGENT_STREAM_ENDED", "the guest connection has ended")) : undefined;
+
+  /**
+   * Sends `data` at once if the window has room for all of it; false (nothing sent) otherwise,
+   * and the caller awaits `write`.
+   */
+  tryWrite(data: Buffer): boolean {
+    if (this.ended || this.sentEof || !this.sendWin.tryTake(data.length)) return false;
+    for (let off = 0; off < data.length; off += DATA_CHUNK) {
+      this.client.send(Msg.DATA, this.id, data.subarray(off, off + DATA_CHUNK), Channel.STDIN);
+    }
+    return true;
+  }
 
   /** Sends bytes to the guest; resolves when they are within the window (sent). */
   async write(data: Buffer): Promise<void> {
@@ -465,8 +475,8 @@ export class TcpStream extends StreamOp {
     this.error = err;
     this.ended = true;
     this.sendWin.wake();
-    this.settleConnected(err);
-    this.rejectDone(err);
+    this.connect.reject(err);
+    this.finish.reject(err);
   }
 }
 
@@ -476,9 +486,7 @@ export class TcpStream extends StreamOp {
  * (`autoGrant`, buffered reads) or as the consumer calls `consumed` (streams).
  */
 class RequestOp extends StreamOp {
-  readonly result: Promise<Fields>;
-  private resolve!: (f: Fields) => void;
-  private reject!: (e: Error) => void;
+  private readonly outcome = new Deferred<Fields>();
   readonly sendWindow = new SendWindow();
   private readonly recvWindow: Array<RecvWindow | undefined>;
   private receivedBytes = 0;
@@ -494,11 +502,11 @@ class RequestOp extends StreamOp {
   ) {
     super(client, id);
     this.recvWindow = [undefined, new RecvWindow(what, id)];
-    this.result = new Promise((res, rej) => {
-      this.resolve = res;
-      this.reject = rej;
-    });
-    this.result.catch(() => {});
+  }
+
+  /** The OK's fields; rejects with the STREAM_ERROR (or the connection's failure). */
+  get result(): Promise<Fields> {
+    return this.outcome.promise;
   }
 
   onFrame(frame: Frame): void {
@@ -506,7 +514,7 @@ class RequestOp extends StreamOp {
       case Msg.OK:
         this.end();
         this.sendWindow.wake();
-        this.resolve(new Fields(frame.payload, "OK"));
+        this.outcome.resolve(new Fields(frame.payload, "OK"));
         return;
       case Msg.STREAM_ERROR: {
         const err = this.streamError(frame, this.what);
@@ -549,7 +557,7 @@ class RequestOp extends StreamOp {
     this.error = err;
     this.ended = true;
     this.sendWindow.wake();
-    this.reject(err);
+    this.outcome.reject(err);
   }
 }
 

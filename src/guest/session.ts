@@ -11,7 +11,7 @@ import type { Server } from "node:net";
 import { constants as osConstants } from "node:os";
 import { Readable } from "node:stream";
 import { AgentStreamError, type AgentClient, type ExecRequest } from "../agent/client.js";
-import { callScope, type CallScope } from "../deadline.js";
+import { CallScope, callScope } from "../deadline.js";
 import type { MicroVm } from "../engine/qemu.js";
 import { AgentError, DeadlineError, ExecError, GuestFileError, OptionError, PoolError, SupermachineError } from "../errors.js";
 import { logger } from "../log.js";
@@ -122,10 +122,17 @@ export class GuestSession {
   /** Runs `op` under `scope`: an abort or the deadline abandons it (CANCEL) and rejects. */
   private track<T extends Abandonable>(op: T, scope: CallScope | AbortSignal | undefined): () => void {
     this.inflight.set(op, (this.inflight.get(op) ?? 0) + 1);
-    const signal = scope instanceof AbortSignal ? scope : scope?.signal;
-    const onAbort = () => op.abandon(signal!.reason as Error);
-    if (signal?.aborted) onAbort();
-    else signal?.addEventListener("abort", onAbort, { once: true });
+    let detach: () => void = () => {};
+    if (scope instanceof CallScope) {
+      detach = scope.onAbort((reason) => op.abandon(reason as Error));
+    } else if (scope) {
+      const onAbort = () => op.abandon(scope.reason as Error);
+      if (scope.aborted) onAbort();
+      else {
+        scope.addEventListener("abort", onAbort, { once: true });
+        detach = () => scope.removeEventListener("abort", onAbort);
+      }
+    }
     let released = false;
     return () => {
       if (released) return;
@@ -133,7 +140,7 @@ export class GuestSession {
       const n = (this.inflight.get(op) ?? 1) - 1;
       if (n > 0) this.inflight.set(op, n);
       else this.inflight.delete(op);
-      signal?.removeEventListener("abort", onAbort);
+      detach();
     };
   }
 
@@ -148,17 +155,27 @@ export class GuestSession {
     return e instanceof Error ? e : new AgentError("AGENT_UNKNOWN", String(e));
   }
 
-  private async execRequest(o: { argv: string[]; env: Record<string, string>; cwd?: string | undefined; tty: boolean; winsize?: { cols: number; rows: number } | undefined; chain?: string[] | undefined; timeoutMs?: number | undefined }, stdin: boolean): Promise<ExecRequest> {
-    return {
+  /** The EXEC request; a promise only when the image's user must first be looked up. */
+  private execRequest(o: { argv: string[]; env: Record<string, string>; cwd?: string | undefined; tty: boolean; winsize?: { cols: number; rows: number } | undefined; chain?: string[] | undefined; timeoutMs?: number | undefined }, stdin: boolean): ExecRequest | Promise<ExecRequest> {
+    const make = (ids: { uid: number; gid: number } | undefined): ExecRequest => ({
       argv: o.argv,
       env: mergeEnv(this.defaults.env, o.env),
       cwd: o.cwd ?? this.defaults.workingDir ?? "/",
       ...(o.timeoutMs !== undefined ? { timeoutMs: o.timeoutMs } : {}),
-      ...(await this.resolveUser()),
+      ...ids,
       stdin,
       ...(o.tty ? { tty: o.winsize ?? { cols: 80, rows: 24 } } : {}),
       ...(o.chain ? { chain: o.chain } : {}),
-    };
+    });
+    if (!this.defaults.user || this.user) return make(this.user);
+    return this.resolveUser().then(make);
+  }
+
+  /** Stages files and builds the request; synchronous (no await before the send) when neither needs the guest. */
+  private prepare(o: Parameters<GuestSession["execRequest"]>[0] & { files: { path: string; bytes: Buffer; mode: number }[] }, stdin: boolean, scope: CallScope): ExecRequest | Promise<ExecRequest> {
+    const req = this.execRequest(o, stdin);
+    if (o.files.length === 0 && !(req instanceof Promise)) return req;
+    return scope.race(this.stage(o.files, scope).then(() => req));
   }
 
   private async stage(files: { path: string; bytes: Buffer; mode: number }[], scope: CallScope): Promise<void> {
@@ -190,8 +207,8 @@ export class GuestSession {
     const what = `vm.exec ${JSON.stringify(o.argv[0])}`;
     const scope = callScope(what, o.timeoutMs + HOST_GRACE_MS, o.signal);
     try {
-      await scope.race(this.stage(o.files, scope));
-      const stream = this.machine.agent.exec(await scope.race(this.execRequest(o, false)));
+      const req = this.prepare(o, false, scope);
+      const stream = this.machine.agent.exec(req instanceof Promise ? await req : req);
       const untrack = this.track(stream, scope);
       const out: Buffer[] = [];
       const err: Buffer[] = [];
@@ -248,8 +265,8 @@ export class GuestSession {
     const start = callScope(what, CALL_DEFAULT_TIMEOUT_MS, o.signal);
     let child: ExecChild;
     try {
-      await start.race(this.stage(o.files, start));
-      const stream = this.machine.agent.exec(await start.race(this.execRequest(o, true)), { autoGrant: false });
+      const req = this.prepare(o, true, start);
+      const stream = this.machine.agent.exec(req instanceof Promise ? await req : req, { autoGrant: false });
       child = new ExecChild(stream, o.argv[0]!, o.tty, (e) => this.explain(e, what));
       const untrackStart = this.track(stream, start);
       try {

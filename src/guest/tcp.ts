@@ -54,14 +54,17 @@ export function splice(agent: AgentClient, socket: Socket, guestPort: number, ho
     if (!socket.destroyed) socket.end();
   };
 
-  // host → guest: the socket is paused while the guest's window is exhausted.
-  let writing = Promise.resolve();
+  // host → guest: sent at once while the guest's window has room; otherwise the socket is
+  // paused until the window opens, so a slow guest reader slows the host client down.
+  let writing: Promise<void> | undefined;
   socket.on("data", (chunk: Buffer) => {
+    if (!writing && stream.tryWrite(chunk)) return;
     socket.pause();
-    writing = writing
+    writing = (writing ?? Promise.resolve())
       .then(() => stream.write(chunk))
       .then(
         () => {
+          writing = undefined;
           socket.resume();
         },
         () => {
@@ -70,7 +73,8 @@ export function splice(agent: AgentClient, socket: Socket, guestPort: number, ho
       );
   });
   socket.on("end", () => {
-    void writing.then(() => stream.closeWrite()).catch(() => {});
+    if (!writing) stream.closeWrite();
+    else void writing.then(() => stream.closeWrite()).catch(() => {});
   });
   socket.on("error", (e) => log("host side of guest port %d: %s", guestPort, e.message));
   socket.on("close", () => {

@@ -1,26 +1,20 @@
 // Host-side deadlines: a guest that stops answering (its QEMU process stopped with SIGSTOP)
 // never hangs a caller; every call gives up at its deadline with CALL_TIMEOUT, and the VM
 // works again once it runs.
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { DeadlineError, Image, type Pool, type Vm } from "../../src/index.js";
+import { afterAll, describe, expect, it } from "vitest";
+import { DeadlineError } from "../../src/index.js";
 import { HOST_GRACE_MS } from "../../src/guest/session.js";
+import { useBusyboxVm } from "../helpers.js";
 
-let pool: Pool;
-let vm: Vm;
+const env = useBusyboxVm();
 
-beforeAll(async () => {
-  const image = await Image.build({ ref: "builtin:busybox" });
-  pool = await image.pool({ min: 1, max: 1 });
-  vm = await pool.acquire();
-});
-
-afterAll(async () => {
+afterAll(() => {
+  // Never leave a stopped QEMU behind, whatever failed (the pool's own hook kills it next).
   try {
-    process.kill(vm.pid, "SIGCONT");
+    process.kill(env.vm.pid, "SIGCONT");
   } catch {
     /* gone */
   }
-  await pool?.shutdown();
 });
 
 async function timed<T>(p: Promise<T>): Promise<{ err: unknown; ms: number }> {
@@ -34,21 +28,21 @@ async function timed<T>(p: Promise<T>): Promise<{ err: unknown; ms: number }> {
 
 describe("a guest that stops answering", () => {
   it("cannot hang exec, spawn, files, workloadSignal or snapshot", async () => {
-    expect((await vm.exec({ argv: ["true"] })).exitCode).toBe(0);
-    process.kill(vm.pid, "SIGSTOP");
+    expect((await env.vm.exec({ argv: ["true"] })).exitCode).toBe(0);
+    process.kill(env.vm.pid, "SIGSTOP");
     try {
-      const exec = await timed(vm.exec({ argv: ["sleep", "1"], timeoutMs: 500 }));
+      const exec = await timed(env.vm.exec({ argv: ["sleep", "1"], timeoutMs: 500 }));
       expect(exec.err).toBeInstanceOf(DeadlineError);
       expect(exec.err).toMatchObject({ code: "CALL_TIMEOUT" });
       expect(exec.ms).toBeGreaterThanOrEqual(500 + HOST_GRACE_MS - 50);
       expect(exec.ms).toBeLessThan(500 + HOST_GRACE_MS + 3_000);
 
       const results = await Promise.all([
-        timed(vm.readFile("/etc/passwd", { timeoutMs: 800 })),
-        timed(vm.writeFile("/tmp/x", "x", { timeoutMs: 800 })),
-        timed(vm.readFileStream("/etc/passwd", { timeoutMs: 800 })),
-        timed(vm.workloadSignal(15, { timeoutMs: 800 })),
-        timed(vm.snapshot("/tmp/sm-deadline-never", { timeoutMs: 800 })),
+        timed(env.vm.readFile("/etc/passwd", { timeoutMs: 800 })),
+        timed(env.vm.writeFile("/tmp/x", "x", { timeoutMs: 800 })),
+        timed(env.vm.readFileStream("/etc/passwd", { timeoutMs: 800 })),
+        timed(env.vm.workloadSignal(15, { timeoutMs: 800 })),
+        timed(env.vm.snapshot("/tmp/sm-deadline-never", { timeoutMs: 800 })),
       ]);
       for (const r of results) {
         expect(r.err).toMatchObject({ code: "CALL_TIMEOUT" });
@@ -57,15 +51,15 @@ describe("a guest that stops answering", () => {
       // An abort is as good as a deadline.
       const ac = new AbortController();
       setTimeout(() => ac.abort(new Error("caller gave up")), 300);
-      const spawn = await timed(vm.spawn({ argv: ["true"], signal: ac.signal }));
+      const spawn = await timed(env.vm.spawn({ argv: ["true"], signal: ac.signal }));
       expect((spawn.err as Error).message).toBe("caller gave up");
       expect(spawn.ms).toBeLessThan(3_000);
     } finally {
-      process.kill(vm.pid, "SIGCONT");
+      process.kill(env.vm.pid, "SIGCONT");
     }
     // Running again, the VM answers; nothing was left half-open on the channel.
-    expect((await vm.exec({ argv: ["echo", "back"] })).stdout.toString()).toBe("back\n");
+    expect((await env.vm.exec({ argv: ["echo", "back"] })).stdout.toString()).toBe("back\n");
     await new Promise((r) => setTimeout(r, 500));
-    expect(vm.machine.agent.openStreams).toBe(0);
+    expect(env.vm.machine.agent.openStreams).toBe(0);
   });
 });

@@ -2,84 +2,75 @@
 // files, errno-style errors, and bad paths refused before anything reaches the guest.
 import { createHash } from "node:crypto";
 import { Readable } from "node:stream";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { GuestFileError, Image, type Pool, type Vm } from "../../src/index.js";
+import { describe, expect, it } from "vitest";
+import { GuestFileError } from "../../src/index.js";
+import { useBusyboxVm } from "../helpers.js";
 
-let pool: Pool;
-let vm: Vm;
+const env = useBusyboxVm();
+
 const MiB = 1024 * 1024;
-
-beforeAll(async () => {
-  const image = await Image.build({ ref: "builtin:busybox" });
-  pool = await image.pool({ min: 1, max: 1 });
-  vm = await pool.acquire();
-});
-
-afterAll(async () => {
-  await pool?.shutdown();
-});
 
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 async function guestSha(path: string): Promise<string> {
-  return (await vm.exec({ argv: ["sha256sum", path] })).stdout.toString().split(" ")[0]!;
+  return (await env.vm.exec({ argv: ["sha256sum", path] })).stdout.toString().split(" ")[0]!;
 }
 
-describe("vm.writeFile / vm.readFile", () => {
+describe("vm.writeFile / env.vm.readFile", () => {
   it("moves 4 MiB each way intact, with the mode asked", async () => {
     const data = Buffer.from(Array.from({ length: 4 * MiB }, (_, i) => (i * 31) % 251));
-    await vm.writeFile("/data/four.bin", data, { mode: 0o600 });
+    await env.vm.writeFile("/data/four.bin", data, { mode: 0o600 });
     expect(await guestSha("/data/four.bin")).toBe(sha(data));
-    expect((await vm.exec({ argv: ["stat", "-c", "%a", "/data/four.bin"] })).stdout.toString()).toBe("600\n");
-    expect((await vm.readFile("/data/four.bin")).equals(data)).toBe(true);
-    await vm.writeFile("/data/text", "a string is UTF-8");
-    expect((await vm.readFile("/data/text")).toString()).toBe("a string is UTF-8");
+    expect((await env.vm.exec({ argv: ["stat", "-c", "%a", "/data/four.bin"] })).stdout.toString()).toBe("600\n");
+    expect((await env.vm.readFile("/data/four.bin")).equals(data)).toBe(true);
+    await env.vm.writeFile("/data/text", "a string is UTF-8");
+    expect((await env.vm.readFile("/data/text")).toString()).toBe("a string is UTF-8");
   });
 
   it("keeps the 4 MiB cap by default and lets maxBytes raise it", async () => {
     const big = Buffer.alloc(4 * MiB + 1, 1);
-    await expect(vm.writeFile("/data/big", big)).rejects.toMatchObject({ code: "OPTION_FILE_TOO_LARGE" });
-    await vm.writeFile("/data/big", big, { maxBytes: 8 * MiB });
-    await expect(vm.readFile("/data/big")).rejects.toMatchObject({ code: "FILE_TOO_LARGE", path: "/data/big" });
-    expect((await vm.readFile("/data/big", { maxBytes: 8 * MiB })).length).toBe(4 * MiB + 1);
+    await expect(env.vm.writeFile("/data/big", big)).rejects.toMatchObject({ code: "OPTION_FILE_TOO_LARGE" });
+    await env.vm.writeFile("/data/big", big, { maxBytes: 8 * MiB });
+    await expect(env.vm.readFile("/data/big")).rejects.toMatchObject({ code: "FILE_TOO_LARGE", path: "/data/big" });
+    expect((await env.vm.readFile("/data/big", { maxBytes: 8 * MiB })).length).toBe(4 * MiB + 1);
   });
 
   it("reports a missing file as ENOENT with the guest path, a directory as EISDIR", async () => {
-    const e = await vm.readFile("/data/missing").catch((x: unknown) => x);
+    const e = await env.vm.readFile("/data/missing").catch((x: unknown) => x);
     expect(e).toBeInstanceOf(GuestFileError);
     expect(e).toMatchObject({ code: "ENOENT", path: "/data/missing", errno: 2 });
     expect((e as Error).message).toContain("/data/missing");
-    await expect(vm.readFile("/etc")).rejects.toMatchObject({ code: "EISDIR" });
-    await expect(vm.readFileStream("/nope/nothing")).rejects.toMatchObject({ code: "ENOENT" });
+    await expect(env.vm.readFile("/etc")).rejects.toMatchObject({ code: "EISDIR" });
+    await expect(env.vm.readFileStream("/nope/nothing")).rejects.toMatchObject({ code: "ENOENT" });
     // A file where a parent directory should be.
-    await vm.writeFile("/data/plain-file", "x");
-    const notDir = await vm.writeFile("/data/plain-file/child", "x").catch((x: unknown) => x);
+    await env.vm.writeFile("/data/plain-file", "x");
+    const notDir = await env.vm.writeFile("/data/plain-file/child", "x").catch((x: unknown) => x);
     expect(notDir).toMatchObject({ code: "ENOTDIR" });
   });
 
   it("refuses bad paths and arguments before anything reaches the guest", async () => {
-    const before = vm.machine.agent.openStreams;
+    const before = env.vm.machine.agent.openStreams;
     for (const bad of ["relative/path", "/a/../b", "/a//b", "/a/", ""]) {
-      await expect(vm.readFile(bad)).rejects.toMatchObject({ code: "OPTION_INVALID" });
-      await expect(vm.writeFile(bad, "x")).rejects.toMatchObject({ code: "OPTION_INVALID" });
+      await expect(env.vm.readFile(bad)).rejects.toMatchObject({ code: "OPTION_INVALID" });
+      await expect(env.vm.writeFile(bad, "x")).rejects.toMatchObject({ code: "OPTION_INVALID" });
     }
-    await expect(vm.writeFile("/ok", 42 as unknown as Buffer)).rejects.toMatchObject({ code: "OPTION_INVALID" });
-    await expect(vm.readFile("/ok", { maxBytes: -1 })).rejects.toMatchObject({ code: "OPTION_INVALID" });
-    await expect(vm.readFile("/ok", { bogus: 1 } as never)).rejects.toMatchObject({ code: "OPTION_UNKNOWN" });
-    expect(vm.machine.agent.openStreams).toBe(before);
+    await expect(env.vm.writeFile("/ok", 42 as unknown as Buffer)).rejects.toMatchObject({ code: "OPTION_INVALID" });
+    await expect(env.vm.readFile("/ok", { maxBytes: -1 })).rejects.toMatchObject({ code: "OPTION_INVALID" });
+    await expect(env.vm.readFile("/ok", { bogus: 1 } as never)).rejects.toMatchObject({ code: "OPTION_UNKNOWN" });
+    expect(env.vm.machine.agent.openStreams).toBe(before);
   });
 
   it("honours an AbortSignal", async () => {
     const ac = new AbortController();
     ac.abort(new Error("not now"));
-    await expect(vm.readFile("/etc/passwd", { signal: ac.signal })).rejects.toThrow("not now");
+    await expect(env.vm.readFile("/etc/passwd", { signal: ac.signal })).rejects.toThrow("not now");
   });
 });
 
-describe("vm.readFileStream / vm.writeFileStream", () => {
+describe("vm.readFileStream / env.vm.writeFileStream", () => {
   it("streams a 24 MiB file out of the guest with flow control", async () => {
-    await vm.exec({ argv: ["sh", "-c", "dd if=/dev/urandom of=/data/rand bs=1M count=24 2>/dev/null"] });
+    await env.vm.exec({ argv: ["sh", "-c", "dd if=/dev/urandom of=/data/rand bs=1M count=24 2>/dev/null"] });
     const want = await guestSha("/data/rand");
-    const stream = await vm.readFileStream("/data/rand");
+    const stream = await env.vm.readFileStream("/data/rand");
     const h = createHash("sha256");
     let n = 0;
     for await (const c of stream) {
@@ -102,15 +93,15 @@ describe("vm.readFileStream / vm.writeFileStream", () => {
         }
       })(),
     );
-    const written = await vm.writeFileStream("/data/up.bin", source, { mode: 0o640 });
+    const written = await env.vm.writeFileStream("/data/up.bin", source, { mode: 0o640 });
     expect(written).toBe(24 * MiB);
     expect(await guestSha("/data/up.bin")).toBe(h.digest("hex"));
-    expect((await vm.exec({ argv: ["stat", "-c", "%a %s", "/data/up.bin"] })).stdout.toString()).toBe(`640 ${24 * MiB}\n`);
+    expect((await env.vm.exec({ argv: ["stat", "-c", "%a %s", "/data/up.bin"] })).stdout.toString()).toBe(`640 ${24 * MiB}\n`);
   });
 
   it("stops a stream when its reader aborts", async () => {
     const ac = new AbortController();
-    const stream = await vm.readFileStream("/data/rand", { signal: ac.signal });
+    const stream = await env.vm.readFileStream("/data/rand", { signal: ac.signal });
     const first = (await stream[Symbol.asyncIterator]().next()).value as Buffer;
     expect(first.length).toBeGreaterThan(0);
     ac.abort(new Error("reader gone"));
@@ -122,6 +113,6 @@ describe("vm.readFileStream / vm.writeFileStream", () => {
       })(),
     ).rejects.toThrow("reader gone");
     // The VM is fine afterwards.
-    expect((await vm.exec({ argv: ["true"] })).exitCode).toBe(0);
+    expect((await env.vm.exec({ argv: ["true"] })).exitCode).toBe(0);
   });
 });

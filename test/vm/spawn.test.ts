@@ -3,21 +3,11 @@
 import { createHash } from "node:crypto";
 import { Readable, Writable } from "node:stream";
 import { pipeline } from "node:stream/promises";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Image, type ExecChild, type Pool, type Vm } from "../../src/index.js";
+import { describe, expect, it } from "vitest";
+import type { ExecChild } from "../../src/index.js";
+import { useBusyboxVm } from "../helpers.js";
 
-let pool: Pool;
-let vm: Vm;
-
-beforeAll(async () => {
-  const image = await Image.build({ ref: "builtin:busybox" });
-  pool = await image.pool({ min: 1, max: 2 });
-  vm = await pool.acquire();
-});
-
-afterAll(async () => {
-  await pool?.shutdown();
-});
+const env = useBusyboxVm({ min: 1, max: 2 });
 
 async function readAll(read: (n?: number) => Promise<Buffer>): Promise<Buffer> {
   const parts: Buffer[] = [];
@@ -30,13 +20,13 @@ async function readAll(read: (n?: number) => Promise<Buffer>): Promise<Buffer> {
 
 /** Guest state letter of a process (R running, S sleeping, ...). */
 async function guestState(pid: number): Promise<string> {
-  const stat = (await vm.readFile(`/proc/${pid}/stat`)).toString();
+  const stat = (await env.vm.readFile(`/proc/${pid}/stat`)).toString();
   return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
 }
 
 describe("vm.spawn", () => {
   it("streams output pull-style and reports how the process ended", async () => {
-    const child = await vm.spawn({ argv: ["sh", "-c", "echo one; sleep 0.2; echo two; echo err >&2; exit 5"] });
+    const child = await env.vm.spawn({ argv: ["sh", "-c", "echo one; sleep 0.2; echo two; echo err >&2; exit 5"] });
     expect(child.pid).toBeGreaterThan(1);
     const first = await child.readStdout();
     expect(first.toString()).toBe("one\n");
@@ -51,7 +41,7 @@ describe("vm.spawn", () => {
   });
 
   it("respects maxBytes in pull reads", async () => {
-    const child = await vm.spawn({ argv: ["sh", "-c", "printf abcdefghij"] });
+    const child = await env.vm.spawn({ argv: ["sh", "-c", "printf abcdefghij"] });
     await child.wait();
     expect((await child.readStdout(3)).toString()).toBe("abc");
     expect((await child.readStdout(100)).toString()).toBe("defghij");
@@ -60,7 +50,7 @@ describe("vm.spawn", () => {
   });
 
   it("pipes stdout and stderr as Node streams, and for-await works", async () => {
-    const child = await vm.spawn({ argv: ["sh", "-c", "seq 1 20000; echo done >&2"] });
+    const child = await env.vm.spawn({ argv: ["sh", "-c", "seq 1 20000; echo done >&2"] });
     const got: Buffer[] = [];
     const sink = new Writable({
       write(c: Buffer, _e, cb) {
@@ -83,7 +73,7 @@ describe("vm.spawn", () => {
   });
 
   it("feeds stdin with writeStdin/closeStdin and through the Writable", async () => {
-    const a = await vm.spawn({ argv: ["sha256sum"] });
+    const a = await env.vm.spawn({ argv: ["sha256sum"] });
     const data = Buffer.alloc(3 * 1024 * 1024 + 17, 7);
     await a.writeStdin(data);
     await a.closeStdin();
@@ -92,13 +82,13 @@ describe("vm.spawn", () => {
     expect((await a.wait()).exitCode).toBe(0);
     await expect(a.writeStdin("late")).rejects.toMatchObject({ code: "EXEC_STDIN_CLOSED" });
 
-    const b = await vm.spawn({ argv: ["wc", "-c"] });
+    const b = await env.vm.spawn({ argv: ["wc", "-c"] });
     await pipeline(Readable.from([Buffer.from("hello "), Buffer.from("world")]), b.stdin);
     expect((await readAll((n) => b.readStdout(n))).toString().trim()).toBe("11");
   });
 
   it("signals the process; a signal after exit is an error", async () => {
-    const child = await vm.spawn({ argv: ["sleep", "30"] });
+    const child = await env.vm.spawn({ argv: ["sleep", "30"] });
     await child.signal("SIGTERM");
     expect(await child.wait()).toMatchObject({ exitCode: -1, signal: "SIGTERM", timedOut: false });
     await expect(child.signal(15)).rejects.toMatchObject({ code: "EXEC_ALREADY_EXITED" });
@@ -106,28 +96,28 @@ describe("vm.spawn", () => {
   });
 
   it("kills it at timeoutMs and reports timedOut", async () => {
-    const child = await vm.spawn({ argv: ["sleep", "30"], timeoutMs: 500 });
+    const child = await env.vm.spawn({ argv: ["sleep", "30"], timeoutMs: 500 });
     expect(await child.wait()).toMatchObject({ exitCode: -1, timedOut: true, signal: "SIGKILL" });
   });
 
   it("a missing command gives 127 and a message, as exec does", async () => {
-    const child = await vm.spawn({ argv: ["no-such-program-here"] });
+    const child = await env.vm.spawn({ argv: ["no-such-program-here"] });
     expect((await readAll((n) => child.readStderr(n))).toString()).toContain("no-such-program-here");
     expect((await child.wait()).exitCode).toBe(127);
   });
 
   it("cancels with an AbortSignal: the process is killed and wait() rejects with the reason", async () => {
     const ac = new AbortController();
-    const child = await vm.spawn({ argv: ["sh", "-c", "echo $$ > /tmp/spawned.pid; exec sleep 30"], signal: ac.signal });
+    const child = await env.vm.spawn({ argv: ["sh", "-c", "echo $$ > /tmp/spawned.pid; exec sleep 30"], signal: ac.signal });
     const pid = child.pid!;
     ac.abort(new Error("enough"));
     await expect(child.wait()).rejects.toThrow("enough");
-    const check = await vm.exec({ argv: ["sh", "-c", `sleep 0.2; kill -0 ${pid} 2>/dev/null && echo alive || echo gone`] });
+    const check = await env.vm.exec({ argv: ["sh", "-c", `sleep 0.2; kill -0 ${pid} 2>/dev/null && echo alive || echo gone`] });
     expect(check.stdout.toString()).toBe("gone\n");
   });
 
   it("pauses a guest that writes faster than the host reads (bounded host memory)", async () => {
-    const child: ExecChild = await vm.spawn({ argv: ["yes", "flood"] });
+    const child: ExecChild = await env.vm.spawn({ argv: ["yes", "flood"] });
     await new Promise((r) => setTimeout(r, 1_500));
     // Nothing read: yes is blocked on its full pipe, not spinning.
     expect(await guestState(child.pid!)).toBe("S");
@@ -146,7 +136,7 @@ describe("vm.spawn", () => {
 
 describe("vm.spawn with a terminal", () => {
   it("gives a pty of the asked size; resize changes what stty prints", async () => {
-    const child = await vm.spawn({ argv: ["sh", "-c", "tty; stty size; read x; stty size; echo err >&2"], tty: true, winsize: { cols: 100, rows: 30 } });
+    const child = await env.vm.spawn({ argv: ["sh", "-c", "tty; stty size; read x; stty size; echo err >&2"], tty: true, winsize: { cols: 100, rows: 30 } });
     let seen = "";
     while (!/30 100\r\n/.test(seen)) seen += (await child.readStdout()).toString();
     expect(seen).toMatch(/^\/dev\/pts\/\d+\r\n30 100\r\n$/);
@@ -162,7 +152,7 @@ describe("vm.spawn with a terminal", () => {
   });
 
   it("closeStdin sends end-of-file on a terminal", async () => {
-    const child = await vm.spawn({ argv: ["cat"], tty: true });
+    const child = await env.vm.spawn({ argv: ["cat"], tty: true });
     await child.writeStdin("abc\n");
     await child.closeStdin();
     const out = (await readAll((n) => child.readStdout(n))).toString();
@@ -171,7 +161,7 @@ describe("vm.spawn with a terminal", () => {
   });
 
   it("resize is a no-op without a terminal", async () => {
-    const child = await vm.spawn({ argv: ["sh", "-c", "read x; stty size 2>&1; true"] });
+    const child = await env.vm.spawn({ argv: ["sh", "-c", "read x; stty size 2>&1; true"] });
     await child.resize(10, 10);
     await child.writeStdin("x\n");
     await child.closeStdin();

@@ -3,27 +3,20 @@
 // ports, busy host ports, stop() with connections in flight; the vsock and exec sockets.
 import { createHash } from "node:crypto";
 import { connect, createServer, type Socket } from "node:net";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, it } from "vitest";
 import { AgentClient } from "../../src/agent/client.js";
-import { Image, type Pool, type Vm } from "../../src/index.js";
+import { useBusyboxVm } from "../helpers.js";
 
-let pool: Pool;
-let vm: Vm;
+const env = useBusyboxVm();
 const MiB = 1024 * 1024;
 
 beforeAll(async () => {
-  const image = await Image.build({ ref: "builtin:busybox" });
-  pool = await image.pool({ min: 1, max: 1 });
-  vm = await pool.acquire();
+  const vm = env.vm;
   // A web root with a page and a 16 MiB file, an HTTP server, an echo server and a sink.
   await vm.exec({
     argv: ["sh", "-c", "mkdir -p /www && echo '<h1>hello from the guest</h1>' > /www/index.html && dd if=/dev/urandom of=/www/big bs=1M count=16 2>/dev/null"],
   });
   await vm.exec({ argv: ["sh", "-c", "httpd -p 127.0.0.1:8080 -h /www; nc -ll -p 7000 -e cat & nc -ll -p 7001 -e sha256sum & sleep 0.3"] });
-});
-
-afterAll(async () => {
-  await pool?.shutdown();
 });
 
 function connectTo(addr: string): Promise<Socket> {
@@ -50,7 +43,7 @@ function roundTrip(addr: string, data: Buffer): Promise<Buffer> {
 
 describe("vm.exposeTcp", () => {
   it("serves a real HTTP server in the guest on 127.0.0.1", async () => {
-    const fwd = await vm.exposeTcp(0, 8080);
+    const fwd = await env.vm.exposeTcp(0, 8080);
     try {
       expect(fwd.localAddr).toMatch(/^127\.0\.0\.1:\d+$/);
       const res = await fetch(`http://${fwd.localAddr}/index.html`);
@@ -62,7 +55,7 @@ describe("vm.exposeTcp", () => {
       // A large download, checked against the guest's own checksum.
       const big = Buffer.from(await (await fetch(`http://${fwd.localAddr}/big`)).arrayBuffer());
       expect(big.length).toBe(16 * MiB);
-      const want = (await vm.exec({ argv: ["sha256sum", "/www/big"] })).stdout.toString().split(" ")[0];
+      const want = (await env.vm.exec({ argv: ["sha256sum", "/www/big"] })).stdout.toString().split(" ")[0];
       expect(createHash("sha256").update(big).digest("hex")).toBe(want);
     } finally {
       await fwd.stop();
@@ -70,8 +63,8 @@ describe("vm.exposeTcp", () => {
   });
 
   it("echoes through nc, uploads 12 MiB with backpressure, and half-closes", async () => {
-    const echo = await vm.exposeTcp(0, 7000);
-    const sink = await vm.exposeTcp(0, 7001);
+    const echo = await env.vm.exposeTcp(0, 7000);
+    const sink = await env.vm.exposeTcp(0, 7001);
     try {
       expect((await roundTrip(echo.localAddr, Buffer.from("ping\n"))).toString()).toBe("ping\n");
       const data = Buffer.alloc(12 * MiB, 0x5a);
@@ -86,7 +79,7 @@ describe("vm.exposeTcp", () => {
   });
 
   it("closes the client at once when nothing listens in the guest", async () => {
-    const fwd = await vm.exposeTcp(0, 9999);
+    const fwd = await env.vm.exposeTcp(0, 9999);
     try {
       const t0 = Date.now();
       const s = await connectTo(fwd.localAddr);
@@ -107,18 +100,18 @@ describe("vm.exposeTcp", () => {
     await new Promise<void>((r) => taken.listen(0, "127.0.0.1", () => r()));
     const port = (taken.address() as { port: number }).port;
     try {
-      const e = await vm.exposeTcp(port, 8080).catch((x: unknown) => x);
+      const e = await env.vm.exposeTcp(port, 8080).catch((x: unknown) => x);
       expect(e).toMatchObject({ code: "TCP_PORT_IN_USE" });
       expect((e as Error).message).toContain(String(port));
     } finally {
       taken.close();
     }
-    await expect(vm.exposeTcp(-1, 80)).rejects.toMatchObject({ code: "OPTION_INVALID" });
-    await expect(vm.exposeTcp(0, 70000)).rejects.toMatchObject({ code: "OPTION_INVALID" });
+    await expect(env.vm.exposeTcp(-1, 80)).rejects.toMatchObject({ code: "OPTION_INVALID" });
+    await expect(env.vm.exposeTcp(0, 70000)).rejects.toMatchObject({ code: "OPTION_INVALID" });
   });
 
   it("keeps connections in flight across stop(), refuses new ones, and stop is idempotent", async () => {
-    const fwd = await vm.exposeTcp(0, 7000);
+    const fwd = await env.vm.exposeTcp(0, 7000);
     const s = await connectTo(fwd.localAddr);
     const got: Buffer[] = [];
     s.on("data", (c: Buffer) => got.push(c));
@@ -135,7 +128,7 @@ describe("vm.exposeTcp", () => {
 
 describe("raw sockets", () => {
   it("vsockPath: CONNECT <port> then the guest's port", async () => {
-    const s = connect(vm.vsockPath);
+    const s = connect(env.vm.vsockPath);
     await new Promise<void>((r) => s.once("connect", () => r()));
     const got: Buffer[] = [];
     s.on("data", (c: Buffer) => got.push(c));
@@ -151,7 +144,7 @@ describe("raw sockets", () => {
   });
 
   it("execPath: a client of its own speaks the agent protocol on the second port", async () => {
-    const s = connect(vm.execPath);
+    const s = connect(env.vm.execPath);
     await new Promise<void>((r, j) => (s.once("connect", () => r()), s.once("error", j)));
     const client = new AgentClient(s);
     try {
@@ -163,7 +156,7 @@ describe("raw sockets", () => {
       expect((await stream.wait()).exitCode).toBe(0);
       expect(Buffer.concat(out).toString()).toBe("from the exec port\n");
       // The library's own channel is unaffected.
-      expect((await vm.exec({ argv: ["echo", "still mine"] })).stdout.toString()).toBe("still mine\n");
+      expect((await env.vm.exec({ argv: ["echo", "still mine"] })).stdout.toString()).toBe("still mine\n");
     } finally {
       client.close();
     }

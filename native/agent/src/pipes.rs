@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::proto;
-use crate::stream::{Ctx, Violation, Watched};
+use crate::stream::{Ctx, InWindow, Violation, Watched};
 use crate::stream_exec::ExecIo;
 use crate::sys::{self, EPOLLIN, EPOLLOUT};
 
@@ -24,8 +24,8 @@ struct InChan {
     /// Our write end (None: stdin is /dev/null, or closed).
     fd: Option<Watched>,
     buf: VecDeque<u8>,
-    /// Bytes the host may still send before it needs a WINDOW.
-    window: u64,
+    /// What the host may still send, and credit owed to it.
+    window: InWindow,
     eof: bool,
 }
 
@@ -91,7 +91,7 @@ impl PipeIo {
             None => (None, None),
         };
         Ok(PipeIo {
-            stdin: InChan { fd: stdin_w, buf: VecDeque::new(), window: proto::INITIAL_WINDOW as u64, eof: false },
+            stdin: InChan { fd: stdin_w, buf: VecDeque::new(), window: InWindow::new(), eof: false },
             out: [OutChan::new(out_r), OutChan::new(err_r)],
             child: Some(ChildEnds { stdin: stdin_r, stdout: out_w, stderr: err_w }),
         })
@@ -178,8 +178,7 @@ impl PipeIo {
             }
         }
         if consumed > 0 && !inp.eof {
-            inp.window += consumed;
-            cx.window(proto::STDIN, consumed);
+            inp.window.consumed(cx, proto::STDIN, consumed);
         }
         self.sync_in(cx);
     }
@@ -202,16 +201,14 @@ impl ExecIo for PipeIo {
             return Ok(());
         }
         let len = payload.len() as u64;
-        if len > inp.window {
+        if !inp.window.take(len) {
             return Err(Violation("stdin DATA beyond the window".into()));
         }
-        inp.window -= len;
         inp.eof = eof;
         if inp.fd.is_none() {
             // stdin is /dev/null or already closed: discard, but keep the host unblocked.
             if len > 0 && !eof {
-                inp.window += len;
-                cx.window(proto::STDIN, len);
+                inp.window.consumed(cx, proto::STDIN, len);
             }
             return Ok(());
         }

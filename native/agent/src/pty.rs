@@ -16,7 +16,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::proto;
-use crate::stream::{Ctx, Violation, Watched};
+use crate::stream::{Ctx, InWindow, Violation, Watched};
 use crate::stream_exec::ExecIo;
 use crate::sys::{self, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT};
 
@@ -42,8 +42,8 @@ pub struct TtyIo {
     phase: Phase,
     /// Typed input not yet written to the master.
     input: VecDeque<u8>,
-    /// Channel-0 window: bytes the host may still send.
-    in_window: u64,
+    /// Channel 0: what the host may still send, and credit owed to it.
+    in_window: InWindow,
     in_eof: bool,
     /// Channel-0 EOF arrived: VEOF still to be typed (after `input`).
     veof_pending: bool,
@@ -66,7 +66,7 @@ impl TtyIo {
             path: pty.path,
             phase: Phase::Running,
             input: VecDeque::new(),
-            in_window: proto::INITIAL_WINDOW as u64,
+            in_window: InWindow::new(),
             in_eof: false,
             veof_pending: false,
             input_dead: false,
@@ -103,8 +103,7 @@ impl TtyIo {
             }
         }
         if consumed > 0 && !self.in_eof {
-            self.in_window += consumed;
-            cx.window(proto::STDIN, consumed);
+            self.in_window.consumed(cx, proto::STDIN, consumed);
         }
     }
 
@@ -156,16 +155,14 @@ impl ExecIo for TtyIo {
             return Ok(());
         }
         let len = payload.len() as u64;
-        if len > self.in_window {
+        if !self.in_window.take(len) {
             return Err(Violation("terminal input beyond the window".into()));
         }
-        self.in_window -= len;
         self.in_eof = eof;
         if self.phase != Phase::Running || self.input_dead {
             // Nobody reads any more: discard, but keep the host unblocked.
             if len > 0 && !eof {
-                self.in_window += len;
-                cx.window(proto::STDIN, len);
+                self.in_window.consumed(cx, proto::STDIN, len);
             }
             return Ok(());
         }

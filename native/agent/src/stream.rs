@@ -202,6 +202,49 @@ pub struct Ctx<'a> {
     pub paused: bool,
 }
 
+/// The agent's side of a host → agent channel (stdin, a TCP stream's channel 0): how much the
+/// host may still send, and consumed bytes whose credit has not gone back yet. Credit goes back
+/// in lumps of at least a quarter window, so small messages (a request on a TCP connection, a
+/// keystroke) cost no WINDOW frame, and no host wake-up, each. The host never runs dry: what is
+/// held back is always under a quarter of the window.
+pub struct InWindow {
+    window: u64,
+    owed: u64,
+}
+
+const CREDIT_LUMP: u64 = proto::INITIAL_WINDOW as u64 / 4;
+
+impl InWindow {
+    pub fn new() -> InWindow {
+        InWindow { window: proto::INITIAL_WINDOW as u64, owed: 0 }
+    }
+
+    /// Accounts `len` bytes of DATA from the host; false if that is beyond the window.
+    pub fn take(&mut self, len: u64) -> bool {
+        if len > self.window {
+            return false;
+        }
+        self.window -= len;
+        true
+    }
+
+    /// `n` bytes were consumed (written on, or discarded): their credit goes back, batched.
+    pub fn consumed(&mut self, cx: &mut Ctx, channel: u8, n: u64) {
+        self.owed += n;
+        if self.owed >= CREDIT_LUMP {
+            self.window += self.owed;
+            cx.window(channel, self.owed);
+            self.owed = 0;
+        }
+    }
+}
+
+impl Default for InWindow {
+    fn default() -> Self {
+        InWindow::new()
+    }
+}
+
 impl Ctx<'_> {
     pub fn token(&self, slot: u8) -> u64 {
         token(T_STREAM, self.conn, slot, self.id)

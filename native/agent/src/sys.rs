@@ -705,6 +705,19 @@ pub fn tcp_connect(addr: &SocketAddr) -> io::Result<(OwnedFd, bool)> {
     let sock = owned(cvt(unsafe {
         libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
     })?);
+    // A forwarder writes what the host sent as soon as it arrives: Nagle's algorithm would hold a
+    // small write back until the previous one is acknowledged (with a delayed ACK, up to 40 ms).
+    let one: libc::c_int = 1;
+    // SAFETY: `one` is a valid c_int for the duration of the call.
+    cvt(unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
     // SAFETY: sockaddr_storage is plain data large enough for either address family.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {

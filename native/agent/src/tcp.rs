@@ -12,7 +12,7 @@ use std::fmt;
 use std::io;
 
 use crate::proto;
-use crate::stream::{Ctx, Stream, Violation, Watched};
+use crate::stream::{Ctx, InWindow, Stream, Violation, Watched};
 use crate::sys::{self, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT};
 
 const CONNECT_TIMEOUT_NS: u64 = 10_000_000_000;
@@ -70,7 +70,7 @@ pub struct TcpStream {
     /// Host → socket bytes not yet written (at most one window).
     tx: VecDeque<u8>,
     /// Channel-0 window: bytes the host may still send.
-    tx_window: u64,
+    tx_window: InWindow,
     tx_eof: bool,
     /// SHUT_WR done (after channel-0 EOF and everything before it).
     tx_shut: bool,
@@ -100,7 +100,7 @@ pub fn open(cx: &mut Ctx, payload: &[u8]) -> Option<Box<dyn Stream>> {
         state: State::Connecting,
         deadline: 0,
         tx: VecDeque::new(),
-        tx_window: proto::INITIAL_WINDOW as u64,
+        tx_window: InWindow::new(),
         tx_eof: false,
         tx_shut: false,
         rx_window: proto::INITIAL_WINDOW as u64,
@@ -161,8 +161,7 @@ impl TcpStream {
             }
         }
         if written > 0 && !self.tx_eof {
-            self.tx_window += written;
-            cx.window(proto::STDIN, written);
+            self.tx_window.consumed(cx, proto::STDIN, written);
         }
         if self.tx.is_empty() && self.tx_eof && !self.tx_shut {
             if let Err(e) = sys::shutdown_write(fd) {
@@ -229,10 +228,9 @@ impl Stream for TcpStream {
             return Ok(());
         }
         let len = payload.len() as u64;
-        if len > self.tx_window {
+        if !self.tx_window.take(len) {
             return Err(Violation("TCP DATA beyond the window".into()));
         }
-        self.tx_window -= len;
         self.tx_eof = eof;
         self.tx.extend(payload);
         if self.state == State::Open {
