@@ -108,16 +108,18 @@ await skip("exec_roundtrip_ms", async () => {
   record("exec_roundtrip_ms", samples);
 });
 
-await skip("spawn_stream_mib_per_s", () => streamBenchmarks(vm));
-await skip("tcp_forward_rtt_ms", () => tcpBenchmarks(vm));
-await skip("unread_flood_rss_growth_mib", () => floodBenchmark(vm));
-
 await skip("vm_rss_mib", async () => {
   await new Promise((r) => setTimeout(r, 2_000));
   const m = memoryOf(vm.pid);
   recordValue("vm_rss_mib", m.rss, 1, "MiB");
   recordValue("vm_pss_mib", m.pss, 1, "MiB");
 });
+
+// The streaming benchmarks write large files into the guest's RAM-backed /tmp: after the memory
+// figures, and each cleans up after itself.
+await skip("spawn_stream_mib_per_s", () => streamBenchmarks(vm));
+await skip("tcp_forward_rtt_ms", () => tcpBenchmarks(vm));
+await skip("unread_flood_rss_growth_mib", () => floodBenchmark(vm));
 
 await vm.release();
 await pool.shutdown();
@@ -208,7 +210,7 @@ async function bakeBenchmarks(): Promise<void> {
  */
 async function streamBenchmarks(v: Vm): Promise<void> {
   const size = 64 * MiB;
-  await v.exec({ argv: ["sh", "-c", `head -c ${size} /dev/urandom > /tmp/big`], timeoutMs: 120_000 });
+  await guestSetup(v, `head -c ${size} /dev/urandom > /tmp/big`);
   const runs = quick ? 2 : 5;
   const out: number[] = [];
   for (let i = 0; i < runs; i++) {
@@ -246,6 +248,7 @@ async function streamBenchmarks(v: Vm): Promise<void> {
     if (back.length !== data.length) throw new Error("short read");
   }
   record("write_read_file_4mib_ms", files);
+  await v.exec({ argv: ["rm", "-f", "/tmp/big", "/tmp/four"] });
 }
 
 /**
@@ -254,7 +257,7 @@ async function streamBenchmarks(v: Vm): Promise<void> {
  */
 async function tcpBenchmarks(v: Vm): Promise<void> {
   const size = 64 * MiB;
-  await v.exec({ argv: ["sh", "-c", `mkdir -p /www && head -c ${size} /dev/zero > /www/big && httpd -p 127.0.0.1:8080 -h /www; nc -ll -p 7000 -e cat & sleep 0.3`], timeoutMs: 60_000 });
+  await guestSetup(v, `mkdir -p /www && head -c ${size} /dev/zero > /www/big && httpd -p 127.0.0.1:8080 -h /www && { nc -ll -p 7000 -e cat & sleep 0.3; }`);
   const echo = await v.exposeTcp(0, 7000);
   try {
     const s = await connectTcp(echo.localAddr);
@@ -293,12 +296,13 @@ async function tcpBenchmarks(v: Vm): Promise<void> {
     record("tcp_forward_mib_per_s", down, "MiB/s");
   } finally {
     await web.stop();
+    await v.exec({ argv: ["rm", "-f", "/www/big"] });
   }
   const up: number[] = [];
   const chunk = Buffer.alloc(MiB, 0x62);
   for (let i = 0; i < (quick ? 2 : 5); i++) {
     const port = 7100 + i;
-    await v.exec({ argv: ["sh", "-c", `nc -l -p ${port} > /dev/null & sleep 0.2`] });
+    await guestSetup(v, `nc -l -p ${port} > /dev/null & sleep 0.2`);
     const fwd = await v.exposeTcp(0, port);
     try {
       const t0 = performance.now();
@@ -323,6 +327,12 @@ async function tcpBenchmarks(v: Vm): Promise<void> {
     }
   }
   record("tcp_forward_upload_mib_per_s", up, "MiB/s");
+}
+
+/** Runs a shell command in the guest for a benchmark's set-up; a failure ends that benchmark. */
+async function guestSetup(v: Vm, script: string): Promise<void> {
+  const r = await v.exec({ argv: ["sh", "-c", script], timeoutMs: 120_000 });
+  if (r.exitCode !== 0) throw new Error(`guest set-up failed (exit ${r.exitCode}): ${script}: ${r.stderr.toString().trim()}`);
 }
 
 function connectTcp(addr: string): Promise<Socket> {
