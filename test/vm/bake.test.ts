@@ -16,11 +16,32 @@ afterAll(() => rmSync(snapshotsDir, { recursive: true, force: true }));
 describe("baking", () => {
   it("bakes once; a build with the same inputs boots nothing", async () => {
     const before = engineCounters().launched;
-    const a = await Image.build({ ref: "builtin:busybox", snapshotsDir, name: "bb" });
+    const progress: string[] = [];
+    const a = await Image.build({
+      ref: "builtin:busybox",
+      snapshotsDir,
+      name: "bb",
+      onProgress: (p) => progress.push(p.phase === "bake" ? `bake:${p.step}` : p.phase),
+    });
     expect(engineCounters().launched).toBe(before + 1);
     expect(a.snapshotPath).toBe(join(snapshotsDir, "bb"));
-    const b = await Image.build({ ref: "builtin:busybox", snapshotsDir, name: "bb" });
-    expect(engineCounters().launched).toBe(before + 1);
+    expect(progress.filter((p) => p.startsWith("bake"))).toEqual(["bake:boot", "bake:capture", "bake:handoff", "bake-done"]);
+    // The key records what the engine reported of itself, the accelerator the bake VM ran under
+    // included; the bake log tells what happened.
+    const meta = JSON.parse(readFileSync(join(a.snapshotPath, "meta.json"), "utf8")) as { inputs: { engine: Record<string, string> } };
+    const pool = await a.pool({ min: 1, max: 1 });
+    try {
+      expect(meta.inputs.engine.accel).toBe((await pool.acquire()).accel);
+    } finally {
+      await pool.shutdown();
+    }
+    expect(Object.keys(meta.inputs.engine).sort()).toEqual(["accel", "agentKey", "agentVersion", "kernelKey", "qemu"]);
+    expect(readFileSync(join(a.snapshotPath, "bake.log"), "utf8")).toMatch(/booted in \d+ ms \(accel (tcg|kvm)/);
+    const launched = engineCounters().launched;
+    const cached: string[] = [];
+    const b = await Image.build({ ref: "builtin:busybox", snapshotsDir, name: "bb", onProgress: (p) => cached.push(p.phase) });
+    expect(engineCounters().launched).toBe(launched);
+    expect(cached).toContain("bake-cached");
     expect(b.inputHash).toBe(a.inputHash);
     // Another input (memory) is another snapshot.
     const c = await Image.build({ ref: "builtin:busybox", snapshotsDir, name: "bb-512", memoryMib: 512 });
