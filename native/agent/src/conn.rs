@@ -181,14 +181,7 @@ impl Conn {
     /// Calls into one stream with its context, then forgets it if it has ended.
     fn call<R>(&mut self, sh: &mut Shared, id: u32, f: impl FnOnce(&mut dyn Stream, &mut Ctx) -> R) -> Option<R> {
         let s = self.streams.get_mut(&id)?;
-        let mut cx = Ctx {
-            id,
-            conn: self.slot,
-            epoll: &sh.epoll,
-            out: &mut self.out,
-            procs: &mut sh.procs,
-            paused: self.paused,
-        };
+        let mut cx = sh.ctx(id, self.slot, &mut self.out, self.paused);
         let r = f(s.as_mut(), &mut cx);
         self.settle(id);
         Some(r)
@@ -208,14 +201,7 @@ impl Conn {
 
     fn abort_stream(&mut self, sh: &mut Shared, id: u32) {
         if let Some(mut s) = self.streams.remove(&id) {
-            let mut cx = Ctx {
-                id,
-                conn: self.slot,
-                epoll: &sh.epoll,
-                out: &mut self.out,
-                procs: &mut sh.procs,
-                paused: self.paused,
-            };
+            let mut cx = sh.ctx(id, self.slot, &mut self.out, self.paused);
             s.abort(&mut cx);
         }
         self.ready.remove(&id);
@@ -492,14 +478,7 @@ impl Conn {
             self.abort_stream(sh, id);
             return self.out.error(id, proto::STREAM_IN_USE, "stream id already in use", None);
         }
-        let mut cx = Ctx {
-            id,
-            conn: self.slot,
-            epoll: &sh.epoll,
-            out: &mut self.out,
-            procs: &mut sh.procs,
-            paused: self.paused,
-        };
+        let mut cx = sh.ctx(id, self.slot, &mut self.out, self.paused);
         let stream = match h.ty {
             proto::EXEC => stream_exec::open(&mut cx, payload),
             proto::WRITE_FILE => files::open_write(&mut cx, payload),

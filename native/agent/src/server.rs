@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 
 use crate::conn::Conn;
-use crate::stream::{token, ConnId, Procs, Token, T_CONN, T_LISTENER, T_SIGNAL, T_STREAM, T_TIMER};
+use crate::stream::{token, ConnId, Ctx, Output, Procs, Token, T_CONN, T_LISTENER, T_SIGNAL, T_STREAM, T_TIMER};
 use crate::sys::{self, Epoll, Event, TimerFd, EPOLLIN};
 use crate::workload::Workload;
 
@@ -52,6 +52,13 @@ pub struct Shared {
     pub workload: Workload,
     /// PID-1 mode: apply HELLO's clock and entropy, SHUTDOWN reboots.
     pub init_mode: bool,
+}
+
+impl Shared {
+    /// The context a stream of connection `conn` is called with.
+    pub fn ctx<'a>(&'a mut self, id: u32, conn: ConnId, out: &'a mut Output, paused: bool) -> Ctx<'a> {
+        Ctx { id, conn, epoll: &self.epoll, out, procs: &mut self.procs, paused }
+    }
 }
 
 pub struct Server {
