@@ -80,3 +80,9 @@ export class ForwardError extends SupermachineError {}
 
 /** A bake (boot, extraFiles, warmup, capture of a snapshot) failed. */
 export class BakeError extends SupermachineError {}
+
+/** The image graph of a project is inconsistent (a cycle, an unknown parent, a child that changes what its parent fixed). */
+export class GraphError extends SupermachineError {}
+
+/** Building a project's images failed as a whole (e.g. `frozen` with images not baked). */
+export class BuildError extends SupermachineError {}

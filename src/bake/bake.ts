@@ -13,10 +13,10 @@ import type { ExecDefaults } from "../guest/env.js";
 import { logger } from "../log.js";
 import type { BakeProgress, BakeStep } from "../spec/image.js";
 import type { WarmupVm } from "../spec/options.js";
-import { publishSnapshot, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotInputs, type SnapshotMeta, type WorkloadSpec } from "../store/snapshots.js";
+import { publishSnapshot, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotInputs, type SnapshotMeta, type SnapshotSources, type WorkloadSpec } from "../store/snapshots.js";
 import { BakeLog } from "./bake-log.js";
 import { stageExtraFiles, type PlannedFile } from "./extra-files.js";
-import { detachForHandoff } from "./handoff.js";
+import { detachForHandoff, sparseCopy } from "./handoff.js";
 import { runWarmup } from "./warmup.js";
 import { startWorkload, waitListening } from "./workload.js";
 
@@ -26,6 +26,14 @@ export interface BakeRequest {
   dir: string;
   hash: string;
   inputs: SnapshotInputs;
+  /** What explains the key (kept in meta.json for `why`). */
+  sources?: SnapshotSources | undefined;
+  /** Bake on this snapshot (an image built `from` another) instead of booting the image. */
+  parent?: LoadedSnapshot | undefined;
+  /** Bake even when a snapshot with this key exists. */
+  force?: boolean | undefined;
+  /** Keep the baked VM running for a pool (warm handoff; default true). `build` has no pool. */
+  handoff?: boolean | undefined;
   image: SnapshotMeta["image"];
   memoryMib: number;
   vcpus: number;
@@ -76,7 +84,11 @@ export async function ensureBaked(req: BakeRequest): Promise<BakeResult> {
         handoff = r.handoff;
         return r.meta;
       },
-      { onWait: () => progress({ phase: "bake-waiting-for-lock", snapshot: req.dir }), ...(req.signal ? { signal: req.signal } : {}) },
+      {
+        onWait: () => progress({ phase: "bake-waiting-for-lock", snapshot: req.dir }),
+        ...(req.signal ? { signal: req.signal } : {}),
+        ...(req.force ? { force: true } : {}),
+      },
     );
     if (!created) {
       progress({ phase: "bake-cached", snapshot: req.dir });
@@ -103,11 +115,20 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: Snapshot
   };
   bakeLog.line(`baking ${req.image.ref} (${req.image.digest}) into ${req.dir}; key ${req.hash}`);
   step("boot");
+  const ram = join(tmp, SNAPSHOT_FILES.ram);
+  if (req.parent) {
+    // A child starts as a copy of its parent: the parent's RAM (sparse, so only its written
+    // pages are copied) becomes this snapshot's RAM file, and the VM restores the parent's
+    // device state on it, writing to it from then on.
+    bakeLog.line(`on the snapshot of its parent: ${req.parent.dir} (key ${req.parent.meta.hash})`);
+    await sparseCopy(req.parent.ram, ram);
+  }
   const vm = await MicroVm.launch({
     rootfs: req.image.rootfs,
     memoryMib: req.memoryMib,
     vcpus: req.vcpus,
-    memoryFile: { path: join(tmp, SNAPSHOT_FILES.ram), shared: true },
+    memoryFile: { path: ram, shared: true },
+    ...(req.parent ? { incomingState: req.parent.state } : {}),
     ...(req.bootTimeoutMs ? { bootTimeoutMs: req.bootTimeoutMs } : {}),
   }).catch((err: unknown) => {
     bakeLog.line(`boot failed: ${(err as Error).message}`);
@@ -119,7 +140,8 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: Snapshot
   try {
     if (vm.accel !== req.inputs.engine.accel) throw new AccelMismatch(vm.accel);
     req.signal?.throwIfAborted();
-    await warmGuest(vm, req.image.config.env);
+    // A parent's snapshot is warm already.
+    if (!req.parent) await warmGuest(vm, req.image.config.env);
     if (req.extraFiles.length) {
       step("extra-files");
       await stageExtraFiles(vm.agent, req.extraFiles, (l) => bakeLog.line(l));
@@ -129,7 +151,7 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: Snapshot
       await runWarmup(vm, req.defaults, req.warmup, bakeLog, req.image.ref, keepLog);
     }
     req.signal?.throwIfAborted();
-    if (req.listenerRequired) {
+    if (req.listenerRequired && !req.parent) {
       step("listener");
       if (!req.workload) {
         throw new ImageError("IMAGE_NO_WORKLOAD", `${req.image.ref}: listenerRequired needs a workload, and the image has no ENTRYPOINT or CMD`, {
@@ -144,9 +166,11 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: Snapshot
     step("capture");
     const { durationMs } = await vm.capture(join(tmp, SNAPSHOT_FILES.state));
     bakeLog.line(`captured in ${durationMs.toFixed(0)} ms`);
-    step("handoff");
-    handoff = await detachForHandoff(vm, join(tmp, SNAPSHOT_FILES.ram));
-    bakeLog.line(handoff ? "the baked VM goes on running for the first pool" : "no warm handoff");
+    if (req.handoff !== false) {
+      step("handoff");
+      handoff = await detachForHandoff(vm, join(tmp, SNAPSHOT_FILES.ram));
+      bakeLog.line(handoff ? "the baked VM goes on running for the first pool" : "no warm handoff");
+    }
   } catch (err) {
     if (!(err instanceof AccelMismatch)) {
       bakeLog.line(`bake failed: ${(err as Error).message}`);
@@ -168,6 +192,7 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: Snapshot
       {
         hash: req.hash,
         inputs: req.inputs,
+        ...(req.sources ? { sources: req.sources } : {}),
         image: req.image,
         memoryMib: req.memoryMib,
         vcpus: req.vcpus,

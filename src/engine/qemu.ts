@@ -4,12 +4,12 @@
  * QEMU runs under `setpriv --pdeathsig KILL`, so it dies with the Node process that started
  * it, even when that process is SIGKILLed.
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, unlinkSync } from "node:fs";
 import { createServer, type Server, type Socket } from "node:net";
 import { totalmem } from "node:os";
-import { join } from "node:path";
+import { basename, join } from "node:path";
 import { AgentClient, type HelloInfo } from "../agent/client.js";
 import { EngineError, OptionError } from "../errors.js";
 import { logger } from "../log.js";
@@ -21,28 +21,19 @@ import { QmpClient, type QmpCallOptions } from "./qmp.js";
 const log = logger("engine");
 
 /**
- * Identity of the QEMU binary in use (path, size, mtime), for snapshot input hashes: a snapshot
- * is restored only by the QEMU that made it. Memoised per binary name.
+ * Identity of the QEMU in use, for snapshot keys: a snapshot is restored only by the QEMU that
+ * made it. It is what the binary says of itself (`QEMU emulator version 7.2.19 (Debian
+ * 1:7.2+dfsg-7+deb12u16)`), so the same package on another machine has the same identity: keys
+ * must not depend on paths or mtimes. Memoised per binary name.
  */
 const qemuIds = new Map<string, string>();
 export function qemuIdentity(): string {
   const name = qemuBinary();
   let id = qemuIds.get(name);
   if (id === undefined) {
-    const dirs = name.includes("/") ? [""] : (process.env.PATH ?? "/usr/bin:/bin").split(":");
-    id = `${name}:missing`;
-    for (const d of dirs) {
-      const p = d ? join(d, name) : name;
-      try {
-        const st = statSync(p);
-        if (st.isFile()) {
-          id = `${p}:${st.size}:${Math.round(st.mtimeMs)}`;
-          break;
-        }
-      } catch {
-        /* not in this directory */
-      }
-    }
+    const r = spawnSync(name, ["--version"], { encoding: "utf8", timeout: 10_000 });
+    const line = r.status === 0 ? r.stdout.split("\n")[0]?.trim() : undefined;
+    id = line || `${basename(name)}:missing`;
     qemuIds.set(name, id);
   }
   return id;

@@ -4,14 +4,15 @@
  * the booted VM as a snapshot ("bake"). Pools then restore that snapshot for every VM. A build
  * whose inputs were already baked returns without booting anything.
  */
-import { bakeBuild } from "../bake/plan.js";
+import { resolve as resolvePath } from "node:path";
+import { buildGraph } from "../build/build.js";
+import { buildImageGraph } from "../graph/graph.js";
 import { chooseAccel, type AccelChoice } from "../engine/accel.js";
 import type { MicroVm, VmSpec } from "../engine/qemu.js";
 import { ImageError, OptionError } from "../errors.js";
 import { execDefaults } from "../guest/env.js";
 import { logger } from "../log.js";
 import type { ImageConfig } from "../spec/image.js";
-import { resolveImage } from "../image/store.js";
 import { buildSchema, poolSchema, type BuildOptions, type PoolOptions } from "../spec/options.js";
 import { parseOptions } from "../spec/parse.js";
 import { loadSnapshot, type LoadedSnapshot } from "../store/snapshots.js";
@@ -38,6 +39,11 @@ export class Image {
     }
   }
 
+  /** @internal Stops the baked VM kept for the first pool, when no pool will take it. */
+  async dropHandoff(): Promise<void> {
+    await this.takeHandoff()?.kill();
+  }
+
   private takeHandoff(): MicroVm | undefined {
     const h = this.handoff;
     this.handoff = undefined;
@@ -55,16 +61,20 @@ export class Image {
       });
     }
     const b = parseOptions("Image.build", buildSchema, options);
+    // One image is a graph of one node, built by the same path as a project's images.
+    const name = b.name ?? "image";
+    const graph = buildImageGraph([{ name, module: null, from: null, definition: b }]);
     const onProgress = b.onProgress;
-    const resolved = await resolveImage(b.ref, {
-      pullPolicy: b.pullPolicy,
-      ...(b.platform ? { platform: parsePlatform(b.platform) } : {}),
-      ...(b.insecureRegistries ? { insecureRegistries: b.insecureRegistries } : {}),
-      ...(onProgress ? { onProgress } : {}),
+    const nodes = await buildGraph(graph, {
+      concurrency: 1,
+      ...(b.snapshotsDir ? { snapshotsDir: resolvePath(b.snapshotsDir) } : {}),
+      dirName: (_spec, key) => b.name ?? `img-${key.slice(0, 16)}`,
+      ...(onProgress ? { onEvent: (e) => e.type === "progress" && onProgress(e.progress) } : {}),
     });
-    const { snapshot, baked, handoff } = await bakeBuild(b, resolved, onProgress ? { onProgress } : {});
-    log("%s: snapshot %s (%s)", b.ref, snapshot.dir, baked ? `baked in ${snapshot.meta.bakeMs} ms` : "cached");
-    return new Image(snapshot, handoff);
+    const node = nodes.get(name)!;
+    if (node.error) throw node.error;
+    log("%s: snapshot %s (%s)", b.ref, node.dir, node.status === "baked" ? `baked in ${node.snapshot!.meta.bakeMs} ms` : "cached");
+    return new Image(node.snapshot!, node.handoff);
   }
 
   /** Opens a snapshot directory made by `Image.build` (or `vm.snapshot`), after verifying it. */
@@ -140,7 +150,3 @@ export class Image {
   }
 }
 
-function parsePlatform(v: string): { os: string; architecture: string; variant?: string } {
-  const [os, architecture, variant] = v.split("/") as [string, string, string | undefined];
-  return variant ? { os, architecture, variant } : { os, architecture };
-}

@@ -20,24 +20,45 @@ import { fsyncPath, writeFileSynced } from "./durable.js";
 import { publish } from "./publish.js";
 
 const log = logger("snapshots");
-export const META_VERSION = 2;
+export const META_VERSION = 3;
 export const SNAPSHOT_FILES = { ram: "ram", state: "state", meta: "meta.json", log: "bake.log" } as const;
 
-/** Everything a snapshot depends on. Changing any of it makes a different snapshot. */
+/**
+ * Everything a snapshot depends on (its key is their hash). Changing any of it makes a
+ * different snapshot. Nothing here depends on the machine, the checkout's path or mtimes,
+ * except what the engine is (the accelerator among it).
+ */
 export interface SnapshotInputs {
-  manifestDigest: string;
+  /** The parent snapshot's key (an image built `from` another), or null for a root image. */
+  parent: string | null;
+  /** A root image's manifest digest (never its tag); null for a child (it is in the parent's key). */
+  manifestDigest: string | null;
   memoryMib: number;
   vcpus: number;
   env: Record<string, string>;
   cmd: string[] | null;
   guestPort: number;
   listenerRequired: boolean;
-  /** Whether a warmup function runs, and its tag (the function itself cannot be hashed). */
+  /** Whether a warmup function runs, and its tag (the function's code is in `module`). */
   warmup: boolean;
   warmupTag: string;
   /** Staged host files: where they go, their mode and the sha256 of their contents. */
   extraFiles: { guestPath: string; mode: number; sha256: string }[];
+  /** The declaring module bundled and minified (config projects), or null (the API). */
+  module: { sha256: string; packages: Record<string, string> } | null;
   engine: EngineFingerprint;
+}
+
+/**
+ * What explains a key but is not part of it: the reference as written (the key has its digest),
+ * and the files of the module with their digests (the key has the bundle's). `why` reports from it.
+ */
+export interface SnapshotSources {
+  name: string;
+  ref: string;
+  /** The declaring module, relative to the project root. */
+  module: string | null;
+  files: Record<string, string>;
 }
 
 /** The image's main process, as the agent runs it (PROTOCOL.md: WORKLOAD_START). */
@@ -53,6 +74,7 @@ export interface SnapshotMeta {
   version: number;
   hash: string;
   inputs: SnapshotInputs;
+  sources?: SnapshotSources;
   image: { ref: string; digest: string; config: ImageConfig; rootfs: string; rootfsSize: number };
   memoryMib: number;
   vcpus: number;
@@ -181,10 +203,11 @@ export async function publishSnapshot(
   hash: string,
   inputs: SnapshotInputs | undefined,
   write: (tmp: string) => Promise<SnapshotMeta>,
-  opts: { onWait?: () => void; signal?: AbortSignal } = {},
+  opts: { onWait?: () => void; signal?: AbortSignal; force?: boolean } = {},
 ): Promise<{ snapshot: LoadedSnapshot; created: boolean }> {
-  const check = () =>
-    loadSnapshot(dir, hash, inputs).catch((err: unknown) => {
+  // force: a snapshot with this key is made again (and replaces the one there).
+  const check = async () =>
+    opts.force ? undefined : loadSnapshot(dir, hash, inputs).catch((err: unknown) => {
       log("%s", (err as Error).message);
       return undefined;
     });
@@ -215,4 +238,40 @@ export async function listSnapshots(snapshotsDir: string): Promise<LoadedSnapsho
     if (snap) out.push(snap);
   }
   return out;
+}
+
+/** The metadata of a snapshot directory, unverified (for reports), or undefined. */
+export async function readSnapshotMeta(dir: string): Promise<SnapshotMeta | undefined> {
+  try {
+    const meta = JSON.parse(await readFile(join(dir, SNAPSHOT_FILES.meta), "utf8")) as SnapshotMeta;
+    return meta.version === META_VERSION && typeof meta.hash === "string" ? meta : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Snapshots of the image `name` (by their recorded sources) under `snapshotsDir`, newest first. */
+export async function snapshotsOf(snapshotsDir: string, name: string): Promise<{ dir: string; meta: SnapshotMeta }[]> {
+  let names: string[];
+  try {
+    names = await readdir(snapshotsDir);
+  } catch {
+    return [];
+  }
+  const out: { dir: string; meta: SnapshotMeta }[] = [];
+  for (const n of names) {
+    if (!n.startsWith(`${name}-`) || n.includes(".tmp-") || n.endsWith(".lock")) continue;
+    const meta = await readSnapshotMeta(join(snapshotsDir, n));
+    if (meta?.sources?.name === name) out.push({ dir: join(snapshotsDir, n), meta });
+  }
+  return out.sort((a, b) => b.meta.created.localeCompare(a.meta.created));
+}
+
+/** Bytes a snapshot directory takes on disk (its RAM file is sparse: allocated blocks only). */
+export async function diskUsage(dir: string): Promise<number> {
+  let total = 0;
+  for (const f of Object.values(SNAPSHOT_FILES)) {
+    total += await stat(join(dir, f)).then((s) => s.blocks * 512, () => 0);
+  }
+  return total;
 }

@@ -1,0 +1,105 @@
+/**
+ * Content keys of graph nodes. A node's key is the hash of its inputs (SnapshotInputs): the
+ * parent's key, the root's manifest digest, the canonical build options, the extraFiles by guest
+ * path, mode and content, the module bundle, and the engine's fingerprint. The inputs are kept
+ * beside the snapshot, so a later key can be compared with them and every difference named.
+ */
+import type { EngineFingerprint } from "../engine/fingerprint.js";
+import { inputHash, stableJson, type SnapshotInputs, type SnapshotSources } from "../store/snapshots.js";
+import type { ModuleDigest } from "./bundle.js";
+import type { NodeSpec } from "./graph.js";
+
+export interface KeyParts {
+  parentKey: string | null;
+  /** The root's resolved manifest digest (null for a child). */
+  manifestDigest: string | null;
+  /** The workload command the root image runs (its ENTRYPOINT/CMD, or `cmd`), null if none. */
+  workload: string[] | null;
+  extraFiles: { guestPath: string; mode: number; sha256: string }[];
+  module: ModuleDigest | null;
+  engine: EngineFingerprint;
+}
+
+export function nodeInputs(spec: NodeSpec, p: KeyParts): SnapshotInputs {
+  return {
+    parent: p.parentKey,
+    manifestDigest: p.manifestDigest,
+    memoryMib: spec.memoryMib,
+    vcpus: spec.vcpus,
+    env: spec.env,
+    cmd: p.workload,
+    guestPort: spec.guestPort,
+    listenerRequired: spec.listenerRequired,
+    warmup: spec.warmup !== undefined,
+    warmupTag: spec.warmupTag,
+    extraFiles: [...p.extraFiles].sort((a, b) => a.guestPath.localeCompare(b.guestPath)).map(({ guestPath, mode, sha256 }) => ({ guestPath, mode, sha256 })),
+    module: p.module ? { sha256: p.module.sha256, packages: p.module.packages } : null,
+    engine: p.engine,
+  };
+}
+
+export const keyOf = (inputs: SnapshotInputs): string => inputHash(inputs);
+
+export interface InputChange {
+  /** `ref`, `image`, `parent`, `memoryMib`, `extraFiles:/srv/x`, `module`, `module:lib/prepare.ts`, `package:zod`, `engine.qemu`, ... */
+  input: string;
+  before: unknown;
+  after: unknown;
+}
+
+/**
+ * Names every input that differs between the last bake (`before`) and now (`after`), finest
+ * first: a file of the module rather than "module", one extra file rather than "extraFiles".
+ */
+export function diffInputs(before: { inputs: SnapshotInputs; sources?: SnapshotSources | undefined }, after: { inputs: SnapshotInputs; sources?: SnapshotSources | undefined }): InputChange[] {
+  const changes: InputChange[] = [];
+  const a = before.inputs as unknown as Record<string, unknown>;
+  const b = after.inputs as unknown as Record<string, unknown>;
+  const same = (x: unknown, y: unknown) => stableJson(x) === stableJson(y);
+  if ((before.sources?.ref ?? null) !== (after.sources?.ref ?? null) && after.sources) {
+    changes.push({ input: "ref", before: before.sources?.ref ?? null, after: after.sources.ref });
+  }
+  for (const k of [...new Set([...Object.keys(a), ...Object.keys(b)])]) {
+    if (same(a[k], b[k])) continue;
+    switch (k) {
+      case "manifestDigest":
+        changes.push({ input: "image", before: a[k] ?? null, after: b[k] ?? null });
+        break;
+      case "extraFiles": {
+        const byPath = (l: unknown) => new Map(((l as SnapshotInputs["extraFiles"]) ?? []).map((f) => [f.guestPath, f]));
+        const x = byPath(a[k]);
+        const y = byPath(b[k]);
+        for (const p of [...new Set([...x.keys(), ...y.keys()])].sort()) {
+          if (!same(x.get(p), y.get(p))) changes.push({ input: `extraFiles:${p}`, before: x.get(p) ?? null, after: y.get(p) ?? null });
+        }
+        break;
+      }
+      case "module": {
+        const x = a[k] as SnapshotInputs["module"];
+        const y = b[k] as SnapshotInputs["module"];
+        const fx = before.sources?.files ?? {};
+        const fy = after.sources?.files ?? {};
+        const files = [...new Set([...Object.keys(fx), ...Object.keys(fy)])].sort().filter((f) => fx[f] !== fy[f]);
+        for (const f of files) changes.push({ input: `module:${f}`, before: fx[f] ?? null, after: fy[f] ?? null });
+        const px = x?.packages ?? {};
+        const py = y?.packages ?? {};
+        for (const n of [...new Set([...Object.keys(px), ...Object.keys(py)])].sort()) {
+          if (px[n] !== py[n]) changes.push({ input: `package:${n}`, before: px[n] ?? null, after: py[n] ?? null });
+        }
+        if (files.length === 0 && same(px, py)) changes.push({ input: "module", before: x?.sha256 ?? null, after: y?.sha256 ?? null });
+        break;
+      }
+      case "engine": {
+        const x = (a[k] ?? {}) as Record<string, unknown>;
+        const y = (b[k] ?? {}) as Record<string, unknown>;
+        for (const e of [...new Set([...Object.keys(x), ...Object.keys(y)])].sort()) {
+          if (!same(x[e], y[e])) changes.push({ input: `engine.${e}`, before: x[e] ?? null, after: y[e] ?? null });
+        }
+        break;
+      }
+      default:
+        changes.push({ input: k, before: a[k] ?? null, after: b[k] ?? null });
+    }
+  }
+  return changes;
+}
