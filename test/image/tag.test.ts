@@ -171,8 +171,19 @@ describe("tagImage", () => {
     const second = await removeImage("localhost/kept:1", home);
     expect(second.removed).toEqual(["localhost/kept:1"]);
     expect(second.blobsRemoved).toBe(3);
+    expect(second.imagesRemoved).toBe(1); // the root filesystem was built for a tag
     expect(existsSync(storeBlob(src.manifestDigest))).toBe(false);
     expect(existsSync(src.manifestPath)).toBe(true); // the layout is the user's
     expect(await listImages(home)).toEqual([]);
+  });
+
+  it("rmi of a tag keeps the root filesystem of the layout it was made from", async () => {
+    await layout("img", "x\n");
+    const built = await resolveImage(`oci:${join(work, "img")}`, { home });
+    await tagImage(`oci:${join(work, "img")}`, "localhost/alias:1", { home });
+    expect((await resolveImage("localhost/alias:1", { pullPolicy: "never", home })).rootfsPath).toBe(built.rootfsPath);
+    const r = await removeImage("localhost/alias:1", home);
+    expect(r).toMatchObject({ removed: ["localhost/alias:1"], blobsRemoved: 3, imagesRemoved: 0 });
+    expect(existsSync(built.rootfsPath)).toBe(true);
   });
 });
