@@ -1,7 +1,8 @@
-/** Image commands: pull, images, rmi, gc. */
+/** Image commands: pull, tag, images, rmi, gc. */
 import { Option, type Command } from "commander";
 import { Image } from "../runtime/image.js";
 import { collectGarbage, listImages, removeImage } from "../image/gc.js";
+import { tagImage, type TagProgress } from "../image/tag.js";
 import { action, collect, isJson, mb, platform, progressPrinter, PULL_POLICIES, writeJson, type PullPolicyArg } from "./common.js";
 
 const GROUP = "Images:";
@@ -17,6 +18,22 @@ export function registerImageCommands(program: Command): void {
     .option("--insecure-registry <host>", "reach registry host[:port] over plain HTTP (repeatable)", collect)
     .addOption(new Option("--pull-policy <policy>", "when to ask the registry (default always)").choices(PULL_POLICIES))
     .action(action(pull));
+
+  program
+    .command("tag")
+    .helpGroup(GROUP)
+    .summary("name image <source> as <target>, a registry-style name, without any network")
+    .description(
+      "Make <source> available as <target> (like docker tag / docker load): its blobs are copied into the " +
+        "local store and <target> names it, so `run <target>` and Image.build({ ref: <target> }) find it " +
+        "without asking a registry. A registry <source> is used from the local store when present, else pulled.",
+    )
+    .argument("<source>", "any image reference: oci:<dir>[:<tag>], builtin:busybox, docker-archive:<file.tar>, alpine:3.20, ...")
+    .argument("<target>", "a registry-style name without a digest: python:3-bookworm, localhost/app:v1, ...")
+    .option("--platform <os/arch>", "platform to pick from a multi-platform source (default: this host's)", platform)
+    .option("--insecure-registry <host>", "reach registry host[:port] over plain HTTP (repeatable)", collect)
+    .addHelpText("after", "\nExample:\n  supermachine tag oci:./python-layout:3-bookworm python:3-bookworm\n  supermachine run python:3-bookworm -- python3 -V")
+    .action(action(tag));
 
   program
     .command("images")
@@ -50,6 +67,31 @@ async function pull(ref: string, o: { platform?: string; insecureRegistry?: stri
   if (json) writeJson({ ref, digest: image.digest, rootfs: image.rootfsPath, config: image.config });
   else process.stdout.write(`${ref}: ${image.digest}\n`);
   return 0;
+}
+
+async function tag(source: string, target: string, o: { platform?: string; insecureRegistry?: string[] }, cmd: Command): Promise<number> {
+  const json = isJson(cmd);
+  const [os, architecture, variant] = (o.platform ?? "").split("/");
+  const r = await tagImage(source, target, {
+    ...(o.platform ? { platform: { os: os!, architecture: architecture!, ...(variant ? { variant } : {}) } } : {}),
+    ...(o.insecureRegistry ? { insecureRegistries: o.insecureRegistry } : {}),
+    onProgress: tagProgressPrinter(json),
+  });
+  if (json) writeJson({ source, ...r });
+  else process.stdout.write(`${r.target}: ${r.manifestDigest}\n`);
+  return 0;
+}
+
+/** Pulls and imports print as for `pull`; each blob copied into the store gets a line. */
+function tagProgressPrinter(json: boolean): (p: TagProgress) => void {
+  const pulling = progressPrinter(json);
+  if (json) return () => {};
+  return (p) => {
+    if (p.phase !== "copy") return pulling(p);
+    const short = p.digest.slice(7, 19);
+    const size = p.bytes < 1e6 ? `${(p.bytes / 1e3).toFixed(1)} kB` : mb(p.bytes);
+    process.stderr.write(`${p.kind} ${short}: ${p.cached ? "already present" : `copied ${size}`}\n`);
+  };
 }
 
 async function images(_o: unknown, cmd: Command): Promise<number> {

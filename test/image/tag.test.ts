@@ -118,6 +118,8 @@ describe("tagImage", () => {
     const src = await layout("img", "x\n", { tag: "v1" });
     await expect(tagImage(`oci:${join(work, "img")}:v2`, "app", { home })).rejects.toMatchObject({ code: "IMAGE_TAG_NOT_FOUND" });
     await expect(tagImage("builtin:nope", "app", { home })).rejects.toMatchObject({ code: "REF_UNKNOWN_BUILTIN" });
+    // A registry source that is not local is pulled: here from a port nothing listens on.
+    await expect(tagImage("localhost:1/none:x", "app", { home })).rejects.toMatchObject({ code: "REGISTRY_UNREACHABLE" });
 
     const blob = await readFile(src.layerPaths[0]!);
     blob[blob.length - 1] ^= 0xff; // same size, other content

@@ -57,6 +57,30 @@ describe("supermachine CLI", () => {
     expect(JSON.parse(cli("--json", "images").stdout)).toBeInstanceOf(Array);
   });
 
+  it("tags an image under a registry-style name that run then finds locally", () => {
+    const name = "localhost/sm-cli-test:latest";
+    try {
+      const tagged = cli("tag", "--json", "builtin:busybox", "localhost/sm-cli-test");
+      expect(tagged.status, tagged.stderr).toBe(0);
+      expect(JSON.parse(tagged.stdout)).toEqual({ source: "builtin:busybox", target: name, manifestDigest: expect.stringMatching(/^sha256:[0-9a-f]{64}$/) });
+      const listed = JSON.parse(cli("images", "--json").stdout) as { ref: string; source: string }[];
+      expect(listed.find((i) => i.ref === name)).toMatchObject({ source: "tag" });
+
+      const r = cli("run", "--pull-policy", "never", name, "--", "echo", "hi");
+      expect(r.status, r.stderr).toBe(0);
+      expect(r.stdout).toBe("hi\n");
+
+      const bad = cli("tag", "--json", "builtin:busybox", "oci:./somewhere");
+      expect(bad.status).toBe(1);
+      expect(JSON.parse(bad.stdout).error).toMatchObject({ code: "REF_TAG_TARGET_INVALID", hint: expect.any(String) });
+    } finally {
+      const rmi = cli("rmi", "--json", name);
+      expect(rmi.status, rmi.stderr).toBe(0);
+      expect(JSON.parse(rmi.stdout)).toMatchObject({ ref: name, removed: [name] });
+    }
+    expect(cli("run", "--pull-policy", "never", name, "--", "true").status).toBe(1);
+  });
+
   it("explains its accelerator choice", () => {
     const r = cli("info", "--json");
     expect(r.status).toBe(0);
