@@ -121,6 +121,9 @@ export async function removeImage(ref: string, home?: string): Promise<{ removed
     if (keepImages.has(rec.manifestDigest)) continue;
     const dir = join(homePaths(home).images, rec.manifestDigest.slice(7));
     if (!existsSync(dir)) continue;
+    // A tag shares its image's entry with the layout it was made from (oci:, builtin:): while
+    // that layout exists the entry is the layout's too, as collectGarbage sees it.
+    if (isLocalLayoutAlive(await builtFrom(dir))) continue;
     result.bytesFreed += await size(join(dir, ROOTFS_FILE));
     await rm(dir, { recursive: true, force: true });
     result.imagesRemoved++;
@@ -173,6 +176,15 @@ export async function collectGarbage(home?: string, graceMs = 60 * 60_000): Prom
     log("removed image entry %s (%s)", hex, meta.ref ?? "unknown ref");
   }
   return result;
+}
+
+/** The reference an image entry was built for (its metadata), "" when unreadable. */
+async function builtFrom(dir: string): Promise<string> {
+  try {
+    return (JSON.parse(await readFile(join(dir, METADATA_FILE), "utf8")) as { ref?: string }).ref ?? "";
+  } catch {
+    return "";
+  }
 }
 
 function isLocalLayoutAlive(ref: string): boolean {

@@ -1,8 +1,8 @@
 /**
- * Local names of images that came from a registry or an archive: which manifest a reference
- * resolved to when it was pulled. One small JSON file per canonical reference, replaced
- * atomically (store/publish.ts: temp, fsync, rename, under a lock), so `pullPolicy: "missing"`
- * answers from disk without touching the network.
+ * Local names of images that came from a registry or an archive, or were tagged (tag.ts): which
+ * manifest a reference resolved to when it was pulled, imported or tagged. One small JSON file
+ * per canonical reference, replaced atomically (store/publish.ts: temp, fsync, rename, under a
+ * lock), so `pullPolicy: "missing"` answers from disk without touching the network.
  */
 import { createHash } from "node:crypto";
 import { readdir, readFile, rm, writeFile } from "node:fs/promises";
@@ -18,7 +18,8 @@ export interface RefRecord {
   manifestDigest: string;
   /** The index the registry served for the reference, when it was one. */
   indexDigest?: string;
-  source: "registry" | "docker-archive";
+  /** How the name was made: a pull, an archive import, or `tagImage` (a name given locally). */
+  source: "registry" | "docker-archive" | "tag";
   pulledAt: string;
 }
 

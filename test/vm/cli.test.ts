@@ -32,6 +32,55 @@ describe("supermachine CLI", () => {
     expect(usage.stderr).toContain("unknown command");
   });
 
+  it("passes everything after -- to the guest untouched, flags included", () => {
+    const r = cli("run", "builtin:busybox", "--", "sh", "-c", 'printf "%s\\n" "$@"', "sh", "--json", "-e", "--help", "--", "-V");
+    expect(r.status).toBe(0);
+    expect(r.stdout).toBe("--json\n-e\n--help\n--\n-V\n");
+  });
+
+  it("has per-command help, a version, and rejects unknown options with status 2", () => {
+    const help = cli("run", "--help");
+    expect(help.status).toBe(0);
+    expect(help.stdout).toMatch(/^Usage: supermachine run \[options\] <ref> <argv\.\.\.>/);
+    expect(help.stdout).toContain("--pull-policy");
+    expect(cli("help", "rmi").stdout).toContain("Usage: supermachine rmi");
+    expect(cli("--help").stdout).toMatch(/run \[options\] <ref> <argv\.\.\.>[\s\S]*images[\s\S]*info/);
+    expect(cli("--version").stdout).toMatch(/^\d+\.\d+\.\d+/);
+    for (const args of [["images", "--frob"], ["run", "--memory", "lots", "builtin:busybox", "--", "true"], ["pull", "a", "b"], []]) {
+      const r = cli(...args);
+      expect(r.status, args.join(" ")).toBe(2);
+      expect(r.stdout).toBe("");
+      expect(r.stderr).toMatch(/^(supermachine: |Usage: )/);
+    }
+    expect(cli("images", "--frob").stderr).toContain("unknown option '--frob'");
+    // --json is global: accepted before the command name as well as after it.
+    expect(JSON.parse(cli("--json", "images").stdout)).toBeInstanceOf(Array);
+  });
+
+  it("tags an image under a registry-style name that run then finds locally", () => {
+    const name = "localhost/sm-cli-test:latest";
+    try {
+      const tagged = cli("tag", "--json", "builtin:busybox", "localhost/sm-cli-test");
+      expect(tagged.status, tagged.stderr).toBe(0);
+      expect(JSON.parse(tagged.stdout)).toEqual({ source: "builtin:busybox", target: name, manifestDigest: expect.stringMatching(/^sha256:[0-9a-f]{64}$/) });
+      const listed = JSON.parse(cli("images", "--json").stdout) as { ref: string; source: string }[];
+      expect(listed.find((i) => i.ref === name)).toMatchObject({ source: "tag" });
+
+      const r = cli("run", "--pull-policy", "never", name, "--", "echo", "hi");
+      expect(r.status, r.stderr).toBe(0);
+      expect(r.stdout).toBe("hi\n");
+
+      const bad = cli("tag", "--json", "builtin:busybox", "oci:./somewhere");
+      expect(bad.status).toBe(1);
+      expect(JSON.parse(bad.stdout).error).toMatchObject({ code: "REF_TAG_TARGET_INVALID", hint: expect.any(String) });
+    } finally {
+      const rmi = cli("rmi", "--json", name);
+      expect(rmi.status, rmi.stderr).toBe(0);
+      expect(JSON.parse(rmi.stdout)).toMatchObject({ ref: name, removed: [name] });
+    }
+    expect(cli("run", "--pull-policy", "never", name, "--", "true").status).toBe(1);
+  });
+
   it("explains its accelerator choice", () => {
     const r = cli("info", "--json");
     expect(r.status).toBe(0);
