@@ -1,0 +1,118 @@
+/**
+ * Progress of a project build on stderr: on a terminal, one live line per image (log-update
+ * redraws them in place); elsewhere (CI logs), a plain line per step; with --json, nothing.
+ */
+import { logUpdateStderr } from "log-update";
+import type { BuildEvent, BuiltNode } from "../build/build.js";
+import type { BuildProgress } from "../spec/image.js";
+
+interface Row {
+  name: string;
+  state: string;
+  started: number;
+  done?: BuiltNode;
+}
+
+const seconds = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
+
+/** What a progress event means, in a few words (undefined: nothing worth showing). */
+function describe(p: BuildProgress): string | undefined {
+  switch (p.phase) {
+    case "pull":
+      if (p.event.type === "layer") return `pulling layer ${p.event.index + 1}/${p.event.count} (${(p.event.bytes / 1e6).toFixed(1)} MB)`;
+      if (p.event.type === "manifest") return "resolving";
+      return undefined;
+    case "import":
+      return "importing";
+    case "scan-layer":
+    case "copy-layer":
+      return `unpacking layer ${p.layer}/${p.layers}`;
+    case "squashfs":
+      return "building the root filesystem";
+    case "waiting-for-lock":
+    case "bake-waiting-for-lock":
+      return "waiting for another process";
+    case "bake":
+      return { boot: "booting", "extra-files": "staging extraFiles", warmup: "running the warmup", listener: "waiting for the listener", capture: "capturing", handoff: "capturing" }[p.step];
+    default:
+      return undefined;
+  }
+}
+
+function outcome(n: BuiltNode): string {
+  switch (n.status) {
+    case "baked":
+      return `baked in ${seconds(n.ms)}`;
+    case "cached":
+      return "cached";
+    case "would-bake":
+      return "would bake";
+    case "skipped":
+      return "skipped (its parent failed)";
+    case "failed":
+      return `failed: ${n.error?.message.split("\n")[0] ?? "unknown error"}`;
+  }
+}
+
+export class BuildRenderer {
+  private readonly rows = new Map<string, Row>();
+  private timer: NodeJS.Timeout | undefined;
+  private readonly live: boolean;
+
+  constructor(
+    private readonly mode: "tty" | "plain" | "silent",
+    names: string[],
+  ) {
+    this.live = mode === "tty";
+    for (const name of names) this.rows.set(name, { name, state: "waiting", started: 0 });
+    if (this.live) {
+      this.timer = setInterval(() => this.draw(), 100);
+      this.timer.unref();
+    }
+  }
+
+  static for(json: boolean, names: string[]): BuildRenderer {
+    return new BuildRenderer(json ? "silent" : process.stderr.isTTY ? "tty" : "plain", names);
+  }
+
+  readonly onEvent = (e: BuildEvent): void => {
+    if (this.mode === "silent") return;
+    const row = this.rows.get(e.name) ?? { name: e.name, state: "waiting", started: 0 };
+    this.rows.set(e.name, row);
+    if (e.type === "start") {
+      row.started = performance.now();
+      this.set(row, "starting");
+    } else if (e.type === "progress") {
+      const text = describe(e.progress);
+      if (text && text !== row.state) this.set(row, text);
+    } else {
+      row.done = e.node;
+      this.set(row, outcome(e.node));
+    }
+  };
+
+  private set(row: Row, state: string): void {
+    row.state = state;
+    if (this.live) this.draw();
+    else process.stderr.write(`[${row.name}] ${state}\n`);
+  }
+
+  private draw(): void {
+    const width = Math.max(...[...this.rows.keys()].map((n) => n.length), 4);
+    const lines = [...this.rows.values()].map((r) => {
+      const mark = r.done ? (r.done.status === "failed" ? "✗" : r.done.status === "skipped" ? "-" : "✓") : r.started ? "…" : " ";
+      const time = r.started && !r.done ? ` ${seconds(performance.now() - r.started)}` : "";
+      return `${mark} ${r.name.padEnd(width)}  ${r.state}${time}`;
+    });
+    logUpdateStderr(lines.join("\n"));
+  }
+
+  /** Stops redrawing and leaves the final state on screen. */
+  finish(): void {
+    if (this.timer) clearInterval(this.timer);
+    if (this.live) {
+      this.draw();
+      logUpdateStderr.done();
+    }
+  }
+}
