@@ -104,12 +104,21 @@ async function loadConfig(modules: ModuleSession, file: string, rel: string, env
       hint: "end the config file with export default defineConfig({ images: [...], pools: { ... } })",
     });
   }
-  // `pools: { __proto__: {...} }` sets the object's prototype: there would be no pool, and no error.
-  if (value.pools !== null && typeof value.pools === "object" && !Array.isArray(value.pools) && !isPlainObject(value.pools)) {
-    throw new ConfigError("OPTION_INVALID", `${rel}: pools must be an object literal of pool name → { image, ... }, got ${describe(value.pools)}`, {
-      file,
-      hint: 'a key named "__proto__" sets the object\'s prototype instead of naming a pool: pick another name',
-    });
+  // A "__proto__" key would silently vanish: `{ __proto__: {...} }` sets the object's prototype,
+  // and the schema's records drop an own "__proto__" key (computed: `{ ["__proto__"]: ... }`).
+  for (const field of ["pools", "images"] as const) {
+    const v = value[field];
+    if (v === null || typeof v !== "object" || Array.isArray(v)) continue;
+    const hint = 'pick another name: "__proto__" names an object\'s prototype';
+    if (!isPlainObject(v)) {
+      throw new ConfigError("OPTION_INVALID", `${rel}: ${field} must be an object literal, got ${describe(v)}`, {
+        file,
+        hint: `a key written __proto__: sets the object's prototype instead of naming an entry; ${hint}`,
+      });
+    }
+    if (Object.prototype.hasOwnProperty.call(v, "__proto__")) {
+      throw new ConfigError("OPTION_INVALID", `${rel}: key of ${field} cannot be "__proto__"`, { file, hint });
+    }
   }
   return validate(rel, configSchema, value, file);
 }
