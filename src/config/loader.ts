@@ -126,8 +126,11 @@ async function loadConfig(modules: ModuleSession, file: string, rel: string, env
 async function globModules(root: string, configPath: string, rel: (p: string) => string, patterns: string[]): Promise<string[]> {
   if (patterns.length === 0) return [];
   const matched = await glob(patterns, { cwd: root, absolute: true, onlyFiles: true, ignore: ["**/node_modules/**"] });
-  // Real paths, as jiti resolves imports: a module globbed and imported is then one module.
-  const files = [...new Set(matched.filter((f) => !DECLARATION_FILE.test(f)).map(realpath))].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+  // Real paths, as jiti resolves imports: a module globbed and imported is then one module. The
+  // config file itself is not an image, even when a pattern such as "./*.ts" matches it.
+  const files = [...new Set(matched.filter((f) => !DECLARATION_FILE.test(f)).map(realpath))]
+    .filter((f) => f !== configPath)
+    .sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
   for (const f of files) {
     if (!MODULE_EXTENSIONS.includes(extname(f))) {
       throw new ConfigError("CONFIG_INVALID_MODULE", `${rel(f)}: matched by images ${JSON.stringify(patterns)}, but is not a module (${MODULE_EXTENSIONS.join(", ")})`, {

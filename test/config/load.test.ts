@@ -4,7 +4,7 @@ import { existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 
 import { join, sep } from "node:path";
 import { describe, expect, it } from "vitest";
 import { loadProject, type LoadedProject } from "../../src/config/index.js";
-import { copyFixture, fixture } from "./helpers.js";
+import { copyFixture, fixture, writeProject } from "./helpers.js";
 
 const image = (p: LoadedProject, name: string) => {
   const found = p.images.find((i) => i.name === name);
@@ -130,6 +130,20 @@ describe("loadProject", () => {
     ]);
     // The shared package's source, by its real path: watch mode sees its edits.
     expect(p.dependencies).toEqual([join(ws, "app", "sandboxes", "svc.ts"), join(ws, "app", "supermachine.config.ts"), join(ws, "packages", "shared", "src", "x.ts")]);
+  });
+
+  it("resolves supermachine and supermachine/config to this package; a glob never takes the config file for an image", async () => {
+    const root = writeProject({
+      "supermachine.config.ts": 'import { defineConfig } from "supermachine/config";\nexport default defineConfig({ images: ["./*.ts"] });\n',
+      "main.ts": [
+        'import { defineImage } from "supermachine/config";',
+        'import { Image } from "supermachine";',
+        'export default defineImage({ ref: typeof Image.build === "function" ? "has-image-build" : "no" });',
+      ].join("\n"),
+    });
+    const p = await loadProject({ cwd: root });
+    expect(p.images).toEqual([{ name: "main", module: join(root, "main.ts"), definition: { ref: "has-image-build" }, from: null }]);
+    expect(p.dependencies).toEqual([join(root, "main.ts"), join(root, "supermachine.config.ts")]);
   });
 
   it("sees edited files when the project is loaded again", async () => {
