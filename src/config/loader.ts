@@ -10,7 +10,7 @@ import { logger } from "../log.js";
 import { resolveConfigPath } from "./discover.js";
 import { ConfigError } from "./errors.js";
 import { openModules, type ModuleSession } from "./modules.js";
-import type { ConfigEnv, ImageDecl, LoadedProject, LoadProjectOptions, PoolDeclaration, ProjectImage } from "./types.js";
+import type { ConfigEnv, ImageDecl, LoadedProject, LoadProjectOptions, ProjectImage } from "./types.js";
 import type { z } from "zod";
 
 const log = logger("config");
@@ -74,14 +74,14 @@ async function load({ cwd = process.cwd(), configFile, command = "build" }: Load
       configPath,
       root,
       images: await declareImages(entries, env, Array.isArray(config.images) ? config.images : undefined),
-      pools: (config.pools ?? {}) as Record<string, PoolDeclaration>,
+      pools: config.pools ?? {},
       snapshotsDir: config.snapshotsDir === undefined ? undefined : resolve(root, config.snapshotsDir),
       concurrency: config.concurrency,
     };
   } finally {
     dependencies = modules.close();
   }
-  if (!dependencies.includes(configPath)) dependencies.unshift(configPath);
+  if (!dependencies.includes(configPath)) dependencies = [...dependencies, configPath].sort();
   log(
     "loaded %s in %d ms: images %s; %d files",
     configPath,
