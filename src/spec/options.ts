@@ -20,7 +20,8 @@ export const PULL_POLICIES = ["always", "missing", "never"] as const;
 
 // ---- building blocks ---------------------------------------------------------------------------
 
-const intIn = (min: number, max: number) => {
+/** An integer option in [min, max], with the range in its message. */
+export const intIn = (min: number, max: number) => {
   const error = `must be an integer from ${min} to ${max}`;
   return z.number({ error }).int({ error }).min(min, { error }).max(max, { error });
 };

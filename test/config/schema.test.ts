@@ -1,0 +1,50 @@
+// The config schemas (src/spec/config.ts): the option schemas' fields and messages, without
+// their defaults.
+import { describe, expect, it } from "vitest";
+import { configSchema, imageDefinitionSchema, poolDeclarationSchema, RESERVED_POOL_NAMES } from "../../src/spec/config.js";
+import { buildSchema, poolSchema } from "../../src/spec/options.js";
+import { parseOptions } from "../../src/spec/parse.js";
+import { OptionError } from "../../src/errors.js";
+
+function message(fn: () => unknown): string {
+  try {
+    fn();
+  } catch (e) {
+    expect(e).toBeInstanceOf(OptionError);
+    return (e as OptionError).message;
+  }
+  throw new Error("expected an OptionError");
+}
+
+describe("image definition schema", () => {
+  it("applies no default: a child inherits memoryMib and vcpus from its parent", () => {
+    expect(imageDefinitionSchema.parse({ from: "python" })).toEqual({ from: "python" });
+    expect(imageDefinitionSchema.parse({ ref: " alpine " })).toEqual({ ref: "alpine" });
+    // Image.build's schema, the same fields, still fills them.
+    expect(buildSchema.parse({ ref: "alpine" })).toMatchObject({ memoryMib: 256, vcpus: 1, pullPolicy: "missing", env: {}, extraFiles: [] });
+  });
+
+  it("accepts and refuses what Image.build does, with the same messages", () => {
+    for (const bad of [{ memoryMib: 32 }, { vcpus: 1.5 }, { env: { "A=B": "x" } }, { cmd: [] }, { platform: "amd64" }, { guestPort: 0 }]) {
+      const asBuild = message(() => parseOptions("x", buildSchema, { ref: "alpine", ...bad }));
+      expect(message(() => parseOptions("x", imageDefinitionSchema, { ref: "alpine", ...bad }))).toBe(asBuild);
+    }
+  });
+});
+
+describe("pool declaration schema", () => {
+  it("takes image.pool's options and an image name, without defaults", () => {
+    expect(poolDeclarationSchema.parse({ image: "agent" })).toEqual({ image: "agent" });
+    expect(poolDeclarationSchema.parse({ image: "agent", min: 2, max: 16, memoryMib: 1024 })).toEqual({ image: "agent", min: 2, max: 16, memoryMib: 1024 });
+    expect(poolSchema.parse({ min: 2 })).toMatchObject({ min: 2, max: 2, acquireTimeoutMs: 60_000 });
+    // image.pool's cross-field check (min <= max), on what was set: max defaults to min.
+    expect(poolDeclarationSchema.parse({ image: "a", min: 5 })).toEqual({ image: "a", min: 5 });
+    expect(message(() => parseOptions("c", poolDeclarationSchema, { image: "a", min: 5, max: 2 }))).toBe(message(() => parseOptions("c", poolSchema, { min: 5, max: 2 })));
+  });
+
+  it("refuses the names of the pools object's members", () => {
+    for (const n of ["close", "then", "constructor", "toString", "__proto__", "hasOwnProperty", "valueOf"]) expect(RESERVED_POOL_NAMES).toContain(n);
+    expect(configSchema.safeParse({ images: [], pools: { then: { image: "a" } } }).success).toBe(false);
+    expect(configSchema.safeParse({ images: [], pools: { _then: { image: "a" }, "agent-2": { image: "a" } } }).success).toBe(true);
+  });
+});
