@@ -3,7 +3,7 @@
  * project's bench contract says (one JSON object on stdout with --json; progress on stderr).
  */
 import { execFileSync, spawn } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { cpSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { cpus, release, tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -13,6 +13,9 @@ import { packageRoot } from "../src/engine/artifacts.js";
 import { MicroVm } from "../src/engine/qemu.js";
 import { resolveImage } from "../src/image/store.js";
 import { connect, type Socket } from "node:net";
+import { buildGraph } from "../src/build/build.js";
+import { loadProject } from "../src/config/loader.js";
+import { buildImageGraph } from "../src/graph/graph.js";
 import { Image } from "../src/runtime/image.js";
 import type { Vm } from "../src/runtime/vm.js";
 
@@ -125,6 +128,53 @@ await skip("acquire_idle_ms", () => acquireBenchmark());
 await skip("pool_cycle_per_s", () => poolCycleBenchmark());
 await skip("idle_vm_pss_mib", () => densityBenchmark());
 await skip("pull_python_ms", () => registryBenchmarks());
+await skip("graph_resolve_20_images_ms layered_bake_ms", () => projectBenchmarks());
+
+/**
+ * The declarative layer on the 20-image test project (test/fixtures/monorepo), all baked:
+ * loading the config and modules, building the graph, bundling and keying every image and
+ * verifying every snapshot, as `supermachine build` does when nothing changed. And a layered
+ * bake: a child of busybox whose warmup runs one exec, its parent cached.
+ */
+async function projectBenchmarks(): Promise<void> {
+  const root = packageRoot();
+  const dir = mkdtempSync(join(tmpdir(), "sm-bench-project-"));
+  try {
+    cpSync(join(root, "test/fixtures/monorepo"), dir, { recursive: true });
+    const resolveAll = async () => {
+      const project = await loadProject({ cwd: dir });
+      const graph = buildImageGraph(project.images);
+      return buildGraph(graph, { root: project.root, snapshotsDir: project.snapshotsDir!, handoff: false });
+    };
+    progress("baking the 20-image project once ...");
+    const baked = await resolveAll();
+    if ([...baked.values()].some((n) => n.error)) throw [...baked.values()].find((n) => n.error)!.error!;
+    const samples: number[] = [];
+    for (let i = 0; i < (quick ? 5 : 20); i++) {
+      const t0 = performance.now();
+      const nodes = await resolveAll();
+      samples.push(performance.now() - t0);
+      if (![...nodes.values()].every((n) => n.status === "cached")) throw new Error("the project was not all cached");
+    }
+    record("graph_resolve_20_images_ms", samples);
+    const layered: number[] = [];
+    for (let i = 0; i < (quick ? 2 : 5); i++) {
+      const graph = buildImageGraph([
+        { name: "base", module: null, from: null, definition: { ref: "builtin:busybox" } },
+        { name: `child`, module: null, from: "base", definition: { warmupTag: `bench-${i}-${Date.now()}`, warmup: async (w) => void (await w.exec({ argv: ["echo", "warm"] })) } },
+      ]);
+      await buildGraph(graph, { names: ["base"], snapshotsDir: join(dir, "layered"), handoff: false });
+      const t0 = performance.now();
+      const nodes = await buildGraph(graph, { snapshotsDir: join(dir, "layered"), handoff: false });
+      const ms = performance.now() - t0;
+      if (nodes.get("base")!.status !== "cached" || nodes.get("child")!.status !== "baked") throw new Error("expected a cached parent and a baked child");
+      layered.push(ms);
+    }
+    record("layered_bake_ms", layered);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
 
 /**
  * A new VM from the snapshot through the pool (a pre-started process restores it) to the first

@@ -2,6 +2,21 @@
 export { Image } from "./runtime/image.js";
 export { Pool, type PoolStats } from "./runtime/pool.js";
 export { Vm } from "./runtime/vm.js";
+export { loadPools, type LoadPoolsOptions, type Pools } from "./runtime/pools.js";
+export { loadProject } from "./config/loader.js";
+export { findConfig, CONFIG_FILE_NAMES } from "./config/discover.js";
+export { ConfigError } from "./config/errors.js";
+export type { BuildEvent, BuiltNode, NodeStatus } from "./build/build.js";
+export type {
+  ImageDefinition,
+  ImageDefinitionFn,
+  SupermachineConfig,
+  SupermachineConfigFn,
+  PoolDeclaration,
+  LoadedProject,
+  ProjectImage,
+  ConfigEnv,
+} from "./spec/project.js";
 export { ExecChild, type ExecWaitResult } from "./guest/exec-child.js";
 export { TcpForwarder } from "./guest/tcp.js";
 export type {
@@ -23,6 +38,7 @@ export { BUILD_DEFAULTS, POOL_DEFAULTS, EXEC_DEFAULT_TIMEOUT_MS, FILE_LIMIT } fr
 export type { ImageConfig, ImageProgress, PullProgress, BakeProgress, BakeStep, BuildProgress } from "./spec/image.js";
 export type { PullPolicy } from "./image/store.js";
 export { RegistryError } from "./registry/errors.js";
+export { tagImage } from "./image/tag.js";
 export type { AccelChoice, Accel } from "./engine/accel.js";
 export {
   SupermachineError,

@@ -11,6 +11,7 @@ import { Command } from "commander";
 import { packageRoot } from "../engine/artifacts.js";
 import { registerImageCommands } from "./images.js";
 import { registerInfoCommand } from "./info.js";
+import { registerProjectCommands } from "./project.js";
 import { registerRunCommand } from "./run.js";
 
 const FOOTER = `
@@ -37,6 +38,7 @@ export function createProgram(): Command {
   registerRunCommand(program);
   registerImageCommands(program);
   registerInfoCommand(program);
+  registerProjectCommands(program);
   return program;
 }
 

@@ -57,36 +57,49 @@ function outcome(n: BuiltNode): string {
 export class BuildRenderer {
   private readonly rows = new Map<string, Row>();
   private timer: NodeJS.Timeout | undefined;
+  private readonly starts = new Map<string, number>();
   private readonly live: boolean;
 
   constructor(
     private readonly mode: "tty" | "plain" | "silent",
     names: string[],
+    /** Say nothing of images that turn out cached (a `run` of a baked image prints no progress). */
+    private readonly quietCached = false,
   ) {
     this.live = mode === "tty";
-    for (const name of names) this.rows.set(name, { name, state: "waiting", started: 0 });
+    // With quietCached an image gets a line only once it does some work (a pull, a bake).
+    if (!quietCached) for (const name of names) this.rows.set(name, { name, state: "waiting", started: 0 });
     if (this.live) {
       this.timer = setInterval(() => this.draw(), 100);
       this.timer.unref();
     }
   }
 
-  static for(json: boolean, names: string[]): BuildRenderer {
-    return new BuildRenderer(json ? "silent" : process.stderr.isTTY ? "tty" : "plain", names);
+  static for(json: boolean, names: string[], opts: { quietCached?: boolean } = {}): BuildRenderer {
+    return new BuildRenderer(json ? "silent" : process.stderr.isTTY ? "tty" : "plain", names, opts.quietCached);
   }
 
   readonly onEvent = (e: BuildEvent): void => {
     if (this.mode === "silent") return;
-    const row = this.rows.get(e.name) ?? { name: e.name, state: "waiting", started: 0 };
+    if (this.quietCached && !this.rows.has(e.name)) {
+      if (e.type === "start") this.starts.set(e.name, performance.now());
+      if (e.type !== "progress" || !describe(e.progress)) return;
+    }
+    const row = this.rows.get(e.name) ?? { name: e.name, state: "waiting", started: this.starts.get(e.name) ?? 0 };
     this.rows.set(e.name, row);
     if (e.type === "start") {
       row.started = performance.now();
-      this.set(row, "starting");
+      row.state = "resolving";
+      if (this.live && !this.quietCached) this.draw();
     } else if (e.type === "progress") {
       const text = describe(e.progress);
       if (text && text !== row.state) this.set(row, text);
     } else {
       row.done = e.node;
+      if (this.quietCached && e.node.status === "cached") {
+        this.rows.delete(e.name);
+        return;
+      }
       this.set(row, outcome(e.node));
     }
   };
@@ -98,6 +111,7 @@ export class BuildRenderer {
   }
 
   private draw(): void {
+    if (this.rows.size === 0) return;
     const width = Math.max(...[...this.rows.keys()].map((n) => n.length), 4);
     const lines = [...this.rows.values()].map((r) => {
       const mark = r.done ? (r.done.status === "failed" ? "✗" : r.done.status === "skipped" ? "-" : "✓") : r.started ? "…" : " ";

@@ -1,7 +1,11 @@
 /** `supermachine run <ref> -- <argv...>`: boot an image, run one command, exit with its status. */
 import { Option, type Command } from "commander";
+import { buildGraph } from "../build/build.js";
+import { findConfig } from "../config/discover.js";
 import { Image } from "../runtime/image.js";
-import { action, collect, envPair, integer, isJson, platform, progressPrinter, PULL_POLICIES, writeJson, type PullPolicyArg } from "./common.js";
+import { openProject } from "./project.js";
+import { BuildRenderer } from "./render.js";
+import { action, collect, envPair, integer, isJson, platform, progressPrinter, PULL_POLICIES, UsageError, writeJson, type PullPolicyArg } from "./common.js";
 
 interface RunOptions {
   memory?: number;
@@ -12,6 +16,7 @@ interface RunOptions {
   pullPolicy?: PullPolicyArg;
   platform?: string;
   insecureRegistry?: string[];
+  config?: string;
 }
 
 export function registerRunCommand(program: Command): void {
@@ -20,10 +25,10 @@ export function registerRunCommand(program: Command): void {
     .helpGroup("Virtual machines:")
     .summary("boot <ref> in a microVM, run argv, print its output, exit with its code")
     .description(
-      "Boot <ref> in a microVM, run <argv...> in it, print its output and exit with its exit code " +
+      "Boot <image> (an image of the project, or a reference) in a microVM, run <argv...> in it, print its output and exit with its exit code " +
         "(137 when it was killed). Everything after -- goes to the guest as is.",
     )
-    .argument("<ref>", "image reference (alpine:3.20, oci:<dir>[:<tag>], docker-archive:<file.tar>, builtin:busybox, ...)")
+    .argument("<image>", "an image of the project (supermachine.config.ts here or above, or --config), else an image reference (alpine:3.20, oci:<dir>[:<tag>], docker-archive:<file.tar>, builtin:busybox, ...)")
     .argument("<argv...>", "the command and its arguments (put them after --)")
     .option("--memory <MiB>", "guest memory (default 256)", integer)
     .option("--vcpus <n>", "vCPUs (default 1)", integer)
@@ -33,6 +38,7 @@ export function registerRunCommand(program: Command): void {
     .addOption(new Option("--pull-policy <policy>", "when to ask the registry (default missing)").choices(PULL_POLICIES))
     .option("--platform <os/arch>", "platform to pick from a multi-platform image", platform)
     .option("--insecure-registry <host>", "reach registry host[:port] over plain HTTP (repeatable)", collect)
+    .option("-c, --config <file>", "the project's config file (default: supermachine.config.{ts,mts,js,mjs} here or above)")
     .addHelpText("after", "\nExample:\n  supermachine run -e WHO=me builtin:busybox -- sh -c 'echo hi $WHO'")
     .action(action(run));
 }
@@ -40,7 +46,7 @@ export function registerRunCommand(program: Command): void {
 async function run(ref: string, argv: string[], o: RunOptions, cmd: Command): Promise<number> {
   const json = isJson(cmd);
   const t0 = performance.now();
-  const image = await Image.build({
+  const image = (await projectImage(ref, o, json)) ?? (await Image.build({
     ref,
     memoryMib: o.memory,
     vcpus: o.vcpus,
@@ -48,7 +54,7 @@ async function run(ref: string, argv: string[], o: RunOptions, cmd: Command): Pr
     ...(o.platform ? { platform: o.platform } : {}),
     ...(o.insecureRegistry ? { insecureRegistries: o.insecureRegistry } : {}),
     onProgress: progressPrinter(json),
-  });
+  }));
   const pool = await image.pool({ min: 1, max: 1 });
   try {
     const vm = await pool.acquire();
@@ -71,5 +77,32 @@ async function run(ref: string, argv: string[], o: RunOptions, cmd: Command): Pr
     return out.exitCode < 0 ? 137 : out.exitCode;
   } finally {
     await pool.shutdown();
+  }
+}
+
+/**
+ * `run <name>` on a project: when a config is found (or given) and declares an image of that
+ * name, that image is built (with its ancestors, from the cache when they are baked) and run.
+ * Anything else is an image reference.
+ */
+async function projectImage(name: string, o: RunOptions, json: boolean): Promise<Image | undefined> {
+  if (!o.config && !findConfig(process.cwd())) return undefined;
+  const { project, graph, snapshotsDir } = await openProject(o, "run");
+  if (!graph.has(name)) {
+    if (o.config) throw new UsageError(`${project.configPath} declares no image named ${JSON.stringify(name)} (images: ${graph.names.join(", ")})`);
+    return undefined;
+  }
+  for (const flag of ["memory", "vcpus", "pullPolicy", "platform", "insecureRegistry"] as const) {
+    if (o[flag] !== undefined) throw new UsageError(`--${flag.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} does not apply to ${name}: its definition in ${project.configPath} decides`);
+  }
+  const order = graph.withAncestors([name]);
+  const renderer = BuildRenderer.for(json, order, { quietCached: true });
+  try {
+    const nodes = await buildGraph(graph, { names: [name], root: project.root, snapshotsDir, handoff: (n) => n === name, onEvent: renderer.onEvent });
+    const node = nodes.get(name)!;
+    if (node.error) throw node.error;
+    return new Image(node.snapshot!, node.handoff);
+  } finally {
+    renderer.finish();
   }
 }

@@ -1,7 +1,7 @@
-// `supermachine/config`: the declarative layer. Users write image modules
-// (`export default defineImage({ ... })`) and a supermachine.config.ts (`defineConfig({ ... })`);
-// loadProject reads them for the CLI and the graph layer.
-import type { ImageDefinition, ImageDefinitionFn, SupermachineConfig, SupermachineConfigFn } from "./types.js";
+// `supermachine/config`: what image modules and supermachine.config.ts import. Kept light (the
+// definers and types; no loader), since every image module imports it. The loader is
+// loadProject in `supermachine` (src/config/loader.ts).
+import type { ImageDefinition, ImageDefinitionFn, SupermachineConfig, SupermachineConfigFn } from "../spec/project.js";
 
 /**
  * Declares an image. Identity: the object (or function) is returned as is, so another module that
@@ -33,8 +33,6 @@ export type {
   ProjectImage,
   SupermachineConfig,
   SupermachineConfigFn,
-} from "./types.js";
+} from "../spec/project.js";
 export type { ExtraFile, PoolOptions, WarmupVm } from "../spec/options.js";
 export { ConfigError, type ConfigErrorDetails } from "./errors.js";
-export { CONFIG_FILE_NAMES, findConfig, resolveConfigPath } from "./discover.js";
-export { loadProject } from "./loader.js";

@@ -10,7 +10,7 @@ import { logger } from "../log.js";
 import { resolveConfigPath } from "./discover.js";
 import { ConfigError } from "./errors.js";
 import { openModules, type ModuleSession } from "./modules.js";
-import type { ConfigEnv, ImageDecl, LoadedProject, LoadProjectOptions, ProjectImage } from "./types.js";
+import type { ConfigEnv, ImageDecl, LoadedProject, LoadProjectOptions, ProjectImage } from "../spec/project.js";
 import type { z } from "zod";
 
 const log = logger("config");

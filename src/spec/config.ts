@@ -7,7 +7,7 @@
  */
 import { z } from "zod";
 import { buildSchema, intIn, poolSchema } from "./options.js";
-import type { ImageBase, ImageDefinition, ImageDefinitionFn, ImageDecl, PoolDeclaration } from "../config/types.js";
+import type { ImageBase, ImageDefinition, ImageDefinitionFn, ImageDecl, PoolDeclaration } from "./project.js";
 
 /** Image names: the rule of Image.build's `name`, so a name can also name a snapshot directory. */
 export const IMAGE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;

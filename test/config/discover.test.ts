@@ -3,7 +3,8 @@
 import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { CONFIG_FILE_NAMES, findConfig, loadProject } from "../../src/config/index.js";
+import { CONFIG_FILE_NAMES, findConfig } from "../../src/config/discover.js";
+import { loadProject } from "../../src/config/loader.js";
 import { copyFixture, refused, tempDir, writeProject } from "./helpers.js";
 
 const CONFIG = 'export default { images: [] };\n';

@@ -2,7 +2,7 @@
 // config's directory), the image and the field, a hint with the accepted values.
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { loadProject } from "../../src/config/index.js";
+import { loadProject } from "../../src/config/loader.js";
 import { refused, writeProject } from "./helpers.js";
 
 const HEAD = 'import { defineConfig, defineImage } from "supermachine/config";\n';

@@ -3,7 +3,8 @@
 import { existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { join, sep } from "node:path";
 import { describe, expect, it } from "vitest";
-import { loadProject, type LoadedProject } from "../../src/config/index.js";
+import { loadProject } from "../../src/config/loader.js";
+import type { LoadedProject } from "../../src/spec/project.js";
 import { copyFixture, fixture, writeProject } from "./helpers.js";
 
 const image = (p: LoadedProject, name: string) => {

@@ -41,10 +41,10 @@ describe("supermachine CLI", () => {
   it("has per-command help, a version, and rejects unknown options with status 2", () => {
     const help = cli("run", "--help");
     expect(help.status).toBe(0);
-    expect(help.stdout).toMatch(/^Usage: supermachine run \[options\] <ref> <argv\.\.\.>/);
+    expect(help.stdout).toMatch(/^Usage: supermachine run \[options\] <image> <argv\.\.\.>/);
     expect(help.stdout).toContain("--pull-policy");
     expect(cli("help", "rmi").stdout).toContain("Usage: supermachine rmi");
-    expect(cli("--help").stdout).toMatch(/run \[options\] <ref> <argv\.\.\.>[\s\S]*images[\s\S]*info/);
+    expect(cli("--help").stdout).toMatch(/run \[options\] <image> <argv\.\.\.>[\s\S]*images[\s\S]*info[\s\S]*build[\s\S]*why/);
     expect(cli("--version").stdout).toMatch(/^\d+\.\d+\.\d+/);
     for (const args of [["images", "--frob"], ["run", "--memory", "lots", "builtin:busybox", "--", "true"], ["pull", "a", "b"], []]) {
       const r = cli(...args);

@@ -30,6 +30,12 @@ function ticksStreamed(stdout: string): void {
 
 const EXPECTED: Record<string, Check[]> = {
   "01-hello.mjs": ["exit 0: hello from supermachine"],
+  "06-declarative.mjs": [
+    /pools ready in \d+ ms: agent\n/,
+    "agent runs Python 3.11",
+    "python's extraFiles are there: example-package==1.0.0",
+    `agent's warmup left its tools: {"question": "from the agent pool", "answer": 42}`,
+  ],
   "02-pool.mjs": [
     "pool ready: alive 2, in use 0, idle 2, waiting 0 (min 2, max 4)",
     "4 acquired: alive 4, in use 4, idle 0, waiting 0 (min 2, max 4)",

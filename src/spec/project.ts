@@ -1,6 +1,7 @@
 // The types of `supermachine/config`: what users write (ImageDefinition, SupermachineConfig) and
-// what the loader hands the graph layer (LoadedProject).
-import type { BuildOptions, PoolOptions } from "../spec/options.js";
+// what the loader hands the graph layer (LoadedProject). They live in spec beside the option
+// types they are made of.
+import type { BuildOptions, PoolOptions } from "./options.js";
 
 /** What function forms of defineImage / defineConfig receive. */
 export interface ConfigEnv {

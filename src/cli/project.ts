@@ -1,0 +1,163 @@
+/**
+ * Commands on a project (`supermachine.config.ts`, found upward from the working directory, or
+ * `--config`): build, ls, why, graph. `run <name>` on a project image lives in run.ts.
+ */
+import type { Command } from "commander";
+import { buildGraph, type BuiltNode } from "../build/build.js";
+import { listProjectImages, whyImage } from "../build/inspect.js";
+import { loadProject } from "../config/loader.js";
+import type { LoadedProject } from "../spec/project.js";
+import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
+import { homePaths } from "../paths.js";
+import { action, integer, isJson, writeJson } from "./common.js";
+import { BuildRenderer } from "./render.js";
+
+interface ProjectOptions {
+  config?: string;
+}
+
+export async function openProject(o: ProjectOptions, command: string): Promise<{ project: LoadedProject; graph: ImageGraph; snapshotsDir: string }> {
+  const project = await loadProject({ ...(o.config ? { configFile: o.config } : {}), command });
+  const graph = buildImageGraph(project.images);
+  return { project, graph, snapshotsDir: project.snapshotsDir ?? homePaths().snapshots };
+}
+
+const withConfig = (c: Command) => c.option("-c, --config <file>", "the project's config file (default: supermachine.config.{ts,mts,js,mjs} here or above)");
+
+export function registerProjectCommands(program: Command): void {
+  withConfig(
+    program
+      .command("build")
+      .helpGroup("Projects:")
+      .summary("bake the project's images that are not baked yet")
+      .description("Resolve the project's images, key each by content and bake what is missing, parents first.")
+      .argument("[names...]", "images to build (with their ancestors; default: all)")
+      .option("--force", "bake even what is cached")
+      .option("--dry-run", "report what would be baked, bake nothing")
+      .option("--frozen", "bake nothing; fail, naming them, if images are not baked (for CI)")
+      .option("--concurrency <n>", "bakes at once (default: from cores and memory)", integer),
+  ).action(action(build));
+
+  withConfig(program.command("ls").helpGroup("Projects:").summary("list the project's images: key, parent, cached, size")).action(action(ls));
+
+  withConfig(
+    program
+      .command("why")
+      .helpGroup("Projects:")
+      .summary("explain why an image's key changed since its last bake")
+      .argument("<name>", "an image of the project"),
+  ).action(action(why));
+
+  withConfig(program.command("graph").helpGroup("Projects:").summary("print the project's image graph")).action(action(graph));
+}
+
+async function build(names: string[], o: ProjectOptions & { force?: boolean; dryRun?: boolean; frozen?: boolean; concurrency?: number }, cmd: Command): Promise<number> {
+  const json = isJson(cmd);
+  const { project, graph, snapshotsDir } = await openProject(o, "build");
+  for (const n of names) graph.spec(n); // unknown names fail here, listing the known ones
+  const order = names.length ? graph.withAncestors(names) : graph.order;
+  const renderer = BuildRenderer.for(json, order);
+  let nodes: Map<string, BuiltNode>;
+  try {
+    nodes = await buildGraph(graph, {
+      ...(names.length ? { names } : {}),
+      root: project.root,
+      snapshotsDir,
+      handoff: false,
+      ...(o.force ? { force: true } : {}),
+      ...(o.dryRun ? { dryRun: true } : {}),
+      ...(o.frozen ? { frozen: true } : {}),
+      ...((o.concurrency ?? project.concurrency) ? { concurrency: o.concurrency ?? project.concurrency! } : {}),
+      onEvent: renderer.onEvent,
+    });
+  } finally {
+    renderer.finish();
+  }
+  const images = [...nodes.values()].map((n) => ({
+    name: n.name,
+    key: n.key,
+    status: n.status,
+    parent: n.parent,
+    ms: n.ms,
+    ...(n.error ? { error: { code: (n.error as { code?: string }).code ?? "ERROR", message: n.error.message } } : {}),
+  }));
+  const failed = images.filter((i) => i.status === "failed" || i.status === "skipped");
+  if (json) writeJson({ images }, true);
+  else {
+    const baked = images.filter((i) => i.status === "baked").length;
+    const cached = images.filter((i) => i.status === "cached").length;
+    const would = images.filter((i) => i.status === "would-bake").length;
+    process.stderr.write(`${images.length} image${images.length === 1 ? "" : "s"}: ${baked} baked, ${cached} cached${would ? `, ${would} would bake` : ""}${failed.length ? `, ${failed.length} failed` : ""}\n`);
+    for (const n of nodes.values()) if (n.status === "failed" && n.error) process.stderr.write(`${n.name}: ${describeError(n.error)}\n`);
+  }
+  return failed.length ? 1 : 0;
+}
+
+function describeError(e: Error): string {
+  const hint = (e as { hint?: string }).hint;
+  return hint ? `${e.message}\n  hint: ${hint}` : e.message;
+}
+
+async function ls(o: ProjectOptions, cmd: Command): Promise<number> {
+  const { project, graph, snapshotsDir } = await openProject(o, "ls");
+  const rows = await listProjectImages(graph, { root: project.root, snapshotsDir });
+  if (isJson(cmd)) {
+    writeJson({ images: rows }, true);
+    return 0;
+  }
+  const w = Math.max(4, ...rows.map((r) => r.name.length));
+  const pw = Math.max(6, ...rows.map((r) => (r.parent ?? "-").length));
+  process.stdout.write(`${"NAME".padEnd(w)}  KEY               ${"PARENT".padEnd(pw)}  CACHED  SIZE\n`);
+  for (const r of rows) {
+    const size = r.sizeBytes === null ? "-" : `${(r.sizeBytes / 2 ** 20).toFixed(1)} MiB`;
+    process.stdout.write(`${r.name.padEnd(w)}  ${r.key.slice(0, 16)}  ${(r.parent ?? "-").padEnd(pw)}  ${r.cached ? "yes   " : "no    "}  ${size}\n`);
+  }
+  return 0;
+}
+
+async function why(name: string, o: ProjectOptions, cmd: Command): Promise<number> {
+  const { project, graph, snapshotsDir } = await openProject(o, "why");
+  graph.spec(name);
+  const report = await whyImage(graph, name, { root: project.root, snapshotsDir });
+  if (isJson(cmd)) {
+    writeJson(report, true);
+    return 0;
+  }
+  const out = process.stdout;
+  if (report.cached) {
+    out.write(`${name} is baked with its current key (${report.key.slice(0, 16)}): nothing changed.\n`);
+  } else if (!report.lastBake) {
+    out.write(`${name} has never been baked here (key ${report.key.slice(0, 16)}).\n`);
+  } else {
+    out.write(`${name} would be rebaked: its key is ${report.key.slice(0, 16)}, its last bake (${report.lastBake.created}) had ${report.lastBake.key.slice(0, 16)}.\n`);
+    for (const c of report.changes) out.write(`  ${c.input}: ${show(c.before)} → ${show(c.after)}\n`);
+    if (report.changes.length === 0) out.write("  (the inputs of that bake are not comparable: it was made by another version)\n");
+  }
+  return 0;
+}
+
+function show(v: unknown): string {
+  if (v === null || v === undefined) return "(none)";
+  // Digests and keys: their first 12 hex digits tell them apart.
+  if (typeof v === "string" && /^(sha256:)?[0-9a-f]{64}$/.test(v)) return v.replace(/([0-9a-f]{12})[0-9a-f]{52}$/, "$1");
+  const s = typeof v === "string" ? v : JSON.stringify(v);
+  return s.length > 72 ? `${s.slice(0, 69)}...` : s;
+}
+
+async function graph(o: ProjectOptions, cmd: Command): Promise<number> {
+  const { graph: g } = await openProject(o, "graph");
+  if (isJson(cmd)) {
+    writeJson({ images: g.order.map((n) => ({ name: n, parent: g.parent(n), children: g.children(n), module: g.spec(n).module, ref: g.spec(n).ref })) }, true);
+    return 0;
+  }
+  const lines: string[] = [];
+  const walk = (n: string, prefix: string, last: boolean, top: boolean) => {
+    const spec = g.spec(n);
+    lines.push(`${top ? "" : `${prefix}${last ? "└─ " : "├─ "}`}${n}${spec.parent === null ? `  (${spec.ref})` : ""}`);
+    const kids = g.children(n);
+    kids.forEach((c, i) => walk(c, top ? "" : `${prefix}${last ? "   " : "│  "}`, i === kids.length - 1, false));
+  };
+  for (const root of g.order.filter((n) => g.parent(n) === null)) walk(root, "", true, true);
+  process.stdout.write(lines.join("\n") + "\n");
+  return 0;
+}
