@@ -76,7 +76,9 @@ export class BuildRenderer {
   }
 
   static for(json: boolean, names: string[], opts: { quietCached?: boolean } = {}): BuildRenderer {
-    return new BuildRenderer(json ? "silent" : process.stderr.isTTY ? "tty" : "plain", names, opts.quietCached);
+    // A terminal of no width (some CI runners allocate one) cannot hold live lines: plain then.
+    const tty = process.stderr.isTTY && (process.stderr.columns ?? 0) > 0;
+    return new BuildRenderer(json ? "silent" : tty ? "tty" : "plain", names, opts.quietCached);
   }
 
   readonly onEvent = (e: BuildEvent): void => {
