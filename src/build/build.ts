@@ -10,7 +10,7 @@ import { AccelMismatch, ensureBaked } from "../bake/bake.js";
 import { planExtraFiles } from "../bake/extra-files.js";
 import { engineFingerprint } from "../engine/fingerprint.js";
 import type { MicroVm } from "../engine/qemu.js";
-import { BuildError, SupermachineError } from "../errors.js";
+import { BuildError } from "../errors.js";
 import { execDefaults } from "../guest/env.js";
 import { digestModules, type ModuleDigest } from "../graph/bundle.js";
 import type { ImageGraph, NodeSpec } from "../graph/graph.js";
@@ -151,22 +151,27 @@ export async function buildGraph(graph: ImageGraph, opts: BuildOptions = {}): Pr
   return ordered;
 }
 
-function skipped(spec: NodeSpec, parent: BuiltNode): BuiltNode {
+/** A node that produced no snapshot: failed itself (`error`), or skipped because its parent did. */
+function unbuilt(spec: NodeSpec, status: "failed" | "skipped", error: Error): BuiltNode {
   return {
     name: spec.name,
     key: "",
-    status: "skipped",
+    status,
     parent: spec.parent,
     ms: 0,
     dir: "",
     inputs: {} as SnapshotInputs,
     sources: { name: spec.name, ref: spec.ref, module: null, files: {} },
-    error: new BuildError("BUILD_PARENT_FAILED", `${spec.name}: not built, because its parent ${parent.name} failed`, { cause: parent.error }),
+    error,
   };
 }
 
+function skipped(spec: NodeSpec, parent: BuiltNode): BuiltNode {
+  return unbuilt(spec, "skipped", new BuildError("BUILD_PARENT_FAILED", `${spec.name}: not built, because its parent ${parent.name} failed`, { cause: parent.error }));
+}
+
 function failed(spec: NodeSpec, error: Error): BuiltNode {
-  return { ...skipped(spec, { name: spec.parent ?? "" } as BuiltNode), status: "failed", error };
+  return unbuilt(spec, "failed", error);
 }
 
 /** The first failure of a build, to throw from APIs that build and then use the images. */
@@ -260,7 +265,7 @@ async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, module: 
       if (err instanceof AccelMismatch) {
         throw new BuildError("BUILD_ACCEL_UNSTABLE", `${spec.name}: the accelerator changed twice during the build (now ${err.actual})`, { cause: err });
       }
-      throw err instanceof SupermachineError ? err : err;
+      throw err;
     }
   }
 }
