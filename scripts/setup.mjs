@@ -37,8 +37,10 @@ function fail(msg, hint) {
   process.exit(1);
 }
 
+// What the tools print goes to stderr: stdout belongs to the command setup runs before (for
+// example `npm run bench -- --json`, whose stdout is one JSON object).
 function run(cmd, argv, opts = {}) {
-  const r = spawnSync(cmd, argv, { stdio: "inherit", cwd: root, ...opts });
+  const r = spawnSync(cmd, argv, { stdio: ["ignore", 2, 2], cwd: root, ...opts });
   if (r.error) fail(`${cmd} could not start: ${r.error.message}`);
   if (r.status !== 0) fail(`${cmd} ${argv.join(" ")} exited with ${r.status ?? r.signal}`);
 }
