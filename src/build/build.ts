@@ -23,7 +23,17 @@ import { loadSnapshot, type LoadedSnapshot, type SnapshotInputs, type SnapshotMe
 
 const log = logger("build");
 
-export type NodeStatus = "baked" | "cached" | "would-bake" | "failed" | "skipped";
+export type NodeStatus = "baked" | "cached" | "imported" | "would-bake" | "failed" | "skipped";
+
+/** What a cache lookup gets for a node that is not baked locally. */
+export interface FetchRequest {
+  name: string;
+  key: string;
+  /** Where the snapshot must appear (published atomically) if the cache has it. */
+  dir: string;
+  inputs: SnapshotInputs;
+  sources: SnapshotSources;
+}
 
 export interface BuiltNode {
   name: string;
@@ -74,6 +84,12 @@ export interface BuildOptions {
   dirName?: (spec: NodeSpec, key: string) => string;
   onEvent?: (e: BuildEvent) => void;
   signal?: AbortSignal;
+  /**
+   * A cache to try before baking (and in a frozen build) a node that is not baked locally:
+   * resolves true once it has published the node's snapshot at `dir`, false if the cache lacks
+   * it. Parents are fetched (or baked) before their children.
+   */
+  fetch?: (node: FetchRequest) => Promise<boolean>;
 }
 
 /** Bakes at once by default: one per core, and no more than memory for about 2 GiB each. */
@@ -227,9 +243,14 @@ async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, module: 
     const key = keyOf(inputs);
     const dir = join(opts.snapshotsDir, dirName(spec, key));
     const base = { name: spec.name, key, parent: spec.parent, ms: 0, dir, inputs, sources, image, workload };
-    if ((opts.dryRun || opts.frozen) && !opts.force) {
+    if (!opts.force && (opts.dryRun || opts.frozen || opts.fetch)) {
       const cached = await loadSnapshot(dir, key).catch(() => undefined);
-      return { ...base, status: cached ? "cached" : "would-bake", ...(cached ? { snapshot: cached } : {}) };
+      if (cached) return { ...base, status: "cached", snapshot: cached };
+      if (opts.fetch && !opts.dryRun && (await opts.fetch({ name: spec.name, key, dir, inputs, sources }))) {
+        const imported = await loadSnapshot(dir, key);
+        if (imported) return { ...base, status: "imported", snapshot: imported };
+      }
+      if (opts.dryRun || opts.frozen) return { ...base, status: "would-bake" };
     }
     if (opts.dryRun) return { ...base, status: "would-bake" };
     if (spec.parent !== null && !parentSnapshot) {

@@ -86,8 +86,9 @@ async function build(names: string[], o: ProjectOptions & { force?: boolean; dry
   else {
     const baked = images.filter((i) => i.status === "baked").length;
     const cached = images.filter((i) => i.status === "cached").length;
+    const imported = images.filter((i) => i.status === "imported").length;
     const would = images.filter((i) => i.status === "would-bake").length;
-    process.stderr.write(`${images.length} image${images.length === 1 ? "" : "s"}: ${baked} baked, ${cached} cached${would ? `, ${would} would bake` : ""}${failed.length ? `, ${failed.length} failed` : ""}\n`);
+    process.stderr.write(`${images.length} image${images.length === 1 ? "" : "s"}: ${baked} baked, ${cached} cached${imported ? `, ${imported} imported` : ""}${would ? `, ${would} would bake` : ""}${failed.length ? `, ${failed.length} failed` : ""}\n`);
     for (const n of nodes.values()) if (n.status === "failed" && n.error) process.stderr.write(`${n.name}: ${describeError(n.error)}\n`);
   }
   return failed.length ? 1 : 0;

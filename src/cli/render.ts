@@ -45,6 +45,8 @@ function outcome(n: BuiltNode): string {
       return `baked in ${seconds(n.ms)}`;
     case "cached":
       return "cached";
+    case "imported":
+      return `imported from the cache in ${seconds(n.ms)}`;
     case "would-bake":
       return "would bake";
     case "skipped":

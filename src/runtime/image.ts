@@ -15,6 +15,7 @@ import { logger } from "../log.js";
 import type { ImageConfig } from "../spec/image.js";
 import { buildSchema, poolSchema, type BuildOptions, type PoolOptions } from "../spec/options.js";
 import { parseOptions } from "../spec/parse.js";
+import { holdSnapshot } from "../store/leases.js";
 import { loadSnapshot, type LoadedSnapshot } from "../store/snapshots.js";
 import { Pool } from "./pool.js";
 
@@ -142,7 +143,9 @@ export class Image {
     // restore or boot.
     const restored = spec.incomingState !== undefined;
     const workload = this.snap.meta.workload && !(restored && this.snap.meta.workloadRunning) ? this.snap.meta.workload : undefined;
-    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.inputs.env), o, workload ?? undefined, this.snap.meta);
+    // While the pool restores from the snapshot, gc and watch mode leave it alone.
+    const lease = restored ? holdSnapshot(this.snap.dir) : () => {};
+    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.inputs.env), o, workload ?? undefined, this.snap.meta, lease);
     // The baked VM has the snapshot's shape; a pool of another shape cannot use it.
     const handoff = spec.incomingState !== undefined ? this.takeHandoff() : undefined;
     await pool.warm(handoff);

@@ -64,6 +64,8 @@ export class Pool {
     private readonly workload?: WorkloadSpec,
     /** The snapshot VMs come from (for vm.snapshot). */
     private readonly origin?: SnapshotMeta,
+    /** Gives back the pool's lease on its snapshot (store/leases.ts), at shutdown. */
+    private readonly releaseLease: () => void = () => {},
   ) {
     if (opts.idleTimeoutMs !== undefined) {
       this.idleTimer = setInterval(() => this.evictIdle(), Math.max(50, Math.min(opts.idleTimeoutMs / 2, 5_000)));
@@ -141,6 +143,7 @@ export class Pool {
   /** Stops every VM (idle and checked out) and rejects waiting acquire() calls. */
   async shutdown(): Promise<void> {
     this.closed = true;
+    this.releaseLease();
     if (this.idleTimer) clearInterval(this.idleTimer);
     for (const w of this.waiters.splice(0)) {
       clearTimeout(w.timer);
