@@ -3,7 +3,7 @@
  * project's bench contract says (one JSON object on stdout with --json; progress on stderr).
  */
 import { execFileSync, spawn } from "node:child_process";
-import { cpSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, release, tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -14,6 +14,7 @@ import { MicroVm } from "../src/engine/qemu.js";
 import { resolveImage } from "../src/image/store.js";
 import { connect, type Socket } from "node:net";
 import { buildGraph } from "../src/build/build.js";
+import { ProjectWatcher, type WatchEvent } from "../src/build/watch.js";
 import { loadProject } from "../src/config/loader.js";
 import { buildImageGraph } from "../src/graph/graph.js";
 import { Image } from "../src/runtime/image.js";
@@ -129,6 +130,46 @@ await skip("pool_cycle_per_s", () => poolCycleBenchmark());
 await skip("idle_vm_pss_mib", () => densityBenchmark());
 await skip("pull_python_ms", () => registryBenchmarks());
 await skip("graph_resolve_20_images_ms layered_bake_ms", () => projectBenchmarks());
+await skip("watch_rebake_ms", () => watchBenchmark());
+
+/** Watch mode: from saving a helper one child of busybox imports to its new snapshot being ready. */
+async function watchBenchmark(): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), "sm-bench-watch-"));
+  const helper = (n: number) =>
+    `import type { WarmupVm } from "supermachine";\nexport async function warm(vm: WarmupVm) { await vm.exec({ argv: ["sh", "-c", "echo ${n} > /srv-n"] }); }\n`;
+  try {
+    mkdirSync(join(dir, "images"));
+    writeFileSync(join(dir, "supermachine.config.ts"), `import { defineConfig } from "supermachine/config";\nexport default defineConfig({ images: ["./images/*.ts"], snapshotsDir: "./.snapshots" });\n`);
+    writeFileSync(join(dir, "images/base.ts"), `import { defineImage } from "supermachine/config";\nexport default defineImage({ ref: "builtin:busybox" });\n`);
+    writeFileSync(join(dir, "images/child.ts"), `import { defineImage } from "supermachine/config";\nimport { warm } from "../helper";\nexport default defineImage({ from: "base", warmup: warm });\n`);
+    writeFileSync(join(dir, "helper.ts"), helper(0));
+    const watcher = new ProjectWatcher({ cwd: dir, debounceMs: 50 });
+    await watcher.start();
+    try {
+      const samples: number[] = [];
+      for (let i = 1; i <= (quick ? 3 : 8); i++) {
+        const done = new Promise<void>((resolve, reject) => {
+          const on = (e: WatchEvent) => {
+            if (e.type === "round-done" && e.round.rekeyed.includes("child")) {
+              watcher.off("event", on);
+              resolve();
+            } else if (e.type === "round-failed") reject(e.error);
+          };
+          watcher.on("event", on);
+        });
+        const t0 = performance.now();
+        writeFileSync(join(dir, "helper.ts"), helper(i));
+        await done;
+        samples.push(performance.now() - t0);
+      }
+      record("watch_rebake_ms", samples);
+    } finally {
+      await watcher.close();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
 
 /**
  * The declarative layer on the 20-image test project (test/fixtures/monorepo), all baked:

@@ -12,6 +12,7 @@ import { packageRoot } from "../engine/artifacts.js";
 import { registerImageCommands } from "./images.js";
 import { registerInfoCommand } from "./info.js";
 import { registerProjectCommands } from "./project.js";
+import { registerWatchCommand } from "./watch.js";
 import { registerRunCommand } from "./run.js";
 
 const FOOTER = `
@@ -39,6 +40,7 @@ export function createProgram(): Command {
   registerImageCommands(program);
   registerInfoCommand(program);
   registerProjectCommands(program);
+  registerWatchCommand(program);
   return program;
 }
 

@@ -52,6 +52,9 @@ export class Pool {
   private readonly spares: MicroVm[] = [];
   private preparing = 0;
   private closed = false;
+  /** Replaced by a pool on a newer snapshot (watch mode): serves who waits, keeps nothing idle. */
+  private retiring = false;
+  private drained: (() => void) | undefined;
   private lastBootError: Error | undefined;
   private idleTimer: NodeJS.Timeout | undefined;
 
@@ -160,6 +163,23 @@ export class Pool {
     await this.shutdown();
   }
 
+  /**
+   * @internal Winds the pool down for a successor (watch mode): idle VMs and spares stop now,
+   * callers already waiting are still served, VMs checked out finish; once the last one is
+   * released the pool shuts down (giving back its lease on the snapshot) and this resolves.
+   */
+  async retire(): Promise<void> {
+    if (this.closed) return;
+    this.retiring = true;
+    const idle = this.idle.splice(0).map((e) => e.machine);
+    await Promise.all([...idle, ...this.spares.splice(0)].map((m) => m.kill()));
+    await new Promise<void>((resolve) => {
+      this.drained = resolve;
+      this.pump();
+    });
+    await this.shutdown();
+  }
+
   private takeIdle(): MicroVm | undefined {
     while (this.idle.length) {
       const e = this.idle.pop()!;
@@ -182,7 +202,7 @@ export class Pool {
   private async onRelease(vm: Vm): Promise<void> {
     if (!this.inUse.delete(vm)) return;
     const m = vm.machine;
-    if (this.closed || this.opts.restoreOnRelease || !m.alive) {
+    if (this.closed || this.retiring || this.opts.restoreOnRelease || !m.alive) {
       await m.kill();
     } else {
       this.idle.push({ machine: m, since: Date.now() });
@@ -193,6 +213,10 @@ export class Pool {
   /** Serve waiters from idle VMs, then boot what the waiters and `min` still need. */
   private pump(): void {
     if (this.closed) return;
+    if (this.retiring && this.inUse.size === 0 && this.waiters.length === 0 && this.booting === 0) {
+      this.drained?.();
+      return;
+    }
     while (this.waiters.length) {
       const m = this.takeIdle();
       if (!m) break;
@@ -201,7 +225,7 @@ export class Pool {
       w.resolve(this.checkout(m));
     }
     const total = this.idle.length + this.inUse.size + this.booting;
-    const wanted = this.waiters.length + this.opts.min - this.idle.length - this.booting;
+    const wanted = this.waiters.length + (this.retiring ? 0 : this.opts.min) - this.idle.length - this.booting;
     const room = this.opts.max - total;
     for (let i = 0; i < Math.min(wanted, room); i++) {
       this.bootOne().catch(() => {});
@@ -210,7 +234,7 @@ export class Pool {
 
   /** Keeps SPARES restored, warmed VMs ready (restore pools only). */
   private refillSpares(): void {
-    if (this.closed || this.spec.incomingState === undefined) return;
+    if (this.closed || this.retiring || this.spec.incomingState === undefined) return;
     while (this.spares.length + this.preparing < SPARES) {
       this.preparing++;
       this.prepareSpare().then(
