@@ -100,3 +100,15 @@ export function progressPrinter(json: boolean): (p: BuildProgress) => void {
 /** `pullPolicy` values, as the options accept them. */
 export const PULL_POLICIES = ["always", "missing", "never"] as const;
 export type PullPolicyArg = (typeof PULL_POLICIES)[number];
+
+/** A built image as the JSON outputs show it (build, watch). */
+export function nodeJson(n: { name: string; key: string; status: string; parent: string | null; ms: number; error?: Error | undefined }) {
+  return {
+    name: n.name,
+    key: n.key,
+    status: n.status,
+    parent: n.parent,
+    ms: n.ms,
+    ...(n.error ? { error: { code: (n.error as { code?: string }).code ?? "ERROR", message: n.error.message } } : {}),
+  };
+}

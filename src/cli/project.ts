@@ -9,7 +9,7 @@ import { loadProject } from "../config/loader.js";
 import type { LoadedProject } from "../spec/project.js";
 import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { homePaths } from "../paths.js";
-import { action, integer, isJson, writeJson } from "./common.js";
+import { action, integer, isJson, nodeJson, writeJson } from "./common.js";
 import { BuildRenderer } from "./render.js";
 
 interface ProjectOptions {
@@ -73,14 +73,7 @@ async function build(names: string[], o: ProjectOptions & { force?: boolean; dry
   } finally {
     renderer.finish();
   }
-  const images = [...nodes.values()].map((n) => ({
-    name: n.name,
-    key: n.key,
-    status: n.status,
-    parent: n.parent,
-    ms: n.ms,
-    ...(n.error ? { error: { code: (n.error as { code?: string }).code ?? "ERROR", message: n.error.message } } : {}),
-  }));
+  const images = [...nodes.values()].map(nodeJson);
   const failed = images.filter((i) => i.status === "failed" || i.status === "skipped");
   if (json) writeJson({ images }, true);
   else {

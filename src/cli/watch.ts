@@ -5,9 +5,8 @@
  */
 import { relative } from "node:path";
 import type { Command } from "commander";
-import type { BuiltNode } from "../build/build.js";
 import { ProjectWatcher, type WatchEvent, type WatchRound } from "../build/watch.js";
-import { action, integer, isJson } from "./common.js";
+import { action, integer, isJson, nodeJson } from "./common.js";
 
 interface WatchOptions {
   config?: string;
@@ -29,17 +28,6 @@ export function registerWatchCommand(program: Command): void {
     .option("--concurrency <n>", "bakes at once (default: from cores and memory)", integer)
     .option("--debounce <ms>", "quiet time after a change before rebaking (default 150)", integer)
     .action(action(watchProject));
-}
-
-function nodeJson(n: BuiltNode) {
-  return {
-    name: n.name,
-    key: n.key,
-    status: n.status,
-    parent: n.parent,
-    ms: n.ms,
-    ...(n.error ? { error: { code: (n.error as { code?: string }).code ?? "ERROR", message: n.error.message } } : {}),
-  };
 }
 
 function roundJson(r: WatchRound) {

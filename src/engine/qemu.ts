@@ -17,6 +17,7 @@ import { homePaths, runtimeRoot } from "../paths.js";
 import { type Accel, chooseAccel, markKvmBroken } from "./accel.js";
 import { nativeArtifacts } from "./artifacts.js";
 import { QmpClient, type QmpCallOptions } from "./qmp.js";
+import { pidAlive } from "../process.js";
 
 const log = logger("engine");
 
@@ -123,14 +124,6 @@ function sweepStaleRunDirs(): void {
   }
 }
 
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
 
 let launched = 0;
 

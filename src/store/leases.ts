@@ -7,17 +7,9 @@
 import { randomBytes } from "node:crypto";
 import { mkdirSync, readdirSync, rmSync, rmdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { pidAlive } from "../process.js";
 
 const leasesDir = (snapshotDir: string) => `${snapshotDir}.leases`;
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
 
 /** Takes a lease on the snapshot at `snapshotDir`; the function returned gives it back (idempotent). */
 export function holdSnapshot(snapshotDir: string): () => void {
