@@ -11,6 +11,7 @@ import { Command } from "commander";
 import { packageRoot } from "../engine/artifacts.js";
 import { registerImageCommands } from "./images.js";
 import { registerInfoCommand } from "./info.js";
+import { registerInitCommand } from "./init.js";
 import { registerProjectCommands } from "./project.js";
 import { registerRunCommand } from "./run.js";
 
@@ -39,6 +40,7 @@ export function createProgram(): Command {
   registerImageCommands(program);
   registerInfoCommand(program);
   registerProjectCommands(program);
+  registerInitCommand(program);
   return program;
 }
 
