@@ -11,15 +11,16 @@
 import { resolve } from "node:path";
 import { findConfig, resolveConfigPath } from "../config/discover.js";
 import { loadProject } from "../config/loader.js";
-import { registeredProjects, withoutRegistration } from "../config/registry.js";
+import { projectsDir, registeredProjects, withoutRegistration } from "../config/registry.js";
 import type { Accel } from "../engine/accel.js";
+import type { SupermachineError } from "../errors.js";
 import { buildImageGraph } from "../graph/graph.js";
 import { keyOf } from "../graph/keys.js";
 import { collectGarbage, type GcResult } from "../image/gc.js";
 import { logger } from "../log.js";
 import { homePaths } from "../paths.js";
 import type { LoadedProject } from "../spec/project.js";
-import { collectSnapshots, GcError, type SnapshotGcResult } from "../store/snapshot-gc.js";
+import { collectSnapshots, type SnapshotGcResult } from "../store/snapshot-gc.js";
 import { buildGraph } from "./build.js";
 
 const log = logger("gc");
@@ -73,29 +74,33 @@ export async function collectProjectGarbage(opts: GcOptions = {}): Promise<GcRep
     projects.push(project);
     await addReferences(project, refs, warnings);
   }
+  const defaultDir = homePaths().snapshots;
+  // Directories of registered projects that cannot be loaded: nothing there can be judged.
+  const protectedDirs = new Set<string>();
   if (opts.allConfigs) {
     for (const record of await registeredProjects()) {
       if (projects.some((p) => p.configPath === record.config)) continue;
-      let project: LoadedProject;
       try {
         // Loading a project to learn its keys is not a use of it: its last-used time stays.
-        project = await withoutRegistration(() => loadProject({ configFile: record.config, command: "gc" }));
+        const project = await withoutRegistration(() => loadProject({ configFile: record.config, command: "gc" }));
         await addReferences(project, refs, warnings);
+        projects.push(project);
       } catch (err) {
-        throw new GcError("GC_PROJECT_UNREADABLE", `gc --all-configs: the registered project ${record.config} cannot be loaded: ${(err as Error).message}`, {
-          cause: err,
-          hint: `fix it (supermachine ls --config ${record.config} shows the error), or run gc without --all-configs; to forget the project, remove its record in ${homePaths().home}/projects`,
-        });
+        const where = record.snapshotsDir ?? defaultDir;
+        protectedDirs.add(where);
+        warnings.push(
+          `the registered project ${record.config} cannot be loaded (${(err as SupermachineError).code ?? "ERROR"}: ${(err as Error).message.split("\n")[0]}): ` +
+            `no project snapshot in ${where} is removed; fix it, or remove its record in ${projectsDir()} to forget it`,
+        );
       }
-      projects.push(project);
     }
   }
 
-  const defaultDir = homePaths().snapshots;
   const dirs = [...new Set([...projects.map((p) => p.snapshotsDir ?? defaultDir), defaultDir])];
   if (projects.length === 0) warnings.push("no project here (no supermachine.config.* found, no --config): project snapshots are not collected; --all-configs judges them by every registered project");
   const snapshots = await collectSnapshots({
     dirs,
+    protectedDirs,
     ...(projects.length ? { isReferenced: (e: { key: string; name: string }) => refs.keys.has(e.key) || refs.names.has(e.name) } : {}),
     ...(opts.olderThanMs !== undefined ? { createdBefore: Date.now() - opts.olderThanMs } : {}),
     ...(opts.all ? { all: true } : {}),

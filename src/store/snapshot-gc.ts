@@ -21,16 +21,12 @@ import { lstatSync } from "node:fs";
 import { readdir, rename, rm } from "node:fs/promises";
 import { basename, join } from "node:path";
 import lockfile from "proper-lockfile";
-import { SupermachineError } from "../errors.js";
 import { logger } from "../log.js";
 import { snapshotInUse } from "./leases.js";
 import { LOCK_STALE_MS } from "./publish.js";
 import { diskUsage, readSnapshotMeta, type SnapshotMeta } from "./snapshots.js";
 
 const log = logger("gc");
-
-/** Snapshot garbage collection could not decide safely. Codes: GC_PROJECT_UNREADABLE. */
-export class GcError extends SupermachineError {}
 
 export type KeepReason =
   /** The current key of an image of a project gc knows. */
@@ -44,7 +40,9 @@ export type KeepReason =
   /** Not a project snapshot (Image.build, vm.snapshot): removed only with `all`. */
   | "not-a-project-snapshot"
   /** No project to judge it by (gc outside a project, without all-configs). */
-  | "no-project";
+  | "no-project"
+  /** In the snapshots directory of a registered project that cannot be loaded (it may use it). */
+  | "unreadable-project";
 
 export interface SnapshotEntry {
   dir: string;
@@ -71,6 +69,8 @@ export interface SnapshotGcOptions {
    * Called only for project snapshots.
    */
   isReferenced?: (entry: SnapshotEntry, meta: SnapshotMeta) => boolean;
+  /** Directories whose project snapshots are all kept (a project that uses them cannot be judged). */
+  protectedDirs?: ReadonlySet<string>;
   /** Remove only snapshots created before this time (ms since the epoch). */
   createdBefore?: number;
   /** Also remove snapshots made outside any project (Image.build, captures). */
@@ -108,6 +108,10 @@ export async function collectSnapshots(opts: SnapshotGcOptions): Promise<Snapsho
       const entry: SnapshotEntry = { dir: path, name: meta.sources?.name ?? name, key: meta.hash, created: meta.created, bytes: await diskUsage(path), project };
       const keep = (reason: KeepReason) => result.kept.push({ ...entry, reason });
       if (project) {
+        if (opts.protectedDirs?.has(dir)) {
+          keep("unreadable-project");
+          continue;
+        }
         if (!opts.isReferenced) {
           keep("no-project");
           continue;

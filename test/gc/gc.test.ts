@@ -35,6 +35,7 @@ interface Report {
   projects: string[];
   snapshots: { removed: Entry[]; kept: Entry[]; count: number; bytesFreed: number };
   bytesFreed: number;
+  warnings: string[];
 }
 
 function cli(cwd: string, ...args: string[]) {
@@ -152,6 +153,15 @@ describe("supermachine gc", () => {
 
     expect(gc(a, "--all-configs").snapshots.removed).toEqual([]);
     expect(existsSync(solo)).toBe(true);
+    // A registered project that does not load cannot say what it uses: its directory is left alone.
+    const bConfig = join(b, "supermachine.config.ts");
+    const good = readFileSync(bConfig, "utf8");
+    writeFileSync(bConfig, "export default defineConfig({ images: [");
+    const broken = gc(a, "--all-configs");
+    expect(broken.snapshots.removed).toEqual([]);
+    expect(broken.snapshots.kept.find((k) => k.dir === solo)).toMatchObject({ reason: "unreadable-project" });
+    expect(broken.warnings.join("\n")).toContain(`the registered project ${bConfig} cannot be loaded (CONFIG_LOAD_FAILED`);
+    writeFileSync(bConfig, good);
     // A registered project that is gone is forgotten, and no longer keeps anything.
     rmSync(b, { recursive: true, force: true });
     const after = gc(a, "--all-configs");
