@@ -1,7 +1,8 @@
 /** Image commands: pull, tag, images, rmi, gc. */
-import { Option, type Command } from "commander";
+import { InvalidArgumentError, Option, type Command } from "commander";
 import { Image } from "../runtime/image.js";
-import { collectGarbage, listImages, removeImage } from "../image/gc.js";
+import { collectProjectGarbage } from "../build/gc.js";
+import { listImages, removeImage } from "../image/gc.js";
 import { tagImage, type TagProgress } from "../image/tag.js";
 import { action, collect, isJson, mb, platform, progressPrinter, PULL_POLICIES, writeJson, type PullPolicyArg } from "./common.js";
 
@@ -51,8 +52,35 @@ export function registerImageCommands(program: Command): void {
   program
     .command("gc")
     .helpGroup(GROUP)
-    .description("remove blobs and root filesystems no image uses (older than an hour)")
+    .summary("remove snapshots no project references, then blobs and root filesystems nothing uses")
+    .description(
+      "Remove the snapshots that no image of the project (supermachine.config.* here or above, or --config) " +
+        "references by its current key, from the project's snapshots directory and the default one " +
+        "($SUPERMACHINE_HOME/snapshots); then the blobs and root filesystems no image and no remaining snapshot " +
+        "uses (older than an hour). Never removed: a snapshot a pool restores from (a live lease), one being " +
+        "written, and anything that is not a supermachine snapshot.",
+    )
+    .option("-c, --config <file>", "the project's config file (default: supermachine.config.{ts,mts,js,mjs} here or above)")
+    .option("--all-configs", "also keep what every registered project (each one loaded on this machine) references, and collect their snapshots directories")
+    .option("--all", "also remove snapshots made by Image.build outside any project (img-<key> or its name) and vm.snapshot captures in those directories: nothing records who uses them")
+    .option("--older-than <duration>", "remove only snapshots created longer ago than this: 30m, 12h, 7d, 2w", duration)
+    .option("--dry-run", "list what would be removed, remove nothing")
+    .addHelpText(
+      "after",
+      "\nOutside a project, without --all-configs, no project snapshot is removed.\n" +
+        "Without --all-configs, snapshots other projects left in the default directory are removed too.\n\n" +
+        "Examples:\n  supermachine gc --dry-run\n  supermachine gc --all-configs --older-than 7d",
+    )
     .action(action(gc));
+}
+
+const UNITS: Record<string, number> = { s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000, w: 604_800_000 };
+
+/** Option parser for durations: a number and a unit (s, m, h, d, w). */
+export function duration(v: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([smhdw])$/.exec(v.trim());
+  if (!m) throw new InvalidArgumentError(`expected a duration such as 30m, 12h, 7d or 2w, got ${JSON.stringify(v)}`);
+  return Number(m[1]) * UNITS[m[2]!]!;
 }
 
 async function pull(ref: string, o: { platform?: string; insecureRegistry?: string[]; pullPolicy?: PullPolicyArg }, cmd: Command): Promise<number> {
@@ -120,9 +148,39 @@ async function rmi(refs: string[], _o: unknown, cmd: Command): Promise<number> {
   return missing ? 1 : 0;
 }
 
-async function gc(_o: unknown, cmd: Command): Promise<number> {
-  const r = await collectGarbage();
-  if (isJson(cmd)) writeJson(r);
-  else process.stdout.write(`removed ${r.blobsRemoved} blobs and ${r.imagesRemoved} root filesystems, ${mb(r.bytesFreed)} freed\n`);
+interface GcFlags {
+  config?: string;
+  allConfigs?: boolean;
+  all?: boolean;
+  olderThan?: number;
+  dryRun?: boolean;
+}
+
+async function gc(o: GcFlags, cmd: Command): Promise<number> {
+  const r = await collectProjectGarbage({
+    ...(o.config ? { config: o.config } : {}),
+    ...(o.allConfigs ? { allConfigs: true } : {}),
+    ...(o.all ? { all: true } : {}),
+    ...(o.olderThan !== undefined ? { olderThanMs: o.olderThan } : {}),
+    ...(o.dryRun ? { dryRun: true } : {}),
+  });
+  if (isJson(cmd)) {
+    const { snapshots: s, images: i, ...rest } = r;
+    writeJson({ ...rest, snapshots: { removed: s.removed, kept: s.kept, count: s.removed.length, bytesFreed: s.bytesFreed }, ...i, bytesFreed: r.bytesFreed }, true);
+    return 0;
+  }
+  const out = process.stdout;
+  const verb = r.dryRun ? "would remove" : "removed";
+  for (const w of r.warnings) process.stderr.write(`supermachine: ${w}\n`);
+  for (const s of r.snapshots.removed) out.write(`${verb} ${s.dir} (${s.name}, ${mb(s.bytes)}, created ${s.created})\n`);
+  const held = r.snapshots.kept.filter((k) => k.reason === "in-use" || k.reason === "being-written");
+  for (const k of held) out.write(`kept ${k.dir}: ${k.reason === "in-use" ? "a pool restores from it" : "being written"}\n`);
+  const recent = r.snapshots.kept.filter((k) => k.reason === "recent").length;
+  const other = r.snapshots.kept.filter((k) => k.reason === "not-a-project-snapshot").length;
+  out.write(
+    `${verb} ${r.snapshots.removed.length} snapshot${r.snapshots.removed.length === 1 ? "" : "s"} (${mb(r.snapshots.bytesFreed)})` +
+      `${recent ? `, kept ${recent} newer than --older-than` : ""}${other ? `, kept ${other} made outside a project (--all removes them)` : ""}\n`,
+  );
+  out.write(`${verb} ${r.images.blobsRemoved} blobs and ${r.images.imagesRemoved} root filesystems (${mb(r.images.bytesFreed)}); ${mb(r.bytesFreed)} ${r.dryRun ? "would be " : ""}freed\n`);
   return 0;
 }

@@ -11,6 +11,7 @@ import { Command } from "commander";
 import { packageRoot } from "../engine/artifacts.js";
 import { registerImageCommands } from "./images.js";
 import { registerInfoCommand } from "./info.js";
+import { registerInitCommand } from "./init.js";
 import { registerProjectCommands } from "./project.js";
 import { registerWatchCommand } from "./watch.js";
 import { registerRunCommand } from "./run.js";
@@ -41,6 +42,7 @@ export function createProgram(): Command {
   registerInfoCommand(program);
   registerProjectCommands(program);
   registerWatchCommand(program);
+  registerInitCommand(program);
   return program;
 }
 

@@ -10,6 +10,7 @@ import { logger } from "../log.js";
 import { resolveConfigPath } from "./discover.js";
 import { ConfigError } from "./errors.js";
 import { openModules, type ModuleSession } from "./modules.js";
+import { registerProject } from "./registry.js";
 import type { ConfigEnv, ImageDecl, LoadedProject, LoadProjectOptions, ProjectImage } from "../spec/project.js";
 import type { z } from "zod";
 
@@ -89,6 +90,7 @@ async function load({ cwd = process.cwd(), configFile, command = "build" }: Load
     result.images.map((i) => (i.from ? `${i.name} <- ${i.from}` : i.name)).join(", ") || "(none)",
     dependencies.length,
   );
+  registerProject(configPath, result.snapshotsDir ?? null); // for gc --all-configs
   return { ...result, dependencies };
 }
 

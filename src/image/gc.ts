@@ -1,19 +1,21 @@
 /**
  * Listing and removal of local images, and garbage collection of what no image uses: blobs in
- * the shared store and squashfs root filesystems.
+ * the shared store and squashfs root filesystems (a root filesystem a snapshot was made on is in
+ * use while the snapshot exists).
  *
  * A blob written in the last `graceMs` is never collected, so a pull that is still running
  * (its blobs are stored before its reference is recorded) cannot lose them to a concurrent gc.
  */
 import { existsSync, readdirSync } from "node:fs";
 import { readFile, rm, stat } from "node:fs/promises";
-import { join } from "node:path";
+import { basename, dirname, join } from "node:path";
 import { logger } from "../log.js";
 import { homePaths } from "../paths.js";
 import { BlobStore } from "../oci/blob-store.js";
 import { isValidDigest } from "../oci/oci-layout.js";
 import { parseImageRef } from "./reference.js";
 import { listRefs, removeRef, type RefRecord } from "./refs.js";
+import { SNAPSHOT_FILES } from "../store/snapshots.js";
 import { METADATA_FILE, ROOTFS_FILE } from "./store.js";
 
 const log = logger("gc");
@@ -131,7 +133,19 @@ export async function removeImage(ref: string, home?: string): Promise<{ removed
   return result;
 }
 
-export async function collectGarbage(home?: string, graceMs = 60 * 60_000): Promise<GcResult> {
+export interface CollectOptions {
+  /**
+   * Snapshot directories (each holding snapshots) besides `$SUPERMACHINE_HOME/snapshots`: a root
+   * filesystem a snapshot there was made on is kept, since restoring the snapshot needs it.
+   */
+  snapshotDirs?: string[];
+  /** Snapshots to disregard (a dry run lists them as removed before this runs). */
+  ignoreSnapshots?: ReadonlySet<string>;
+  /** Count what would be removed, remove nothing. */
+  dryRun?: boolean;
+}
+
+export async function collectGarbage(home?: string, graceMs = 60 * 60_000, opts: CollectOptions = {}): Promise<GcResult> {
   const store = BlobStore.open(home);
   const refs = await listRefs(home);
   const roots = refs.flatMap((r) => [r.manifestDigest, ...(r.indexDigest ? [r.indexDigest] : [])]);
@@ -142,16 +156,19 @@ export async function collectGarbage(home?: string, graceMs = 60 * 60_000): Prom
     if (keep.has(d)) continue;
     const st = await stat(store.path(d)).catch(() => undefined);
     if (!st || now - st.mtimeMs < graceMs) continue;
-    await rm(store.path(d), { force: true });
+    if (!opts.dryRun) await rm(store.path(d), { force: true });
     result.blobsRemoved++;
     result.bytesFreed += st.size;
   }
-  await store.sweepTemps();
+  if (!opts.dryRun) await store.sweepTemps();
 
-  // Squashfs entries: kept when a recorded reference resolves to them, or when they were built
-  // from a local layout (oci:, builtin:) that still exists.
+  // Squashfs entries: kept when a recorded reference resolves to them, when they were built
+  // from a local layout (oci:, builtin:) that still exists, or when a snapshot was made on them.
   const keepImages = new Set(refs.map((r) => r.manifestDigest.slice(7)));
   const imagesDir = homePaths(home).images;
+  for (const rootfs of await snapshotRootfs([homePaths(home).snapshots, ...(opts.snapshotDirs ?? [])], opts.ignoreSnapshots)) {
+    if (dirname(dirname(rootfs)) === imagesDir) keepImages.add(basename(dirname(rootfs)));
+  }
   let entries: string[] = [];
   try {
     entries = readdirSync(imagesDir).filter((n) => /^[a-f0-9]{64}$/.test(n));
@@ -170,12 +187,36 @@ export async function collectGarbage(home?: string, graceMs = 60 * 60_000): Prom
     if (meta.ref && isLocalLayoutAlive(meta.ref)) continue;
     if (meta.created && now - Date.parse(meta.created) < graceMs) continue;
     const bytes = await size(join(dir, ROOTFS_FILE));
-    await rm(dir, { recursive: true, force: true });
+    if (!opts.dryRun) await rm(dir, { recursive: true, force: true });
     result.imagesRemoved++;
     result.bytesFreed += bytes;
-    log("removed image entry %s (%s)", hex, meta.ref ?? "unknown ref");
+    log("%s image entry %s (%s)", opts.dryRun ? "would remove" : "removed", hex, meta.ref ?? "unknown ref");
   }
   return result;
+}
+
+/** The root filesystems the snapshots in `dirs` were made on (their meta.json says). */
+async function snapshotRootfs(dirs: string[], ignore: ReadonlySet<string> | undefined): Promise<Set<string>> {
+  const out = new Set<string>();
+  for (const dir of new Set(dirs)) {
+    let names: string[];
+    try {
+      names = readdirSync(dir);
+    } catch {
+      continue;
+    }
+    for (const name of names) {
+      if (ignore?.has(join(dir, name))) continue;
+      // Temps of a bake in progress count too: the snapshot they become needs its rootfs.
+      try {
+        const meta = JSON.parse(await readFile(join(dir, name, SNAPSHOT_FILES.meta), "utf8")) as { image?: { rootfs?: unknown } };
+        if (typeof meta.image?.rootfs === "string") out.add(meta.image.rootfs);
+      } catch {
+        /* not a snapshot */
+      }
+    }
+  }
+  return out;
 }
 
 /** The reference an image entry was built for (its metadata), "" when unreadable. */

@@ -1,0 +1,92 @@
+// examples/monorepo, as its README says to use it: copied to a temp dir, `npm install` (workspace
+// links only, nothing downloaded), build bakes the twelve images and then reports them cached,
+// ls/graph/run/loadPools see them, and after an edit to a shared helper `why` names the helper's
+// file for exactly the images whose bundle it changes.
+import { spawnSync } from "node:child_process";
+import { cpSync, existsSync, mkdtempSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { loadPools } from "../../src/index.js";
+
+const root = join(import.meta.dirname, "..", "..");
+const example = join(root, "examples", "monorepo");
+const work = realpathSync(mkdtempSync(join(tmpdir(), "sm-monorepo-example-")));
+const dir = join(work, "monorepo");
+afterAll(() => rmSync(work, { recursive: true, force: true }));
+
+const IMAGES = ["base", "httpd", "tools", "checkout-api", "checkout-cron", "checkout-docs", "checkout-worker", "search-index", "search-ingest", "search-report", "search-shell", "search-site"];
+const HELPER = "packages/helpers/src/stamp.ts";
+
+function cli(...args: string[]) {
+  return spawnSync(process.execPath, [join(root, "dist/src/cli/main.js"), ...args], { cwd: dir, encoding: "utf8", timeout: 300_000 });
+}
+
+function json<T>(...args: string[]): T {
+  const r = cli(...args, "--json");
+  if (r.status !== 0) throw new Error(`${args.join(" ")} failed (${r.status}): ${r.stdout}\n${r.stderr}`);
+  return JSON.parse(r.stdout) as T;
+}
+
+type Rows = { images: { name: string; status: string; parent: string | null }[] };
+
+let first: Rows;
+
+beforeAll(() => {
+  // What a checkout holds: a local node_modules or snapshots of someone's run are not copied.
+  cpSync(example, dir, { recursive: true, filter: (src) => !/\/(node_modules|\.snapshots)$/.test(src) && !src.endsWith("package-lock.json") });
+  const install = spawnSync("npm", ["install", "--offline", "--no-audit", "--no-fund"], { cwd: dir, encoding: "utf8", timeout: 120_000 });
+  if (install.status !== 0) throw new Error(`npm install failed: ${install.stdout}\n${install.stderr}`);
+  first = json<Rows>("build");
+}, 600_000);
+
+describe("examples/monorepo", () => {
+  it("links the workspace packages and bakes the twelve images, then reports them all cached", () => {
+    expect(realpathSync(join(dir, "node_modules", "@acme", "helpers"))).toBe(join(dir, "packages", "helpers"));
+    expect(first.images.map((i) => i.name).sort()).toEqual([...IMAGES].sort());
+    expect(first.images.every((i) => i.status === "baked")).toBe(true);
+    const again = json<Rows>("build");
+    expect(again.images.map((i) => i.status)).toEqual(IMAGES.map(() => "cached"));
+    expect(existsSync(join(dir, ".snapshots"))).toBe(true);
+  });
+
+  it("lists, graphs and runs the images; loadPools hands out the pools", async () => {
+    const ls = json<{ images: { name: string; cached: boolean; parent: string | null }[] }>("ls");
+    expect(ls.images.every((i) => i.cached)).toBe(true);
+    expect(Object.fromEntries(ls.images.map((i) => [i.name, i.parent]))).toMatchObject({ base: null, "checkout-docs": "httpd", "search-index": "search-ingest", "search-ingest": "tools" });
+    const graph = json<{ images: { name: string; children: string[] }[] }>("graph");
+    expect(graph.images.find((i) => i.name === "base")!.children.sort()).toEqual(["httpd", "search-shell", "tools"]);
+    const run = cli("run", "search-index", "--", "sh", "-c", "acme-info; ingest");
+    expect(run.status, run.stderr).toBe(0);
+    expect(run.stdout).toBe("acme: base tools search-ingest search-index \n2\n");
+
+    const pools = await loadPools({ cwd: join(dir, "packages", "team-a"), frozen: true });
+    try {
+      expect(Object.keys(pools).sort()).toEqual(["checkout", "search"]);
+      const vm = await pools.checkout.acquire();
+      try {
+        expect(JSON.parse((await vm.exec({ argv: ["cat", "/etc/acme/checkout-api.json"] })).stdout.toString())).toEqual({ service: "checkout-api", team: "a" });
+      } finally {
+        await vm.release();
+      }
+    } finally {
+      await pools.close();
+    }
+  });
+
+  it("names an edited shared helper in why for the images whose bundle it changes", () => {
+    const file = join(dir, HELPER);
+    writeFileSync(file, readFileSync(file, "utf8").replace(">> /etc/acme/images", ">> /etc/acme/images && sync"));
+    const why = Object.fromEntries(IMAGES.map((n) => [n, json<{ cached: boolean; changes: { input: string }[] }>("why", n)]));
+    const naming = IMAGES.filter((n) => why[n]!.changes.some((c) => c.input === `module:${HELPER}`)).sort();
+    // httpd imports @acme/helpers too, but not stamp: its bundle, and so its key, is unchanged.
+    const untouched = ["base", "httpd", "search-shell"];
+    expect(naming).toEqual(IMAGES.filter((n) => !untouched.includes(n)).sort());
+    for (const n of untouched) expect(why[n], n).toMatchObject({ cached: true, changes: [] });
+    expect(why["checkout-api"]!.changes.map((c) => c.input)).toEqual(["parent", `module:${HELPER}`]);
+    const text = cli("why", "checkout-api");
+    expect(text.stdout).toContain(`module:${HELPER}`);
+    const rebuilt = json<Rows>("build");
+    expect(rebuilt.images.filter((i) => i.status === "baked").map((i) => i.name).sort()).toEqual(naming);
+  });
+});
