@@ -9,6 +9,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { Command } from "commander";
 import { packageRoot } from "../engine/artifacts.js";
+import { registerCacheCommands } from "./cache.js";
 import { registerImageCommands } from "./images.js";
 import { registerInfoCommand } from "./info.js";
 import { registerProjectCommands } from "./project.js";
@@ -39,6 +40,7 @@ export function createProgram(): Command {
   registerImageCommands(program);
   registerInfoCommand(program);
   registerProjectCommands(program);
+  registerCacheCommands(program);
   return program;
 }
 

@@ -10,6 +10,7 @@ import { logger } from "../log.js";
 import { resolveConfigPath } from "./discover.js";
 import { ConfigError } from "./errors.js";
 import { openModules, type ModuleSession } from "./modules.js";
+import { parseCacheLocation } from "../transfer/backend.js";
 import type { ConfigEnv, ImageDecl, LoadedProject, LoadProjectOptions, ProjectImage } from "../spec/project.js";
 import type { z } from "zod";
 
@@ -77,6 +78,7 @@ async function load({ cwd = process.cwd(), configFile, command = "build" }: Load
       pools: config.pools ?? {},
       snapshotsDir: config.snapshotsDir === undefined ? undefined : resolve(root, config.snapshotsDir),
       concurrency: config.concurrency,
+      cache: resolveCache(config.cache, root),
     };
   } finally {
     dependencies = modules.close();
@@ -298,6 +300,18 @@ function validate<S extends z.ZodType>(what: string, schema: S, input: unknown, 
 
 function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
+}
+
+/** Cache directories are relative to the config file; registry repositories stay as written. */
+function resolveCache(cache: { from?: string | undefined; to?: string | undefined } | undefined, root: string): LoadedProject["cache"] {
+  const out: LoadedProject["cache"] = {};
+  for (const k of ["from", "to"] as const) {
+    const v = cache?.[k];
+    if (v === undefined) continue;
+    const loc = parseCacheLocation(v, root);
+    out[k] = loc.kind === "dir" ? loc.path : v;
+  }
+  return out;
 }
 
 function realpath(p: string): string {

@@ -15,6 +15,7 @@ import { buildGraph, firstFailure, type BuildEvent } from "../build/build.js";
 import { loadProject } from "../config/loader.js";
 import { GraphError } from "../errors.js";
 import { buildImageGraph } from "../graph/graph.js";
+import { fetchFromCache, seedImages } from "../transfer/index.js";
 import { Image } from "./image.js";
 import type { Pool } from "./pool.js";
 
@@ -29,6 +30,11 @@ export interface LoadPoolsOptions {
   concurrency?: number;
   /** Progress of the build, per image. */
   onEvent?: (e: BuildEvent) => void;
+  /**
+   * A snapshot cache (a directory or a registry repository `host[:port]/repo`) to import the
+   * images from before baking them, also with `frozen` (default: the config's `cache.from`).
+   */
+  cacheFrom?: string;
 }
 
 /** The pools of a project, by name, and `close()` that shuts them all down. */
@@ -49,6 +55,9 @@ export async function loadPools(options: LoadPoolsOptions = {}): Promise<Pools> 
     }
   }
   const wanted = [...new Set(entries.map(([, d]) => d.image))];
+  const cacheFrom = options.cacheFrom ?? project.cache.from;
+  // Root filesystems first: resolving a root image then finds the one its snapshots were made on.
+  if (cacheFrom) await seedImages(cacheFrom, graph, wanted);
   const nodes = await buildGraph(graph, {
     names: wanted,
     root: project.root,
@@ -57,6 +66,7 @@ export async function loadPools(options: LoadPoolsOptions = {}): Promise<Pools> 
     ...(project.snapshotsDir ? { snapshotsDir: project.snapshotsDir } : {}),
     ...((options.concurrency ?? project.concurrency) ? { concurrency: options.concurrency ?? project.concurrency! } : {}),
     ...(options.onEvent ? { onEvent: options.onEvent } : {}),
+    ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom) } : {}),
   });
   const images = new Map<string, Image>();
   for (const node of nodes.values()) {
