@@ -78,7 +78,7 @@ async function load({ cwd = process.cwd(), configFile, command = "build" }: Load
       pools: config.pools ?? {},
       snapshotsDir: config.snapshotsDir === undefined ? undefined : resolve(root, config.snapshotsDir),
       concurrency: config.concurrency,
-      cache: resolveCache(config.cache, root),
+      cache: resolveCache(config.cache, root, configPath, rel(configPath)),
     };
   } finally {
     dependencies = modules.close();
@@ -303,12 +303,18 @@ function errorMessage(err: unknown): string {
 }
 
 /** Cache directories are relative to the config file; registry repositories stay as written. */
-function resolveCache(cache: { from?: string | undefined; to?: string | undefined } | undefined, root: string): LoadedProject["cache"] {
+function resolveCache(cache: { from?: string | undefined; to?: string | undefined } | undefined, root: string, file: string, rel: string): LoadedProject["cache"] {
   const out: LoadedProject["cache"] = {};
   for (const k of ["from", "to"] as const) {
     const v = cache?.[k];
     if (v === undefined) continue;
-    const loc = parseCacheLocation(v, root);
+    let loc;
+    try {
+      loc = parseCacheLocation(v, root);
+    } catch (err) {
+      const e = err as ConfigError;
+      throw new ConfigError("OPTION_INVALID", `${rel}: cache.${k}: ${e.message}`, { file, hint: e.hint, cause: err });
+    }
     out[k] = loc.kind === "dir" ? loc.path : v;
   }
   return out;

@@ -1,7 +1,7 @@
 // Export and import through a directory cache, on snapshots made without a VM: the artifact's
 // shape, sharing between a parent and a child, nothing moved twice, sparse RAM, and refusals
 // (a corrupted chunk, a foreign engine) that publish nothing.
-import { readdirSync, readFileSync, statSync, writeFileSync, existsSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { exportSnapshots, importSnapshots } from "../../src/transfer/index.js";
@@ -115,6 +115,28 @@ describe("a directory cache", () => {
       const missing = await importSnapshots(cache, ["0".repeat(64)]);
       expect(missing.snapshots[0]!.status).toBe("missing");
       expect(leftovers(home)).toEqual([]);
+    });
+  });
+
+  it("keeps a private copy of the root filesystem when this machine built the image differently", async () => {
+    const cache = tempDir("sm-cache-");
+    await exportSnapshots(cache, [parent]);
+    const home = tempDir("sm-home-");
+    await inHome(home, async () => {
+      // The same image digest, other bytes (sqfstar stamps the build time on the root).
+      const entry = join(homePaths().images, image.digest.slice(7));
+      mkdirSync(entry, { recursive: true });
+      const other = readFileSync(image.rootfs);
+      other[5]! ^= 0xff;
+      writeFileSync(join(entry, "rootfs.sqfs"), other);
+      writeFileSync(join(entry, "image.json"), JSON.stringify({ version: 1, manifestDigest: image.digest, sizeBytes: other.length }));
+      const r = await importSnapshots(cache, [parent.meta.hash]);
+      expect(r.snapshots[0]!.status).toBe("imported");
+      const dir = join(homePaths().snapshots, `base-${parent.meta.hash.slice(0, 16)}`);
+      const meta = JSON.parse(readFileSync(join(dir, "meta.json"), "utf8"));
+      expect(meta.image.rootfs).toBe(join(dir, "rootfs.sqfs"));
+      expect(readFileSync(meta.image.rootfs).equals(readFileSync(image.rootfs))).toBe(true);
+      expect(readFileSync(join(entry, "rootfs.sqfs")).equals(other)).toBe(true); // left alone
     });
   });
 
