@@ -6,7 +6,7 @@
  * exports into one directory keep every entry.
  */
 import { randomBytes } from "node:crypto";
-import { mkdir, open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { logger } from "../log.js";
 import { isValidDigest } from "../oci/oci-layout.js";
@@ -56,6 +56,12 @@ export class DirBackend implements CacheBackend {
     if (this.ready) return;
     await mkdir(this.blobs, { recursive: true });
     await mkdir(this.tmp, { recursive: true });
+    // Temps of writers that died (an hour is far longer than any write of one blob).
+    for (const n of await readdir(this.tmp)) {
+      const p = join(this.tmp, n);
+      const st = await stat(p).catch(() => undefined);
+      if (st && Date.now() - st.mtimeMs > 3_600_000) await rm(p, { force: true });
+    }
     const marker = join(this.location, "oci-layout");
     if (!(await stat(marker).catch(() => undefined))) await writeFile(marker, JSON.stringify({ imageLayoutVersion: "1.0.0" }) + "\n");
     this.ready = true;

@@ -54,7 +54,7 @@ export async function exportSnapshots(dest: string, snapshots: Array<{ dir: stri
       loaded.push(snap);
     }
   }
-  const backend = await openCache(dest, opts.registry ?? {});
+  const backend = await openCache(dest, { ...opts.registry, ...(opts.signal ? { signal: opts.signal } : {}) });
   try {
     const session = new ExportSession(backend, opts);
     const entries: TransferEntry[] = [];

@@ -50,6 +50,8 @@ export const LIMITS = {
   imageMetaBytes: 4 * 1024 * 1024,
   chunkIndexBytes: 256 * 1024 * 1024,
   stateBytes: 1024 * 1024 * 1024,
+  /** Guest RAM (a sparse file: only its chunks take space). */
+  ramBytes: 2 ** 40,
 } as const;
 
 /** The tag (registry) and ref name (directory) of a snapshot. */
@@ -226,7 +228,7 @@ const configSchema = z
     image: z.object({ ref: z.string(), digest: digestSchema, config: z.object({}).passthrough(), rootfsSize: nonNeg }).passthrough(),
     memoryMib: nonNeg,
     vcpus: nonNeg,
-    files: z.object({ ram: z.object({ size: nonNeg }), state: z.object({ size: nonNeg.max(LIMITS.stateBytes), sha256: hex64 }) }),
+    files: z.object({ ram: z.object({ size: nonNeg.max(LIMITS.ramBytes) }), state: z.object({ size: nonNeg.max(LIMITS.stateBytes), sha256: hex64 }) }),
     workload: z.unknown(),
     workloadRunning: z.boolean(),
     created: z.string(),

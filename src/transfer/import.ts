@@ -62,7 +62,7 @@ export async function importSnapshots(src: string, keys: string[], opts: ImportO
   for (const k of keys) {
     if (!KEY_RE.test(k)) throw new CacheError("CACHE_KEY_INVALID", `${JSON.stringify(k)} is not a snapshot key (64 lowercase hex digits)`, { hint: "supermachine ls shows the keys of a project's images" });
   }
-  const backend = await openCache(src, opts.registry ?? {});
+  const backend = await openCache(src, { ...opts.registry, ...(opts.signal ? { signal: opts.signal } : {}) });
   try {
     const session = new ImportSession(backend, opts.snapshotsDir ?? homePaths().snapshots, opts);
     for (const k of keys) {
