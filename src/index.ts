@@ -39,6 +39,10 @@ export type { ImageConfig, ImageProgress, PullProgress, BakeProgress, BakeStep, 
 export type { PullPolicy } from "./image/store.js";
 export { RegistryError } from "./registry/errors.js";
 export { tagImage } from "./image/tag.js";
+export { exportSnapshots, importSnapshots, fetchFromCache, CacheError } from "./transfer/index.js";
+export type { TransferReport, TransferEntry, TransferStatus, TransferProgress, TransferOptions, ImportOptions } from "./transfer/index.js";
+export type { FetchRequest } from "./build/build.js";
+export type { LoadedSnapshot } from "./store/snapshots.js";
 export type { AccelChoice, Accel } from "./engine/accel.js";
 export {
   SupermachineError,

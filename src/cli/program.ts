@@ -9,6 +9,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { Command } from "commander";
 import { packageRoot } from "../engine/artifacts.js";
+import { registerCacheCommands } from "./cache.js";
 import { registerImageCommands } from "./images.js";
 import { registerInfoCommand } from "./info.js";
 import { registerInitCommand } from "./init.js";
@@ -43,6 +44,7 @@ export function createProgram(): Command {
   registerProjectCommands(program);
   registerWatchCommand(program);
   registerInitCommand(program);
+  registerCacheCommands(program);
   return program;
 }
 

@@ -11,6 +11,7 @@ import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { homePaths } from "../paths.js";
 import { action, integer, isJson, nodeJson, writeJson } from "./common.js";
 import { BuildRenderer } from "./render.js";
+import { exportSnapshots, fetchFromCache, seedImages } from "../transfer/index.js";
 
 interface ProjectOptions {
   config?: string;
@@ -35,7 +36,9 @@ export function registerProjectCommands(program: Command): void {
       .option("--force", "bake even what is cached")
       .option("--dry-run", "report what would be baked, bake nothing")
       .option("--frozen", "bake nothing; fail, naming them, if images are not baked (for CI)")
-      .option("--concurrency <n>", "bakes at once (default: from cores and memory)", integer),
+      .option("--concurrency <n>", "bakes at once (default: from cores and memory)", integer)
+      .option("--cache-from <dir|ref>", "import images that are not baked here from this cache (a directory or a registry host[:port]/repo) instead of baking them (default: the config's cache.from)")
+      .option("--cache-to <dir|ref>", "after the build, export the images' snapshots to this cache (default: the config's cache.to)"),
   ).action(action(build));
 
   withConfig(program.command("ls").helpGroup("Projects:").summary("list the project's images: key, parent, cached, size")).action(action(ls));
@@ -51,10 +54,13 @@ export function registerProjectCommands(program: Command): void {
   withConfig(program.command("graph").helpGroup("Projects:").summary("print the project's image graph")).action(action(graph));
 }
 
-async function build(names: string[], o: ProjectOptions & { force?: boolean; dryRun?: boolean; frozen?: boolean; concurrency?: number }, cmd: Command): Promise<number> {
+async function build(names: string[], o: ProjectOptions & { force?: boolean; dryRun?: boolean; frozen?: boolean; concurrency?: number; cacheFrom?: string; cacheTo?: string }, cmd: Command): Promise<number> {
   const json = isJson(cmd);
   const { project, graph, snapshotsDir } = await openProject(o, "build");
   for (const n of names) graph.spec(n); // unknown names fail here, listing the known ones
+  const cacheFrom = o.dryRun ? undefined : (o.cacheFrom ?? project.cache.from);
+  const cacheTo = o.dryRun ? undefined : (o.cacheTo ?? project.cache.to);
+  if (cacheFrom) await seedImages(cacheFrom, graph, names);
   const order = names.length ? graph.withAncestors(names) : graph.order;
   const renderer = BuildRenderer.for(json, order);
   let nodes: Map<string, BuiltNode>;
@@ -69,14 +75,17 @@ async function build(names: string[], o: ProjectOptions & { force?: boolean; dry
       ...(o.frozen ? { frozen: true } : {}),
       ...((o.concurrency ?? project.concurrency) ? { concurrency: o.concurrency ?? project.concurrency! } : {}),
       onEvent: renderer.onEvent,
+      ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom, snapshotsDir) } : {}),
     });
   } finally {
     renderer.finish();
   }
+  const exported = cacheTo ? await exportSnapshots(cacheTo, [...nodes.values()].flatMap((n) => (n.snapshot ? [n.snapshot] : []))) : undefined;
   const images = [...nodes.values()].map(nodeJson);
   const failed = images.filter((i) => i.status === "failed" || i.status === "skipped");
-  if (json) writeJson({ images }, true);
+  if (json) writeJson({ images, ...(exported ? { cache: exported } : {}) }, true);
   else {
+    if (exported) process.stderr.write(`cache ${exported.location}: ${exported.snapshots.filter((s) => s.status === "exported").length} exported, ${exported.snapshots.filter((s) => s.status === "present").length} present; ${exported.chunksMoved} chunks, ${(exported.bytesMoved / 1e6).toFixed(1)} MB moved\n`);
     const baked = images.filter((i) => i.status === "baked").length;
     const cached = images.filter((i) => i.status === "cached").length;
     const imported = images.filter((i) => i.status === "imported").length;

@@ -11,6 +11,7 @@ import { resolveConfigPath } from "./discover.js";
 import { ConfigError } from "./errors.js";
 import { openModules, type ModuleSession } from "./modules.js";
 import { registerProject } from "./registry.js";
+import { parseCacheLocation } from "../oci/cache-location.js";
 import type { ConfigEnv, ImageDecl, LoadedProject, LoadProjectOptions, ProjectImage } from "../spec/project.js";
 import type { z } from "zod";
 
@@ -78,6 +79,7 @@ async function load({ cwd = process.cwd(), configFile, command = "build" }: Load
       pools: config.pools ?? {},
       snapshotsDir: config.snapshotsDir === undefined ? undefined : resolve(root, config.snapshotsDir),
       concurrency: config.concurrency,
+      cache: resolveCache(config.cache, root, configPath, rel(configPath)),
     };
   } finally {
     dependencies = modules.close();
@@ -300,6 +302,24 @@ function validate<S extends z.ZodType>(what: string, schema: S, input: unknown, 
 
 function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
+}
+
+/** Cache directories are relative to the config file; registry repositories stay as written. */
+function resolveCache(cache: { from?: string | undefined; to?: string | undefined } | undefined, root: string, file: string, rel: string): LoadedProject["cache"] {
+  const out: LoadedProject["cache"] = {};
+  for (const k of ["from", "to"] as const) {
+    const v = cache?.[k];
+    if (v === undefined) continue;
+    let loc;
+    try {
+      loc = parseCacheLocation(v, root);
+    } catch (err) {
+      const e = err as ConfigError;
+      throw new ConfigError("OPTION_INVALID", `${rel}: cache.${k}: ${e.message}`, { file, hint: e.hint, cause: err });
+    }
+    out[k] = loc.kind === "dir" ? loc.path : v;
+  }
+  return out;
 }
 
 function realpath(p: string): string {

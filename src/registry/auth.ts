@@ -367,14 +367,15 @@ export class Authenticator {
    * Handles a 401: returns the header to retry with, or undefined when there is nothing
    * (else) to try. `sent` is the header the refused request carried.
    */
-  async onChallenge(wwwAuthenticate: string | undefined, scope: string, sent: string | undefined): Promise<string | undefined> {
+  async onChallenge(wwwAuthenticate: string | undefined, scope: string, sent: string | undefined, ownScope = false): Promise<string | undefined> {
     const challenges = parseWwwAuthenticate(wwwAuthenticate ?? "");
     const bearer = challenges.find((c) => c.scheme === "bearer" && c.params.realm);
     const creds = await this.getCredentials();
     if (bearer) {
       const realm = bearer.params.realm!;
       const service = bearer.params.service ?? "";
-      const wanted = bearer.params.scope ?? scope;
+      // A push asks for pull,push up front (as docker does), whatever one request was challenged for.
+      const wanted = ownScope ? scope : (bearer.params.scope ?? scope);
       this.bearerParams = { realm, service };
       const key = await this.cacheKey(realm, service, wanted);
       const hit = tokenCache.get(key);

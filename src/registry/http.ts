@@ -36,7 +36,7 @@ export interface TransportOptions {
 }
 
 export interface HttpRequest {
-  method: "GET" | "HEAD" | "POST";
+  method: "GET" | "HEAD" | "POST" | "PUT";
   url: URL;
   headers?: Record<string, string>;
   body?: Buffer;

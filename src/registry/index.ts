@@ -32,3 +32,4 @@ export {
   type DockerAuthEntry,
 } from "./auth.js";
 export { Transport, isLoopback, type RetryPolicy, type TransportOptions } from "./http.js";
+export { PushClient } from "./push.js";

@@ -22,6 +22,7 @@ import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { logger } from "../log.js";
 import type { PoolDeclaration } from "../spec/project.js";
 import { snapshotInUse } from "../store/leases.js";
+import { fetchFromCache, seedImages } from "../transfer/index.js";
 import { Image } from "./image.js";
 import type { Pool, PoolStats } from "./pool.js";
 import type { Vm } from "./vm.js";
@@ -43,6 +44,11 @@ export interface LoadPoolsOptions {
   onEvent?: (e: BuildEvent) => void;
   /** With `watch`: what the watcher does (changes, rounds, failures). */
   onWatchEvent?: (e: WatchEvent) => void;
+  /**
+   * A snapshot cache (a directory or a registry repository `host[:port]/repo`) to import the
+   * images from before baking them, also with `frozen` (default: the config's `cache.from`).
+   */
+  cacheFrom?: string;
 }
 
 /** What a project's pool offers (a Pool; with `watch`, one that follows rebakes). */
@@ -122,6 +128,9 @@ export async function loadPools(options: LoadPoolsOptions = {}): Promise<Pools> 
   const project = await loadProject({ ...projectOpts, command: "pools" });
   const graph = buildImageGraph(project.images);
   const wanted = poolImages(project.configPath, project.pools, graph);
+  const cacheFrom = options.cacheFrom ?? project.cache.from;
+  // Root filesystems first: resolving a root image then finds the one its snapshots were made on.
+  if (cacheFrom) await seedImages(cacheFrom, graph, wanted);
   const nodes = await buildGraph(graph, {
     names: wanted,
     root: project.root,
@@ -130,6 +139,7 @@ export async function loadPools(options: LoadPoolsOptions = {}): Promise<Pools> 
     ...(project.snapshotsDir ? { snapshotsDir: project.snapshotsDir } : {}),
     ...((options.concurrency ?? project.concurrency) ? { concurrency: options.concurrency ?? project.concurrency! } : {}),
     ...(options.onEvent ? { onEvent: options.onEvent } : {}),
+    ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom) } : {}),
   });
   const pools = await openPools(project.pools, nodes, wanted);
   return withClose(pools, async () => {

@@ -147,6 +147,13 @@ export const configSchema = z
       .optional(),
     snapshotsDir: buildFields.snapshotsDir,
     concurrency: intIn(1, 1024).optional(),
+    cache: z
+      .object({
+        from: z.string({ error: "must be a directory or a registry repository host[:port]/repo (a string)" }).min(1, { error: "must not be empty" }).optional(),
+        to: z.string({ error: "must be a directory or a registry repository host[:port]/repo (a string)" }).min(1, { error: "must not be empty" }).optional(),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 

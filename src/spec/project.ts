@@ -54,6 +54,12 @@ export interface SupermachineConfig {
   snapshotsDir?: string;
   /** How many images may bake at once. */
   concurrency?: number;
+  /**
+   * A snapshot cache (a directory, relative to the config file's, or a registry repository
+   * `host[:port]/repo`): `from` is imported from before baking (build, loadPools), `to` is
+   * exported to after a build (docs/cache-format.md).
+   */
+  cache?: { from?: string; to?: string };
 }
 
 export type SupermachineConfigFn = (env: ConfigEnv) => SupermachineConfig | Promise<SupermachineConfig>;
@@ -85,6 +91,8 @@ export interface LoadedProject {
   /** Absolute (a relative one is resolved against root). */
   snapshotsDir: string | undefined;
   concurrency: number | undefined;
+  /** The config's snapshot cache, directories made absolute (against root). */
+  cache: { from?: string; to?: string };
   /** Every file the load read: the config, image modules and what they import (absolute; not inside node_modules). */
   dependencies: string[];
 }

@@ -99,7 +99,7 @@ describe("invalid config", () => {
     const e = await refused(load(root));
     expect(e.code).toBe("OPTION_UNKNOWN");
     expect(e.message).toBe('supermachine.config.ts: unknown option "pool"');
-    expect(e.hint).toBe('accepted options: "images", "pools", "snapshotsDir", "concurrency"');
+    expect(e.hint).toBe('accepted options: "images", "pools", "snapshotsDir", "concurrency", "cache"');
     expect(e.file).toBe(join(root, "supermachine.config.ts"));
     expect(e.image).toBeUndefined();
   });

@@ -1,0 +1,45 @@
+/**
+ * Where snapshot artifacts are kept: a directory (an OCI image layout) or a repository of an OCI
+ * registry. Both store content-addressed blobs and one manifest per snapshot key; the exporter
+ * and importer only speak this interface.
+ */
+import type { RegistryOptions } from "../registry/client.js";
+import { CacheError } from "./errors.js";
+import type { ArtifactManifest } from "./format.js";
+
+export interface CacheBackend {
+  readonly kind: "dir" | "registry";
+  /** For messages: the directory, or `host/repository`. */
+  readonly location: string;
+  /** Bytes the blob takes there, or undefined when it is not there. */
+  blobSize(digest: string): Promise<number | undefined>;
+  /** Stores a blob (the caller knows it is missing and that `data` hashes to `digest`). */
+  writeBlob(digest: string, data: Buffer): Promise<void>;
+  /** A blob's bytes (at most `limit`, else CACHE_TOO_LARGE), unverified; undefined when absent. */
+  readBlob(digest: string, limit: number, what: string): Promise<Buffer | undefined>;
+  /** Whether the cache has the manifest of snapshot `key`. */
+  hasSnapshot(key: string): Promise<boolean>;
+  /** The manifest of snapshot `key` (unverified), or undefined. */
+  readManifest(key: string): Promise<Buffer | undefined>;
+  /** Records the manifest of snapshot `key` (its blobs are all there already). */
+  writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest): Promise<void>;
+  /** A manifest of some snapshot that carries the root filesystem of image `digest`, if any. */
+  readImageManifest(imageDigest: string): Promise<Buffer | undefined>;
+  /** Blob operations at once that suit it (a registry gains from parallel requests). */
+  readonly parallelism: number;
+  close(): void;
+}
+
+export { parseCacheLocation, type CacheLocation } from "../oci/cache-location.js";
+import { parseCacheLocation } from "../oci/cache-location.js";
+
+/** Opens a cache for reading and writing. */
+export async function openCache(loc: string, opts: RegistryOptions & { cwd?: string } = {}): Promise<CacheBackend> {
+  const parsed = parseCacheLocation(loc, opts.cwd);
+  if (parsed.kind === "dir") {
+    const { DirBackend } = await import("./dir.js");
+    return new DirBackend(parsed.path);
+  }
+  const { RegistryBackend } = await import("./registry.js");
+  return new RegistryBackend(parsed.registry, parsed.repository, opts);
+}

@@ -1,0 +1,58 @@
+/**
+ * A snapshot cache in a registry repository: one tag per snapshot (`sm-<key>`), and for every
+ * image whose root filesystem a snapshot carries, a tag `sm-image-<manifest hex>` on one such
+ * snapshot (so a machine can restore the image before it knows any snapshot key). Credentials,
+ * TLS and the insecure/loopback rules are those of pulls (src/registry/).
+ */
+import type { RegistryOptions } from "../registry/client.js";
+import { PushClient } from "../registry/push.js";
+import type { CacheBackend } from "./backend.js";
+import { ANNOTATIONS, imageTagOf, LIMITS, MEDIA, tagOf, type ArtifactManifest } from "./format.js";
+
+export class RegistryBackend implements CacheBackend {
+  readonly kind = "registry" as const;
+  readonly parallelism = 8;
+  readonly location: string;
+  private readonly client: PushClient;
+
+  constructor(registry: string, repository: string, opts: RegistryOptions) {
+    this.client = new PushClient({ registry, repository }, opts);
+    this.location = `${registry}/${repository}`;
+  }
+
+  close(): void {
+    this.client.close();
+  }
+
+  blobSize(digest: string): Promise<number | undefined> {
+    return this.client.blobSize(digest);
+  }
+
+  writeBlob(digest: string, data: Buffer): Promise<void> {
+    return this.client.uploadBlob(digest, data);
+  }
+
+  readBlob(digest: string, limit: number, what: string): Promise<Buffer | undefined> {
+    return this.client.getBlob(digest, limit, what);
+  }
+
+  async hasSnapshot(key: string): Promise<boolean> {
+    return (await this.client.headManifest(tagOf(key), MEDIA.manifest)) !== undefined;
+  }
+
+  async readManifest(key: string): Promise<Buffer | undefined> {
+    return (await this.client.getManifest(tagOf(key), MEDIA.manifest, LIMITS.manifestBytes))?.bytes;
+  }
+
+  async readImageManifest(imageDigest: string): Promise<Buffer | undefined> {
+    return (await this.client.getManifest(imageTagOf(imageDigest), MEDIA.manifest, LIMITS.manifestBytes))?.bytes;
+  }
+
+  async writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest): Promise<void> {
+    await this.client.putManifest(tagOf(key), bytes, MEDIA.manifest);
+    const image = manifest.annotations[ANNOTATIONS.image];
+    if (image && !(await this.client.headManifest(imageTagOf(image), MEDIA.manifest))) {
+      await this.client.putManifest(imageTagOf(image), bytes, MEDIA.manifest);
+    }
+  }
+}
