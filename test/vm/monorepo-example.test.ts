@@ -1,13 +1,15 @@
 // examples/monorepo, as its README says to use it: copied to a temp dir, `npm install` (workspace
 // links only, nothing downloaded), build bakes the twelve images and then reports them cached,
-// ls/graph/run/loadPools see them, and after an edit to a shared helper `why` names the helper's
-// file for exactly the images whose bundle it changes.
+// ls/graph/run/loadPools see them, after an edit to a shared helper `why` names the helper's
+// file for exactly the images whose bundle it changes, and the CI cache flow of its README works:
+// export into a cache directory, import into a fresh checkout and an empty home, build --frozen.
 import { spawnSync } from "node:child_process";
-import { cpSync, existsSync, mkdtempSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadPools } from "../../src/index.js";
+import { homePaths } from "../../src/paths.js";
 
 const root = join(import.meta.dirname, "..", "..");
 const example = join(root, "examples", "monorepo");
@@ -19,7 +21,18 @@ const IMAGES = ["base", "httpd", "tools", "checkout-api", "checkout-cron", "chec
 const HELPER = "packages/helpers/src/stamp.ts";
 
 function cli(...args: string[]) {
-  return spawnSync(process.execPath, [join(root, "dist/src/cli/main.js"), ...args], { cwd: dir, encoding: "utf8", timeout: 300_000 });
+  return cliIn(dir, {}, ...args);
+}
+
+function cliIn(cwd: string, env: Record<string, string>, ...args: string[]) {
+  return spawnSync(process.execPath, [join(root, "dist/src/cli/main.js"), ...args], { cwd, encoding: "utf8", timeout: 300_000, env: { ...process.env, ...env } });
+}
+
+function prepare(target: string, source = example): void {
+  // What a checkout holds: a local node_modules or snapshots of someone's run are not copied.
+  cpSync(source, target, { recursive: true, filter: (src) => !/\/(node_modules|\.snapshots)$/.test(src) && !src.endsWith("package-lock.json") });
+  const install = spawnSync("npm", ["install", "--offline", "--no-audit", "--no-fund"], { cwd: target, encoding: "utf8", timeout: 120_000 });
+  if (install.status !== 0) throw new Error(`npm install failed: ${install.stdout}\n${install.stderr}`);
 }
 
 function json<T>(...args: string[]): T {
@@ -33,10 +46,7 @@ type Rows = { images: { name: string; status: string; parent: string | null }[] 
 let first: Rows;
 
 beforeAll(() => {
-  // What a checkout holds: a local node_modules or snapshots of someone's run are not copied.
-  cpSync(example, dir, { recursive: true, filter: (src) => !/\/(node_modules|\.snapshots)$/.test(src) && !src.endsWith("package-lock.json") });
-  const install = spawnSync("npm", ["install", "--offline", "--no-audit", "--no-fund"], { cwd: dir, encoding: "utf8", timeout: 120_000 });
-  if (install.status !== 0) throw new Error(`npm install failed: ${install.stdout}\n${install.stderr}`);
+  prepare(dir);
   first = json<Rows>("build");
 }, 600_000);
 
@@ -88,5 +98,32 @@ describe("examples/monorepo", () => {
     expect(text.stdout).toContain(`module:${HELPER}`);
     const rebuilt = json<Rows>("build");
     expect(rebuilt.images.filter((i) => i.status === "baked").map((i) => i.name).sort()).toEqual(naming);
+  });
+
+  it("follows the README's CI flow: export, import into a fresh checkout and home, build --frozen", () => {
+    const cache = join(work, "ci-cache");
+    const exported = cli("cache", "export", cache, "--json");
+    expect(exported.status, `${exported.stdout}\n${exported.stderr}`).toBe(0);
+    const report = JSON.parse(exported.stdout) as { snapshots: { name: string; status: string }[] };
+    expect(report.snapshots.map((s) => s.name).sort()).toEqual([...IMAGES].sort());
+    // Another machine: a fresh checkout and a home that has never baked or pulled anything (only
+    // the built-in busybox source layout, which setup builds on every machine).
+    const other = join(work, "other");
+    prepare(other, dir); // the same sources as the exporting checkout (its helper edit included)
+    const home = join(work, "other-home");
+    mkdirSync(join(home, "builtin"), { recursive: true });
+    cpSync(join(homePaths().builtin, "busybox"), join(home, "builtin", "busybox"), { recursive: true });
+    const frozenBefore = cliIn(other, { SUPERMACHINE_HOME: home }, "build", "--frozen", "--json");
+    expect(frozenBefore.status).toBe(1);
+    const imported = cliIn(other, { SUPERMACHINE_HOME: home }, "cache", "import", cache, "--json");
+    expect(imported.status, `${imported.stdout}\n${imported.stderr}`).toBe(0);
+    const frozen = cliIn(other, { SUPERMACHINE_HOME: home }, "build", "--frozen", "--json");
+    expect(frozen.status, `${frozen.stdout}\n${frozen.stderr}`).toBe(0);
+    const rows = (JSON.parse(frozen.stdout) as Rows).images;
+    expect(rows.map((r) => r.status)).toEqual(rows.map(() => "cached"));
+    expect(rows).toHaveLength(IMAGES.length);
+    const run = cliIn(other, { SUPERMACHINE_HOME: home }, "run", "checkout-api", "--", "cat", "/etc/acme/checkout-api.json");
+    expect(run.status, run.stderr).toBe(0);
+    expect(JSON.parse(run.stdout)).toEqual({ service: "checkout-api", team: "a" });
   });
 });
