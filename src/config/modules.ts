@@ -21,6 +21,7 @@ import { dirname, extname, isAbsolute, join, sep } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { createJiti, type Jiti, type JitiOptions, type TransformOptions, type TransformResult } from "jiti";
 import { logger } from "../log.js";
+import { homePaths } from "../paths.js";
 
 const log = logger("config");
 const require = createRequire(import.meta.url);
@@ -121,7 +122,9 @@ export function openModules(configPath: string, { shared = true }: { shared?: bo
   const requireCache = require.cache;
   const before = new Set(Object.keys(requireCache));
   const parentCache: Record<string, unknown> = Object.create(null) as Record<string, unknown>;
-  const options: JitiOptions = { interopDefault: true, alias: { ...SELF_ALIASES } };
+  // jiti's transpile cache (keyed by each source's hash, so never stale) lives with supermachine's
+  // other caches, not in the system temp directory.
+  const options: JitiOptions = { interopDefault: true, alias: { ...SELF_ALIASES }, fsCache: join(homePaths().home, "cache", "jiti") };
   const f = shared ? jitiFactory() : null;
   const jiti = f
     ? f.create(configPath, { ...options, moduleCache: false, transform: f.transform }, { onError, nativeImport, createRequire, parentCache })
