@@ -17,6 +17,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await reg?.stop();
   cleanup();
+  cleanupTemps();
 });
 
 describe("a registry cache with token auth", () => {
