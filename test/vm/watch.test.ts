@@ -90,6 +90,22 @@ describe("watch mode", () => {
       setHelper(dir, "b", "b-v2");
       const f = await fixed;
       expect(f.ok && f.round.rekeyed).toEqual(["child-b"]);
+
+      // An edit while a round bakes queues one more round; rounds never overlap.
+      const seen: WatchEvent[] = [];
+      const record = (e: WatchEvent) => seen.push(e);
+      w.on("event", record);
+      setHelper(dir, "a", "a-v3");
+      await waitFor(() => seen.some((e) => e.type === "round-start"), 10_000);
+      setHelper(dir, "b", "b-v3");
+      await waitFor(() => seen.filter((e) => e.type === "round-done").length >= 2, 30_000);
+      w.off("event", record);
+      // Two rounds, one after the other (whether the first already saw the second edit depends on
+      // when it read the helper); each image baked once in all.
+      expect(seen.filter((e) => e.type === "round-start" || e.type === "round-done").map((e) => e.type)).toEqual(["round-start", "round-done", "round-start", "round-done"]);
+      const dones = seen.filter((e): e is Extract<WatchEvent, { type: "round-done" }> => e.type === "round-done");
+      const bakes = dones.flatMap((d) => [...d.round.nodes.values()].filter((n) => n.status === "baked").map((n) => n.name)).sort();
+      expect(bakes).toEqual(["child-a", "child-b"]);
     } finally {
       await w.close();
     }
