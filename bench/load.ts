@@ -6,6 +6,7 @@
 import { execFile } from "node:child_process";
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
+import { connect } from "node:net";
 import { join } from "node:path";
 import { packageRoot } from "../src/engine/artifacts.js";
 import { engineCounters, MicroVm } from "../src/engine/qemu.js";
@@ -195,7 +196,9 @@ export interface VmLoop {
 /**
  * Starts and stops at least `n` VMs, every way a program does: acquire/exec/release on a
  * restoring pool (each release stops the VM and a fresh restore replaces it), pools opened and
- * shut down, and plain cold boots (engine launch and stop). Each VM runs one exec.
+ * shut down, and plain cold boots (engine launch and stop). Each VM runs one exec; those of the
+ * restoring pool are also left with what a careless caller leaves at release: a process still
+ * running, a TCP forwarder (after one connection through it) and the vsock socket.
  */
 export async function vmLoop(image: Image, o: { n: number }): Promise<VmLoop> {
   const launched0 = engineCounters().launched;
@@ -233,6 +236,16 @@ export async function vmLoop(image: Image, o: { n: number }): Promise<VmLoop> {
     for (let i = 0; launched() < o.n; i++) {
       const vm = await pool.acquire();
       await exec(vm, i);
+      await vm.spawn({ argv: ["sleep", "600"] });
+      const fwd = await vm.exposeTcp(0, 80);
+      await new Promise<void>((resolve) => {
+        // Nothing listens on the guest's port 80: the forwarded connection is closed.
+        const s = connect(fwd.port, "127.0.0.1");
+        s.on("error", () => {});
+        s.on("close", () => resolve());
+        s.resume();
+      });
+      void vm.vsockPath;
       await vm.release();
     }
   } finally {
