@@ -20,6 +20,7 @@ import { buildImageGraph } from "../src/graph/graph.js";
 import { Image } from "../src/runtime/image.js";
 import type { Vm } from "../src/runtime/vm.js";
 import { exportSnapshots, importSnapshots } from "../src/transfer/index.js";
+import { concurrentAcquires, hostResources, privateTempDirs, quiesce, runExecSoak, vmLoop } from "./load.js";
 
 interface Metric {
   p50?: number;
@@ -128,6 +129,7 @@ await skip("restore_to_exec_ms", () => restoreBenchmarks());
 await skip("cold_bake_ms", () => bakeBenchmarks());
 await skip("acquire_idle_ms", () => acquireBenchmark());
 await skip("pool_cycle_per_s", () => poolCycleBenchmark());
+await skip("acquire_200_concurrent_ms exec_10k_rss_growth_mib leaked_fds_after_100_vms", () => loadBenchmarks());
 await skip("idle_vm_pss_mib", () => densityBenchmark());
 await skip("pull_python_ms", () => registryBenchmarks());
 await skip("graph_resolve_20_images_ms layered_bake_ms", () => projectBenchmarks());
@@ -584,6 +586,41 @@ async function poolCycleBenchmark(): Promise<void> {
   } finally {
     await pool.shutdown();
   }
+}
+
+/**
+ * Load and leaks (bench/load.ts, the same probes as test/vm/load.test.ts): 200 callers at once on
+ * a pool of max 4 (acquire, exec, release; wall time), RSS growth over 10 000 execs on one VM
+ * (in a fresh Node process with a fixed young generation, after 2 000 warm-up execs), and the fds
+ * left open after 100 VMs were started and stopped.
+ */
+async function loadBenchmarks(): Promise<void> {
+  const wall: number[] = [];
+  for (let i = 0; i < (quick ? 1 : 3); i++) {
+    const r = await concurrentAcquires(image, { n: 200, max: 4 });
+    if (r.order.some((c, j) => c !== j)) throw new Error("acquires were not served in arrival order");
+    progress(`200 concurrent acquires: ${Math.round(r.wallMs)} ms, at most ${r.maxInUse} in use and ${r.maxLive} QEMU processes, ${r.launched} started`);
+    wall.push(r.wallMs);
+  }
+  record("acquire_200_concurrent_ms", wall);
+
+  const n = quick ? 2_000 : 10_000;
+  const soak = await runExecSoak({ n, warmup: quick ? 1_000 : 2_000, timeoutMs: 900_000 });
+  progress(`${n} execs in ${Math.round(soak.execMs)} ms: RSS ${soak.rssBeforeMiB} -> ${soak.rssAfterMiB} MiB, heap +${soak.heapGrowthMiB} MiB, fds ${soak.fdDelta >= 0 ? "+" : ""}${soak.fdDelta}`);
+  recordValue("exec_10k_rss_growth_mib", soak.rssGrowthMiB, n, "MiB");
+  recordValue("exec_10k_heap_growth_mib", soak.heapGrowthMiB, n, "MiB");
+
+  const dirs = privateTempDirs();
+  let loop, leaks;
+  try {
+    const before = hostResources();
+    loop = await vmLoop(image, { n: quick ? 20 : 100 });
+    leaks = await quiesce(before);
+  } finally {
+    dirs.restore();
+  }
+  progress(`${loop.launched} VMs started and stopped in ${Math.round(loop.wallMs)} ms; left behind: ${JSON.stringify(leaks)}`);
+  recordValue("leaked_fds_after_100_vms", leaks.fdDelta, loop.launched, "fds");
 }
 
 /** PSS per idle VM with many VMs restored from one snapshot (shared RAM pages counted once). */

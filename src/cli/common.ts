@@ -4,6 +4,7 @@
  */
 import { InvalidArgumentError, type Command } from "commander";
 import type { BuildProgress } from "../spec/image.js";
+import { isGuestPath } from "../spec/options.js";
 
 /** A command line that cannot be acted on; main.ts prints it on stderr and exits with status 2. */
 export class UsageError extends Error {}
@@ -52,6 +53,14 @@ const PLATFORM_RE = /^[a-z0-9_]+\/[a-z0-9_]+(?:\/[a-z0-9_]+)?$/;
 /** Option parser for `--platform os/arch[/variant]`. */
 export function platform(v: string): string {
   if (!PLATFORM_RE.test(v)) throw new InvalidArgumentError(`expected os/arch[/variant] such as linux/amd64, got ${JSON.stringify(v)}`);
+  return v;
+}
+
+/** Option parser for a guest directory (`--workdir`): absolute and normalised, checked before anything boots. */
+export function guestDirectory(v: string): string {
+  if (v !== "/" && !isGuestPath(v)) {
+    throw new InvalidArgumentError(`expected an absolute, normalised guest directory such as /srv/app (no '..', '.', '//' or trailing '/'), got ${JSON.stringify(v)}`);
+  }
   return v;
 }
 

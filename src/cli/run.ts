@@ -5,7 +5,7 @@ import { findConfig } from "../config/discover.js";
 import { Image } from "../runtime/image.js";
 import { openProject } from "./project.js";
 import { BuildRenderer } from "./render.js";
-import { action, collect, envPair, integer, isJson, platform, progressPrinter, PULL_POLICIES, UsageError, writeJson, type PullPolicyArg } from "./common.js";
+import { action, collect, envPair, guestDirectory, integer, isJson, platform, progressPrinter, PULL_POLICIES, UsageError, writeJson, type PullPolicyArg } from "./common.js";
 
 interface RunOptions {
   memory?: number;
@@ -34,7 +34,7 @@ export function registerRunCommand(program: Command): void {
     .option("--vcpus <n>", "vCPUs (default 1)", integer)
     .option("--timeout <ms>", "kill the command after this long (default 60000)", integer)
     .option("-e, --env <KEY=VALUE>", "extra environment (repeatable)", envPair)
-    .option("-w, --workdir <dir>", "working directory in the guest")
+    .option("-w, --workdir <dir>", "working directory in the guest (absolute)", guestDirectory)
     .addOption(new Option("--pull-policy <policy>", "when to ask the registry (default missing)").choices(PULL_POLICIES))
     .option("--platform <os/arch>", "platform to pick from a multi-platform image", platform)
     .option("--insecure-registry <host>", "reach registry host[:port] over plain HTTP (repeatable)", collect)

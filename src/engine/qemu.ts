@@ -252,6 +252,8 @@ export class MicroVm {
   readonly exited: Promise<VmExit>;
   private exitInfo: VmExit | undefined;
   private stopping = false;
+  /** Where the console log was kept when the VM died unexpectedly (undefined otherwise). */
+  keptConsoleLog: string | undefined;
 
   private constructor(
     private readonly proc: ChildProcess,
@@ -354,12 +356,13 @@ export class MicroVm {
 
   private onExit(e: VmExit, stderr: string): void {
     const failed = !e.expected && !this.stopping;
+    let kept: string | undefined;
     if (failed) {
-      const kept = keepConsoleLog(this.consoleLog, this.pid);
+      kept = this.keptConsoleLog = keepConsoleLog(this.consoleLog);
       log("vm %d exited unexpectedly (%o); console log kept at %s", this.pid, e, kept);
     }
     this.agent.close(
-      new EngineError("ENGINE_VM_EXITED", `the VM (QEMU pid ${this.pid}) has exited` + (failed ? describeFailure(stderr, this.consoleLog) : "")),
+      new EngineError("ENGINE_VM_EXITED", `the VM (QEMU pid ${this.pid}) has exited` + (failed ? describeFailure(stderr, kept) : "")),
     );
     this.qmp.close();
     rmSync(this.runDir, { recursive: true, force: true });
@@ -442,6 +445,8 @@ export class PendingVm {
   private readonly spawnError: Promise<never>;
   private readonly earlyExit: Promise<never>;
   private used = false;
+  /** Where this process's console log was kept (undefined: not kept yet; null: there was none). */
+  private keptLog: string | null | undefined;
 
   private constructor(
     readonly spec: VmSpec,
@@ -478,9 +483,12 @@ export class PendingVm {
     });
     this.spawnError.catch(() => {});
     this.earlyExit = this.exited.then((e) => {
+      // Kept now, before the run dir goes: a death nobody asked for, before the VM was handed
+      // over (after that, MicroVm.onExit keeps it).
+      const kept = e.expected || this.owner ? undefined : this.keepLog();
       throw new EngineError(
         "ENGINE_EXITED_DURING_BOOT",
-        `QEMU exited during boot (${e.signal ? `signal ${e.signal}` : `code ${e.code}`})` + describeFailure(this.stderr, consoleLog),
+        `QEMU exited during boot (${e.signal ? `signal ${e.signal}` : `code ${e.code}`})` + describeFailure(this.stderr, kept),
         { hint: failureHint(this.stderr) },
       );
     });
@@ -562,6 +570,12 @@ export class PendingVm {
     });
   }
 
+  /** Copies the console log to `<home>/logs` once; the path, or undefined when there is none. */
+  private keepLog(): string | undefined {
+    if (this.keptLog === undefined) this.keptLog = keepConsoleLog(this.consoleLog) ?? null;
+    return this.keptLog ?? undefined;
+  }
+
   /** Kills a process that will not be used. */
   async kill(): Promise<void> {
     this.expected = true;
@@ -583,7 +597,7 @@ export class PendingVm {
           reject(
             new EngineError(
               "ENGINE_BOOT_TIMEOUT",
-              `the guest agent did not answer within ${timeoutMs} ms (accel ${this.accel})` + describeFailure(this.stderr, this.consoleLog),
+              `the guest agent did not answer within ${timeoutMs} ms (accel ${this.accel})` + describeFailure(this.stderr, this.keepLog()),
             ),
           ),
         timeoutMs,
@@ -600,7 +614,7 @@ export class PendingVm {
       this.expected = true;
       this.proc.kill("SIGKILL");
       await this.exited;
-      keepConsoleLog(this.consoleLog, this.proc.pid);
+      this.keepLog();
       rmSync(this.runDir, { recursive: true, force: true });
       if (!(exitErr instanceof EngineError)) throw err;
       if (this.spec.incomingState === undefined) throw exitErr;
@@ -666,9 +680,10 @@ function listening(server: Server): Promise<void> {
   });
 }
 
-function describeFailure(stderr: string, consoleLog: string): string {
+/** QEMU's last stderr lines, and the kept console log when there is one (never a path that does not exist). */
+function describeFailure(stderr: string, keptLog: string | undefined): string {
   const tail = stderr.trim().split("\n").slice(-10).join("\n");
-  return (tail ? `\nQEMU stderr:\n${tail}` : "") + `\nguest console log: ${keptLogPath(consoleLog)}`;
+  return (tail ? `\nQEMU stderr:\n${tail}` : "") + (keptLog ? `\nguest console log: ${keptLog}` : "");
 }
 
 function failureHint(stderr: string): string | undefined {
@@ -678,31 +693,27 @@ function failureHint(stderr: string): string | undefined {
   return undefined;
 }
 
-/** Console logs of failed VMs are moved to `<home>/logs` (the run dir is removed). */
-const keptLogs = new Map<string, string>();
-function keptLogPath(consoleLog: string): string {
-  let p = keptLogs.get(consoleLog);
-  if (!p) {
-    p = join(homePaths().logs, `vm-${Date.now()}-${randomBytes(3).toString("hex")}.log`);
-    keptLogs.set(consoleLog, p);
-  }
-  return p;
-}
-
-function keepConsoleLog(consoleLog: string, _pid: number | undefined): string | undefined {
-  const dest = keptLogPath(consoleLog);
-  keptLogs.delete(consoleLog);
+/**
+ * Console logs of failed VMs are copied to `<home>/logs` (the run dir is removed); returns the
+ * copy's path, or undefined when QEMU wrote no log (it never started) or the copy failed.
+ */
+function keepConsoleLog(consoleLog: string): string | undefined {
+  const dest = join(homePaths().logs, `vm-${Date.now()}-${randomBytes(3).toString("hex")}.log`);
+  const dir = homePaths().logs;
   try {
     if (!existsSync(consoleLog)) return undefined;
-    const dir = homePaths().logs;
     mkdirSync(dir, { recursive: true });
     copyFileSync(consoleLog, dest);
-    pruneLogs(dir);
-    return dest;
   } catch (err) {
     log("could not keep console log: %s", (err as Error).message);
     return undefined;
   }
+  try {
+    pruneLogs(dir);
+  } catch (err) {
+    log("could not prune kept console logs: %s", (err as Error).message);
+  }
+  return dest;
 }
 
 function pruneLogs(dir: string): void {

@@ -2,6 +2,7 @@
  * How processes run in a guest: the image's environment, working directory and user, merged
  * with what a call asks for.
  */
+import { posix } from "node:path";
 import type { AgentClient } from "../agent/client.js";
 import { ExecError } from "../errors.js";
 import type { ImageConfig } from "../spec/image.js";
@@ -19,7 +20,9 @@ export interface ExecDefaults {
 export function execDefaults(config: ImageConfig, buildEnv: Record<string, string>): ExecDefaults {
   return {
     env: mergeEnv(config.env, buildEnv),
-    workingDir: config.workingDir || undefined,
+    // An image config is input too: a relative or unnormalised WorkingDir is resolved from / (where
+    // the agent would start it anyway), so every cwd sent to the guest is absolute and normalised.
+    workingDir: config.workingDir ? posix.resolve("/", config.workingDir) : undefined,
     user: config.user || undefined,
   };
 }

@@ -49,6 +49,8 @@ export class Pool {
   private readonly inUse = new Set<Vm>();
   private readonly waiters: Waiter[] = [];
   private booting = 0;
+  /** Released VMs being stopped: still alive, so still counted against `max`. */
+  private stopping = 0;
   private readonly spares: MicroVm[] = [];
   private preparing = 0;
   private closed = false;
@@ -155,8 +157,9 @@ export class Pool {
     const machines = [...this.idle.splice(0).map((e) => e.machine), ...[...this.inUse].map((v) => v.machine)];
     this.inUse.clear();
     await Promise.all([...machines, ...this.spares.splice(0)].map((m) => m.kill()));
-    // Boots and spares still in flight notice `closed` and kill their process; wait for them.
-    while (this.booting > 0 || this.preparing > 0) await new Promise((r) => setTimeout(r, 10));
+    // Boots and spares still in flight notice `closed` and kill their process, releases finish
+    // stopping theirs; wait for them.
+    while (this.booting > 0 || this.preparing > 0 || this.stopping > 0) await new Promise((r) => setTimeout(r, 10));
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -203,7 +206,12 @@ export class Pool {
     if (!this.inUse.delete(vm)) return;
     const m = vm.machine;
     if (this.closed || this.retiring || this.opts.restoreOnRelease || !m.alive) {
-      await m.kill();
+      this.stopping++;
+      try {
+        await m.kill();
+      } finally {
+        this.stopping--;
+      }
     } else {
       this.idle.push({ machine: m, since: Date.now() });
     }
@@ -224,7 +232,7 @@ export class Pool {
       clearTimeout(w.timer);
       w.resolve(this.checkout(m));
     }
-    const total = this.idle.length + this.inUse.size + this.booting;
+    const total = this.idle.length + this.inUse.size + this.booting + this.stopping;
     const wanted = this.waiters.length + (this.retiring ? 0 : this.opts.min) - this.idle.length - this.booting;
     const room = this.opts.max - total;
     for (let i = 0; i < Math.min(wanted, room); i++) {

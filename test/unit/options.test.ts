@@ -2,6 +2,8 @@
 // the call, the option and the value, and a hint, before anything reaches a guest.
 import { describe, expect, it } from "vitest";
 import { buildSchema, execSchema, poolSchema, spawnSchema, readFileSchema } from "../../src/spec/options.js";
+import { imageDefinitionSchema } from "../../src/spec/config.js";
+import { execDefaults } from "../../src/guest/env.js";
 import { parseOptions } from "../../src/spec/parse.js";
 import { OptionError } from "../../src/errors.js";
 
@@ -74,6 +76,37 @@ describe("exec options", () => {
     expect(refused(() => exec({ argv: ["true"], cwd: "tmp" })).message).toContain("cwd must be an absolute");
     expect(refused(() => exec({ argv: ["true"], signal: {} })).message).toContain("signal must be an AbortSignal");
     expect(exec({ argv: ["true"], cwd: "/" }).cwd).toBe("/");
+  });
+
+  it("refuses every guest path a user gives unless it is absolute and normalised, naming the value", () => {
+    // Each place a guest path comes from: exec and spawn cwd, staged files, extraFiles (in
+    // Image.build and in a config file's image). vm.readFile/writeFile: test/vm/files.test.ts.
+    const places: [string, (p: string) => unknown][] = [
+      ["cwd", (p) => exec({ argv: ["true"], cwd: p })],
+      ["cwd", (p) => parseOptions("vm.spawn", spawnSchema, { argv: ["true"], cwd: p })],
+      ["stageFiles", (p) => exec({ argv: ["true"], stageFiles: { [p]: "x" } })],
+      ["stageFilesMode[0].path", (p) => exec({ argv: ["true"], stageFilesMode: [{ path: p, bytes: "x", mode: 0o755 }] })],
+      ["extraFiles[0].guestPath", (p) => parseOptions("Image.build", buildSchema, { ref: "x", extraFiles: [{ hostPath: "./a", guestPath: p }] })],
+      ["extraFiles[0].guestPath", (p) => parseOptions("image", imageDefinitionSchema, { ref: "x", extraFiles: [{ hostPath: "./a", guestPath: p }] })],
+    ];
+    for (const [where, call] of places) {
+      for (const bad of ["etc/x", "./x", "/tmp/../etc/x", "/tmp/./x", "/tmp//x", "/tmp/x/", "/..", ""]) {
+        const e = refused(() => call(bad));
+        expect(e.code, `${where} ${bad}`).toBe("OPTION_INVALID");
+        expect(e.message).toContain(where);
+        expect(e.message).toContain(`got ${JSON.stringify(bad)}`);
+      }
+      expect(() => call("/srv/app")).not.toThrow();
+    }
+    expect(exec({ argv: ["true"], cwd: "/" }).cwd).toBe("/");
+  });
+
+  it("resolves an image's relative or unnormalised WorkingDir from /", () => {
+    const wd = (workingDir: string) => execDefaults({ env: [], workingDir, exposedPorts: [], labels: {} }, {}).workingDir;
+    expect(wd("app")).toBe("/app");
+    expect(wd("/srv/../etc/./x/")).toBe("/etc/x");
+    expect(wd("/srv/app")).toBe("/srv/app");
+    expect(wd("")).toBeUndefined();
   });
 
   it("gives spawn no default timeout", () => {

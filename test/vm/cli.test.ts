@@ -32,6 +32,19 @@ describe("supermachine CLI", () => {
     expect(usage.stderr).toContain("unknown command");
   });
 
+  it("refuses a relative or unnormalised --workdir before resolving the image or booting anything", () => {
+    // The image does not exist: the workdir is checked first, so nothing is resolved or started.
+    for (const bad of ["tmp", "/tmp/../etc", "/tmp/"]) {
+      const r = cli("run", "-w", bad, "oci:/nonexistent", "--", "pwd");
+      expect(r.status).toBe(2);
+      expect(r.stderr).toContain(`got ${JSON.stringify(bad)}`);
+      expect(r.stderr).toContain("absolute, normalised guest directory");
+    }
+    const ok = cli("run", "-w", "/tmp", "builtin:busybox", "--", "pwd");
+    expect(ok.status).toBe(0);
+    expect(ok.stdout).toBe("/tmp\n");
+  });
+
   it("passes everything after -- to the guest untouched, flags included", () => {
     const r = cli("run", "builtin:busybox", "--", "sh", "-c", 'printf "%s\\n" "$@"', "sh", "--json", "-e", "--help", "--", "-V");
     expect(r.status).toBe(0);

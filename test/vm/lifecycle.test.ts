@@ -1,6 +1,6 @@
 // Failure paths and process hygiene: clear errors, and no QEMU process outlives its owner.
 import { spawn } from "node:child_process";
-import { existsSync, readdirSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
@@ -27,15 +27,42 @@ describe("errors", () => {
     expect((err as { hint: string }).hint).toContain("npm run setup");
   });
 
-  it("reports QEMU's stderr and the console log path when QEMU cannot start", async () => {
+  it("reports QEMU's stderr when QEMU cannot start, and names no console log (QEMU wrote none)", async () => {
     process.env.SUPERMACHINE_QEMU = "/nonexistent/qemu-system-x86_64";
     const err = (await Image.build({ ref: "builtin:busybox" })
       .then((image) => image.pool({ min: 1 }))
       .catch((e: unknown) => e)) as Error & { code: string; hint?: string };
     expect(err.code).toBe("ENGINE_EXITED_DURING_BOOT");
     expect(err.message).toMatch(/QEMU stderr:[\s\S]*nonexistent/);
-    expect(err.message).toMatch(/guest console log: \S+/);
+    expect(err.message).not.toContain("guest console log");
     expect(err.hint).toMatch(/qemu-system-x86/);
+  });
+
+  it("names the kept console log of a VM that died, and that log exists with the guest's output", async () => {
+    const image = await Image.build({ ref: "builtin:busybox" });
+    const pool = await image.pool({ min: 1, max: 1 });
+    try {
+      const vm = await pool.acquire();
+      const marker = `last-words-${process.pid}-${Date.now()}`;
+      await vm.exec({ argv: ["sh", "-c", `echo ${marker} > /dev/console`] });
+      // Dies during a call, then is called again: both errors name the same kept log.
+      const during = vm.exec({ argv: ["sleep", "30"] }).catch((e: unknown) => e) as Promise<Error & { code: string; cause?: Error }>;
+      await new Promise((r) => setTimeout(r, 200));
+      process.kill(vm.pid, "SIGKILL");
+      await vm.machine.exited;
+      const inFlight = await during;
+      const after = (await vm.exec({ argv: ["true"] }).catch((e: unknown) => e)) as Error & { code: string };
+      const named = (e: Error) => /guest console log: ([^\s)]+)/.exec(e.message)?.[1];
+      for (const e of [inFlight, inFlight.cause!, after]) {
+        expect(named(e), e.message).toBe(vm.machine.keptConsoleLog);
+      }
+      expect([inFlight.code, after.code]).toEqual(["VM_DEAD", "VM_DEAD"]);
+      expect(inFlight.cause).toMatchObject({ code: "ENGINE_VM_EXITED" });
+      expect(readFileSync(vm.machine.keptConsoleLog!, "utf8")).toContain(marker);
+      rmSync(vm.machine.keptConsoleLog!, { force: true });
+    } finally {
+      await pool.shutdown();
+    }
   });
 
   it("reports QEMU's own error when it cannot load the kernel", async () => {
