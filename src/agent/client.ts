@@ -56,6 +56,8 @@ export interface HelloInfo {
   features: string[];
   /** Name of the virtio port this connection runs on. */
   port: string | undefined;
+  /** The VM id the guest has taken (HELLO `vmId` on the primary port of a VM). */
+  vmId: string | undefined;
 }
 
 export interface ExecRequest {
@@ -637,6 +639,7 @@ export class AgentClient extends EventEmitter {
           uptimeMs: Number(f.u64(Tag.helloOk.uptimeMs) ?? 0n),
           features: (f.string(Tag.helloOk.features) ?? "").split(",").filter(Boolean),
           port: f.string(Tag.helloOk.port),
+          vmId: f.string(Tag.helloOk.vmId),
         };
         const w = this.helloWaiter;
         this.helloWaiter = undefined;
@@ -742,13 +745,18 @@ export class AgentClient extends EventEmitter {
     return op;
   }
 
-  hello(opts: { entropy?: Buffer; timeoutMs?: number } = {}): Promise<HelloInfo> {
+  /**
+   * HELLO: `entropy` is mixed into the guest RNG, which is then reseeded; a `vmId` the VM does
+   * not have yet gives it a new identity (PROTOCOL.md: `/run/supermachine/vm-id`, a new boot_id).
+   */
+  hello(opts: { entropy?: Buffer; vmId?: string; timeoutMs?: number } = {}): Promise<HelloInfo> {
     this.checkAlive();
     const w = new FieldWriter()
       .u16(Tag.hello.versionMin, PROTOCOL_VERSION)
       .u16(Tag.hello.versionMax, PROTOCOL_VERSION)
       .u64(Tag.hello.hostTimeNs, BigInt(Date.now()) * 1_000_000n);
     if (opts.entropy) w.bytes(Tag.hello.entropy, opts.entropy);
+    if (opts.vmId !== undefined) w.bytes(Tag.hello.vmId, opts.vmId);
     return new Promise<HelloInfo>((resolve, reject) => {
       const timer =
         opts.timeoutMs === undefined

@@ -56,8 +56,8 @@ export const StreamErrorCode: Record<number, string> = {
 
 /** Field tags, per message (PROTOCOL.md section 4). */
 export const Tag = {
-  hello: { versionMin: 1, versionMax: 2, hostTimeNs: 3, entropy: 4 },
-  helloOk: { version: 1, agentVersion: 2, uptimeMs: 3, features: 4, port: 5 },
+  hello: { versionMin: 1, versionMax: 2, hostTimeNs: 3, entropy: 4, vmId: 5 },
+  helloOk: { version: 1, agentVersion: 2, uptimeMs: 3, features: 4, port: 5, vmId: 6 },
   goaway: { code: 1, message: 2 },
   exec: { argv: 1, env: 2, cwd: 3, timeoutMs: 4, uid: 5, gid: 6, stdin: 7, tty: 8, cols: 9, rows: 10, chain: 11 },
   started: { pid: 1 },

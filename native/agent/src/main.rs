@@ -11,6 +11,7 @@ mod bench;
 mod conn;
 mod exec;
 mod files;
+mod identity;
 mod init;
 mod pipes;
 mod proto;

@@ -824,7 +824,7 @@ pub fn mount(source: &str, target: &str, fstype: Option<&str>, flags: libc::c_ul
     .map(|_| ())
 }
 
-pub use libc::{MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY};
+pub use libc::{MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REMOUNT};
 
 pub fn chroot(path: &str) -> io::Result<()> {
     let p = cstr(path.as_bytes())?;
