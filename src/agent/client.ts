@@ -24,6 +24,7 @@ import {
   FLAG_EOF,
   type Frame,
   FrameDecoder,
+  FrameError,
   INITIAL_WINDOW,
   MAX_PING_PAYLOAD,
   Msg,
@@ -56,6 +57,8 @@ export interface HelloInfo {
   features: string[];
   /** Name of the virtio port this connection runs on. */
   port: string | undefined;
+  /** The VM id the guest has taken (HELLO `vmId` on the primary port of a VM). */
+  vmId: string | undefined;
 }
 
 export interface ExecRequest {
@@ -511,11 +514,13 @@ class RequestOp extends StreamOp {
 
   onFrame(frame: Frame): void {
     switch (frame.type) {
-      case Msg.OK:
+      case Msg.OK: {
+        const fields = new Fields(frame.payload, "OK");
         this.end();
         this.sendWindow.wake();
-        this.outcome.resolve(new Fields(frame.payload, "OK"));
+        this.outcome.resolve(fields);
         return;
+      }
       case Msg.STREAM_ERROR: {
         const err = this.streamError(frame, this.what);
         this.end();
@@ -621,7 +626,15 @@ export class AgentClient extends EventEmitter {
   private onData(chunk: Buffer): void {
     if (this.fatal) return;
     try {
-      for (const frame of this.decoder.push(chunk)) this.dispatch(frame);
+      let frames: Frame[];
+      try {
+        frames = this.decoder.push(chunk);
+      } catch (err) {
+        // The frames before a bad header count, as they would had they come in another read.
+        if (err instanceof FrameError) for (const frame of err.before) this.dispatch(frame);
+        throw err;
+      }
+      for (const frame of frames) this.dispatch(frame);
     } catch (err) {
       this.die(err instanceof AgentError ? err : new AgentError("AGENT_PROTOCOL", String(err), { cause: err }));
     }
@@ -637,13 +650,15 @@ export class AgentClient extends EventEmitter {
           uptimeMs: Number(f.u64(Tag.helloOk.uptimeMs) ?? 0n),
           features: (f.string(Tag.helloOk.features) ?? "").split(",").filter(Boolean),
           port: f.string(Tag.helloOk.port),
+          vmId: f.string(Tag.helloOk.vmId),
         };
-        const w = this.helloWaiter;
-        this.helloWaiter = undefined;
-        this.updateRef();
+        // A wrong version fails the connection, and with it the HELLO waiting for this answer.
         if (info.version !== PROTOCOL_VERSION) {
           throw new AgentError("AGENT_VERSION", `agent chose protocol version ${info.version}, host speaks ${PROTOCOL_VERSION}`);
         }
+        const w = this.helloWaiter;
+        this.helloWaiter = undefined;
+        this.updateRef();
         w?.resolve(info);
         return;
       }
@@ -662,8 +677,18 @@ export class AgentClient extends EventEmitter {
       }
       default: {
         const op = this.streams.get(frame.stream);
-        if (op) op.onFrame(frame);
-        else log("frame type %d for unknown stream %d dropped", frame.type, frame.stream);
+        if (!op) {
+          log("frame type %d for unknown stream %d dropped", frame.type, frame.stream);
+          return;
+        }
+        try {
+          op.onFrame(frame);
+        } catch (err) {
+          // The connection fails with this; the operation too, even if it already let go of
+          // its id (an answer whose fields do not parse).
+          op.fail(err as Error);
+          throw err;
+        }
       }
     }
   }
@@ -742,13 +767,18 @@ export class AgentClient extends EventEmitter {
     return op;
   }
 
-  hello(opts: { entropy?: Buffer; timeoutMs?: number } = {}): Promise<HelloInfo> {
+  /**
+   * HELLO: `entropy` is mixed into the guest RNG, which is then reseeded; a `vmId` the VM does
+   * not have yet gives it a new identity (PROTOCOL.md: `/run/supermachine/vm-id`, a new boot_id).
+   */
+  hello(opts: { entropy?: Buffer; vmId?: string; timeoutMs?: number } = {}): Promise<HelloInfo> {
     this.checkAlive();
     const w = new FieldWriter()
       .u16(Tag.hello.versionMin, PROTOCOL_VERSION)
       .u16(Tag.hello.versionMax, PROTOCOL_VERSION)
       .u64(Tag.hello.hostTimeNs, BigInt(Date.now()) * 1_000_000n);
     if (opts.entropy) w.bytes(Tag.hello.entropy, opts.entropy);
+    if (opts.vmId !== undefined) w.bytes(Tag.hello.vmId, opts.vmId);
     return new Promise<HelloInfo>((resolve, reject) => {
       const timer =
         opts.timeoutMs === undefined

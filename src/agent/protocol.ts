@@ -56,8 +56,8 @@ export const StreamErrorCode: Record<number, string> = {
 
 /** Field tags, per message (PROTOCOL.md section 4). */
 export const Tag = {
-  hello: { versionMin: 1, versionMax: 2, hostTimeNs: 3, entropy: 4 },
-  helloOk: { version: 1, agentVersion: 2, uptimeMs: 3, features: 4, port: 5 },
+  hello: { versionMin: 1, versionMax: 2, hostTimeNs: 3, entropy: 4, vmId: 5 },
+  helloOk: { version: 1, agentVersion: 2, uptimeMs: 3, features: 4, port: 5, vmId: 6 },
   goaway: { code: 1, message: 2 },
   exec: { argv: 1, env: 2, cwd: 3, timeoutMs: 4, uid: 5, gid: 6, stdin: 7, tty: 8, cols: 9, rows: 10, chain: 11 },
   started: { pid: 1 },
@@ -95,55 +95,73 @@ export function encodeFrame(type: number, stream: number, payload: Buffer = EMPT
 
 const EMPTY = Buffer.alloc(0);
 
+/** A framing violation (`AGENT_PROTOCOL`); `before` holds the complete frames that preceded it. */
+export class FrameError extends AgentError {
+  constructor(
+    message: string,
+    readonly before: Frame[],
+  ) {
+    super("AGENT_PROTOCOL", message);
+  }
+}
+
 /**
  * Incremental frame parser for a byte stream. `push` returns the complete frames; a header
- * that announces more than `MAX_PAYLOAD` throws, after which the decoder is unusable (the
- * stream cannot be resynchronised). `pending` tells whether a partial frame is buffered, so
- * that end-of-stream in the middle of a frame can be reported as truncation.
+ * that announces more than `MAX_PAYLOAD` throws a `FrameError` (carrying the frames of the same
+ * chunk that came before it, so what is decoded does not depend on how the stream was split),
+ * after which the decoder is unusable (the stream cannot be resynchronised). `pending` tells how many bytes of a partial frame are
+ * buffered, so that end-of-stream in the middle of a frame can be reported as truncation.
+ *
+ * Every byte is copied once, into the header or into the payload buffer of the frame it
+ * belongs to (allocated when its header is complete, so never over `MAX_PAYLOAD`): a peer that
+ * trickles a large frame a byte at a time costs linear time and one frame of memory, not a
+ * copy of everything buffered per byte, nor a Buffer object per byte.
  */
 export class FrameDecoder {
-  private chunks: Buffer[] = [];
-  private buffered = 0;
+  private readonly head = Buffer.alloc(HEADER_SIZE);
+  private headFill = 0;
+  /** The frame whose header is complete, waiting for the rest of its payload. */
+  private frame: Frame | undefined;
+  private payloadFill = 0;
   private failed = false;
 
   constructor(private readonly maxPayload = MAX_PAYLOAD) {}
 
   get pending(): number {
-    return this.buffered;
+    return this.headFill + this.payloadFill;
   }
 
   push(chunk: Buffer): Frame[] {
     if (this.failed) throw new AgentError("AGENT_PROTOCOL", "frame decoder used after a protocol error");
-    if (chunk.length > 0) {
-      this.chunks.push(chunk);
-      this.buffered += chunk.length;
-    }
     const frames: Frame[] = [];
-    if (this.buffered < HEADER_SIZE) return frames;
-    let buf = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks, this.buffered);
     let off = 0;
-    while (buf.length - off >= HEADER_SIZE) {
-      const len = buf.readUInt32LE(off);
-      if (len > this.maxPayload) {
-        this.failed = true;
-        throw new AgentError(
-          "AGENT_PROTOCOL",
-          `agent sent a frame header announcing ${len} bytes (limit ${this.maxPayload})`,
-        );
+    for (;;) {
+      if (!this.frame) {
+        const n = Math.min(HEADER_SIZE - this.headFill, chunk.length - off);
+        chunk.copy(this.head, this.headFill, off, off + n);
+        this.headFill += n;
+        off += n;
+        if (this.headFill < HEADER_SIZE) break;
+        const len = this.head.readUInt32LE(0);
+        if (len > this.maxPayload) {
+          this.failed = true;
+          throw new FrameError(`agent sent a frame header announcing ${len} bytes (limit ${this.maxPayload})`, frames);
+        }
+        // The payload gets a buffer of its own: the frame may outlive the read buffer.
+        this.frame = { type: this.head.readUInt8(4), flags: this.head.readUInt8(5), stream: this.head.readUInt32LE(8), payload: Buffer.allocUnsafe(len) };
+        this.payloadFill = 0;
       }
-      if (buf.length - off < HEADER_SIZE + len) break;
-      frames.push({
-        type: buf.readUInt8(off + 4),
-        flags: buf.readUInt8(off + 5),
-        stream: buf.readUInt32LE(off + 8),
-        // Copy: the frame may outlive the read buffer it came from.
-        payload: Buffer.from(buf.subarray(off + HEADER_SIZE, off + HEADER_SIZE + len)),
-      });
-      off += HEADER_SIZE + len;
+      const f = this.frame;
+      const n = Math.min(f.payload.length - this.payloadFill, chunk.length - off);
+      chunk.copy(f.payload, this.payloadFill, off, off + n);
+      this.payloadFill += n;
+      off += n;
+      if (this.payloadFill < f.payload.length) break;
+      frames.push(f);
+      this.frame = undefined;
+      this.headFill = 0;
+      this.payloadFill = 0;
     }
-    const rest = buf.subarray(off);
-    this.chunks = rest.length ? [rest] : [];
-    this.buffered = rest.length;
     return frames;
   }
 }

@@ -3,9 +3,9 @@
  * Its RAM lives in the snapshot's RAM file, which it would keep writing to; so the paused VM
  * keeps that file (renamed away, then unlinked: its mapping stays) and the snapshot gets a
  * sparse copy made while the VM cannot change it. The resumed VM then gets a HELLO of its own:
- * the host's clock and fresh entropy, as every restored VM does. Failing that, no handoff.
+ * the host's clock, fresh entropy and a new VM id, as every restored VM does. Failing that, no
+ * handoff.
  */
-import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { open, rename, rm } from "node:fs/promises";
 import type { MicroVm } from "../engine/qemu.js";
@@ -20,7 +20,7 @@ export async function detachForHandoff(vm: MicroVm, ram: string): Promise<MicroV
     await sparseCopy(live, ram);
     await rm(live, { force: true });
     await vm.resume();
-    await vm.agent.hello({ entropy: randomBytes(64), timeoutMs: 10_000 });
+    await vm.renewIdentity(10_000);
     return vm;
   } catch (err) {
     log("no warm handoff: %s", (err as Error).message);

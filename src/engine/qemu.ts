@@ -5,7 +5,7 @@
  * it, even when that process is SIGKILLed.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { randomBytes } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, unlinkSync } from "node:fs";
 import { createServer, type Server, type Socket } from "node:net";
 import { totalmem } from "node:os";
@@ -248,12 +248,31 @@ function acceptOnce(path: string): { server: Server; conn: Promise<Socket> } {
   return { server, conn };
 }
 
+/**
+ * HELLO as a new VM, on every boot, restore and handoff: the host's clock, fresh entropy (the
+ * guest mixes it in and reseeds its RNG) and a new VM id, from which the guest also draws a new
+ * boot_id (PROTOCOL.md, HELLO). VMs restored from one snapshot start with the same RAM: this is
+ * what makes them differ before anyone runs anything in them. Throws if the guest did not take
+ * the id.
+ */
+export async function helloAsNewVm(agent: AgentClient, opts: { timeoutMs?: number } = {}): Promise<{ hello: HelloInfo; id: string }> {
+  const id = randomUUID();
+  const hello = await agent.hello({ entropy: randomBytes(64), vmId: id, ...opts });
+  if (hello.vmId !== id) {
+    throw new EngineError("ENGINE_IDENTITY_FAILED", `the guest agent did not take the new VM id ${id} (it answered ${hello.vmId ?? "without one"})`, {
+      hint: "the VM's console log says why; without a new identity it would share boot_id with other VMs of its snapshot",
+    });
+  }
+  return { hello, id };
+}
+
 export class MicroVm {
   readonly exited: Promise<VmExit>;
   private exitInfo: VmExit | undefined;
   private stopping = false;
   /** Where the console log was kept when the VM died unexpectedly (undefined otherwise). */
   keptConsoleLog: string | undefined;
+  private vmId: string;
 
   private constructor(
     private readonly proc: ChildProcess,
@@ -266,13 +285,28 @@ export class MicroVm {
     /** Milliseconds from process spawn to the agent's HELLO_OK. */
     readonly bootMs: number,
     exited: Promise<VmExit>,
+    id: string,
   ) {
+    this.vmId = id;
     this.exited = exited;
     void exited.then((e) => (this.exitInfo = e));
   }
 
   get pid(): number {
     return this.proc.pid ?? -1;
+  }
+
+  /** This VM's id, also in the guest at /run/supermachine/vm-id (a new one per restore). */
+  get id(): string {
+    return this.vmId;
+  }
+
+  /**
+   * Makes this running VM a new one to the guest (fresh entropy, a new VM id and boot_id): for
+   * the VM a bake captured, which goes on running as a pool's VM (warm handoff).
+   */
+  async renewIdentity(timeoutMs = 10_000): Promise<void> {
+    this.vmId = (await helloAsNewVm(this.agent, { timeoutMs })).id;
   }
 
   get alive(): boolean {
@@ -333,8 +367,8 @@ export class MicroVm {
   }
 
   /** @internal Wires up a VM whose agent has answered. */
-  static adopt(p: PendingVm, agent: AgentClient, qmp: QmpClient, hello: HelloInfo, bootMs: number): MicroVm {
-    const vm = new MicroVm(p.proc, p.runDir, p.consoleLog, p.accel, agent, qmp, hello, bootMs, p.exited);
+  static adopt(p: PendingVm, agent: AgentClient, qmp: QmpClient, hello: HelloInfo, bootMs: number, id: string): MicroVm {
+    const vm = new MicroVm(p.proc, p.runDir, p.consoleLog, p.accel, agent, qmp, hello, bootMs, p.exited, id);
     p.owner = vm;
     void p.exited.then((e) => vm.onExit(e, p.stderr));
     agent.on("fatal", (err: Error) => {
@@ -561,12 +595,13 @@ export class PendingVm {
       const agent = this.agent!;
       const qmp = this.qmp!;
       if (this.spec.incomingState !== undefined) await race(restoreState(qmp, this.spec.incomingState, !this.spec.incomingHasRam));
-      // After a restore, HELLO also gives the clone the host's clock and fresh entropy.
-      const hello = await race(agent.hello({ entropy: randomBytes(64) }));
+      // After a restore, HELLO also gives the clone the host's clock, fresh entropy and an
+      // identity of its own, before anything else runs in it.
+      const { hello, id } = await race(helloAsNewVm(agent));
       // A boot is timed from the process spawn; a restore from the state load (the process may
       // have been waiting, pre-started).
       const bootMs = performance.now() - (this.spec.incomingState !== undefined ? t0 : this.t0);
-      return MicroVm.adopt(this, agent, qmp, hello, bootMs);
+      return MicroVm.adopt(this, agent, qmp, hello, bootMs, id);
     });
   }
 

@@ -79,6 +79,14 @@ export class GuestSession {
     return this.machine.pid;
   }
 
+  /**
+   * This VM's id (a UUID): a new one for every VM, restores of one snapshot included. The guest
+   * reads it at /run/supermachine/vm-id.
+   */
+  get id(): string {
+    return this.machine.id;
+  }
+
   /** "kvm" or "tcg". */
   get accel(): string {
     return this.machine.accel;

@@ -463,8 +463,18 @@ impl Conn {
                 eprintln!("supermachine-agent: cannot add entropy: {e}");
             }
         }
+        // A new VM id (a restore, a handoff): a new identity, drawn from the RNG just reseeded.
+        // Only the host library's own port may rename the VM. HELLO_OK names the id taken, so
+        // the host can tell that it took.
+        let mut taken = None;
+        if let (true, true, Some(id)) = (sh.init_mode, self.shutdown_allowed, hello.vm_id.as_deref()) {
+            match sh.identity.assume(id) {
+                Ok(_) => taken = Some(id),
+                Err(e) => eprintln!("supermachine-agent: cannot take the VM id: {e}"),
+            }
+        }
         self.hello = true;
-        let ok = proto::hello_ok(env!("CARGO_PKG_VERSION"), sys::monotonic_ns() / 1_000_000, self.port_name());
+        let ok = proto::hello_ok(env!("CARGO_PKG_VERSION"), sys::monotonic_ns() / 1_000_000, self.port_name(), taken);
         self.out.send(proto::HELLO_OK, 0, 0, &ok);
     }
 

@@ -11,6 +11,9 @@ mod bench;
 mod conn;
 mod exec;
 mod files;
+#[cfg(test)]
+mod fuzz;
+mod identity;
 mod init;
 mod pipes;
 mod proto;

@@ -249,11 +249,22 @@ pub struct Hello {
     pub version_max: u16,
     pub host_time_ns: Option<u64>,
     pub entropy: Vec<u8>,
+    /// The VM id the host gives this VM (primary port, PID-1 mode): a new one makes a new
+    /// identity (identity.rs).
+    pub vm_id: Option<Vec<u8>>,
+}
+
+/// Longest `vm_id` a HELLO may carry.
+pub const MAX_VM_ID: usize = 64;
+
+/// A VM id is 1 to 64 characters of `[A-Za-z0-9._-]`: it becomes a file's content.
+pub fn valid_vm_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= MAX_VM_ID && id.iter().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
 }
 
 impl Hello {
     pub fn parse(payload: &[u8]) -> Result<Hello, ProtoError> {
-        let mut h = Hello { version_min: VERSION, version_max: VERSION, host_time_ns: None, entropy: Vec::new() };
+        let mut h = Hello { version_min: VERSION, version_max: VERSION, host_time_ns: None, entropy: Vec::new(), vm_id: None };
         for f in fields(payload) {
             let f = f?;
             match f.tag {
@@ -261,6 +272,8 @@ impl Hello {
                 2 => h.version_max = f.u16()?,
                 3 => h.host_time_ns = Some(f.u64()?),
                 4 => h.entropy = f.value.iter().copied().take(256).collect(),
+                5 if valid_vm_id(f.value) => h.vm_id = Some(f.value.to_vec()),
+                5 => return Err(ProtoError::Invalid("vm_id must be 1 to 64 characters of [A-Za-z0-9._-]")),
                 _ => {}
             }
         }
@@ -510,18 +523,21 @@ pub fn parse_window(payload: &[u8]) -> Result<u32, ProtoError> {
 // ---------------------------------------------------------------------------------------------
 // Replies (agent → host)
 
-/// HELLO_OK; `port` is the virtio port's name (None in development mode).
-pub fn hello_ok(agent_version: &str, uptime_ms: u64, port: Option<&str>) -> Vec<u8> {
-    let w = FieldWriter::new()
+/// HELLO_OK; `port` is the virtio port's name (None in development mode), `vm_id` the VM id
+/// the guest has taken (None when it has none, or HELLO carried none).
+pub fn hello_ok(agent_version: &str, uptime_ms: u64, port: Option<&str>, vm_id: Option<&[u8]>) -> Vec<u8> {
+    let mut w = FieldWriter::new()
         .u16(1, VERSION)
         .bytes(2, agent_version.as_bytes())
         .u64(3, uptime_ms)
         .bytes(4, FEATURES.as_bytes());
-    match port {
-        Some(p) => w.bytes(5, p.as_bytes()),
-        None => w,
+    if let Some(p) = port {
+        w = w.bytes(5, p.as_bytes());
     }
-    .finish()
+    if let Some(id) = vm_id {
+        w = w.bytes(6, id);
+    }
+    w.finish()
 }
 
 /// STREAM_ERROR / GOAWAY fields; `errno` when a system call is behind the error.
@@ -657,6 +673,17 @@ mod tests {
     }
 
     #[test]
+    fn hello_vm_id() {
+        let h = Hello::parse(&FieldWriter::new().bytes(5, b"6f1c-Ab_9.x").finish()).unwrap();
+        assert_eq!(h.vm_id.as_deref(), Some(&b"6f1c-Ab_9.x"[..]));
+        assert_eq!(Hello::parse(&[]).unwrap().vm_id, None);
+        for bad in [&b""[..], b"a/b", b"a b", b"../x", b"x\n", &[b'a'; MAX_VM_ID + 1]] {
+            assert!(Hello::parse(&FieldWriter::new().bytes(5, bad).finish()).is_err(), "{bad:?}");
+        }
+        assert!(Hello::parse(&FieldWriter::new().bytes(5, &[b'a'; MAX_VM_ID]).finish()).is_ok());
+    }
+
+    #[test]
     fn truncated_and_malformed_fields() {
         let p = FieldWriter::new().bytes(1, b"echo").finish();
         for cut in 1..p.len() {
@@ -717,11 +744,12 @@ mod tests {
     #[test]
     fn v2_replies() {
         let parse = |p: &[u8]| fields(p).map(|f| f.map(|f| (f.tag, f.value.to_vec()))).collect::<Result<Vec<_>, _>>().unwrap();
-        let ok = parse(&hello_ok("0.1.0", 5, Some("supermachine.1")));
+        let ok = parse(&hello_ok("0.1.0", 5, Some("supermachine.1"), None));
         assert_eq!(ok[0], (1, VERSION.to_le_bytes().to_vec()));
         assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload".to_vec()));
         assert_eq!(ok[4], (5, b"supermachine.1".to_vec()));
-        assert_eq!(parse(&hello_ok("0.1.0", 5, None)).len(), 4);
+        assert_eq!(parse(&hello_ok("0.1.0", 5, None, None)).len(), 4);
+        assert_eq!(parse(&hello_ok("0.1.0", 5, None, Some(b"vm-1")))[4], (6, b"vm-1".to_vec()));
         let e = parse(&error_fields(REFUSED, "refused", Some(111)));
         assert_eq!(e, vec![(1, 9u32.to_le_bytes().to_vec()), (2, b"refused".to_vec()), (3, 111u32.to_le_bytes().to_vec())]);
         assert_eq!(parse(&error_fields(BAD_REQUEST, "x", None)).len(), 2);

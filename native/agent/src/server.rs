@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 
 use crate::conn::Conn;
+use crate::identity::Identity;
 use crate::stream::{token, ConnId, Ctx, Output, Procs, Token, T_CONN, T_LISTENER, T_SIGNAL, T_STREAM, T_TIMER};
 use crate::sys::{self, Epoll, Event, TimerFd, EPOLLIN};
 use crate::workload::Workload;
@@ -50,6 +51,8 @@ pub struct Shared {
     pub epoll: Epoll,
     pub procs: Procs,
     pub workload: Workload,
+    /// The VM id and what derives from it (PID-1 mode).
+    pub identity: Identity,
     /// PID-1 mode: apply HELLO's clock and entropy, SHUTDOWN reboots.
     pub init_mode: bool,
 }
@@ -86,7 +89,7 @@ impl Server {
         epoll.add(sigfd.as_raw_fd(), EPOLLIN, token(T_SIGNAL, 0, 0, 0)).map_err(ctl)?;
         epoll.add(timer.raw(), EPOLLIN, token(T_TIMER, 0, 0, 0)).map_err(ctl)?;
         let mut s = Server {
-            sh: Shared { epoll, procs: Procs::new(devnull), workload: Workload::default(), init_mode },
+            sh: Shared { epoll, procs: Procs::new(devnull), workload: Workload::default(), identity: Identity::default(), init_mode },
             sigfd,
             timer,
             listener: None,
