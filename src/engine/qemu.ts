@@ -263,6 +263,8 @@ export class MicroVm {
   readonly exited: Promise<VmExit>;
   private exitInfo: VmExit | undefined;
   private stopping = false;
+  /** The VM died or its agent channel broke, without anyone asking: its console log is kept. */
+  private failing = false;
 
   private constructor(
     private readonly proc: ChildProcess,
@@ -350,6 +352,7 @@ export class MicroVm {
     agent.on("fatal", (err: Error) => {
       if (!vm.stopping) {
         log("vm %d: agent connection failed (%s); killing the VM", p.proc.pid, err.message);
+        vm.failing = true;
         void vm.kill();
       }
     });
@@ -364,9 +367,12 @@ export class MicroVm {
     return this.stopping;
   }
 
-  /** Where the guest console log of this VM was kept, if it failed (`<home>/logs`, 0600). */
+  /**
+   * Where the guest console log of this VM is kept, if it failed (`<home>/logs`, 0600): once
+   * the failure is known; the file is written when QEMU's exit is (at once after a crash).
+   */
   get failureLog(): string | undefined {
-    return this.pending.keptLog;
+    return this.pending.keptLog ?? (this.failing ? this.pending.reserveLogPath() : undefined);
   }
 
   /** The user QEMU runs as, when not this process's own. */
@@ -375,7 +381,8 @@ export class MicroVm {
   }
 
   private onExit(e: VmExit, stderr: string): void {
-    const failed = !e.expected && !this.stopping;
+    const failed = this.failing || (!e.expected && !this.stopping);
+    this.failing = failed;
     let kept: string | undefined;
     if (failed) {
       kept = this.pending.keepConsoleLog();
