@@ -17,6 +17,7 @@
  */
 import { execFile } from "node:child_process";
 import { fchmodSync, fchownSync, fstatSync, readFileSync, statSync, type Stats } from "node:fs";
+import { dirname, resolve } from "node:path";
 import { EngineError } from "../errors.js";
 import { logger } from "../log.js";
 import { dropsPrivileges, lookupUser, qemuUserName, type SystemUser, unsandboxed } from "../private.js";
@@ -206,6 +207,34 @@ export function grantQemu(fd: number, path: string, user: SystemUser | undefined
   fchownSync(fd, -1, user.gid);
   fchmodSync(fd, ((st.mode & 0o7777) & ~0o007) | (need << 3));
   log("granted group %s %s access to %s", user.name, access, path);
+}
+
+const traversable = new Map<string, string | undefined>();
+/**
+ * QEMU's user must reach the run directory (its sockets) by path: every directory above it
+ * must let that user through. Throws naming the first one that does not (memoised per path).
+ */
+export function checkRuntimeRoot(dir: string, user: SystemUser | undefined): void {
+  if (!user) return;
+  const key = `${resolve(dir)}\0${user.uid}`;
+  if (!traversable.has(key)) {
+    let blocked: string | undefined;
+    for (let d = resolve(dir); ; d = dirname(d)) {
+      try {
+        if (!qemuMay(statSync(d), user, 1)) blocked = d;
+      } catch {
+        blocked = d;
+      }
+      if (d === dirname(d)) break;
+    }
+    traversable.set(key, blocked);
+  }
+  const blocked = traversable.get(key);
+  if (blocked) {
+    throw new EngineError("ENGINE_RUNTIME_DIR_ACCESS", `QEMU runs as ${user.name}, which cannot reach the runtime directory ${dir}: ${blocked} does not let it through`, {
+      hint: "point SUPERMACHINE_RUNTIME_DIR at a directory every user can traverse (the default is the system temp directory), or chmod o+x the directory named",
+    });
+  }
 }
 
 function qemuMay(st: Stats, user: SystemUser, need: number): boolean {

@@ -22,7 +22,7 @@ import { runtimeRoot } from "../paths.js";
 import type { SystemUser } from "../private.js";
 import { type Accel, chooseAccel, markKvmBroken } from "./accel.js";
 import { nativeArtifacts } from "./artifacts.js";
-import { checkConfined, confinement, type Confinement, grantQemu, SANDBOX_OPTS, setprivArgs } from "./confine.js";
+import { checkConfined, checkRuntimeRoot, confinement, type Confinement, grantQemu, SANDBOX_OPTS, setprivArgs } from "./confine.js";
 import { QmpClient, type QmpCallOptions } from "./qmp.js";
 import { pidAlive } from "../process.js";
 
@@ -531,6 +531,7 @@ export class PendingVm {
     installExitHook();
     const qemu = qemuBinary();
     const conf = await confinement(qemu);
+    checkRuntimeRoot(runtimeRoot(), conf.user);
     const runDir = mkdtempSync(join(runtimeRoot(), `${RUN_DIR_PREFIX}${process.pid}-`));
     const qmpSock = join(runDir, "qmp.sock");
     const agentSock = join(runDir, "agent.sock");

@@ -308,7 +308,7 @@ describe("refusing to run unconfined", () => {
     );
   });
   afterEach(() => {
-    for (const k of ["SUPERMACHINE_QEMU", "SUPERMACHINE_UNSANDBOXED", "SUPERMACHINE_QEMU_USER"]) {
+    for (const k of ["SUPERMACHINE_QEMU", "SUPERMACHINE_UNSANDBOXED", "SUPERMACHINE_QEMU_USER", "SUPERMACHINE_RUNTIME_DIR"]) {
       if (saved[k] === undefined) delete process.env[k];
       else process.env[k] = saved[k];
     }
@@ -358,5 +358,17 @@ describe("refusing to run unconfined", () => {
     const image = await Image.build({ ref: "builtin:busybox" });
     process.env.SUPERMACHINE_QEMU_USER = "sm-no-such-user";
     await expect(image.pool({ min: 1 })).rejects.toMatchObject({ code: "ENGINE_QEMU_USER_MISSING", hint: expect.stringContaining("npm run setup") });
+  });
+
+  it.runIf(asRoot)("names a runtime directory QEMU's user cannot reach", async () => {
+    const image = await Image.build({ ref: "builtin:busybox" });
+    const closed = mkdtempSync(join(tmpdir(), "sm-closed-"));
+    try {
+      process.env.SUPERMACHINE_RUNTIME_DIR = join(closed, "run");
+      mkdirSync(process.env.SUPERMACHINE_RUNTIME_DIR, { mode: 0o755 });
+      await expect(image.pool({ min: 1 })).rejects.toMatchObject({ code: "ENGINE_RUNTIME_DIR_ACCESS", message: expect.stringContaining(closed) });
+    } finally {
+      rmSync(closed, { recursive: true, force: true });
+    }
   });
 });
