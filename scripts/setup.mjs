@@ -7,13 +7,16 @@
 //      directory ($SUPERMACHINE_HOME, default ~/.cache/supermachine) under a hash of its
 //      inputs, so a second checkout or a CI run on the same machine reuses them
 //   5. dist/native.json: where the runtime finds the kernel and the agent
+//   6. confinement: as root, the unprivileged system user QEMU runs as (`supermachine`, no login
+//      shell, no home) is created when missing, and the cache directory is made private (0700,
+//      nothing readable by other users; the kernel and agent readable by QEMU's group)
 // A second run with nothing changed does no work. Plain Node: it runs before node_modules.
 //
 // Flags: --quiet (print only when something is done), --skip-apt.
 
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { homedir, tmpdir } from "node:os";
 import { dirname, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -73,7 +76,8 @@ const PACKAGES = {
   "qemu-system-x86": "the hypervisor",
   "squashfs-tools": "sqfstar, to turn images into squashfs root filesystems",
   "busybox-static": "the built-in busybox image",
-  "util-linux": "setpriv, which ties every QEMU process to its owner",
+  "util-linux": "setpriv, which ties every QEMU process to its owner and drops its privileges",
+  passwd: "useradd, for the unprivileged user QEMU runs as",
   "linux-source-6.1": "guest kernel sources",
   bc: "kernel build",
   bison: "kernel build",
@@ -278,6 +282,41 @@ function writeManifest(m) {
   renameSync(path + ".tmp", path);
 }
 
+// ---- 6. confinement ------------------------------------------------------------------------------
+
+/**
+ * As root, QEMU runs as an unprivileged system user of its own (src/engine/confine.ts): create
+ * it when missing (idempotent). Then make the cache private (src/private.ts) and give the kernel
+ * and the agent to QEMU's group, read-only.
+ */
+async function ensureConfinement(artifacts) {
+  const priv = await import(join(root, "dist", "src", "private.js"));
+  let user;
+  if (process.getuid?.() === 0 && !priv.unsandboxed()) {
+    const name = priv.qemuUserName();
+    user = priv.lookupUser(name);
+    if (!user) {
+      run("useradd", ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "--comment", "supermachine QEMU", name]);
+      const r = spawnSync("getent", ["passwd", name], { encoding: "utf8" });
+      const f = r.stdout.trim().split(":");
+      if (r.status !== 0 || f.length < 4) fail(`useradd ${name} did not create the user`);
+      user = { name, uid: Number(f[2]), gid: Number(f[3]) };
+      say(`created the system user ${name} (uid ${user.uid}) that QEMU runs as`);
+    }
+  }
+  const n = priv.tightenTree(home, user?.gid);
+  if (n) note(`made ${n} entries of ${home} private`);
+  if (user) {
+    for (const f of artifacts) {
+      const st = statSync(f);
+      if (st.gid !== user.gid || (st.mode & 0o777) !== 0o640) {
+        chownSync(f, -1, user.gid);
+        chmodSync(f, 0o640);
+      }
+    }
+  }
+}
+
 // ---- main ----------------------------------------------------------------------------------------
 
 if (process.platform !== "linux" || process.arch !== "x64") {
@@ -290,4 +329,5 @@ const kernel = await ensureKernel();
 const agent = await ensureAgent();
 ensureBusybox();
 writeManifest({ ...kernel, ...agent });
+await ensureConfinement([kernel.kernel, agent.initramfs]);
 note(`ready in ${secs(started)} (cache: ${home})`);

@@ -1,5 +1,6 @@
 import { homedir, tmpdir } from "node:os";
 import { join } from "node:path";
+import { ensurePrivateHome } from "./private.js";
 
 /**
  * Root of everything supermachine keeps outside a repository: build artifacts (kernel, agent),
@@ -12,7 +13,11 @@ export function supermachineHome(env: NodeJS.ProcessEnv = process.env): string {
   return join(cache, "supermachine");
 }
 
-export const homePaths = (home = supermachineHome()) => ({
+/**
+ * The home's subdirectories. The home itself is made private (0700, tightened if an older
+ * version left it open: `src/private.ts`) the first time a process asks for it.
+ */
+export const homePaths = (home = supermachineHome()) => (ensurePrivateHome(home), {
   home,
   /** Squashfs root filesystems and metadata, by manifest digest. */
   images: join(home, "images"),

@@ -2,9 +2,7 @@
  * The bake log: what a bake did, step by step, with the warmup's commands and their output.
  * Kept as `bake.log` in the snapshot, or under `<home>/logs` when the bake failed.
  */
-import { mkdirSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
-import { homePaths } from "../paths.js";
+import { keepLog, logPathFor } from "../logs.js";
 
 /** A bake log holds at most this much; past it, lines are counted, not kept. */
 const MAX_LOG_BYTES = 1 << 20;
@@ -39,16 +37,8 @@ export class BakeLog {
     return this.lines.join("\n") + (this.dropped ? `\n(${this.dropped} more lines not kept)` : "") + "\n";
   }
 
-  /** Writes the log for a failed bake under `<home>/logs`; returns its path. */
+  /** Writes the log for a failed bake under `<home>/logs` (0600, pruned: src/logs.ts); returns its path. */
   keep(name: string): string | undefined {
-    try {
-      const dir = homePaths().logs;
-      mkdirSync(dir, { recursive: true });
-      const path = join(dir, `bake-${name}-${new Date().toISOString().replace(/[:.]/g, "-")}.log`);
-      writeFileSync(path, this.text());
-      return path;
-    } catch {
-      return undefined;
-    }
+    return keepLog(logPathFor(`bake-${name.replace(/[^A-Za-z0-9_.-]/g, "_")}`), this.text());
   }
 }

@@ -44,6 +44,8 @@ export interface BakeRequest {
   guestPort: number;
   /** How processes run in the guest (for the warmup). */
   defaults: ExecDefaults;
+  /** The build env's values (the inputs have their hashes); kept in the snapshot's env.json. */
+  buildEnv: Record<string, string>;
   extraFiles: PlannedFile[];
   warmup: ((vm: WarmupVm) => Promise<void>) | undefined;
   onProgress?: ((p: BakeProgress) => void) | undefined;
@@ -200,6 +202,7 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: Snapshot
         workloadRunning: req.listenerRequired,
         created: new Date().toISOString(),
         bakeMs,
+        buildEnv: req.buildEnv,
       },
       req.image.ref,
     );

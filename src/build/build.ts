@@ -269,6 +269,7 @@ async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, module: 
         listenerRequired: parentSnapshot ? parentSnapshot.meta.workloadRunning : spec.listenerRequired,
         guestPort: spec.guestPort,
         defaults: execDefaults(image.config, spec.env),
+        buildEnv: spec.env,
         extraFiles,
         warmup: spec.warmup,
         parent: parentSnapshot,

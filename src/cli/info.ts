@@ -1,10 +1,14 @@
-/** `supermachine info`: the accelerator choice, the native artifacts and the cache directory. */
+/**
+ * `supermachine info`: the accelerator choice, the native artifacts, the cache directory, and how
+ * QEMU is confined (its sandbox, the user it runs as, SUPERMACHINE_UNSANDBOXED).
+ */
 import { spawnSync } from "node:child_process";
 import type { Command } from "commander";
 import { SupermachineError } from "../errors.js";
 import { engineFingerprint } from "../engine/fingerprint.js";
 import { chooseAccel } from "../engine/accel.js";
 import { nativeArtifacts } from "../engine/artifacts.js";
+import { confinementReport } from "../engine/confine.js";
 import { qemuBinary } from "../engine/qemu.js";
 import { supermachineHome } from "../paths.js";
 import { action, isJson, writeJson } from "./common.js";
@@ -13,11 +17,11 @@ export function registerInfoCommand(program: Command): void {
   program
     .command("info")
     .helpGroup("Host:")
-    .description("accelerator choice, kernel/agent artifacts, cache directory")
+    .description("accelerator choice, kernel/agent artifacts, cache directory, QEMU's sandbox and user")
     .action(action((_o: unknown, cmd: Command) => info(isJson(cmd))));
 }
 
-function info(json: boolean): number {
+async function info(json: boolean): Promise<number> {
   const accel = chooseAccel();
   let artifacts: ReturnType<typeof nativeArtifacts> | { error: string };
   try {
@@ -31,6 +35,8 @@ function info(json: boolean): number {
     accelReason: accel.reason,
     qemu: qemu.status === 0 ? qemu.stdout.split("\n")[0] : `not found (${qemuBinary()})`,
     home: supermachineHome(),
+    /** How QEMU is confined: its seccomp sandbox and the user it runs as. */
+    confinement: await confinementReport(qemuBinary()),
     artifacts,
     /** What snapshot keys record of the engine. */
     fingerprint: "error" in artifacts ? null : engineFingerprint(),
@@ -43,11 +49,20 @@ function info(json: boolean): number {
         `accelerator: ${report.accel} (${report.accelReason})`,
         `qemu:        ${report.qemu}`,
         `cache:       ${report.home}`,
+        `sandbox:     ${describeSandbox(report.confinement)}`,
+        `qemu user:   ${report.confinement.qemuUser.name}${report.confinement.qemuUser.uid !== null ? ` (uid ${report.confinement.qemuUser.uid})` : ""}${report.confinement.qemuUser.dropped ? ", unprivileged" : ""}`,
+        ...(report.confinement.error ? [`error:       VMs cannot start: ${report.confinement.error}`] : []),
         ...("error" in artifacts
           ? [`artifacts:   ${artifacts.error}`]
           : [`kernel:      ${artifacts.kernel}`, `agent:       ${artifacts.initramfs} (v${artifacts.agentVersion})`]),
       ].join("\n") + "\n",
     );
   }
-  return "error" in artifacts ? 1 : 0;
+  return "error" in artifacts || report.confinement.error ? 1 : 0;
+}
+
+function describeSandbox(c: Awaited<ReturnType<typeof confinementReport>>): string {
+  if (c.sandbox === "off") return "off (SUPERMACHINE_UNSANDBOXED=1)";
+  if (c.sandbox === "unavailable") return `unavailable: ${c.sandboxReason} (set SUPERMACHINE_UNSANDBOXED=1 to run without it)`;
+  return `on (seccomp: ${c.sandboxOptions})${c.sandboxReason ? `, ${c.sandboxReason}` : ""}`;
 }

@@ -50,8 +50,8 @@ export function registerProject(config: string, snapshotsDir: string | null, hom
   const record: ProjectRecord = { config, snapshotsDir, lastUsed: new Date().toISOString() };
   const tmp = `${file}.tmp-${randomBytes(6).toString("hex")}`;
   try {
-    mkdirSync(projectsDir(home), { recursive: true });
-    writeFileSync(tmp, JSON.stringify(record, null, 2) + "\n");
+    mkdirSync(projectsDir(home), { recursive: true, mode: 0o700 });
+    writeFileSync(tmp, JSON.stringify(record, null, 2) + "\n", { mode: 0o600 });
     renameSync(tmp, file); // readers see the old record or the new one, never half of one
   } catch (err) {
     rmSync(tmp, { force: true });

@@ -7,6 +7,8 @@
  */
 import { accessSync, constants, existsSync, readFileSync } from "node:fs";
 import { OptionError, listAccepted } from "../errors.js";
+import { dropsPrivileges, lookupUser, qemuUserName } from "../private.js";
+import { kvmUsableBy } from "./confine.js";
 
 export type Accel = "kvm" | "tcg";
 export const ACCELS: readonly Accel[] = ["kvm", "tcg"];
@@ -60,6 +62,11 @@ function probeHost(): AccelChoice {
     accessSync("/dev/kvm", constants.R_OK | constants.W_OK);
   } catch {
     return { accel: "tcg", reason: "/dev/kvm is not accessible read-write (add your user to the kvm group)", forced: false };
+  }
+  // As root, QEMU runs as an unprivileged user (confine.ts), which needs /dev/kvm itself.
+  const user = dropsPrivileges() ? lookupUser(qemuUserName()) : null;
+  if (user && !kvmUsableBy(user)) {
+    return { accel: "tcg", reason: `/dev/kvm is not accessible read-write to ${user.name}, the user QEMU runs as (give /dev/kvm a group with rw, as Debian's kvm group)`, forced: false };
   }
   return { accel: "kvm", reason: "hardware virtualization available", forced: false };
 }

@@ -2,20 +2,27 @@
  * One QEMU `microvm` process per VM. The process connects back to two unix sockets we listen
  * on (QMP and the agent's virtio-serial port), so nothing polls for QEMU's sockets to appear.
  * QEMU runs under `setpriv --pdeathsig KILL`, so it dies with the Node process that started
- * it, even when that process is SIGKILLed.
+ * it, even when that process is SIGKILLed; it is confined as `./confine.ts` describes (seccomp
+ * sandbox, an unprivileged user when we are root, its files handed over as descriptors).
+ * Migration streams (captures, restores) go through unix sockets to and from this process,
+ * which reads and writes the state files: QEMU never opens them, and never spawns a helper.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { randomBytes, randomUUID } from "node:crypto";
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, unlinkSync } from "node:fs";
-import { createServer, type Server, type Socket } from "node:net";
+import { chmodSync, chownSync, closeSync, constants, createReadStream, createWriteStream, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { connect, createServer, type Server, type Socket } from "node:net";
 import { totalmem } from "node:os";
 import { basename, join } from "node:path";
+import { pipeline } from "node:stream/promises";
 import { AgentClient, type HelloInfo } from "../agent/client.js";
 import { EngineError, OptionError } from "../errors.js";
 import { logger } from "../log.js";
-import { homePaths, runtimeRoot } from "../paths.js";
+import { keepLog, logPathFor } from "../logs.js";
+import { runtimeRoot } from "../paths.js";
+import type { SystemUser } from "../private.js";
 import { type Accel, chooseAccel, markKvmBroken } from "./accel.js";
 import { nativeArtifacts } from "./artifacts.js";
+import { checkConfined, checkRuntimeRoot, confinement, type Confinement, grantQemu, SANDBOX_OPTS, setprivArgs } from "./confine.js";
 import { QmpClient, type QmpCallOptions } from "./qmp.js";
 import { pidAlive } from "../process.js";
 
@@ -46,7 +53,6 @@ export const AGENT_PORT_NAME = "supermachine.0";
 /** The second agent port, for clients of the user's (`vm.execPath`). */
 export const EXEC_PORT_NAME = "supermachine.1";
 const STDERR_TAIL = 8 * 1024;
-const KEPT_LOGS = 20;
 
 export interface VmSpec {
   /** Squashfs image attached read-only as the guest's root lower layer. */
@@ -167,21 +173,28 @@ export function kernelCmdline(accel: Accel, vcpus: number, extra: string[] = [])
   ].join(" ");
 }
 
+/**
+ * The descriptors a QEMU process inherits, by their number in it (3 and up: `spawnStdio`). The
+ * kernel, initramfs and RAM file are reopened through /proc/self/fd (QEMU opens them by path);
+ * the root disk and the console log go through fd sets, which QEMU dups without reopening.
+ */
+export const QEMU_FDS = { kernel: 3, initramfs: 4, rootfs: 5, console: 6, memory: 7 } as const;
+const FDSET = { rootfs: 1, console: 2 } as const;
+
 export function qemuArgs(o: {
   accel: Accel;
-  kernel: string;
-  initramfs: string;
-  rootfs: string;
   memoryMib: number;
   vcpus: number;
   qmpSock: string;
   agentSock: string;
   /** Unix socket QEMU listens on for the exec port. */
   execSock: string;
-  consoleLog: string;
   cmdline: string;
-  memoryFile?: { path: string; shared: boolean };
+  /** RAM in the file passed as QEMU_FDS.memory: written through (shared) or copy-on-write. */
+  memoryFile?: { shared: boolean };
   incoming?: boolean;
+  /** `-sandbox` (SANDBOX_OPTS); false only when unsandboxed. */
+  sandbox: boolean;
 }): string[] {
   // The PIT, PIC and RTC stay: without the PIT the guest cannot calibrate its TSC under TCG,
   // without the PIC it hangs early, without the RTC it stalls a second and starts in 1970.
@@ -189,10 +202,11 @@ export function qemuArgs(o: {
   const memory = o.memoryFile
     ? [
         "-object",
-        `memory-backend-file,id=mem,size=${o.memoryMib}M,mem-path=${qemuOptValue(o.memoryFile.path)},share=${o.memoryFile.shared ? "on" : "off"}`,
+        `memory-backend-file,id=mem,size=${o.memoryMib}M,mem-path=/proc/self/fd/${QEMU_FDS.memory},share=${o.memoryFile.shared ? "on" : "off"}`,
       ]
     : [];
   return [
+    ...(o.sandbox ? ["-sandbox", SANDBOX_OPTS] : []),
     ...memory,
     ...(o.incoming ? ["-incoming", "defer"] : []),
     "-M", machine,
@@ -201,11 +215,13 @@ export function qemuArgs(o: {
     "-m", String(o.memoryMib),
     "-smp", String(o.vcpus),
     "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-    "-kernel", o.kernel,
-    "-initrd", o.initramfs,
+    "-kernel", `/proc/self/fd/${QEMU_FDS.kernel}`,
+    "-initrd", `/proc/self/fd/${QEMU_FDS.initramfs}`,
     "-append", o.cmdline,
-    "-serial", `file:${o.consoleLog}`,
-    "-drive", `id=root,file=${o.rootfs},format=raw,if=none,readonly=on`,
+    "-add-fd", `fd=${QEMU_FDS.console},set=${FDSET.console}`,
+    "-serial", `file:/dev/fdset/${FDSET.console}`,
+    "-add-fd", `fd=${QEMU_FDS.rootfs},set=${FDSET.rootfs}`,
+    "-drive", `id=root,file=/dev/fdset/${FDSET.rootfs},format=raw,if=none,readonly=on`,
     "-device", "virtio-blk-device,drive=root",
     "-device", "virtio-rng-device",
     "-device", "virtio-serial-device,max_ports=3",
@@ -218,19 +234,14 @@ export function qemuArgs(o: {
   ];
 }
 
-/** QEMU option values cannot hold a comma unescaped (it is doubled). */
-function qemuOptValue(v: string): string {
-  return v.replace(/,/g, ",,");
-}
-
-/** A path for QEMU's `exec:` migration URIs, which run through /bin/sh. */
-function shellPath(p: string): string {
-  if (!/^[A-Za-z0-9_./+-]+$/.test(p)) {
-    throw new EngineError("ENGINE_PATH_UNSAFE", `path ${JSON.stringify(p)} has characters the migration channel cannot carry`, {
-      hint: "use a snapshot directory whose path holds only letters, digits and . _ - / +",
-    });
-  }
-  return p;
+/**
+ * Lets QEMU's user connect to a socket this process listens on (root's sockets are 0755), and
+ * nobody else: its group, 0660. Nothing to do when QEMU runs as this process's user.
+ */
+function shareSocket(path: string, user: SystemUser | undefined): void {
+  if (!user) return;
+  chownSync(path, -1, user.gid);
+  chmodSync(path, 0o660);
 }
 
 /** Accept exactly one connection on a fresh unix socket. */
@@ -270,12 +281,13 @@ export class MicroVm {
   readonly exited: Promise<VmExit>;
   private exitInfo: VmExit | undefined;
   private stopping = false;
-  /** Where the console log was kept when the VM died unexpectedly (undefined otherwise). */
-  keptConsoleLog: string | undefined;
+  /** The VM died or its agent channel broke, without anyone asking: its console log is kept. */
+  private failing = false;
   private vmId: string;
 
   private constructor(
     private readonly proc: ChildProcess,
+    private readonly pending: PendingVm,
     readonly runDir: string,
     readonly consoleLog: string,
     readonly accel: Accel,
@@ -368,12 +380,13 @@ export class MicroVm {
 
   /** @internal Wires up a VM whose agent has answered. */
   static adopt(p: PendingVm, agent: AgentClient, qmp: QmpClient, hello: HelloInfo, bootMs: number, id: string): MicroVm {
-    const vm = new MicroVm(p.proc, p.runDir, p.consoleLog, p.accel, agent, qmp, hello, bootMs, p.exited, id);
+    const vm = new MicroVm(p.proc, p, p.runDir, p.consoleLog, p.accel, agent, qmp, hello, bootMs, p.exited, id);
     p.owner = vm;
     void p.exited.then((e) => vm.onExit(e, p.stderr));
     agent.on("fatal", (err: Error) => {
       if (!vm.stopping) {
         log("vm %d: agent connection failed (%s); killing the VM", p.proc.pid, err.message);
+        vm.failing = true;
         void vm.kill();
       }
     });
@@ -388,11 +401,25 @@ export class MicroVm {
     return this.stopping;
   }
 
+  /**
+   * Where the guest console log of this VM was kept (`<home>/logs`, 0600) after it failed;
+   * undefined until then. An error names a log only once it is written.
+   */
+  get failureLog(): string | undefined {
+    return this.pending.keptLog;
+  }
+
+  /** The user QEMU runs as, when not this process's own. */
+  get qemuUser(): SystemUser | undefined {
+    return this.pending.confinement.user;
+  }
+
   private onExit(e: VmExit, stderr: string): void {
-    const failed = !e.expected && !this.stopping;
+    const failed = this.failing || (!e.expected && !this.stopping);
+    this.failing = failed;
     let kept: string | undefined;
     if (failed) {
-      kept = this.keptConsoleLog = keepConsoleLog(this.consoleLog);
+      kept = this.pending.keepConsoleLog();
       log("vm %d exited unexpectedly (%o); console log kept at %s", this.pid, e, kept);
     }
     this.agent.close(
@@ -452,8 +479,7 @@ export class MicroVm {
     const q = { ...(opts.signal ? { signal: opts.signal } : {}) };
     await this.qmp.execute("stop", undefined, q);
     await this.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: !opts.includeRam }] }, q);
-    await this.qmp.execute("migrate", { uri: `exec:cat > ${shellPath(stateFile)}` }, q);
-    await waitMigration(this.qmp, "snapshot", q);
+    await migrateToFile(this.qmp, this.runDir, this.qemuUser, stateFile, q);
     return { durationMs: performance.now() - t0 };
   }
 
@@ -479,8 +505,8 @@ export class PendingVm {
   private readonly spawnError: Promise<never>;
   private readonly earlyExit: Promise<never>;
   private used = false;
-  /** Where this process's console log was kept (undefined: not kept yet; null: there was none). */
-  private keptLog: string | null | undefined;
+  /** Set once the console log was kept there. */
+  keptLog: string | undefined;
 
   private constructor(
     readonly spec: VmSpec,
@@ -488,6 +514,7 @@ export class PendingVm {
     readonly runDir: string,
     readonly consoleLog: string,
     readonly accel: Accel,
+    readonly confinement: Confinement,
     readonly t0: number,
     private readonly closeListeners: () => void,
     private readonly channels: { agent: Promise<Socket>; qmp: Promise<Socket> },
@@ -519,7 +546,7 @@ export class PendingVm {
     this.earlyExit = this.exited.then((e) => {
       // Kept now, before the run dir goes: a death nobody asked for, before the VM was handed
       // over (after that, MicroVm.onExit keeps it).
-      const kept = e.expected || this.owner ? undefined : this.keepLog();
+      const kept = e.expected || this.owner ? undefined : this.keepConsoleLog();
       throw new EngineError(
         "ENGINE_EXITED_DURING_BOOT",
         `QEMU exited during boot (${e.signal ? `signal ${e.signal}` : `code ${e.code}`})` + describeFailure(this.stderr, kept),
@@ -537,44 +564,104 @@ export class PendingVm {
       throw new EngineError("ENGINE_ROOTFS_MISSING", `root filesystem image ${spec.rootfs} does not exist`);
     }
     installExitHook();
+    const qemu = qemuBinary();
+    const conf = await confinement(qemu);
+    checkRuntimeRoot(runtimeRoot(), conf.user);
     const runDir = mkdtempSync(join(runtimeRoot(), `${RUN_DIR_PREFIX}${process.pid}-`));
     const qmpSock = join(runDir, "qmp.sock");
     const agentSock = join(runDir, "agent.sock");
     const execSock = join(runDir, "exec.sock");
     const consoleLog = join(runDir, "console.log");
-    const qmpL = acceptOnce(qmpSock);
-    const agentL = acceptOnce(agentSock);
-    const args = qemuArgs({
-      accel,
-      kernel,
-      initramfs,
-      rootfs: spec.rootfs,
-      memoryMib: spec.memoryMib,
-      vcpus: spec.vcpus,
-      qmpSock,
-      agentSock,
-      execSock,
-      consoleLog,
-      cmdline: kernelCmdline(accel, spec.vcpus, spec.extraCmdline),
-      ...(spec.memoryFile ? { memoryFile: spec.memoryFile } : {}),
-      incoming: spec.incomingState !== undefined,
-    });
-    await Promise.all([listening(qmpL.server), listening(agentL.server)]);
+    // QEMU's files, opened here and inherited (QEMU_FDS order); closed here once it has them.
+    const fds: number[] = [];
+    let qmpL: ReturnType<typeof acceptOnce> | undefined;
+    let agentL: ReturnType<typeof acceptOnce> | undefined;
+    let proc: ChildProcess;
+    let args: string[];
     const t0 = performance.now();
-    const qemu = qemuBinary();
-    log("spawn %s %s", qemu, args.join(" "));
-    const proc = spawn("setpriv", ["--pdeathsig", "SIGKILL", "--", qemu, ...args], { stdio: ["ignore", "ignore", "pipe"] });
+    try {
+      // QEMU's user creates its exec socket (and a restore's incoming socket) here, and
+      // connects to ours: the directory is shared with its group, nobody else.
+      if (conf.user) {
+        chownSync(runDir, -1, conf.user.gid);
+        chmodSync(runDir, 0o770);
+      }
+      const take = (path: string, flags: number | string, mode?: number) => {
+        const fd = openSync(path, flags, mode);
+        fds.push(fd);
+        return fd;
+      };
+      grantQemu(take(kernel, "r"), kernel, conf.user, "r");
+      grantQemu(take(initramfs, "r"), initramfs, conf.user, "r");
+      take(spec.rootfs, "r");
+      take(consoleLog, "w", 0o600);
+      if (spec.memoryFile) {
+        // A bake's RAM file may not exist yet: QEMU sizes an empty file itself.
+        const path = spec.memoryFile.path;
+        grantQemu(take(path, constants.O_RDWR | constants.O_CREAT, 0o600), path, conf.user, "rw");
+      }
+      qmpL = acceptOnce(qmpSock);
+      agentL = acceptOnce(agentSock);
+      args = qemuArgs({
+        accel,
+        memoryMib: spec.memoryMib,
+        vcpus: spec.vcpus,
+        qmpSock,
+        agentSock,
+        execSock,
+        cmdline: kernelCmdline(accel, spec.vcpus, spec.extraCmdline),
+        ...(spec.memoryFile ? { memoryFile: { shared: spec.memoryFile.shared } } : {}),
+        incoming: spec.incomingState !== undefined,
+        sandbox: conf.sandbox,
+      });
+      await Promise.all([listening(qmpL.server), listening(agentL.server)]);
+      shareSocket(qmpSock, conf.user);
+      shareSocket(agentSock, conf.user);
+      log("spawn %s %s", qemu, args.join(" "));
+      proc = spawn("setpriv", [...setprivArgs(conf, accel === "kvm"), "--", qemu, ...args], { stdio: ["ignore", "ignore", "pipe", ...fds] });
+    } catch (err) {
+      qmpL?.server.close();
+      agentL?.server.close();
+      rmSync(runDir, { recursive: true, force: true });
+      throw err;
+    } finally {
+      for (const fd of fds) closeSync(fd);
+    }
     live.set(proc, runDir);
     launched++;
-    const p = new PendingVm(spec, proc, runDir, consoleLog, accel, t0, () => {
-      qmpL.server.close();
-      agentL.server.close();
-    }, { agent: agentL.conn, qmp: qmpL.conn });
+    const [q, a] = [qmpL, agentL];
+    const p = new PendingVm(spec, proc, runDir, consoleLog, accel, conf, t0, () => {
+      q.server.close();
+      a.server.close();
+    }, { agent: a.conn, qmp: q.conn });
     await p.guard(spec.bootTimeoutMs ?? 60_000, async (race) => {
       p.agent = new AgentClient(await race(p.channels.agent));
       p.qmp = new QmpClient(await race(p.channels.qmp));
+      // QEMU set its sandbox up before it connected its character devices: it must be on now.
+      const wrong = checkConfined(proc.pid!, conf);
+      if (wrong) {
+        throw new EngineError("ENGINE_SANDBOX_INACTIVE", `QEMU (pid ${proc.pid}) is not confined as it should be: ${wrong}`, {
+          hint: "report this with the output of supermachine info; SUPERMACHINE_UNSANDBOXED=1 runs VMs without the sandbox",
+        });
+      }
     });
     return p;
+  }
+
+  /**
+   * Keeps the console log under `<home>/logs` (once); returns where, or undefined when QEMU
+   * wrote nothing to it (it never ran) or it could not be kept.
+   */
+  keepConsoleLog(): string | undefined {
+    if (this.keptLog) return this.keptLog;
+    try {
+      if (statSync(this.consoleLog).size === 0) return undefined;
+    } catch {
+      return undefined;
+    }
+    const kept = keepLog(logPathFor("vm"), { copyFrom: this.consoleLog });
+    if (kept) this.keptLog = kept;
+    return kept;
   }
 
   /** Lets the owner's program exit while this process waits (the exit hook kills it). */
@@ -594,7 +681,7 @@ export class PendingVm {
     return this.guard(this.spec.bootTimeoutMs ?? 60_000, async (race) => {
       const agent = this.agent!;
       const qmp = this.qmp!;
-      if (this.spec.incomingState !== undefined) await race(restoreState(qmp, this.spec.incomingState, !this.spec.incomingHasRam));
+      if (this.spec.incomingState !== undefined) await race(restoreState(qmp, this.runDir, this.spec.incomingState, !this.spec.incomingHasRam));
       // After a restore, HELLO also gives the clone the host's clock, fresh entropy and an
       // identity of its own, before anything else runs in it.
       const { hello, id } = await race(helloAsNewVm(agent));
@@ -605,11 +692,6 @@ export class PendingVm {
     });
   }
 
-  /** Copies the console log to `<home>/logs` once; the path, or undefined when there is none. */
-  private keepLog(): string | undefined {
-    if (this.keptLog === undefined) this.keptLog = keepConsoleLog(this.consoleLog) ?? null;
-    return this.keptLog ?? undefined;
-  }
 
   /** Kills a process that will not be used. */
   async kill(): Promise<void> {
@@ -632,7 +714,7 @@ export class PendingVm {
           reject(
             new EngineError(
               "ENGINE_BOOT_TIMEOUT",
-              `the guest agent did not answer within ${timeoutMs} ms (accel ${this.accel})` + describeFailure(this.stderr, this.keepLog()),
+              `the guest agent did not answer within ${timeoutMs} ms (accel ${this.accel})` + describeFailure(this.stderr, this.keepConsoleLog()),
             ),
           ),
         timeoutMs,
@@ -649,7 +731,7 @@ export class PendingVm {
       this.expected = true;
       this.proc.kill("SIGKILL");
       await this.exited;
-      this.keepLog();
+      this.keepConsoleLog();
       rmSync(this.runDir, { recursive: true, force: true });
       if (!(exitErr instanceof EngineError)) throw err;
       if (this.spec.incomingState === undefined) throw exitErr;
@@ -678,20 +760,72 @@ async function waitMigration(qmp: QmpClient, what: string, opts: QmpCallOptions 
   }
 }
 
-/** Loads a device-state file into a QEMU started with `-incoming defer`, then resumes it. */
-async function restoreState(qmp: QmpClient, stateFile: string, ignoreShared: boolean): Promise<void> {
-  await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: ignoreShared }] });
-  await qmp.execute("migrate-incoming", { uri: `exec:cat ${shellPath(stateFile)}` });
-  for (let delay = 1; ; delay = Math.min(delay * 2, 10)) {
-    const st = await qmp.execute<{ status?: string }>("query-status");
-    if (st.status === "paused" || st.status === "running") break;
-    if (st.status === "inmigrate") {
-      await sleep(delay);
-      continue;
+/**
+ * Has QEMU migrate to a unix socket this process listens on, and writes what arrives to
+ * `stateFile` (0600). Resolves once the migration completed and the file is complete.
+ */
+async function migrateToFile(qmp: QmpClient, runDir: string, user: SystemUser | undefined, stateFile: string, opts: QmpCallOptions): Promise<void> {
+  const sock = join(runDir, `migrate-${randomBytes(4).toString("hex")}.sock`);
+  const server = createServer();
+  const written = new Promise<void>((resolve, reject) => {
+    server.once("connection", (conn) => {
+      server.close();
+      pipeline(conn, createWriteStream(stateFile, { mode: 0o600 })).then(resolve, reject);
+    });
+    server.once("error", reject);
+  });
+  written.catch(() => {});
+  try {
+    server.listen(sock);
+    await listening(server);
+    shareSocket(sock, user);
+    await qmp.execute("migrate", { uri: `unix:${sock}` }, opts);
+    await waitMigration(qmp, "snapshot", opts);
+    // QEMU closes the stream once the migration completed: the file is whole when it ends.
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await Promise.race([
+        written,
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new EngineError("ENGINE_MIGRATION_FAILED", `snapshot: QEMU did not close the migration stream to ${stateFile}`)), 30_000);
+        }),
+      ]);
+    } finally {
+      clearTimeout(timer);
     }
-    throw new EngineError("ENGINE_RESTORE_FAILED", `restoring ${stateFile} left the VM in state ${JSON.stringify(st.status)}`);
+  } finally {
+    server.close();
+    rmSync(sock, { force: true });
   }
-  await waitIncoming(qmp, stateFile);
+}
+
+/**
+ * Loads a device-state file into a QEMU started with `-incoming defer`, then resumes it. QEMU
+ * listens on a unix socket in the run directory; this process streams the file into it.
+ */
+async function restoreState(qmp: QmpClient, runDir: string, stateFile: string, ignoreShared: boolean): Promise<void> {
+  await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: ignoreShared }] });
+  const sock = join(runDir, "incoming.sock");
+  await qmp.execute("migrate-incoming", { uri: `unix:${sock}` });
+  // QEMU listens by the time migrate-incoming answers. A stream that breaks (QEMU rejected the
+  // state and closed) is reported by the migration status below.
+  const conn = connect(sock);
+  const sent = pipeline(createReadStream(stateFile), conn).catch((e: Error) => log("streaming %s into QEMU: %s", stateFile, e.message));
+  try {
+    for (let delay = 1; ; delay = Math.min(delay * 2, 10)) {
+      const st = await qmp.execute<{ status?: string }>("query-status");
+      if (st.status === "paused" || st.status === "running") break;
+      if (st.status === "inmigrate") {
+        await sleep(delay);
+        continue;
+      }
+      throw new EngineError("ENGINE_RESTORE_FAILED", `restoring ${stateFile} left the VM in state ${JSON.stringify(st.status)}`);
+    }
+    await waitIncoming(qmp, stateFile);
+  } finally {
+    conn.destroy();
+    await sent;
+  }
   await qmp.execute("cont");
 }
 
@@ -726,41 +860,4 @@ function failureHint(stderr: string): string | undefined {
   if (/memory|ram size|cannot set up guest memory/i.test(stderr)) return "lower memoryMib or free host memory";
   if (/kvm/i.test(stderr)) return "set SUPERMACHINE_ACCEL=tcg to use software emulation";
   return undefined;
-}
-
-/**
- * Console logs of failed VMs are copied to `<home>/logs` (the run dir is removed); returns the
- * copy's path, or undefined when QEMU wrote no log (it never started) or the copy failed.
- */
-function keepConsoleLog(consoleLog: string): string | undefined {
-  const dest = join(homePaths().logs, `vm-${Date.now()}-${randomBytes(3).toString("hex")}.log`);
-  const dir = homePaths().logs;
-  try {
-    if (!existsSync(consoleLog)) return undefined;
-    mkdirSync(dir, { recursive: true });
-    copyFileSync(consoleLog, dest);
-  } catch (err) {
-    log("could not keep console log: %s", (err as Error).message);
-    return undefined;
-  }
-  try {
-    pruneLogs(dir);
-  } catch (err) {
-    log("could not prune kept console logs: %s", (err as Error).message);
-  }
-  return dest;
-}
-
-function pruneLogs(dir: string): void {
-  const files = readdirSync(dir)
-    .filter((f) => f.startsWith("vm-") && f.endsWith(".log"))
-    .map((f) => ({ f, t: statSync(join(dir, f)).mtimeMs }))
-    .sort((a, b) => b.t - a.t);
-  for (const { f } of files.slice(KEPT_LOGS)) {
-    try {
-      unlinkSync(join(dir, f));
-    } catch {
-      /* raced with another process */
-    }
-  }
 }

@@ -5,7 +5,7 @@
  * beside the snapshot, so a later key can be compared with them and every difference named.
  */
 import type { EngineFingerprint } from "../engine/fingerprint.js";
-import { inputHash, stableJson, type SnapshotInputs, type SnapshotSources } from "../store/snapshots.js";
+import { hashEnv, inputHash, stableJson, type SnapshotInputs, type SnapshotSources } from "../store/snapshots.js";
 import type { ModuleDigest } from "./bundle.js";
 import type { NodeSpec } from "./graph.js";
 
@@ -26,7 +26,8 @@ export function nodeInputs(spec: NodeSpec, p: KeyParts): SnapshotInputs {
     manifestDigest: p.manifestDigest,
     memoryMib: spec.memoryMib,
     vcpus: spec.vcpus,
-    env: spec.env,
+    // Values hashed, names kept: meta.json never holds a value, `why` still names the variable.
+    env: hashEnv(spec.env),
     cmd: p.workload,
     guestPort: spec.guestPort,
     listenerRequired: spec.listenerRequired,
@@ -87,6 +88,14 @@ export function diffInputs(before: { inputs: SnapshotInputs; sources?: SnapshotS
           if (px[n] !== py[n]) changes.push({ input: `package:${n}`, before: px[n] ?? null, after: py[n] ?? null });
         }
         if (files.length === 0 && same(px, py)) changes.push({ input: "module", before: x?.sha256 ?? null, after: y?.sha256 ?? null });
+        break;
+      }
+      case "env": {
+        const x = (a[k] ?? {}) as Record<string, unknown>;
+        const y = (b[k] ?? {}) as Record<string, unknown>;
+        for (const e of [...new Set([...Object.keys(x), ...Object.keys(y)])].sort()) {
+          if (!same(x[e], y[e])) changes.push({ input: `env:${e}`, before: x[e] ?? null, after: y[e] ?? null });
+        }
         break;
       }
       case "engine": {

@@ -115,7 +115,7 @@ export class GuestSession {
   /** @internal Throws if the session cannot take calls (Vm adds "released"). */
   protected usable(what: string): void {
     if (!this.machine.alive) {
-      throw new PoolError("VM_DEAD", `${what}: the VM (QEMU pid ${this.machine.pid}) is no longer running${this.keptLogNote()}`, {
+      throw new PoolError("VM_DEAD", `${what}: the VM (QEMU pid ${this.machine.pid}) is no longer running${this.consoleLogNote()}`, {
         hint: "release it and acquire another; the pool replaces dead VMs",
       });
     }
@@ -152,16 +152,16 @@ export class GuestSession {
     };
   }
 
-  /** Names the console log kept of a VM that died, when there is one. */
-  private keptLogNote(): string {
-    const kept = this.machine.keptConsoleLog;
+  /** Where the dead VM's guest console log was kept, for its error message. */
+  private consoleLogNote(): string {
+    const kept = this.machine.failureLog;
     return kept ? ` (guest console log: ${kept})` : "";
   }
 
   /** A failure as the caller should see it: the VM's death rather than the channel's. */
   protected explain(e: unknown, what: string): Error {
     if (!this.machine.alive && !(e instanceof DeadlineError)) {
-      return new PoolError("VM_DEAD", `${what}: the VM (QEMU pid ${this.machine.pid}) died${this.keptLogNote()}`, {
+      return new PoolError("VM_DEAD", `${what}: the VM (QEMU pid ${this.machine.pid}) died${this.consoleLogNote()}`, {
         cause: e,
         hint: "release it and acquire another; the pool replaces dead VMs",
       });

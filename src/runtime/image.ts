@@ -145,7 +145,7 @@ export class Image {
     const workload = this.snap.meta.workload && !(restored && this.snap.meta.workloadRunning) ? this.snap.meta.workload : undefined;
     // While the pool restores from the snapshot, gc and watch mode leave it alone.
     const lease = restored ? holdSnapshot(this.snap.dir) : () => {};
-    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.inputs.env), o, workload ?? undefined, this.snap.meta, lease);
+    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.buildEnv ?? this.snap.meta.inputs.env), o, workload ?? undefined, this.snap.meta, lease);
     // The baked VM has the snapshot's shape; a pool of another shape cannot use it.
     const handoff = spec.incomingState !== undefined ? this.takeHandoff() : undefined;
     await pool.warm(handoff);

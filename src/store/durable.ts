@@ -15,9 +15,9 @@ export async function fsyncPath(path: string): Promise<void> {
   }
 }
 
-/** Writes `data` to `path` (created or truncated) and fsyncs it. */
+/** Writes `data` to `path` (created 0600, or truncated) and fsyncs it. */
 export async function writeFileSynced(path: string, data: string | Buffer): Promise<void> {
-  const fh = await open(path, "w");
+  const fh = await open(path, "w", 0o600);
   try {
     await fh.writeFile(data);
     await fh.sync();

@@ -16,8 +16,8 @@ export function holdSnapshot(snapshotDir: string): () => void {
   const dir = leasesDir(snapshotDir);
   const file = join(dir, `${process.pid}-${randomBytes(4).toString("hex")}`);
   try {
-    mkdirSync(dir, { recursive: true });
-    writeFileSync(file, "");
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    writeFileSync(file, "", { mode: 0o600 });
   } catch {
     return () => {}; // a read-only snapshot directory: nobody can remove it either
   }

@@ -21,6 +21,7 @@ import { basename, dirname, join } from "node:path";
 import lockfile from "proper-lockfile";
 import { StoreError } from "../errors.js";
 import { logger } from "../log.js";
+import { PRIVATE_DIR_MODE, tightenTree } from "../private.js";
 import { fsyncPath, fsyncTree } from "./durable.js";
 
 const log = logger("store");
@@ -79,7 +80,7 @@ export async function publish<T>(req: PublishRequest<T>): Promise<{ value: T; cr
   const parent = dirname(req.target);
   const tmpDir = req.tmpDir ?? parent;
   const prefix = req.tmpPrefix ?? `${basename(req.target)}.tmp-`;
-  for (const d of new Set([parent, tmpDir, dirname(lockPath)])) await mkdir(d, { recursive: true });
+  for (const d of new Set([parent, tmpDir, dirname(lockPath)])) await mkdir(d, { recursive: true, mode: PRIVATE_DIR_MODE });
 
   const release = await acquireLock(req, lockPath);
   try {
@@ -92,6 +93,8 @@ export async function publish<T>(req: PublishRequest<T>): Promise<{ value: T; cr
     try {
       if (req.kind === "dir") await mkdir(tmp);
       value = await req.write(tmp);
+      // Entries are private to their owner (QEMU's group keeps what it was granted): src/private.ts.
+      tightenTree(tmp);
       if (req.kind === "file") {
         if (!req.synced) await fsyncPath(tmp);
       } else if (req.synced) await fsyncPath(tmp);

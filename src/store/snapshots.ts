@@ -7,6 +7,11 @@
  * `bake.log` what the bake did (warmup output included). The input hash covers everything that
  * changes the snapshot, and the inputs themselves are kept beside it, so that a rebake can say
  * what changed.
+ *
+ * The build `env` is not in meta.json in clear: its inputs hold a salted sha256 per variable
+ * (`hashEnv`), so the key still covers every value and `why` still names the variable that
+ * changed; the values a VM needs (exec defaults, the workload's environment) are in `env.json`,
+ * 0600 like every file here, loaded into `meta.buildEnv` and checked against those hashes.
  */
 import { createHash } from "node:crypto";
 import { statSync } from "node:fs";
@@ -21,7 +26,7 @@ import { publish } from "./publish.js";
 
 const log = logger("snapshots");
 export const META_VERSION = 3;
-export const SNAPSHOT_FILES = { ram: "ram", state: "state", meta: "meta.json", log: "bake.log" } as const;
+export const SNAPSHOT_FILES = { ram: "ram", state: "state", meta: "meta.json", log: "bake.log", env: "env.json" } as const;
 
 /**
  * Everything a snapshot depends on (its key is their hash). Changing any of it makes a
@@ -35,6 +40,7 @@ export interface SnapshotInputs {
   manifestDigest: string | null;
   memoryMib: number;
   vcpus: number;
+  /** The build env: each variable's name and `hashEnvValue` of its value. */
   env: Record<string, string>;
   cmd: string[] | null;
   guestPort: number;
@@ -84,6 +90,11 @@ export interface SnapshotMeta {
   workloadRunning: boolean;
   created: string;
   bakeMs: number;
+  /**
+   * The build env's values (in memory only: meta.json has their hashes in `inputs.env`, and the
+   * workload's environment with those values replaced by their hashes; env.json has the values).
+   */
+  buildEnv?: Record<string, string>;
 }
 
 export interface LoadedSnapshot {
@@ -91,6 +102,78 @@ export interface LoadedSnapshot {
   ram: string;
   state: string;
   meta: SnapshotMeta;
+}
+
+/** What the inputs keep of an env value: a sha256, salted with the variable's name. */
+export function hashEnvValue(name: string, value: string): string {
+  return "sha256:" + createHash("sha256").update(`supermachine-env-v1\0${name}\0${value}`).digest("hex");
+}
+
+export function hashEnv(env: Record<string, string>): Record<string, string> {
+  return Object.fromEntries(Object.entries(env).map(([k, v]) => [k, hashEnvValue(k, v)]));
+}
+
+const isHashedEnv = (env: Record<string, string>) => Object.values(env).every((v) => /^sha256:[0-9a-f]{64}$/.test(v));
+
+/** A workload environment (`K=V` list) with the build env's values replaced by their hashes. */
+function redactWorkloadEnv(list: string[], names: Record<string, string>): string[] {
+  return list.map((kv) => {
+    const i = kv.indexOf("=");
+    const k = i > 0 ? kv.slice(0, i) : kv;
+    return i > 0 && k in names ? `${k}=${hashEnvValue(k, kv.slice(i + 1))}` : kv;
+  });
+}
+
+/** env.json: the values meta.json keeps only hashes of. */
+interface EnvFile {
+  version: 1;
+  env: Record<string, string>;
+  /** The workload's environment, unredacted (null: no workload). */
+  workloadEnv: string[] | null;
+}
+
+/** meta.json as written: without the build env's values. */
+function persistedMeta(meta: SnapshotMeta): { meta: SnapshotMeta; envFile: EnvFile | undefined } {
+  const { buildEnv, ...rest } = meta;
+  const names = rest.inputs.env;
+  if (Object.keys(names).length === 0 || !isHashedEnv(names)) return { meta: rest, envFile: undefined };
+  const env = buildEnv ?? {};
+  for (const [k, h] of Object.entries(names)) {
+    if (env[k] === undefined || hashEnvValue(k, env[k]) !== h) {
+      throw new EngineError("ENGINE_SNAPSHOT_ENV", `the value of the build env variable ${k} does not match the snapshot's key`);
+    }
+  }
+  return {
+    meta: { ...rest, workload: rest.workload ? { ...rest.workload, env: redactWorkloadEnv(rest.workload.env, names) } : null },
+    envFile: { version: 1, env: Object.fromEntries(Object.keys(names).map((k) => [k, env[k]!])), workloadEnv: rest.workload?.env ?? null },
+  };
+}
+
+/** Puts the values of env.json back into a meta.json read from `dir`; throws `damaged` when they do not match. */
+async function hydrateEnv(dir: string, meta: SnapshotMeta): Promise<SnapshotMeta> {
+  const names = meta.inputs.env ?? {};
+  if (Object.keys(names).length === 0) return { ...meta, buildEnv: {} };
+  // Made before the values were hashed: they are in the inputs.
+  if (!isHashedEnv(names)) return { ...meta, buildEnv: names };
+  let file: EnvFile;
+  try {
+    file = JSON.parse(await readFile(join(dir, SNAPSHOT_FILES.env), "utf8")) as EnvFile;
+  } catch (err) {
+    throw damaged(dir, `its ${SNAPSHOT_FILES.env} (the build env's values) cannot be read: ${(err as Error).message}`);
+  }
+  const env = file?.env ?? {};
+  for (const [k, h] of Object.entries(names)) {
+    if (typeof env[k] !== "string" || hashEnvValue(k, env[k]) !== h) throw damaged(dir, `its ${SNAPSHOT_FILES.env} has another value for ${k} than its key`);
+  }
+  let workload = meta.workload;
+  if (workload) {
+    const clear = file.workloadEnv;
+    if (!Array.isArray(clear) || stableJson(redactWorkloadEnv(clear, names)) !== stableJson(workload.env)) {
+      throw damaged(dir, `its ${SNAPSHOT_FILES.env} does not match the workload's environment`);
+    }
+    workload = { ...workload, env: clear };
+  }
+  return { ...meta, workload, buildEnv: Object.fromEntries(Object.keys(names).map((k) => [k, env[k]!])) };
 }
 
 export function inputHash(inputs: SnapshotInputs): string {
@@ -162,7 +245,7 @@ export async function loadSnapshot(dir: string, hash?: string, inputs?: Snapshot
   if (rootfsSize !== meta.image.rootfsSize) {
     throw damaged(dir, `the root filesystem it was made on (${meta.image.rootfs}) is ${rootfsSize < 0 ? "gone" : "different"}`);
   }
-  return { ...p, meta };
+  return { ...p, meta: await hydrateEnv(dir, meta) };
 }
 
 function damaged(dir: string, why: string): ImageError {
@@ -189,8 +272,10 @@ export async function sealSnapshot(dir: string, meta: Omit<SnapshotMeta, "versio
       state: { size: stateBytes.length, sha256: createHash("sha256").update(stateBytes).digest("hex") },
     },
   };
-  await writeFileSynced(join(dir, SNAPSHOT_FILES.meta), JSON.stringify(full, null, 2) + "\n");
-  return full;
+  const { meta: persisted, envFile } = persistedMeta(full);
+  if (envFile) await writeFileSynced(join(dir, SNAPSHOT_FILES.env), JSON.stringify(envFile, null, 2) + "\n");
+  await writeFileSynced(join(dir, SNAPSHOT_FILES.meta), JSON.stringify(persisted, null, 2) + "\n");
+  return { ...full, buildEnv: envFile?.env ?? (isHashedEnv(full.inputs.env) ? {} : full.inputs.env) };
 }
 
 /**
