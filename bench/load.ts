@@ -4,7 +4,7 @@
  * stopped, many execs on one VM, each with what the host process holds before and after.
  */
 import { execFile } from "node:child_process";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from "node:fs";
+import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { connect } from "node:net";
 import { join } from "node:path";
@@ -85,6 +85,9 @@ export function privateTempDirs(): { tmp: string; run: string; restore(): void }
   const run = join(root, "run");
   mkdirSync(tmp);
   mkdirSync(run);
+  // QEMU's user (when we are root) reaches its sockets through these: traversable, not listable.
+  chmodSync(root, 0o711);
+  chmodSync(run, 0o711);
   process.env.TMPDIR = tmp;
   process.env.SUPERMACHINE_RUNTIME_DIR = run;
   return {

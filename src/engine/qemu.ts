@@ -402,11 +402,14 @@ export class MicroVm {
   }
 
   /**
-   * Where the guest console log of this VM was kept (`<home>/logs`, 0600) after it failed;
-   * undefined until then. An error names a log only once it is written.
+   * Where the guest console log of this VM was kept (`<home>/logs`, 0600) once it failed (its
+   * process exited or its agent channel broke without anyone asking); undefined otherwise. The
+   * log is written before its path is returned: an error never names a log that is not there.
    */
   get failureLog(): string | undefined {
-    return this.pending.keptLog;
+    if (this.pending.keptLog) return this.pending.keptLog;
+    if (this.alive || this.stopping) return undefined;
+    return this.pending.keepConsoleLog();
   }
 
   /** The user QEMU runs as, when not this process's own. */
