@@ -14,6 +14,7 @@ import { logger } from "../log.js";
 import type { BakeProgress, BakeStep } from "../spec/image.js";
 import type { WarmupVm } from "../spec/options.js";
 import { publishSnapshot, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotInputs, type SnapshotMeta, type SnapshotSources, type WorkloadSpec } from "../store/snapshots.js";
+import { holderInfo } from "../store/lock.js";
 import { BakeLog } from "./bake-log.js";
 import { stageExtraFiles, type PlannedFile } from "./extra-files.js";
 import { detachForHandoff, sparseCopy } from "./handoff.js";
@@ -85,7 +86,10 @@ export async function ensureBaked(req: BakeRequest): Promise<BakeResult> {
         return r.meta;
       },
       {
-        onWait: () => progress({ phase: "bake-waiting-for-lock", snapshot: req.dir }),
+        onWait: (w) => {
+          const holder = holderInfo(w);
+          progress({ phase: "bake-waiting-for-lock", snapshot: req.dir, ...(holder ? { holder } : {}) });
+        },
         ...(req.signal ? { signal: req.signal } : {}),
         ...(req.force ? { force: true } : {}),
       },

@@ -19,6 +19,7 @@ import { locateLayout, parseImageRef, type ImageRef } from "./reference.js";
 import { readRef, writeRef, type RefRecord } from "./refs.js";
 import { buildSquashfs } from "./squashfs.js";
 import { writeFileSynced } from "../store/durable.js";
+import { holderInfo } from "../store/lock.js";
 import { publish } from "../store/publish.js";
 
 const log = logger("image");
@@ -96,7 +97,10 @@ export async function resolveImage(ref: string, opts: ResolveImageOptions = {}):
     },
     tmpPrefix: `.tmp-${hex}-`, // the names earlier versions used, so their leftovers are removed too
     synced: true,
-    onWait: () => opts.onProgress?.({ phase: "waiting-for-lock" }),
+    onWait: (w) => {
+      const holder = holderInfo(w);
+      opts.onProgress?.({ phase: "waiting-for-lock", what: w.what, ...(holder ? { holder } : {}) });
+    },
     ...(opts.signal ? { signal: opts.signal } : {}),
   });
   if (!created) {

@@ -17,7 +17,7 @@ import type { EngineFingerprint } from "../engine/fingerprint.js";
 import type { ImageConfig } from "../spec/image.js";
 import { logger } from "../log.js";
 import { fsyncPath, writeFileSynced } from "./durable.js";
-import { publish } from "./publish.js";
+import { publish, type LockWait } from "./publish.js";
 
 const log = logger("snapshots");
 export const META_VERSION = 3;
@@ -203,7 +203,7 @@ export async function publishSnapshot(
   hash: string,
   inputs: SnapshotInputs | undefined,
   write: (tmp: string) => Promise<SnapshotMeta>,
-  opts: { onWait?: () => void; signal?: AbortSignal; force?: boolean } = {},
+  opts: { onWait?: (w: LockWait) => void; signal?: AbortSignal; force?: boolean } = {},
 ): Promise<{ snapshot: LoadedSnapshot; created: boolean }> {
   // force: a snapshot with this key is made again (and replaces the one there).
   const check = async () =>

@@ -1,9 +1,9 @@
 import { execFileSync } from "node:child_process";
 import { mkdir, readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import lockfile from "proper-lockfile";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { resolveImage, type ImageProgress } from "../../src/image/store.js";
+import { acquireLock } from "../../src/store/lock.js";
 import { makeTar, removeDir, tempDir, writeLayout } from "./helpers.js";
 
 let home: string;
@@ -108,7 +108,8 @@ describe("resolveImage", () => {
     const { manifestDigest } = await twoLayerLayout(layout);
     const entry = join(home, "images", manifestDigest.slice(7));
     await mkdir(join(home, "images"), { recursive: true });
-    const release = await lockfile.lock(entry, { realpath: false, lockfilePath: `${entry}.lock` });
+    const lock = await acquireLock(`${entry}.lock`, { what: "a test holder" });
+    const release = () => lock.release();
     const ac = new AbortController();
     const aborted = resolveImage(`oci:${layout}`, { home, signal: ac.signal, onProgress: (p) => p.phase === "waiting-for-lock" && ac.abort(new Error("stop")) });
     await expect(aborted).rejects.toThrow("stop");
@@ -116,7 +117,7 @@ describe("resolveImage", () => {
     const waiting = resolveImage(`oci:${layout}`, { home, onProgress: (p) => events.push(p) });
     setTimeout(() => void release(), 300);
     await waiting;
-    expect(events[0]).toEqual({ phase: "waiting-for-lock" });
+    expect(events[0]).toMatchObject({ phase: "waiting-for-lock", what: expect.stringContaining(manifestDigest), holder: { pid: process.pid, lock: `${entry}.lock` } });
     expect(events.at(-1)?.phase).toBe("done");
   });
 
