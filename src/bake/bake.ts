@@ -90,6 +90,10 @@ export async function ensureBaked(req: BakeRequest): Promise<BakeResult> {
           const holder = holderInfo(w);
           progress({ phase: "bake-waiting-for-lock", snapshot: req.dir, ...(holder ? { holder } : {}) });
         },
+        onDamaged: (reason, quarantine) => {
+          log("snapshot %s was damaged (%s): quarantined at %s, rebaking", req.dir, reason, quarantine);
+          progress({ phase: "bake-damaged", snapshot: req.dir, reason, quarantine });
+        },
         ...(req.signal ? { signal: req.signal } : {}),
         ...(req.force ? { force: true } : {}),
       },

@@ -17,6 +17,7 @@ import { logger } from "../log.js";
 import { homePaths } from "../paths.js";
 import { IMAGE_NAME } from "../spec/config.js";
 import { publish } from "../store/publish.js";
+import { ramSumsFrom } from "../store/ram-sums.js";
 import { loadSnapshot, publishSnapshot, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotMeta } from "../store/snapshots.js";
 import { openCache, type CacheBackend } from "./backend.js";
 import { CacheError } from "./errors.js";
@@ -192,7 +193,9 @@ class ImportSession {
     const rootfs = await this.rootfs(config, parts, rootfsIndex, tmp, dir, what, c);
     await writeFile(join(tmp, SNAPSHOT_FILES.log), `imported from ${this.backend.location} (manifest annotated ${manifest.annotations[ANNOTATIONS.created] ?? "?"}); key ${id.key}\n`);
     const { version: _v, files: _f, ...rest } = config;
-    const meta = await sealSnapshot(tmp, { ...rest, image: { ...config.image, rootfs: rootfs.path, rootfsSize: rootfs.size } }, what);
+    // Every RAM chunk was checked against its index's sha256 as it was written: the index gives
+    // the snapshot's RAM checksums without reading the file again.
+    const meta = await sealSnapshot(tmp, { ...rest, image: { ...config.image, rootfs: rootfs.path, rootfsSize: rootfs.size } }, what, { ramSums: ramSumsFrom(ramIndex) });
     if (meta.files.ram.size !== config.files.ram.size || meta.files.state.sha256 !== config.files.state.sha256) {
       throw new CacheError("CACHE_SNAPSHOT_INVALID", `${what}: the rebuilt files do not match its metadata`);
     }
