@@ -216,7 +216,7 @@ async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, module: 
       onProgress,
       ...(opts.signal ? { signal: opts.signal } : {}),
     });
-    image = { ref: spec.ref, digest: resolved.manifestDigest, config: resolved.config, rootfs: resolved.rootfsPath, rootfsSize: resolved.sizeBytes };
+    image = { ref: spec.ref, digest: resolved.manifestDigest, config: resolved.config, rootfs: resolved.rootfsPath, rootfsSize: resolved.sizeBytes, ...(resolved.sha256 ? { rootfsSha256: resolved.sha256 } : {}) };
     const defaults = execDefaults(resolved.config, spec.env);
     const argv = spec.cmd ?? [...(resolved.config.entrypoint ?? []), ...(resolved.config.cmd ?? [])];
     workload = argv.length ? { argv, env: defaults.env, cwd: defaults.workingDir ?? "/", user: defaults.user } : null;

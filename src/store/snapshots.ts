@@ -8,11 +8,10 @@
  * changes the snapshot, and the inputs themselves are kept beside it, so that a rebake can say
  * what changed.
  */
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { statSync } from "node:fs";
-import { randomBytes } from "node:crypto";
 import { readdir, readFile, rename, rm, stat } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { EngineError, ImageError } from "../errors.js";
 import type { EngineFingerprint } from "../engine/fingerprint.js";
 import type { ImageConfig } from "../spec/image.js";
@@ -79,7 +78,8 @@ export interface SnapshotMeta {
   hash: string;
   inputs: SnapshotInputs;
   sources?: SnapshotSources;
-  image: { ref: string; digest: string; config: ImageConfig; rootfs: string; rootfsSize: number };
+  /** `rootfsSha256`: the root filesystem's sha256 its image store entry recorded when this was made. */
+  image: { ref: string; digest: string; config: ImageConfig; rootfs: string; rootfsSize: number; rootfsSha256?: string };
   memoryMib: number;
   vcpus: number;
   files: {
@@ -186,9 +186,23 @@ export async function loadSnapshot(dir: string, hash?: string, inputs?: Snapshot
   if (stateBytes.length !== meta.files.state.size || sum !== meta.files.state.sha256) {
     throw damaged(dir, `its device-state file does not match its checksum (sha256 ${sum.slice(0, 12)}…, expected ${meta.files.state.sha256.slice(0, 12)}…)`);
   }
+  // The root filesystem it was made on must be there, the same: the guest's page cache in the
+  // snapshot holds its blocks. One that was rebuilt (even at the same size) makes the snapshot
+  // stale: rebaked when a key is given, refused otherwise.
   const rootfsSize = await stat(meta.image.rootfs).then((s) => s.size, () => -1);
-  if (rootfsSize !== meta.image.rootfsSize) {
-    throw damaged(dir, `the root filesystem it was made on (${meta.image.rootfs}) is ${rootfsSize < 0 ? "gone" : "different"}`);
+  const nowSha = meta.image.rootfsSha256 ? await rootfsDigest(meta.image.rootfs) : undefined;
+  const rootfsChanged =
+    rootfsSize !== meta.image.rootfsSize
+      ? `is ${rootfsSize < 0 ? "gone" : "different"}`
+      : nowSha !== undefined && nowSha !== meta.image.rootfsSha256
+        ? `was rebuilt since (sha256 ${nowSha.slice(0, 12)}…, it was made on ${meta.image.rootfsSha256!.slice(0, 12)}…)`
+        : undefined;
+  if (rootfsChanged) {
+    if (hash !== undefined) {
+      log("snapshot %s: the root filesystem it was made on (%s) %s; rebaking", dir, meta.image.rootfs, rootfsChanged);
+      return undefined;
+    }
+    throw damaged(dir, `the root filesystem it was made on (${meta.image.rootfs}) ${rootfsChanged}`);
   }
   const written = String(ram.mtimeNs) !== meta.files.ram.mtimeNs;
   if (opts.verify === "full" || written) {
@@ -201,6 +215,19 @@ export async function loadSnapshot(dir: string, hash?: string, inputs?: Snapshot
     log("verified the RAM of snapshot %s in %d ms", dir, Math.round(performance.now() - t0));
   }
   return { ...p, meta };
+}
+
+/**
+ * The sha256 the image store's entry records for the root filesystem at `rootfs` (its
+ * `image.json` beside it; see src/image/store.ts), or undefined when it records none.
+ */
+export async function rootfsDigest(rootfs: string): Promise<string | undefined> {
+  try {
+    const m = JSON.parse(await readFile(join(dirname(rootfs), "image.json"), "utf8")) as { sha256?: unknown };
+    return typeof m.sha256 === "string" ? m.sha256 : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 function damaged(dir: string, why: string): ImageError {
