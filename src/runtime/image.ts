@@ -185,7 +185,7 @@ export class Image {
     const quarantined = v.missing ? undefined : await quarantineSnapshot(dir, v.reason);
     const what = `snapshot ${dir} is damaged (${v.reason})${quarantined ? `; moved to ${quarantined}` : ""}`;
     log("%s; rebaking", what);
-    process.emitWarning(`supermachine: ${what}; rebaking it`, { code: "SUPERMACHINE_SNAPSHOT_DAMAGED" });
+    process.emitWarning(`supermachine: ${what}`, { code: "SUPERMACHINE_SNAPSHOT_DAMAGED" });
     let next: LoadedSnapshot;
     try {
       next = await this.rebuild();
