@@ -2,7 +2,7 @@
  * The bake log: what a bake did, step by step, with the warmup's commands and their output.
  * Kept as `bake.log` in the snapshot, or under `<home>/logs` when the bake failed.
  */
-import { mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { homePaths } from "../paths.js";
 
@@ -41,13 +41,14 @@ export class BakeLog {
 
   /** Writes the log for a failed bake under `<home>/logs`; returns its path. */
   keep(name: string): string | undefined {
+    const dir = homePaths().logs;
+    const path = join(dir, `bake-${name}-${new Date().toISOString().replace(/[:.]/g, "-")}.log`);
     try {
-      const dir = homePaths().logs;
       mkdirSync(dir, { recursive: true });
-      const path = join(dir, `bake-${name}-${new Date().toISOString().replace(/[:.]/g, "-")}.log`);
       writeFileSync(path, this.text());
       return path;
     } catch {
+      rmSync(path, { force: true }); // a full disk: no half-written log named in an error
       return undefined;
     }
   }
