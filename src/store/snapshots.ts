@@ -253,7 +253,9 @@ export async function sealSnapshot(dir: string, meta: Omit<SnapshotMeta, "versio
   const stateBytes = await readFile(p.state);
   if (stateBytes.length === 0) throw new EngineError("ENGINE_SNAPSHOT_EMPTY", `snapshot of ${what}: QEMU wrote no device state`);
   const ramSize = statSync(p.ram).size;
+  const t0 = performance.now();
   const sums = opts.ramSums ?? (await computeRamSums(p.ram, ramSize));
+  if (!opts.ramSums) log("RAM checksums of %s: %d chunks in %d ms", what, sums.chunks.size, Math.round(performance.now() - t0));
   if (sums.size !== ramSize) throw new EngineError("ENGINE_SNAPSHOT_INVALID", `snapshot of ${what}: its RAM checksums cover ${sums.size} bytes, the file has ${ramSize}`);
   const encoded = encodeRamSums(sums);
   await writeFileSynced(join(dir, SNAPSHOT_FILES.sums), encoded);
