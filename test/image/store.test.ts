@@ -2,7 +2,7 @@ import { execFileSync } from "node:child_process";
 import { mkdir, readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { resolveImage, type ImageProgress } from "../../src/image/store.js";
+import { checkImageEntry, resolveImage, type ImageProgress } from "../../src/image/store.js";
 import { acquireLock } from "../../src/store/lock.js";
 import { makeTar, removeDir, tempDir, writeLayout } from "./helpers.js";
 
@@ -88,6 +88,31 @@ describe("resolveImage", () => {
     expect(hitEvents).toEqual([{ phase: "cached" }]);
     expect(again).toEqual({ ...image, ref: `oci:${layout}` });
     console.log(`cache hit: ${hitMs.toFixed(2)} ms`);
+  });
+
+  it("a root filesystem written since it was built is found damaged on load: quarantined with its reason, never used, and rebuilt", async () => {
+    const layout = join(work, "img");
+    const { manifestDigest } = await twoLayerLayout(layout, "v1");
+    const image = await resolveImage(`oci:${layout}:v1`, { home });
+    const original = await readFile(image.rootfsPath);
+    // Same size, one byte different, written now (so its mtime is no longer the recorded one).
+    const damaged = Buffer.from(original);
+    damaged[damaged.length >> 1]! ^= 0xff;
+    await writeFile(image.rootfsPath, damaged);
+    const entry = join(home, "images", manifestDigest.slice(7));
+    expect(await checkImageEntry(entry)).toMatchObject({ status: "damaged", reason: expect.stringContaining("(the file was modified after it was built)") });
+
+    const events: ImageProgress[] = [];
+    const again = await resolveImage(`oci:${layout}:v1`, { home, onProgress: (p) => events.push(p) });
+    expect(events.map((e) => e.phase)).toContain("squashfs"); // rebuilt, not trusted
+    expect((await readFile(again.rootfsPath)).equals(original)).toBe(true);
+    const qdir = join(home, "images", ".quarantine");
+    const [moved, ...more] = await readdir(qdir);
+    expect(more).toEqual([]);
+    expect((await readFile(join(qdir, moved!, "rootfs.sqfs"))).equals(damaged)).toBe(true);
+    const note = JSON.parse(await readFile(join(qdir, moved!, "QUARANTINED.json"), "utf8")) as { from: string; reason: string };
+    expect(note).toMatchObject({ from: entry, reason: expect.stringContaining("does not match its sha256") });
+    expect(await checkImageEntry(entry, { full: true })).toMatchObject({ status: "ok", checked: true });
   });
 
   it("shares one build between concurrent callers and cleans leftover temp dirs", async () => {
