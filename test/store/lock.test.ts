@@ -182,6 +182,15 @@ describe("store locks", () => {
     expect(lines.length).toBe(2 * (4 * 5 + 2 * 3));
     expect(racers.filter((c) => c.exitCode === 0)).toHaveLength(4);
     expect(elapsed).toBeLessThan(20_000);
-    expect((await readdir(root)).sort()).toEqual(["log"]);
+    // A racer killed holding the lock may have been the last to hold it: then its lock is left
+    // (no .break file, though), and the next process takes it over at once.
+    const left = (await readdir(root)).sort();
+    expect(["log", "e.lock,log"]).toContain(left.join(","));
+    if (left.includes("e.lock")) {
+      const holder = (JSON.parse(readFileSync(lockPath, "utf8")) as { pid: number }).pid;
+      expect(racers.filter((c) => c.signalCode === "SIGKILL").map((c) => c.pid)).toContain(holder);
+    }
+    expect(await timeToAcquire(lockPath)).toBeLessThan(1_000);
+    expect(await readdir(root)).toEqual(["log"]);
   });
 });
