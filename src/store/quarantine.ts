@@ -97,7 +97,8 @@ export async function pruneQuarantine(qdir: string, now = Date.now()): Promise<n
   const entries = await listQuarantine(qdir);
   let removed = 0;
   for (const [i, e] of entries.entries()) {
-    const at = e.note ? Date.parse(e.note.at) : NaN;
+    // When it was quarantined: its note says; without one (lost), its own mtime.
+    const at = e.note ? Date.parse(e.note.at) : ((await stat(e.path).catch(() => undefined))?.mtimeMs ?? NaN);
     if (i < QUARANTINE_KEEP && !(now - at > QUARANTINE_TTL_MS)) continue;
     await rm(e.path, { recursive: true, force: true });
     await rm(`${e.path}.${NOTE}`, { force: true });
