@@ -1,5 +1,5 @@
 import { execFileSync } from "node:child_process";
-import { mkdir, readdir, readFile, writeFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { checkImageEntry, resolveImage, type ImageProgress } from "../../src/image/store.js";
@@ -98,7 +98,11 @@ describe("resolveImage", () => {
     // Same size, one byte different, written now (so its mtime is no longer the recorded one).
     const damaged = Buffer.from(original);
     damaged[damaged.length >> 1]! ^= 0xff;
+    const built = (await stat(image.rootfsPath, { bigint: true })).mtimeNs;
+    // Later than the build by more than the file system's timestamp granularity (a few ms).
+    await new Promise((r) => setTimeout(r, 50));
     await writeFile(image.rootfsPath, damaged);
+    expect((await stat(image.rootfsPath, { bigint: true })).mtimeNs).not.toBe(built);
     const entry = join(home, "images", manifestDigest.slice(7));
     expect(await checkImageEntry(entry)).toMatchObject({ status: "damaged", reason: expect.stringContaining("(the file was modified after it was built)") });
 
