@@ -6,7 +6,7 @@
  * `LOG_RETENTION.maxAgeMs`, and all but the newest `LOG_RETENTION.maxFiles`.
  */
 import { randomBytes } from "node:crypto";
-import { closeSync, fstatSync, mkdirSync, openSync, readdirSync, readSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { closeSync, fstatSync, mkdirSync, openSync, readdirSync, readSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { logger } from "./log.js";
 import { homePaths } from "./paths.js";
@@ -45,6 +45,9 @@ export function keepLog(path: string, content: string | { copyFrom: string }): s
     pruneLogs(dir);
     return path;
   } catch (err) {
+    // A full disk may have left part of it: no half-written log stays behind (the path is
+    // fresh, so a file there that this call did not create is only an EEXIST's).
+    if ((err as NodeJS.ErrnoException).code !== "EEXIST") rmSync(path, { force: true });
     log("could not keep log %s: %s", path, (err as Error).message);
     return undefined;
   }

@@ -14,6 +14,8 @@ import { logger } from "../log.js";
 import type { BakeProgress, BakeStep } from "../spec/image.js";
 import type { WarmupVm } from "../spec/options.js";
 import { publishSnapshot, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotInputs, type SnapshotMeta, type SnapshotSources, type WorkloadSpec } from "../store/snapshots.js";
+import { holderInfo } from "../store/lock.js";
+import type { RamSums } from "../store/ram-sums.js";
 import { BakeLog } from "./bake-log.js";
 import { stageExtraFiles, type PlannedFile } from "./extra-files.js";
 import { detachForHandoff, sparseCopy } from "./handoff.js";
@@ -87,7 +89,14 @@ export async function ensureBaked(req: BakeRequest): Promise<BakeResult> {
         return r.meta;
       },
       {
-        onWait: () => progress({ phase: "bake-waiting-for-lock", snapshot: req.dir }),
+        onWait: (w) => {
+          const holder = holderInfo(w);
+          progress({ phase: "bake-waiting-for-lock", snapshot: req.dir, ...(holder ? { holder } : {}) });
+        },
+        onDamaged: (reason, quarantine) => {
+          log("snapshot %s was damaged (%s): quarantined at %s, rebaking", req.dir, reason, quarantine);
+          progress({ phase: "bake-damaged", snapshot: req.dir, reason, quarantine });
+        },
         ...(req.signal ? { signal: req.signal } : {}),
         ...(req.force ? { force: true } : {}),
       },
@@ -139,6 +148,7 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: Snapshot
   });
   bakeLog.line(`booted in ${vm.bootMs.toFixed(0)} ms (accel ${vm.accel}, agent ${vm.hello.agentVersion}, QEMU pid ${vm.pid})`);
   let handoff: MicroVm | undefined;
+  let ramSums: RamSums | undefined;
   try {
     if (vm.accel !== req.inputs.engine.accel) throw new AccelMismatch(vm.accel);
     req.signal?.throwIfAborted();
@@ -170,7 +180,9 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: Snapshot
     bakeLog.line(`captured in ${durationMs.toFixed(0)} ms`);
     if (req.handoff !== false) {
       step("handoff");
-      handoff = await detachForHandoff(vm, join(tmp, SNAPSHOT_FILES.ram));
+      const detached = await detachForHandoff(vm, join(tmp, SNAPSHOT_FILES.ram));
+      handoff = detached?.vm;
+      ramSums = detached?.sums;
       bakeLog.line(handoff ? "the baked VM goes on running for the first pool" : "no warm handoff");
     }
   } catch (err) {
@@ -205,6 +217,7 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: Snapshot
         buildEnv: req.buildEnv,
       },
       req.image.ref,
+      ramSums ? { ramSums } : {},
     );
     log("baked %s in %d ms", req.image.ref, meta.bakeMs);
     return { meta, handoff };

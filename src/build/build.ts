@@ -19,7 +19,7 @@ import { resolveImage } from "../image/store.js";
 import { logger } from "../log.js";
 import { homePaths } from "../paths.js";
 import type { BuildProgress } from "../spec/image.js";
-import { loadSnapshot, type LoadedSnapshot, type SnapshotInputs, type SnapshotMeta, type SnapshotSources, type WorkloadSpec } from "../store/snapshots.js";
+import { damageReason, isDamaged, loadSnapshot, quarantineSnapshot, type LoadedSnapshot, type SnapshotInputs, type SnapshotMeta, type SnapshotSources, type WorkloadSpec } from "../store/snapshots.js";
 
 const log = logger("build");
 
@@ -53,6 +53,8 @@ export interface BuiltNode {
   snapshot?: LoadedSnapshot;
   /** The baked VM, still running, for the image's first pool (warm handoff). */
   handoff?: MicroVm;
+  /** Its snapshot was found damaged (why, and where it was moved), then rebaked or (frozen) not. */
+  damaged?: { reason: string; quarantine: string | undefined };
   error?: Error;
 }
 
@@ -159,8 +161,12 @@ export async function buildGraph(graph: ImageGraph, opts: BuildOptions = {}): Pr
   if (opts.frozen) {
     const missing = [...ordered.values()].filter((n) => n.status === "would-bake");
     if (missing.length) {
-      throw new BuildError("BUILD_FROZEN_MISSING", `frozen build: ${missing.length} image${missing.length > 1 ? "s are" : " is"} not baked: ${missing.map((n) => `${n.name} (key ${n.key.slice(0, 16)})`).join(", ")}`, {
-        hint: "bake them (supermachine build), or import them from a cache, before a frozen build",
+      const damaged = missing.filter((n) => n.damaged);
+      const what = (n: BuiltNode) => `${n.name} (key ${n.key.slice(0, 16)}${n.damaged ? `; its snapshot was damaged: ${n.damaged.reason}${n.damaged.quarantine ? `, and was moved to ${n.damaged.quarantine}` : ""}` : ""})`;
+      throw new BuildError(damaged.length ? "BUILD_FROZEN_DAMAGED" : "BUILD_FROZEN_MISSING", `frozen build: ${missing.length} image${missing.length > 1 ? "s are" : " is"} not baked: ${missing.map(what).join(", ")}`, {
+        hint: damaged.length
+          ? "a frozen build does not rebake a damaged snapshot: bake it again (supermachine build) or import it from a cache"
+          : "bake them (supermachine build), or import them from a cache, before a frozen build",
       });
     }
   }
@@ -210,7 +216,7 @@ async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, module: 
       onProgress,
       ...(opts.signal ? { signal: opts.signal } : {}),
     });
-    image = { ref: spec.ref, digest: resolved.manifestDigest, config: resolved.config, rootfs: resolved.rootfsPath, rootfsSize: resolved.sizeBytes };
+    image = { ref: spec.ref, digest: resolved.manifestDigest, config: resolved.config, rootfs: resolved.rootfsPath, rootfsSize: resolved.sizeBytes, ...(resolved.sha256 ? { rootfsSha256: resolved.sha256 } : {}) };
     const defaults = execDefaults(resolved.config, spec.env);
     const argv = spec.cmd ?? [...(resolved.config.entrypoint ?? []), ...(resolved.config.cmd ?? [])];
     workload = argv.length ? { argv, env: defaults.env, cwd: defaults.workingDir ?? "/", user: defaults.user } : null;
@@ -243,14 +249,25 @@ async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, module: 
     const key = keyOf(inputs);
     const dir = join(opts.snapshotsDir, dirName(spec, key));
     const base = { name: spec.name, key, parent: spec.parent, ms: 0, dir, inputs, sources, image, workload };
+    let damaged: BuiltNode["damaged"];
     if (!opts.force && (opts.dryRun || opts.frozen || opts.fetch)) {
-      const cached = await loadSnapshot(dir, key).catch(() => undefined);
+      const cached = await loadSnapshot(dir, key).catch(async (err: unknown) => {
+        if (!isDamaged(err)) return undefined;
+        log("%s: %s", spec.name, err.message);
+        if (opts.dryRun) return undefined; // a dry run changes nothing
+        const reason = damageReason(err);
+        // Never used again, kept for inspection; then fetched from the cache or (not frozen) rebaked.
+        const quarantine = await quarantineSnapshot(dir, reason);
+        damaged = { reason, quarantine };
+        onProgress({ phase: "bake-damaged", snapshot: dir, reason, quarantine });
+        return undefined;
+      });
       if (cached) return { ...base, status: "cached", snapshot: cached };
       if (opts.fetch && !opts.dryRun && (await opts.fetch({ name: spec.name, key, dir, inputs, sources }))) {
         const imported = await loadSnapshot(dir, key);
         if (imported) return { ...base, status: "imported", snapshot: imported };
       }
-      if (opts.dryRun || opts.frozen) return { ...base, status: "would-bake" };
+      if (opts.dryRun || opts.frozen) return { ...base, status: "would-bake", ...(damaged ? { damaged } : {}) };
     }
     if (opts.dryRun) return { ...base, status: "would-bake" };
     if (spec.parent !== null && !parentSnapshot) {
@@ -278,7 +295,7 @@ async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, module: 
         onProgress,
         signal: opts.signal,
       });
-      return { ...base, status: r.baked ? "baked" : "cached", snapshot: r.snapshot, ...(r.handoff ? { handoff: r.handoff } : {}) };
+      return { ...base, status: r.baked ? "baked" : "cached", snapshot: r.snapshot, ...(r.handoff ? { handoff: r.handoff } : {}), ...(damaged ? { damaged } : {}) };
     } catch (err) {
       if (err instanceof AccelMismatch && attempt === 0) {
         log("%s: the bake VM ran under %s, not %s: keying the snapshot by the accelerator used", spec.name, err.actual, inputs.engine.accel);

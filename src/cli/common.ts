@@ -3,7 +3,8 @@
  * Command modules never call process.exit: an action returns its status and main.ts exits.
  */
 import { InvalidArgumentError, type Command } from "commander";
-import type { BuildProgress } from "../spec/image.js";
+import { hostname } from "node:os";
+import type { BuildProgress, LockHolder } from "../spec/image.js";
 import { isGuestPath } from "../spec/options.js";
 
 /** A command line that cannot be acted on; main.ts prints it on stderr and exits with status 2. */
@@ -99,11 +100,24 @@ export function progressPrinter(json: boolean): (p: BuildProgress) => void {
       else if (p.step === "extra-files") process.stderr.write("baking: staging extraFiles\n");
       else if (p.step === "listener") process.stderr.write("baking: waiting for the workload to listen\n");
     } else if (p.phase === "bake-waiting-for-lock") {
-      process.stderr.write("waiting for another process baking the same snapshot\n");
+      process.stderr.write(`${describeWait(`snapshot ${p.snapshot}`, p.holder)}\n`);
+    } else if (p.phase === "waiting-for-lock") {
+      process.stderr.write(`${describeWait(p.what, p.holder)}\n`);
+    } else if (p.phase === "bake-damaged") {
+      process.stderr.write(`snapshot ${p.snapshot} is damaged (${p.reason})${p.quarantine ? `: moved to ${p.quarantine}` : ""}; rebaking\n`);
     } else if (p.phase === "bake-done") {
       process.stderr.write(`snapshot baked in ${(p.durationMs / 1000).toFixed(1)} s\n`);
     }
   };
+}
+
+/** "waiting for <what>, held by pid N since 12:03:04 (5 s ago)". */
+export function describeWait(what: string, holder: LockHolder | undefined): string {
+  if (!holder) return `waiting for ${what} (locked by another process)`;
+  const t = Date.parse(holder.since);
+  const since = Number.isNaN(t) ? holder.since : `${new Date(t).toLocaleTimeString()} (${Math.max(0, Math.round((Date.now() - t) / 1000))} s ago)`;
+  const host = holder.host && holder.host !== hostname() ? ` on ${holder.host}` : "";
+  return `waiting for ${what}, held by pid ${holder.pid}${host} since ${since}`;
 }
 
 /** `pullPolicy` values, as the options accept them. */

@@ -16,6 +16,7 @@ import { registerInitCommand } from "./init.js";
 import { registerProjectCommands } from "./project.js";
 import { registerWatchCommand } from "./watch.js";
 import { registerRunCommand } from "./run.js";
+import { registerVerifyCommand } from "./verify.js";
 
 const FOOTER = `
 References: alpine:3.20, ghcr.io/owner/image@sha256:..., oci:<dir>[:<tag>],
@@ -45,6 +46,7 @@ export function createProgram(): Command {
   registerWatchCommand(program);
   registerInitCommand(program);
   registerCacheCommands(program);
+  registerVerifyCommand(program);
   return program;
 }
 

@@ -5,6 +5,7 @@
 import { logUpdateStderr } from "log-update";
 import type { BuildEvent, BuiltNode } from "../build/build.js";
 import type { BuildProgress } from "../spec/image.js";
+import { describeWait } from "./common.js";
 
 interface Row {
   name: string;
@@ -30,8 +31,11 @@ function describe(p: BuildProgress): string | undefined {
     case "squashfs":
       return "building the root filesystem";
     case "waiting-for-lock":
+      return describeWait(p.what, p.holder);
     case "bake-waiting-for-lock":
-      return "waiting for another process";
+      return describeWait("its snapshot", p.holder);
+    case "bake-damaged":
+      return `damaged snapshot (${p.reason}) quarantined; rebaking`;
     case "bake":
       return { boot: "booting", "extra-files": "staging extraFiles", warmup: "running the warmup", listener: "waiting for the listener", capture: "capturing", handoff: "capturing" }[p.step];
     default:

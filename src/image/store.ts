@@ -4,7 +4,9 @@
  * present entry is complete; builders of one digest take turns under its lock, and temp
  * directories left by a crash are removed by the next builder (store/publish.ts).
  */
-import { readFile, stat } from "node:fs/promises";
+import { createHash } from "node:crypto";
+import { createReadStream } from "node:fs";
+import { readFile, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { ImageError } from "../errors.js";
 import { logger } from "../log.js";
@@ -19,7 +21,9 @@ import { locateLayout, parseImageRef, type ImageRef } from "./reference.js";
 import { readRef, writeRef, type RefRecord } from "./refs.js";
 import { buildSquashfs } from "./squashfs.js";
 import { writeFileSynced } from "../store/durable.js";
+import { holderInfo } from "../store/lock.js";
 import { publish } from "../store/publish.js";
+import { quarantine } from "../store/quarantine.js";
 
 const log = logger("image");
 
@@ -35,6 +39,8 @@ export interface ResolvedImage {
   /** The squashfs root filesystem. */
   rootfsPath: string;
   sizeBytes: number;
+  /** sha256 of the root filesystem's bytes, when its entry records it (entries made before it did not). */
+  sha256?: string;
 }
 
 import type { ImageProgress } from "../spec/image.js";
@@ -63,13 +69,17 @@ interface Located {
   select: () => Promise<SelectedManifest>;
 }
 
-interface ImageMetadata {
+export interface ImageMetadata {
   version: number;
   ref: string;
   manifestDigest: string;
   config: ImageConfig;
   sizeBytes: number;
   created: string;
+  /** sha256 of rootfs.sqfs (checked by `supermachine verify`, and on load when its mtime changed). */
+  sha256?: string;
+  /** rootfs.sqfs's mtime when it was written: another one means it was written since. */
+  rootfsMtimeNs?: string;
 }
 
 /**
@@ -85,18 +95,32 @@ export async function resolveImage(ref: string, opts: ResolveImageOptions = {}):
   const entryDir = join(images, hex);
 
   let started = 0;
+  let damage: string | undefined;
   const { value: image, created } = await publish<ResolvedImage>({
     target: entryDir,
     kind: "dir",
     what: `image ${JSON.stringify(ref)} (${digest})`,
-    check: () => readCacheEntry(entryDir, digest, ref),
+    check: async () => {
+      const entry = await readCacheEntry(entryDir, digest, ref);
+      if (typeof entry !== "string") return entry;
+      damage = entry;
+      return undefined;
+    },
+    // A damaged root filesystem is kept for inspection, never used again.
+    moveAside: async (target) => {
+      if (damage !== undefined) await quarantine(target, damage);
+      else await rm(target, { recursive: true, force: true });
+    },
     write: (tmpDir) => {
       started = performance.now();
       return buildInto(tmpDir, ref, located, opts);
     },
     tmpPrefix: `.tmp-${hex}-`, // the names earlier versions used, so their leftovers are removed too
     synced: true,
-    onWait: () => opts.onProgress?.({ phase: "waiting-for-lock" }),
+    onWait: (w) => {
+      const holder = holderInfo(w);
+      opts.onProgress?.({ phase: "waiting-for-lock", what: w.what, ...(holder ? { holder } : {}) });
+    },
     ...(opts.signal ? { signal: opts.signal } : {}),
   });
   if (!created) {
@@ -118,6 +142,7 @@ async function buildInto(tmpDir: string, ref: string, located: Located, opts: Re
   const plan = await planFlatten(image.layers, { ref, onLayer, ...opts.flatten });
   opts.onProgress?.({ phase: "squashfs" });
   const sqfs = await buildSquashfs(streamFlattened(plan, { ref, onLayer, ...opts.flatten }), join(tmpDir, ROOTFS_FILE), plan.root ? { root: plan.root } : {});
+  const fact = await rootfsFacts(sqfs.path);
   const meta: ImageMetadata = {
     version: METADATA_VERSION,
     ref,
@@ -125,9 +150,17 @@ async function buildInto(tmpDir: string, ref: string, located: Located, opts: Re
     config: image.config,
     sizeBytes: sqfs.sizeBytes,
     created: new Date().toISOString(),
+    ...fact,
   };
   await writeFileSynced(join(tmpDir, METADATA_FILE), JSON.stringify(meta, null, 2) + "\n");
-  return { ref, manifestDigest: selected.digest, config: image.config, rootfsPath: sqfs.path, sizeBytes: sqfs.sizeBytes };
+  return { ref, manifestDigest: selected.digest, config: image.config, rootfsPath: sqfs.path, sizeBytes: sqfs.sizeBytes, sha256: fact.sha256 };
+}
+
+/** What an image entry records of its root filesystem: its sha256 and mtime (read once, from the page cache). */
+export async function rootfsFacts(path: string): Promise<{ sha256: string; rootfsMtimeNs: string }> {
+  const hash = createHash("sha256");
+  for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 })) hash.update(chunk as Buffer);
+  return { sha256: hash.digest("hex"), rootfsMtimeNs: String((await stat(path, { bigint: true })).mtimeNs) };
 }
 
 /** Finds the manifest `parsed` names: in a layout, the local refs, a registry or an archive. */
@@ -207,23 +240,58 @@ async function locateArchive(file: string, name: string | undefined, ref: string
   return fromStore(store, imported.manifestDigest, ref);
 }
 
-/** Returns the cached image if its metadata is readable and its rootfs has the recorded size. */
-async function readCacheEntry(entryDir: string, digest: string, ref: string): Promise<ResolvedImage | undefined> {
+/**
+ * Returns the cached image if its metadata is readable and its rootfs has the recorded size (and,
+ * when the rootfs was written since it was built, still the recorded sha256); undefined when
+ * there is none or it is incomplete; a string saying why when its root filesystem is damaged.
+ */
+async function readCacheEntry(entryDir: string, digest: string, ref: string): Promise<ResolvedImage | string | undefined> {
+  const v = await checkImageEntry(entryDir, { digest });
+  if (v.status === "damaged") {
+    log("cache entry %s is damaged (%s); rebuilding", entryDir, v.reason);
+    return v.reason;
+  }
+  if (v.status !== "ok") {
+    if (v.status === "invalid") log("cache entry %s is invalid (%s); rebuilding", entryDir, v.reason);
+    return undefined;
+  }
+  const meta = v.meta;
+  return { ref, manifestDigest: digest, config: meta.config, rootfsPath: join(entryDir, ROOTFS_FILE), sizeBytes: meta.sizeBytes, ...(meta.sha256 ? { sha256: meta.sha256 } : {}) };
+}
+
+export type ImageEntryCheck =
+  | { status: "ok"; meta: ImageMetadata; checked: boolean }
+  | { status: "missing" }
+  | { status: "invalid"; reason: string }
+  | { status: "damaged"; reason: string };
+
+/**
+ * Checks an image store entry: `ok` (`checked`: its rootfs was hashed and matched), `missing`,
+ * `invalid` (incomplete, another format or another digest: rebuilt without fuss), or `damaged`
+ * (its root filesystem's bytes differ from the sha256 it recorded). The rootfs is hashed when
+ * `full`, or when its mtime differs from the one recorded (it was written since).
+ */
+export async function checkImageEntry(entryDir: string, opts: { digest?: string; full?: boolean } = {}): Promise<ImageEntryCheck> {
   let meta: ImageMetadata;
   try {
     meta = JSON.parse(await readFile(join(entryDir, METADATA_FILE), "utf8")) as ImageMetadata;
-  } catch {
-    return undefined;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return { status: "missing" };
+    return { status: "invalid", reason: `its ${METADATA_FILE} cannot be read: ${(err as Error).message}` };
   }
   const rootfsPath = join(entryDir, ROOTFS_FILE);
-  try {
-    const st = await stat(rootfsPath);
-    if (meta.version !== METADATA_VERSION || meta.manifestDigest !== digest || !st.isFile() || st.size !== meta.sizeBytes) {
-      log("cache entry %s is invalid; rebuilding", entryDir);
-      return undefined;
+  const st = await stat(rootfsPath, { bigint: true }).catch(() => undefined);
+  if (!meta || meta.version !== METADATA_VERSION) return { status: "invalid", reason: `its metadata has format version ${String(meta?.version)}` };
+  if (opts.digest !== undefined && meta.manifestDigest !== opts.digest) return { status: "invalid", reason: `it records image ${meta.manifestDigest}` };
+  if (!st?.isFile()) return { status: "invalid", reason: `its ${ROOTFS_FILE} is missing` };
+  if (Number(st.size) !== meta.sizeBytes) return { status: "damaged", reason: `its ${ROOTFS_FILE} is ${st.size} bytes, expected ${meta.sizeBytes}` };
+  const written = meta.rootfsMtimeNs !== undefined && String(st.mtimeNs) !== meta.rootfsMtimeNs;
+  if (meta.sha256 && (opts.full || written)) {
+    const now = await rootfsFacts(rootfsPath);
+    if (now.sha256 !== meta.sha256) {
+      return { status: "damaged", reason: `its ${ROOTFS_FILE} does not match its sha256 (${now.sha256.slice(0, 12)}…, expected ${meta.sha256.slice(0, 12)}…)${written ? " (the file was modified after it was built)" : ""}` };
     }
-  } catch {
-    return undefined;
+    return { status: "ok", meta, checked: true };
   }
-  return { ref, manifestDigest: digest, config: meta.config, rootfsPath, sizeBytes: meta.sizeBytes };
+  return { status: "ok", meta, checked: false };
 }

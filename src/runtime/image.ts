@@ -9,28 +9,35 @@ import { buildGraph } from "../build/build.js";
 import { buildImageGraph } from "../graph/graph.js";
 import { chooseAccel, type AccelChoice } from "../engine/accel.js";
 import type { MicroVm, VmSpec } from "../engine/qemu.js";
-import { ImageError, OptionError } from "../errors.js";
+import { BuildError, ImageError, OptionError } from "../errors.js";
 import { execDefaults } from "../guest/env.js";
 import { logger } from "../log.js";
 import type { ImageConfig } from "../spec/image.js";
 import { buildSchema, poolSchema, type BuildOptions, type PoolOptions } from "../spec/options.js";
 import { parseOptions } from "../spec/parse.js";
 import { holdSnapshot } from "../store/leases.js";
-import { loadSnapshot, type LoadedSnapshot } from "../store/snapshots.js";
+import { loadSnapshot, quarantineSnapshot, verifySnapshot, type LoadedSnapshot } from "../store/snapshots.js";
 import { Pool } from "./pool.js";
 
 const log = logger("image");
 /** How long a baked VM waits for a pool to claim it (warm handoff) before it is stopped. */
 const HANDOFF_TTL_MS = 60_000;
 
+/** @internal Bakes the image's snapshot again (after the one there was found damaged and quarantined). */
+export type Rebuild = () => Promise<LoadedSnapshot>;
+
 export class Image {
   /** The VM that was baked, kept running for this image's first pool (warm handoff). */
   private handoff: MicroVm | undefined;
+  /** A recovery in progress (pools of this image share it). */
+  private recovering: Promise<LoadedSnapshot | undefined> | undefined;
 
   /** @internal */
   constructor(
-    private readonly snap: LoadedSnapshot,
+    private snap: LoadedSnapshot,
     handoff?: MicroVm,
+    /** How to bake the snapshot again; without it (fromSnapshot) a damaged snapshot is an error. */
+    private readonly rebuild?: Rebuild,
   ) {
     if (handoff) {
       this.handoff = handoff;
@@ -75,7 +82,18 @@ export class Image {
     const node = nodes.get(name)!;
     if (node.error) throw node.error;
     log("%s: snapshot %s (%s)", b.ref, node.dir, node.status === "baked" ? `baked in ${node.snapshot!.meta.bakeMs} ms` : "cached");
-    return new Image(node.snapshot!, node.handoff);
+    const rebuild: Rebuild = async () => {
+      const again = (await buildGraph(graph, {
+        concurrency: 1,
+        handoff: false,
+        ...(b.snapshotsDir ? { snapshotsDir: resolvePath(b.snapshotsDir) } : {}),
+        dirName: (_spec, key) => b.name ?? `img-${key.slice(0, 16)}`,
+        ...(onProgress ? { onEvent: (e) => e.type === "progress" && onProgress(e.progress) } : {}),
+      })).get(name)!;
+      if (again.error) throw again.error;
+      return again.snapshot!;
+    };
+    return new Image(node.snapshot!, node.handoff, rebuild);
   }
 
   /** Opens a snapshot directory made by `Image.build` (or `vm.snapshot`), after verifying it. */
@@ -125,27 +143,87 @@ export class Image {
   }
 
   /** @internal How a pool makes a VM: a restore of the snapshot, or a cold boot when the shape differs. */
-  vmSpec(memoryMib: number, vcpus: number, timeoutMs: number): VmSpec {
-    const base = { rootfs: this.rootfsPath, memoryMib, vcpus, bootTimeoutMs: timeoutMs };
-    if (memoryMib !== this.memoryMib || vcpus !== this.vcpus) {
+  vmSpec(memoryMib: number, vcpus: number, timeoutMs: number, snap: LoadedSnapshot = this.snap): VmSpec {
+    const base = { rootfs: snap.meta.image.rootfs, memoryMib, vcpus, bootTimeoutMs: timeoutMs };
+    if (memoryMib !== snap.meta.memoryMib || vcpus !== snap.meta.vcpus) {
       // A snapshot holds the guest's RAM size and CPU count: another shape needs a boot.
-      log("pool shape %d MiB/%d vCPU differs from the snapshot (%d/%d): VMs boot cold", memoryMib, vcpus, this.memoryMib, this.vcpus);
+      log("pool shape %d MiB/%d vCPU differs from the snapshot (%d/%d): VMs boot cold", memoryMib, vcpus, snap.meta.memoryMib, snap.meta.vcpus);
       return base;
     }
-    return { ...base, memoryFile: { path: this.snap.ram, shared: false }, incomingState: this.snap.state };
+    return { ...base, memoryFile: { path: snap.ram, shared: false }, incomingState: snap.state };
+  }
+
+  /**
+   * @internal A restore from `from` failed with `err`. Verifies the snapshot (every RAM chunk
+   * against its checksum); when it is damaged, moves it into the quarantine and bakes it again.
+   * Resolves the snapshot to restore from now, or undefined when the snapshot is sound (the
+   * failure has another cause). Throws when it is damaged and cannot be rebaked (fromSnapshot,
+   * a frozen project).
+   */
+  async recover(from: LoadedSnapshot, err: Error): Promise<LoadedSnapshot | undefined> {
+    if (this.snap !== from) return this.snap; // another pool of this image recovered already
+    this.recovering ??= this.recoverOnce(from, err).finally(() => (this.recovering = undefined));
+    return this.recovering;
+  }
+
+  private async recoverOnce(from: LoadedSnapshot, err: Error): Promise<LoadedSnapshot | undefined> {
+    const dir = from.dir;
+    log("restoring %s failed (%s): verifying the snapshot", dir, err.message.split("\n")[0]);
+    const v = await verifySnapshot(dir);
+    if (v.ok) {
+      // Sound. Another process may have replaced it meanwhile: then restore from that one.
+      if (v.snapshot.meta.checksum === from.meta.checksum) return undefined;
+      this.snap = v.snapshot;
+      return v.snapshot;
+    }
+    if (!this.rebuild) {
+      throw new ImageError("SNAPSHOT_DAMAGED", `snapshot ${dir} is damaged: ${v.reason}`, {
+        hint: "it was opened with Image.fromSnapshot, which cannot rebake it: bake it again (Image.build) or restore it from a backup",
+        cause: err,
+      });
+    }
+    const quarantined = v.missing ? undefined : await quarantineSnapshot(dir, v.reason);
+    const what = `snapshot ${dir} is damaged (${v.reason})${quarantined ? `; moved to ${quarantined}` : ""}`;
+    log("%s; rebaking", what);
+    process.emitWarning(`supermachine: ${what}`, { code: "SUPERMACHINE_SNAPSHOT_DAMAGED" });
+    let next: LoadedSnapshot;
+    try {
+      next = await this.rebuild();
+    } catch (e) {
+      if (e instanceof BuildError && e.code === "BUILD_FROZEN_MISSING") {
+        throw new BuildError("BUILD_FROZEN_DAMAGED", `${what}; a frozen build does not rebake it`, {
+          hint: "bake it again (supermachine build, or loadPools without frozen), or import it from a cache (cacheFrom)",
+          cause: e,
+        });
+      }
+      throw e;
+    }
+    log("snapshot %s rebaked", next.dir);
+    this.snap = next;
+    return next;
   }
 
   /** Create a pool and make its first `min` VMs ready. */
   async pool(options: PoolOptions = {}): Promise<Pool> {
     const o = parseOptions("image.pool", poolSchema, options);
-    const spec = this.vmSpec(o.memoryMib ?? this.memoryMib, o.vcpus ?? this.vcpus, o.restoreTimeoutMs);
+    const memoryMib = o.memoryMib ?? this.memoryMib;
+    const vcpus = o.vcpus ?? this.vcpus;
+    const spec = this.vmSpec(memoryMib, vcpus, o.restoreTimeoutMs);
     // The workload runs in every VM: captured running (listenerRequired) or started after each
     // restore or boot.
     const restored = spec.incomingState !== undefined;
     const workload = this.snap.meta.workload && !(restored && this.snap.meta.workloadRunning) ? this.snap.meta.workload : undefined;
     // While the pool restores from the snapshot, gc and watch mode leave it alone.
     const lease = restored ? holdSnapshot(this.snap.dir) : () => {};
-    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.buildEnv ?? this.snap.meta.inputs.env), o, workload ?? undefined, this.snap.meta, lease);
+    // A restore that fails: the image verifies its snapshot and, if damaged, bakes it again.
+    let used = this.snap;
+    const recover = async (_failed: VmSpec, err: Error) => {
+      const next = await this.recover(used, err);
+      if (!next) return undefined;
+      used = next;
+      return { spec: this.vmSpec(memoryMib, vcpus, o.restoreTimeoutMs, next), origin: next.meta };
+    };
+    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.buildEnv ?? this.snap.meta.inputs.env), o, workload ?? undefined, this.snap.meta, lease, restored ? recover : undefined);
     // The baked VM has the snapshot's shape; a pool of another shape cannot use it.
     const handoff = spec.incomingState !== undefined ? this.takeHandoff() : undefined;
     await pool.warm(handoff);

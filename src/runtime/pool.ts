@@ -60,17 +60,25 @@ export class Pool {
   private lastBootError: Error | undefined;
   private idleTimer: NodeJS.Timeout | undefined;
 
+  /** A recovery from a failed restore in progress (see `recover`). */
+  private healing: Promise<boolean> | undefined;
+
   /** @internal */
   constructor(
-    private readonly spec: VmSpec,
+    private spec: VmSpec,
     private readonly defaults: ExecDefaults,
     private readonly opts: ResolvedPool,
     /** Started in every new VM, when the snapshot does not already run it. */
     private readonly workload?: WorkloadSpec,
     /** The snapshot VMs come from (for vm.snapshot). */
-    private readonly origin?: SnapshotMeta,
+    private origin?: SnapshotMeta,
     /** Gives back the pool's lease on its snapshot (store/leases.ts), at shutdown. */
     private readonly releaseLease: () => void = () => {},
+    /**
+     * A restore failed: verifies the snapshot and, if it is damaged, has it quarantined and
+     * rebaked. Resolves how to make VMs now, undefined when the snapshot is sound.
+     */
+    private readonly recover?: (failed: VmSpec, err: Error) => Promise<{ spec: VmSpec; origin: SnapshotMeta } | undefined>,
   ) {
     if (opts.idleTimeoutMs !== undefined) {
       this.idleTimer = setInterval(() => this.evictIdle(), Math.max(50, Math.min(opts.idleTimeoutMs / 2, 5_000)));
@@ -245,11 +253,19 @@ export class Pool {
     if (this.closed || this.retiring || this.spec.incomingState === undefined) return;
     while (this.spares.length + this.preparing < SPARES) {
       this.preparing++;
-      this.prepareSpare().then(
+      const spec = this.spec;
+      this.prepareSpare(spec).then(
         (m) => {
           if (this.closed) {
             // shutdown() waits on `preparing`: count this one until it is gone.
             void m.kill().finally(() => this.preparing--);
+            return;
+          }
+          if (this.spec !== spec) {
+            // Restored from a snapshot the pool no longer uses (found damaged meanwhile).
+            this.preparing--;
+            void m.kill();
+            this.refillSpares();
             return;
           }
           this.preparing--;
@@ -269,23 +285,63 @@ export class Pool {
     }
   }
 
-  private async prepareSpare(): Promise<MicroVm> {
-    const pending = await MicroVm.prestart(this.spec);
+  private async prepareSpare(spec: VmSpec): Promise<MicroVm> {
+    const pending = await MicroVm.prestart(spec);
     const m = await pending.start();
     await m.agent.spawnBench(WARMUP_ARGV, 1).catch((e: Error) => log("warm-up of VM %d: %s", m.pid, e.message));
     await this.startWorkloadIn(m);
     return m;
   }
 
-  /** A new VM: a spare if one is ready, or a restore (or boot) now. */
+  /**
+   * A new VM: a spare if one is ready, or a restore (or boot) now. A restore that fails has the
+   * snapshot verified: a damaged one is quarantined and rebaked, and the restore tried once more
+   * from the new snapshot.
+   */
   private async launchOne(): Promise<MicroVm> {
     let spare: MicroVm | undefined;
     while ((spare = this.spares.shift()) && !spare.aliveNow) void spare.kill();
     this.refillSpares();
     if (spare) return spare;
-    const m = await MicroVm.launch(this.spec);
+    const spec = this.spec;
+    try {
+      return await this.restore(spec);
+    } catch (err) {
+      if (!(await this.healFrom(spec, err as Error))) throw err;
+      return this.restore(this.spec);
+    }
+  }
+
+  private async restore(spec: VmSpec): Promise<MicroVm> {
+    const m = await MicroVm.launch(spec);
     await this.startWorkloadIn(m);
     return m;
+  }
+
+  /**
+   * After a failed restore from `failed`: true when the pool now restores from another (sound or
+   * rebaked) snapshot, false when the snapshot is sound (the failure was something else).
+   * Concurrent failures share one recovery.
+   */
+  private async healFrom(failed: VmSpec, err: Error): Promise<boolean> {
+    if (!this.recover || failed.incomingState === undefined || this.closed) return false;
+    if (this.spec !== failed) return true; // recovered since this restore started
+    this.healing ??= (async () => {
+      try {
+        const next = await this.recover!(failed, err);
+        if (!next) return false;
+        this.spec = next.spec;
+        this.origin = next.origin;
+        // VMs restored from the damaged snapshot that were not handed out yet go.
+        for (const s of this.spares.splice(0)) void s.kill();
+        for (const e of this.idle.splice(0)) void e.machine.kill();
+        this.refillSpares();
+        return true;
+      } finally {
+        this.healing = undefined;
+      }
+    })();
+    return this.healing;
   }
 
   private async startWorkloadIn(m: MicroVm): Promise<void> {

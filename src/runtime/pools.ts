@@ -14,7 +14,7 @@
  * await pools.close();
  */
 import { rm } from "node:fs/promises";
-import { buildGraph, firstFailure, type BuildEvent, type BuiltNode } from "../build/build.js";
+import { buildGraph, firstFailure, type BuildEvent, type BuildOptions, type BuiltNode } from "../build/build.js";
 import { ProjectWatcher, type WatchEvent } from "../build/watch.js";
 import { loadProject } from "../config/loader.js";
 import { GraphError } from "../errors.js";
@@ -23,7 +23,7 @@ import { logger } from "../log.js";
 import type { PoolDeclaration } from "../spec/project.js";
 import { snapshotInUse } from "../store/leases.js";
 import { fetchFromCache, seedImages } from "../transfer/index.js";
-import { Image } from "./image.js";
+import { Image, type Rebuild } from "./image.js";
 import type { Pool, PoolStats } from "./pool.js";
 import type { Vm } from "./vm.js";
 
@@ -131,17 +131,24 @@ export async function loadPools(options: LoadPoolsOptions = {}): Promise<Pools> 
   const cacheFrom = options.cacheFrom ?? project.cache.from;
   // Root filesystems first: resolving a root image then finds the one its snapshots were made on.
   if (cacheFrom) await seedImages(cacheFrom, graph, wanted);
-  const nodes = await buildGraph(graph, {
-    names: wanted,
+  const buildOpts: BuildOptions = {
     root: project.root,
-    handoff: (name) => wanted.includes(name),
     ...(options.frozen ? { frozen: true } : {}),
     ...(project.snapshotsDir ? { snapshotsDir: project.snapshotsDir } : {}),
     ...((options.concurrency ?? project.concurrency) ? { concurrency: options.concurrency ?? project.concurrency! } : {}),
     ...(options.onEvent ? { onEvent: options.onEvent } : {}),
     ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom) } : {}),
-  });
-  const pools = await openPools(project.pools, nodes, wanted);
+  };
+  const nodes = await buildGraph(graph, { ...buildOpts, names: wanted, handoff: (name) => wanted.includes(name) });
+  // A pool whose snapshot turns out damaged (a restore fails and its RAM does not match its
+  // checksums) has it quarantined and built again the same way: fetched from the cache, or baked
+  // unless frozen.
+  const rebuild = (name: string) => async () => {
+    const node = (await buildGraph(graph, { ...buildOpts, names: [name], handoff: false })).get(name)!;
+    if (node.error) throw node.error;
+    return node.snapshot!;
+  };
+  const pools = await openPools(project.pools, nodes, wanted, rebuild);
   return withClose(pools, async () => {
     await Promise.all(Object.values(pools).map((p) => p.shutdown()));
   });
@@ -159,10 +166,10 @@ function poolImages(configPath: string, pools: Record<string, PoolDeclaration>, 
 }
 
 /** Pools on the baked nodes (their handoff VMs go to the first pool of their image). */
-async function openPools(decls: Record<string, PoolDeclaration>, nodes: Map<string, BuiltNode>, wanted: string[]): Promise<Record<string, FollowingPool>> {
+async function openPools(decls: Record<string, PoolDeclaration>, nodes: Map<string, BuiltNode>, wanted: string[], rebuild?: (name: string) => Rebuild): Promise<Record<string, FollowingPool>> {
   const images = new Map<string, Image>();
   for (const node of nodes.values()) {
-    if (wanted.includes(node.name) && node.snapshot) images.set(node.name, new Image(node.snapshot, node.handoff));
+    if (wanted.includes(node.name) && node.snapshot) images.set(node.name, new Image(node.snapshot, node.handoff, rebuild?.(node.name)));
     else await node.handoff?.kill(); // an ancestor's baked VM: no pool of it
   }
   const failure = firstFailure(nodes);

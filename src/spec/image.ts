@@ -21,10 +21,20 @@ export type PullProgress =
   | { type: "layer"; digest: string; index: number; count: number; bytes: number; total: number; cached: boolean }
   | { type: "done"; bytes: number };
 
+/** The process that holds a store lock a build waits for (from the lock's owner record). */
+export interface LockHolder {
+  pid: number;
+  host: string;
+  /** ISO time it took the lock. */
+  since: string;
+  /** The lock file. */
+  lock: string;
+}
+
 /** Progress of resolving an image into a root filesystem. */
 export type ImageProgress =
   | { phase: "cached" }
-  | { phase: "waiting-for-lock" }
+  | { phase: "waiting-for-lock"; what: string; holder?: LockHolder }
   | { phase: "pull"; event: PullProgress }
   | { phase: "import"; file: string }
   | { phase: "scan-layer" | "copy-layer"; layer: number; layers: number; digest: string }
@@ -37,7 +47,9 @@ export type BakeStep = "boot" | "extra-files" | "warmup" | "listener" | "capture
 /** Progress of baking a snapshot. */
 export type BakeProgress =
   | { phase: "bake-cached"; snapshot: string }
-  | { phase: "bake-waiting-for-lock"; snapshot: string }
+  | { phase: "bake-waiting-for-lock"; snapshot: string; holder?: LockHolder }
+  /** The snapshot there was damaged: moved to `quarantine` (kept for inspection), then rebaked. */
+  | { phase: "bake-damaged"; snapshot: string; reason: string; quarantine: string | undefined }
   | { phase: "bake"; step: BakeStep; snapshot: string }
   | { phase: "bake-done"; snapshot: string; durationMs: number };
 

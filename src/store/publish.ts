@@ -11,29 +11,26 @@
  * at any point leaves either the old state or the new entry, plus temps (and maybe a lock) that
  * the next publisher of the entry removes (or, for a lock, takes over once it is stale).
  *
- * One lock policy for every store: a proper-lockfile lock (a directory, `<target>.lock` unless
- * told) whose holder refreshes its mtime every 5 s; one not refreshed for 30 s belongs to a dead
- * process and is taken over. Waiting longer than `lockTimeoutMs` fails with STORE_LOCK_TIMEOUT.
+ * One lock policy for every store (store/lock.ts): a lock file (`<target>.lock` unless told)
+ * that records its owner; a lock whose owner is gone (exited, pid reused, host rebooted) is taken
+ * over at once, a live owner is waited for (`onWait` says who). Waiting longer than
+ * `lockTimeoutMs` fails with STORE_LOCK_TIMEOUT.
+ *
+ * A write that fails because the file system is full (ENOSPC, or nearly no space left once it
+ * failed) fails with STORE_NO_SPACE naming the entry and the path, and leaves nothing behind.
  */
 import { randomBytes } from "node:crypto";
-import { lstat, mkdir, readdir, rename, rm } from "node:fs/promises";
+import { lstat, mkdir, readdir, rename, rm, statfs } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
-import lockfile from "proper-lockfile";
-import { StoreError } from "../errors.js";
+import { StoreError, SupermachineError } from "../errors.js";
 import { logger } from "../log.js";
 import { PRIVATE_DIR_MODE, tightenTree } from "../private.js";
 import { fsyncPath, fsyncTree } from "./durable.js";
+import { acquireLock, DEFAULT_LOCK_TIMEOUT_MS, LOCK_STALE_MS, type LockWait } from "./lock.js";
+
+export { DEFAULT_LOCK_TIMEOUT_MS, LOCK_STALE_MS, type LockWait };
 
 const log = logger("store");
-
-/** A lock whose mtime is older than this is stale (its holder died) and is taken over. */
-export const LOCK_STALE_MS = 30_000;
-/** How often a holder refreshes its lock's mtime. */
-const LOCK_UPDATE_MS = 5_000;
-/** Default for `PublishRequest.lockTimeoutMs`. */
-export const DEFAULT_LOCK_TIMEOUT_MS = 10 * 60_000;
-const POLL_MIN_MS = 25;
-const POLL_MAX_MS = 1_000;
 
 export interface PublishRequest<T> {
   /** Final path (file or directory). */
@@ -60,12 +57,17 @@ export interface PublishRequest<T> {
    * file and directory under the temp directory.
    */
   synced?: boolean;
-  /** Called once when the lock is held by another writer and publish starts waiting. */
-  onWait?: () => void;
+  /** Called when the lock is held by another writer and publish starts waiting (again if another process takes it meanwhile). */
+  onWait?: (w: LockWait) => void;
   /** Give up waiting for the lock after this long (default 10 minutes). */
   lockTimeoutMs?: number;
   /** Aborting while waiting for the lock rejects with `signal.reason`; while writing, it is write()'s business. */
   signal?: AbortSignal;
+  /**
+   * Moves a damaged entry found at `target` out of the way (e.g. into a quarantine) instead of
+   * deleting it; called with the lock held, just before the new entry is renamed into place.
+   */
+  moveAside?: (target: string) => Promise<void>;
 }
 
 /**
@@ -82,7 +84,12 @@ export async function publish<T>(req: PublishRequest<T>): Promise<{ value: T; cr
   const prefix = req.tmpPrefix ?? `${basename(req.target)}.tmp-`;
   for (const d of new Set([parent, tmpDir, dirname(lockPath)])) await mkdir(d, { recursive: true, mode: PRIVATE_DIR_MODE });
 
-  const release = await acquireLock(req, lockPath);
+  const lock = await acquireLock(lockPath, {
+    what: req.what,
+    ...(req.lockTimeoutMs !== undefined ? { timeoutMs: req.lockTimeoutMs } : {}),
+    ...(req.onWait ? { onWait: req.onWait } : {}),
+    ...(req.signal ? { signal: req.signal } : {}),
+  });
   try {
     const raced = await req.check();
     if (raced !== undefined) return { value: raced, created: false };
@@ -105,15 +112,48 @@ export async function publish<T>(req: PublishRequest<T>): Promise<{ value: T; cr
         return { value: other, created: false };
       }
     } catch (err) {
+      // Judged before the temp goes: once it is removed the file system has room again.
+      const full = await noSpace(err, tmpDir);
       await rm(tmp, { recursive: true, force: true });
+      if (full) {
+        throw new StoreError("STORE_NO_SPACE", `no space left on the file system of ${tmpDir} while writing ${req.what} (${full})`, {
+          cause: err,
+          hint: "nothing was kept: free some space there (supermachine gc removes unused snapshots and images) or use a larger file system (SUPERMACHINE_HOME, snapshotsDir), then run again",
+        });
+      }
       throw err;
     }
     await fsyncPath(parent);
     log("published %s at %s", req.what, req.target);
     return { value, created: true };
   } finally {
-    await release();
+    await lock.release();
   }
+}
+
+/** Below this much free space, a failed write is taken for a full file system. */
+const NEARLY_FULL_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Whether `err` (or its causes) is a full file system: ENOSPC/EDQUOT anywhere in it, or a failure
+ * (a tool's exit, a VM killed by SIGBUS on its memory file) with almost no space left at `dir`.
+ * Returns what was seen, or undefined.
+ */
+async function noSpace(err: unknown, dir: string): Promise<string | undefined> {
+  for (let e = err, depth = 0; e && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === "ENOSPC" || code === "EDQUOT") return code;
+    if (e instanceof SupermachineError && e.code === "STORE_NO_SPACE") return "ENOSPC";
+    if (/no space left on device/i.test((e as Error).message ?? "")) return "ENOSPC";
+  }
+  try {
+    const fs = await statfs(dir);
+    const free = fs.bavail * fs.bsize;
+    if (free < NEARLY_FULL_BYTES) return `${Math.round(free / 1024)} KiB free`;
+  } catch {
+    /* cannot tell */
+  }
+  return undefined;
 }
 
 /**
@@ -125,7 +165,10 @@ export async function publish<T>(req: PublishRequest<T>): Promise<{ value: T; cr
 async function install<T>(tmp: string, req: PublishRequest<T>, tmpDir: string, prefix: string): Promise<T | undefined> {
   const existing = await lstat(req.target).catch(() => undefined);
   let aside: string | undefined;
-  if (existing && (req.kind === "dir" || existing.isDirectory())) {
+  if (existing && req.moveAside) {
+    log("moving damaged %s at %s aside", req.what, req.target);
+    await req.moveAside(req.target);
+  } else if (existing && (req.kind === "dir" || existing.isDirectory())) {
     aside = join(tmpDir, tempName(prefix)); // a temp name: a crash before the rm below leaves a temp
     log("replacing damaged %s at %s", req.what, req.target);
     await rename(req.target, aside);
@@ -146,50 +189,6 @@ async function install<T>(tmp: string, req: PublishRequest<T>, tmpDir: string, p
   return undefined;
 }
 
-/** Takes the lock, waiting (with `onWait`) while another writer holds it. Returns the release. */
-async function acquireLock(req: PublishRequest<unknown>, lockPath: string): Promise<() => Promise<void>> {
-  const timeoutMs = req.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS;
-  const deadline = Date.now() + timeoutMs;
-  let delay = POLL_MIN_MS;
-  let waiting = false;
-  for (;;) {
-    req.signal?.throwIfAborted();
-    let compromised: Error | undefined;
-    try {
-      const release = await lockfile.lock(req.target, {
-        realpath: false,
-        lockfilePath: lockPath,
-        stale: LOCK_STALE_MS,
-        update: LOCK_UPDATE_MS,
-        // The default throws from a timer; a lost lock is only logged, since the final rename is
-        // atomic and a conflicting entry is re-checked (see install).
-        onCompromised: (err) => {
-          compromised = err;
-          log("lock %s for %s was compromised: %s", lockPath, req.what, err.message);
-        },
-      });
-      if (waiting) log("got lock %s for %s", lockPath, req.what);
-      // After a compromise the lock may be someone else's now: release() knows and leaves it.
-      return () => release().catch((err: unknown) => log("releasing %s%s: %s", lockPath, compromised ? " (compromised)" : "", (err as Error).message));
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "ELOCKED") throw err;
-    }
-    if (!waiting) {
-      waiting = true;
-      log("waiting for another writer of %s (lock %s)", req.what, lockPath);
-      req.onWait?.();
-    }
-    const left = deadline - Date.now();
-    if (left <= 0) {
-      throw new StoreError("STORE_LOCK_TIMEOUT", `timed out after ${formatMs(timeoutMs)} waiting for another process to finish writing ${req.what} (lock ${lockPath})`, {
-        hint: `if no other supermachine process is running, remove ${lockPath}`,
-      });
-    }
-    await sleep(Math.min(delay, left), req.signal);
-    delay = Math.min(delay * 1.5, POLL_MAX_MS);
-  }
-}
-
 /** Removes temps of this entry left by crashed writers; the caller holds the entry's lock. */
 async function removeTemps(tmpDir: string, prefix: string): Promise<void> {
   // Exactly `<prefix><hex>`: the temps of another entry whose name extends ours do not match.
@@ -202,22 +201,3 @@ async function removeTemps(tmpDir: string, prefix: string): Promise<void> {
 }
 
 const tempName = (prefix: string) => `${prefix}${randomBytes(6).toString("hex")}`;
-
-function formatMs(ms: number): string {
-  return ms < 10_000 ? `${ms} ms` : ms < 120_000 ? `${Math.round(ms / 1000)} s` : `${Math.round(ms / 60_000)} min`;
-}
-
-/** Resolves after `ms`; rejects with `signal.reason` if the signal aborts first. */
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(signal!.reason);
-    };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
-    signal?.addEventListener("abort", onAbort, { once: true });
-  });
-}

@@ -20,10 +20,9 @@ import { randomBytes } from "node:crypto";
 import { lstatSync } from "node:fs";
 import { readdir, rename, rm } from "node:fs/promises";
 import { basename, join } from "node:path";
-import lockfile from "proper-lockfile";
 import { logger } from "../log.js";
 import { snapshotInUse } from "./leases.js";
-import { LOCK_STALE_MS } from "./publish.js";
+import { tryAcquire } from "./lock.js";
 import { diskUsage, readSnapshotMeta, type SnapshotMeta } from "./snapshots.js";
 
 const log = logger("gc");
@@ -152,13 +151,8 @@ export async function collectSnapshots(opts: SnapshotGcOptions): Promise<Snapsho
  * checking its lease again once the lock is held.
  */
 async function removeSnapshot(path: string): Promise<"removed" | "in-use" | "being-written"> {
-  let release: () => Promise<void>;
-  try {
-    release = await lockfile.lock(path, { realpath: false, lockfilePath: `${path}.lock`, stale: LOCK_STALE_MS, update: 5_000 });
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ELOCKED") return "being-written";
-    throw err;
-  }
+  const lock = tryAcquire(`${path}.lock`, `snapshot ${path} (gc)`);
+  if (!lock) return "being-written";
   try {
     if (snapshotInUse(path)) return "in-use";
     const aside = join(path, "..", `${basename(path)}.tmp-${randomBytes(6).toString("hex")}`);
@@ -167,6 +161,6 @@ async function removeSnapshot(path: string): Promise<"removed" | "in-use" | "bei
     log("removed snapshot %s", path);
     return "removed";
   } finally {
-    await release().catch((err: unknown) => log("releasing the lock of %s: %s", path, (err as Error).message));
+    await lock.release();
   }
 }

@@ -8,7 +8,8 @@ import { basename, dirname, join } from "node:path";
 import { logger } from "../log.js";
 import { METADATA_FILE } from "../image/store.js";
 import { keyOf } from "../graph/keys.js";
-import { loadSnapshot, stableJson, type LoadedSnapshot } from "../store/snapshots.js";
+import { readRamSums, type RamSums } from "../store/ram-sums.js";
+import { loadSnapshot, SNAPSHOT_FILES, stableJson, type LoadedSnapshot } from "../store/snapshots.js";
 import { openCache, type CacheBackend } from "./backend.js";
 import { CacheError } from "./errors.js";
 import {
@@ -133,16 +134,26 @@ class ExportSession {
     return { mediaType: "", digest, size: data.length };
   }
 
-  /** Chunks `path` into the destination; returns the index and every chunk's compressed size. */
-  private async chunkFile(path: string, size: number, file: ChunkIndex["file"], c: Counters, progress?: (done: number) => void): Promise<{ index: ChunkIndex; chunks: Map<string, number> }> {
+  /**
+   * Chunks `path` into the destination; returns the index and every chunk's compressed size.
+   * With `sums` (a snapshot's RAM checksums, same chunking), every chunk must match them: a
+   * damaged snapshot is refused rather than exported.
+   */
+  private async chunkFile(path: string, size: number, file: ChunkIndex["file"], c: Counters, progress?: (done: number) => void, check?: { sums: RamSums; dir: string }): Promise<{ index: ChunkIndex; chunks: Map<string, number> }> {
     const lanes = new Lanes(this.lanes);
     const entries: ChunkEntry[] = [];
     const chunks = new Map<string, number>();
+    const refuse = (why: string) =>
+      new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${check!.dir} is damaged: its RAM differs from its checksums ${why}; it was not exported`, {
+        hint: "supermachine verify --fix quarantines it; build it again (supermachine build) before exporting",
+      });
     for await (const { offset, data } of fileChunks(path, size)) {
       this.opts.signal?.throwIfAborted();
       const z = compress(data);
       const blob = digestOf(z);
-      entries.push({ offset, blob, size: z.length, sha256: sha256hex(data) });
+      const sha256 = sha256hex(data);
+      if (check && check.sums.chunks.get(offset / CHUNK_SIZE)?.toString("hex") !== sha256) throw refuse(`at offset ${offset}`);
+      entries.push({ offset, blob, size: z.length, sha256 });
       if (!chunks.has(blob)) {
         chunks.set(blob, z.length);
         await lanes.run(async () => void (await this.putCounted(blob, z, c, true)));
@@ -150,6 +161,7 @@ class ExportSession {
       if (entries.length % 256 === 0) progress?.(entries.length);
     }
     await lanes.drain();
+    if (check && entries.length !== check.sums.chunks.size) throw refuse(`(${check.sums.chunks.size - entries.length} chunks read back as zeroes)`);
     return { index: { version: FORMAT_VERSION, file, size, chunkSize: CHUNK_SIZE, compression: "zstd", chunks: entries }, chunks };
   }
 
@@ -198,7 +210,9 @@ class ExportSession {
     const t0 = performance.now();
     const c: Counters = { chunksMoved: 0, bytesMoved: 0 };
     const rootfs = await this.rootfsOf(snap, c);
-    const ram = await this.chunkFile(snap.ram, meta.files.ram.size, "ram", c, (done) => this.opts.onProgress?.({ type: "chunks", name, key, done, moved: c.chunksMoved }));
+    const sums = await readRamSums(join(snap.dir, SNAPSHOT_FILES.sums), meta.files.ram.sums);
+    if (typeof sums === "string") throw new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${snap.dir} is damaged: ${sums}; it was not exported`, { hint: "build it again (supermachine build) before exporting" });
+    const ram = await this.chunkFile(snap.ram, meta.files.ram.size, "ram", c, (done) => this.opts.onProgress?.({ type: "chunks", name, key, done, moved: c.chunksMoved }), sums.chunkSize === CHUNK_SIZE ? { sums, dir: snap.dir } : undefined);
     const state = compress(await readFile(snap.state));
     const stateDesc = await this.putCounted(digestOf(state), state, c, false);
     const ib = encodeChunkIndex(ram.index);

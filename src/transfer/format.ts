@@ -4,17 +4,16 @@
  * indexes (guest RAM, root filesystem), the image's metadata and the content-addressed chunks.
  * Everything read back is untrusted: every parser here bounds what it reads and validates shape.
  */
-import { createHash } from "node:crypto";
 import { createRequire } from "node:module";
-import { open } from "node:fs/promises";
 import { z } from "zod";
 import { Compressor } from "zstd-napi";
 import { isValidDigest } from "../oci/oci-layout.js";
+import { CHUNK_SIZE, fileChunks as storeFileChunks, sha256hex, type RawChunk } from "../store/chunks.js";
 import { META_VERSION, type SnapshotMeta } from "../store/snapshots.js";
 import { CacheError } from "./errors.js";
 
-/** RAM and root filesystem are cut into chunks of this size (measured: see docs/cache-format.md). */
-export const CHUNK_SIZE = 16 * 1024;
+/** RAM and root filesystem are cut into chunks of this size (the store's: snapshots keep RAM checksums per chunk). */
+export { CHUNK_SIZE };
 /** One fixed level: equal chunks compress to equal blobs, so they are stored once. */
 export const ZSTD_LEVEL = 3;
 export const FORMAT_VERSION = 1;
@@ -61,7 +60,7 @@ export const imageTagOf = (digest: string): string => `sm-image-${digest.slice("
 
 export const KEY_RE = /^[0-9a-f]{64}$/;
 
-export const sha256hex = (b: Uint8Array): string => createHash("sha256").update(b).digest("hex");
+export { sha256hex };
 export const digestOf = (b: Uint8Array): string => `sha256:${sha256hex(b)}`;
 
 // ---- zstd ------------------------------------------------------------------------------------
@@ -112,36 +111,11 @@ function frameContentSize(blob: Uint8Array): number | null {
 
 // ---- chunking --------------------------------------------------------------------------------
 
-const ZERO = Buffer.alloc(CHUNK_SIZE);
-const isZero = (b: Buffer) => (b.length === ZERO.length ? b.equals(ZERO) : b.equals(ZERO.subarray(0, b.length)));
-
-export interface RawChunk {
-  offset: number;
-  data: Buffer;
-}
+export type { RawChunk } from "../store/chunks.js";
 
 /** The non-zero chunks of a file, in order (all-zero chunks are holes: not stored). */
-export async function* fileChunks(path: string, size: number): AsyncGenerator<RawChunk> {
-  const fh = await open(path, "r");
-  try {
-    const span = CHUNK_SIZE * 256; // read 4 MiB at a time
-    const buf = Buffer.allocUnsafe(span);
-    for (let base = 0; base < size; base += span) {
-      const want = Math.min(span, size - base);
-      let got = 0;
-      while (got < want) {
-        const { bytesRead } = await fh.read(buf, got, want - got, base + got);
-        if (bytesRead === 0) throw new CacheError("CACHE_SNAPSHOT_INVALID", `${path} ended at ${base + got} bytes, expected ${size}`);
-        got += bytesRead;
-      }
-      for (let o = 0; o < want; o += CHUNK_SIZE) {
-        const piece = buf.subarray(o, Math.min(o + CHUNK_SIZE, want));
-        if (!isZero(piece)) yield { offset: base + o, data: Buffer.from(piece) };
-      }
-    }
-  } finally {
-    await fh.close();
-  }
+export function fileChunks(path: string, size: number): AsyncGenerator<RawChunk> {
+  return storeFileChunks(path, size, { copy: true, short: (got) => new CacheError("CACHE_SNAPSHOT_INVALID", `${path} ended at ${got} bytes, expected ${size}`) });
 }
 
 // ---- chunk index -----------------------------------------------------------------------------

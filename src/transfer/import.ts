@@ -12,12 +12,13 @@ import { basename, join } from "node:path";
 import { chooseAccel } from "../engine/accel.js";
 import { engineFingerprint, type EngineFingerprint } from "../engine/fingerprint.js";
 import { keyOf } from "../graph/keys.js";
-import { METADATA_FILE, ROOTFS_FILE } from "../image/store.js";
+import { METADATA_FILE, ROOTFS_FILE, rootfsFacts } from "../image/store.js";
 import { logger } from "../log.js";
 import { homePaths } from "../paths.js";
 import { IMAGE_NAME } from "../spec/config.js";
 import { publish } from "../store/publish.js";
-import { loadSnapshot, publishSnapshot, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotMeta } from "../store/snapshots.js";
+import { ramSumsFrom } from "../store/ram-sums.js";
+import { loadSnapshot, publishSnapshot, rootfsDigest, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotMeta } from "../store/snapshots.js";
 import { openCache, type CacheBackend } from "./backend.js";
 import { CacheError } from "./errors.js";
 import {
@@ -192,7 +193,12 @@ class ImportSession {
     const rootfs = await this.rootfs(config, parts, rootfsIndex, tmp, dir, what, c);
     await writeFile(join(tmp, SNAPSHOT_FILES.log), `imported from ${this.backend.location} (manifest annotated ${manifest.annotations[ANNOTATIONS.created] ?? "?"}); key ${id.key}\n`);
     const { version: _v, files: _f, ...rest } = config;
-    const meta = await sealSnapshot(tmp, { ...rest, image: { ...config.image, rootfs: rootfs.path, rootfsSize: rootfs.size } }, what);
+    // Every RAM chunk was checked against its index's sha256 as it was written: the index gives
+    // the snapshot's RAM checksums without reading the file again.
+    // The digest of the root filesystem as this machine's image store records it (not the cache's word).
+    const { rootfsSha256: _theirs, ...image } = config.image as SnapshotConfig["image"] & { rootfsSha256?: string };
+    const localSha = await rootfsDigest(rootfs.path);
+    const meta = await sealSnapshot(tmp, { ...rest, image: { ...image, rootfs: rootfs.path, rootfsSize: rootfs.size, ...(localSha ? { rootfsSha256: localSha } : {}) } }, what, { ramSums: ramSumsFrom(ramIndex) });
     if (meta.files.ram.size !== config.files.ram.size || meta.files.state.sha256 !== config.files.state.sha256) {
       throw new CacheError("CACHE_SNAPSHOT_INVALID", `${what}: the rebuilt files do not match its metadata`);
     }
@@ -358,7 +364,8 @@ async function installImage(session: ImportSession, digest: string, parts: Manif
         throw new CacheError("CACHE_CONFIG_INVALID", `${label} describes image ${JSON.stringify(meta?.manifestDigest)} of ${meta?.sizeBytes} bytes, expected ${digest} of ${index.size}`);
       }
       await session.rebuild(join(tmpDir, ROOTFS_FILE), index, new Map(), `the root filesystem of ${what}`, c);
-      await writeFile(join(tmpDir, METADATA_FILE), metaBytes);
+      // Its digest and mtime as written here (what the entry records is this machine's, as when built here).
+      await writeFile(join(tmpDir, METADATA_FILE), JSON.stringify({ ...(meta as object), ...(await rootfsFacts(join(tmpDir, ROOTFS_FILE))) }, null, 2) + "\n");
       return { rootfsPath: join(entryDir, ROOTFS_FILE), size: index.size };
     },
     tmpPrefix: `.tmp-${hex}-`, // as resolveImage names its temps: either one cleans up after the other

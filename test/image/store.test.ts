@@ -1,9 +1,9 @@
 import { execFileSync } from "node:child_process";
-import { mkdir, readdir, readFile, writeFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import lockfile from "proper-lockfile";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { resolveImage, type ImageProgress } from "../../src/image/store.js";
+import { checkImageEntry, resolveImage, type ImageProgress } from "../../src/image/store.js";
+import { acquireLock } from "../../src/store/lock.js";
 import { makeTar, removeDir, tempDir, writeLayout } from "./helpers.js";
 
 let home: string;
@@ -90,6 +90,35 @@ describe("resolveImage", () => {
     console.log(`cache hit: ${hitMs.toFixed(2)} ms`);
   });
 
+  it("a root filesystem written since it was built is found damaged on load: quarantined with its reason, never used, and rebuilt", async () => {
+    const layout = join(work, "img");
+    const { manifestDigest } = await twoLayerLayout(layout, "v1");
+    const image = await resolveImage(`oci:${layout}:v1`, { home });
+    const original = await readFile(image.rootfsPath);
+    // Same size, one byte different, written now (so its mtime is no longer the recorded one).
+    const damaged = Buffer.from(original);
+    damaged[damaged.length >> 1]! ^= 0xff;
+    const built = (await stat(image.rootfsPath, { bigint: true })).mtimeNs;
+    // Later than the build by more than the file system's timestamp granularity (a few ms).
+    await new Promise((r) => setTimeout(r, 50));
+    await writeFile(image.rootfsPath, damaged);
+    expect((await stat(image.rootfsPath, { bigint: true })).mtimeNs).not.toBe(built);
+    const entry = join(home, "images", manifestDigest.slice(7));
+    expect(await checkImageEntry(entry)).toMatchObject({ status: "damaged", reason: expect.stringContaining("(the file was modified after it was built)") });
+
+    const events: ImageProgress[] = [];
+    const again = await resolveImage(`oci:${layout}:v1`, { home, onProgress: (p) => events.push(p) });
+    expect(events.map((e) => e.phase)).toContain("squashfs"); // rebuilt, not trusted
+    expect((await readFile(again.rootfsPath)).equals(original)).toBe(true);
+    const qdir = join(home, "images", ".quarantine");
+    const [moved, ...more] = await readdir(qdir);
+    expect(more).toEqual([]);
+    expect((await readFile(join(qdir, moved!, "rootfs.sqfs"))).equals(damaged)).toBe(true);
+    const note = JSON.parse(await readFile(join(qdir, moved!, "QUARANTINED.json"), "utf8")) as { from: string; reason: string };
+    expect(note).toMatchObject({ from: entry, reason: expect.stringContaining("does not match its sha256") });
+    expect(await checkImageEntry(entry, { full: true })).toMatchObject({ status: "ok", checked: true });
+  });
+
   it("shares one build between concurrent callers and cleans leftover temp dirs", async () => {
     const layout = join(work, "img");
     const { manifestDigest } = await twoLayerLayout(layout);
@@ -108,7 +137,8 @@ describe("resolveImage", () => {
     const { manifestDigest } = await twoLayerLayout(layout);
     const entry = join(home, "images", manifestDigest.slice(7));
     await mkdir(join(home, "images"), { recursive: true });
-    const release = await lockfile.lock(entry, { realpath: false, lockfilePath: `${entry}.lock` });
+    const lock = await acquireLock(`${entry}.lock`, { what: "a test holder" });
+    const release = () => lock.release();
     const ac = new AbortController();
     const aborted = resolveImage(`oci:${layout}`, { home, signal: ac.signal, onProgress: (p) => p.phase === "waiting-for-lock" && ac.abort(new Error("stop")) });
     await expect(aborted).rejects.toThrow("stop");
@@ -116,7 +146,7 @@ describe("resolveImage", () => {
     const waiting = resolveImage(`oci:${layout}`, { home, onProgress: (p) => events.push(p) });
     setTimeout(() => void release(), 300);
     await waiting;
-    expect(events[0]).toEqual({ phase: "waiting-for-lock" });
+    expect(events[0]).toMatchObject({ phase: "waiting-for-lock", what: expect.stringContaining(manifestDigest), holder: { pid: process.pid, lock: `${entry}.lock` } });
     expect(events.at(-1)?.phase).toBe("done");
   });
 

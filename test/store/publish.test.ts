@@ -4,9 +4,9 @@ import { existsSync } from "node:fs";
 import { mkdir, mkdtemp, readdir, readFile, rm, utimes, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import lockfile from "proper-lockfile";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { StoreError } from "../../src/index.js";
+import { acquireLock } from "../../src/store/lock.js";
 import { publish, type PublishRequest } from "../../src/store/publish.js";
 
 let root: string;
@@ -44,9 +44,10 @@ function dirEntry(target: string, content: string, extra: Partial<PublishRequest
   return { req, counts };
 }
 
-/** Holds the entry's lock as another process would, until the returned release is called. */
-function holdLock(target: string, lockPath = `${target}.lock`) {
-  return lockfile.lock(target, { realpath: false, lockfilePath: lockPath, stale: 30_000, update: 5_000 });
+/** Holds the entry's lock as another writer would, until the returned release is called. */
+async function holdLock(target: string, lockPath = `${target}.lock`) {
+  const lock = await acquireLock(lockPath, { what: `test holder of ${target}` });
+  return () => lock.release();
 }
 
 describe("publish", () => {
@@ -119,7 +120,8 @@ describe("publish", () => {
 
   it("takes over a crashed writer's stale lock and removes its temps, and only this entry's", async () => {
     const target = join(root, "e");
-    // What a writer killed mid-write leaves: its temp and its lock, no longer refreshed.
+    // What a writer of an earlier version killed mid-write leaves: its temp and its lock
+    // directory, no longer refreshed.
     await mkdir(join(root, "e.tmp-deadbeef"));
     await writeFile(join(root, "e.tmp-deadbeef", "data"), "half");
     await writeFile(join(root, "e.tmp-0123456789ab"), "half a file");
@@ -206,6 +208,7 @@ describe("publish", () => {
       expect(err).toMatchObject({ name: "StoreError", code: "STORE_LOCK_TIMEOUT" });
       expect(err.message).toContain("snapshot img-abc");
       expect(err.message).toContain(`${target}.lock`);
+      expect(err.message).toContain(`held by pid ${process.pid} since `);
       expect(err.hint).toBe(`if no other supermachine process is running, remove ${target}.lock`);
       expect(ms).toBeGreaterThanOrEqual(290);
       expect(ms).toBeLessThan(2_000);

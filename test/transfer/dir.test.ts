@@ -1,6 +1,7 @@
 // Export and import through a directory cache, on snapshots made without a VM: the artifact's
 // shape, sharing between a parent and a child, nothing moved twice, sparse RAM, and refusals
 // (a corrupted chunk, a foreign engine) that publish nothing.
+import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -104,10 +105,16 @@ describe("a directory cache", () => {
         expect(meta.image.rootfs).toBe(join(homePaths().images, image.digest.slice(7), "rootfs.sqfs"));
         expect(meta.hash).toBe(keyOf(meta.inputs));
       }
-      // The root filesystem came with them, byte for byte (image.json too).
+      // The root filesystem came with them, byte for byte; image.json too, but for the facts this
+      // machine records of its root filesystem (sha256 and mtime, as when built here).
       const entry = join(homePaths().images, image.digest.slice(7));
-      expect(readFileSync(join(entry, "rootfs.sqfs")).equals(readFileSync(image.rootfs))).toBe(true);
-      expect(readFileSync(join(entry, "image.json"), "utf8")).toBe(readFileSync(join(image.rootfs, "..", "image.json"), "utf8"));
+      const rootfsBytes = readFileSync(join(entry, "rootfs.sqfs"));
+      expect(rootfsBytes.equals(readFileSync(image.rootfs))).toBe(true);
+      const { sha256, rootfsMtimeNs, ...imported } = JSON.parse(readFileSync(join(entry, "image.json"), "utf8")) as Record<string, unknown>;
+      const { sha256: _s, rootfsMtimeNs: _m, ...exported } = JSON.parse(readFileSync(join(image.rootfs, "..", "image.json"), "utf8")) as Record<string, unknown>;
+      expect(imported).toEqual(exported);
+      expect(sha256).toBe(createHash("sha256").update(rootfsBytes).digest("hex"));
+      expect(rootfsMtimeNs).toBe(String(statSync(join(entry, "rootfs.sqfs"), { bigint: true }).mtimeNs));
       // Present now: nothing moves.
       const twice = await importSnapshots(cache, [parent.meta.hash, child.meta.hash]);
       expect(twice.snapshots.map((s) => s.status)).toEqual(["present", "present"]);
