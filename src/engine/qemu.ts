@@ -408,7 +408,7 @@ export class MicroVm {
    */
   get failureLog(): string | undefined {
     if (this.pending.keptLog) return this.pending.keptLog;
-    if (this.alive || this.stopping) return undefined;
+    if (this.alive || (this.stopping && !this.failing)) return undefined;
     return this.pending.keepConsoleLog();
   }
 
