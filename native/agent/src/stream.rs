@@ -10,6 +10,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use crate::background::Background;
+use crate::cgroup::Hierarchy;
 use crate::proto::{self, Header};
 use crate::sys::{self, pid_t, Epoll, Reaped};
 
@@ -34,6 +36,8 @@ pub const T_TIMER: u8 = 2;
 pub const T_LISTENER: u8 = 3;
 pub const T_CONN: u8 = 4;
 pub const T_STREAM: u8 = 5;
+/// A leftover exec's `cgroup.events` (the id is the exec id).
+pub const T_CGROUP: u8 = 6;
 
 pub fn token(kind: u8, conn: ConnId, slot: u8, id: u32) -> u64 {
     (id as u64) << 32 | (slot as u64) << 16 | (conn as u64) << 8 | kind as u64
@@ -164,11 +168,15 @@ pub struct Procs {
     deadlines: BTreeSet<(u64, ConnId, u32)>,
     /// Read-write /dev/null, the stdin of processes without one.
     pub devnull: OwnedFd,
+    /// The cgroup hierarchy (PID-1 mode, when the kernel has cgroup v2): every exec gets a group.
+    pub cgroups: Option<Hierarchy>,
+    /// Processes execs left running.
+    pub background: Background,
 }
 
 impl Procs {
-    pub fn new(devnull: OwnedFd) -> Procs {
-        Procs { children: HashMap::new(), deadlines: BTreeSet::new(), devnull }
+    pub fn new(devnull: OwnedFd, cgroups: Option<Hierarchy>) -> Procs {
+        Procs { children: HashMap::new(), deadlines: BTreeSet::new(), devnull, cgroups, background: Background::default() }
     }
 
     /// The stream a reaped child belongs to (and forgets it).

@@ -78,7 +78,7 @@ impl Agent {
 
     fn hello(&self) -> Client {
         let mut c = self.connect();
-        c.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 2).u64(3, 0).finish());
+        c.send(HELLO, 0, 0, &Fields::new().u16(1, 3).u16(2, 3).u64(3, 0).finish());
         let f = c.recv();
         assert_eq!(f.ty, HELLO_OK);
         c
@@ -335,12 +335,14 @@ fn hello_ping_and_frames_before_hello() {
     let agent = Agent::start("hello");
     let mut c = agent.connect();
     c.send(PING, 0, 9, b"ignored"); // before HELLO: ignored
-    c.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 3).bytes(77, b"future field").finish());
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 4).bytes(77, b"future field").finish());
     let f = c.recv();
     assert_eq!(f.ty, HELLO_OK);
     let fs = parse_fields(&f.payload);
-    assert_eq!(field(&fs, 1), &2u16.to_le_bytes());
-    assert_eq!(field(&fs, 4), b"exec,files,bench,tty,chain,tcp,workload");
+    assert_eq!(field(&fs, 1), &3u16.to_le_bytes());
+    // Development mode runs execs without cgroups: no `limits`, no default limits (tags 6, 7).
+    assert_eq!(field(&fs, 4), b"exec,files,bench,tty,chain,tcp,workload,background");
+    assert!(!fs.iter().any(|(t, _)| *t == 6 || *t == 7));
     assert!(!fs.iter().any(|(t, _)| *t == 5), "no port name in development mode");
     assert!(!field(&fs, 2).is_empty());
     fu64(&fs, 3);
@@ -348,15 +350,15 @@ fn hello_ping_and_frames_before_hello() {
     let f = c.recv();
     assert_eq!((f.ty, f.stream, &f.payload[..]), (PONG, 42, &b"payload"[..]));
     // Version mismatch → GOAWAY VERSION, then the connection closes; a new one works.
-    c.send(HELLO, 0, 0, &Fields::new().u16(1, 3).u16(2, 5).finish());
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 4).u16(2, 5).finish());
     let f = c.recv();
     assert_eq!(f.ty, GOAWAY);
     assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
     let mut c = agent.hello();
     assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
-    // Version 1 only (a host from before version 2) → GOAWAY VERSION too.
+    // Version 2 only (a host from before version 3) → GOAWAY VERSION too.
     let mut old = agent.connect();
-    old.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 1).finish());
+    old.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 2).finish());
     let f = old.recv();
     assert_eq!(f.ty, GOAWAY);
     assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
@@ -628,7 +630,7 @@ fn at_most_eight_connections() {
     let mut open: Vec<Client> = (0..8).map(|_| agent.hello()).collect();
     // The ninth waits in the backlog: its HELLO is answered once a slot frees.
     let mut ninth = agent.connect();
-    ninth.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 2).finish());
+    ninth.send(HELLO, 0, 0, &Fields::new().u16(1, 3).u16(2, 3).finish());
     assert!(ninth.try_recv(Duration::from_millis(300)).is_none(), "a ninth connection was served");
     for c in open.iter_mut() {
         assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
