@@ -268,7 +268,7 @@ async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, module: 
         workload,
         listenerRequired: parentSnapshot ? parentSnapshot.meta.workloadRunning : spec.listenerRequired,
         guestPort: spec.guestPort,
-        defaults: execDefaults(image.config, spec.env),
+        defaults: execDefaults(image.config, spec.env, spec.execLimits),
         extraFiles,
         warmup: spec.warmup,
         parent: parentSnapshot,

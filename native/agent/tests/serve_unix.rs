@@ -27,6 +27,8 @@ const READ_FILE: u8 = 0x21;
 const OK: u8 = 0x22;
 const SPAWN_BENCH: u8 = 0x30;
 const TCP_CONNECT: u8 = 0x50;
+const LIST_BACKGROUND: u8 = 0x60;
+const KILL_BACKGROUND: u8 = 0x61;
 const EOF: u8 = 0x80;
 const INITIAL_WINDOW: i64 = 262_144;
 
@@ -549,6 +551,35 @@ fn spawn_bench_and_exec_rate() {
         ns[10] / 1000,
         t.elapsed().as_micros() / n
     );
+}
+
+#[test]
+fn background_requests_without_cgroups() {
+    // Development mode runs execs without cgroups: nothing is tracked, both requests answer OK,
+    // a malformed kill is BAD_REQUEST, and execs carry no exec id.
+    let agent = Agent::start("background");
+    let mut c = agent.hello();
+    c.send(LIST_BACKGROUND, 0, 5, &[]);
+    let f = c.recv();
+    assert_eq!((f.ty, f.stream, f.payload.len()), (OK, 5, 0));
+    c.send(KILL_BACKGROUND, 0, 6, &Fields::new().u8(2, 1).finish());
+    let f = c.recv();
+    assert_eq!((f.ty, f.stream), (OK, 6));
+    assert_eq!(fu32(&parse_fields(&f.payload), 4), 0);
+    c.send(KILL_BACKGROUND, 0, 7, &Fields::new().u8(1, 1).finish());
+    let f = c.recv();
+    assert_eq!((f.ty, f.stream), (STREAM_ERROR, 7));
+    assert_eq!(fu32(&parse_fields(&f.payload), 1), 1);
+    let id = c.exec(&["true"], Fields::new().u32(12, 5).u64(13, 1 << 20).u8(14, 1));
+    let f = loop {
+        let f = c.recv();
+        if f.ty == STARTED && f.stream == id {
+            break f;
+        }
+        assert_ne!(f.ty, EXIT, "no STARTED");
+    };
+    assert_eq!(parse_fields(&f.payload).len(), 1, "no exec_id without cgroups");
+    assert_eq!(c.wait(id).code(), 0);
 }
 
 #[test]
