@@ -41,20 +41,24 @@ async function ownLimits(vm: Vm, limits?: { processes?: number; memoryMib?: numb
 }
 
 describe("cgroups in the guest", () => {
-  it("puts the agent in its own weighted cgroup, out of the OOM killer's reach, and each exec in a fresh cgroup", async () => {
+  it("puts the agent in its own weighted cgroup, out of the OOM killer's reach, and each exec in a cgroup of its own", async () => {
     const vm = env.vm;
     expect(await read(vm, "/proc/1/cgroup")).toBe("0::/agent");
     expect(await read(vm, "/proc/1/oom_score_adj")).toBe("-1000");
     expect(await read(vm, "/sys/fs/cgroup/agent/cpu.weight")).toBe("10000");
     expect((await read(vm, "/sys/fs/cgroup/cgroup.subtree_control")).split(" ").sort()).toEqual(["cpu", "memory", "pids"]);
     // Children do not inherit the agent's protection.
-    expect((await vm.exec({ argv: ["cat", "/proc/self/oom_score_adj"] })).stdout.toString()).toBe("0\n");
-    const a = await cgroupOf(vm);
-    const b = await cgroupOf(vm);
-    expect(a).not.toBe(b);
-    // An exec's cgroup is removed once nothing runs in it.
-    const ls = (await vm.exec({ argv: ["ls", "/sys/fs/cgroup/exec"] })).stdout.toString();
-    expect(ls).not.toContain(a.split("/")[2]);
+    expect((await vm.exec({ argv: ["cat", "/proc/self/cgroup", "/proc/self/oom_score_adj"] })).stdout.toString()).toMatch(/^0::\/exec\/\d+\n0\n$/);
+    // Execs running at once are in different cgroups; an idle one is reused, so they do not pile up.
+    const running = await vm.spawn({ argv: ["sh", "-c", "cat /proc/self/cgroup; read x"] });
+    const first = (await running.readStdout()).toString().trim();
+    const other = await cgroupOf(vm);
+    expect(other).not.toBe(first.slice(3));
+    await running.closeStdin();
+    await running.wait();
+    for (let i = 0; i < 20; i++) await cgroupOf(vm);
+    const groups = (await vm.exec({ argv: ["sh", "-c", "ls -d /sys/fs/cgroup/exec/*/ | wc -l"] })).stdout.toString();
+    expect(Number(groups)).toBeLessThanOrEqual(9);
   });
 
   it("sizes the defaults from the VM: memory less a reserve, a quarter of threads-max", async () => {
@@ -62,11 +66,12 @@ describe("cgroups in the guest", () => {
     const memTotal = Number(/MemTotal:\s+(\d+) kB/.exec(await read(vm, "/proc/meminfo"))![1]) * 1024;
     const threadsMax = Number(await read(vm, "/proc/sys/kernel/threads-max"));
     const reserve = Math.min(Math.max(Math.floor(memTotal / 8), 16 << 20), 128 << 20);
+    const budget = Math.floor((memTotal - reserve) / 4096) * 4096;
     const own = await ownLimits(vm);
-    expect(Number(own.memory)).toBe(memTotal - reserve);
+    expect(Number(own.memory)).toBe(budget);
     expect(Number(own.pids)).toBe(Math.max(Math.floor(threadsMax / 4), 64));
     // All execs together stay below the VM's memory and process table.
-    expect(Number(await read(vm, "/sys/fs/cgroup/exec/memory.max"))).toBe(memTotal - reserve);
+    expect(Number(await read(vm, "/sys/fs/cgroup/exec/memory.max"))).toBe(budget);
     expect(Number(await read(vm, "/sys/fs/cgroup/exec/pids.max"))).toBe(threadsMax - Math.max(64, Math.floor(threadsMax / 16)));
     // The agent announced the same defaults when the host connected.
     expect(vm.machine.hello.features).toContain("limits");
@@ -83,7 +88,7 @@ describe("cgroups in the guest", () => {
 
   it("limits processes: forks past the limit fail and the exit says so", async () => {
     const r = await env.vm.exec({
-      argv: ["sh", "-c", "n=0; for i in $(seq 30); do sleep 2 & n=$((n+1)); done 2>/dev/null; jobs -p | wc -l"],
+      argv: ["sh", "-c", "for i in $(seq 30); do sleep 2 & done 2>/dev/null; jobs -p | wc -l; wait"],
       limits: { processes: 10 },
       timeoutMs: 20_000,
     });
@@ -115,19 +120,23 @@ describe("cgroups in the guest", () => {
     expect(Date.now() - t0).toBeLessThan(10_000);
     const check = await env.vm.exec({ argv: ["sh", "-c", 'kill -0 "$(cat /tmp/escapee.pid)" 2>/dev/null && echo alive || echo gone'] });
     expect(check.stdout.toString()).toBe("gone\n");
-    expect(await env.vm.listBackground()).toEqual([]);
+    // Killed, so not listed as left running.
+    expect((await env.vm.listBackground()).filter((e) => e.argv.join(" ").includes("escapee"))).toEqual([]);
   });
 
-  it("runs a chain's two commands in one cgroup, and a spawn in its own (child.execId)", async () => {
+  it("runs a chain's two commands in one cgroup, and a spawn in its own (child.execId names its leftovers)", async () => {
     const r = await env.vm.exec({ argv: ["cat", "/proc/self/cgroup"], chain: ["cat", "/proc/self/cgroup"] });
     const [first, second] = r.stdout.toString().trim().split("\n");
     expect(first).toMatch(/^0::\/exec\/\d+$/);
     expect(second).toBe(first);
-    const child = await env.vm.spawn({ argv: ["cat", "/proc/self/cgroup"] });
+    const child = await env.vm.spawn({ argv: ["sh", "-c", "sleep 300 & echo $!"] });
     const out: Buffer[] = [];
     for await (const c of child.stdout) out.push(c as Buffer);
     await child.wait();
-    expect(Buffer.concat(out).toString().trim()).toBe(`0::/exec/${child.execId}`);
+    const [entry] = await env.vm.listBackground();
+    expect(entry).toMatchObject({ id: child.execId, pids: [Number(Buffer.concat(out).toString())] });
+    expect(await env.vm.killBackground({ id: child.execId! })).toBe(1);
+    expect(await noSleepLeft(env.vm)).toBe(true);
   });
 });
 
@@ -141,28 +150,53 @@ describe("processes an exec leaves running", () => {
     const [entry] = list;
     expect(entry).toMatchObject({ argv: ["sh", "-c", "sleep 300 & sleep 301 & echo started"], detached: false });
     expect(entry!.pids).toHaveLength(2);
-    const ps = (await vm.exec({ argv: ["sh", "-c", `cat /proc/${entry!.pids[0]}/cmdline | tr '\\0' ' '`] })).stdout.toString();
-    expect(ps).toMatch(/^sleep 30[01] $/);
+    // The pids are the two sleeps (once the shell's forks have exec'd them).
+    const cmdlines = async (pids: number[]) =>
+      (await vm.exec({ argv: ["sh", "-c", pids.map((p) => `tr '\\0' ' ' < /proc/${p}/cmdline; echo`).join(";")] })).stdout.toString().trim().split("\n").map((c) => c.trim()).sort();
+    let seen = await cmdlines(entry!.pids);
+    for (let i = 0; i < 50 && seen.some((c) => !c.startsWith("sleep")); i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      seen = await cmdlines(entry!.pids);
+    }
+    expect(seen).toEqual(["sleep 300", "sleep 301"]);
     expect(await vm.killBackground({ id: entry!.id })).toBe(1);
     expect(await vm.listBackground()).toEqual([]);
     expect(await noSleepLeft(vm)).toBe(true);
   });
 
-  it("keep their exec's limits, and the cgroup goes once they end", async () => {
+  it("keep their exec's limits, and are forgotten once they end", async () => {
     const vm = env.vm;
     await vm.exec({ argv: ["sh", "-c", "sleep 1 &"], limits: { processes: 7 } });
     const [entry] = await vm.listBackground();
-    expect(await read(vm, `/sys/fs/cgroup/exec/${entry!.id}/pids.max`)).toBe("7");
-    const gone = async () => {
-      for (let i = 0; i < 100; i++) {
-        const ls = (await vm.exec({ argv: ["ls", "/sys/fs/cgroup/exec"] })).stdout.toString().split("\n");
-        if (!ls.includes(String(entry!.id))) return true;
-        await new Promise((r) => setTimeout(r, 100));
-      }
-      return false;
-    };
-    expect(await gone()).toBe(true);
-    expect(await vm.listBackground()).toEqual([]);
+    const r = await vm.exec({ argv: ["sh", "-c", `cat /sys/fs/cgroup$(cut -d: -f3 /proc/${entry!.pids[0]}/cgroup)/pids.max`] });
+    expect(r.stdout.toString()).toBe("7\n");
+    let left = [entry];
+    for (let i = 0; i < 100 && left.length > 0; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      left = await vm.listBackground();
+    }
+    expect(left).toEqual([]);
+    // Its cgroup serves later execs, with their own limits.
+    expect(await ownLimits(vm)).toEqual({ pids: String(vm.machine.hello.limits!.pidsMax), memory: String(vm.machine.hello.limits!.memoryMaxBytes) });
+  });
+
+  it("charge what they hit (OOM, pids.max) after their exec ended to no later exec", async () => {
+    const vm = env.vm;
+    // Both exec returns at once; what they left hits its limit afterwards.
+    const hog = await vm.exec({ argv: ["sh", "-c", `(sleep 0.3; awk 'BEGIN { s = "xxxxxxxx"; while (1) s = s s }') >/dev/null 2>&1 &`], limits: { memoryMib: 24 } });
+    expect(hog).toMatchObject({ exitCode: 0, oomKilled: false });
+    const forks = await vm.exec({ argv: ["sh", "-c", "(sleep 0.3; for i in $(seq 20); do sleep 1 & done; wait) >/dev/null 2>&1 &"], limits: { processes: 5 } });
+    expect(forks).toMatchObject({ exitCode: 0, pidsLimited: false });
+    let left = await vm.listBackground();
+    for (let i = 0; i < 150 && left.length > 0; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      left = await vm.listBackground();
+    }
+    expect(left).toEqual([]);
+    // Their groups are reused by the next execs, which start with clean counts.
+    for (let i = 0; i < 10; i++) {
+      expect(await vm.exec({ argv: ["true"] })).toMatchObject({ exitCode: 0, oomKilled: false, pidsLimited: false });
+    }
   });
 
   it("are killed at release to a pool that does not restore, unless the exec asked to keep them (detach)", async () => {

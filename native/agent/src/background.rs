@@ -4,13 +4,12 @@
 //! with `detach` asks to be spared by a kill that does not name it.
 //!
 //! Each leftover watches its cgroup's `cgroup.events` (EPOLLPRI on a change of `populated`):
-//! once the last process is gone the group is removed and the entry forgotten.
+//! once the last process is gone the group is handed back (for reuse or removal) and the entry
+//! forgotten.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::fd::AsRawFd;
 
-use crate::cgroup::{self, ExecGroup};
+use crate::cgroup::ExecGroup;
 use crate::proto::FieldWriter;
 use crate::stream::{token, T_CGROUP};
 use crate::sys::{Epoll, EPOLLPRI};
@@ -21,7 +20,6 @@ struct Leftover {
     detached: bool,
     /// cgroup.kill was written: listed no more, forgotten once empty.
     killed: bool,
-    events: File,
 }
 
 /// The VM's leftovers, by exec id.
@@ -42,43 +40,27 @@ pub enum KillTarget {
 }
 
 impl Background {
-    /// An exec ended: removes its group if it is empty, or keeps it as a leftover.
-    pub fn settle(&mut self, epoll: &Epoll, group: ExecGroup, argv: Vec<Vec<u8>>, detached: bool, killed: bool) {
-        let group = match group.remove() {
-            Ok(()) => return,
-            Err(g) => g,
-        };
-        let events = match group.open_events() {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("supermachine-agent: cannot watch {}: {e}", group.dir().display());
-                return;
-            }
-        };
+    /// Keeps the group of an exec that ended while processes still run in it. Gives the group
+    /// back if it emptied meanwhile (or cannot be watched: then it is killed first).
+    pub fn adopt(&mut self, epoll: &Epoll, group: ExecGroup, argv: Vec<Vec<u8>>, detached: bool, killed: bool) -> Option<ExecGroup> {
         let id = group.id;
-        if let Err(e) = epoll.add(events.as_raw_fd(), EPOLLPRI, token(T_CGROUP, 0, 0, id)) {
-            eprintln!("supermachine-agent: cannot watch {}: {e}", group.dir().display());
+        if let Err(e) = epoll.add(group.events_fd(), EPOLLPRI, token(T_CGROUP, 0, 0, id)) {
+            // Unwatched, it would never be removed: it does not get to run on.
+            eprintln!("supermachine-agent: cannot watch {}: {e}; killing what runs in it", group.dir().display());
+            group.kill();
         }
-        self.map.insert(id, Leftover { group, argv, detached, killed, events });
-        // It may have emptied between the rmdir and the registration.
-        self.on_event(id);
+        self.map.insert(id, Leftover { group, argv, detached, killed });
+        self.on_event(epoll, id)
     }
 
-    /// `cgroup.events` of exec `id` changed.
-    pub fn on_event(&mut self, id: u32) {
-        let Some(l) = self.map.get(&id) else { return };
-        if cgroup::populated(&l.events) {
-            return;
+    /// `cgroup.events` of exec `id` changed: its group, once nothing runs in it any more.
+    pub fn on_event(&mut self, epoll: &Epoll, id: u32) -> Option<ExecGroup> {
+        if self.map.get(&id)?.group.populated() {
+            return None;
         }
-        // Dropping the events file takes it out of the epoll set.
-        if let Some(l) = self.map.remove(&id) {
-            if let Err(g) = l.group.remove() {
-                // A process slipped in between (cannot happen: nothing joins a finished exec's
-                // group); keep watching it.
-                let events = l.events;
-                self.map.insert(id, Leftover { group: g, argv: l.argv, detached: l.detached, killed: l.killed, events });
-            }
-        }
+        let l = self.map.remove(&id)?;
+        epoll.delete(l.group.events_fd());
+        Some(l.group)
     }
 
     /// Kills the leftovers `target` names; returns how many execs' groups were killed.
@@ -99,8 +81,8 @@ impl Background {
         n
     }
 
-    /// LIST_BACKGROUND's answer (OK fields): one `entry` field (tag 5) per exec, holding its fields
-    /// (`1 id: u32`, `2 argv: bytes` repeated, `3 pid: u32` repeated, `4 detached: u8`).
+    /// LIST_BACKGROUND's answer (OK fields): one `entry` field (tag 5) per exec, holding its
+    /// fields (`1 id: u32`, `2 argv: bytes` repeated, `3 pid: u32` repeated, `4 detached: u8`).
     pub fn list(&self) -> Vec<u8> {
         let mut w = FieldWriter::new();
         for (id, l) in self.map.iter().filter(|(_, l)| !l.killed) {
@@ -118,10 +100,5 @@ impl Background {
             w = w.bytes(5, &e.u8(4, l.detached as u8).finish());
         }
         w.finish()
-    }
-
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.map.len()
     }
 }

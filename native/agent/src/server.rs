@@ -161,7 +161,7 @@ impl Server {
                     conn.on_stream_event(&mut self.sh, t.id, t.slot, ev.events);
                 }
             }
-            T_CGROUP => self.sh.procs.background.on_event(t.id),
+            T_CGROUP => self.sh.procs.on_cgroup_event(&self.sh.epoll, t.id),
             _ => {}
         }
     }

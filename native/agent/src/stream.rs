@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::background::Background;
-use crate::cgroup::Hierarchy;
+use crate::cgroup::{ExecGroup, Hierarchy};
 use crate::proto::{self, Header};
 use crate::sys::{self, pid_t, Epoll, Reaped};
 
@@ -182,6 +182,27 @@ impl Procs {
     /// The stream a reaped child belongs to (and forgets it).
     pub fn take_child(&mut self, pid: pid_t) -> Option<(ConnId, u32)> {
         self.children.remove(&pid)
+    }
+
+    /// An exec is over: its group is reused (or removed) if nothing runs in it any more, and
+    /// kept as a leftover otherwise.
+    pub fn settle_exec(&mut self, epoll: &Epoll, group: ExecGroup, argv: Vec<Vec<u8>>, detach: bool, killed: bool) {
+        let idle = if group.populated() { self.background.adopt(epoll, group, argv, detach, killed) } else { Some(group) };
+        self.recycle(idle);
+    }
+
+    /// A leftover's `cgroup.events` changed.
+    pub fn on_cgroup_event(&mut self, epoll: &Epoll, id: u32) {
+        let idle = self.background.on_event(epoll, id);
+        self.recycle(idle);
+    }
+
+    fn recycle(&mut self, group: Option<ExecGroup>) {
+        match (group, self.cgroups.as_mut()) {
+            (Some(g), Some(h)) => h.recycle(g),
+            (Some(g), None) => g.discard(),
+            (None, _) => {}
+        }
     }
 
     pub fn next_deadline(&self) -> Option<u64> {

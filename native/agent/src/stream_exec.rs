@@ -143,7 +143,7 @@ pub fn open(cx: &mut Ctx, payload: &[u8]) -> Option<Box<dyn Stream>> {
         Ok(pid) => pid,
         Err(e) => {
             if let Some(g) = group {
-                let _ = g.remove();
+                cx.procs.settle_exec(cx.epoll, g, Vec::new(), false, false);
             }
             failed(cx, req.tty, e.exit_code().unwrap_or(126), e.message());
             return None;
@@ -192,7 +192,7 @@ impl ExecStream {
     fn conclude(&mut self, cx: &mut Ctx, exit_code: i32, signal: u32, trailer: &[u8]) {
         cx.clear_deadline(self.deadline);
         self.chain = None;
-        let (oom_killed, pids_limited) = self.group.as_ref().map_or((false, false), |g| (g.oom_kills() > 0, g.pids_max_hits() > 0));
+        let (oom_killed, pids_limited) = self.group.as_mut().map_or((false, false), ExecGroup::outcome);
         self.exit = Some(ExitInfo {
             exit_code,
             signal,
@@ -212,7 +212,7 @@ impl ExecStream {
     fn settle_group(&mut self, cx: &mut Ctx) {
         if let Some(g) = self.group.take() {
             let argv = std::mem::take(&mut self.argv);
-            cx.procs.background.settle(cx.epoll, g, argv, self.detach, self.killed);
+            cx.procs.settle_exec(cx.epoll, g, argv, self.detach, self.killed);
         }
     }
 
