@@ -33,7 +33,9 @@ export type {
   WriteFileOptions,
   WarmupVm,
   ExecChildLike,
+  ExecLimits,
 } from "./spec/options.js";
+export type { BackgroundEntry } from "./agent/client.js";
 export { BUILD_DEFAULTS, POOL_DEFAULTS, EXEC_DEFAULT_TIMEOUT_MS, FILE_LIMIT } from "./spec/options.js";
 export type { ImageConfig, ImageProgress, PullProgress, BakeProgress, BakeStep, BuildProgress } from "./spec/image.js";
 export type { PullPolicy } from "./image/store.js";

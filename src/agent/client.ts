@@ -59,6 +59,19 @@ export interface HelloInfo {
   port: string | undefined;
   /** The VM id the guest has taken (HELLO `vmId` on the primary port of a VM). */
   vmId: string | undefined;
+  /** The default limits of an exec's cgroup, when execs run in cgroups (feature `limits`). */
+  limits: { pidsMax: number; memoryMaxBytes: number } | undefined;
+}
+
+/** Processes an exec left running after its main process ended (LIST_BACKGROUND). */
+export interface BackgroundEntry {
+  /** The exec's id (its cgroup, /sys/fs/cgroup/exec/<id>). */
+  id: number;
+  argv: string[];
+  /** Guest pids of its processes. */
+  pids: number[];
+  /** Started with `detach`: a release leaves them running. */
+  detached: boolean;
 }
 
 export interface ExecRequest {
@@ -75,6 +88,10 @@ export interface ExecRequest {
   tty?: { cols: number; rows: number };
   /** Run after argv exits 0, in the same stream. */
   chain?: string[];
+  /** pids.max / memory.max of the exec's cgroup (absent: the agent's defaults). */
+  limits?: { pidsMax?: number | undefined; memoryMaxBytes?: number | undefined };
+  /** Processes it leaves running survive a kill of the attached leftovers (release). */
+  detach?: boolean;
 }
 
 export interface ExitInfo {
@@ -86,6 +103,10 @@ export interface ExitInfo {
   durationUs: number;
   /** 0: the first command; 1: the chained one. */
   step: number;
+  /** The OOM killer took the exec: its memory limit was reached. */
+  oomKilled: boolean;
+  /** A fork in the exec failed at its process limit. */
+  pidsLimited: boolean;
 }
 
 /**
@@ -235,6 +256,8 @@ async function sendWindowed(client: AgentClient, id: number, win: SendWindow, da
  */
 export class ExecStream extends StreamOp {
   pid: number | undefined;
+  /** The exec's id in the guest (its cgroup), when it runs in one. */
+  execId: number | undefined;
   private exitInfo: ExitInfo | undefined;
   private error: Error | undefined;
   private readonly done = new Deferred<ExitInfo>();
@@ -275,10 +298,13 @@ export class ExecStream extends StreamOp {
 
   onFrame(frame: Frame): void {
     switch (frame.type) {
-      case Msg.STARTED:
-        this.pid = new Fields(frame.payload, "STARTED").u32(Tag.started.pid);
+      case Msg.STARTED: {
+        const f = new Fields(frame.payload, "STARTED");
+        this.pid = f.u32(Tag.started.pid);
+        this.execId = f.u32(Tag.started.execId);
         this.start.resolve();
         return;
+      }
       case Msg.DATA: {
         const ch = this.checkData(frame, this.recvWindow, `exec stream ${this.id}`);
         const len = frame.payload.length;
@@ -306,6 +332,8 @@ export class ExecStream extends StreamOp {
           peakRssKib: rss === undefined ? null : Number(rss),
           durationUs: Number(f.u64(Tag.exit.durationUs) ?? 0n),
           step: f.u8(Tag.exit.step) ?? 0,
+          oomKilled: (f.u8(Tag.exit.oomKilled) ?? 0) === 1,
+          pidsLimited: (f.u8(Tag.exit.pidsLimited) ?? 0) === 1,
         };
         this.end();
         this.stdinWindow.wake();
@@ -651,7 +679,11 @@ export class AgentClient extends EventEmitter {
           features: (f.string(Tag.helloOk.features) ?? "").split(",").filter(Boolean),
           port: f.string(Tag.helloOk.port),
           vmId: f.string(Tag.helloOk.vmId),
+          limits: undefined,
         };
+        const pidsMax = f.u32(Tag.helloOk.defaultPidsMax);
+        const memoryMax = f.u64(Tag.helloOk.defaultMemoryMax);
+        if (pidsMax !== undefined && memoryMax !== undefined) info.limits = { pidsMax, memoryMaxBytes: Number(memoryMax) };
         // A wrong version fails the connection, and with it the HELLO waiting for this answer.
         if (info.version !== PROTOCOL_VERSION) {
           throw new AgentError("AGENT_VERSION", `agent chose protocol version ${info.version}, host speaks ${PROTOCOL_VERSION}`);
@@ -843,6 +875,9 @@ export class AgentClient extends EventEmitter {
     if (req.stdin) w.u8(Tag.exec.stdin, 1);
     if (req.tty) w.u8(Tag.exec.tty, 1).u16(Tag.exec.cols, req.tty.cols).u16(Tag.exec.rows, req.tty.rows);
     for (const a of req.chain ?? []) w.bytes(Tag.exec.chain, a);
+    if (req.limits?.pidsMax) w.u32(Tag.exec.pidsMax, req.limits.pidsMax);
+    if (req.limits?.memoryMaxBytes) w.u64(Tag.exec.memoryMax, req.limits.memoryMaxBytes);
+    if (req.detach) w.u8(Tag.exec.detach, 1);
     return this.open(new ExecStream(this, this.allocId(), opts.autoGrant ?? true), Msg.EXEC, w.finish());
   }
 
@@ -950,6 +985,38 @@ export class AgentClient extends EventEmitter {
       new FieldWriter().u32(Tag.signal.signum, signum).finish(),
     );
     await op.result;
+  }
+
+  /** Processes execs left running after their main process ended (LIST_BACKGROUND). */
+  async listBackground(): Promise<BackgroundEntry[]> {
+    this.checkAlive();
+    const op = this.open(new RequestOp(this, this.allocId(), "list background processes"), Msg.LIST_BACKGROUND, Buffer.alloc(0));
+    const f = await op.result;
+    return f.all(Tag.ok.entry).map((raw) => {
+      const e = new Fields(raw, "background entry");
+      return {
+        id: e.u32(Tag.backgroundEntry.id) ?? 0,
+        argv: e.all(Tag.backgroundEntry.argv).map((a) => a.toString("utf8")),
+        pids: e.all(Tag.backgroundEntry.pid).map((p) => {
+          if (p.length !== 4) throw new AgentError("AGENT_PROTOCOL", `background entry: pid of ${p.length} bytes`);
+          return p.readUInt32LE(0);
+        }),
+        detached: (e.u8(Tag.backgroundEntry.detached) ?? 0) === 1,
+      };
+    });
+  }
+
+  /**
+   * Kills processes execs left running (KILL_BACKGROUND): one exec's (`id`), or every exec's
+   * not started with `detach` (with `all`, those too). Resolves with how many execs' were killed.
+   */
+  async killBackground(target: { id?: number; all?: boolean } = {}): Promise<number> {
+    this.checkAlive();
+    const w = new FieldWriter();
+    if (target.id !== undefined) w.u32(Tag.killBackground.id, target.id);
+    if (target.all) w.u8(Tag.killBackground.all, 1);
+    const op = this.open(new RequestOp(this, this.allocId(), "kill background processes"), Msg.KILL_BACKGROUND, w.finish());
+    return (await op.result).u32(Tag.ok.killed) ?? 0;
   }
 
   /** Ask the guest to power off. The caller waits for the hypervisor to exit. */

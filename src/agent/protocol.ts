@@ -4,7 +4,7 @@
  */
 import { AgentError } from "../errors.js";
 
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 export const HEADER_SIZE = 12;
 export const MAX_PAYLOAD = 1024 * 1024;
 export const INITIAL_WINDOW = 256 * 1024;
@@ -35,6 +35,8 @@ export const Msg = {
   WORKLOAD_START: 0x40,
   WORKLOAD_SIGNAL: 0x41,
   TCP_CONNECT: 0x50,
+  LIST_BACKGROUND: 0x60,
+  KILL_BACKGROUND: 0x61,
 } as const;
 
 export const Channel = { STDIN: 0, STDOUT: 1, STDERR: 2 } as const;
@@ -57,18 +59,21 @@ export const StreamErrorCode: Record<number, string> = {
 /** Field tags, per message (PROTOCOL.md section 4). */
 export const Tag = {
   hello: { versionMin: 1, versionMax: 2, hostTimeNs: 3, entropy: 4, vmId: 5 },
-  helloOk: { version: 1, agentVersion: 2, uptimeMs: 3, features: 4, port: 5, vmId: 6 },
+  helloOk: { version: 1, agentVersion: 2, uptimeMs: 3, features: 4, port: 5, vmId: 6, defaultPidsMax: 7, defaultMemoryMax: 8 },
   goaway: { code: 1, message: 2 },
-  exec: { argv: 1, env: 2, cwd: 3, timeoutMs: 4, uid: 5, gid: 6, stdin: 7, tty: 8, cols: 9, rows: 10, chain: 11 },
-  started: { pid: 1 },
-  exit: { exitCode: 1, signal: 2, timedOut: 3, peakRssKib: 4, durationUs: 5, step: 6 },
+  exec: { argv: 1, env: 2, cwd: 3, timeoutMs: 4, uid: 5, gid: 6, stdin: 7, tty: 8, cols: 9, rows: 10, chain: 11, pidsMax: 12, memoryMax: 13, detach: 14 },
+  started: { pid: 1, execId: 2 },
+  exit: { exitCode: 1, signal: 2, timedOut: 3, peakRssKib: 4, durationUs: 5, step: 6, oomKilled: 7, pidsLimited: 8 },
   signal: { signum: 1, group: 2 },
   streamError: { code: 1, message: 2, errno: 3 },
   resize: { cols: 1, rows: 2 },
   tcpConnect: { port: 1, addr: 2 },
   writeFile: { path: 1, mode: 2, size: 3, uid: 4, gid: 5, mkdirs: 6 },
   readFile: { path: 1, maxSize: 2 },
-  ok: { size: 1, samplesNs: 2, pid: 3 },
+  ok: { size: 1, samplesNs: 2, pid: 3, killed: 4, entry: 5 },
+  /** Fields of one OK `entry` of LIST_BACKGROUND. */
+  backgroundEntry: { id: 1, argv: 2, pid: 3, detached: 4 },
+  killBackground: { id: 1, all: 2 },
   spawnBench: { argv: 1, count: 2, env: 3 },
 } as const;
 

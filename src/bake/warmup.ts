@@ -2,7 +2,8 @@
  * The build's `warmup` function: it runs against the booted VM before the capture, so every VM
  * restored from the snapshot starts warmed. What it runs, and what that prints, goes to the
  * bake log. Processes it spawned and left running are stopped before the capture (their
- * streams would not survive it); daemons belong in the image workload (`cmd`).
+ * streams would not survive it), and so are processes its execs left running in the background
+ * unless started with `detach: true`; daemons belong in the image workload (`cmd`).
  */
 import type { MicroVm } from "../engine/qemu.js";
 import { BakeError } from "../errors.js";
@@ -50,6 +51,8 @@ export async function runWarmup(machine: MicroVm, defaults: ExecDefaults, warmup
   const t0 = performance.now();
   try {
     await warmup(vm);
+    const killed = await session.killBackground();
+    if (killed > 0) log.line(`stopped the background processes of ${killed} warmup exec(s) (detach: true keeps them)`);
   } catch (e) {
     log.line(`warmup threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
     const path = logPath();

@@ -285,7 +285,7 @@ async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, module: 
         workload,
         listenerRequired: parentSnapshot ? parentSnapshot.meta.workloadRunning : spec.listenerRequired,
         guestPort: spec.guestPort,
-        defaults: execDefaults(image.config, spec.env),
+        defaults: execDefaults(image.config, spec.env, spec.execLimits),
         buildEnv: spec.env,
         extraFiles,
         warmup: spec.warmup,

@@ -8,7 +8,7 @@ import { Graph, alg } from "@dagrejs/graphlib";
 import { GraphError } from "../errors.js";
 import { BUILD_DEFAULTS } from "../spec/options.js";
 import type { BuildProgress } from "../spec/image.js";
-import type { WarmupVm } from "../spec/options.js";
+import { mergeLimits, type ExecLimits, type WarmupVm } from "../spec/options.js";
 
 
 
@@ -29,6 +29,7 @@ export interface ImageFields {
   insecureRegistries?: string[] | undefined;
   onProgress?: ((p: BuildProgress) => void) | undefined;
   snapshotsDir?: string | undefined;
+  execLimits?: ExecLimits | undefined;
 }
 
 /** One declared image, as the config loader (or Image.build) hands it over. */
@@ -62,6 +63,8 @@ export interface NodeSpec {
   extraFiles: { hostPath: string; guestPath: string; mode?: number | undefined }[];
   warmupTag: string;
   warmup: ((vm: WarmupVm) => Promise<void>) | undefined;
+  /** Limits of every exec in the image's VMs: the parent's, with this image's fields on top. */
+  execLimits: ExecLimits | undefined;
 }
 
 /** Options that belong to a root image: a child runs on its parent's snapshot, which fixed them. */
@@ -202,6 +205,7 @@ function resolveNode(img: DeclaredImage, parent: NodeSpec | undefined): NodeSpec
       cmd: d.cmd,
       guestPort: d.guestPort ?? BUILD_DEFAULTS.guestPort,
       listenerRequired: d.listenerRequired ?? false,
+      execLimits: mergeLimits(undefined, d.execLimits),
       ...own,
     };
   }
@@ -225,6 +229,7 @@ function resolveNode(img: DeclaredImage, parent: NodeSpec | undefined): NodeSpec
     module: img.module,
     parent: parent.name,
     env: { ...parent.env, ...d.env },
+    execLimits: mergeLimits(parent.execLimits, d.execLimits),
     ...own,
   };
 }

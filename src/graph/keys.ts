@@ -36,6 +36,8 @@ export function nodeInputs(spec: NodeSpec, p: KeyParts): SnapshotInputs {
     extraFiles: [...p.extraFiles].sort((a, b) => a.guestPath.localeCompare(b.guestPath)).map(({ guestPath, mode, sha256 }) => ({ guestPath, mode, sha256 })),
     module: p.module ? { sha256: p.module.sha256, packages: p.module.packages } : null,
     engine: p.engine,
+    // Only when set, so images without limits keep their keys.
+    ...(spec.execLimits ? { execLimits: spec.execLimits } : {}),
   };
 }
 

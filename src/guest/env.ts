@@ -6,6 +6,7 @@ import { posix } from "node:path";
 import type { AgentClient } from "../agent/client.js";
 import { ExecError } from "../errors.js";
 import type { ImageConfig } from "../spec/image.js";
+import type { ExecLimits } from "../spec/options.js";
 
 export const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -15,17 +16,21 @@ export interface ExecDefaults {
   env: string[];
   workingDir: string | undefined;
   user: string | undefined;
+  /** Limits of every exec (image's, then pool's), unless a call sets them. */
+  limits?: ExecLimits | undefined;
 }
 
-export function execDefaults(config: ImageConfig, buildEnv: Record<string, string>): ExecDefaults {
+export function execDefaults(config: ImageConfig, buildEnv: Record<string, string>, limits?: ExecLimits): ExecDefaults {
   return {
     env: mergeEnv(config.env, buildEnv),
     // An image config is input too: a relative or unnormalised WorkingDir is resolved from / (where
     // the agent would start it anyway), so every cwd sent to the guest is absolute and normalised.
     workingDir: config.workingDir ? posix.resolve("/", config.workingDir) : undefined,
     user: config.user || undefined,
+    ...(limits ? { limits } : {}),
   };
 }
+
 
 /** Later keys win; a PATH is always present so argv[0] lookup works. */
 export function mergeEnv(base: string[], extra: Record<string, string>): string[] {

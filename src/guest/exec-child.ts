@@ -25,6 +25,10 @@ export interface ExecWaitResult {
   signal: string | null;
   /** Guest time from start to exit. */
   durationMs: number;
+  /** The exec reached its memory limit and the OOM killer ended it. */
+  oomKilled: boolean;
+  /** A fork in the exec failed at its process limit. */
+  pidsLimited: boolean;
 }
 
 const signalNames = new Map(Object.entries(osConstants.signals).map(([name, n]) => [n, name]));
@@ -39,6 +43,8 @@ export function waitResult(e: ExitInfo): ExecWaitResult {
     peakRssKib: e.peakRssKib,
     signal: signalName(e.signal),
     durationMs: e.durationUs / 1000,
+    oomKilled: e.oomKilled,
+    pidsLimited: e.pidsLimited,
   };
 }
 
@@ -78,6 +84,11 @@ export class ExecChild {
   /** Guest pid of the process (undefined if it never started, e.g. command not found). */
   get pid(): number | undefined {
     return this.stream.pid;
+  }
+
+  /** The exec's id in the guest, as `vm.listBackground()` names it (undefined without cgroups). */
+  get execId(): number | undefined {
+    return this.stream.execId;
   }
 
   /** True once the process has exited (or the stream failed). */

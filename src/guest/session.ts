@@ -10,7 +10,7 @@ import { join } from "node:path";
 import type { Server } from "node:net";
 import { constants as osConstants } from "node:os";
 import { Readable } from "node:stream";
-import { AgentStreamError, type AgentClient, type ExecRequest } from "../agent/client.js";
+import { AgentStreamError, type AgentClient, type BackgroundEntry, type ExecRequest } from "../agent/client.js";
 import { CallScope, callScope } from "../deadline.js";
 import type { MicroVm } from "../engine/qemu.js";
 import { AgentError, DeadlineError, ExecError, GuestFileError, OptionError, PoolError, SupermachineError } from "../errors.js";
@@ -29,7 +29,9 @@ import {
   writeFileSchema,
   writeStreamSchema,
   bytesLike,
+  mergeLimits,
   type CallOptions,
+  type ExecLimits,
   type ExecOptions,
   type ExecOutput,
   type ReadFileOptions,
@@ -170,7 +172,11 @@ export class GuestSession {
   }
 
   /** The EXEC request; a promise only when the image's user must first be looked up. */
-  private execRequest(o: { argv: string[]; env: Record<string, string>; cwd?: string | undefined; tty: boolean; winsize?: { cols: number; rows: number } | undefined; chain?: string[] | undefined; timeoutMs?: number | undefined }, stdin: boolean): ExecRequest | Promise<ExecRequest> {
+  private execRequest(
+    o: { argv: string[]; env: Record<string, string>; cwd?: string | undefined; tty: boolean; winsize?: { cols: number; rows: number } | undefined; chain?: string[] | undefined; timeoutMs?: number | undefined; limits?: ExecLimits | undefined; detach: boolean },
+    stdin: boolean,
+  ): ExecRequest | Promise<ExecRequest> {
+    const limits = mergeLimits(this.defaults.limits, o.limits);
     const make = (ids: { uid: number; gid: number } | undefined): ExecRequest => ({
       argv: o.argv,
       env: mergeEnv(this.defaults.env, o.env),
@@ -180,6 +186,8 @@ export class GuestSession {
       stdin,
       ...(o.tty ? { tty: o.winsize ?? { cols: 80, rows: 24 } } : {}),
       ...(o.chain ? { chain: o.chain } : {}),
+      ...(limits ? { limits: { pidsMax: limits.processes, memoryMaxBytes: limits.memoryMib === undefined ? undefined : limits.memoryMib * 1024 * 1024 } } : {}),
+      ...(o.detach ? { detach: true } : {}),
     });
     if (!this.defaults.user || this.user) return make(this.user);
     return this.resolveUser().then(make);
@@ -255,6 +263,8 @@ export class GuestSession {
         timedOut: exit.timedOut,
         signal: signalName(exit.signal),
         durationMs: exit.durationUs / 1000,
+        oomKilled: exit.oomKilled,
+        pidsLimited: exit.pidsLimited,
       };
     } catch (e) {
       throw this.explain(e, what);
@@ -461,6 +471,50 @@ export class GuestSession {
       throw this.fileError("vm.writeFileStream", p, e);
     } finally {
       untrackLife();
+    }
+  }
+
+  // ---- processes left running -----------------------------------------------------------------
+
+  /**
+   * Processes execs (and spawns) left running after their main process ended, per exec: its
+   * id, argv, the guest pids still there, and whether it was started with `detach`. They run
+   * on within the exec's limits until they end, `vm.killBackground` kills them, or the VM is
+   * released (a pool with `restoreOnRelease: false` kills those not detached).
+   *
+   * @example
+   * await vm.exec({ argv: ["sh", "-c", "sleep 600 &"] });
+   * const [{ id, pids }] = await vm.listBackground();
+   */
+  async listBackground(options: CallOptions = {}): Promise<BackgroundEntry[]> {
+    this.usable("vm.listBackground");
+    const o = parseOptions("vm.listBackground", callSchema, options);
+    const scope = callScope("vm.listBackground", o.timeoutMs, o.signal);
+    try {
+      return await scope.race(this.machine.agent.listBackground());
+    } catch (e) {
+      throw this.explain(e, "vm.listBackground");
+    } finally {
+      scope.done();
+    }
+  }
+
+  /**
+   * Kills processes execs left running: those of exec `id` (as `listBackground` and
+   * `child.execId` name it), or else of every exec not started with `detach` (with
+   * `detached: true`, of those too). Resolves with the number of execs whose processes were
+   * killed.
+   */
+  async killBackground(options: CallOptions & { id?: number; detached?: boolean } = {}): Promise<number> {
+    this.usable("vm.killBackground");
+    const o = parseOptions("vm.killBackground", callSchema.extend({ id: z.number().int().min(1).max(0xffffffff).optional(), detached: z.boolean().default(false) }), options);
+    const scope = callScope("vm.killBackground", o.timeoutMs, o.signal);
+    try {
+      return await scope.race(this.machine.agent.killBackground({ ...(o.id !== undefined ? { id: o.id } : {}), all: o.detached }));
+    } catch (e) {
+      throw this.explain(e, "vm.killBackground");
+    } finally {
+      scope.done();
     }
   }
 

@@ -13,7 +13,7 @@ import { BuildError, ImageError, OptionError } from "../errors.js";
 import { execDefaults } from "../guest/env.js";
 import { logger } from "../log.js";
 import type { ImageConfig } from "../spec/image.js";
-import { buildSchema, poolSchema, type BuildOptions, type PoolOptions } from "../spec/options.js";
+import { buildSchema, mergeLimits, poolSchema, type BuildOptions, type PoolOptions } from "../spec/options.js";
 import { parseOptions } from "../spec/parse.js";
 import { holdSnapshot } from "../store/leases.js";
 import { loadSnapshot, quarantineSnapshot, verifySnapshot, type LoadedSnapshot } from "../store/snapshots.js";
@@ -215,6 +215,7 @@ export class Image {
     const workload = this.snap.meta.workload && !(restored && this.snap.meta.workloadRunning) ? this.snap.meta.workload : undefined;
     // While the pool restores from the snapshot, gc and watch mode leave it alone.
     const lease = restored ? holdSnapshot(this.snap.dir) : () => {};
+    const limits = mergeLimits(this.snap.meta.inputs.execLimits, o.execLimits);
     // A restore that fails: the image verifies its snapshot and, if damaged, bakes it again.
     let used = this.snap;
     const recover = async (_failed: VmSpec, err: Error) => {
@@ -223,7 +224,7 @@ export class Image {
       used = next;
       return { spec: this.vmSpec(memoryMib, vcpus, o.restoreTimeoutMs, next), origin: next.meta };
     };
-    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.buildEnv ?? this.snap.meta.inputs.env), o, workload ?? undefined, this.snap.meta, lease, restored ? recover : undefined);
+    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.buildEnv ?? this.snap.meta.inputs.env, limits), o, workload ?? undefined, this.snap.meta, lease, restored ? recover : undefined);
     // The baked VM has the snapshot's shape; a pool of another shape cannot use it.
     const handoff = spec.incomingState !== undefined ? this.takeHandoff() : undefined;
     await pool.warm(handoff);

@@ -17,6 +17,8 @@ import type { SnapshotMeta, WorkloadSpec } from "../store/snapshots.js";
 import { Vm } from "./vm.js";
 
 const log = logger("pool");
+/** How long a release waits for the guest to kill what the caller left running. */
+const LEFTOVER_KILL_TIMEOUT_MS = 10_000;
 /** Restored VMs kept ready beyond `min` (restore pools only). */
 const SPARES = 1;
 /** The warm-up run in a spare: the agent itself, which every image has (at /proc/1/exe). */
@@ -213,7 +215,7 @@ export class Pool {
   private async onRelease(vm: Vm): Promise<void> {
     if (!this.inUse.delete(vm)) return;
     const m = vm.machine;
-    if (this.closed || this.retiring || this.opts.restoreOnRelease || !m.alive) {
+    if (this.closed || this.retiring || this.opts.restoreOnRelease || !m.alive || !(await this.killLeftovers(m))) {
       this.stopping++;
       try {
         await m.kill();
@@ -224,6 +226,30 @@ export class Pool {
       this.idle.push({ machine: m, since: Date.now() });
     }
     this.pump();
+  }
+
+  /**
+   * A VM going back to the pool as it was left: what its execs left running in the background
+   * is killed (except what they started with `detach`). False when the guest did not do it (the
+   * VM is then replaced rather than handed on).
+   */
+  private async killLeftovers(m: MicroVm): Promise<boolean> {
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      const n = await Promise.race([
+        m.agent.killBackground(),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new Error(`no answer within ${LEFTOVER_KILL_TIMEOUT_MS} ms`)), LEFTOVER_KILL_TIMEOUT_MS);
+        }),
+      ]);
+      if (n > 0) log("VM %d: killed the background processes of %d exec(s) at release", m.pid, n);
+      return true;
+    } catch (err) {
+      log("VM %d: killing background processes at release failed (%s); replacing the VM", m.pid, (err as Error).message);
+      return false;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** Serve waiters from idle VMs, then boot what the waiters and `min` still need. */

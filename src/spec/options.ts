@@ -82,6 +82,31 @@ export const signalSchema = z
 export const portSchema = intIn(1, 65535);
 export const hostPortSchema = intIn(0, 65535);
 
+/**
+ * Limits of the cgroup an exec or spawn runs in (its processes, chain and background ones
+ * included). Unset fields take the next level's value: call, then pool, then image, then the
+ * guest's defaults (sized from the VM: see the README's Security section).
+ */
+export interface ExecLimits {
+  /** Processes and threads at once (pids.max); a fork beyond fails with EAGAIN. */
+  processes?: number;
+  /** Memory of the exec (memory.max, MiB), files it writes to tmpfs included; beyond it the OOM killer ends the whole exec (`oomKilled`). */
+  memoryMib?: number;
+}
+/** `over`'s fields where set, `base`'s otherwise; undefined when neither sets any. */
+export function mergeLimits(base: ExecLimits | undefined, over: ExecLimits | undefined): ExecLimits | undefined {
+  const m: ExecLimits = {};
+  const processes = over?.processes ?? base?.processes;
+  const memoryMib = over?.memoryMib ?? base?.memoryMib;
+  if (processes !== undefined) m.processes = processes;
+  if (memoryMib !== undefined) m.memoryMib = memoryMib;
+  return processes === undefined && memoryMib === undefined ? undefined : m;
+}
+
+export const execLimitsSchema = z
+  .object({ processes: intIn(1, 4_194_304).optional(), memoryMib: intIn(1, 1 << 20).optional() }, { error: "must be an object { processes?, memoryMib? }" })
+  .strict();
+
 // ---- Image.build -------------------------------------------------------------------------------
 
 export interface ExtraFile {
@@ -139,6 +164,8 @@ export interface BuildOptions {
   insecureRegistries?: string[];
   /** Progress of pulls, image conversion and baking (layer bytes, phases). */
   onProgress?: (p: BuildProgress) => void;
+  /** Limits of every exec in this image's VMs (warmup included), unless a pool or call sets them. */
+  execLimits?: ExecLimits;
 }
 
 const platformSchema = z.string({ error: "must be a string of the form os/arch[/variant]" }).refine((v) => /^[a-z0-9]+\/[a-z0-9_]+(?:\/[a-z0-9]+)?$/.test(v), {
@@ -178,6 +205,7 @@ export const buildSchema = z
     platform: platformSchema.optional(),
     insecureRegistries: z.array(z.string(), { error: "must be an array of host[:port] strings" }).optional(),
     onProgress: fn<(p: BuildProgress) => void>().optional(),
+    execLimits: execLimitsSchema.optional(),
   })
   .strict()
   .superRefine((o, ctx) => {
@@ -200,6 +228,8 @@ export interface PoolOptions {
   memoryMib?: number;
   vcpus?: number;
   restoreTimeoutMs?: number;
+  /** Limits of every exec in this pool's VMs, unless a call sets them (over the image's). */
+  execLimits?: ExecLimits;
 }
 
 export const poolSchema = z
@@ -212,6 +242,7 @@ export const poolSchema = z
     memoryMib: intIn(64, 1 << 20).optional(),
     vcpus: intIn(1, 255).optional(),
     restoreTimeoutMs: intIn(1, Number.MAX_SAFE_INTEGER).default(POOL_DEFAULTS.restoreTimeoutMs),
+    execLimits: execLimitsSchema.optional(),
   })
   .strict()
   .transform((o, ctx) => {
@@ -256,8 +287,15 @@ export interface ExecOptions {
   tty?: boolean;
   /** Initial terminal size (tty only; default 80x24). */
   winsize?: Winsize;
-  /** Aborting kills the process (its whole process group) and rejects the call. */
+  /** Aborting kills the process (its whole cgroup) and rejects the call. */
   signal?: AbortSignal;
+  /** Limits of this exec's cgroup (over the pool's and the image's). */
+  limits?: ExecLimits;
+  /**
+   * Processes it leaves running after its main process exits survive the VM's release to a
+   * pool with `restoreOnRelease: false` (and `vm.killBackground()` without an id).
+   */
+  detach?: boolean;
 }
 
 /** vm.spawn: like exec, but `timeoutMs` has no default (a spawned process may run for long). */
@@ -274,6 +312,10 @@ export interface ExecOutput {
   signal: string | null;
   /** Guest time from the start to the end of the process (both commands with `chain`). */
   durationMs: number;
+  /** The exec reached its memory limit and the OOM killer ended it (`signal` is SIGKILL). */
+  oomKilled: boolean;
+  /** A fork in the exec failed at its process limit. */
+  pidsLimited: boolean;
 }
 
 const stagedFileSchema = z
@@ -292,6 +334,8 @@ const execBase = {
   tty: z.boolean({ error: "must be a boolean" }).default(false),
   winsize: z.object({ cols: intIn(1, 65535), rows: intIn(1, 65535) }).strict().optional(),
   signal: abortSignal.optional(),
+  limits: execLimitsSchema.optional(),
+  detach: z.boolean({ error: "must be a boolean" }).default(false),
 };
 
 function checkTty(o: { tty: boolean; winsize?: Winsize | undefined }, ctx: z.RefinementCtx): void {

@@ -59,6 +59,8 @@ export interface SnapshotInputs {
   /** The declaring module bundled and minified (config projects), or null (the API). */
   module: { sha256: string; packages: Record<string, string> } | null;
   engine: EngineFingerprint;
+  /** Limits of every exec (warmup included), when the image sets them. */
+  execLimits?: { processes?: number; memoryMib?: number };
 }
 
 /**

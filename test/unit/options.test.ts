@@ -1,7 +1,7 @@
 // The option schemas (src/spec): every bad input is refused with a stable code, a message naming
 // the call, the option and the value, and a hint, before anything reaches a guest.
 import { describe, expect, it } from "vitest";
-import { buildSchema, execSchema, poolSchema, spawnSchema, readFileSchema } from "../../src/spec/options.js";
+import { buildSchema, execSchema, mergeLimits, poolSchema, spawnSchema, readFileSchema } from "../../src/spec/options.js";
 import { imageDefinitionSchema } from "../../src/spec/config.js";
 import { execDefaults } from "../../src/guest/env.js";
 import { parseOptions } from "../../src/spec/parse.js";
@@ -109,6 +109,19 @@ describe("exec options", () => {
     expect(wd("")).toBeUndefined();
   });
 
+  it("checks limits and detach", () => {
+    expect(exec({ argv: ["x"], limits: { processes: 10, memoryMib: 64 }, detach: true })).toMatchObject({ limits: { processes: 10, memoryMib: 64 }, detach: true });
+    expect(exec({ argv: ["x"] })).toMatchObject({ detach: false });
+    expect(exec({ argv: ["x"] }).limits).toBeUndefined();
+    expect(refused(() => exec({ argv: ["x"], limits: { processes: 0 } })).message).toMatch(/limits\.processes must be an integer from 1 to 4194304/);
+    expect(refused(() => exec({ argv: ["x"], limits: { memoryMib: 0.5 } })).message).toMatch(/limits\.memoryMib must be an integer from 1/);
+    const unk = refused(() => exec({ argv: ["x"], limits: { memory: 64 } }));
+    expect(unk.code).toBe("OPTION_UNKNOWN");
+    expect(unk.hint).toBe('accepted options of limits: "processes", "memoryMib"');
+    expect(refused(() => exec({ argv: ["x"], limits: 5 })).message).toMatch(/limits must be an object/);
+    expect(refused(() => exec({ argv: ["x"], detach: "yes" })).message).toMatch(/detach must be a boolean/);
+  });
+
   it("gives spawn no default timeout", () => {
     expect(parseOptions("vm.spawn", spawnSchema, { argv: ["cat"] }).timeoutMs).toBeUndefined();
   });
@@ -131,6 +144,15 @@ describe("build and pool options", () => {
     const unk = refused(() => parseOptions("Image.build", buildSchema, { ref: "x", extraFiles: [{ hostPath: "./a", guestPath: "/a", owner: 0 }] }));
     expect(unk.code).toBe("OPTION_UNKNOWN");
     expect(unk.hint).toBe('accepted options of extraFiles[0]: "hostPath", "guestPath", "mode"');
+  });
+
+  it("execLimits on images and pools, merged field by field (call over pool over image)", () => {
+    expect(parseOptions("Image.build", buildSchema, { ref: "x", execLimits: { processes: 5 } }).execLimits).toEqual({ processes: 5 });
+    expect(parseOptions("image.pool", poolSchema, { execLimits: { memoryMib: 99 } }).execLimits).toEqual({ memoryMib: 99 });
+    expect(refused(() => parseOptions("image.pool", poolSchema, { execLimits: { processes: -1 } })).message).toMatch(/image\.pool: execLimits\.processes/);
+    expect(mergeLimits({ processes: 1, memoryMib: 2 }, { memoryMib: 3 })).toEqual({ processes: 1, memoryMib: 3 });
+    expect(mergeLimits(undefined, undefined)).toBeUndefined();
+    expect(mergeLimits({}, {})).toBeUndefined();
   });
 
   it("pool: min over max is refused; max follows min", () => {

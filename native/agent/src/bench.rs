@@ -64,7 +64,7 @@ impl BenchStream {
         self.remaining -= 1;
         let null = cx.devnull();
         let t0 = sys::monotonic_ns();
-        match self.prepared.start([null, null, null], None) {
+        match self.prepared.start([null, null, null], None, None) {
             Ok(pid) => {
                 self.current = Some((pid, t0));
                 cx.watch_child(pid);

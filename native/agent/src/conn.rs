@@ -418,11 +418,26 @@ impl Conn {
                 self.call(sh, id, |s, cx| s.on_cancel(cx));
             }
             proto::WORKLOAD_START if id != 0 => {
-                match sh.workload.start(payload, sh.procs.devnull.as_raw_fd()) {
+                let procs = match sh.procs.cgroups.as_ref().map(|h| h.workload_procs()).transpose() {
+                    Ok(f) => f,
+                    Err(e) => return self.out.error(id, proto::IO, &format!("workload cgroup: {e}"), e.errno()),
+                };
+                match sh.workload.start(payload, sh.procs.devnull.as_raw_fd(), procs.as_ref().map(|f| f.as_raw_fd())) {
                     Ok(pid) => self.out.send(proto::OK, 0, id, &proto::ok_pid(pid as u32)),
                     Err(e) => self.out.error(id, e.code(), &e.to_string(), e.errno()),
                 }
             }
+            proto::LIST_BACKGROUND if id != 0 => {
+                let list = sh.procs.background.list();
+                self.out.send(proto::OK, 0, id, &list);
+            }
+            proto::KILL_BACKGROUND if id != 0 => match proto::parse_kill_background(payload) {
+                Ok(target) => {
+                    let n = sh.procs.background.kill(target);
+                    self.out.send(proto::OK, 0, id, &proto::ok_killed(n));
+                }
+                Err(e) => self.out.error(id, proto::BAD_REQUEST, &e.to_string(), None),
+            },
             proto::WORKLOAD_SIGNAL if id != 0 => match sh.workload.signal(payload) {
                 Ok(()) => self.out.send(proto::OK, 0, id, &[]),
                 Err(e) => self.out.error(id, e.code(), &e.to_string(), e.errno()),
@@ -474,7 +489,8 @@ impl Conn {
             }
         }
         self.hello = true;
-        let ok = proto::hello_ok(env!("CARGO_PKG_VERSION"), sys::monotonic_ns() / 1_000_000, self.port_name(), taken);
+        let limits = sh.procs.cgroups.as_ref().map(|h| (h.defaults.pids_max, h.defaults.memory_max));
+        let ok = proto::hello_ok(env!("CARGO_PKG_VERSION"), sys::monotonic_ns() / 1_000_000, self.port_name(), taken, limits);
         self.out.send(proto::HELLO_OK, 0, 0, &ok);
     }
 

@@ -109,7 +109,7 @@ pub fn prepare(argv: &[Vec<u8>], env: &[Vec<u8>], cwd: Option<&[u8]>, uid: u32, 
     let cenv = cstrings(env, "env")?;
     let ccwd = cwd.map(|c| CString::new(c).map_err(|_| ExecError::BadRequest("cwd contains a NUL byte".into()))).transpose()?;
     let cwd_path = Path::new(OsStr::from_bytes(cwd.unwrap_or(b"/")));
-    // Checked up front for a clear message (posix_spawn reports a failed chdir as a bare errno).
+    // Checked up front for a clear message (the spawn reports a failed chdir as a bare errno).
     // The default "/" needs no check: one syscall less on the hot path.
     match cwd.map(|_| std::fs::metadata(cwd_path)) {
         None => {}
@@ -142,7 +142,9 @@ pub fn check_argv(argv: &[Vec<u8>]) -> Result<(), ExecError> {
 impl Prepared {
     /// Starts the program in a new session with the given descriptors as its stdio; with
     /// `ctty` (the path of the terminal in `stdio`) that terminal becomes its controlling one.
-    pub fn start(&self, stdio: [RawFd; 3], ctty: Option<&CStr>) -> Result<pid_t, ExecError> {
+    /// With `cgroup_procs` (a cgroup's `cgroup.procs`, open for writing) it joins that cgroup
+    /// before it execs.
+    pub fn start(&self, stdio: [RawFd; 3], ctty: Option<&CStr>, cgroup_procs: Option<RawFd>) -> Result<pid_t, ExecError> {
         let spec = SpawnSpec {
             path: &self.path,
             argv: &self.argv,
@@ -151,6 +153,7 @@ impl Prepared {
             stdio,
             creds: self.creds,
             ctty,
+            cgroup_procs,
         };
         sys::spawn(&spec).map_err(|e| {
             let text = sys::errno_text(e.errno);
@@ -162,6 +165,9 @@ impl Prepared {
                 SpawnStage::Credentials => {
                     let (uid, gid) = self.creds.unwrap_or((0, 0));
                     format!("supermachine: cannot switch to uid {uid} gid {gid}: {text}\n")
+                }
+                SpawnStage::Cgroup => {
+                    format!("supermachine: {}: cannot join the exec's cgroup: {text}\n", show(self.argv[0].as_bytes()))
                 }
                 SpawnStage::Setup | SpawnStage::Exec => {
                     format!("supermachine: {}: {text}\n", show(self.argv[0].as_bytes()))

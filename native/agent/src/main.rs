@@ -7,7 +7,9 @@
 // Unit-test builds have no entry point, so most of the crate looks unused there.
 #![cfg_attr(test, allow(dead_code))]
 
+mod background;
 mod bench;
+mod cgroup;
 mod conn;
 mod exec;
 mod files;
@@ -62,7 +64,16 @@ fn run_init() -> ! {
         Err(e) => init::fatal(&format!("boot: {e}")),
     };
     let names: Vec<String> = ports.iter().map(|p| p.name.clone()).collect();
-    let mut server = match Server::new(Listen::Ports(ports), true) {
+    // Every exec runs in a cgroup of its own with a process and a memory limit; without cgroup
+    // v2 the agent still serves, with execs unconfined.
+    let cgroups = match cgroup::Hierarchy::init() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("supermachine-agent: execs run without limits: {e}");
+            None
+        }
+    };
+    let mut server = match Server::new(Listen::Ports(ports), true, cgroups) {
         Ok(s) => s,
         Err(e) => init::fatal(&e.to_string()),
     };
@@ -95,7 +106,7 @@ fn serve_unix(path: &str) -> libc::c_int {
         return 1;
     }
     let _ = sys::set_child_subreaper();
-    let result = Server::new(Listen::Unix(listener), false).and_then(|mut s| s.run());
+    let result = Server::new(Listen::Unix(listener), false, None).and_then(|mut s| s.run());
     match result {
         Ok(()) => 0,
         Err(e) => {

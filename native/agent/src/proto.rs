@@ -3,9 +3,9 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-pub const VERSION: u16 = 2;
-/// HELLO_OK `features` of this version.
-pub const FEATURES: &str = "exec,files,bench,tty,chain,tcp,workload";
+pub const VERSION: u16 = 3;
+/// HELLO_OK `features` of this version; `limits` is added when execs run in cgroups.
+pub const FEATURES: &str = "exec,files,bench,tty,chain,tcp,workload,background";
 pub const HEADER_LEN: usize = 12;
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Largest DATA payload the agent sends.
@@ -34,6 +34,8 @@ pub const SPAWN_BENCH: u8 = 0x30;
 pub const WORKLOAD_START: u8 = 0x40;
 pub const WORKLOAD_SIGNAL: u8 = 0x41;
 pub const TCP_CONNECT: u8 = 0x50;
+pub const LIST_BACKGROUND: u8 = 0x60;
+pub const KILL_BACKGROUND: u8 = 0x61;
 
 /// DATA flag: end of this channel.
 pub const FLAG_EOF: u8 = 0x80;
@@ -295,6 +297,12 @@ pub struct Exec {
     pub rows: u16,
     /// argv of the chained command; empty: no chain.
     pub chain: Vec<Vec<u8>>,
+    /// pids.max of the exec's cgroup (None: the agent's default).
+    pub pids_max: Option<u64>,
+    /// memory.max of the exec's cgroup, bytes (None: the agent's default).
+    pub memory_max: Option<u64>,
+    /// Processes it leaves running survive a KILL_BACKGROUND that does not name it.
+    pub detach: bool,
 }
 
 impl Default for Exec {
@@ -311,6 +319,9 @@ impl Default for Exec {
             cols: DEFAULT_COLS,
             rows: DEFAULT_ROWS,
             chain: Vec::new(),
+            pids_max: None,
+            memory_max: None,
+            detach: false,
         }
     }
 }
@@ -341,6 +352,9 @@ impl Exec {
                 9 => e.cols = Some(f.u16()?).filter(|&c| c > 0).unwrap_or(DEFAULT_COLS),
                 10 => e.rows = Some(f.u16()?).filter(|&r| r > 0).unwrap_or(DEFAULT_ROWS),
                 11 => e.chain.push(f.value.to_vec()),
+                12 => e.pids_max = Some(f.u32()? as u64).filter(|&n| n > 0),
+                13 => e.memory_max = Some(f.u64()?).filter(|&n| n > 0),
+                14 => e.detach = flag(&f, "detach must be 0 or 1")?,
                 _ => {}
             }
         }
@@ -514,6 +528,27 @@ impl TcpConnect {
     }
 }
 
+/// KILL_BACKGROUND: `1 id: u32` (one exec's leftovers, detached or not) or, without it,
+/// `2 all: u8` (1: detached execs' too; default 0).
+pub fn parse_kill_background(payload: &[u8]) -> Result<crate::background::KillTarget, ProtoError> {
+    use crate::background::KillTarget;
+    let mut id = None;
+    let mut all = false;
+    for f in fields(payload) {
+        let f = f?;
+        match f.tag {
+            1 => id = Some(f.u32()?),
+            2 => all = flag(&f, "all must be 0 or 1")?,
+            _ => {}
+        }
+    }
+    Ok(match id {
+        Some(id) => KillTarget::Exec(id),
+        None if all => KillTarget::All,
+        None => KillTarget::Attached,
+    })
+}
+
 /// WINDOW payload: a bare u32 increment.
 pub fn parse_window(payload: &[u8]) -> Result<u32, ProtoError> {
     let b: [u8; 4] = payload.try_into().map_err(|_| ProtoError::BadLength { tag: 0, len: payload.len() })?;
@@ -524,18 +559,23 @@ pub fn parse_window(payload: &[u8]) -> Result<u32, ProtoError> {
 // Replies (agent → host)
 
 /// HELLO_OK; `port` is the virtio port's name (None in development mode), `vm_id` the VM id
-/// the guest has taken (None when it has none, or HELLO carried none).
-pub fn hello_ok(agent_version: &str, uptime_ms: u64, port: Option<&str>, vm_id: Option<&[u8]>) -> Vec<u8> {
+/// the guest has taken (None when it has none, or HELLO carried none); `limits` the default
+/// (pids.max, memory.max) of an exec's cgroup, when execs run in cgroups.
+pub fn hello_ok(agent_version: &str, uptime_ms: u64, port: Option<&str>, vm_id: Option<&[u8]>, limits: Option<(u64, u64)>) -> Vec<u8> {
+    let features = if limits.is_some() { format!("{FEATURES},limits") } else { FEATURES.to_string() };
     let mut w = FieldWriter::new()
         .u16(1, VERSION)
         .bytes(2, agent_version.as_bytes())
         .u64(3, uptime_ms)
-        .bytes(4, FEATURES.as_bytes());
+        .bytes(4, features.as_bytes());
     if let Some(p) = port {
         w = w.bytes(5, p.as_bytes());
     }
     if let Some(id) = vm_id {
         w = w.bytes(6, id);
+    }
+    if let Some((pids, memory)) = limits {
+        w = w.u32(7, pids.min(u32::MAX as u64) as u32).u64(8, memory);
     }
     w.finish()
 }
@@ -550,8 +590,14 @@ pub fn error_fields(code: u32, message: &str, errno: Option<i32>) -> Vec<u8> {
     .finish()
 }
 
-pub fn started(pid: u32) -> Vec<u8> {
-    FieldWriter::new().u32(1, pid).finish()
+/// STARTED; `exec_id` names the exec's cgroup (and its leftovers), when it has one.
+pub fn started(pid: u32, exec_id: Option<u32>) -> Vec<u8> {
+    let w = FieldWriter::new().u32(1, pid);
+    match exec_id {
+        Some(id) => w.u32(2, id),
+        None => w,
+    }
+    .finish()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -563,6 +609,10 @@ pub struct ExitInfo {
     pub duration_us: u64,
     /// 0: the first command, 1: the chained one.
     pub step: u8,
+    /// The OOM killer took the exec (its cgroup's memory.max was reached).
+    pub oom_killed: bool,
+    /// A fork of the exec failed at its cgroup's pids.max.
+    pub pids_limited: bool,
 }
 
 impl ExitInfo {
@@ -574,6 +624,8 @@ impl ExitInfo {
             .u64(4, self.peak_rss_kib)
             .u64(5, self.duration_us)
             .u8(6, self.step)
+            .u8(7, self.oom_killed as u8)
+            .u8(8, self.pids_limited as u8)
             .finish()
     }
 }
@@ -584,6 +636,10 @@ pub fn ok_size(size: u64) -> Vec<u8> {
 
 pub fn ok_pid(pid: u32) -> Vec<u8> {
     FieldWriter::new().u32(3, pid).finish()
+}
+
+pub fn ok_killed(count: u32) -> Vec<u8> {
+    FieldWriter::new().u32(4, count).finish()
 }
 
 pub fn ok_samples(samples: &[u64]) -> Vec<u8> {
@@ -644,7 +700,7 @@ mod tests {
         assert_eq!(e.argv, vec![b"echo".to_vec(), b"hi".to_vec()]);
         assert_eq!(e.env, vec![b"PATH=/bin".to_vec()]);
         assert_eq!((e.timeout_ms, e.uid, e.gid, e.stdin_pipe, e.cwd), (300, 1000, 0, true, None));
-        let x = ExitInfo { exit_code: -1, signal: 9, timed_out: true, peak_rss_kib: 5, duration_us: 6, step: 1 };
+        let x = ExitInfo { exit_code: -1, signal: 9, timed_out: true, peak_rss_kib: 5, duration_us: 6, step: 1, oom_killed: true, pids_limited: true };
         let mut got = ExitInfo::default();
         for f in fields(&x.encode()) {
             let f = f.unwrap();
@@ -655,6 +711,8 @@ mod tests {
                 4 => got.peak_rss_kib = f.u64().unwrap(),
                 5 => got.duration_us = f.u64().unwrap(),
                 6 => got.step = f.u8().unwrap(),
+                7 => got.oom_killed = f.u8().unwrap() == 1,
+                8 => got.pids_limited = f.u8().unwrap() == 1,
                 _ => panic!(),
             }
         }
@@ -722,6 +780,23 @@ mod tests {
     }
 
     #[test]
+    fn exec_v3_limits_and_kill_targets() {
+        use crate::background::KillTarget;
+        let p = FieldWriter::new().bytes(1, b"sh").u32(12, 100).u64(13, 64 << 20).u8(14, 1).finish();
+        let e = Exec::parse(&p).unwrap();
+        assert_eq!((e.pids_max, e.memory_max, e.detach), (Some(100), Some(64 << 20), true));
+        // 0 (or absent) is the default.
+        let e = Exec::parse(&FieldWriter::new().bytes(1, b"sh").u32(12, 0).u64(13, 0).finish()).unwrap();
+        assert_eq!((e.pids_max, e.memory_max, e.detach), (None, None, false));
+        assert!(Exec::parse(&FieldWriter::new().bytes(1, b"sh").u8(14, 2).finish()).is_err());
+        assert!(Exec::parse(&FieldWriter::new().bytes(1, b"sh").u64(12, 1).finish()).is_err());
+        assert_eq!(parse_kill_background(&[]), Ok(KillTarget::Attached));
+        assert_eq!(parse_kill_background(&FieldWriter::new().u8(2, 1).finish()), Ok(KillTarget::All));
+        assert_eq!(parse_kill_background(&FieldWriter::new().u32(1, 9).u8(2, 1).finish()), Ok(KillTarget::Exec(9)));
+        assert!(parse_kill_background(&FieldWriter::new().u8(1, 9).finish()).is_err());
+    }
+
+    #[test]
     fn resize_and_tcp_connect() {
         let r = Resize::parse(&FieldWriter::new().u16(1, 100).u16(2, 30).finish()).unwrap();
         assert_eq!(r, Resize { cols: 100, rows: 30 });
@@ -744,12 +819,18 @@ mod tests {
     #[test]
     fn v2_replies() {
         let parse = |p: &[u8]| fields(p).map(|f| f.map(|f| (f.tag, f.value.to_vec()))).collect::<Result<Vec<_>, _>>().unwrap();
-        let ok = parse(&hello_ok("0.1.0", 5, Some("supermachine.1"), None));
+        let ok = parse(&hello_ok("0.1.0", 5, Some("supermachine.1"), None, None));
         assert_eq!(ok[0], (1, VERSION.to_le_bytes().to_vec()));
-        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload".to_vec()));
+        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload,background".to_vec()));
         assert_eq!(ok[4], (5, b"supermachine.1".to_vec()));
-        assert_eq!(parse(&hello_ok("0.1.0", 5, None, None)).len(), 4);
-        assert_eq!(parse(&hello_ok("0.1.0", 5, None, Some(b"vm-1")))[4], (6, b"vm-1".to_vec()));
+        assert_eq!(parse(&hello_ok("0.1.0", 5, None, None, None)).len(), 4);
+        assert_eq!(parse(&hello_ok("0.1.0", 5, None, Some(b"vm-1"), None))[4], (6, b"vm-1".to_vec()));
+        let ok = parse(&hello_ok("0.1.0", 5, None, None, Some((474, 1 << 28))));
+        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload,background,limits".to_vec()));
+        assert_eq!(ok[4], (7, 474u32.to_le_bytes().to_vec()));
+        assert_eq!(ok[5], (8, (1u64 << 28).to_le_bytes().to_vec()));
+        assert_eq!(parse(&started(7, Some(3))), vec![(1, 7u32.to_le_bytes().to_vec()), (2, 3u32.to_le_bytes().to_vec())]);
+        assert_eq!(parse(&started(7, None)).len(), 1);
         let e = parse(&error_fields(REFUSED, "refused", Some(111)));
         assert_eq!(e, vec![(1, 9u32.to_le_bytes().to_vec()), (2, b"refused".to_vec()), (3, 111u32.to_le_bytes().to_vec())]);
         assert_eq!(parse(&error_fields(BAD_REQUEST, "x", None)).len(), 2);

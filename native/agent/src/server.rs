@@ -9,8 +9,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 
 use crate::conn::Conn;
+use crate::cgroup::Hierarchy;
 use crate::identity::Identity;
-use crate::stream::{token, ConnId, Ctx, Output, Procs, Token, T_CONN, T_LISTENER, T_SIGNAL, T_STREAM, T_TIMER};
+use crate::stream::{token, ConnId, Ctx, Output, Procs, Token, T_CGROUP, T_CONN, T_LISTENER, T_SIGNAL, T_STREAM, T_TIMER};
 use crate::sys::{self, Epoll, Event, TimerFd, EPOLLIN};
 use crate::workload::Workload;
 
@@ -75,7 +76,7 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(listen: Listen, init_mode: bool) -> Result<Server, ServerError> {
+    pub fn new(listen: Listen, init_mode: bool, cgroups: Option<Hierarchy>) -> Result<Server, ServerError> {
         let epoll = Epoll::new().map_err(|e| ServerError::Setup("epoll_create1", e))?;
         let sigfd = sys::sigchld_fd().map_err(|e| ServerError::Setup("signalfd", e))?;
         let timer = TimerFd::new().map_err(|e| ServerError::Setup("timerfd_create", e))?;
@@ -89,7 +90,7 @@ impl Server {
         epoll.add(sigfd.as_raw_fd(), EPOLLIN, token(T_SIGNAL, 0, 0, 0)).map_err(ctl)?;
         epoll.add(timer.raw(), EPOLLIN, token(T_TIMER, 0, 0, 0)).map_err(ctl)?;
         let mut s = Server {
-            sh: Shared { epoll, procs: Procs::new(devnull), workload: Workload::default(), identity: Identity::default(), init_mode },
+            sh: Shared { epoll, procs: Procs::new(devnull, cgroups), workload: Workload::default(), identity: Identity::default(), init_mode },
             sigfd,
             timer,
             listener: None,
@@ -163,6 +164,7 @@ impl Server {
                     conn.on_stream_event(&mut self.sh, t.id, t.slot, ev.events);
                 }
             }
+            T_CGROUP => self.sh.procs.on_cgroup_event(&self.sh.epoll, t.id),
             _ => {}
         }
     }

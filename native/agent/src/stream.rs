@@ -10,6 +10,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use crate::background::Background;
+use crate::cgroup::{ExecGroup, Hierarchy};
 use crate::proto::{self, Header};
 use crate::sys::{self, pid_t, Epoll, Reaped};
 
@@ -34,6 +36,8 @@ pub const T_TIMER: u8 = 2;
 pub const T_LISTENER: u8 = 3;
 pub const T_CONN: u8 = 4;
 pub const T_STREAM: u8 = 5;
+/// A leftover exec's `cgroup.events` (the id is the exec id).
+pub const T_CGROUP: u8 = 6;
 
 pub fn token(kind: u8, conn: ConnId, slot: u8, id: u32) -> u64 {
     (id as u64) << 32 | (slot as u64) << 16 | (conn as u64) << 8 | kind as u64
@@ -164,16 +168,41 @@ pub struct Procs {
     deadlines: BTreeSet<(u64, ConnId, u32)>,
     /// Read-write /dev/null, the stdin of processes without one.
     pub devnull: OwnedFd,
+    /// The cgroup hierarchy (PID-1 mode, when the kernel has cgroup v2): every exec gets a group.
+    pub cgroups: Option<Hierarchy>,
+    /// Processes execs left running.
+    pub background: Background,
 }
 
 impl Procs {
-    pub fn new(devnull: OwnedFd) -> Procs {
-        Procs { children: HashMap::new(), deadlines: BTreeSet::new(), devnull }
+    pub fn new(devnull: OwnedFd, cgroups: Option<Hierarchy>) -> Procs {
+        Procs { children: HashMap::new(), deadlines: BTreeSet::new(), devnull, cgroups, background: Background::default() }
     }
 
     /// The stream a reaped child belongs to (and forgets it).
     pub fn take_child(&mut self, pid: pid_t) -> Option<(ConnId, u32)> {
         self.children.remove(&pid)
+    }
+
+    /// An exec is over: its group is reused (or removed) if nothing runs in it any more, and
+    /// kept as a leftover otherwise.
+    pub fn settle_exec(&mut self, epoll: &Epoll, group: ExecGroup, argv: Vec<Vec<u8>>, detach: bool, killed: bool) {
+        let idle = if group.populated() { self.background.adopt(epoll, group, argv, detach, killed) } else { Some(group) };
+        self.recycle(idle);
+    }
+
+    /// A leftover's `cgroup.events` changed.
+    pub fn on_cgroup_event(&mut self, epoll: &Epoll, id: u32) {
+        let idle = self.background.on_event(epoll, id);
+        self.recycle(idle);
+    }
+
+    fn recycle(&mut self, group: Option<ExecGroup>) {
+        match (group, self.cgroups.as_mut()) {
+            (Some(g), Some(h)) => h.recycle(g),
+            (Some(g), None) => g.discard(),
+            (None, _) => {}
+        }
     }
 
     pub fn next_deadline(&self) -> Option<u64> {

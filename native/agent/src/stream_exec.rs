@@ -11,6 +11,7 @@ use std::ffi::CStr;
 use std::io;
 use std::os::fd::RawFd;
 
+use crate::cgroup::ExecGroup;
 use crate::exec::{self, ExecError};
 use crate::pipes::PipeIo;
 use crate::proto::{self, ExitInfo};
@@ -69,6 +70,14 @@ pub struct ExecStream {
     /// Set once no further process will run: what EXIT will say.
     exit: Option<ExitInfo>,
     done: bool,
+    /// The exec's cgroup (PID-1 mode): every process of the exec, chain included, runs in it.
+    /// Handed to the leftovers table once the last command is reaped.
+    group: Option<ExecGroup>,
+    /// Its processes were killed (timeout, cancel): kill the whole group.
+    killed: bool,
+    /// For the leftovers table: the exec's argv and whether it asked to be spared.
+    argv: Vec<Vec<u8>>,
+    detach: bool,
 }
 
 /// The process could not be started: message on stderr (channel 1 on a terminal, where
@@ -121,11 +130,21 @@ pub fn open(cx: &mut Ctx, payload: &[u8]) -> Option<Box<dyn Stream>> {
             return None;
         }
     };
+    let group = match cx.procs.cgroups.as_mut().map(|h| h.create_exec(req.pids_max, req.memory_max)).transpose() {
+        Ok(g) => g,
+        Err(e) => {
+            failed(cx, req.tty, 126, &format!("supermachine: cannot create the exec's cgroup: {e}\n"));
+            return None;
+        }
+    };
     let start_ns = sys::monotonic_ns();
     let (stdio, ctty) = io.child_stdio(cx.devnull());
-    let pid = match prepared.start(stdio, ctty) {
+    let pid = match prepared.start(stdio, ctty, group.as_ref().map(ExecGroup::procs_fd)) {
         Ok(pid) => pid,
         Err(e) => {
+            if let Some(g) = group {
+                cx.procs.settle_exec(cx.epoll, g, Vec::new(), false, false);
+            }
             failed(cx, req.tty, e.exit_code().unwrap_or(126), e.message());
             return None;
         }
@@ -133,7 +152,7 @@ pub fn open(cx: &mut Ctx, payload: &[u8]) -> Option<Box<dyn Stream>> {
     if !keep_child_ends {
         io.release_child_ends();
     }
-    cx.send_lazy(proto::STARTED, 0, &proto::started(pid as u32));
+    cx.send_lazy(proto::STARTED, 0, &proto::started(pid as u32, group.as_ref().map(|g| g.id)));
     cx.watch_child(pid);
     let deadline = if req.timeout_ms > 0 { start_ns.saturating_add(req.timeout_ms.saturating_mul(1_000_000)) } else { 0 };
     cx.set_deadline(deadline);
@@ -151,23 +170,29 @@ pub fn open(cx: &mut Ctx, payload: &[u8]) -> Option<Box<dyn Stream>> {
         cancelled: false,
         exit: None,
         done: false,
+        group,
+        killed: false,
+        argv: req.argv,
+        detach: req.detach,
     };
     s.io.sync(cx);
     Some(Box::new(s))
 }
 
 impl ExecStream {
-    /// Starts the chained command on the same stdio.
+    /// Starts the chained command on the same stdio, in the same cgroup.
     fn start_chain(&mut self, cx: &mut Ctx, chain: Chain) -> Result<pid_t, ExecError> {
         let prepared = exec::prepare(&chain.argv, &chain.env, chain.cwd.as_deref(), chain.uid, chain.gid)?;
         let (stdio, ctty) = self.io.child_stdio(cx.devnull());
-        prepared.start(stdio, ctty)
+        prepared.start(stdio, ctty, self.group.as_ref().map(ExecGroup::procs_fd))
     }
 
-    /// Nothing more will run: forward what is left, then EOFs and EXIT.
+    /// Nothing more will run: forward what is left, then EOFs and EXIT. The cgroup goes to the
+    /// leftovers table (removed at once when nothing runs in it any more).
     fn conclude(&mut self, cx: &mut Ctx, exit_code: i32, signal: u32, trailer: &[u8]) {
         cx.clear_deadline(self.deadline);
         self.chain = None;
+        let (oom_killed, pids_limited) = self.group.as_mut().map_or((false, false), ExecGroup::outcome);
         self.exit = Some(ExitInfo {
             exit_code,
             signal,
@@ -175,10 +200,20 @@ impl ExecStream {
             peak_rss_kib: self.peak_rss_kib,
             duration_us: sys::monotonic_ns().saturating_sub(self.start_ns) / 1000,
             step: self.step,
+            oom_killed,
+            pids_limited,
         });
+        self.settle_group(cx);
         self.io.release_child_ends();
         self.io.finish(cx, self.cancelled, trailer);
         self.maybe_end(cx);
+    }
+
+    fn settle_group(&mut self, cx: &mut Ctx) {
+        if let Some(g) = self.group.take() {
+            let argv = std::mem::take(&mut self.argv);
+            cx.procs.settle_exec(cx.epoll, g, argv, self.detach, self.killed);
+        }
     }
 
     fn maybe_end(&mut self, cx: &mut Ctx) {
@@ -190,9 +225,16 @@ impl ExecStream {
         end(cx, info);
     }
 
+    /// Kills the exec: its whole cgroup (processes it left in the background and forks in
+    /// flight included), or its process group without cgroups.
     fn kill(&mut self) {
-        if self.running {
-            let _ = sys::kill(-self.pid, libc::SIGKILL);
+        self.killed = true;
+        match &self.group {
+            Some(g) => g.kill(),
+            None if self.running => {
+                let _ = sys::kill(-self.pid, libc::SIGKILL);
+            }
+            None => {}
         }
     }
 }
@@ -292,6 +334,7 @@ impl Stream for ExecStream {
             cx.forget_child(self.pid);
             self.running = false;
         }
+        self.settle_group(cx);
         cx.clear_deadline(self.deadline);
         self.done = true;
     }

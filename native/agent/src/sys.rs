@@ -214,6 +214,7 @@ pub const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
 pub const EPOLLERR: u32 = libc::EPOLLERR as u32;
 pub const EPOLLHUP: u32 = libc::EPOLLHUP as u32;
 pub const EPOLLET: u32 = libc::EPOLLET as u32;
+pub const EPOLLPRI: u32 = libc::EPOLLPRI as u32;
 
 #[derive(Clone, Copy)]
 pub struct Event {
@@ -427,6 +428,8 @@ pub enum SpawnStage {
     Chdir,
     Credentials,
     Exec,
+    /// Joining its cgroup (cgroup.procs refused the process: the cgroup is gone or full).
+    Cgroup,
 }
 
 #[derive(Debug)]
@@ -442,27 +445,32 @@ pub struct SpawnSpec<'a> {
     pub env: &'a [CString],
     pub cwd: Option<&'a CStr>,
     pub stdio: [RawFd; 3],
-    /// `Some((uid, gid))` to switch credentials (requires fork+exec).
+    /// `Some((uid, gid))` to switch credentials.
     pub creds: Option<(u32, u32)>,
     /// The path of a terminal slave (also in `stdio`) to make the controlling terminal of the
     /// new session.
     pub ctty: Option<&'a CStr>,
+    /// A `cgroup.procs` file open for writing: the child joins that cgroup before it execs, so
+    /// nothing it runs ever lives outside it.
+    pub cgroup_procs: Option<RawFd>,
 }
 
 fn ptr_array(items: &[CString]) -> Vec<*const libc::c_char> {
     items.iter().map(|s| s.as_ptr()).chain(std::iter::once(ptr::null())).collect()
 }
 
-extern "C" {
-    // glibc >= 2.29; not declared by libc 0.2.139.
-    fn posix_spawn_file_actions_addchdir_np(
-        actions: *mut libc::posix_spawn_file_actions_t,
-        path: *const libc::c_char,
-    ) -> libc::c_int;
+/// Set once the agent protected itself from the OOM killer (`protect_from_oom`): every child
+/// then puts its own `oom_score_adj` back to 0 before it execs.
+static OOM_PROTECTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// oom_score_adj -1000: the OOM killer never chooses this process. The value is inherited, so
+/// from now on every spawned child resets its own before it execs.
+pub fn protect_from_oom() -> io::Result<()> {
+    std::fs::write("/proc/self/oom_score_adj", "-1000")?;
+    OOM_PROTECTED.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
-/// Starts a process in a new session (it leads its own process group).
-/// Uses posix_spawn (CLONE_VFORK in glibc) unless credentials must change.
 /// Makes the calling process a SCHED_BATCH task (no wake-up preemption of running tasks).
 pub fn set_sched_batch() -> io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
@@ -473,171 +481,143 @@ pub fn set_sched_batch() -> io::Result<()> {
     Ok(())
 }
 
+/// Everything the child of `spawn` needs, prepared before the clone: the child runs in the
+/// agent's address space (CLONE_VM) and must not allocate. It reports a failure in `stage` and
+/// `errno` (read by the parent once the child is gone; CLONE_VFORK suspends the parent until then).
+#[repr(C)]
+struct ChildArgs {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    stdio: [RawFd; 3],
+    ctty: bool,
+    creds: Option<(u32, u32)>,
+    cgroup_procs: RawFd,
+    reset_oom: bool,
+    sigmask: libc::sigset_t,
+    stage: i32,
+    errno: i32,
+}
+
+const STAGE_NONE: i32 = -1;
+/// Stack of a spawn child: it only makes system calls (through libc's thin wrappers).
+const CHILD_STACK: usize = 64 * 1024;
+
+/// The child side of `spawn`, on its own stack in the agent's memory, until execve.
+extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the ChildArgs the parent passed to clone; the parent is suspended
+    // (CLONE_VFORK) until this child execs or exits, so nothing else touches it. Only
+    // async-signal-safe system calls are made; nothing allocates or takes a lock. The child has
+    // its own signal dispositions (no CLONE_SIGHAND) and no handlers are installed, so no
+    // handler can run on this stack.
+    unsafe {
+        let a = &mut *(arg as *mut ChildArgs);
+        let fail = |a: &mut ChildArgs, stage: SpawnStage| -> libc::c_int {
+            ptr::write_volatile(&mut a.errno, *libc::__errno_location());
+            ptr::write_volatile(&mut a.stage, stage as i32);
+            libc::_exit(127)
+        };
+        // First, while the child still runs nothing of the program: its cgroup and its OOM score.
+        if a.cgroup_procs >= 0 && libc::write(a.cgroup_procs, b"0\n".as_ptr().cast(), 2) != 2 {
+            return fail(a, SpawnStage::Cgroup);
+        }
+        if a.reset_oom {
+            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0\n".as_ptr().cast(), 2) != 2 {
+                return fail(a, SpawnStage::Setup);
+            }
+            libc::close(fd);
+        }
+        libc::sigprocmask(libc::SIG_SETMASK, &a.sigmask, ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
+        if libc::setsid() < 0 {
+            return fail(a, SpawnStage::Setup);
+        }
+        for (target, &fd) in a.stdio.iter().enumerate() {
+            let target = target as libc::c_int;
+            // dup2 onto itself would keep close-on-exec: clear the flag instead.
+            let r = if fd == target { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, target) };
+            if r < 0 {
+                return fail(a, SpawnStage::Setup);
+            }
+        }
+        if a.ctty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            return fail(a, SpawnStage::Setup);
+        }
+        if !a.cwd.is_null() && libc::chdir(a.cwd) < 0 {
+            return fail(a, SpawnStage::Chdir);
+        }
+        if let Some((uid, gid)) = a.creds {
+            // Raw system calls: libc's wrappers would broadcast to threads through its own
+            // bookkeeping, which belongs to the parent here.
+            let groups = [gid];
+            if libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) < 0
+                || libc::syscall(libc::SYS_setgid, gid) < 0
+                || libc::syscall(libc::SYS_setuid, uid) < 0
+            {
+                return fail(a, SpawnStage::Credentials);
+            }
+        }
+        libc::execve(a.path, a.argv, a.envp);
+        fail(a, SpawnStage::Exec)
+    }
+}
+
+/// Starts a process in a new session (it leads its own process group), in `cgroup_procs`'s
+/// cgroup when given. Like posix_spawn it clones with CLONE_VM | CLONE_VFORK (no copy of the
+/// agent's memory; the agent waits only until the child has exec'd), but the child also joins
+/// its cgroup and gives up the agent's OOM protection before it execs.
 pub fn spawn(spec: &SpawnSpec) -> Result<pid_t, SpawnError> {
+    let setup = |errno| SpawnError { stage: SpawnStage::Setup, errno };
     let argv = ptr_array(spec.argv);
     let envp = ptr_array(spec.env);
-    match spec.creds {
-        None => posix_spawn(spec, &argv, &envp),
-        Some((uid, gid)) => fork_exec(spec, &argv, &envp, uid, gid),
-    }
-}
-
-fn posix_spawn(spec: &SpawnSpec, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> Result<pid_t, SpawnError> {
-    let setup = |errno| SpawnError { stage: SpawnStage::Setup, errno };
-    // SAFETY: attr and actions are initialised before use and destroyed on every path; every
-    // pointer handed to posix_spawn (path, argv, envp, cwd) outlives the call, and argv/envp are
-    // NULL-terminated arrays of valid C strings.
-    unsafe {
-        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
-        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
-        let r = libc::posix_spawnattr_init(&mut attr);
-        if r != 0 {
-            return Err(setup(r));
-        }
-        let r = libc::posix_spawn_file_actions_init(&mut actions);
-        if r != 0 {
-            libc::posix_spawnattr_destroy(&mut attr);
-            return Err(setup(r));
-        }
-        let empty = sigset_of(&[]);
-        let defaults = sigset_of(&[libc::SIGPIPE, libc::SIGCHLD]);
-        let flags = libc::POSIX_SPAWN_SETSID
-            | libc::POSIX_SPAWN_SETSIGMASK
-            | libc::POSIX_SPAWN_SETSIGDEF
-            | libc::POSIX_SPAWN_SETSCHEDULER;
-        let mut r = libc::posix_spawnattr_setflags(&mut attr, flags as libc::c_short);
-        if r == 0 {
-            r = libc::posix_spawnattr_setschedpolicy(&mut attr, libc::SCHED_OTHER);
-        }
-        if r == 0 {
-            let param = libc::sched_param { sched_priority: 0 };
-            r = libc::posix_spawnattr_setschedparam(&mut attr, &param);
-        }
-        if r == 0 {
-            r = libc::posix_spawnattr_setsigmask(&mut attr, &empty);
-        }
-        if r == 0 {
-            r = libc::posix_spawnattr_setsigdefault(&mut attr, &defaults);
-        }
-        match spec.ctty {
-            // glibc's child runs setsid() (POSIX_SPAWN_SETSID) before the file actions, so this
-            // open (without O_NOCTTY) by a session leader without a terminal makes the slave
-            // its controlling terminal; a dup2 of the agent's slave descriptor would not.
-            Some(path) => {
-                r = libc::posix_spawn_file_actions_addopen(&mut actions, 0, path.as_ptr(), libc::O_RDWR, 0);
-                for target in 1..3 {
-                    if r == 0 {
-                        r = libc::posix_spawn_file_actions_adddup2(&mut actions, 0, target);
-                    }
-                }
-            }
-            None => {
-                for (target, &fd) in spec.stdio.iter().enumerate() {
-                    if r == 0 {
-                        r = libc::posix_spawn_file_actions_adddup2(&mut actions, fd, target as libc::c_int);
-                    }
-                }
-            }
-        }
-        if r == 0 {
-            if let Some(cwd) = spec.cwd {
-                r = posix_spawn_file_actions_addchdir_np(&mut actions, cwd.as_ptr());
-            }
-        }
-        let mut pid: pid_t = 0;
-        let result = if r != 0 {
-            Err(setup(r))
-        } else {
-            let r = libc::posix_spawn(
-                &mut pid,
-                spec.path.as_ptr(),
-                &actions,
-                &attr,
-                argv.as_ptr() as *const *mut libc::c_char,
-                envp.as_ptr() as *const *mut libc::c_char,
-            );
-            if r == 0 {
-                Ok(pid)
-            } else {
-                Err(SpawnError { stage: SpawnStage::Exec, errno: r })
-            }
-        };
-        libc::posix_spawn_file_actions_destroy(&mut actions);
-        libc::posix_spawnattr_destroy(&mut attr);
-        result
-    }
-}
-
-fn fork_exec(
-    spec: &SpawnSpec,
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-    uid: u32,
-    gid: u32,
-) -> Result<pid_t, SpawnError> {
-    let setup = |e: io::Error| SpawnError { stage: SpawnStage::Setup, errno: e.raw_os_error().unwrap_or(libc::EIO) };
-    let (err_r, err_w) = pipe().map_err(setup)?;
-    let empty = sigset_of(&[]);
-    // SAFETY: after fork the child only makes async-signal-safe calls (no allocation: every
-    // buffer was prepared before the fork) and ends in execve or _exit.
-    let pid = unsafe { libc::fork() };
+    let mut args = ChildArgs {
+        path: spec.path.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        cwd: spec.cwd.map_or(ptr::null(), |c| c.as_ptr()),
+        stdio: spec.stdio,
+        ctty: spec.ctty.is_some(),
+        creds: spec.creds,
+        cgroup_procs: spec.cgroup_procs.unwrap_or(-1),
+        reset_oom: OOM_PROTECTED.load(std::sync::atomic::Ordering::Relaxed),
+        sigmask: sigset_of(&[]),
+        stage: STAGE_NONE,
+        errno: 0,
+    };
+    let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
+    // SAFETY: the stack is CHILD_STACK bytes of writable memory that outlives the child's use
+    // of it (CLONE_VFORK: clone returns once the child has exec'd or exited); clone aligns the
+    // top itself. `args` and everything it points to (argv, envp, path, cwd) outlive the call.
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(CHILD_STACK);
+        libc::clone(
+            spawn_child,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&mut args as *mut ChildArgs).cast(),
+        )
+    };
     if pid < 0 {
-        return Err(setup(io::Error::last_os_error()));
+        return Err(setup(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)));
     }
-    if pid == 0 {
-        // SAFETY: child side of fork; see above.
-        unsafe {
-            let fail = |stage: u32| -> ! {
-                let report = [stage, *libc::__errno_location() as u32];
-                libc::write(err_w.as_raw_fd(), report.as_ptr().cast(), 8);
-                libc::_exit(127)
-            };
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            let param = libc::sched_param { sched_priority: 0 };
-            libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
-            libc::setsid();
-            for (target, &fd) in spec.stdio.iter().enumerate() {
-                if libc::dup2(fd, target as libc::c_int) < 0 {
-                    fail(0);
-                }
-            }
-            if spec.ctty.is_some() && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                fail(0);
-            }
-            if let Some(cwd) = spec.cwd {
-                if libc::chdir(cwd.as_ptr()) < 0 {
-                    fail(1);
-                }
-            }
-            let groups = [gid];
-            if libc::setgroups(1, groups.as_ptr()) < 0 || libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
-                fail(2);
-            }
-            libc::execve(spec.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            fail(3);
-        }
-    }
-    drop(err_w);
-    let mut report = [0u8; 8];
-    let mut got = 0;
-    while got < 8 {
-        match read(err_r.as_raw_fd(), &mut report[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
-    if got < 8 {
-        return Ok(pid); // exec succeeded: the close-on-exec pipe closed without a report
+    // SAFETY: the child wrote these (if at all) before it exited; it is gone now.
+    let (stage, errno) = unsafe { (ptr::read_volatile(&args.stage), ptr::read_volatile(&args.errno)) };
+    drop(stack);
+    if stage == STAGE_NONE {
+        return Ok(pid);
     }
     reap_blocking(pid);
-    let stage = match u32::from_ne_bytes(report[..4].try_into().unwrap_or([0; 4])) {
-        1 => SpawnStage::Chdir,
-        2 => SpawnStage::Credentials,
-        3 => SpawnStage::Exec,
+    let stage = match stage {
+        s if s == SpawnStage::Chdir as i32 => SpawnStage::Chdir,
+        s if s == SpawnStage::Credentials as i32 => SpawnStage::Credentials,
+        s if s == SpawnStage::Exec as i32 => SpawnStage::Exec,
+        s if s == SpawnStage::Cgroup as i32 => SpawnStage::Cgroup,
         _ => SpawnStage::Setup,
     };
-    let errno = i32::from_ne_bytes(report[4..].try_into().unwrap_or([0; 4]));
     Err(SpawnError { stage, errno })
 }
 

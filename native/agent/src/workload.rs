@@ -56,8 +56,8 @@ impl fmt::Display for WorkloadError {
 
 impl Workload {
     /// Starts the workload: a process of its own session whose output goes to the agent's
-    /// console, not to a stream.
-    pub fn start(&mut self, payload: &[u8], devnull: RawFd) -> Result<pid_t, WorkloadError> {
+    /// console, not to a stream; in the workload's cgroup when `cgroup_procs` is given.
+    pub fn start(&mut self, payload: &[u8], devnull: RawFd, cgroup_procs: Option<RawFd>) -> Result<pid_t, WorkloadError> {
         if let Some(pid) = self.pid {
             return Err(WorkloadError::AlreadyRunning(pid));
         }
@@ -67,7 +67,7 @@ impl Workload {
             ExecError::NotFound(m) => WorkloadError::NotFound(m),
             ExecError::CannotStart(m, errno) => WorkloadError::Io(m, errno),
         })?;
-        let pid = prepared.start([devnull, 1, 2], None).map_err(|e| match e {
+        let pid = prepared.start([devnull, 1, 2], None, cgroup_procs).map_err(|e| match e {
             ExecError::CannotStart(m, errno) => WorkloadError::Io(m, errno),
             other => WorkloadError::Io(other.to_string(), None),
         })?;

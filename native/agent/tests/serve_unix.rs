@@ -27,6 +27,8 @@ const READ_FILE: u8 = 0x21;
 const OK: u8 = 0x22;
 const SPAWN_BENCH: u8 = 0x30;
 const TCP_CONNECT: u8 = 0x50;
+const LIST_BACKGROUND: u8 = 0x60;
+const KILL_BACKGROUND: u8 = 0x61;
 const EOF: u8 = 0x80;
 const INITIAL_WINDOW: i64 = 262_144;
 
@@ -78,7 +80,7 @@ impl Agent {
 
     fn hello(&self) -> Client {
         let mut c = self.connect();
-        c.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 2).u64(3, 0).finish());
+        c.send(HELLO, 0, 0, &Fields::new().u16(1, 3).u16(2, 3).u64(3, 0).finish());
         let f = c.recv();
         assert_eq!(f.ty, HELLO_OK);
         c
@@ -335,12 +337,14 @@ fn hello_ping_and_frames_before_hello() {
     let agent = Agent::start("hello");
     let mut c = agent.connect();
     c.send(PING, 0, 9, b"ignored"); // before HELLO: ignored
-    c.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 3).bytes(77, b"future field").finish());
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 4).bytes(77, b"future field").finish());
     let f = c.recv();
     assert_eq!(f.ty, HELLO_OK);
     let fs = parse_fields(&f.payload);
-    assert_eq!(field(&fs, 1), &2u16.to_le_bytes());
-    assert_eq!(field(&fs, 4), b"exec,files,bench,tty,chain,tcp,workload");
+    assert_eq!(field(&fs, 1), &3u16.to_le_bytes());
+    // Development mode runs execs without cgroups: no `limits`, no default limits (tags 6, 7).
+    assert_eq!(field(&fs, 4), b"exec,files,bench,tty,chain,tcp,workload,background");
+    assert!(!fs.iter().any(|(t, _)| *t == 6 || *t == 7));
     assert!(!fs.iter().any(|(t, _)| *t == 5), "no port name in development mode");
     assert!(!field(&fs, 2).is_empty());
     fu64(&fs, 3);
@@ -348,15 +352,15 @@ fn hello_ping_and_frames_before_hello() {
     let f = c.recv();
     assert_eq!((f.ty, f.stream, &f.payload[..]), (PONG, 42, &b"payload"[..]));
     // Version mismatch → GOAWAY VERSION, then the connection closes; a new one works.
-    c.send(HELLO, 0, 0, &Fields::new().u16(1, 3).u16(2, 5).finish());
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 4).u16(2, 5).finish());
     let f = c.recv();
     assert_eq!(f.ty, GOAWAY);
     assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
     let mut c = agent.hello();
     assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
-    // Version 1 only (a host from before version 2) → GOAWAY VERSION too.
+    // Version 2 only (a host from before version 3) → GOAWAY VERSION too.
     let mut old = agent.connect();
-    old.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 1).finish());
+    old.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 2).finish());
     let f = old.recv();
     assert_eq!(f.ty, GOAWAY);
     assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
@@ -550,6 +554,35 @@ fn spawn_bench_and_exec_rate() {
 }
 
 #[test]
+fn background_requests_without_cgroups() {
+    // Development mode runs execs without cgroups: nothing is tracked, both requests answer OK,
+    // a malformed kill is BAD_REQUEST, and execs carry no exec id.
+    let agent = Agent::start("background");
+    let mut c = agent.hello();
+    c.send(LIST_BACKGROUND, 0, 5, &[]);
+    let f = c.recv();
+    assert_eq!((f.ty, f.stream, f.payload.len()), (OK, 5, 0));
+    c.send(KILL_BACKGROUND, 0, 6, &Fields::new().u8(2, 1).finish());
+    let f = c.recv();
+    assert_eq!((f.ty, f.stream), (OK, 6));
+    assert_eq!(fu32(&parse_fields(&f.payload), 4), 0);
+    c.send(KILL_BACKGROUND, 0, 7, &Fields::new().u8(1, 1).finish());
+    let f = c.recv();
+    assert_eq!((f.ty, f.stream), (STREAM_ERROR, 7));
+    assert_eq!(fu32(&parse_fields(&f.payload), 1), 1);
+    let id = c.exec(&["true"], Fields::new().u32(12, 5).u64(13, 1 << 20).u8(14, 1));
+    let f = loop {
+        let f = c.recv();
+        if f.ty == STARTED && f.stream == id {
+            break f;
+        }
+        assert_ne!(f.ty, EXIT, "no STARTED");
+    };
+    assert_eq!(parse_fields(&f.payload).len(), 1, "no exec_id without cgroups");
+    assert_eq!(c.wait(id).code(), 0);
+}
+
+#[test]
 fn garbage_gets_goaway_and_agent_survives() {
     let agent = Agent::start("garbage");
     let mut c = agent.hello();
@@ -628,7 +661,7 @@ fn at_most_eight_connections() {
     let mut open: Vec<Client> = (0..8).map(|_| agent.hello()).collect();
     // The ninth waits in the backlog: its HELLO is answered once a slot frees.
     let mut ninth = agent.connect();
-    ninth.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 2).finish());
+    ninth.send(HELLO, 0, 0, &Fields::new().u16(1, 3).u16(2, 3).finish());
     assert!(ninth.try_recv(Duration::from_millis(300)).is_none(), "a ninth connection was served");
     for c in open.iter_mut() {
         assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
