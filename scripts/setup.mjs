@@ -19,7 +19,7 @@ import { createHash } from "node:crypto";
 import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { homedir, tmpdir } from "node:os";
 import { dirname, join, relative } from "node:path";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
 
 const root = dirname(dirname(fileURLToPath(import.meta.url)));
 const args = new Set(process.argv.slice(2));
@@ -186,13 +186,20 @@ async function ensureArtifact(kind, key, files, build, expect) {
   const dir = join(home, kind, key);
   if (files.every((f) => existsSync(join(dir, f)))) return dir;
   mkdirSync(join(home, kind), { recursive: true });
-  const { default: lockfile } = await import("proper-lockfile");
-  const release = await lockfile.lock(join(home, kind), {
-    lockfilePath: join(home, kind, `.${key}.lock`),
-    retries: { retries: 600, minTimeout: 1000, maxTimeout: 1000 },
-    stale: 60_000,
-    update: 10_000,
+  // The store's own lock (dist is compiled by now): it records its owner, so a setup killed
+  // mid-build is taken over at once, and a live one is waited for and named.
+  const { acquireLock } = await import(pathToFileURL(join(root, "dist", "src", "store", "lock.js")).href);
+  let told = false;
+  const lock = await acquireLock(join(home, kind, `.${key}.lock`), {
+    what: `the ${kind} build ${key}`,
+    timeoutMs: 30 * 60_000,
+    onWait: (w) => {
+      if (told) return;
+      told = true;
+      say(`${kind}: waiting for another setup building it${w.holder ? ` (pid ${w.holder.pid} since ${w.holder.since})` : ""}`);
+    },
   });
+  const release = () => lock.release();
   try {
     if (files.every((f) => existsSync(join(dir, f)))) return dir;
     for (const name of readdirSync(join(home, kind))) {

@@ -365,7 +365,7 @@ fn fuzz_round_trip() {
             let n = r.len(12, 300);
             r.bytes(n)
         };
-        let noise = |r: &mut Rng, w: FieldWriter| if r.chance(3) { w.bytes(12 + r.below(200) as u8, &field_value(r)) } else { w };
+        let noise = |r: &mut Rng, w: FieldWriter| if r.chance(3) { w.bytes(32 + r.below(200) as u8, &field_value(r)) } else { w };
         let mut want = Exec { argv: vec![b"prog".to_vec()], ..Exec::default() };
         let mut first = text(r);
         first.insert(0, b'x');
