@@ -172,7 +172,15 @@ impl Hierarchy {
         let (total, defaults) = default_limits(mem, threads);
         write_file(&root.join("exec/memory.max"), &total.memory_max.to_string())?;
         write_file(&root.join("exec/pids.max"), &total.pids_max.to_string())?;
-        Ok(Hierarchy { root, defaults, next_id: 1, next_slot: 1, free: Vec::new() })
+        let mut h = Hierarchy { root, defaults, next_id: 1, next_slot: 1, free: Vec::new() };
+        // One idle group made at boot, so every snapshot holds it: the first exec of a restored
+        // VM (and a layered child's warmup) reuses it instead of making one, which costs time
+        // and memory pages the child snapshot would carry.
+        match h.new_group(0, defaults) {
+            Ok(g) => h.free.push(g),
+            Err(e) => eprintln!("supermachine-agent: no idle exec group made ahead: {e}"),
+        }
+        Ok(h)
     }
 
     /// The workload's group, for `sys::spawn` (its cgroup.procs, open for writing).
@@ -202,7 +210,12 @@ impl Hierarchy {
             }
             g.discard();
         }
-        // Group names are a counter of their own; one still there (after 2^32) is skipped.
+        self.new_group(id, limits)
+    }
+
+    /// A new group under `exec/`, named by a counter of its own (one still there after 2^32 is
+    /// skipped).
+    fn new_group(&mut self, id: u32, limits: Limits) -> Result<ExecGroup, CgroupError> {
         let dir = loop {
             let slot = self.next_slot;
             self.next_slot = self.next_slot.checked_add(1).unwrap_or(1);
