@@ -37,7 +37,7 @@ class ShortFile extends Error {}
 /** The checksums of `path` (read once). */
 export async function computeRamSums(path: string, size: number, chunkSize = CHUNK_SIZE): Promise<RamSums> {
   const chunks = new Map<number, Buffer>();
-  for await (const { offset, data } of fileChunks(path, size, { chunkSize, short: (got) => new ShortFile(`${path} ended at ${got} bytes, expected ${size}`) })) {
+  for await (const { offset, data } of fileChunks(path, size, { chunkSize, direct: true, short: (got) => new ShortFile(`${path} ended at ${got} bytes, expected ${size}`) })) {
     chunks.set(offset / chunkSize, createHash("sha256").update(data).digest());
   }
   return { chunkSize, size, chunks };
@@ -119,7 +119,7 @@ export async function verifyRam(path: string, sums: RamSums): Promise<string | u
   let next = 0; // the next listed chunk not seen yet
   try {
     // Non-zero chunks in order: each must be the next listed one and hash to its sum.
-    for await (const { offset, data } of fileChunks(path, sums.size, { chunkSize: sums.chunkSize, short: (got) => new ShortFile(`it ends at ${got} bytes, expected ${sums.size}`) })) {
+    for await (const { offset, data } of fileChunks(path, sums.size, { chunkSize: sums.chunkSize, direct: true, short: (got) => new ShortFile(`it ends at ${got} bytes, expected ${sums.size}`) })) {
       const i = offset / sums.chunkSize;
       if (next < listed.length && listed[next]! < i) return `its RAM differs from its checksums at ${at(listed[next]!)}: the chunk reads back as zeroes`;
       if (listed[next] !== i) return `its RAM differs from its checksums at ${at(i)}: the chunk should be all zeroes`;
