@@ -12,6 +12,7 @@ import { packageRoot } from "../engine/artifacts.js";
 import { registerCacheCommands } from "./cache.js";
 import { registerImageCommands } from "./images.js";
 import { registerInfoCommand } from "./info.js";
+import { registerDoctorCommand } from "./doctor.js";
 import { registerInitCommand } from "./init.js";
 import { registerProjectCommands } from "./project.js";
 import { registerWatchCommand } from "./watch.js";
@@ -42,6 +43,7 @@ export function createProgram(): Command {
   registerRunCommand(program);
   registerImageCommands(program);
   registerInfoCommand(program);
+  registerDoctorCommand(program);
   registerProjectCommands(program);
   registerWatchCommand(program);
   registerInitCommand(program);

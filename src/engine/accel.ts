@@ -44,29 +44,75 @@ export function markKvmBroken(why: string): void {
   kvmBroken = why;
 }
 
-function probeHost(): AccelChoice {
-  let flags = "";
+/**
+ * What the accelerator choice depends on, gathered by `hostAccelFacts` (and given by tests and
+ * `supermachine doctor`, which explains the choice from the same facts).
+ */
+export interface HostAccelFacts {
+  /** The `flags` line of /proc/cpuinfo ("" when unreadable). */
+  cpuFlags: string;
+  /** Whether /dev/kvm exists. */
+  kvmDevice: boolean;
+  /** Whether this process can open /dev/kvm read-write. */
+  kvmReadWrite: boolean;
+  /** Whether the kvm_pvm module is loaded (/sys/module/kvm_pvm). */
+  pvmModule: boolean;
+  /**
+   * When this process is root and QEMU runs as another user: that user's name and whether it
+   * can open /dev/kvm read-write; null otherwise.
+   */
+  qemuUser: { name: string; kvmReadWrite: boolean } | null;
+}
+
+/** The `flags` line of a /proc/cpuinfo text. */
+export const cpuFlagsOf = (cpuinfo: string): string => /^flags\s*:(.*)$/m.exec(cpuinfo)?.[1] ?? "";
+/** Whether CPU flags advertise hardware virtualization. */
+export const hasHardwareVirt = (flags: string): boolean => /\b(vmx|svm)\b/.test(flags);
+
+export function hostAccelFacts(env: NodeJS.ProcessEnv = process.env): HostAccelFacts {
+  let cpuFlags = "";
   try {
-    const cpuinfo = readFileSync("/proc/cpuinfo", "utf8");
-    flags = /^flags\s*:(.*)$/m.exec(cpuinfo)?.[1] ?? "";
+    cpuFlags = cpuFlagsOf(readFileSync("/proc/cpuinfo", "utf8"));
   } catch {
     /* not Linux-like; TCG */
   }
-  const hw = /\b(vmx|svm)\b/.test(flags);
-  if (!existsSync("/dev/kvm")) return { accel: "tcg", reason: "no /dev/kvm", forced: false };
-  if (!hw) {
-    const pvm = existsSync("/sys/module/kvm_pvm") ? " (the kvm_pvm module provides /dev/kvm without it)" : "";
-    return { accel: "tcg", reason: `CPU has no vmx/svm flag${pvm}`, forced: false };
-  }
-  try {
-    accessSync("/dev/kvm", constants.R_OK | constants.W_OK);
-  } catch {
-    return { accel: "tcg", reason: "/dev/kvm is not accessible read-write (add your user to the kvm group)", forced: false };
+  const kvmDevice = existsSync("/dev/kvm");
+  let kvmReadWrite = false;
+  if (kvmDevice) {
+    try {
+      accessSync("/dev/kvm", constants.R_OK | constants.W_OK);
+      kvmReadWrite = true;
+    } catch {
+      /* not for this user */
+    }
   }
   // As root, QEMU runs as an unprivileged user (confine.ts), which needs /dev/kvm itself.
-  const user = dropsPrivileges() ? lookupUser(qemuUserName()) : null;
-  if (user && !kvmUsableBy(user)) {
-    return { accel: "tcg", reason: `/dev/kvm is not accessible read-write to ${user.name}, the user QEMU runs as (give /dev/kvm a group with rw, as Debian's kvm group)`, forced: false };
+  const user = dropsPrivileges(env) ? lookupUser(qemuUserName(env)) : null;
+  return {
+    cpuFlags,
+    kvmDevice,
+    kvmReadWrite,
+    pvmModule: existsSync("/sys/module/kvm_pvm"),
+    qemuUser: user ? { name: user.name, kvmReadWrite: kvmUsableBy(user) } : null,
+  };
+}
+
+/** The accelerator the host's facts call for (SUPERMACHINE_ACCEL aside). */
+export function decideAccel(f: HostAccelFacts): AccelChoice {
+  if (!f.kvmDevice) return { accel: "tcg", reason: "no /dev/kvm", forced: false };
+  if (!hasHardwareVirt(f.cpuFlags)) {
+    const pvm = f.pvmModule ? " (the kvm_pvm module provides /dev/kvm without it)" : "";
+    return { accel: "tcg", reason: `CPU has no vmx/svm flag${pvm}`, forced: false };
+  }
+  if (!f.kvmReadWrite) {
+    return { accel: "tcg", reason: "/dev/kvm is not accessible read-write (add your user to the kvm group)", forced: false };
+  }
+  if (f.qemuUser && !f.qemuUser.kvmReadWrite) {
+    return { accel: "tcg", reason: `/dev/kvm is not accessible read-write to ${f.qemuUser.name}, the user QEMU runs as (give /dev/kvm a group with rw, as Debian's kvm group)`, forced: false };
   }
   return { accel: "kvm", reason: "hardware virtualization available", forced: false };
+}
+
+function probeHost(): AccelChoice {
+  return decideAccel(hostAccelFacts());
 }
