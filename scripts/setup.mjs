@@ -12,18 +12,32 @@
 //      nothing readable by other users; the kernel and agent readable by QEMU's group)
 // A second run with nothing changed does no work. Plain Node: it runs before node_modules.
 //
-// Flags: --quiet (print only when something is done), --skip-apt.
+// Two modes. In this repository (src/ and tsconfig.json present) all of the above. From an
+// installed package (`npx supermachine setup` runs this script with --artifacts-only; a package
+// has no src/ and ships dist/) only the guest artifacts: steps 1 (the packages the artifacts and
+// the runtime need), 4, 5 and 6; never npm or tsc.
+//
+// Flags: --quiet (print only when something is done), --skip-apt, --artifacts-only,
+// --check (report what is missing, install and build nothing, create nothing; exit 0 when all is
+// there, 1 otherwise), --json (one JSON object on stdout; progress stays on stderr).
 
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
-import { homedir, tmpdir } from "node:os";
-import { dirname, join, relative } from "node:path";
+import { availableParallelism, homedir, tmpdir } from "node:os";
+import { basename, dirname, join, relative } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
 const root = dirname(dirname(fileURLToPath(import.meta.url)));
 const args = new Set(process.argv.slice(2));
-const quiet = args.has("--quiet");
+const json = args.has("--json");
+const check = args.has("--check");
+const quiet = args.has("--quiet") || (json && !check);
+/** This repository (sources to compile, tests to run) or an installed package (dist shipped). */
+const isRepo = existsSync(join(root, "src")) && existsSync(join(root, "tsconfig.json")) && existsSync(join(root, "package-lock.json"));
+const artifactsOnly = args.has("--artifacts-only") || !isRepo;
+/** How to run setup, for hints: the CLI in a dependent project, the npm script here. */
+const SETUP_CMD = isRepo && !args.has("--artifacts-only") ? "npm run setup" : "npx supermachine setup";
 const home =
   process.env.SUPERMACHINE_HOME || join(process.env.XDG_CACHE_HOME || join(homedir(), ".cache"), "supermachine");
 const started = Date.now();
@@ -34,11 +48,23 @@ const say = (msg) => process.stderr.write(`[setup] ${msg}\n`);
 const note = (msg) => quiet || say(msg);
 const secs = (t0) => `${((Date.now() - t0) / 1000).toFixed(1)} s`;
 
-function fail(msg, hint) {
+function fail(msg, hint, code = "SETUP_FAILED") {
   say(`error: ${msg}`);
   if (hint) say(`hint: ${hint}`);
+  if (json) process.stdout.write(JSON.stringify({ error: { code, message: msg, ...(hint ? { hint } : {}) } }) + "\n");
   process.exit(1);
 }
+
+/** "8.5 min", "40 s". */
+const duration = (s) => (s >= 90 ? `${(s / 60).toFixed(1)} min` : `${Math.max(1, Math.round(s))} s`);
+const CORES = Math.max(1, availableParallelism());
+/** Rough costs measured on this project's 2-core reference machine, scaled by cores. */
+const ESTIMATE_S = {
+  packages: 60,
+  kernel: Math.round((17 * 60) / Math.min(CORES, 16)),
+  agent: 30,
+  busybox: 5,
+};
 
 // What the tools print goes to stderr: stdout belongs to the command setup runs before (for
 // example `npm run bench -- --json`, whose stdout is one JSON object).
@@ -60,7 +86,9 @@ function hashTree(dir, skip = () => false) {
   const walk = (d) => {
     for (const name of readdirSync(d).sort()) {
       const p = join(d, name);
-      if (skip(p)) continue;
+      // .gitignore files are left out: npm pack drops them, and an installed package must compute
+      // the same keys as the checkout it was packed from.
+      if (name === ".gitignore" || skip(p)) continue;
       const st = statSync(p);
       if (st.isDirectory()) walk(p);
       else h.update(relative(dir, p)).update("\0").update(readFileSync(p)).update("\0");
@@ -72,24 +100,38 @@ function hashTree(dir, skip = () => false) {
 
 // ---- 1. Debian packages ----------------------------------------------------------------------
 
-const PACKAGES = {
+/** What the runtime needs on every host. */
+const RUNTIME_PACKAGES = {
   "qemu-system-x86": "the hypervisor",
   "squashfs-tools": "sqfstar, to turn images into squashfs root filesystems",
-  "busybox-static": "the built-in busybox image",
   "util-linux": "setpriv, which ties every QEMU process to its owner and drops its privileges",
   passwd: "useradd, for the unprivileged user QEMU runs as",
-  "linux-source-6.1": "guest kernel sources",
-  bc: "kernel build",
-  bison: "kernel build",
-  flex: "kernel build",
-  "libelf-dev": "kernel build",
-  make: "kernel build",
-  gcc: "kernel build",
-  "xz-utils": "unpacking the kernel sources",
-  cpio: "packing the agent initramfs",
-  file: "checking the agent binary is static",
-  "librust-libc-dev": "the agent's only crate",
   zstd: "zstd-compressed image layers",
+};
+/** What building each guest artifact needs (only when it is not in the cache yet). */
+const BUILD_PACKAGES = {
+  busybox: { "busybox-static": "the built-in busybox image" },
+  kernel: {
+    "linux-source-6.1": "guest kernel sources",
+    bc: "kernel build",
+    bison: "kernel build",
+    flex: "kernel build",
+    "libelf-dev": "kernel build",
+    make: "kernel build",
+    gcc: "kernel build",
+    "xz-utils": "unpacking the kernel sources",
+  },
+  agent: {
+    cpio: "packing the agent initramfs",
+    file: "checking the agent binary is static",
+    "librust-libc-dev": "the agent's only crate",
+  },
+};
+const PACKAGES = {
+  ...RUNTIME_PACKAGES,
+  ...BUILD_PACKAGES.busybox,
+  ...BUILD_PACKAGES.kernel,
+  ...BUILD_PACKAGES.agent,
   "docker-registry": "tests: a real OCI distribution registry on loopback",
   skopeo: "tests: pushing fixture images, writing docker archives",
   mmdebstrap: "tests: building the Debian python fixture image",
@@ -97,10 +139,10 @@ const PACKAGES = {
   "apache2-utils": "tests: htpasswd for the registry with basic auth",
 };
 
-function missingPackages() {
-  const names = Object.keys(PACKAGES);
+function missingPackages(names) {
+  if (names.length === 0) return [];
   const r = spawnSync("dpkg-query", ["-W", "-f=${Package} ${db:Status-Abbrev}\n", ...names], { encoding: "utf8" });
-  if (r.error) fail("dpkg-query is not available: supermachine's setup expects a Debian-based Linux host");
+  if (r.error) fail("dpkg-query is not available: supermachine's setup expects a Debian-based Linux host", undefined, "SETUP_HOST_UNSUPPORTED");
   const installed = new Set(
     r.stdout
       .split("\n")
@@ -110,10 +152,30 @@ function missingPackages() {
   return names.filter((n) => !installed.has(n));
 }
 
-function ensurePackages() {
+const hasCargo = () => spawnSync("cargo", ["--version"], { env: buildEnv }).status === 0;
+
+/**
+ * The packages to have: in this repository all of them (the tests use them); from a package,
+ * the runtime's and those that build the artifacts the cache lacks (`need`: kernel, agent,
+ * busybox). "cargo" stands for the Rust toolchain.
+ */
+function neededPackages(need) {
+  if (!artifactsOnly) return { names: Object.keys(PACKAGES), cargo: true };
+  const names = Object.keys(RUNTIME_PACKAGES);
+  for (const k of need) names.push(...Object.keys(BUILD_PACKAGES[k]));
+  return { names, cargo: need.includes("agent") };
+}
+
+function listMissingPackages(need) {
+  const { names, cargo } = neededPackages(need);
+  const missing = missingPackages(names);
+  if (cargo && !hasCargo()) missing.push("cargo");
+  return missing;
+}
+
+function ensurePackages(need) {
   if (args.has("--skip-apt")) return;
-  const missing = missingPackages();
-  if (spawnSync("cargo", ["--version"], { env: buildEnv }).status !== 0) missing.push("cargo");
+  const missing = listMissingPackages(need);
   if (missing.length === 0) return;
   const t0 = Date.now();
   say(`installing Debian packages: ${missing.join(", ")}`);
@@ -127,21 +189,25 @@ function ensurePackages() {
     return r.status === 0;
   };
   if (!apt("update", "-q")) {
-    fail("apt-get update failed", `install them yourself: apt-get install ${missing.join(" ")}`);
+    fail("apt-get update failed", `install them yourself: sudo apt-get install ${missing.join(" ")}`, "SETUP_APT_FAILED");
   }
   if (!apt("install", "-y", "-q", "--no-install-recommends", ...missing)) {
-    fail(`apt-get install ${missing.join(" ")} failed`, "run it as root to see why");
+    fail(`apt-get install ${missing.join(" ")} failed`, `run it yourself to see why: sudo apt-get install ${missing.join(" ")}`, "SETUP_APT_FAILED");
   }
   say(`packages installed in ${secs(t0)}`);
 }
 
 // ---- 2. node_modules ---------------------------------------------------------------------------
 
-function ensureNodeModules() {
-  const lock = join(root, "package-lock.json");
+function nodeModulesState() {
   const stamp = join(root, "node_modules", ".supermachine-lock-hash");
-  const want = sha256(readFileSync(lock));
-  if (existsSync(stamp) && readFileSync(stamp, "utf8") === want) return;
+  const want = sha256(readFileSync(join(root, "package-lock.json")));
+  return { stamp, want, fresh: existsSync(stamp) && readFileSync(stamp, "utf8") === want };
+}
+
+function ensureNodeModules() {
+  const { stamp, want, fresh } = nodeModulesState();
+  if (fresh) return;
   const t0 = Date.now();
   say("npm ci (node_modules is missing or stale)");
   run("npm", ["ci", "--no-audit", "--no-fund", "--loglevel=error"]);
@@ -151,7 +217,7 @@ function ensureNodeModules() {
 
 // ---- 3. TypeScript ---------------------------------------------------------------------------
 
-function ensureDist() {
+function distState() {
   const key = sha256(
     hashTree(join(root, "src")),
     existsSync(join(root, "bench")) ? hashTree(join(root, "bench")) : "",
@@ -159,7 +225,12 @@ function ensureDist() {
     readFileSync(join(root, "package-lock.json")),
   );
   const stamp = join(root, "dist", ".build-hash");
-  if (existsSync(stamp) && readFileSync(stamp, "utf8") === key) return;
+  return { stamp, key, fresh: existsSync(stamp) && readFileSync(stamp, "utf8") === key };
+}
+
+function ensureDist() {
+  const { stamp, key, fresh } = distState();
+  if (fresh) return;
   const t0 = Date.now();
   say("compiling TypeScript into dist/");
   rmSync(join(root, "dist", "src"), { recursive: true, force: true });
@@ -177,13 +248,50 @@ function dpkgVersion(pkg) {
 }
 
 /**
+ * Where each artifact lives in the cache, under a key of its inputs, and whether it is there.
+ * Computing a plan reads and creates nothing in the cache directory beyond stat calls.
+ */
+function kernelPlan() {
+  const key = sha256(hashTree(join(root, "native", "kernel")), dpkgVersion("linux-source-6.1")).slice(0, 16);
+  const dir = join(home, "kernel", key);
+  return { name: "kernel", key, dir, files: ["vmlinux"], present: existsSync(join(dir, "vmlinux")) };
+}
+
+function agentPlan() {
+  const a = join(root, "native", "agent");
+  const rustc = spawnSync("rustc", ["--version"], { encoding: "utf8", env: buildEnv }).stdout?.trim() ?? "";
+  const key = sha256(hashTree(a, (p) => p.endsWith("/target")), rustc).slice(0, 16);
+  const dir = join(home, "agent", key);
+  const files = ["initramfs.cpio", "supermachine-agent"];
+  return { name: "agent", key, dir, files, present: files.every((f) => existsSync(join(dir, f))) };
+}
+
+function busyboxPlan() {
+  const key = sha256(readFileSync(join(root, "scripts", "build-busybox-image.mjs")), dpkgVersion("busybox-static"));
+  const dir = join(home, "builtin", "busybox");
+  const stamp = join(home, "builtin", ".busybox.key");
+  const present = existsSync(join(dir, "index.json")) && existsSync(stamp) && readFileSync(stamp, "utf8") === key;
+  return { name: "busybox", key, dir, stamp, present };
+}
+
+/** Prints "<what>: still building, 2.5 min so far (about 8.5 min in all)" every 30 s. */
+function ticker(what, expectS) {
+  const t0 = Date.now();
+  const timer = setInterval(() => {
+    const so = (Date.now() - t0) / 1000;
+    say(`${what}: still building, ${duration(so)} so far (${so < expectS ? `about ${duration(expectS - so)} left` : `expected about ${duration(expectS)}`})`);
+  }, 30_000);
+  return () => clearInterval(timer);
+}
+
+/**
  * Build into `<home>/<kind>/<key>` unless it is already complete. The build writes into a
  * temporary sibling directory that is renamed into place only on success, so an interrupted
  * build never leaves a directory that a later run trusts. A lock directory keeps two setups
  * on one machine from building the same thing at once.
  */
-async function ensureArtifact(kind, key, files, build, expect) {
-  const dir = join(home, kind, key);
+async function ensureArtifact(plan, build, step) {
+  const { name: kind, key, dir, files } = plan;
   if (files.every((f) => existsSync(join(dir, f)))) return dir;
   mkdirSync(join(home, kind), { recursive: true });
   // The store's own lock (dist is compiled by now): it records its owner, so a setup killed
@@ -208,14 +316,17 @@ async function ensureArtifact(kind, key, files, build, expect) {
     const tmp = `${dir}.tmp-${process.pid}`;
     mkdirSync(tmp, { recursive: true });
     const t0 = Date.now();
-    say(`${kind}: building (${expect})`);
+    say(`${step}${kind}: building (about ${duration(ESTIMATE_S[kind])} on ${CORES} core${CORES === 1 ? "" : "s"})`);
+    const stop = ticker(kind, ESTIMATE_S[kind]);
     try {
-      build(tmp);
+      await build(tmp);
     } catch (err) {
       rmSync(tmp, { recursive: true, force: true });
       throw err;
+    } finally {
+      stop();
     }
-    for (const f of files) if (!existsSync(join(tmp, f))) fail(`${kind} build did not produce ${f}`);
+    for (const f of files) if (!existsSync(join(tmp, f))) fail(`${kind} build did not produce ${f}`, undefined, "SETUP_BUILD_FAILED");
     rmSync(dir, { recursive: true, force: true });
     renameSync(tmp, dir);
     say(`${kind}: built in ${secs(t0)} -> ${dir}`);
@@ -225,68 +336,81 @@ async function ensureArtifact(kind, key, files, build, expect) {
   }
 }
 
+/** Runs a build script without blocking the event loop (the progress ticker runs meanwhile). */
 function buildWith(script, extraEnv = () => ({})) {
-  return (out) => {
-    const r = spawnSync("bash", [join(root, script), out], { stdio: ["ignore", "ignore", "inherit"], cwd: root, env: { ...buildEnv, ...extraEnv() } });
-    if (r.status !== 0) fail(`${script} failed (exit ${r.status ?? r.signal})`, `see the output above; logs are in ${out}`);
-  };
+  return (out) =>
+    new Promise((resolve) => {
+      const child = spawn("bash", [join(root, script), out], { stdio: ["ignore", "ignore", "inherit"], cwd: root, env: { ...buildEnv, ...extraEnv() } });
+      child.on("error", (err) => fail(`${script} could not start: ${err.message}`, undefined, "SETUP_BUILD_FAILED"));
+      child.on("exit", (code, signal) => {
+        if (code !== 0) fail(`${script} failed (exit ${code ?? signal})`, `see the output above; logs are in ${out}`, "SETUP_BUILD_FAILED");
+        resolve();
+      });
+    });
 }
 
-async function ensureKernel() {
-  const k = join(root, "native", "kernel");
-  const key = sha256(hashTree(k), dpkgVersion("linux-source-6.1")).slice(0, 16);
-  const dir = await ensureArtifact("kernel", key, ["vmlinux"], buildWith("native/kernel/build.sh"), "about 5 minutes on 2 cores");
-  return { kernel: join(dir, "vmlinux"), kernelKey: key };
+async function ensureKernel(plan, step) {
+  const dir = await ensureArtifact(plan, buildWith("native/kernel/build.sh"), step);
+  return { kernel: join(dir, "vmlinux"), kernelKey: plan.key };
 }
 
-async function ensureAgent() {
-  const a = join(root, "native", "agent");
-  const rustc = spawnSync("rustc", ["--version"], { encoding: "utf8", env: buildEnv }).stdout?.trim() ?? "";
-  const key = sha256(hashTree(a, (p) => p.endsWith("/target")), rustc).slice(0, 16);
+/** The protocol version the agent's sources define, and what a built binary reports. */
+function agentProtocol(dir) {
+  const proto = /pub const VERSION: u16 = (\d+);/.exec(readFileSync(join(root, "native", "agent", "src", "proto.rs"), "utf8"))?.[1];
+  const reported = spawnSync(join(dir, "supermachine-agent"), ["--version"], { encoding: "utf8" }).stdout ?? "";
+  return { proto, reported: reported.trim(), ok: !proto || reported.includes(`(protocol ${proto})`) };
+}
+
+function agentVersion() {
+  const cargo = readFileSync(join(root, "native", "agent", "Cargo.toml"), "utf8");
+  return /^version\s*=\s*"([^"]+)"/m.exec(cargo)?.[1] ?? "unknown";
+}
+
+async function ensureAgent(plan, step) {
   // A cargo target directory of its own for each build: one shared between checkouts can hand
   // a binary of another checkout's sources to this key (cargo judged it fresh by mtimes).
   let target;
   const build = buildWith("native/agent/build.sh", () => ({ CARGO_TARGET_DIR: (target = mkdtempSync(join(tmpdir(), "supermachine-agent-target-"))) }));
   let dir;
   try {
-    dir = await ensureArtifact("agent", key, ["initramfs.cpio", "supermachine-agent"], build, "under a minute");
+    dir = await ensureArtifact(plan, build, step);
   } finally {
     if (target) rmSync(target, { recursive: true, force: true });
   }
   // The binary must be the one these sources make: it reports the protocol version they define.
-  const proto = /pub const VERSION: u16 = (\d+);/.exec(readFileSync(join(a, "src", "proto.rs"), "utf8"))?.[1];
-  const reported = spawnSync(join(dir, "supermachine-agent"), ["--version"], { encoding: "utf8" }).stdout ?? "";
-  if (proto && !reported.includes(`(protocol ${proto})`)) {
+  const p = agentProtocol(dir);
+  if (!p.ok) {
     rmSync(dir, { recursive: true, force: true });
-    fail(`the agent built for key ${key} reports "${reported.trim()}", but its sources define protocol ${proto}`, "run npm run setup again (the cached build was removed)");
+    fail(`the agent built for key ${plan.key} reports "${p.reported}", but its sources define protocol ${p.proto}`, `run ${SETUP_CMD} again (the cached build was removed)`, "SETUP_AGENT_MISMATCH");
   }
-  const cargo = readFileSync(join(a, "Cargo.toml"), "utf8");
-  const agentVersion = /^version\s*=\s*"([^"]+)"/m.exec(cargo)?.[1] ?? "unknown";
-  return { initramfs: join(dir, "initramfs.cpio"), agentBinary: join(dir, "supermachine-agent"), agentKey: key, agentVersion };
+  return { initramfs: join(dir, "initramfs.cpio"), agentBinary: join(dir, "supermachine-agent"), agentKey: plan.key, agentVersion: agentVersion() };
 }
 
-function ensureBusybox() {
-  const script = join(root, "scripts", "build-busybox-image.mjs");
-  const key = sha256(readFileSync(script), dpkgVersion("busybox-static"));
-  const out = join(home, "builtin", "busybox");
-  const stamp = join(home, "builtin", ".busybox.key");
-  if (existsSync(join(out, "index.json")) && existsSync(stamp) && readFileSync(stamp, "utf8") === key) return;
+function ensureBusybox(plan, step) {
+  if (plan.present) return;
   const t0 = Date.now();
-  say("builtin busybox image: building the OCI layout");
-  mkdirSync(dirname(out), { recursive: true });
-  run(process.execPath, [script, out]);
-  writeFileSync(stamp + ".tmp", key);
-  renameSync(stamp + ".tmp", stamp);
+  say(`${step}builtin busybox image: building the OCI layout`);
+  mkdirSync(dirname(plan.dir), { recursive: true });
+  run(process.execPath, [join(root, "scripts", "build-busybox-image.mjs"), plan.dir]);
+  writeFileSync(plan.stamp + ".tmp", plan.key);
+  renameSync(plan.stamp + ".tmp", plan.stamp);
   say(`builtin busybox image built in ${secs(t0)}`);
 }
 
+const manifestPath = () => join(root, "dist", "native.json");
+const manifestText = (m) => JSON.stringify(m, null, 2) + "\n";
+
 function writeManifest(m) {
-  const path = join(root, "dist", "native.json");
-  const text = JSON.stringify(m, null, 2) + "\n";
+  const path = manifestPath();
+  const text = manifestText(m);
   if (existsSync(path) && readFileSync(path, "utf8") === text) return;
   mkdirSync(dirname(path), { recursive: true });
-  writeFileSync(path + ".tmp", text);
-  renameSync(path + ".tmp", path);
+  try {
+    writeFileSync(path + ".tmp", text);
+    renameSync(path + ".tmp", path);
+  } catch (err) {
+    fail(`cannot write ${path}: ${err.message}`, `run ${SETUP_CMD} as a user who may write the installed package (the one who installed it)`, "SETUP_MANIFEST_WRITE");
+  }
 }
 
 // ---- 6. confinement ------------------------------------------------------------------------------
@@ -306,7 +430,7 @@ async function ensureConfinement(artifacts) {
       run("useradd", ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "--comment", "supermachine QEMU", name]);
       const r = spawnSync("getent", ["passwd", name], { encoding: "utf8" });
       const f = r.stdout.trim().split(":");
-      if (r.status !== 0 || f.length < 4) fail(`useradd ${name} did not create the user`);
+      if (r.status !== 0 || f.length < 4) fail(`useradd ${name} did not create the user`, undefined, "SETUP_QEMU_USER");
       user = { name, uid: Number(f[2]), gid: Number(f[3]) };
       say(`created the system user ${name} (uid ${user.uid}) that QEMU runs as`);
     }
@@ -324,17 +448,112 @@ async function ensureConfinement(artifacts) {
   }
 }
 
+// ---- check --------------------------------------------------------------------------------------
+
+/** The system user QEMU runs as, when this process is root (null: not needed). */
+async function qemuUserState() {
+  const priv = await import(join(root, "dist", "src", "private.js"));
+  if (process.getuid?.() !== 0 || priv.unsandboxed()) return null;
+  const name = priv.qemuUserName();
+  return { name, user: priv.lookupUser(name) };
+}
+
+/**
+ * `--check`: what is there and what is missing, without installing, building or creating
+ * anything. Exit 0 when everything is there, 1 otherwise.
+ */
+async function checkAll() {
+  const items = [];
+  const add = (name, ok, detail, fix) => items.push({ name, ok, detail, ...(ok ? {} : { fix }) });
+  const plans = [kernelPlan(), agentPlan(), busyboxPlan()];
+  const need = plans.filter((p) => !p.present).map((p) => p.name);
+  const pkgs = listMissingPackages(need);
+  add(
+    "packages",
+    pkgs.length === 0,
+    pkgs.length === 0 ? "installed" : `missing: ${pkgs.join(", ")}`,
+    `sudo apt-get install --no-install-recommends ${pkgs.map((n) => (n === "cargo" ? "cargo rustc" : n)).join(" ")}`,
+  );
+  if (!artifactsOnly) {
+    const nm = nodeModulesState();
+    add("node_modules", nm.fresh, nm.fresh ? "matches package-lock.json" : "missing or stale", "npm run setup (runs npm ci)");
+    const d = distState();
+    add("dist", d.fresh, d.fresh ? "compiled from the current sources" : "missing or stale", "npm run setup (compiles TypeScript)");
+  }
+  for (const p of plans) {
+    let ok = p.present;
+    let detail = ok ? (p.name === "kernel" ? join(p.dir, "vmlinux") : p.name === "agent" ? join(p.dir, "initramfs.cpio") : p.dir) : `not in the cache (${p.dir})`;
+    if (ok && p.name === "agent") {
+      const proto = agentProtocol(p.dir);
+      if (!proto.ok) {
+        ok = false;
+        detail = `${p.dir} reports "${proto.reported}", its sources define protocol ${proto.proto}`;
+      } else detail += ` (v${agentVersion()})`;
+    }
+    add(p.name, ok, detail, `${SETUP_CMD} (builds it: about ${duration(ESTIMATE_S[p.name])})`);
+  }
+  const [k, a] = plans;
+  if (k.present && a.present) {
+    const want = manifestText({ kernel: join(k.dir, "vmlinux"), kernelKey: k.key, initramfs: join(a.dir, "initramfs.cpio"), agentBinary: join(a.dir, "supermachine-agent"), agentKey: a.key, agentVersion: agentVersion() });
+    const path = manifestPath();
+    const ok = existsSync(path) && readFileSync(path, "utf8") === want;
+    add("manifest", ok, ok ? path : `${path} ${existsSync(path) ? "points elsewhere" : "is missing"}`, `${SETUP_CMD} (writes it)`);
+  } else {
+    add("manifest", false, "written once the kernel and the agent are built", `${SETUP_CMD}`);
+  }
+  const qu = await qemuUserState();
+  if (qu) add("qemu-user", qu.user !== null, qu.user ? `${qu.name} (uid ${qu.user.uid})` : `${qu.name} does not exist`, `${SETUP_CMD} (creates it), or: useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin ${qu.name}`);
+  else add("qemu-user", true, "not needed (QEMU runs as this user)");
+  const missing = items.filter((i) => !i.ok).map((i) => i.name);
+  let estimate = 0;
+  if (pkgs.length) estimate += ESTIMATE_S.packages;
+  for (const p of plans) if (!p.present) estimate += ESTIMATE_S[p.name];
+  const report = { ok: missing.length === 0, mode: artifactsOnly ? "package" : "repository", home, root, items, missing, estimateSeconds: estimate, setupCommand: SETUP_CMD };
+  if (json) {
+    process.stdout.write(JSON.stringify(report, null, 2) + "\n");
+  } else {
+    const width = Math.max(...items.map((i) => i.name.length));
+    const lines = items.map((i) => `${i.ok ? "ok     " : "MISSING"}  ${i.name.padEnd(width)}  ${i.detail}${i.ok ? "" : `\n${" ".repeat(width + 11)}fix: ${i.fix}`}`);
+    lines.push(
+      report.ok
+        ? `all present (cache: ${home})`
+        : `missing: ${missing.join(", ")}; ${SETUP_CMD} installs ${missing.length === 1 ? "it" : "them"}${estimate ? ` (about ${duration(estimate)})` : ""}`,
+    );
+    process.stdout.write(lines.join("\n") + "\n");
+  }
+  return report.ok ? 0 : 1;
+}
+
 // ---- main ----------------------------------------------------------------------------------------
 
 if (process.platform !== "linux" || process.arch !== "x64") {
-  fail(`supermachine runs on Linux x86_64; this is ${process.platform}/${process.arch}`);
+  fail(`supermachine runs on Linux x86_64; this is ${process.platform}/${process.arch}`, undefined, "SETUP_HOST_UNSUPPORTED");
 }
-ensurePackages();
-ensureNodeModules();
-ensureDist();
-const kernel = await ensureKernel();
-const agent = await ensureAgent();
-ensureBusybox();
+if (artifactsOnly && !existsSync(join(root, "dist", "src", "store", "lock.js"))) {
+  fail(`${join(root, "dist")} is missing or incomplete`, isRepo ? "run npm run setup (it compiles it)" : "reinstall the supermachine package", "SETUP_DIST_MISSING");
+}
+if (check) process.exit(await checkAll());
+
+if (!artifactsOnly) {
+  ensurePackages([]);
+  ensureNodeModules();
+  ensureDist();
+} else {
+  const need = [kernelPlan(), agentPlan(), busyboxPlan()].filter((p) => !p.present).map((p) => p.name);
+  ensurePackages(need);
+}
+// Planned after the packages: the kernel's and the busybox image's keys include package versions.
+const plans = { kernel: kernelPlan(), agent: agentPlan(), busybox: busyboxPlan() };
+const todo = Object.values(plans).filter((p) => !p.present);
+if (todo.length) {
+  const total = todo.reduce((s, p) => s + ESTIMATE_S[p.name], 0);
+  say(`to build: ${todo.map((p) => `${p.name} (about ${duration(ESTIMATE_S[p.name])})`).join(", ")}; about ${duration(total)} in all on ${CORES} core${CORES === 1 ? "" : "s"}`);
+}
+const step = (name) => (todo.length > 1 ? `[${todo.findIndex((p) => p.name === name) + 1}/${todo.length}] ` : "");
+const kernel = await ensureKernel(plans.kernel, step("kernel"));
+const agent = await ensureAgent(plans.agent, step("agent"));
+ensureBusybox(plans.busybox, step("busybox"));
 writeManifest({ ...kernel, ...agent });
 await ensureConfinement([kernel.kernel, agent.initramfs]);
 note(`ready in ${secs(started)} (cache: ${home})`);
+if (json) process.stdout.write(JSON.stringify({ ok: true, mode: artifactsOnly ? "package" : "repository", home, built: todo.map((p) => p.name), ms: Date.now() - started }) + "\n");

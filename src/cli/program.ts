@@ -17,6 +17,7 @@ import { registerInitCommand } from "./init.js";
 import { registerProjectCommands } from "./project.js";
 import { registerWatchCommand } from "./watch.js";
 import { registerRunCommand } from "./run.js";
+import { registerSetupCommand } from "./setup.js";
 import { registerVerifyCommand } from "./verify.js";
 
 const FOOTER = `
@@ -49,6 +50,7 @@ export function createProgram(): Command {
   registerInitCommand(program);
   registerCacheCommands(program);
   registerVerifyCommand(program);
+  registerSetupCommand(program);
   return program;
 }
 

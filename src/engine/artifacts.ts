@@ -1,5 +1,6 @@
 /**
- * Where the guest kernel and the agent initramfs live. `npm run setup` builds both into the
+ * Where the guest kernel and the agent initramfs live. `npx supermachine setup` (in the
+ * repository: `npm run setup`) builds both into the
  * cache directory, keyed by a hash of their inputs, and records the paths in
  * `<package>/dist/native.json`. `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS` override.
  */
@@ -16,7 +17,7 @@ export interface NativeArtifacts {
   agentVersion: string;
 }
 
-const SETUP_HINT = 'run "npm run setup" in the supermachine checkout (it builds the guest kernel and agent)';
+const SETUP_HINT = 'run "npx supermachine setup" (it builds the guest kernel and agent; in the supermachine repository: npm run setup)';
 
 /** The directory holding supermachine's package.json, found from this module's location. */
 export function packageRoot(): string {

@@ -4,7 +4,7 @@
  * - QEMU's seccomp sandbox, `-sandbox on` with obsolete system calls, privilege changes, process
  *   creation (fork, exec) and resource control (nice, affinity, rlimits) denied;
  * - when the host process is root, an unprivileged system user (`supermachine`, created by
- *   `npm run setup`): QEMU runs with that uid and gid, no supplementary groups (the group of
+ *   `npx supermachine setup`): QEMU runs with that uid and gid, no supplementary groups (the group of
  *   /dev/kvm only when it uses KVM) and no_new_privs, through `setpriv`;
  * - the files it needs, and only those, handed over as open file descriptors: it never looks a
  *   path up in the home directory (which is 0700). The kernel, the initramfs and a RAM file are
@@ -53,7 +53,7 @@ export async function confinement(qemu: string, env: NodeJS.ProcessEnv = process
   const user = lookupUser(name);
   if (!user) {
     throw new EngineError("ENGINE_QEMU_USER_MISSING", `this process runs as root, and the unprivileged user QEMU should run as (${JSON.stringify(name)}) does not exist`, {
-      hint: `run npm run setup (it creates it), or: useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin ${name}; ${HINT_UNSANDBOXED}`,
+      hint: `run npx supermachine setup (it creates it), or: useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin ${name}; ${HINT_UNSANDBOXED}`,
     });
   }
   if (user.uid === 0) {
@@ -90,7 +90,7 @@ export async function confinementReport(qemu: string, env: NodeJS.ProcessEnv = p
     const name = qemuUserName(env);
     const u = lookupUser(name);
     qemuUser = { name, uid: u?.uid ?? null, dropped: true };
-    if (!u) error ??= `the QEMU user ${name} does not exist (run npm run setup)`;
+    if (!u) error ??= `the QEMU user ${name} does not exist (run npx supermachine setup)`;
   }
   return {
     sandbox: probe.ok === false ? "unavailable" : "on",

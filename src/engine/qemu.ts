@@ -540,7 +540,7 @@ export class PendingVm {
       proc.once("error", (e: NodeJS.ErrnoException) =>
         reject(
           new EngineError("ENGINE_SPAWN_FAILED", `could not start setpriv for ${qemu}: ${e.message}`, {
-            hint: e.code === "ENOENT" ? "install QEMU (Debian package qemu-system-x86) and util-linux (setpriv), or run npm run setup" : undefined,
+            hint: e.code === "ENOENT" ? "install QEMU (Debian package qemu-system-x86) and util-linux (setpriv), or run npx supermachine setup" : undefined,
           }),
         ),
       );
@@ -859,7 +859,7 @@ function describeFailure(stderr: string, keptLog: string | undefined): string {
 }
 
 function failureHint(stderr: string): string | undefined {
-  if (/failed to execute/.test(stderr)) return "install QEMU (Debian package qemu-system-x86, or run npm run setup) or point SUPERMACHINE_QEMU at it";
+  if (/failed to execute/.test(stderr)) return "install QEMU (Debian package qemu-system-x86, or run npx supermachine setup) or point SUPERMACHINE_QEMU at it";
   if (/memory|ram size|cannot set up guest memory/i.test(stderr)) return "lower memoryMib or free host memory";
   if (/kvm/i.test(stderr)) return "set SUPERMACHINE_ACCEL=tcg to use software emulation";
   return undefined;

@@ -2,7 +2,7 @@ import { join } from "node:path";
 import { homePaths } from "../paths.js";
 
 /**
- * Built-in images are OCI layouts that `npm run setup` builds offline under
+ * Built-in images are OCI layouts that `npx supermachine setup` builds offline under
  * `homePaths().builtin/<name>`; `scripts/build-busybox-image.mjs` writes the busybox one
  * (from the host's static busybox). Only their location is known here.
  */

@@ -110,7 +110,7 @@ export function locateLayout(parsed: ImageRef, home?: string): LayoutLocation {
     const layoutDir = builtinLayoutDir(parsed.name, home);
     if (!isDirectory(layoutDir)) {
       throw new ImageError("IMAGE_BUILTIN_MISSING", `built-in image ${JSON.stringify(ref)} is not installed: ${layoutDir} does not exist`, {
-        hint: 'run "npm run setup"',
+        hint: 'run "npx supermachine setup" (it builds the built-in images; in the supermachine repository: npm run setup)',
       });
     }
     return { ref, layoutDir };

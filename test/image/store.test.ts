@@ -197,7 +197,7 @@ describe("resolveImage", () => {
   it("reports a missing built-in image with a setup hint", async () => {
     await expect(resolveImage("builtin:busybox", { home })).rejects.toMatchObject({
       code: "IMAGE_BUILTIN_MISSING",
-      hint: 'run "npm run setup"',
+      hint: expect.stringContaining("npx supermachine setup"),
     });
   });
 });

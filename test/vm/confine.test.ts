@@ -364,7 +364,7 @@ describe("refusing to run unconfined", () => {
   it.runIf(asRoot)("refuses to run QEMU as root when its user is missing", async () => {
     const image = await Image.build({ ref: "builtin:busybox" });
     process.env.SUPERMACHINE_QEMU_USER = "sm-no-such-user";
-    await expect(image.pool({ min: 1 })).rejects.toMatchObject({ code: "ENGINE_QEMU_USER_MISSING", hint: expect.stringContaining("npm run setup") });
+    await expect(image.pool({ min: 1 })).rejects.toMatchObject({ code: "ENGINE_QEMU_USER_MISSING", hint: expect.stringContaining("npx supermachine setup") });
   });
 
   it.runIf(asRoot)("names a runtime directory QEMU's user cannot reach", async () => {

@@ -24,7 +24,7 @@ describe("errors", () => {
       .catch((e: unknown) => e);
     expect(err).toMatchObject({ code: "SETUP_KERNEL_MISSING" });
     expect((err as Error).message).toContain("/nonexistent/vmlinux");
-    expect((err as { hint: string }).hint).toContain("npm run setup");
+    expect((err as { hint: string }).hint).toContain("npx supermachine setup");
   });
 
   it("reports QEMU's stderr when QEMU cannot start, and names no console log (QEMU wrote none)", async () => {
