@@ -537,7 +537,7 @@ async function checkAll() {
     p.source === "env" ? `from ${p.name === "kernel" ? "SUPERMACHINE_KERNEL" : "SUPERMACHINE_INITRAMFS"}: ` : p.source === "prebuilt" ? `from ${found.prebuilt.package}@${found.prebuilt.version}: ` : "";
   for (const p of plans) {
     let ok = p.present;
-    let detail = ok ? origin(p) + (p.name === "busybox" ? p.dir : p.path) : p.source === "cache" ? `not in the cache (${p.dir})` : `${origin(p)}${p.path} does not exist`;
+    let detail = ok ? origin(p) + (p.name === "busybox" ? p.dir : p.path) : (p.source ?? "cache") === "cache" ? `not in the cache (${p.dir})` : `${origin(p)}${p.path} does not exist`;
     if (ok && p.name === "agent" && p.source !== "env") {
       const proto = agentProtocol(p.dir);
       if (!proto.ok) {
