@@ -177,6 +177,7 @@ async function watchBenchmark(): Promise<void> {
 
 await skip("cache_export_ms cache_import_ms cache_push_ms cache_pull_ms parent_push_bytes child_push_bytes unchanged_push_chunks", () => cacheBenchmarks());
 await skip("stale_lock_takeover_ms", () => staleLockBenchmark());
+await skip("first_hello_s setup_noop_ms", () => installBenchmarks());
 
 /**
  * A writer SIGKILLed while it holds a store entry's lock (a bake killed mid-way): time from the
@@ -784,6 +785,66 @@ async function waitForHttp(url: string, ms = 15_000): Promise<void> {
     }
     if (Date.now() > end) throw new Error(`${url} did not answer within ${ms} ms`);
     await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/**
+ * Installing like an npm package (issue 11): `npm run pack:all`, a fresh project installs both
+ * tarballs (the guest package carries the kernel and agent), then from an EMPTY cache directory
+ * `npx supermachine setup` and a five-line hello program (first_hello_s: wall time of the two,
+ * the install itself not counted), then `npx supermachine setup` with nothing to do.
+ */
+async function installBenchmarks(): Promise<void> {
+  const root = packageRoot();
+  const sh = (cmd: string, args: string[], cwd: string, env: NodeJS.ProcessEnv = process.env) =>
+    execFileSync(cmd, args, { cwd, env, encoding: "utf8", timeout: 300_000, stdio: ["ignore", "pipe", "pipe"] });
+  const tgz = JSON.parse(sh(process.execPath, [join(root, "scripts", "pack-all.mjs"), "--json"], root)) as { main: string; guest: string };
+  const work = mkdtempSync(join(tmpdir(), "sm-bench-install-"));
+  try {
+    const project = join(work, "app");
+    const home = join(work, "home");
+    mkdirSync(project);
+    mkdirSync(home);
+    writeFileSync(join(project, "package.json"), JSON.stringify({ name: "app", private: true, type: "module" }));
+    writeFileSync(
+      join(project, "hello.mjs"),
+      `import { Image } from "supermachine";
+const img = await Image.build({ ref: "builtin:busybox" });
+const pool = await img.pool({ min: 1, max: 1 });
+const vm = await pool.acquire();
+const r = await vm.exec({ argv: ["echo", "hello"], timeoutMs: 30_000 });
+console.log(\`exit \${r.exitCode}: \${r.stdout.toString().trim()}\`);
+await vm.release();
+await pool.shutdown();
+`,
+    );
+    sh("npm", ["install", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error", tgz.main, tgz.guest], project);
+    const env: NodeJS.ProcessEnv = { ...process.env, SUPERMACHINE_HOME: home };
+    for (const k of ["SUPERMACHINE_KERNEL", "SUPERMACHINE_INITRAMFS", "SUPERMACHINE_NO_PREBUILT"]) delete env[k];
+    const t0 = performance.now();
+    const setup = JSON.parse(sh("npx", ["--no-install", "supermachine", "setup", "--skip-apt", "--json"], project, env)) as { built: string[] };
+    const out = sh(process.execPath, ["hello.mjs"], project, env);
+    const s = (performance.now() - t0) / 1000;
+    if (out !== "exit 0: hello\n") throw new Error(`hello printed ${JSON.stringify(out)}`);
+    if (setup.built.includes("kernel") || setup.built.includes("agent")) throw new Error(`setup built ${setup.built.join(", ")}: the prebuilt package was not used`);
+    recordValue("first_hello_s", s, 1, "s");
+    const noop: number[] = [];
+    for (let i = 0; i < (quick ? 3 : 10); i++) {
+      const t = performance.now();
+      sh("npx", ["--no-install", "supermachine", "setup"], project, env);
+      noop.push(performance.now() - t);
+    }
+    record("setup_noop_ms", noop);
+    // Its peer: npx starting the CLI and doing nothing (setup's own work is the difference).
+    const bare: number[] = [];
+    for (let i = 0; i < (quick ? 3 : 10); i++) {
+      const t = performance.now();
+      sh("npx", ["--no-install", "supermachine", "--version"], project, env);
+      bare.push(performance.now() - t);
+    }
+    record("npx_cli_version_ms", bare);
+  } finally {
+    rmSync(work, { recursive: true, force: true });
   }
 }
 

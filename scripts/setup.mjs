@@ -248,22 +248,53 @@ function dpkgVersion(pkg) {
 }
 
 /**
- * Where each artifact lives in the cache, under a key of its inputs, and whether it is there.
- * Computing a plan reads and creates nothing in the cache directory beyond stat calls.
+ * Steps 1 and 2 of the artifacts' lookup order (src/engine/prebuilt.ts, shared with the engine
+ * and doctor): an explicit path (SUPERMACHINE_KERNEL / SUPERMACHINE_INITRAMFS), then the prebuilt
+ * platform package when its guest.json matches this version's inputs. Step 3 is the cache plans
+ * below. Needs dist (always there in package mode; in the repository, once it is compiled).
  */
-function kernelPlan() {
-  const key = sha256(hashTree(join(root, "native", "kernel")), dpkgVersion("linux-source-6.1")).slice(0, 16);
-  const dir = join(home, "kernel", key);
-  return { name: "kernel", key, dir, files: ["vmlinux"], present: existsSync(join(dir, "vmlinux")) };
+let found;
+async function lookup() {
+  if (found) return found;
+  const mod = join(root, "dist", "src", "engine", "prebuilt.js");
+  if (!existsSync(mod)) return { kernel: null, agent: null, prebuilt: null };
+  const { guestLookup } = await import(pathToFileURL(mod).href);
+  return (found = guestLookup(root, process.env));
 }
 
-function agentPlan() {
+/** A plan for an artifact found by the lookup: nothing to build. */
+function foundPlan(name, hit, extra = {}) {
+  return { name, source: hit.source, key: hit.key, dir: dirname(hit.path), path: hit.path, files: [basename(hit.path)], present: existsSync(hit.path), ...extra };
+}
+
+/**
+ * Where each artifact lives, and whether it is there: found by the lookup, else in the cache
+ * under a key of its inputs. Computing a plan reads and creates nothing in the cache directory
+ * beyond stat calls.
+ */
+async function kernelPlan() {
+  const hit = (await lookup()).kernel;
+  if (hit) return foundPlan("kernel", hit);
+  const tree = hashTree(join(root, "native", "kernel"));
+  const linuxSource = dpkgVersion("linux-source-6.1");
+  const key = sha256(tree, linuxSource).slice(0, 16);
+  const dir = join(home, "kernel", key);
+  return { name: "kernel", source: "cache", key, dir, path: join(dir, "vmlinux"), files: ["vmlinux"], present: existsSync(join(dir, "vmlinux")), inputs: { tree, linuxSource } };
+}
+
+async function agentPlan() {
+  const hit = (await lookup()).agent;
+  if (hit) {
+    const pa = found.prebuilt?.agent;
+    return foundPlan("agent", hit, hit.source === "prebuilt" ? { binary: pa.binary, version: pa.version } : {});
+  }
   const a = join(root, "native", "agent");
   const rustc = spawnSync("rustc", ["--version"], { encoding: "utf8", env: buildEnv }).stdout?.trim() ?? "";
-  const key = sha256(hashTree(a, (p) => p.endsWith("/target")), rustc).slice(0, 16);
+  const tree = hashTree(a, (p) => p.endsWith("/target"));
+  const key = sha256(tree, rustc).slice(0, 16);
   const dir = join(home, "agent", key);
   const files = ["initramfs.cpio", "supermachine-agent"];
-  return { name: "agent", key, dir, files, present: files.every((f) => existsSync(join(dir, f))) };
+  return { name: "agent", source: "cache", key, dir, path: join(dir, "initramfs.cpio"), binary: join(dir, "supermachine-agent"), files, present: files.every((f) => existsSync(join(dir, f))), inputs: { tree, rustc } };
 }
 
 function busyboxPlan() {
@@ -350,6 +381,11 @@ function buildWith(script, extraEnv = () => ({})) {
 }
 
 async function ensureKernel(plan, step) {
+  if (plan.source !== "cache") {
+    if (!plan.present) fail(`SUPERMACHINE_KERNEL names ${plan.path}, which does not exist`, "unset it to use the prebuilt package or the cache", "SETUP_KERNEL_MISSING");
+    // An explicit path stays out of the manifest: the engine reads the variable itself.
+    return plan.source === "env" ? {} : { kernel: plan.path, kernelKey: plan.key };
+  }
   const dir = await ensureArtifact(plan, buildWith("native/kernel/build.sh"), step);
   return { kernel: join(dir, "vmlinux"), kernelKey: plan.key };
 }
@@ -367,6 +403,15 @@ function agentVersion() {
 }
 
 async function ensureAgent(plan, step) {
+  if (plan.source === "env") {
+    if (!plan.present) fail(`SUPERMACHINE_INITRAMFS names ${plan.path}, which does not exist`, "unset it to use the prebuilt package or the cache", "SETUP_AGENT_MISSING");
+    return {};
+  }
+  if (plan.source === "prebuilt") {
+    const p = agentProtocol(plan.dir);
+    if (!p.ok) fail(`the prebuilt agent ${plan.binary} reports "${p.reported}", but this version's sources define protocol ${p.proto}`, `reinstall the supermachine packages, or set SUPERMACHINE_NO_PREBUILT=1 and run ${SETUP_CMD} to build it`, "SETUP_AGENT_MISMATCH");
+    return { initramfs: plan.path, agentBinary: plan.binary, agentKey: plan.key, agentVersion: plan.version };
+  }
   // A cargo target directory of its own for each build: one shared between checkouts can hand
   // a binary of another checkout's sources to this key (cargo judged it fresh by mtimes).
   let target;
@@ -399,6 +444,14 @@ function ensureBusybox(plan, step) {
 
 const manifestPath = () => join(root, "dist", "native.json");
 const manifestText = (m) => JSON.stringify(m, null, 2) + "\n";
+
+/** What dist/native.json records for these plans (an explicit path is left out). */
+function manifestFor(k, a) {
+  return {
+    ...(k.source === "env" ? {} : { kernel: k.path, kernelKey: k.key }),
+    ...(a.source === "env" ? {} : { initramfs: a.path, agentBinary: a.binary, agentKey: a.key, agentVersion: a.version ?? agentVersion() }),
+  };
+}
 
 function writeManifest(m) {
   const path = manifestPath();
@@ -465,7 +518,7 @@ async function qemuUserState() {
 async function checkAll() {
   const items = [];
   const add = (name, ok, detail, fix) => items.push({ name, ok, detail, ...(ok ? {} : { fix }) });
-  const plans = [kernelPlan(), agentPlan(), busyboxPlan()];
+  const plans = [await kernelPlan(), await agentPlan(), busyboxPlan()];
   const need = plans.filter((p) => !p.present).map((p) => p.name);
   const pkgs = listMissingPackages(need);
   add(
@@ -480,21 +533,37 @@ async function checkAll() {
     const d = distState();
     add("dist", d.fresh, d.fresh ? "compiled from the current sources" : "missing or stale", "npm run setup (compiles TypeScript)");
   }
+  const origin = (p) =>
+    p.source === "env" ? `from ${p.name === "kernel" ? "SUPERMACHINE_KERNEL" : "SUPERMACHINE_INITRAMFS"}: ` : p.source === "prebuilt" ? `from ${found.prebuilt.package}@${found.prebuilt.version}: ` : "";
   for (const p of plans) {
     let ok = p.present;
-    let detail = ok ? (p.name === "kernel" ? join(p.dir, "vmlinux") : p.name === "agent" ? join(p.dir, "initramfs.cpio") : p.dir) : `not in the cache (${p.dir})`;
-    if (ok && p.name === "agent") {
+    let detail = ok ? origin(p) + (p.name === "busybox" ? p.dir : p.path) : (p.source ?? "cache") === "cache" ? `not in the cache (${p.dir})` : `${origin(p)}${p.path} does not exist`;
+    if (ok && p.name === "agent" && p.source !== "env") {
       const proto = agentProtocol(p.dir);
       if (!proto.ok) {
         ok = false;
         detail = `${p.dir} reports "${proto.reported}", its sources define protocol ${proto.proto}`;
-      } else detail += ` (v${agentVersion()})`;
+      } else detail += ` (v${p.version ?? agentVersion()})`;
     }
-    add(p.name, ok, detail, `${SETUP_CMD} (builds it: about ${duration(ESTIMATE_S[p.name])})`);
+    const fix = p.source === "cache" || p.name === "busybox" ? `${SETUP_CMD} (builds it: about ${duration(ESTIMATE_S[p.name])})` : p.source === "env" ? "point the variable at an existing file, or unset it" : "reinstall the supermachine packages";
+    add(p.name, ok, detail, fix);
+    const item = items[items.length - 1];
+    if (p.name !== "busybox") {
+      item.source = p.source;
+      item.key = p.key;
+      item.path = p.path;
+      if (p.inputs) item.inputs = p.inputs;
+      if (p.name === "agent") {
+        item.binary = p.binary;
+        item.version = p.version ?? agentVersion();
+      }
+    }
+    if (p.name === "kernel" && p.source !== "prebuilt" && found?.prebuilt?.kernel?.reason) item.prebuilt = found.prebuilt.kernel.reason;
+    if (p.name === "agent" && p.source !== "prebuilt" && found?.prebuilt?.agent?.reason) item.prebuilt = found.prebuilt.agent.reason;
   }
   const [k, a] = plans;
   if (k.present && a.present) {
-    const want = manifestText({ kernel: join(k.dir, "vmlinux"), kernelKey: k.key, initramfs: join(a.dir, "initramfs.cpio"), agentBinary: join(a.dir, "supermachine-agent"), agentKey: a.key, agentVersion: agentVersion() });
+    const want = manifestText(manifestFor(k, a));
     const path = manifestPath();
     const ok = existsSync(path) && readFileSync(path, "utf8") === want;
     add("manifest", ok, ok ? path : `${path} ${existsSync(path) ? "points elsewhere" : "is missing"}`, `${SETUP_CMD} (writes it)`);
@@ -539,12 +608,13 @@ if (!artifactsOnly) {
   ensureNodeModules();
   ensureDist();
 } else {
-  const need = [kernelPlan(), agentPlan(), busyboxPlan()].filter((p) => !p.present).map((p) => p.name);
+  const need = [await kernelPlan(), await agentPlan(), busyboxPlan()].filter((p) => !p.present && p.source !== "env").map((p) => p.name);
   ensurePackages(need);
 }
 // Planned after the packages: the kernel's and the busybox image's keys include package versions.
-const plans = { kernel: kernelPlan(), agent: agentPlan(), busybox: busyboxPlan() };
-const todo = Object.values(plans).filter((p) => !p.present);
+const plans = { kernel: await kernelPlan(), agent: await agentPlan(), busybox: busyboxPlan() };
+for (const p of [plans.kernel, plans.agent]) if (p.source === "prebuilt") note(`${p.name}: prebuilt, from ${found.prebuilt.package}@${found.prebuilt.version} (${p.path})`);
+const todo = Object.values(plans).filter((p) => !p.present && (p.source ?? "cache") === "cache");
 if (todo.length) {
   const total = todo.reduce((s, p) => s + ESTIMATE_S[p.name], 0);
   say(`to build: ${todo.map((p) => `${p.name} (about ${duration(ESTIMATE_S[p.name])})`).join(", ")}; about ${duration(total)} in all on ${CORES} core${CORES === 1 ? "" : "s"}`);
@@ -553,7 +623,8 @@ const step = (name) => (todo.length > 1 ? `[${todo.findIndex((p) => p.name === n
 const kernel = await ensureKernel(plans.kernel, step("kernel"));
 const agent = await ensureAgent(plans.agent, step("agent"));
 ensureBusybox(plans.busybox, step("busybox"));
-writeManifest({ ...kernel, ...agent });
-await ensureConfinement([kernel.kernel, agent.initramfs]);
+writeManifest(manifestFor(plans.kernel, { ...plans.agent, version: agent.agentVersion ?? plans.agent.version }));
+// Only the cache's files are given to QEMU's group here: the engine grants the others as it opens them.
+await ensureConfinement([plans.kernel, plans.agent].filter((p) => p.source === "cache").map((p) => p.path));
 note(`ready in ${secs(started)} (cache: ${home})`);
-if (json) process.stdout.write(JSON.stringify({ ok: true, mode: artifactsOnly ? "package" : "repository", home, built: todo.map((p) => p.name), ms: Date.now() - started }) + "\n");
+if (json) process.stdout.write(JSON.stringify({ ok: true, mode: artifactsOnly ? "package" : "repository", home, built: todo.map((p) => p.name), sources: { kernel: plans.kernel.source, agent: plans.agent.source }, ms: Date.now() - started }) + "\n");

@@ -237,7 +237,7 @@ export function checkKernel(a: ArtifactsFacts, kernelVersion: string | null): Ch
   return {
     id: "kernel",
     status: "pass",
-    summary: `guest kernel ${kernelVersion ? `Linux ${kernelVersion}` : "(version not readable)"}${custom ? ", from SUPERMACHINE_KERNEL" : `, key ${k.kernelKey}`}`,
+    summary: `guest kernel ${kernelVersion ? `Linux ${kernelVersion}` : "(version not readable)"}${custom ? ", from SUPERMACHINE_KERNEL" : `${k.kernelSource === "prebuilt" ? ", prebuilt package" : ""}, key ${k.kernelKey}`}`,
     detail: k.kernel,
   };
 }
@@ -256,7 +256,7 @@ export function checkAgent(a: ArtifactsFacts, agentOutput: string | null, hostPr
   }
   const k = a.artifacts;
   const custom = k.agentKey.startsWith("custom:");
-  const where = custom ? ", from SUPERMACHINE_INITRAMFS" : `, key ${k.agentKey}`;
+  const where = custom ? ", from SUPERMACHINE_INITRAMFS" : `${k.agentSource === "prebuilt" ? ", prebuilt package" : ""}, key ${k.agentKey}`;
   const v = agentOutput === null ? null : agentVersionOf(agentOutput);
   if (!v) return { id: "agent", status: "pass", summary: `guest agent ${k.agentVersion}${where} (protocol not checked: no agent binary next to the initramfs)`, detail: k.initramfs };
   if (v.protocol !== hostProtocol) {

@@ -1,13 +1,15 @@
 /**
- * Where the guest kernel and the agent initramfs live. `npx supermachine setup` (in the
- * repository: `npm run setup`) builds both into the
- * cache directory, keyed by a hash of their inputs, and records the paths in
- * `<package>/dist/native.json`. `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS` override.
+ * Where the guest kernel and the agent initramfs live, in the lookup order of `prebuilt.ts`:
+ * `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS`, the prebuilt platform package when it matches
+ * this version's inputs, then the cache directory, where `npx supermachine setup` (in the
+ * repository: `npm run setup`) builds them, keyed by a hash of their inputs, recording the paths
+ * in `<package>/dist/native.json`.
  */
 import { existsSync, readFileSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { SetupError } from "../errors.js";
+import { type ArtifactSource, guestLookup } from "./prebuilt.js";
 
 export interface NativeArtifacts {
   kernel: string;
@@ -15,6 +17,9 @@ export interface NativeArtifacts {
   kernelKey: string;
   agentKey: string;
   agentVersion: string;
+  /** Where each came from: an explicit path, the prebuilt package, or the cache (setup's build). */
+  kernelSource: ArtifactSource;
+  agentSource: ArtifactSource;
 }
 
 const SETUP_HINT = 'run "npx supermachine setup" (it builds the guest kernel and agent; in the supermachine repository: npm run setup)';
@@ -42,6 +47,7 @@ let cached: NativeArtifacts | undefined;
 export function nativeArtifacts(env: NodeJS.ProcessEnv = process.env): NativeArtifacts {
   if (cached && !env.SUPERMACHINE_KERNEL && !env.SUPERMACHINE_INITRAMFS) return cached;
   const manifest = join(packageRoot(), "dist", "native.json");
+  // native.json may be absent when the prebuilt package provides both.
   let recorded: Partial<NativeArtifacts> = {};
   if (existsSync(manifest)) {
     try {
@@ -50,19 +56,21 @@ export function nativeArtifacts(env: NodeJS.ProcessEnv = process.env): NativeArt
       throw new SetupError("SETUP_MANIFEST_CORRUPT", `${manifest} is not valid JSON`, { hint: SETUP_HINT, cause: err });
     }
   }
-  const kernel = env.SUPERMACHINE_KERNEL || recorded.kernel;
-  const initramfs = env.SUPERMACHINE_INITRAMFS || recorded.initramfs;
+  const root = packageRoot();
+  const found = guestLookup(root, env);
+  const kernel = found.kernel?.path || recorded.kernel;
+  const initramfs = found.agent?.path || recorded.initramfs;
   if (!kernel || !existsSync(kernel)) {
     throw new SetupError(
       "SETUP_KERNEL_MISSING",
-      kernel ? `guest kernel not found at ${kernel}` : `no guest kernel has been built (${manifest} is missing)`,
+      kernel ? `guest kernel not found at ${kernel}` : `no guest kernel has been built (${manifest} is missing; prebuilt: ${"reason" in found.prebuilt.kernel ? found.prebuilt.kernel.reason : "unused"})`,
       { hint: SETUP_HINT },
     );
   }
   if (!initramfs || !existsSync(initramfs)) {
     throw new SetupError(
       "SETUP_AGENT_MISSING",
-      initramfs ? `guest agent initramfs not found at ${initramfs}` : `no guest agent has been built (${manifest} is missing)`,
+      initramfs ? `guest agent initramfs not found at ${initramfs}` : `no guest agent has been built (${manifest} is missing; prebuilt: ${"reason" in found.prebuilt.agent ? found.prebuilt.agent.reason : "unused"})`,
       { hint: SETUP_HINT },
     );
   }
@@ -72,12 +80,17 @@ export function nativeArtifacts(env: NodeJS.ProcessEnv = process.env): NativeArt
     const st = statSync(p);
     return `custom:${p}:${st.size}:${Math.round(st.mtimeMs)}`;
   };
+  const key = (hit: typeof found.kernel, path: string, recordedKey: string | undefined) =>
+    hit ? (hit.key ?? custom(path)) : (recordedKey ?? custom(path));
+  const pa = found.prebuilt.agent;
   const result: NativeArtifacts = {
     kernel,
     initramfs,
-    kernelKey: env.SUPERMACHINE_KERNEL ? custom(kernel) : (recorded.kernelKey ?? custom(kernel)),
-    agentKey: env.SUPERMACHINE_INITRAMFS ? custom(initramfs) : (recorded.agentKey ?? custom(initramfs)),
-    agentVersion: recorded.agentVersion ?? "unknown",
+    kernelKey: key(found.kernel, kernel, recorded.kernelKey),
+    agentKey: key(found.agent, initramfs, recorded.agentKey),
+    agentVersion: found.agent?.source === "prebuilt" && "version" in pa ? pa.version : (recorded.agentVersion ?? "unknown"),
+    kernelSource: found.kernel?.source ?? "cache",
+    agentSource: found.agent?.source ?? "cache",
   };
   if (!env.SUPERMACHINE_KERNEL && !env.SUPERMACHINE_INITRAMFS) cached = result;
   return result;
