@@ -13,8 +13,8 @@ const args = process.argv.slice(2);
 const dashdash = args.indexOf("--");
 const wantsJson = (dashdash < 0 ? args : args.slice(0, dashdash)).includes("--json");
 
-createProgram()
-  .parseAsync(args, { from: "user" })
+createProgram(args)
+  .then((program) => program.parseAsync(args, { from: "user" }))
   .then(
     () => process.exit(Number(process.exitCode ?? 0)),
     (err: unknown) => process.exit(report(err)),

@@ -2,23 +2,13 @@
  * The `supermachine` command tree. Each command group lives in its own module and exports
  * `registerXxx(program: Command): void`, which adds its commands with `program.command(name)`
  * (so they inherit the settings below: exit override, error output, help layout) and gives each
- * an action wrapped in `action()` (common.ts). To add a group, call its register function in
- * `createProgram`.
+ * an action wrapped in `action()` (common.ts). To add a group, list it in `COMMAND_GROUPS` with
+ * the top-level names it registers (test/unit/cli-program.test.ts checks the table).
  */
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { Command } from "commander";
 import { packageRoot } from "../engine/artifacts.js";
-import { registerCacheCommands } from "./cache.js";
-import { registerImageCommands } from "./images.js";
-import { registerInfoCommand } from "./info.js";
-import { registerDoctorCommand } from "./doctor.js";
-import { registerInitCommand } from "./init.js";
-import { registerProjectCommands } from "./project.js";
-import { registerWatchCommand } from "./watch.js";
-import { registerRunCommand } from "./run.js";
-import { registerSetupCommand } from "./setup.js";
-import { registerVerifyCommand } from "./verify.js";
 
 const FOOTER = `
 References: alpine:3.20, ghcr.io/owner/image@sha256:..., oci:<dir>[:<tag>],
@@ -26,7 +16,32 @@ References: alpine:3.20, ghcr.io/owner/image@sha256:..., oci:<dir>[:<tag>],
 Environment: SUPERMACHINE_HOME (cache dir), SUPERMACHINE_ACCEL=kvm|tcg, DEBUG=supermachine:*
 Exit status: a command's own (run), 1 on errors, 2 on usage errors.`;
 
-export function createProgram(): Command {
+type Register = (program: Command) => void;
+
+/**
+ * The command groups in the order help lists them, each with the top-level names it registers.
+ * A module is imported only when needed: loading every command's dependencies costs about
+ * 0.2 s, more than `setup` or `doctor` take with nothing to do.
+ */
+export const COMMAND_GROUPS: readonly { names: readonly string[]; load: () => Promise<Register> }[] = [
+  { names: ["run"], load: async () => (await import("./run.js")).registerRunCommand },
+  { names: ["pull", "tag", "images", "rmi", "gc"], load: async () => (await import("./images.js")).registerImageCommands },
+  { names: ["info"], load: async () => (await import("./info.js")).registerInfoCommand },
+  { names: ["doctor"], load: async () => (await import("./doctor.js")).registerDoctorCommand },
+  { names: ["build", "ls", "why", "graph"], load: async () => (await import("./project.js")).registerProjectCommands },
+  { names: ["watch"], load: async () => (await import("./watch.js")).registerWatchCommand },
+  { names: ["init"], load: async () => (await import("./init.js")).registerInitCommand },
+  { names: ["cache"], load: async () => (await import("./cache.js")).registerCacheCommands },
+  { names: ["verify"], load: async () => (await import("./verify.js")).registerVerifyCommand },
+  { names: ["setup"], load: async () => (await import("./setup.js")).registerSetupCommand },
+];
+
+/**
+ * The program for `args`: when they start with a command's name, only that command's group is
+ * loaded (nothing else is needed to parse them); for `--version`, none; otherwise (help, options
+ * first, a usage error) every group.
+ */
+export async function createProgram(args: readonly string[] = []): Promise<Command> {
   const program = new Command("supermachine")
     .description("Run OCI/Docker images as isolated QEMU microVMs.")
     .version(version(), "-V, --version", "print the version")
@@ -41,16 +56,10 @@ export function createProgram(): Command {
     .exitOverride()
     .addHelpText("after", FOOTER);
   // Settings above are copied into each subcommand when it is created: register groups after them.
-  registerRunCommand(program);
-  registerImageCommands(program);
-  registerInfoCommand(program);
-  registerDoctorCommand(program);
-  registerProjectCommands(program);
-  registerWatchCommand(program);
-  registerInitCommand(program);
-  registerCacheCommands(program);
-  registerVerifyCommand(program);
-  registerSetupCommand(program);
+  const first = args[0];
+  if (first === "-V" || first === "--version") return program; // needs no command
+  const only = first === undefined ? undefined : COMMAND_GROUPS.find((g) => g.names.includes(first));
+  for (const group of only ? [only] : COMMAND_GROUPS) (await group.load())(program);
   return program;
 }
 
