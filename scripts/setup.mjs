@@ -27,6 +27,7 @@ import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync,
 import { availableParallelism, homedir, tmpdir } from "node:os";
 import { basename, dirname, join, relative } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
+import { aptDecision, installLine } from "./apt-plan.mjs";
 
 const root = dirname(dirname(fileURLToPath(import.meta.url)));
 const args = new Set(process.argv.slice(2));
@@ -176,23 +177,37 @@ function listMissingPackages(need) {
 function ensurePackages(need) {
   if (args.has("--skip-apt")) return;
   const missing = listMissingPackages(need);
-  if (missing.length === 0) return;
+  const plan = aptDecision({
+    missing,
+    uid: process.getuid?.(),
+    sudo: () => spawnSync("sudo", ["-n", "true"], { stdio: "ignore", timeout: 10_000 }).status === 0,
+  });
+  if (plan.action === "none") return;
+  if (plan.action === "ask") {
+    // Not root and no password-less sudo: nothing is installed, built or created; one line to run.
+    if (!json) process.stdout.write(`${plan.line}\n`);
+    fail(
+      `Debian packages are missing (${missing.join(", ")}) and this user (uid ${process.getuid?.()}) cannot install them: it is not root and has no password-less sudo`,
+      `run: ${plan.line}; then run ${SETUP_CMD} again (or pass --skip-apt to go on without them)`,
+      "SETUP_APT_NEEDS_ROOT",
+    );
+  }
   const t0 = Date.now();
-  say(`installing Debian packages: ${missing.join(", ")}`);
-  const sudo = process.getuid?.() === 0 ? [] : ["sudo", "-n"];
+  say(`installing Debian packages: ${plan.packages.join(", ")}`);
   const apt = (...a) => {
-    const [cmd, ...rest] = [...sudo, "apt-get", ...a];
+    const [cmd, ...rest] = [...plan.prefix, "apt-get", ...a];
     const r = spawnSync(cmd, rest, {
       stdio: ["ignore", "ignore", "inherit"],
       env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" },
     });
     return r.status === 0;
   };
+  const line = installLine(missing);
   if (!apt("update", "-q")) {
-    fail("apt-get update failed", `install them yourself: sudo apt-get install ${missing.join(" ")}`, "SETUP_APT_FAILED");
+    fail("apt-get update failed", `install them yourself: ${line}`, "SETUP_APT_FAILED");
   }
-  if (!apt("install", "-y", "-q", "--no-install-recommends", ...missing)) {
-    fail(`apt-get install ${missing.join(" ")} failed`, `run it yourself to see why: sudo apt-get install ${missing.join(" ")}`, "SETUP_APT_FAILED");
+  if (!apt("install", "-y", "-q", "--no-install-recommends", ...plan.packages)) {
+    fail(`apt-get install ${plan.packages.join(" ")} failed`, `run it yourself to see why: ${line}`, "SETUP_APT_FAILED");
   }
   say(`packages installed in ${secs(t0)}`);
 }
@@ -525,7 +540,7 @@ async function checkAll() {
     "packages",
     pkgs.length === 0,
     pkgs.length === 0 ? "installed" : `missing: ${pkgs.join(", ")}`,
-    `sudo apt-get install --no-install-recommends ${pkgs.map((n) => (n === "cargo" ? "cargo rustc" : n)).join(" ")}`,
+    installLine(pkgs),
   );
   if (!artifactsOnly) {
     const nm = nodeModulesState();

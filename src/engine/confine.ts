@@ -17,6 +17,7 @@
  */
 import { execFile } from "node:child_process";
 import { fchmodSync, fchownSync, fstatSync, readFileSync, statSync, type Stats } from "node:fs";
+import { userInfo } from "node:os";
 import { dirname, resolve } from "node:path";
 import { EngineError } from "../errors.js";
 import { logger } from "../log.js";
@@ -105,10 +106,12 @@ export async function confinementReport(qemu: string, env: NodeJS.ProcessEnv = p
 function currentUserName(): string {
   const uid = process.getuid?.();
   if (uid === 0) return "root";
+  // The passwd entry of the uid, not $USER (unset under setpriv, sudo -u, systemd services; and
+  // it may name someone else).
   try {
-    return (process.env.USER || process.env.LOGNAME) ?? String(uid);
+    return userInfo().username;
   } catch {
-    return String(uid);
+    return process.env.USER || process.env.LOGNAME || String(uid);
   }
 }
 
