@@ -3,7 +3,7 @@
  * project's bench contract says (one JSON object on stdout with --json; progress on stderr).
  */
 import { execFileSync, spawn } from "node:child_process";
-import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, release, tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -806,18 +806,8 @@ async function installBenchmarks(): Promise<void> {
     mkdirSync(project);
     mkdirSync(home);
     writeFileSync(join(project, "package.json"), JSON.stringify({ name: "app", private: true, type: "module" }));
-    writeFileSync(
-      join(project, "hello.mjs"),
-      `import { Image } from "supermachine";
-const img = await Image.build({ ref: "builtin:busybox" });
-const pool = await img.pool({ min: 1, max: 1 });
-const vm = await pool.acquire();
-const r = await vm.exec({ argv: ["echo", "hello"], timeoutMs: 30_000 });
-console.log(\`exit \${r.exitCode}: \${r.stdout.toString().trim()}\`);
-await vm.release();
-await pool.shutdown();
-`,
-    );
+    // The same first program the install tests run.
+    copyFileSync(new URL("../../test/setup/hello.mjs", import.meta.url), join(project, "hello.mjs"));
     sh("npm", ["install", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error", tgz.main, tgz.guest], project);
     const env: NodeJS.ProcessEnv = { ...process.env, SUPERMACHINE_HOME: home };
     for (const k of ["SUPERMACHINE_KERNEL", "SUPERMACHINE_INITRAMFS", "SUPERMACHINE_NO_PREBUILT"]) delete env[k];

@@ -4,7 +4,7 @@
 // TCG it needs no /dev/kvm; QEMU runs as that user (no privilege drop), inside its seccomp sandbox.
 // Needs root to create the user and switch to it (setpriv); skipped otherwise.
 import { spawnSync, type SpawnSyncOptions } from "node:child_process";
-import { chmodSync, chownSync, copyFileSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -38,15 +38,8 @@ function testUser(): { uid: number; gid: number } {
   return { uid: Number(f[2]), gid: Number(f[3]) };
 }
 
-const HELLO = `import { Image } from "supermachine";
-const img = await Image.build({ ref: "builtin:busybox" });
-const pool = await img.pool({ min: 1, max: 1 });
-const vm = await pool.acquire();
-const r = await vm.exec({ argv: ["echo", "hello"], timeoutMs: 30_000 });
-console.log(\`exit \${r.exitCode}: \${r.stdout.toString().trim()}\`);
-await vm.release();
-await pool.shutdown();
-`;
+/** The installed project's first program (prints "exit 0: hello"). */
+const HELLO = readFileSync(new URL("./hello.mjs", import.meta.url), "utf8");
 
 describe("as a normal user", () => {
   it.skipIf(!isRoot)("setup --check, setup --skip-apt, doctor, first hello: all without root", { timeout: 240_000 }, () => {

@@ -21,15 +21,8 @@ const run = (cmd: string, args: string[], opts: SpawnSyncOptions = {}) => {
   return r as unknown as { status: number | null; stdout: string; stderr: string };
 };
 
-const HELLO = `import { Image } from "supermachine";
-const img = await Image.build({ ref: "builtin:busybox" });
-const pool = await img.pool({ min: 1, max: 1 });
-const vm = await pool.acquire();
-const r = await vm.exec({ argv: ["echo", "hello"], timeoutMs: 30_000 });
-console.log(\`exit \${r.exitCode}: \${r.stdout.toString().trim()}\`);
-await vm.release();
-await pool.shutdown();
-`;
+/** The installed project's first program (prints "exit 0: hello"). */
+const HELLO = readFileSync(new URL("./hello.mjs", import.meta.url), "utf8");
 
 describe("prebuilt guest package", () => {
   it("pack:all, install both tarballs, setup on an empty cache compiles nothing, first hello", { timeout: 240_000 }, () => {

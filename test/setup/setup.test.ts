@@ -2,7 +2,7 @@
 // project that installed the packed tarball, which then boots a VM with what setup found.
 // Nothing here builds a kernel: the shared cache must already hold it (npm test's setup made it).
 import { spawnSync, type SpawnSyncOptions } from "node:child_process";
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -119,18 +119,7 @@ describe("setup from a project that installed the packed tarball", () => {
     expect(after.status, after.stdout).toBe(0);
     expect(after.stdout).toContain("all present");
 
-    writeFileSync(
-      join(project, "hello.mjs"),
-      `import { Image } from "supermachine";
-const img = await Image.build({ ref: "builtin:busybox" });
-const pool = await img.pool({ min: 1, max: 1 });
-const vm = await pool.acquire();
-const r = await vm.exec({ argv: ["echo", "hello"], timeoutMs: 30_000 });
-console.log(\`exit \${r.exitCode}: \${r.stdout.toString().trim()}\`);
-await vm.release();
-await pool.shutdown();
-`,
-    );
+    copyFileSync(new URL("./hello.mjs", import.meta.url), join(project, "hello.mjs"));
     const hello = run(process.execPath, ["hello.mjs"], { cwd: project });
     expect(hello.stderr).toBe("");
     expect(hello.stdout).toBe("exit 0: hello\n");
