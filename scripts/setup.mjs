@@ -6,7 +6,9 @@
 //   4. guest kernel, guest agent and the built-in busybox image, each built into the cache
 //      directory ($SUPERMACHINE_HOME, default ~/.cache/supermachine) under a hash of its
 //      inputs, so a second checkout or a CI run on the same machine reuses them
-//   5. dist/native.json: where the runtime finds the kernel and the agent
+//   5. the install manifest, in the cache directory (<home>/installs/<inputs>.json, named by a
+//      hash of this package's guest sources): where the runtime finds the kernel and the agent.
+//      Never written into the package, which may be installed by root and read-only to its users.
 //   6. confinement: as root, the unprivileged system user QEMU runs as (`supermachine`, no login
 //      shell, no home) is created when missing, and the cache directory is made private (0700,
 //      nothing readable by other users; the kernel and agent readable by QEMU's group)
@@ -457,10 +459,19 @@ function ensureBusybox(plan, step) {
   say(`builtin busybox image built in ${secs(t0)}`);
 }
 
-const manifestPath = () => join(root, "dist", "native.json");
+/**
+ * The install manifest's path, from the compiled runtime (one definition: installManifestPath in
+ * src/engine/artifacts.ts). null when dist/ is not compiled yet (only `--check` in the repository
+ * asks before that).
+ */
+async function manifestPath() {
+  const mod = join(root, "dist", "src", "engine", "artifacts.js");
+  if (!existsSync(mod)) return null;
+  return (await import(pathToFileURL(mod).href)).installManifestPath(root, process.env);
+}
 const manifestText = (m) => JSON.stringify(m, null, 2) + "\n";
 
-/** What dist/native.json records for these plans (an explicit path is left out). */
+/** What the install manifest records for these plans (an explicit path is left out). */
 function manifestFor(k, a) {
   return {
     ...(k.source === "env" ? {} : { kernel: k.path, kernelKey: k.key }),
@@ -468,16 +479,22 @@ function manifestFor(k, a) {
   };
 }
 
-function writeManifest(m) {
-  const path = manifestPath();
+/** Writes the manifest atomically (a temp file of this process, then rename) into the cache. */
+async function writeManifest(m) {
+  const path = await manifestPath();
+  if (!path) fail(`${join(root, "dist")} is missing: cannot record the guest artifacts`, `run ${SETUP_CMD} again`, "SETUP_DIST_MISSING");
   const text = manifestText(m);
+  // A manifest written into dist/ by an older setup is no longer read: drop it (in a checkout).
+  if (!artifactsOnly) rmSync(join(root, "dist", "native.json"), { force: true });
   if (existsSync(path) && readFileSync(path, "utf8") === text) return;
-  mkdirSync(dirname(path), { recursive: true });
+  const tmp = `${path}.${process.pid}.tmp`;
   try {
-    writeFileSync(path + ".tmp", text);
-    renameSync(path + ".tmp", path);
+    mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+    writeFileSync(tmp, text, { mode: 0o600 });
+    renameSync(tmp, path);
   } catch (err) {
-    fail(`cannot write ${path}: ${err.message}`, `run ${SETUP_CMD} as a user who may write the installed package (the one who installed it)`, "SETUP_MANIFEST_WRITE");
+    rmSync(tmp, { force: true });
+    fail(`cannot write ${path}: ${err.message}`, `check that ${home} is writable by this user, or set SUPERMACHINE_HOME to a directory that is`, "SETUP_MANIFEST_WRITE");
   }
 }
 
@@ -579,9 +596,10 @@ async function checkAll() {
   const [k, a] = plans;
   if (k.present && a.present) {
     const want = manifestText(manifestFor(k, a));
-    const path = manifestPath();
-    const ok = existsSync(path) && readFileSync(path, "utf8") === want;
-    add("manifest", ok, ok ? path : `${path} ${existsSync(path) ? "points elsewhere" : "is missing"}`, `${SETUP_CMD} (writes it)`);
+    const path = await manifestPath();
+    const ok = path !== null && existsSync(path) && readFileSync(path, "utf8") === want;
+    const detail = ok ? path : path === null ? "written once dist/ is compiled" : `${path} ${existsSync(path) ? "points elsewhere" : "is missing"}`;
+    add("manifest", ok, detail, `${SETUP_CMD} (writes it)`);
   } else {
     add("manifest", false, "written once the kernel and the agent are built", `${SETUP_CMD}`);
   }
@@ -638,7 +656,7 @@ const step = (name) => (todo.length > 1 ? `[${todo.findIndex((p) => p.name === n
 const kernel = await ensureKernel(plans.kernel, step("kernel"));
 const agent = await ensureAgent(plans.agent, step("agent"));
 ensureBusybox(plans.busybox, step("busybox"));
-writeManifest(manifestFor(plans.kernel, { ...plans.agent, version: agent.agentVersion ?? plans.agent.version }));
+await writeManifest(manifestFor(plans.kernel, { ...plans.agent, version: agent.agentVersion ?? plans.agent.version }));
 // Only the cache's files are given to QEMU's group here: the engine grants the others as it opens them.
 await ensureConfinement([plans.kernel, plans.agent].filter((p) => p.source === "cache").map((p) => p.path));
 note(`ready in ${secs(started)} (cache: ${home})`);

@@ -3,13 +3,21 @@
  * `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS`, the prebuilt platform package when it matches
  * this version's inputs, then the cache directory, where `npx supermachine setup` (in the
  * repository: `npm run setup`) builds them, keyed by a hash of their inputs, recording the paths
- * in `<package>/dist/native.json`.
+ * in an install manifest in the cache directory (`installManifestPath`).
+ *
+ * The manifest lives in the cache, never in the installed package: a package installed by root
+ * (globally, or into a shared tree) is read-only to the users who run it, and each of them sets
+ * up a cache of their own. It is named by this package's guest inputs, so two checkouts or two
+ * installed versions sharing one cache directory each find the artifacts built from their own
+ * sources.
  */
+import { createHash } from "node:crypto";
 import { existsSync, readFileSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { SetupError } from "../errors.js";
-import { type ArtifactSource, guestLookup } from "./prebuilt.js";
+import { supermachineHome } from "../paths.js";
+import { type ArtifactSource, guestLookup, sourceInputs } from "./prebuilt.js";
 
 export interface NativeArtifacts {
   kernel: string;
@@ -42,12 +50,24 @@ export function packageRoot(): string {
   }
 }
 
+/**
+ * Where setup records the kernel and agent it built or found for the package at `root`:
+ * `<home>/installs/<inputs>.json`, `<inputs>` a hash of the package's kernel and agent source
+ * trees (`sourceInputs`, hashed as setup hashes them). `scripts/setup.mjs` calls this function.
+ */
+export function installManifestPath(root: string = packageRoot(), env: NodeJS.ProcessEnv = process.env): string {
+  const { kernelTree, agentTree } = sourceInputs(root);
+  const id = createHash("sha256").update(`kernel:${kernelTree}\0agent:${agentTree}`).digest("hex").slice(0, 16);
+  return join(supermachineHome(env), "installs", `${id}.json`);
+}
+
 let cached: NativeArtifacts | undefined;
 
 export function nativeArtifacts(env: NodeJS.ProcessEnv = process.env): NativeArtifacts {
   if (cached && !env.SUPERMACHINE_KERNEL && !env.SUPERMACHINE_INITRAMFS) return cached;
-  const manifest = join(packageRoot(), "dist", "native.json");
-  // native.json may be absent when the prebuilt package provides both.
+  const root = packageRoot();
+  const manifest = installManifestPath(root, env);
+  // The manifest may be absent when the prebuilt package provides both.
   let recorded: Partial<NativeArtifacts> = {};
   if (existsSync(manifest)) {
     try {
@@ -56,7 +76,6 @@ export function nativeArtifacts(env: NodeJS.ProcessEnv = process.env): NativeArt
       throw new SetupError("SETUP_MANIFEST_CORRUPT", `${manifest} is not valid JSON`, { hint: SETUP_HINT, cause: err });
     }
   }
-  const root = packageRoot();
   const found = guestLookup(root, env);
   const kernel = found.kernel?.path || recorded.kernel;
   const initramfs = found.agent?.path || recorded.initramfs;

@@ -14,7 +14,8 @@
  *   1. an explicit path: `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS`;
  *   2. the prebuilt package, when its `guest.json` matches this version's inputs
  *      (`SUPERMACHINE_NO_PREBUILT=1` skips it);
- *   3. the cache directory, through `dist/native.json` that setup writes;
+ *   3. the cache directory, through the install manifest setup writes there
+ *      (`installManifestPath` in artifacts.ts);
  *   4. else `npx supermachine setup` builds it from source.
  */
 import { createHash } from "node:crypto";
@@ -126,7 +127,7 @@ export interface LookupHit {
 
 /**
  * Steps 1 and 2 of the lookup order for both artifacts (the cache, step 3, is the caller's:
- * the engine reads `dist/native.json`, setup computes the cache keys itself). null: not found
+ * the engine reads the install manifest, setup computes the cache keys itself). null: not found
  * there, look in the cache.
  */
 export function guestLookup(root: string, env: NodeJS.ProcessEnv = process.env): { kernel: LookupHit | null; agent: LookupHit | null; prebuilt: PrebuiltState } {

@@ -1,5 +1,6 @@
-// Run as a normal user: a local user who is not root (and has no sudo) installs both packed
-// tarballs into a project it owns and, with its own empty HOME and cache directory, runs
+// Run as a normal user: a local user who is not root (and has no sudo) uses both packed tarballs,
+// installed by root into the user's project and left root's (read-only to the user, as a global or
+// shared install is), and, with its own empty HOME and cache directory, runs
 // `npx supermachine setup --check`, `setup --skip-apt`, `doctor --json` and a hello program. Under
 // TCG it needs no /dev/kvm; QEMU runs as that user (no privilege drop), inside its seccomp sandbox.
 // Needs root to create the user and switch to it (setpriv); skipped otherwise.
@@ -66,11 +67,15 @@ describe("as a normal user", () => {
     copyFileSync(tgz.guest, guest);
     writeFileSync(join(project, "package.json"), JSON.stringify({ name: "app", private: true, type: "module" }));
     writeFileSync(join(project, "hello.mjs"), HELLO);
-    // Installed by root (its npm cache makes this quick), then handed to the user.
+    // Installed by root (its npm cache makes this quick). The project is handed to the user, the
+    // two installed packages stay root's: nothing may need to write into them.
     const install = run("npm", ["install", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error", main, guest], { cwd: project });
     expect(install.status, install.stderr).toBe(0);
     run("chown", ["-R", `${uid}:${gid}`, project, home, cache, rt]);
-    expect(statSync(join(project, "node_modules", "supermachine", "package.json")).uid).toBe(uid);
+    const pkgs = ["supermachine", "supermachine-guest-linux-x64"].map((n) => join(project, "node_modules", n));
+    run("chown", ["-R", "0:0", ...pkgs]);
+    run("chmod", ["-R", "go-w", ...pkgs]);
+    expect(statSync(join(pkgs[0]!, "package.json")).uid).toBe(0);
 
     const env: NodeJS.ProcessEnv = { PATH: process.env.PATH, HOME: home, SUPERMACHINE_HOME: cache, TMPDIR: rt, npm_config_cache: join(home, ".npm"), npm_config_update_notifier: "false" };
     const as = (cmd: string, ...args: string[]) =>
@@ -79,6 +84,7 @@ describe("as a normal user", () => {
 
     const whoami = as("id", "-u");
     expect(whoami.stdout.trim()).toBe(String(uid));
+    for (const p of [...pkgs, join(pkgs[0]!, "dist")]) expect(as("test", "-w", p).status, `${p} writable by the user`).toBe(1);
 
     // Debian packages missing (a dpkg-query that knows of no installed package), no root, no sudo:
     // setup prints the one line to run and exits 1 before doing anything else.
@@ -130,5 +136,8 @@ describe("as a normal user", () => {
     // Nothing left behind by the VM in the user's runtime directory; every cache entry is the user's.
     expect(readdirSync(rt).filter((n) => n.startsWith("sm-"))).toEqual([]);
     for (const n of readdirSync(cache)) expect(statSync(join(cache, n)).uid, n).toBe(uid);
+    // The install manifest is the user's, in the user's cache; the packages are as installed.
+    expect(readdirSync(join(cache, "installs")).filter((n) => /^[0-9a-f]{16}\.json$/.test(n))).toHaveLength(1);
+    for (const p of pkgs) expect(run("find", [p, "-newer", join(project, "package-lock.json"), "-print"]).stdout, `${p} changed`).toBe("");
   });
 });
