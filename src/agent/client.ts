@@ -15,6 +15,7 @@ import type { Duplex } from "node:stream";
 import { AgentError } from "../errors.js";
 import { logger } from "../log.js";
 import {
+  AGENT_STREAM_BASE,
   Channel,
   CHANNEL_MASK,
   DATA_CHUNK,
@@ -417,9 +418,11 @@ export class TcpStream extends StreamOp {
   onEnd: () => void = () => {};
   onStarted: () => void = () => {};
 
-  constructor(client: AgentClient, id: number) {
+  /** `accepted`: a PROXY_CONN stream, opened by the agent on a connection it accepted (no STARTED). */
+  constructor(client: AgentClient, id: number, accepted = false) {
     super(client, id);
     this.recvWindow = [undefined, new RecvWindow("tcp", id)];
+    if (accepted) this.connect.resolve();
   }
 
   /** Settles when the guest connected (STARTED) or could not (REFUSED, IO). */
@@ -615,6 +618,9 @@ export interface FileWriter {
   abandon(err: Error): void;
 }
 
+/** Takes a connection the guest made to the agent's proxy listener. */
+export type ProxyConnHandler = (stream: TcpStream, info: { peerPort: number }) => void;
+
 export interface AgentClientOptions {
   /** Called once when the connection fails for good (protocol violation, channel closed). */
   onFatal?: (err: Error) => void;
@@ -630,6 +636,8 @@ export class AgentClient extends EventEmitter {
   private readonly pings = new Map<number, (payload: Buffer) => void>();
   private nextId = 1;
   private fatal: Error | undefined;
+  /** Who takes PROXY_CONN streams while the agent's proxy listener is up (proxyListen). */
+  private proxyHandler: ProxyConnHandler | undefined;
   private helloWaiter: { resolve: (h: HelloInfo) => void; reject: (e: Error) => void } | undefined;
 
   constructor(
@@ -707,6 +715,9 @@ export class AgentClient extends EventEmitter {
         const code = StreamErrorCode[f.u32(Tag.goaway.code) ?? 0] ?? "PROTOCOL";
         throw new AgentError(`AGENT_${code}`, `agent ended the connection: ${f.string(Tag.goaway.message) ?? code}`);
       }
+      case Msg.PROXY_CONN:
+        this.onProxyConn(frame);
+        return;
       default: {
         const op = this.streams.get(frame.stream);
         if (!op) {
@@ -723,6 +734,30 @@ export class AgentClient extends EventEmitter {
         }
       }
     }
+  }
+
+  /**
+   * A connection the guest made to the agent's proxy listener: a stream the agent opened. With
+   * nobody listening on this side (a PROXY_CONN racing with PROXY_STOP) it is cancelled.
+   */
+  private onProxyConn(frame: Frame): void {
+    const id = frame.stream;
+    if (id < AGENT_STREAM_BASE) throw new AgentError("AGENT_PROTOCOL", `PROXY_CONN on stream ${id}, below the agent's ids (${AGENT_STREAM_BASE})`);
+    if (this.streams.has(id)) throw new AgentError("AGENT_PROTOCOL", `PROXY_CONN on stream ${id}, which is open`);
+    const peerPort = new Fields(frame.payload, "PROXY_CONN").u16(Tag.proxyConn.peerPort) ?? 0;
+    const handler = this.proxyHandler;
+    if (!handler) {
+      log("proxy connection %d from guest port %d while not listening: cancelled", id, peerPort);
+      const op = new TcpStream(this, id, true);
+      this.streams.set(id, op);
+      op.done.catch(() => {});
+      op.abandon(new AgentError("AGENT_PROXY_STOPPED", "the host is not serving the guest's proxy"));
+      return;
+    }
+    const op = new TcpStream(this, id, true);
+    this.streams.set(id, op);
+    this.updateRef();
+    handler(op, { peerPort });
   }
 
   private die(err: Error): void {
@@ -783,7 +818,8 @@ export class AgentClient extends EventEmitter {
   private allocId(): number {
     for (;;) {
       const id = this.nextId;
-      this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
+      // Ids from AGENT_STREAM_BASE up are the agent's (PROXY_CONN).
+      this.nextId = this.nextId >= AGENT_STREAM_BASE - 1 ? 1 : this.nextId + 1;
       if (!this.streams.has(id) && !this.pings.has(id)) return id;
     }
   }
@@ -811,6 +847,8 @@ export class AgentClient extends EventEmitter {
       .u64(Tag.hello.hostTimeNs, BigInt(Date.now()) * 1_000_000n);
     if (opts.entropy) w.bytes(Tag.hello.entropy, opts.entropy);
     if (opts.vmId !== undefined) w.bytes(Tag.hello.vmId, opts.vmId);
+    // A HELLO ends the agent's proxy listener (PROTOCOL.md, PROXY_LISTEN).
+    this.proxyHandler = undefined;
     return new Promise<HelloInfo>((resolve, reject) => {
       const timer =
         opts.timeoutMs === undefined
@@ -1017,6 +1055,40 @@ export class AgentClient extends EventEmitter {
     if (target.all) w.u8(Tag.killBackground.all, 1);
     const op = this.open(new RequestOp(this, this.allocId(), "kill background processes"), Msg.KILL_BACKGROUND, w.finish());
     return (await op.result).u32(Tag.ok.killed) ?? 0;
+  }
+
+  /**
+   * PROXY_LISTEN: the agent listens on the guest's `addr:port` (default 127.0.0.1), adds `env`
+   * to every exec and workload while it does, and hands each connection accepted there to
+   * `onConnection` as a stream (PROXY_CONN) until `proxyStop`, the next `hello` or the end of the
+   * connection. Resolves with the port bound.
+   */
+  async proxyListen(opts: { port: number; addr?: string; env?: string[]; maxStreams?: number }, onConnection: ProxyConnHandler): Promise<number> {
+    this.checkAlive();
+    const w = new FieldWriter().u16(Tag.proxyListen.port, opts.port);
+    if (opts.addr !== undefined) w.bytes(Tag.proxyListen.addr, opts.addr);
+    for (const e of opts.env ?? []) w.bytes(Tag.proxyListen.env, e);
+    if (opts.maxStreams !== undefined) w.u32(Tag.proxyListen.maxStreams, opts.maxStreams);
+    // Connections may arrive before the OK: the handler is in place first.
+    this.proxyHandler = onConnection;
+    const op = this.open(new RequestOp(this, this.allocId(), `proxy listen on port ${opts.port}`), Msg.PROXY_LISTEN, w.finish());
+    try {
+      return (await op.result).u16(Tag.proxyListenOk.port) ?? opts.port;
+    } catch (err) {
+      if (this.proxyHandler === onConnection) this.proxyHandler = undefined;
+      throw err;
+    }
+  }
+
+  /** PROXY_STOP: the listener closes and its connections end (reset). */
+  async proxyStop(): Promise<void> {
+    this.checkAlive();
+    const op = this.open(new RequestOp(this, this.allocId(), "proxy stop"), Msg.PROXY_STOP, Buffer.alloc(0));
+    try {
+      await op.result;
+    } finally {
+      this.proxyHandler = undefined;
+    }
   }
 
   /** Ask the guest to power off. The caller waits for the hypervisor to exit. */

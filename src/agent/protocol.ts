@@ -4,7 +4,7 @@
  */
 import { AgentError } from "../errors.js";
 
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 export const HEADER_SIZE = 12;
 export const MAX_PAYLOAD = 1024 * 1024;
 export const INITIAL_WINDOW = 256 * 1024;
@@ -37,7 +37,13 @@ export const Msg = {
   TCP_CONNECT: 0x50,
   LIST_BACKGROUND: 0x60,
   KILL_BACKGROUND: 0x61,
+  PROXY_LISTEN: 0x70,
+  PROXY_STOP: 0x71,
+  PROXY_CONN: 0x72,
 } as const;
+
+/** Stream ids from here up are the agent's (PROXY_CONN); the host allocates below. */
+export const AGENT_STREAM_BASE = 0x8000_0000;
 
 export const Channel = { STDIN: 0, STDOUT: 1, STDERR: 2 } as const;
 export type ChannelId = (typeof Channel)[keyof typeof Channel];
@@ -75,6 +81,10 @@ export const Tag = {
   backgroundEntry: { id: 1, argv: 2, pid: 3, detached: 4 },
   killBackground: { id: 1, all: 2 },
   spawnBench: { argv: 1, count: 2, env: 3 },
+  proxyListen: { port: 1, addr: 2, env: 3, maxStreams: 4 },
+  proxyConn: { peerPort: 1 },
+  /** OK of PROXY_LISTEN: the port bound (tag 1, a u16: not the `size` of files). */
+  proxyListenOk: { port: 1 },
 } as const;
 
 export interface Frame {

@@ -13,6 +13,7 @@ import type { ExecDefaults } from "../guest/env.js";
 import { logger } from "../log.js";
 import type { BakeProgress, BakeStep } from "../spec/image.js";
 import type { WarmupVm } from "../spec/options.js";
+import type { ResolvedNetwork } from "../spec/network.js";
 import { publishSnapshot, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotInputs, type SnapshotMeta, type SnapshotSources, type WorkloadSpec } from "../store/snapshots.js";
 import { holderInfo } from "../store/lock.js";
 import type { RamSums } from "../store/ram-sums.js";
@@ -50,6 +51,8 @@ export interface BakeRequest {
   buildEnv: Record<string, string>;
   extraFiles: PlannedFile[];
   warmup: ((vm: WarmupVm) => Promise<void>) | undefined;
+  /** What the warmup may reach through the egress proxy ("none": nothing). */
+  network: ResolvedNetwork | "none";
   onProgress?: ((p: BakeProgress) => void) | undefined;
   signal?: AbortSignal | undefined;
 }
@@ -160,7 +163,7 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: Snapshot
     }
     if (req.warmup) {
       step("warmup");
-      await runWarmup(vm, req.defaults, req.warmup, bakeLog, req.image.ref, keepLog);
+      await runWarmup(vm, req.defaults, req.warmup, bakeLog, req.image.ref, keepLog, req.network);
     }
     req.signal?.throwIfAborted();
     if (req.listenerRequired && !req.parent) {

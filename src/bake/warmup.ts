@@ -10,12 +10,25 @@ import { BakeError } from "../errors.js";
 import type { ExecDefaults } from "../guest/env.js";
 import { GuestSession } from "../guest/session.js";
 import type { ExecOptions, ReadFileOptions, SpawnOptions, WarmupVm, WriteFileOptions } from "../spec/options.js";
+import type { ResolvedNetwork } from "../spec/network.js";
 import type { BakeLog } from "./bake-log.js";
 
 const argvText = (o: { argv?: unknown }) => (Array.isArray(o?.argv) ? o.argv.map((a) => JSON.stringify(a)).join(" ") : "(invalid argv)");
 
-export async function runWarmup(machine: MicroVm, defaults: ExecDefaults, warmup: (vm: WarmupVm) => Promise<void>, log: BakeLog, ref: string, logPath: () => string | undefined): Promise<void> {
+export async function runWarmup(
+  machine: MicroVm,
+  defaults: ExecDefaults,
+  warmup: (vm: WarmupVm) => Promise<void>,
+  log: BakeLog,
+  ref: string,
+  logPath: () => string | undefined,
+  network: ResolvedNetwork | "none" = "none",
+): Promise<void> {
   const session = new GuestSession(machine, defaults);
+  if (network !== "none") {
+    await session.startEgress(network);
+    log.line(`warmup network: egress through the host proxy to ${network.allow.join(", ")}`);
+  }
   const vm: WarmupVm = {
     exec: async (o: ExecOptions) => {
       log.line(`warmup exec: ${argvText(o)}`);
@@ -61,6 +74,11 @@ export async function runWarmup(machine: MicroVm, defaults: ExecDefaults, warmup
       hint: `no snapshot was made; fix the warmup and build again${path ? ` (bake log: ${path})` : ""}`,
     });
   } finally {
+    if (network !== "none") {
+      const n = session.netStats();
+      log.line(`warmup network: ${n.connections} connection(s), ${n.refused} refused, ${n.bytesIn} bytes in, ${n.bytesOut} bytes out`);
+    }
+    // Egress stops here, before the capture: the snapshot holds no proxy listener.
     await session.closeSession(new BakeError("BAKE_WARMUP_ENDED", "the warmup has finished; its processes were stopped before the snapshot"));
   }
   log.line(`warmup done in ${(performance.now() - t0).toFixed(0)} ms`);

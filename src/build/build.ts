@@ -289,6 +289,7 @@ async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, module: 
         buildEnv: spec.env,
         extraFiles,
         warmup: spec.warmup,
+        network: spec.network,
         parent: parentSnapshot,
         force: opts.force ?? false,
         handoff: typeof opts.handoff === "function" ? opts.handoff(spec.name) : (opts.handoff ?? true),

@@ -9,6 +9,7 @@ import { GraphError } from "../errors.js";
 import { BUILD_DEFAULTS } from "../spec/options.js";
 import type { BuildProgress } from "../spec/image.js";
 import { mergeLimits, type ExecLimits, type WarmupVm } from "../spec/options.js";
+import { resolveNetwork, type NetworkOption, type ResolvedNetwork } from "../spec/network.js";
 
 
 
@@ -30,6 +31,7 @@ export interface ImageFields {
   onProgress?: ((p: BuildProgress) => void) | undefined;
   snapshotsDir?: string | undefined;
   execLimits?: ExecLimits | undefined;
+  network?: NetworkOption | undefined;
 }
 
 /** One declared image, as the config loader (or Image.build) hands it over. */
@@ -65,6 +67,11 @@ export interface NodeSpec {
   warmup: ((vm: WarmupVm) => Promise<void>) | undefined;
   /** Limits of every exec in the image's VMs: the parent's, with this image's fields on top. */
   execLimits: ExecLimits | undefined;
+  /**
+   * What this image's warmup may reach (not inherited: each warmup says what it needs; a
+   * parent's egress is over once its snapshot is taken).
+   */
+  network: ResolvedNetwork | "none";
 }
 
 /** Options that belong to a root image: a child runs on its parent's snapshot, which fixed them. */
@@ -206,6 +213,7 @@ function resolveNode(img: DeclaredImage, parent: NodeSpec | undefined): NodeSpec
       guestPort: d.guestPort ?? BUILD_DEFAULTS.guestPort,
       listenerRequired: d.listenerRequired ?? false,
       execLimits: mergeLimits(undefined, d.execLimits),
+      network: resolveNetwork(d.network),
       ...own,
     };
   }
@@ -230,6 +238,7 @@ function resolveNode(img: DeclaredImage, parent: NodeSpec | undefined): NodeSpec
     parent: parent.name,
     env: { ...parent.env, ...d.env },
     execLimits: mergeLimits(parent.execLimits, d.execLimits),
+    network: resolveNetwork(d.network),
     ...own,
   };
 }

@@ -43,6 +43,8 @@ import { mergeEnv, resolveImageUser, type ExecDefaults } from "./env.js";
 import { ExecChild, signalName } from "./exec-child.js";
 import { OutputQueue } from "./output.js";
 import { listenTcp, listenVsock, type TcpForwarder } from "./tcp.js";
+import { GuestEgress, type NetStats } from "./egress.js";
+import type { ResolvedNetwork } from "../spec/network.js";
 import { z } from "zod";
 
 const log = logger("guest");
@@ -69,6 +71,7 @@ export class GuestSession {
   private readonly inflight = new Map<Abandonable, number>();
   private readonly forwarders = new Set<TcpForwarder>();
   private vsock: Server | undefined;
+  private egress: GuestEgress | undefined;
 
   /** @internal */
   constructor(
@@ -566,12 +569,35 @@ export class GuestSession {
   }
 
   /**
+   * @internal Turns egress on for this session (`network: { allow }` of its pool or build):
+   * the guest's proxy port and variables, and the host proxy behind them. "none" does nothing.
+   */
+  async startEgress(network: ResolvedNetwork | "none"): Promise<void> {
+    if (network === "none" || this.egress) return;
+    this.egress = await GuestEgress.start(this.machine.agent, network);
+  }
+
+  /**
+   * Connections and bytes through this VM's egress proxy since it was acquired (all zero with
+   * `network: "none"`). `bytesOut`: sent by the guest; `bytesIn`: received by it.
+   *
+   * @example
+   * const { connections, refused, bytesIn } = vm.netStats();
+   */
+  netStats(): NetStats {
+    return this.egress?.stats() ?? { connections: 0, active: 0, refused: 0, bytesIn: 0, bytesOut: 0 };
+  }
+
+  /**
    * @internal Ends everything this session started: processes still running are killed
    * (CANCEL), forwarders and the vsock socket closed, open forwarded connections cut.
    */
   async closeSession(reason: Error): Promise<void> {
     for (const op of [...this.inflight.keys()]) op.abandon(reason);
     this.inflight.clear();
+    const egress = this.egress;
+    this.egress = undefined;
+    await egress?.stop(!this.machine.alive);
     const fwds = [...this.forwarders];
     this.forwarders.clear();
     this.vsock?.close();

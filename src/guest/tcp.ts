@@ -9,6 +9,7 @@
  * gets `OK <port>\n` once the guest accepted, and the connection is then the guest's.
  */
 import { createServer, type Server, type Socket } from "node:net";
+import { Duplex } from "node:stream";
 import type { AgentClient, TcpStream } from "../agent/client.js";
 import { ForwardError } from "../errors.js";
 import { logger } from "../log.js";
@@ -239,4 +240,57 @@ export function listenVsock(agent: AgentClient, path: string): Server {
   server.listen(path);
   server.unref();
   return server;
+}
+
+/**
+ * A guest connection's stream as a Node `Duplex` (for code written against streams, such as
+ * the egress proxy): what the guest sends is readable, what is written goes to the guest.
+ * Flow control stays end to end: credit goes back to the agent only as the reader takes the
+ * bytes, and a write completes once it is within the guest's window. Destroying the duplex
+ * cancels the stream (the guest socket is reset).
+ */
+export function streamDuplex(stream: TcpStream): Duplex {
+  /** Bytes pushed but not yet credited, because the readable side was full. */
+  let owed = 0;
+  const duplex = new Duplex({
+    allowHalfOpen: true,
+    readableHighWaterMark: 64 * 1024,
+    read() {
+      if (owed > 0) {
+        const n = owed;
+        owed = 0;
+        stream.consumed(n);
+      }
+    },
+    write(chunk: Buffer, _enc, cb) {
+      if (stream.tryWrite(chunk)) return cb();
+      stream.write(chunk).then(() => cb(), cb);
+    },
+    final(cb) {
+      stream.closeWrite();
+      cb();
+    },
+    destroy(err, cb) {
+      if (!stream.ended) stream.abandon(err ?? new ForwardError("TCP_CLOSED", "the host side closed the guest connection"));
+      cb(err);
+    },
+  });
+  stream.onData = (chunk) => {
+    if (duplex.destroyed) return;
+    if (duplex.push(chunk)) stream.consumed(chunk.length);
+    else owed += chunk.length;
+  };
+  stream.onEnd = () => {
+    if (!duplex.destroyed) duplex.push(null);
+  };
+  stream.done.then(
+    () => {
+      // Both directions ended: nothing more will be read or written.
+      if (!duplex.destroyed && duplex.readableEnded && duplex.writableFinished) duplex.destroy();
+    },
+    (err: Error) => {
+      if (!duplex.destroyed) duplex.destroy(err);
+    },
+  );
+  return duplex;
 }

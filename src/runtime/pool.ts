@@ -126,6 +126,24 @@ export class Pool {
   }
 
   acquire(): Promise<Vm> {
+    const network = this.opts.network;
+    if (network === "none") return this.acquireVm();
+    // Egress is per checkout: on at acquire, off at release (netStats count from here).
+    return this.acquireVm().then(async (vm) => {
+      try {
+        await vm.startEgress(network);
+      } catch (err) {
+        await vm.release().catch(() => {});
+        throw new PoolError("POOL_NETWORK_FAILED", `pool.acquire: cannot start the VM's egress proxy: ${(err as Error).message}`, {
+          cause: err,
+          hint: "the guest's proxy port (127.0.0.1:3128) may be taken by a process of the image; see DEBUG=supermachine:net",
+        });
+      }
+      return vm;
+    });
+  }
+
+  private acquireVm(): Promise<Vm> {
     if (this.closed) return Promise.reject(new PoolError("POOL_SHUT_DOWN", "pool.acquire: the pool has been shut down"));
     const machine = this.takeIdle();
     if (machine && this.waiters.length === 0) {

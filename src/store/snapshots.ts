@@ -61,6 +61,8 @@ export interface SnapshotInputs {
   engine: EngineFingerprint;
   /** Limits of every exec (warmup included), when the image sets them. */
   execLimits?: { processes?: number; memoryMib?: number };
+  /** The warmup's egress (`network`), canonical, when it has any. */
+  network?: { allow: string[]; hosts: Record<string, string>; maxConnections: number; maxBytes: number };
 }
 
 /**
