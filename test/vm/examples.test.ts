@@ -59,6 +59,13 @@ const EXPECTED: Record<string, Check[]> = {
     "stty size with winsize { cols: 100, rows: 30 }: 30 100",
     "stty size after resize(132, 43): 43 132",
   ],
+  "07-network.mjs": [
+    /warmup: installed greet 1\.0 from http:\/\/pkgs\.internal:\d+ \(2 requests\)\n/,
+    "warmup: http://example.com/ -> 403 (not in network.allow)",
+    "in the VM: greet 1.0: hello, sandbox",
+    'in the VM, the index is unreachable (network: "none"; 0 new requests)',
+    'netStats: {"connections":0,"active":0,"refused":0,"bytesIn":0,"bytesOut":0}',
+  ],
   "pattern-1-one-shot-exec.mjs": [
     /sum-of-squares +ok: 285\n/,
     /reads-env +ok: home is/,
