@@ -4,7 +4,7 @@
  */
 import { AgentError } from "../errors.js";
 
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 export const HEADER_SIZE = 12;
 export const MAX_PAYLOAD = 1024 * 1024;
 export const INITIAL_WINDOW = 256 * 1024;
