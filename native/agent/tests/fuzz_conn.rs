@@ -231,8 +231,8 @@ fn case_wire(r: &mut Rng) -> Vec<u8> {
     let mut w = Vec::new();
     if !r.chance(8) {
         // The protocol's version (PROTOCOL.md), now and then an older one the agent refuses.
-        let version = if r.chance(10) { 1u16 } else { 3 };
-        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &version.to_le_bytes()).bytes(2, &3u16.to_le_bytes()).0);
+        let version = if r.chance(10) { 1u16 } else { 4 };
+        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &version.to_le_bytes()).bytes(2, &4u16.to_le_bytes()).0);
     }
     let mut execs = 0;
     for _ in 0..r.below(16) {
@@ -352,7 +352,7 @@ impl Agent {
         let mut s = UnixStream::connect(&self.sock).map_err(|e| format!("connect: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut w = Vec::new();
-        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &3u16.to_le_bytes()).bytes(2, &3u16.to_le_bytes()).0);
+        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &4u16.to_le_bytes()).bytes(2, &4u16.to_le_bytes()).0);
         frame(&mut w, PING, 0, 7, b"alive?");
         s.write_all(&w).map_err(|e| format!("write: {e}"))?;
         let mut buf = Vec::new();
