@@ -1,7 +1,9 @@
 //! One host connection (a virtio port, or an accepted unix socket in development mode): framing,
 //! the output queue and its high-water pause, HELLO state, and the connection's streams, to
 //! which it dispatches frames. Connections are independent: each has its own stream ids, flow
-//! control and pause; only the process table and the workload (in `Shared`) are common.
+//! control and pause; only the process table, the workload and the proxy listener (in `Shared`)
+//! are common. The connection that owns the proxy listener accepts its clients as PROXY_CONN
+//! streams, the only ones the agent opens (ids from 2^31 up).
 //!
 //! A virtio port stays open for the VM's life; its host side comes and goes. While the host is
 //! away the port is registered edge-triggered, so the agent wakes only when the port changes
@@ -16,7 +18,7 @@ use crate::proto::{self, Header};
 use crate::server::Shared;
 use crate::stream::{token, ConnId, Ctx, Output, Stream, Violation, OUT_HIGH, OUT_LOW, T_CONN};
 use crate::sys::{self, Reaped, EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT};
-use crate::{bench, files, stream_exec, tcp};
+use crate::{bench, files, proxy, stream_exec, tcp};
 
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -47,6 +49,10 @@ pub struct Conn {
     streams: HashMap<u32, Box<dyn Stream>>,
     /// Streams whose `pump` is to be called (their work is not signalled by a descriptor).
     ready: BTreeSet<u32>,
+    /// Open PROXY_CONN streams (ids from 2^31 up).
+    proxy_streams: usize,
+    /// The next PROXY_CONN id to try (increasing, wrapping within 2^31..=2^32-1).
+    next_proxy_id: u32,
 }
 
 impl Conn {
@@ -76,6 +82,8 @@ impl Conn {
             shutdown: false,
             streams: HashMap::new(),
             ready: BTreeSet::new(),
+            proxy_streams: 0,
+            next_proxy_id: proto::AGENT_STREAM_MIN,
         }
     }
 
@@ -115,6 +123,7 @@ impl Conn {
         }
         self.update_pause(sh);
         self.update_interest(sh);
+        sh.proxy.update_interest(&sh.epoll, self.slot, self.proxy_streams);
         self.out.lazy_deadline
     }
 
@@ -166,8 +175,10 @@ impl Conn {
         }
     }
 
-    /// Ends every stream of this connection (killing their processes), without messages.
+    /// Ends every stream of this connection (killing their processes) and closes its proxy
+    /// listener, without messages.
     pub fn abort_all(&mut self, sh: &mut Shared) {
+        sh.proxy.stop(self.slot);
         let ids: Vec<u32> = self.streams.keys().copied().collect();
         for id in ids {
             self.abort_stream(sh, id);
@@ -183,15 +194,14 @@ impl Conn {
         let s = self.streams.get_mut(&id)?;
         let mut cx = sh.ctx(id, self.slot, &mut self.out, self.paused);
         let r = f(s.as_mut(), &mut cx);
-        self.settle(id);
+        self.settle(sh, id);
         Some(r)
     }
 
-    fn settle(&mut self, id: u32) {
+    fn settle(&mut self, sh: &mut Shared, id: u32) {
         let Some(s) = self.streams.get(&id) else { return };
         if s.done() {
-            self.streams.remove(&id);
-            self.ready.remove(&id);
+            self.forget(sh, id);
         } else if s.wants_pump() {
             self.ready.insert(id);
         } else {
@@ -200,11 +210,81 @@ impl Conn {
     }
 
     fn abort_stream(&mut self, sh: &mut Shared, id: u32) {
-        if let Some(mut s) = self.streams.remove(&id) {
+        if let Some(s) = self.streams.get_mut(&id) {
             let mut cx = sh.ctx(id, self.slot, &mut self.out, self.paused);
             s.abort(&mut cx);
         }
+        self.forget(sh, id);
+    }
+
+    /// Drops an ended stream. One that ends makes room for a proxy client (and descriptors
+    /// for a starved listener).
+    fn forget(&mut self, sh: &mut Shared, id: u32) {
         self.ready.remove(&id);
+        if self.streams.remove(&id).is_some() {
+            if id >= proto::AGENT_STREAM_MIN {
+                self.proxy_streams -= 1;
+            }
+            sh.proxy.resume(self.slot);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The proxy listener
+
+    /// The listener has clients waiting: each becomes a PROXY_CONN stream, up to `max_streams`.
+    pub fn on_proxy_ready(&mut self, sh: &mut Shared) {
+        for _ in 0..proxy::ACCEPT_BATCH {
+            let Some((sock, peer_port)) = sh.proxy.accept(self.slot, self.proxy_streams) else { return };
+            let id = self.next_free_proxy_id();
+            self.out.send(proto::PROXY_CONN, 0, id, &proto::proxy_conn(peer_port));
+            let mut cx = sh.ctx(id, self.slot, &mut self.out, self.paused);
+            let stream = tcp::accepted(&mut cx, sock);
+            self.streams.insert(id, stream);
+            self.proxy_streams += 1;
+            self.settle(sh, id);
+        }
+    }
+
+    /// The next id from 2^31 up that no stream uses (at most MAX_PROXY_STREAMS are: one is free).
+    fn next_free_proxy_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_proxy_id;
+            self.next_proxy_id = id.checked_add(1).unwrap_or(proto::AGENT_STREAM_MIN);
+            if !self.streams.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Closes this connection's listener, if it has one, and ends its PROXY_CONN streams
+    /// (resetting their sockets): with `STREAM_ERROR IO` on PROXY_STOP (and a replacing
+    /// PROXY_LISTEN), silently on HELLO.
+    fn stop_proxy(&mut self, sh: &mut Shared, announce: bool) {
+        sh.proxy.stop(self.slot);
+        let ids: Vec<u32> = self.streams.keys().copied().filter(|&id| id >= proto::AGENT_STREAM_MIN).collect();
+        for id in ids {
+            self.abort_stream(sh, id);
+            if announce {
+                self.out.error(id, proto::IO, "proxy stopped", None);
+            }
+        }
+    }
+
+    fn on_proxy_listen(&mut self, sh: &mut Shared, id: u32, payload: &[u8]) {
+        let req = match sh.proxy.check_listen(self.slot, self.shutdown_allowed, payload) {
+            Ok((req, replaces)) => {
+                if replaces {
+                    self.stop_proxy(sh, true);
+                }
+                req
+            }
+            Err(e) => return self.out.error(id, e.code(), &e.to_string(), e.errno()),
+        };
+        match sh.proxy.listen(self.slot, req) {
+            Ok(port) => self.out.send(proto::OK, 0, id, &proto::ok_port(port)),
+            Err(e) => self.out.error(id, e.code(), &e.to_string(), e.errno()),
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -219,6 +299,7 @@ impl Conn {
     }
 
     fn reset_state(&mut self) {
+        self.next_proxy_id = proto::AGENT_STREAM_MIN;
         self.inbuf.clear();
         self.out.clear();
         self.want_write = false;
@@ -422,7 +503,8 @@ impl Conn {
                     Ok(f) => f,
                     Err(e) => return self.out.error(id, proto::IO, &format!("workload cgroup: {e}"), e.errno()),
                 };
-                match sh.workload.start(payload, sh.procs.devnull.as_raw_fd(), procs.as_ref().map(|f| f.as_raw_fd())) {
+                let devnull = sh.procs.devnull.as_raw_fd();
+                match sh.workload.start(payload, devnull, procs.as_ref().map(|f| f.as_raw_fd()), sh.proxy.env()) {
                     Ok(pid) => self.out.send(proto::OK, 0, id, &proto::ok_pid(pid as u32)),
                     Err(e) => self.out.error(id, e.code(), &e.to_string(), e.errno()),
                 }
@@ -438,6 +520,11 @@ impl Conn {
                 }
                 Err(e) => self.out.error(id, proto::BAD_REQUEST, &e.to_string(), None),
             },
+            proto::PROXY_LISTEN if id != 0 => self.on_proxy_listen(sh, id, payload),
+            proto::PROXY_STOP if id != 0 => {
+                self.stop_proxy(sh, true);
+                self.out.send(proto::OK, 0, id, &[]);
+            }
             proto::WORKLOAD_SIGNAL if id != 0 => match sh.workload.signal(payload) {
                 Ok(()) => self.out.send(proto::OK, 0, id, &[]),
                 Err(e) => self.out.error(id, e.code(), &e.to_string(), e.errno()),
@@ -455,6 +542,8 @@ impl Conn {
     }
 
     fn on_hello(&mut self, sh: &mut Shared, payload: &[u8]) {
+        // A restore or handoff never inherits a listener: the host listens again if it wants.
+        self.stop_proxy(sh, false);
         let hello = match proto::Hello::parse(payload) {
             Ok(h) => h,
             Err(e) => return self.goaway(sh, proto::PROTOCOL, &format!("bad HELLO: {e}")),
@@ -499,6 +588,12 @@ impl Conn {
         if id == 0 {
             return self.goaway(sh, proto::PROTOCOL, "a stream cannot be opened on id 0");
         }
+        if id >= proto::AGENT_STREAM_MIN {
+            // The agent's ids: the host opens nothing there. Like a reused id, this is the
+            // id's one terminal message, so a PROXY_CONN stream on it ends too.
+            self.abort_stream(sh, id);
+            return self.out.error(id, proto::BAD_REQUEST, "stream ids from 2^31 up are the agent's", None);
+        }
         if self.streams.contains_key(&id) {
             // The id's one terminal message is this error, so the old stream ends with it.
             self.abort_stream(sh, id);
@@ -514,7 +609,7 @@ impl Conn {
         };
         if let Some(s) = stream {
             self.streams.insert(id, s);
-            self.settle(id);
+            self.settle(sh, id);
         }
     }
 }

@@ -10,6 +10,7 @@
 //! four times longer. The connection itself (`conn.rs`) is fuzzed through the real binary in
 //! `tests/fuzz_conn.rs`.
 
+use std::net::SocketAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
@@ -107,7 +108,8 @@ impl Budget {
 
 const TYPES: &[u8] = &[
     HELLO, HELLO_OK, PING, PONG, SHUTDOWN, GOAWAY, EXEC, STARTED, DATA, WINDOW, EXIT, SIGNAL, STREAM_ERROR, RESIZE, CANCEL,
-    WRITE_FILE, READ_FILE, OK, SPAWN_BENCH, WORKLOAD_START, WORKLOAD_SIGNAL, TCP_CONNECT,
+    WRITE_FILE, READ_FILE, OK, SPAWN_BENCH, WORKLOAD_START, WORKLOAD_SIGNAL, TCP_CONNECT, LIST_BACKGROUND,
+    KILL_BACKGROUND, PROXY_LISTEN, PROXY_STOP, PROXY_CONN,
 ];
 
 fn field_value(r: &mut Rng) -> Vec<u8> {
@@ -117,7 +119,10 @@ fn field_value(r: &mut Rng) -> Vec<u8> {
             r.bytes(n)
         }
         3 => {
-            let words: &[&[u8]] = &[b"true", b"/bin/sh", b"PATH=/bin", b"/tmp/x", b"::1", b"127.0.0.1", b"", b"a-vm.id_1"];
+            let words: &[&[u8]] = &[
+                b"true", b"/bin/sh", b"PATH=/bin", b"/tmp/x", b"::1", b"127.0.0.1", b"", b"a-vm.id_1", b"http_proxy=http://127.0.0.1:3128",
+                b"=x", b"NOEQUALS",
+            ];
             words[r.below(words.len())].to_vec()
         }
         _ => {
@@ -337,6 +342,12 @@ fn fuzz_requests() {
         let _ = bounded("Resize", &p, Resize::parse)?;
         let _ = bounded("TcpConnect", &p, TcpConnect::parse)?;
         let _ = bounded("window", &p, parse_window)?;
+        if let Ok(l) = bounded("ProxyListen", &p, ProxyListen::parse)? {
+            let bad_env = |e: &Vec<u8>| e.len() > MAX_PROXY_ENV_LEN || env_key(e).is_empty() || env_key(e).len() == e.len();
+            if l.addr.port() == 0 || l.env.len() > MAX_PROXY_ENV || l.env.iter().any(bad_env) || !(1..=MAX_PROXY_STREAMS).contains(&l.max_streams) {
+                return Err(format!("PROXY_LISTEN let through {l:?}"));
+            }
+        }
         if let Ok(e) = bounded("Exec", &p, Exec::parse)? {
             if e.tty && (e.cols == 0 || e.rows == 0) {
                 return Err(format!("a terminal of {}x{}", e.cols, e.rows));
@@ -427,6 +438,24 @@ fn fuzz_round_trip() {
         let t = TcpConnect::parse(&FieldWriter::new().u16(1, port).bytes(2, b"::1").finish()).map_err(|e| format!("{e}"))?;
         if s != (Signal { signum, group: true }) || z != (Resize { cols, rows: 3 }) || t.addr.port() != port {
             return Err(format!("{s:?} {z:?} {t:?}"));
+        }
+
+        let env: Vec<Vec<u8>> = (0..r.below(MAX_PROXY_ENV + 1))
+            .map(|_| {
+                let (k, v) = (1 + r.below(20), r.len(30, MAX_PROXY_ENV_LEN - 21));
+                let key: Vec<u8> = (0..k).map(|_| b"abcXYZ_019"[r.below(10)]).collect();
+                [key, b"=".to_vec(), r.bytes(v)].concat()
+            })
+            .collect();
+        let max_streams = r.below(MAX_PROXY_STREAMS as usize + 1) as u32;
+        let mut w = noise(r, FieldWriter::new().u16(1, port)).bytes(2, b"127.0.0.2");
+        for e in &env {
+            w = noise(r, w.bytes(3, e));
+        }
+        let l = ProxyListen::parse(&w.u32(4, max_streams).finish()).map_err(|e| format!("{e}"))?;
+        let want = ProxyListen { addr: SocketAddr::new([127, 0, 0, 2].into(), port), env, max_streams: if max_streams == 0 { DEFAULT_PROXY_STREAMS } else { max_streams } };
+        if l != want {
+            return Err(format!("ProxyListen: got {l:?}, want {want:?}"));
         }
         Ok(())
     });

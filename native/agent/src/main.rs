@@ -19,6 +19,7 @@ mod identity;
 mod init;
 mod pipes;
 mod proto;
+mod proxy;
 mod pty;
 mod server;
 mod stream;

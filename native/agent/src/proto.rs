@@ -1,11 +1,11 @@
-//! Frame and field codec of PROTOCOL.md (version 2), plus typed requests and replies.
+//! Frame and field codec of PROTOCOL.md (version 4), plus typed requests and replies.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// HELLO_OK `features` of this version; `limits` is added when execs run in cgroups.
-pub const FEATURES: &str = "exec,files,bench,tty,chain,tcp,workload,background";
+pub const FEATURES: &str = "exec,files,bench,tty,chain,tcp,workload,background,proxy";
 pub const HEADER_LEN: usize = 12;
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Largest DATA payload the agent sends.
@@ -36,6 +36,12 @@ pub const WORKLOAD_SIGNAL: u8 = 0x41;
 pub const TCP_CONNECT: u8 = 0x50;
 pub const LIST_BACKGROUND: u8 = 0x60;
 pub const KILL_BACKGROUND: u8 = 0x61;
+pub const PROXY_LISTEN: u8 = 0x70;
+pub const PROXY_STOP: u8 = 0x71;
+pub const PROXY_CONN: u8 = 0x72;
+
+/// Stream ids from here up are opened by the agent (PROXY_CONN); the host's stay below.
+pub const AGENT_STREAM_MIN: u32 = 1 << 31;
 
 /// DATA flag: end of this channel.
 pub const FLAG_EOF: u8 = 0x80;
@@ -499,6 +505,13 @@ impl Resize {
     }
 }
 
+fn parse_ip(v: &[u8]) -> Result<IpAddr, ProtoError> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(ProtoError::Invalid("addr is not an IPv4 or IPv6 literal"))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpConnect {
     pub addr: SocketAddr,
@@ -512,12 +525,7 @@ impl TcpConnect {
             let f = f?;
             match f.tag {
                 1 => port = f.u16()?,
-                2 => {
-                    ip = std::str::from_utf8(f.value)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or(ProtoError::Invalid("addr is not an IPv4 or IPv6 literal"))?
-                }
+                2 => ip = parse_ip(f.value)?,
                 _ => {}
             }
         }
@@ -525,6 +533,67 @@ impl TcpConnect {
             return Err(ProtoError::Invalid("port must be 1 to 65535"));
         }
         Ok(TcpConnect { addr: SocketAddr::new(ip, port) })
+    }
+}
+
+/// PROXY_LISTEN limits (PROTOCOL.md).
+pub const MAX_PROXY_ENV: usize = 64;
+pub const MAX_PROXY_ENV_LEN: usize = 4096;
+pub const DEFAULT_PROXY_STREAMS: u32 = 256;
+pub const MAX_PROXY_STREAMS: u32 = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyListen {
+    pub addr: SocketAddr,
+    /// `KEY=VALUE` entries to add to the environment of every EXEC and WORKLOAD_START.
+    pub env: Vec<Vec<u8>>,
+    /// How many PROXY_CONN streams may be open at once (1..=MAX_PROXY_STREAMS).
+    pub max_streams: u32,
+}
+
+/// The `KEY` of an environment entry: up to the first `=` (the whole entry without one).
+pub fn env_key(entry: &[u8]) -> &[u8] {
+    entry.iter().position(|&c| c == b'=').map_or(entry, |i| &entry[..i])
+}
+
+impl ProxyListen {
+    pub fn parse(payload: &[u8]) -> Result<ProxyListen, ProtoError> {
+        let mut port = 0;
+        let mut ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut env = Vec::new();
+        let mut max_streams = DEFAULT_PROXY_STREAMS;
+        for f in fields(payload) {
+            let f = f?;
+            match f.tag {
+                1 => port = f.u16()?,
+                2 => ip = parse_ip(f.value)?,
+                3 => {
+                    if env.len() == MAX_PROXY_ENV {
+                        return Err(ProtoError::Invalid("more than 64 env entries"));
+                    }
+                    if f.value.len() > MAX_PROXY_ENV_LEN {
+                        return Err(ProtoError::Invalid("an env entry is longer than 4096 bytes"));
+                    }
+                    let key_len = f.value.iter().position(|&c| c == b'=');
+                    if !matches!(key_len, Some(n) if n > 0) {
+                        return Err(ProtoError::Invalid("an env entry is not KEY=VALUE with a non-empty KEY"));
+                    }
+                    env.push(f.value.to_vec());
+                }
+                4 => {
+                    max_streams = match f.u32()? {
+                        0 => DEFAULT_PROXY_STREAMS,
+                        n if n <= MAX_PROXY_STREAMS => n,
+                        _ => return Err(ProtoError::Invalid("max_streams must be at most 4096")),
+                    }
+                }
+                _ => {}
+            }
+        }
+        if port == 0 {
+            return Err(ProtoError::Invalid("port must be 1 to 65535"));
+        }
+        Ok(ProxyListen { addr: SocketAddr::new(ip, port), env, max_streams })
     }
 }
 
@@ -636,6 +705,16 @@ pub fn ok_size(size: u64) -> Vec<u8> {
 
 pub fn ok_pid(pid: u32) -> Vec<u8> {
     FieldWriter::new().u32(3, pid).finish()
+}
+
+/// OK to PROXY_LISTEN: the port bound.
+pub fn ok_port(port: u16) -> Vec<u8> {
+    FieldWriter::new().u16(1, port).finish()
+}
+
+/// PROXY_CONN: the guest client's source port.
+pub fn proxy_conn(peer_port: u16) -> Vec<u8> {
+    FieldWriter::new().u16(1, peer_port).finish()
 }
 
 pub fn ok_killed(count: u32) -> Vec<u8> {
@@ -821,12 +900,12 @@ mod tests {
         let parse = |p: &[u8]| fields(p).map(|f| f.map(|f| (f.tag, f.value.to_vec()))).collect::<Result<Vec<_>, _>>().unwrap();
         let ok = parse(&hello_ok("0.1.0", 5, Some("supermachine.1"), None, None));
         assert_eq!(ok[0], (1, VERSION.to_le_bytes().to_vec()));
-        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload,background".to_vec()));
+        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload,background,proxy".to_vec()));
         assert_eq!(ok[4], (5, b"supermachine.1".to_vec()));
         assert_eq!(parse(&hello_ok("0.1.0", 5, None, None, None)).len(), 4);
         assert_eq!(parse(&hello_ok("0.1.0", 5, None, Some(b"vm-1"), None))[4], (6, b"vm-1".to_vec()));
         let ok = parse(&hello_ok("0.1.0", 5, None, None, Some((474, 1 << 28))));
-        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload,background,limits".to_vec()));
+        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload,background,proxy,limits".to_vec()));
         assert_eq!(ok[4], (7, 474u32.to_le_bytes().to_vec()));
         assert_eq!(ok[5], (8, (1u64 << 28).to_le_bytes().to_vec()));
         assert_eq!(parse(&started(7, Some(3))), vec![(1, 7u32.to_le_bytes().to_vec()), (2, 3u32.to_le_bytes().to_vec())]);
@@ -834,5 +913,70 @@ mod tests {
         let e = parse(&error_fields(REFUSED, "refused", Some(111)));
         assert_eq!(e, vec![(1, 9u32.to_le_bytes().to_vec()), (2, b"refused".to_vec()), (3, 111u32.to_le_bytes().to_vec())]);
         assert_eq!(parse(&error_fields(BAD_REQUEST, "x", None)).len(), 2);
+    }
+
+    #[test]
+    fn proxy_listen() {
+        let p = ProxyListen::parse(&FieldWriter::new().u16(1, 3128).finish()).unwrap();
+        assert_eq!(p, ProxyListen { addr: "127.0.0.1:3128".parse().unwrap(), env: vec![], max_streams: DEFAULT_PROXY_STREAMS });
+        let p = ProxyListen::parse(
+            &FieldWriter::new()
+                .bytes(2, b"::1")
+                .u16(1, 65535)
+                .bytes(3, b"http_proxy=http://127.0.0.1:3128")
+                .bytes(3, b"NO_PROXY=")
+                .u32(4, 2)
+                .bytes(99, b"future")
+                .finish(),
+        )
+        .unwrap();
+        assert_eq!(p.addr, "[::1]:65535".parse().unwrap());
+        assert_eq!(p.env, vec![b"http_proxy=http://127.0.0.1:3128".to_vec(), b"NO_PROXY=".to_vec()]);
+        assert_eq!(p.max_streams, 2);
+        // 0 is the default; the limits are inclusive.
+        assert_eq!(ProxyListen::parse(&FieldWriter::new().u16(1, 1).u32(4, 0).finish()).unwrap().max_streams, DEFAULT_PROXY_STREAMS);
+        assert_eq!(ProxyListen::parse(&FieldWriter::new().u16(1, 1).u32(4, 4096).finish()).unwrap().max_streams, 4096);
+        let mut w = FieldWriter::new().u16(1, 80);
+        for i in 0..MAX_PROXY_ENV {
+            w = w.bytes(3, format!("K{i}=v").as_bytes());
+        }
+        let long = [b"K=".to_vec(), vec![b'v'; MAX_PROXY_ENV_LEN - 2]].concat();
+        assert_eq!(ProxyListen::parse(&w.finish()).unwrap().env.len(), MAX_PROXY_ENV);
+        assert!(ProxyListen::parse(&FieldWriter::new().u16(1, 80).bytes(3, &long).finish()).is_ok());
+
+        let mut too_many = FieldWriter::new().u16(1, 80);
+        for _ in 0..=MAX_PROXY_ENV {
+            too_many = too_many.bytes(3, b"A=b");
+        }
+        let too_long = [long.clone(), b"v".to_vec()].concat();
+        let bad: Vec<Vec<u8>> = vec![
+            vec![],                                                    // no port
+            FieldWriter::new().u16(1, 0).finish(),                     // port 0
+            FieldWriter::new().u32(1, 80).finish(),                    // port of the wrong width
+            FieldWriter::new().u16(1, 80).bytes(2, b"localhost").finish(), // not a literal
+            FieldWriter::new().u16(1, 80).bytes(2, b"").finish(),
+            FieldWriter::new().u16(1, 80).bytes(3, b"NOEQUALS").finish(),
+            FieldWriter::new().u16(1, 80).bytes(3, b"=value").finish(),
+            FieldWriter::new().u16(1, 80).bytes(3, b"").finish(),
+            FieldWriter::new().u16(1, 80).bytes(3, &too_long).finish(),
+            too_many.finish(),
+            FieldWriter::new().u16(1, 80).u32(4, 4097).finish(),
+            FieldWriter::new().u16(1, 80).u16(4, 2).finish(),
+            FieldWriter::new().u16(1, 80).bytes(3, b"A=b").finish()[..8].to_vec(), // truncated
+        ];
+        for (i, p) in bad.iter().enumerate() {
+            assert!(ProxyListen::parse(p).is_err(), "case {i}: {p:?}");
+        }
+        assert_eq!(env_key(b"A=b=c"), b"A");
+        assert_eq!(env_key(b"A="), b"A");
+        assert_eq!(env_key(b"A"), b"A");
+    }
+
+    #[test]
+    fn v4_replies() {
+        let parse = |p: &[u8]| fields(p).map(|f| f.map(|f| (f.tag, f.value.to_vec()))).collect::<Result<Vec<_>, _>>().unwrap();
+        assert_eq!(VERSION, 4);
+        assert_eq!(parse(&ok_port(3128)), vec![(1, 3128u16.to_le_bytes().to_vec())]);
+        assert_eq!(parse(&proxy_conn(40_001)), vec![(1, 40_001u16.to_le_bytes().to_vec())]);
     }
 }

@@ -11,7 +11,8 @@ use std::os::unix::net::UnixListener;
 use crate::conn::Conn;
 use crate::cgroup::Hierarchy;
 use crate::identity::Identity;
-use crate::stream::{token, ConnId, Ctx, Output, Procs, Token, T_CGROUP, T_CONN, T_LISTENER, T_SIGNAL, T_STREAM, T_TIMER};
+use crate::proxy::Proxy;
+use crate::stream::{token, ConnId, Ctx, Output, Procs, Token, T_CGROUP, T_CONN, T_LISTENER, T_PROXY, T_SIGNAL, T_STREAM, T_TIMER};
 use crate::sys::{self, Epoll, Event, TimerFd, EPOLLIN};
 use crate::workload::Workload;
 
@@ -47,7 +48,8 @@ pub enum Listen {
     Unix(UnixListener),
 }
 
-/// What every connection shares: the epoll set, the process table, the workload.
+/// What every connection shares: the epoll set, the process table, the workload, the proxy
+/// listener.
 pub struct Shared {
     pub epoll: Epoll,
     pub procs: Procs,
@@ -56,12 +58,14 @@ pub struct Shared {
     pub identity: Identity,
     /// PID-1 mode: apply HELLO's clock and entropy, SHUTDOWN reboots.
     pub init_mode: bool,
+    /// The egress listener (at most one, owned by one connection).
+    pub proxy: Proxy,
 }
 
 impl Shared {
     /// The context a stream of connection `conn` is called with.
     pub fn ctx<'a>(&'a mut self, id: u32, conn: ConnId, out: &'a mut Output, paused: bool) -> Ctx<'a> {
-        Ctx { id, conn, epoll: &self.epoll, out, procs: &mut self.procs, paused }
+        Ctx { id, conn, epoll: &self.epoll, out, procs: &mut self.procs, paused, proxy_env: self.proxy.env() }
     }
 }
 
@@ -90,7 +94,7 @@ impl Server {
         epoll.add(sigfd.as_raw_fd(), EPOLLIN, token(T_SIGNAL, 0, 0, 0)).map_err(ctl)?;
         epoll.add(timer.raw(), EPOLLIN, token(T_TIMER, 0, 0, 0)).map_err(ctl)?;
         let mut s = Server {
-            sh: Shared { epoll, procs: Procs::new(devnull, cgroups), workload: Workload::default(), identity: Identity::default(), init_mode },
+            sh: Shared { epoll, procs: Procs::new(devnull, cgroups), workload: Workload::default(), identity: Identity::default(), init_mode, proxy: Proxy::default() },
             sigfd,
             timer,
             listener: None,
@@ -165,6 +169,11 @@ impl Server {
                 }
             }
             T_CGROUP => self.sh.procs.on_cgroup_event(&self.sh.epoll, t.id),
+            T_PROXY => {
+                if let Some(Some(conn)) = self.conns.get_mut(t.conn as usize) {
+                    conn.on_proxy_ready(&mut self.sh);
+                }
+            }
             _ => {}
         }
     }

@@ -38,6 +38,8 @@ pub const T_CONN: u8 = 4;
 pub const T_STREAM: u8 = 5;
 /// A leftover exec's `cgroup.events` (the id is the exec id).
 pub const T_CGROUP: u8 = 6;
+/// The proxy listener (the connection is its owner).
+pub const T_PROXY: u8 = 7;
 
 pub fn token(kind: u8, conn: ConnId, slot: u8, id: u32) -> u64 {
     (id as u64) << 32 | (slot as u64) << 16 | (conn as u64) << 8 | kind as u64
@@ -229,6 +231,8 @@ pub struct Ctx<'a> {
     pub procs: &'a mut Procs,
     /// The connection's output is above the high-water mark: produce nothing.
     pub paused: bool,
+    /// Environment entries every EXEC gets unless it sets their KEY (the proxy's, while it listens).
+    pub proxy_env: &'a [Vec<u8>],
 }
 
 /// The agent's side of a host → agent channel (stdin, a TCP stream's channel 0): how much the

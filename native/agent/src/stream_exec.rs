@@ -15,6 +15,7 @@ use crate::cgroup::ExecGroup;
 use crate::exec::{self, ExecError};
 use crate::pipes::PipeIo;
 use crate::proto::{self, ExitInfo};
+use crate::proxy;
 use crate::pty::TtyIo;
 use crate::stream::{Ctx, Stream, Violation};
 use crate::sys::{self, pid_t, Reaped};
@@ -95,13 +96,15 @@ fn end(cx: &mut Ctx, info: ExitInfo) {
 }
 
 pub fn open(cx: &mut Ctx, payload: &[u8]) -> Option<Box<dyn Stream>> {
-    let req = match proto::Exec::parse(payload) {
+    let mut req = match proto::Exec::parse(payload) {
         Ok(r) => r,
         Err(e) => {
             cx.error(proto::BAD_REQUEST, &e.to_string(), None);
             return None;
         }
     };
+    // While the proxy listens: its variables, unless the request sets them (the chain too).
+    proxy::add_env(&mut req.env, cx.proxy_env);
     if let Err(e) = exec::check_argv(&req.chain) {
         cx.error(proto::BAD_REQUEST, &e.to_string(), None);
         return None;

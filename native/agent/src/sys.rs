@@ -680,24 +680,48 @@ pub fn veof_char(fd: RawFd) -> io::Result<u8> {
 /// Starts a non-blocking TCP connect. Ok((socket, true)): connected already; Ok((socket,
 /// false)): in progress (writable once done; then see `socket_error`).
 pub fn tcp_connect(addr: &SocketAddr) -> io::Result<(OwnedFd, bool)> {
-    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-    // SAFETY: plain syscall.
-    let sock = owned(cvt(unsafe {
-        libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
-    })?);
+    let sock = tcp_socket(addr)?;
     // A forwarder writes what the host sent as soon as it arrives: Nagle's algorithm would hold a
     // small write back until the previous one is acknowledged (with a delayed ACK, up to 40 ms).
-    let one: libc::c_int = 1;
-    // SAFETY: `one` is a valid c_int for the duration of the call.
+    set_nodelay(sock.as_raw_fd())?;
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: storage holds a valid address of `len` bytes.
+    let r = unsafe {
+        libc::connect(sock.as_raw_fd(), (&storage as *const libc::sockaddr_storage).cast(), len)
+    };
+    if r == 0 {
+        return Ok((sock, true));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINPROGRESS) | Some(libc::EINTR) => Ok((sock, false)),
+        _ => Err(e),
+    }
+}
+
+/// A non-blocking, close-on-exec TCP socket of `addr`'s family.
+fn tcp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain syscall.
+    Ok(owned(cvt(unsafe {
+        libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+    })?))
+}
+
+fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
+    // SAFETY: `v` is a valid c_int for the duration of the call.
     cvt(unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
+        libc::setsockopt(fd, level, name, (&v as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    })
+    .map(|_| ())
+}
+
+fn set_nodelay(fd: RawFd) -> io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
+}
+
+/// `addr` as a C socket address.
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain data large enough for either address family.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {
@@ -725,18 +749,56 @@ pub fn tcp_connect(addr: &SocketAddr) -> io::Result<(OwnedFd, bool)> {
             std::mem::size_of::<libc::sockaddr_in6>()
         }
     };
+    (storage, len as libc::socklen_t)
+}
+
+/// The port of a socket address the kernel filled in (0 for another family).
+fn sockaddr_port(storage: &libc::sockaddr_storage) -> u16 {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in; storage is aligned for it.
+            let sin = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            u16::from_be(sin.sin_port)
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6; storage is aligned for it.
+            let sin6 = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            u16::from_be(sin6.sin6_port)
+        }
+        _ => 0,
+    }
+}
+
+/// A non-blocking listening TCP socket on `addr` (SO_REUSEADDR), and the port it is bound to.
+pub fn tcp_listen(addr: &SocketAddr, backlog: i32) -> io::Result<(OwnedFd, u16)> {
+    let sock = tcp_socket(addr)?;
+    setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    let (storage, len) = sockaddr(addr);
     // SAFETY: storage holds a valid address of `len` bytes.
-    let r = unsafe {
-        libc::connect(sock.as_raw_fd(), (&storage as *const libc::sockaddr_storage).cast(), len as libc::socklen_t)
-    };
-    if r == 0 {
-        return Ok((sock, true));
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EINPROGRESS) | Some(libc::EINTR) => Ok((sock, false)),
-        _ => Err(e),
-    }
+    cvt(unsafe { libc::bind(sock.as_raw_fd(), (&storage as *const libc::sockaddr_storage).cast(), len) })?;
+    // SAFETY: plain syscall.
+    cvt(unsafe { libc::listen(sock.as_raw_fd(), backlog) })?;
+    // SAFETY: sockaddr_storage is plain data.
+    let mut bound: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut blen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: bound and blen are valid out-pointers; blen holds bound's size.
+    cvt(unsafe { libc::getsockname(sock.as_raw_fd(), (&mut bound as *mut libc::sockaddr_storage).cast(), &mut blen) })?;
+    Ok((sock, sockaddr_port(&bound)))
+}
+
+/// Accepts one connection from a non-blocking listener: a non-blocking, close-on-exec socket
+/// with TCP_NODELAY, and the peer's port. WouldBlock when nobody waits.
+pub fn tcp_accept(listener: RawFd) -> io::Result<(OwnedFd, u16)> {
+    // SAFETY: sockaddr_storage is plain data.
+    let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: peer and len are valid out-pointers; len holds peer's size.
+    let fd = cvt(unsafe {
+        libc::accept4(listener, (&mut peer as *mut libc::sockaddr_storage).cast(), &mut len, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+    })?;
+    let sock = owned(fd);
+    set_nodelay(sock.as_raw_fd())?;
+    Ok((sock, sockaddr_port(&peer)))
 }
 
 fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {

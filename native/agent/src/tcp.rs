@@ -1,5 +1,6 @@
 //! TCP_CONNECT streams: a TCP connection from the guest to one of its own ports, carried on
-//! channel 0 (host → socket) and channel 1 (socket → host).
+//! channel 0 (host → socket) and channel 1 (socket → host). A PROXY_CONN stream (`proxy.rs`)
+//! is the same stream over a socket accepted on the proxy listener (`accepted`).
 //!
 //! The connect is non-blocking (the socket becomes writable when it is done, SO_ERROR tells
 //! how). Flow control reaches the guest peer both ways: channel-0 credit goes back only as
@@ -10,6 +11,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
+use std::os::fd::OwnedFd;
 
 use crate::proto;
 use crate::stream::{Ctx, InWindow, Stream, Violation, Watched};
@@ -80,6 +82,31 @@ pub struct TcpStream {
     rx_eof: bool,
 }
 
+impl TcpStream {
+    fn new(sock: OwnedFd, state: State) -> TcpStream {
+        TcpStream {
+            sock: Some(Watched::new(sock)),
+            state,
+            deadline: 0,
+            tx: VecDeque::new(),
+            tx_window: InWindow::new(),
+            tx_eof: false,
+            tx_shut: false,
+            rx_window: proto::INITIAL_WINDOW as u64,
+            rx_eof: false,
+        }
+    }
+}
+
+/// A stream over an already-connected socket (PROXY_CONN): what a TCP_CONNECT stream is after
+/// STARTED. The caller has announced the stream; nothing is sent here unless the socket cannot
+/// be watched (then the stream ends with STREAM_ERROR at once).
+pub fn accepted(cx: &mut Ctx, sock: OwnedFd) -> Box<dyn Stream> {
+    let mut s = TcpStream::new(sock, State::Open);
+    s.sync(cx);
+    Box::new(s)
+}
+
 pub fn open(cx: &mut Ctx, payload: &[u8]) -> Option<Box<dyn Stream>> {
     let req = match proto::TcpConnect::parse(payload) {
         Ok(r) => r,
@@ -95,17 +122,7 @@ pub fn open(cx: &mut Ctx, payload: &[u8]) -> Option<Box<dyn Stream>> {
             return None;
         }
     };
-    let mut s = TcpStream {
-        sock: Some(Watched::new(sock)),
-        state: State::Connecting,
-        deadline: 0,
-        tx: VecDeque::new(),
-        tx_window: InWindow::new(),
-        tx_eof: false,
-        tx_shut: false,
-        rx_window: proto::INITIAL_WINDOW as u64,
-        rx_eof: false,
-    };
+    let mut s = TcpStream::new(sock, State::Connecting);
     if connected {
         s.established(cx);
     } else {

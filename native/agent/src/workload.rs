@@ -7,6 +7,7 @@ use std::os::fd::RawFd;
 
 use crate::exec::{self, ExecError};
 use crate::proto;
+use crate::proxy;
 use crate::sys::{self, pid_t, Reaped};
 
 #[derive(Default)]
@@ -57,11 +58,13 @@ impl fmt::Display for WorkloadError {
 impl Workload {
     /// Starts the workload: a process of its own session whose output goes to the agent's
     /// console, not to a stream; in the workload's cgroup when `cgroup_procs` is given.
-    pub fn start(&mut self, payload: &[u8], devnull: RawFd, cgroup_procs: Option<RawFd>) -> Result<pid_t, WorkloadError> {
+    /// `proxy_env` is added to its environment where the request sets no value (`proxy.rs`).
+    pub fn start(&mut self, payload: &[u8], devnull: RawFd, cgroup_procs: Option<RawFd>, proxy_env: &[Vec<u8>]) -> Result<pid_t, WorkloadError> {
         if let Some(pid) = self.pid {
             return Err(WorkloadError::AlreadyRunning(pid));
         }
-        let req = proto::Exec::parse(payload).map_err(|e| WorkloadError::BadRequest(e.to_string()))?;
+        let mut req = proto::Exec::parse(payload).map_err(|e| WorkloadError::BadRequest(e.to_string()))?;
+        proxy::add_env(&mut req.env, proxy_env);
         let prepared = exec::prepare(&req.argv, &req.env, req.cwd.as_deref(), req.uid, req.gid).map_err(|e| match e {
             ExecError::BadRequest(m) => WorkloadError::BadRequest(m),
             ExecError::NotFound(m) => WorkloadError::NotFound(m),

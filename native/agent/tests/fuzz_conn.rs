@@ -12,13 +12,18 @@
 //! SHUTDOWN, or an EXEC of anything but the allow-listed programs) has its type byte replaced
 //! by an unknown one before sending; its decoders get those payloads in `src/fuzz.rs`.
 //!
+//! PROXY_LISTEN is let through only for an address of 127.77.0.0/16 (the case's own, so it
+//! cannot take a port another program on the host uses); while a case runs, guest clients
+//! connect there, write, and close or reset, so PROXY_CONN streams meet the random frames
+//! (ids from 2^31 are among the targets).
+//!
 //! A failure prints its seed and case: `SM_FUZZ_SEED=<seed> SM_FUZZ_CASE=<case> cargo test
 //! --test fuzz_conn` replays it. `SM_FUZZ_SEED=random` explores; `SM_FUZZ_BUDGET_SCALE=4` runs
 //! four times longer.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -46,6 +51,9 @@ const SPAWN_BENCH: u8 = 0x30;
 const WORKLOAD_START: u8 = 0x40;
 const WORKLOAD_SIGNAL: u8 = 0x41;
 const TCP_CONNECT: u8 = 0x50;
+const PROXY_LISTEN: u8 = 0x70;
+const PROXY_STOP: u8 = 0x71;
+const PROXY_CONN: u8 = 0x72;
 /// What a forbidden frame becomes: a type no version defines.
 const NEUTERED: u8 = 0x7f;
 const MAX_PAYLOAD: usize = 1 << 20;
@@ -168,11 +176,21 @@ fn exec_allowed(payload: &[u8]) -> bool {
     first(1).is_some_and(|a| ALLOWED.contains(&a)) && first(11).is_none_or(|c| ALLOWED.contains(&c))
 }
 
+/// A PROXY_LISTEN the harness lets through: every `addr` field is in 127.77.0.0/16, and there
+/// is one (the default, 127.0.0.1, is the host's own).
+fn proxy_allowed(payload: &[u8]) -> bool {
+    let Some(fs) = fields(payload) else { return false };
+    let addrs: Vec<&[u8]> = fs.iter().filter(|(t, _)| *t == 2).map(|(_, v)| *v).collect();
+    let ours = |a: &[u8]| std::str::from_utf8(a).ok().and_then(|a| a.parse::<std::net::Ipv4Addr>().ok()).is_some_and(|ip| ip.octets()[..2] == [127, 77]);
+    !addrs.is_empty() && addrs.iter().all(|a| ours(a))
+}
+
 /// Rewrites the type of every frame that would touch the host into an unknown one.
 fn neuter(wire: &mut [u8]) {
     for f in frames(wire).0 {
         let forbidden = match f.ty {
             EXEC => !exec_allowed(&f.payload),
+            PROXY_LISTEN => !proxy_allowed(&f.payload),
             WRITE_FILE | READ_FILE | SPAWN_BENCH | TCP_CONNECT | WORKLOAD_START | WORKLOAD_SIGNAL | SHUTDOWN => true,
             _ => false,
         };
@@ -226,18 +244,44 @@ fn exec_payload(r: &mut Rng) -> Vec<u8> {
     f.0
 }
 
-/// One case's byte stream: usually a HELLO first, then a mix of frames on stream ids 0-8.
-fn case_wire(r: &mut Rng) -> Vec<u8> {
+/// A PROXY_LISTEN on the case's address, with a few env entries and a small `max_streams`.
+fn proxy_listen_payload(r: &mut Rng, at: SocketAddr) -> Vec<u8> {
+    let mut f = Fields::default().bytes(1, &at.port().to_le_bytes()).bytes(2, at.ip().to_string().as_bytes());
+    for _ in 0..r.below(3) {
+        let e: &[u8] = r.pick(&[&b"http_proxy=http://127.77.0.1:3128"[..], b"PATH=/nonexistent", b"K=", b"=bad", b"bad"]);
+        f = f.bytes(3, e);
+    }
+    if r.chance(2) {
+        f = f.bytes(4, &[0u32, 1, 2, 4097, r.next() as u32][r.below(5)].to_le_bytes());
+    }
+    f.0
+}
+
+/// One case's byte stream: usually a HELLO first, then a mix of frames on stream ids 0-8 (and
+/// now and then the agent's, from 2^31); with `proxy`, a PROXY_LISTEN there early on.
+fn case_wire(r: &mut Rng, proxy: Option<SocketAddr>) -> Vec<u8> {
     let mut w = Vec::new();
     if !r.chance(8) {
         // The protocol's version (PROTOCOL.md), now and then an older one the agent refuses.
-        let version = if r.chance(10) { 1u16 } else { 3 };
-        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &version.to_le_bytes()).bytes(2, &3u16.to_le_bytes()).0);
+        let version = if r.chance(10) { 1u16 } else { 4 };
+        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &version.to_le_bytes()).bytes(2, &4u16.to_le_bytes()).0);
     }
     let mut execs = 0;
+    if let Some(at) = proxy {
+        let p = proxy_listen_payload(r, at);
+        frame(&mut w, PROXY_LISTEN, 0, 1 + r.below(8) as u32, &p);
+    }
     for _ in 0..r.below(16) {
-        let stream = if r.chance(10) { r.next() as u32 } else { r.below(9) as u32 };
-        match r.below(12) {
+        let stream = match r.below(10) {
+            0 => r.next() as u32,
+            1 if proxy.is_some() => (1 << 31) + r.below(4) as u32,
+            _ => r.below(9) as u32,
+        };
+        match r.below(13) {
+            12 if proxy.is_some() => {
+                let p = if r.chance(3) { Vec::new() } else { proxy_listen_payload(r, proxy.unwrap()) };
+                frame(&mut w, if p.is_empty() { PROXY_STOP } else { PROXY_LISTEN }, 0, stream, &p);
+            }
             0 | 1 if execs < 3 => {
                 execs += 1;
                 let p = exec_payload(r);
@@ -352,7 +396,7 @@ impl Agent {
         let mut s = UnixStream::connect(&self.sock).map_err(|e| format!("connect: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut w = Vec::new();
-        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &3u16.to_le_bytes()).bytes(2, &3u16.to_le_bytes()).0);
+        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &4u16.to_le_bytes()).bytes(2, &4u16.to_le_bytes()).0);
         frame(&mut w, PING, 0, 7, b"alive?");
         s.write_all(&w).map_err(|e| format!("write: {e}"))?;
         let mut buf = Vec::new();
@@ -404,14 +448,23 @@ impl Drop for Agent {
 }
 
 /// Checks what the agent sent on one connection: well-formed frames of agent → host types,
-/// nothing after GOAWAY, DATA within the windows it was given.
-fn check_replies(sent: &[u8], received: &[u8]) -> Result<(), String> {
+/// nothing after GOAWAY, DATA within the windows it was given. Returns how many PROXY_CONN
+/// streams it opened.
+fn check_replies(sent: &[u8], received: &[u8]) -> Result<usize, String> {
     let (fs, broken) = frames(received);
     if broken {
         return Err("the agent sent a header over MAX_PAYLOAD".into());
     }
     let mut opens: HashMap<u32, u64> = HashMap::new();
     let mut credit: HashMap<(u32, u8), u64> = HashMap::new();
+    for f in &fs {
+        if f.ty == PROXY_CONN {
+            if f.stream < 1 << 31 {
+                return Err(format!("PROXY_CONN on host id {}", f.stream));
+            }
+            *opens.entry(f.stream).or_default() += 1;
+        }
+    }
     for f in frames(sent).0 {
         match f.ty {
             EXEC => *opens.entry(f.stream).or_default() += 1,
@@ -431,7 +484,7 @@ fn check_replies(sent: &[u8], received: &[u8]) -> Result<(), String> {
             return Err("reserved bytes not 0".into());
         }
         match f.ty {
-            HELLO_OK | PONG | STARTED | EXIT | STREAM_ERROR | OK | WINDOW => {}
+            HELLO_OK | PONG | STARTED | EXIT | STREAM_ERROR | OK | WINDOW | PROXY_CONN => {}
             GOAWAY => goaway = true,
             DATA => {
                 let ch = f.flags & 3;
@@ -448,12 +501,15 @@ fn check_replies(sent: &[u8], received: &[u8]) -> Result<(), String> {
             other => return Err(format!("the agent sent type {other:#x}")),
         }
     }
-    Ok(())
+    Ok(fs.iter().filter(|f| f.ty == PROXY_CONN).count())
 }
 
-/// One case: a connection that gets `wire` in random pieces and is then closed.
-fn run_case(agent: &Agent, r: &mut Rng) -> Result<(), String> {
-    let wire = case_wire(r);
+/// One case: a connection that gets `wire` in random pieces and is then closed. Returns how
+/// many PROXY_CONN streams the agent opened.
+fn run_case(agent: &Agent, r: &mut Rng) -> Result<usize, String> {
+    let proxy = r.chance(3).then(|| SocketAddr::from(([127, 77, r.below(256) as u8, 1 + r.below(254) as u8], 20_000 + r.below(40_000) as u16)));
+    let wire = case_wire(r, proxy);
+    let clients = proxy.map(|at| guest_clients(at, r.next()));
     let s = UnixStream::connect(&agent.sock).map_err(|e| format!("connect: {e}"))?;
     let mut reader = s.try_clone().unwrap();
     reader.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -484,13 +540,47 @@ fn run_case(agent: &Agent, r: &mut Rng) -> Result<(), String> {
         // Give processes a moment to run, signals to land.
         std::thread::sleep(Duration::from_millis(r.below(30) as u64));
     }
+    if let Some(c) = clients {
+        c.join().map_err(|_| "guest clients panicked".to_string())?;
+    }
     let _ = s.shutdown(Shutdown::Write);
     let received = reading.join().map_err(|_| "reader panicked".to_string())??;
-    check_replies(&wire, &received)?;
+    let proxied = check_replies(&wire, &received)?;
     if let Ok(Some(status)) = agent.child.try_wait_ref() {
         return Err(format!("the agent exited: {status}"));
     }
-    agent.healthy()
+    agent.healthy().map(|()| proxied)
+}
+
+/// Guest clients of the proxy listener at `at` (if it listens by then): each connects, writes a
+/// little or a lot, and closes, half-closes and reads, or resets. Bounded: about 2 s at most.
+fn guest_clients(at: SocketAddr, seed: u64) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut r = Rng::new(seed, 0);
+        for _ in 0..1 + r.below(4) {
+            std::thread::sleep(Duration::from_millis(r.below(40) as u64));
+            let Ok(mut s) = std::net::TcpStream::connect_timeout(&at, Duration::from_millis(200)) else { continue };
+            let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+            let n = if r.chance(4) { 300_000 + r.below(300_000) } else { r.below(2000) };
+            let _ = s.write_all(&r.bytes(n));
+            match r.below(3) {
+                0 => {
+                    let _ = s.shutdown(Shutdown::Write);
+                    let _ = s.read(&mut [0u8; 4096]);
+                }
+                1 => {
+                    use std::os::fd::AsRawFd;
+                    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+                    // SAFETY: setsockopt on a socket we own with a valid struct linger.
+                    unsafe {
+                        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&l as *const libc::linger).cast(), std::mem::size_of::<libc::linger>() as u32);
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
 }
 
 trait TryWaitRef {
@@ -521,11 +611,13 @@ fn fuzz_connection() {
     agent.healthy().unwrap();
     let fds0 = agent.fds();
     let mut cases = 0u64;
+    let mut proxied = 0;
     loop {
         let id = only.unwrap_or(cases);
         let mut r = Rng::new(seed, id);
-        if let Err(msg) = run_case(&agent, &mut r) {
-            panic!("fuzz_connection: case {id} failed: {msg}\nreplay: SM_FUZZ_SEED={seed} SM_FUZZ_CASE={id} cargo test --test fuzz_conn");
+        match run_case(&agent, &mut r) {
+            Ok(n) => proxied += n,
+            Err(msg) => panic!("fuzz_connection: case {id} failed: {msg}\nreplay: SM_FUZZ_SEED={seed} SM_FUZZ_CASE={id} cargo test --test fuzz_conn"),
         }
         cases += 1;
         if only.is_some() || Instant::now() >= until {
@@ -547,8 +639,9 @@ fn fuzz_connection() {
         fds = agent.fds();
     }
     let hwm = agent.status("VmHWM:");
-    eprintln!("fuzz_connection: {cases} cases (seed {seed}); agent fds {fds0} -> {fds}, peak RSS {hwm} kB");
+    eprintln!("fuzz_connection: {cases} cases (seed {seed}), {proxied} PROXY_CONN streams; agent fds {fds0} -> {fds}, peak RSS {hwm} kB");
     assert!(only.is_some() || cases >= 20, "only {cases} cases ran");
+    assert!(only.is_some() || proxied > 0, "no case got as far as a PROXY_CONN stream in {cases} cases");
     assert!(fds <= fds0, "the agent holds {fds} descriptors, {fds0} before (seed {seed})");
     // A frame buffer (1 MiB), output queues and windows: far under this.
     assert!(hwm < 64 * 1024, "agent peak RSS {hwm} kB (seed {seed})");

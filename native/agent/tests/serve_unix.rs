@@ -29,6 +29,9 @@ const SPAWN_BENCH: u8 = 0x30;
 const TCP_CONNECT: u8 = 0x50;
 const LIST_BACKGROUND: u8 = 0x60;
 const KILL_BACKGROUND: u8 = 0x61;
+const PROXY_LISTEN: u8 = 0x70;
+const PROXY_STOP: u8 = 0x71;
+const PROXY_CONN: u8 = 0x72;
 const EOF: u8 = 0x80;
 const INITIAL_WINDOW: i64 = 262_144;
 
@@ -80,7 +83,7 @@ impl Agent {
 
     fn hello(&self) -> Client {
         let mut c = self.connect();
-        c.send(HELLO, 0, 0, &Fields::new().u16(1, 3).u16(2, 3).u64(3, 0).finish());
+        c.send(HELLO, 0, 0, &Fields::new().u16(1, 4).u16(2, 4).u64(3, 0).finish());
         let f = c.recv();
         assert_eq!(f.ty, HELLO_OK);
         c
@@ -180,6 +183,8 @@ struct Outcome {
     error: Option<(u32, String)>,
     /// STREAM_ERROR errno (field 3), when sent.
     errno: Option<u32>,
+    /// PROXY_CONN's `peer_port`: the agent opened this stream.
+    proxy_peer: Option<u16>,
 }
 
 impl Outcome {
@@ -278,6 +283,12 @@ impl Client {
         let o = outcomes.entry(f.stream).or_default();
         assert!(!o.done(), "frame {:?} after the terminal message", f.ty);
         match f.ty {
+            PROXY_CONN => {
+                assert!(f.stream >= 1 << 31, "PROXY_CONN on host id {}", f.stream);
+                assert!(o.proxy_peer.is_none() && !o.started && o.stdout.is_empty(), "PROXY_CONN on an open stream");
+                let fs = parse_fields(&f.payload);
+                o.proxy_peer = Some(u16::from_le_bytes(field(&fs, 1).try_into().unwrap()));
+            }
             STARTED => {
                 assert!(!o.started, "STARTED twice");
                 o.started = true;
@@ -341,9 +352,9 @@ fn hello_ping_and_frames_before_hello() {
     let f = c.recv();
     assert_eq!(f.ty, HELLO_OK);
     let fs = parse_fields(&f.payload);
-    assert_eq!(field(&fs, 1), &3u16.to_le_bytes());
+    assert_eq!(field(&fs, 1), &4u16.to_le_bytes());
     // Development mode runs execs without cgroups: no `limits`, no default limits (tags 6, 7).
-    assert_eq!(field(&fs, 4), b"exec,files,bench,tty,chain,tcp,workload,background");
+    assert_eq!(field(&fs, 4), b"exec,files,bench,tty,chain,tcp,workload,background,proxy");
     assert!(!fs.iter().any(|(t, _)| *t == 6 || *t == 7));
     assert!(!fs.iter().any(|(t, _)| *t == 5), "no port name in development mode");
     assert!(!field(&fs, 2).is_empty());
@@ -352,18 +363,20 @@ fn hello_ping_and_frames_before_hello() {
     let f = c.recv();
     assert_eq!((f.ty, f.stream, &f.payload[..]), (PONG, 42, &b"payload"[..]));
     // Version mismatch → GOAWAY VERSION, then the connection closes; a new one works.
-    c.send(HELLO, 0, 0, &Fields::new().u16(1, 4).u16(2, 5).finish());
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 5).u16(2, 6).finish());
     let f = c.recv();
     assert_eq!(f.ty, GOAWAY);
     assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
     let mut c = agent.hello();
     assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
-    // Version 2 only (a host from before version 3) → GOAWAY VERSION too.
-    let mut old = agent.connect();
-    old.send(HELLO, 0, 0, &Fields::new().u16(1, 2).u16(2, 2).finish());
-    let f = old.recv();
-    assert_eq!(f.ty, GOAWAY);
-    assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
+    // Version 3 only (a host from before version 4), or 2 → GOAWAY VERSION too.
+    for v in [3u16, 2] {
+        let mut old = agent.connect();
+        old.send(HELLO, 0, 0, &Fields::new().u16(1, v).u16(2, v).finish());
+        let f = old.recv();
+        assert_eq!(f.ty, GOAWAY);
+        assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
+    }
 }
 
 #[test]
@@ -661,7 +674,7 @@ fn at_most_eight_connections() {
     let mut open: Vec<Client> = (0..8).map(|_| agent.hello()).collect();
     // The ninth waits in the backlog: its HELLO is answered once a slot frees.
     let mut ninth = agent.connect();
-    ninth.send(HELLO, 0, 0, &Fields::new().u16(1, 3).u16(2, 3).finish());
+    ninth.send(HELLO, 0, 0, &Fields::new().u16(1, 4).u16(2, 4).finish());
     assert!(ninth.try_recv(Duration::from_millis(300)).is_none(), "a ninth connection was served");
     for c in open.iter_mut() {
         assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
@@ -968,8 +981,12 @@ fn tcp_open(c: &mut Client, port: u16, addr: Option<&str>) -> u32 {
 /// Sends each stream's data on channel 0 (within its window, then EOF) while collecting
 /// everything the agent sends, until every stream has ended.
 fn transfer(c: &mut Client, streams: &[(u32, Vec<u8>)]) -> HashMap<u32, Outcome> {
+    transfer_into(c, streams, HashMap::new())
+}
+
+/// `transfer`, going on from what has already been collected.
+fn transfer_into(c: &mut Client, streams: &[(u32, Vec<u8>)], mut outcomes: HashMap<u32, Outcome>) -> HashMap<u32, Outcome> {
     let mut state: HashMap<u32, (i64, usize, bool)> = streams.iter().map(|(id, _)| (*id, (INITIAL_WINDOW, 0, false))).collect();
-    let mut outcomes = HashMap::new();
     while !streams.iter().all(|(id, _)| outcomes.get(id).is_some_and(Outcome::done)) {
         for (id, data) in streams {
             let (window, sent, eof) = state.get_mut(id).unwrap();
@@ -1264,4 +1281,330 @@ fn tcp_peer_reset_is_an_io_error() {
     server.join().unwrap();
     assert!(o.started);
     assert_eq!((o.error.as_ref().unwrap().0, o.errno), (3, Some(104)), "{:?}", o.error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// PROXY_LISTEN / PROXY_STOP / PROXY_CONN (version 4)
+
+/// A port nothing listens on (bound and released).
+fn free_port() -> u16 {
+    listen().1
+}
+
+fn proxy_listen(c: &mut Client, f: Fields) -> (u32, Outcome) {
+    let id = c.id();
+    c.send(PROXY_LISTEN, 0, id, &f.finish());
+    (id, c.wait(id))
+}
+
+/// Listens on a free port; returns it.
+fn proxy_on(c: &mut Client, extra: Fields) -> u16 {
+    let port = free_port();
+    let (_, o) = proxy_listen(c, Fields::new().u16(1, port).bytes(3, b"http_proxy=http://127.0.0.1:3128").tap(extra));
+    let ok = o.ok.unwrap_or_else(|| panic!("PROXY_LISTEN failed: {:?}", o.error));
+    assert_eq!(field(&ok, 1), &port.to_le_bytes());
+    port
+}
+
+impl Fields {
+    fn tap(mut self, more: Fields) -> Fields {
+        self.0.extend_from_slice(&more.0);
+        self
+    }
+}
+
+/// Waits for the next PROXY_CONN (not one of `seen`): its stream id and peer port.
+fn next_proxy_conn(c: &mut Client, outcomes: &mut HashMap<u32, Outcome>) -> (u32, u16) {
+    loop {
+        let known: Vec<u32> = outcomes.iter().filter(|(_, o)| o.proxy_peer.is_some()).map(|(id, _)| *id).collect();
+        c.pump(outcomes);
+        if let Some((id, o)) = outcomes.iter().find(|(id, o)| o.proxy_peer.is_some() && !known.contains(id)) {
+            return (*id, o.proxy_peer.unwrap());
+        }
+    }
+}
+
+fn connect_guest(port: u16) -> std::net::TcpStream {
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s
+}
+
+/// Whether the peer of `s` reset it (reads until EOF or an error, at most 15 s).
+fn was_reset(s: &mut std::net::TcpStream) -> bool {
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+fn refused(port: u16) -> bool {
+    matches!(std::net::TcpStream::connect(("127.0.0.1", port)), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+#[test]
+fn proxy_carries_guest_clients_both_ways() {
+    let agent = Agent::start("proxy-data");
+    let mut c = agent.hello();
+    let port = proxy_on(&mut c, Fields::new());
+    // The guest client sends 700 kB and reads what the host sends back, both beyond one window.
+    let up = pattern(700_000, 7);
+    let down = pattern(900_000, 8);
+    let s = connect_guest(port);
+    let client_port = s.local_addr().unwrap().port();
+    let mut r = s.try_clone().unwrap();
+    let writer = {
+        let (mut w, up) = (s, up.clone());
+        std::thread::spawn(move || {
+            w.write_all(&up).unwrap();
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+            w
+        })
+    };
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        got
+    });
+    let mut outcomes = HashMap::new();
+    let (id, peer) = next_proxy_conn(&mut c, &mut outcomes);
+    assert_eq!((id, peer), (1 << 31, client_port), "the first agent id is 2^31");
+    let mut outcomes = transfer_into(&mut c, &[(id, down.clone())], outcomes);
+    let o = outcomes.remove(&id).unwrap();
+    assert!(o.ok.is_some(), "{:?}", o.error);
+    assert!(!o.started, "no STARTED on a PROXY_CONN stream");
+    assert!(o.eof[0] && o.stdout == up, "{} bytes up", o.stdout.len());
+    let _w = writer.join().unwrap();
+    assert!(reader.join().unwrap() == down);
+
+    // A second client gets the next id; the listener keeps serving.
+    let mut s = connect_guest(port);
+    s.write_all(b"ping").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let (id2, _) = next_proxy_conn(&mut c, &mut outcomes);
+    assert_eq!(id2, (1 << 31) + 1);
+    let o = transfer_into(&mut c, &[(id2, b"pong".to_vec())], outcomes).remove(&id2).unwrap();
+    assert_eq!((o.stdout.as_slice(), o.ok.is_some()), (&b"ping"[..], true));
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"pong");
+}
+
+#[test]
+fn proxy_reset_cancel_and_stop() {
+    use std::os::fd::AsRawFd;
+    let agent = Agent::start("proxy-reset");
+    let mut c = agent.hello();
+    let port = proxy_on(&mut c, Fields::new());
+    let mut outcomes = HashMap::new();
+
+    // The guest client resets its connection: STREAM_ERROR IO with ECONNRESET.
+    let s = connect_guest(port);
+    let (id, _) = next_proxy_conn(&mut c, &mut outcomes);
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on a socket we own with a valid struct linger.
+    let r = unsafe {
+        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&l as *const libc::linger).cast(), std::mem::size_of::<libc::linger>() as u32)
+    };
+    assert_eq!(r, 0);
+    drop(s);
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    assert_eq!((outcomes[&id].error.as_ref().unwrap().0, outcomes[&id].errno), (3, Some(104)), "{:?}", outcomes[&id].error);
+
+    // CANCEL from the host resets the guest client.
+    let mut s = connect_guest(port);
+    s.write_all(b"hello").unwrap();
+    let (id, _) = next_proxy_conn(&mut c, &mut outcomes);
+    while outcomes[&id].stdout.len() < 5 {
+        c.pump(&mut outcomes);
+    }
+    c.send(CANCEL, 0, id, &[]);
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    assert_eq!(outcomes[&id].error.as_ref().map(|(code, m)| (*code, m.as_str())), Some((3, "cancelled")));
+    assert!(was_reset(&mut s), "CANCEL resets the guest client");
+
+    // PROXY_STOP ends the open streams ("proxy stopped"), resets their clients, closes the port
+    // and answers OK.
+    let mut clients: Vec<_> = (0..2).map(|_| connect_guest(port)).collect();
+    let ids: Vec<u32> = (0..2).map(|_| next_proxy_conn(&mut c, &mut outcomes).0).collect();
+    let stop = c.id();
+    c.send(PROXY_STOP, 0, stop, &[]);
+    while !ids.iter().chain([&stop]).all(|id| outcomes.get(id).is_some_and(Outcome::done)) {
+        c.pump(&mut outcomes);
+    }
+    for id in &ids {
+        assert_eq!(outcomes[id].error.as_ref().map(|(code, m)| (*code, m.as_str())), Some((3, "proxy stopped")));
+    }
+    assert!(outcomes[&stop].ok.is_some());
+    for s in clients.iter_mut() {
+        assert!(was_reset(s), "PROXY_STOP resets the guest clients");
+    }
+    assert!(refused(port), "the port is closed after PROXY_STOP");
+    // PROXY_STOP with nothing listening: OK too.
+    let stop = c.id();
+    c.send(PROXY_STOP, 0, stop, &[]);
+    assert!(c.wait(stop).ok.is_some());
+    // The connection goes on.
+    assert_eq!(c.run(&["echo", "still"], Fields::new()).stdout, b"still\n");
+}
+
+#[test]
+fn proxy_env_reaches_every_exec_unless_set() {
+    let agent = Agent::start("proxy-env");
+    let mut c = agent.hello();
+    let mut other = agent.hello();
+    let show = ["/bin/sh", "-c", "echo \"$http_proxy|${HTTPS_PROXY-unset}|${NO_PROXY-unset}|$PATH\""];
+    assert_eq!(c.run(&show, Fields::new()).stdout, b"|unset|unset|/usr/local/bin:/usr/bin:/bin\n");
+    let port = proxy_on(&mut c, Fields::new().bytes(3, b"HTTPS_PROXY=http://127.0.0.1:3128").bytes(3, b"NO_PROXY=localhost").bytes(3, b"PATH=/proxy"));
+    let want = b"http://127.0.0.1:3128|http://127.0.0.1:3128|localhost|/usr/local/bin:/usr/bin:/bin\n";
+    assert_eq!(c.run(&show, Fields::new()).stdout, want);
+    // On every connection, and for a chain; the request's own value wins, an empty one too.
+    assert_eq!(other.run(&show, Fields::new()).stdout, want);
+    let o = c.run(&["true"], chain(Fields::new(), &show));
+    assert_eq!(o.stdout, want);
+    let own = Fields::new().bytes(2, b"HTTPS_PROXY=mine").bytes(2, b"NO_PROXY=");
+    assert_eq!(c.run(&show, own).stdout, b"http://127.0.0.1:3128|mine||/usr/local/bin:/usr/bin:/bin\n");
+    // Gone after PROXY_STOP.
+    let stop = c.id();
+    c.send(PROXY_STOP, 0, stop, &[]);
+    assert!(c.wait(stop).ok.is_some());
+    assert!(refused(port));
+    assert_eq!(other.run(&show, Fields::new()).stdout, b"|unset|unset|/usr/local/bin:/usr/bin:/bin\n");
+}
+
+#[test]
+fn proxy_max_streams_holds_clients_in_the_backlog() {
+    let agent = Agent::start("proxy-max");
+    let mut c = agent.hello();
+    let port = proxy_on(&mut c, Fields::new().u32(4, 2));
+    let mut outcomes = HashMap::new();
+    let mut first = connect_guest(port);
+    let _second = connect_guest(port);
+    let (a, pa) = next_proxy_conn(&mut c, &mut outcomes);
+    let (b, _) = next_proxy_conn(&mut c, &mut outcomes);
+    // The third connects (the kernel completes it in the backlog) but is not announced.
+    let mut third = connect_guest(port);
+    let third_port = third.local_addr().unwrap().port();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(800) {
+        if let Some(f) = c.try_recv(Duration::from_millis(100)) {
+            panic!("a third stream while two are open: frame {:#x} on {}", f.ty, f.stream);
+        }
+    }
+    // The first ends (both ways): the third is announced.
+    let ending = if first.local_addr().unwrap().port() == pa { a } else { b };
+    first.shutdown(std::net::Shutdown::Write).unwrap();
+    c.send(DATA, EOF, ending, b"");
+    while !outcomes.get(&ending).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    assert!(outcomes[&ending].ok.is_some(), "{:?}", outcomes[&ending].error);
+    let mut rest = Vec::new();
+    first.read_to_end(&mut rest).unwrap();
+    let (id3, p3) = next_proxy_conn(&mut c, &mut outcomes);
+    assert_eq!(p3, third_port);
+    third.write_all(b"late").unwrap();
+    third.shutdown(std::net::Shutdown::Write).unwrap();
+    let o = transfer_into(&mut c, &[(id3, b"served".to_vec())], outcomes).remove(&id3).unwrap();
+    assert_eq!((o.stdout.as_slice(), o.ok.is_some()), (&b"late"[..], true));
+}
+
+#[test]
+fn proxy_listener_ownership_hello_and_close() {
+    let agent = Agent::start("proxy-owner");
+    let mut a = agent.hello();
+    let mut b = agent.hello();
+    let port = proxy_on(&mut a, Fields::new());
+    let mut outcomes = HashMap::new();
+
+    // Another connection: STREAM_IN_USE; its PROXY_STOP leaves a's listener alone.
+    let (_, o) = proxy_listen(&mut b, Fields::new().u16(1, free_port()));
+    assert_eq!(o.error.as_ref().unwrap().0, 2, "{:?}", o.error);
+    let stop = b.id();
+    b.send(PROXY_STOP, 0, stop, &[]);
+    assert!(b.wait(stop).ok.is_some());
+    let _kept = connect_guest(port);
+    let (kept, _) = next_proxy_conn(&mut a, &mut outcomes);
+
+    // The same connection's PROXY_LISTEN replaces its listener: the old streams end.
+    let port2 = free_port();
+    let listen2 = a.id();
+    a.send(PROXY_LISTEN, 0, listen2, &Fields::new().u16(1, port2).finish());
+    while ![kept, listen2].iter().all(|id| outcomes.get(id).is_some_and(Outcome::done)) {
+        a.pump(&mut outcomes);
+    }
+    assert_eq!(field(outcomes[&listen2].ok.as_ref().unwrap(), 1), &port2.to_le_bytes());
+    assert_eq!(outcomes[&kept].error.as_ref().map(|(c, m)| (*c, m.as_str())), Some((3, "proxy stopped")));
+    assert!(refused(port));
+    // Replacing it with the same port works too (SO_REUSEADDR, the old socket closed first).
+    let (_, o) = proxy_listen(&mut a, Fields::new().u16(1, port2));
+    assert!(o.ok.is_some(), "{:?}", o.error);
+    let mut s = connect_guest(port2);
+    let (id, _) = next_proxy_conn(&mut a, &mut outcomes);
+    assert!(id > kept);
+
+    // HELLO on the owning connection closes the listener and its streams without a message.
+    a.send(HELLO, 0, 0, &Fields::new().u16(1, 4).u16(2, 4).finish());
+    assert_eq!(a.recv().ty, HELLO_OK);
+    assert!(was_reset(&mut s), "HELLO resets the listener's clients");
+    assert!(refused(port2));
+    let p = a.id();
+    a.send(PING, 0, p, b"after");
+    let f = a.recv();
+    assert_eq!((f.ty, f.stream), (PONG, p), "no message for the dropped stream");
+
+    // Now b may listen; when b's connection closes, its listener goes.
+    let port3 = proxy_on(&mut b, Fields::new());
+    let (_, o) = proxy_listen(&mut a, Fields::new().u16(1, free_port()));
+    assert_eq!(o.error.as_ref().unwrap().0, 2);
+    drop(b);
+    let t = Instant::now();
+    while !refused(port3) {
+        assert!(t.elapsed() < Duration::from_secs(10), "the listener outlived its connection");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, o) = proxy_listen(&mut a, Fields::new().u16(1, port3));
+    assert!(o.ok.is_some(), "{:?}", o.error);
+}
+
+#[test]
+fn proxy_bad_requests() {
+    let agent = Agent::start("proxy-bad");
+    let mut c = agent.hello();
+    let port = free_port();
+    for bad in [
+        Fields::new(),
+        Fields::new().u16(1, 0),
+        Fields::new().u32(1, port as u32),
+        Fields::new().u16(1, port).bytes(2, b"localhost"),
+        Fields::new().u16(1, port).bytes(3, b"NOEQUALS"),
+        Fields::new().u16(1, port).bytes(3, b"=x"),
+        Fields::new().u16(1, port).bytes(3, &[b'a'; 4097]),
+        Fields::new().u16(1, port).u32(4, 4097),
+    ] {
+        let (_, o) = proxy_listen(&mut c, bad);
+        assert_eq!((o.error.as_ref().map(|e| e.0), o.errno), (Some(1), None), "{:?}", o.error);
+    }
+    assert!(refused(port), "nothing listens after bad requests");
+    // A port in use: IO with EADDRINUSE.
+    let (_busy, busy_port) = listen();
+    let (_, o) = proxy_listen(&mut c, Fields::new().u16(1, busy_port));
+    assert_eq!((o.error.as_ref().map(|e| e.0), o.errno), (Some(3), Some(98)), "{:?}", o.error);
+    // The host opens nothing at 2^31 and up.
+    for id in [1u32 << 31, u32::MAX] {
+        c.send(EXEC, 0, id, &Fields::new().bytes(1, b"true").finish());
+        let o = c.wait(id);
+        assert_eq!(o.error.as_ref().map(|e| e.0), Some(1), "{:?}", o.error);
+    }
+    c.send(TCP_CONNECT, 0, 1 << 31, &Fields::new().u16(1, busy_port).finish());
+    assert_eq!(c.wait(1 << 31).error.map(|e| e.0), Some(1));
+    assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
 }
