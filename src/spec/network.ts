@@ -294,7 +294,7 @@ function resolve(v: unknown): { value: ResolvedNetworkOption } | { issue: Issue 
  * `NETWORK_BAD_HOSTS`, `NETWORK_INVALID`, `OPTION_UNKNOWN`) and `params.hint`, which
  * `parseOptions` turns into an OptionError with that code and hint.
  */
-export const networkSchema = z.unknown().transform((v, ctx): ResolvedNetworkOption => {
+export const networkSchema = z.unknown().optional().transform((v, ctx): ResolvedNetworkOption => {
   const r = resolve(v);
   if ("value" in r) return r.value;
   ctx.addIssue({ code: "custom", path: r.issue.path, message: r.issue.message, input: v, params: { code: r.issue.code, hint: r.issue.hint } });
