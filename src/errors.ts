@@ -43,6 +43,13 @@ export class AgentError extends SupermachineError {}
 /** An option passed to the public API has an invalid value. */
 export class OptionError extends SupermachineError {}
 
+/**
+ * The `network` option (egress allowlist) is invalid: `NETWORK_BAD_ALLOW` (an `allow` entry),
+ * `NETWORK_BAD_HOSTS` (a `hosts` entry), `NETWORK_INVALID` (the option's shape). An OptionError,
+ * so callers that catch those catch it too.
+ */
+export class NetworkError extends OptionError {}
+
 /** Pool-level failures: shut down, acquire timeout. */
 export class PoolError extends SupermachineError {}
 
