@@ -36,6 +36,9 @@ export type {
   ExecLimits,
 } from "./spec/options.js";
 export type { BackgroundEntry } from "./agent/client.js";
+export type { NetworkOption, NetworkObjectOption } from "./spec/network.js";
+export { NETWORK_DEFAULTS } from "./spec/network.js";
+export type { NetStats } from "./guest/egress.js";
 export { BUILD_DEFAULTS, POOL_DEFAULTS, EXEC_DEFAULT_TIMEOUT_MS, FILE_LIMIT } from "./spec/options.js";
 export type { ImageConfig, ImageProgress, PullProgress, BakeProgress, BakeStep, BuildProgress } from "./spec/image.js";
 export type { PullPolicy } from "./image/store.js";
@@ -61,4 +64,5 @@ export {
   GuestFileError,
   DeadlineError,
   BakeError,
+  NetworkError,
 } from "./errors.js";

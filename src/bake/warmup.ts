@@ -27,7 +27,7 @@ export async function runWarmup(
   const session = new GuestSession(machine, defaults);
   if (network !== "none") {
     await session.startEgress(network);
-    log.line(`warmup network: egress through the host proxy to ${network.allow.join(", ")}`);
+    log.line(`warmup network: egress through the host proxy to ${network.allow.map((a) => a.text).join(", ")}`);
   }
   const vm: WarmupVm = {
     exec: async (o: ExecOptions) => {

@@ -9,7 +9,7 @@ import { GraphError } from "../errors.js";
 import { BUILD_DEFAULTS } from "../spec/options.js";
 import type { BuildProgress } from "../spec/image.js";
 import { mergeLimits, type ExecLimits, type WarmupVm } from "../spec/options.js";
-import { resolveNetwork, type NetworkOption, type ResolvedNetwork } from "../spec/network.js";
+import { resolveNetwork, type NetworkOption, type ResolvedNetworkOption } from "../spec/network.js";
 
 
 
@@ -31,7 +31,7 @@ export interface ImageFields {
   onProgress?: ((p: BuildProgress) => void) | undefined;
   snapshotsDir?: string | undefined;
   execLimits?: ExecLimits | undefined;
-  network?: NetworkOption | undefined;
+  network?: NetworkOption | ResolvedNetworkOption | undefined;
 }
 
 /** One declared image, as the config loader (or Image.build) hands it over. */
@@ -71,7 +71,7 @@ export interface NodeSpec {
    * What this image's warmup may reach (not inherited: each warmup says what it needs; a
    * parent's egress is over once its snapshot is taken).
    */
-  network: ResolvedNetwork | "none";
+  network: ResolvedNetworkOption;
 }
 
 /** Options that belong to a root image: a child runs on its parent's snapshot, which fixed them. */

@@ -8,7 +8,7 @@ import type { EngineFingerprint } from "../engine/fingerprint.js";
 import { hashEnv, inputHash, stableJson, type SnapshotInputs, type SnapshotSources } from "../store/snapshots.js";
 import type { ModuleDigest } from "./bundle.js";
 import type { NodeSpec } from "./graph.js";
-import { networkKey } from "../spec/network.js";
+import { resolvedNetworkKey } from "../spec/network.js";
 
 export interface KeyParts {
   parentKey: string | null;
@@ -39,7 +39,7 @@ export function nodeInputs(spec: NodeSpec, p: KeyParts): SnapshotInputs {
     engine: p.engine,
     // Only when set, so images without limits keep their keys.
     ...(spec.execLimits ? { execLimits: spec.execLimits } : {}),
-    ...(spec.network !== "none" ? { network: networkKey(spec.network) } : {}),
+    ...(spec.network !== "none" ? { network: resolvedNetworkKey(spec.network) as Exclude<ReturnType<typeof resolvedNetworkKey>, "none"> } : {}),
   };
 }
 

@@ -579,13 +579,14 @@ export class GuestSession {
 
   /**
    * Connections and bytes through this VM's egress proxy since it was acquired (all zero with
-   * `network: "none"`). `bytesOut`: sent by the guest; `bytesIn`: received by it.
+   * `network: "none"`): `connections` made, `active` now, `refused` (403, 429), `failed` (bad
+   * requests, unreachable targets); `bytesOut` sent by the guest, `bytesIn` received by it.
    *
    * @example
    * const { connections, refused, bytesIn } = vm.netStats();
    */
   netStats(): NetStats {
-    return this.egress?.stats() ?? { connections: 0, active: 0, refused: 0, bytesIn: 0, bytesOut: 0 };
+    return this.egress?.stats() ?? { connections: 0, active: 0, refused: 0, failed: 0, bytesIn: 0, bytesOut: 0 };
   }
 
   /**

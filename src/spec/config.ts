@@ -7,6 +7,7 @@
  */
 import { z } from "zod";
 import { buildSchema, intIn, poolSchema } from "./options.js";
+import { networkInputSchema } from "./network.js";
 import type { ImageBase, ImageDefinition, ImageDefinitionFn, ImageDecl, PoolDeclaration } from "./project.js";
 
 /** Image names: the rule of Image.build's `name`, so a name can also name a snapshot directory. */
@@ -49,7 +50,7 @@ function optionalized<S extends z.ZodRawShape>(shape: S): Optionalized<S> {
 
 // ---- image definitions -------------------------------------------------------------------------
 
-const buildFields = optionalized(buildSchema.shape);
+const buildFields = { ...optionalized(buildSchema.shape), network: networkInputSchema };
 
 const fromSchema = z
   .custom<ImageBase>((v) => (typeof v === "string" ? IMAGE_NAME.test(v) : isDefinitionLike(v)), {
@@ -93,7 +94,7 @@ export const imageDefinitionSchema = z
 
 // ---- supermachine.config.ts --------------------------------------------------------------------
 
-const poolFields = optionalized(poolSchema.in.shape);
+const poolFields = { ...optionalized(poolSchema.in.shape), network: networkInputSchema };
 
 export const poolDeclarationSchema = z
   .object({

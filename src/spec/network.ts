@@ -301,6 +301,18 @@ export const networkSchema = z.unknown().optional().transform((v, ctx): Resolved
   return z.NEVER;
 });
 
+/**
+ * The same checks as `networkSchema`, keeping the value as written (config declarations hold
+ * what the user wrote; the runtime resolves it when it builds or pools).
+ */
+export const networkInputSchema = z
+  .unknown()
+  .optional()
+  .superRefine((v, ctx) => {
+    const r = resolve(v);
+    if ("issue" in r) ctx.addIssue({ code: "custom", path: r.issue.path, message: r.issue.message, input: v, params: { code: r.issue.code, hint: r.issue.hint } });
+  }) as unknown as z.ZodType<NetworkOption | undefined>;
+
 /** The option resolved (defaults filled, entries compiled); throws NetworkError naming the entry, the cause and the accepted forms. */
 export function parseNetwork(input: unknown, what = "network"): ResolvedNetworkOption {
   const r = resolve(input);
@@ -326,4 +338,13 @@ export function networkKey(option: unknown): NetworkKey {
 export function resolvedNetworkKey(r: ResolvedNetworkOption): NetworkKey {
   if (r === "none") return "none";
   return { allow: r.allow.map((a) => a.text), hosts: { ...r.hosts }, maxConnections: r.maxConnections, maxBytes: r.maxBytes };
+}
+
+/** An option as the API or a config module gave it, or already resolved by `networkSchema`: resolved. */
+export function resolveNetwork(v: unknown): ResolvedNetworkOption {
+  if (v === undefined || v === "none") return "none";
+  if (typeof v === "object" && v !== null && Array.isArray((v as ResolvedNetwork).allow) && (v as ResolvedNetwork).allow.every((a) => typeof a === "object" && a !== null && "text" in a)) {
+    return v as ResolvedNetwork;
+  }
+  return parseNetwork(v);
 }

@@ -8,6 +8,7 @@ import { posix } from "node:path";
 import { constants as osConstants } from "node:os";
 import { z } from "zod";
 import type { BuildProgress } from "./image.js";
+import { networkSchema, type NetworkOption } from "./network.js";
 
 export const BUILD_DEFAULTS = { memoryMib: 256, vcpus: 1, pullPolicy: "missing", guestPort: 80, warmupTag: "default" } as const;
 export const POOL_DEFAULTS = { min: 1, max: 1, acquireTimeoutMs: 60_000, restoreOnRelease: true, restoreTimeoutMs: 30_000 } as const;
@@ -166,6 +167,12 @@ export interface BuildOptions {
   onProgress?: (p: BuildProgress) => void;
   /** Limits of every exec in this image's VMs (warmup included), unless a pool or call sets them. */
   execLimits?: ExecLimits;
+  /**
+   * What the warmup may reach, through the host's egress proxy (part of the key): "none" (the
+   * default) or `{ allow: ["pypi.org", "*.example.com", "10.0.0.5:8080"], hosts?, maxConnections?, maxBytes? }`.
+   * Pools do not inherit it.
+   */
+  network?: NetworkOption;
 }
 
 const platformSchema = z.string({ error: "must be a string of the form os/arch[/variant]" }).refine((v) => /^[a-z0-9]+\/[a-z0-9_]+(?:\/[a-z0-9]+)?$/.test(v), {
@@ -206,6 +213,7 @@ export const buildSchema = z
     insecureRegistries: z.array(z.string(), { error: "must be an array of host[:port] strings" }).optional(),
     onProgress: fn<(p: BuildProgress) => void>().optional(),
     execLimits: execLimitsSchema.optional(),
+    network: networkSchema,
   })
   .strict()
   .superRefine((o, ctx) => {
@@ -230,6 +238,8 @@ export interface PoolOptions {
   restoreTimeoutMs?: number;
   /** Limits of every exec in this pool's VMs, unless a call sets them (over the image's). */
   execLimits?: ExecLimits;
+  /** What the VMs may reach while checked out, through the host's egress proxy: "none" (the default) or `{ allow, ... }`. */
+  network?: NetworkOption;
 }
 
 export const poolSchema = z
@@ -243,6 +253,7 @@ export const poolSchema = z
     vcpus: intIn(1, 255).optional(),
     restoreTimeoutMs: intIn(1, Number.MAX_SAFE_INTEGER).default(POOL_DEFAULTS.restoreTimeoutMs),
     execLimits: execLimitsSchema.optional(),
+    network: networkSchema,
   })
   .strict()
   .transform((o, ctx) => {

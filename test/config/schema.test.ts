@@ -48,3 +48,21 @@ describe("pool declaration schema", () => {
     expect(configSchema.safeParse({ images: [], pools: { _then: { image: "a" }, "agent-2": { image: "a" } } }).success).toBe(true);
   });
 });
+
+describe("network in definitions and pools", () => {
+  it("keeps what the user wrote in a declaration, resolves it in Image.build and image.pool, and refuses the same values with the same messages", () => {
+    const network = { allow: ["PyPI.org", "*.example.com:8443"], hosts: { "index.test": "127.0.0.1" } };
+    expect(imageDefinitionSchema.parse({ ref: "alpine", network })).toEqual({ ref: "alpine", network });
+    expect(poolDeclarationSchema.parse({ image: "a", network: "none" })).toEqual({ image: "a", network: "none" });
+    const built = buildSchema.parse({ ref: "alpine", network });
+    expect(built.network).toMatchObject({ allow: [{ text: "*.example.com:8443" }, { text: "pypi.org" }], hosts: { "index.test": "127.0.0.1" }, maxConnections: 32 });
+    expect(poolSchema.parse({}).network).toBe("none");
+    for (const bad of [{ allow: ["http://x.test/"] }, { allow: "x.test" }, { allow: [], hosts: { a: "not-an-ip" } }, { allow: ["x.test"], maxConnections: 0 }, "all"]) {
+      const asBuild = message(() => parseOptions("x", buildSchema, { ref: "alpine", network: bad }));
+      expect(asBuild).toMatch(/network/);
+      expect(message(() => parseOptions("x", imageDefinitionSchema, { ref: "alpine", network: bad }))).toBe(asBuild);
+      expect(message(() => parseOptions("x", poolDeclarationSchema, { image: "a", network: bad }))).toBe(message(() => parseOptions("x", poolSchema, { network: bad })));
+    }
+  });
+});
+

@@ -64,7 +64,7 @@ const EXPECTED: Record<string, Check[]> = {
     "warmup: http://example.com/ -> 403 (not in network.allow)",
     "in the VM: greet 1.0: hello, sandbox",
     'in the VM, the index is unreachable (network: "none"; 0 new requests)',
-    'netStats: {"connections":0,"active":0,"refused":0,"bytesIn":0,"bytesOut":0}',
+    'netStats: {"connections":0,"active":0,"refused":0,"failed":0,"bytesIn":0,"bytesOut":0}',
   ],
   "pattern-1-one-shot-exec.mjs": [
     /sum-of-squares +ok: 285\n/,
