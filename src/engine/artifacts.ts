@@ -66,7 +66,13 @@ let cached: NativeArtifacts | undefined;
 export function nativeArtifacts(env: NodeJS.ProcessEnv = process.env): NativeArtifacts {
   if (cached && !env.SUPERMACHINE_KERNEL && !env.SUPERMACHINE_INITRAMFS) return cached;
   const root = packageRoot();
-  const manifest = installManifestPath(root, env);
+  // This cache's manifest; with SUPERMACHINE_HOME pointing elsewhere (a scratch cache for
+  // images and snapshots), the default cache's, where setup built the guest for this user.
+  let manifest = installManifestPath(root, env);
+  if (!existsSync(manifest) && env.SUPERMACHINE_HOME) {
+    const fallback = installManifestPath(root, { ...env, SUPERMACHINE_HOME: undefined });
+    if (existsSync(fallback)) manifest = fallback;
+  }
   // The manifest may be absent when the prebuilt package provides both.
   let recorded: Partial<NativeArtifacts> = {};
   if (existsSync(manifest)) {
