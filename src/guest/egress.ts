@@ -42,11 +42,17 @@ export class GuestEgress {
   static async start(agent: AgentClient, network: ResolvedNetwork): Promise<GuestEgress> {
     const proxy = new EgressProxy(network);
     const egress = new GuestEgress(agent, proxy);
+    // A few streams beyond the host's own cap, so that the excess is answered (429) at once
+    // instead of waiting in the guest's listen backlog.
+    const maxStreams = network.maxConnections + 16;
     try {
-      // A few streams beyond the host's own cap, so that the excess is answered (429) at once
-      // instead of waiting in the guest's listen backlog.
-      await agent.proxyListen({ port: GUEST_PROXY_PORT, env: proxyEnv(), maxStreams: network.maxConnections + 16 }, (stream, info) => {
+      await agent.proxyListen({ port: GUEST_PROXY_PORT, env: proxyEnv(), maxStreams }, (stream, info) => {
         if (egress.stopped) return stream.abandon(new Error("egress stopped"));
+        // The agent opens no more than maxStreams at once; one that does is not obeyed.
+        if (proxy.stats().active >= maxStreams) {
+          log("guest connection from port %d: over the agent's own limit of %d streams, cancelled", info.peerPort, maxStreams);
+          return stream.abandon(new Error("too many proxy streams"));
+        }
         log("guest connection from port %d (stream %d)", info.peerPort, stream.id);
         proxy.handle(streamDuplex(stream));
       });
