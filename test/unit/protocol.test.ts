@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { PassThrough } from "node:stream";
 import {
+  AGENT_STREAM_BASE,
   encodeFrame,
   FieldWriter,
   Fields,
@@ -120,6 +121,39 @@ describe("client against a hostile peer", () => {
     fromAgent.write(h);
     await expect(p).rejects.toThrow(/announcing/);
     expect(fatal).toHaveLength(1);
+  });
+
+  it("takes PROXY_CONN streams only on the agent's ids, only while listening, and never twice on one id", async () => {
+    const { client, fromAgent, toAgent, fatal } = connected();
+    const sent: { type: number; stream: number }[] = [];
+    const dec = new FrameDecoder();
+    toAgent.on("data", (d: Buffer) => sent.push(...dec.push(d).map((f) => ({ type: f.type, stream: f.stream }))));
+    const conn = (id: number) => encodeFrame(Msg.PROXY_CONN, id, new FieldWriter().u16(Tag.proxyConn.peerPort, 40000).finish());
+    const tick = () => new Promise((r) => setImmediate(r));
+    // Not listening: the stream is cancelled, the connection goes on.
+    fromAgent.write(conn(AGENT_STREAM_BASE));
+    await tick();
+    expect(sent).toContainEqual({ type: Msg.CANCEL, stream: AGENT_STREAM_BASE });
+    expect(fatal).toHaveLength(0);
+    // Listening: the handler gets the stream, with the guest's port; the agent's OK ends it.
+    const got: { id: number; peerPort: number }[] = [];
+    const listening = client.proxyListen({ port: 3128, env: ["http_proxy=http://127.0.0.1:3128"] }, (s, info) => got.push({ id: s.id, peerPort: info.peerPort }));
+    const listenId = sent.find((f) => f.type === Msg.PROXY_LISTEN)!.stream;
+    expect(listenId).toBeLessThan(AGENT_STREAM_BASE);
+    fromAgent.write(encodeFrame(Msg.OK, listenId, new FieldWriter().u16(Tag.proxyListenOk.port, 3128).finish()));
+    await expect(listening).resolves.toBe(3128);
+    fromAgent.write(conn(AGENT_STREAM_BASE + 1));
+    await tick();
+    expect(got).toEqual([{ id: AGENT_STREAM_BASE + 1, peerPort: 40000 }]);
+    expect(client.openStreams).toBe(1);
+    // The same id again while it is open, or a host id: the agent is broken.
+    fromAgent.write(conn(AGENT_STREAM_BASE + 1));
+    await tick();
+    expect(fatal[0]?.message).toMatch(/PROXY_CONN on stream 2147483649, which is open/);
+    const second = connected();
+    second.fromAgent.write(conn(7));
+    await tick();
+    expect(second.fatal[0]?.message).toMatch(/below the agent's ids/);
   });
 
   it("ignores frames for streams it does not know", async () => {
