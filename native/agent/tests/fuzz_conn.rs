@@ -29,31 +29,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const HELLO: u8 = 0x01;
-const HELLO_OK: u8 = 0x02;
-const PING: u8 = 0x03;
-const PONG: u8 = 0x04;
-const SHUTDOWN: u8 = 0x05;
-const GOAWAY: u8 = 0x06;
-const EXEC: u8 = 0x10;
-const STARTED: u8 = 0x11;
-const DATA: u8 = 0x12;
-const WINDOW: u8 = 0x13;
-const EXIT: u8 = 0x14;
-const SIGNAL: u8 = 0x15;
-const STREAM_ERROR: u8 = 0x16;
-const RESIZE: u8 = 0x17;
-const CANCEL: u8 = 0x18;
-const WRITE_FILE: u8 = 0x20;
-const READ_FILE: u8 = 0x21;
-const OK: u8 = 0x22;
-const SPAWN_BENCH: u8 = 0x30;
-const WORKLOAD_START: u8 = 0x40;
-const WORKLOAD_SIGNAL: u8 = 0x41;
-const TCP_CONNECT: u8 = 0x50;
-const PROXY_LISTEN: u8 = 0x70;
-const PROXY_STOP: u8 = 0x71;
-const PROXY_CONN: u8 = 0x72;
+mod common;
+use common::*;
 /// What a forbidden frame becomes: a type no version defines.
 const NEUTERED: u8 = 0x7f;
 const MAX_PAYLOAD: usize = 1 << 20;
@@ -95,17 +72,6 @@ impl Rng {
     }
 }
 
-#[derive(Default)]
-struct Fields(Vec<u8>);
-
-impl Fields {
-    fn bytes(mut self, tag: u8, v: &[u8]) -> Fields {
-        self.0.push(tag);
-        self.0.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        self.0.extend_from_slice(v);
-        self
-    }
-}
 
 fn frame(out: &mut Vec<u8>, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());

@@ -8,31 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const HELLO: u8 = 0x01;
-const HELLO_OK: u8 = 0x02;
-const PING: u8 = 0x03;
-const PONG: u8 = 0x04;
-const GOAWAY: u8 = 0x06;
-const EXEC: u8 = 0x10;
-const STARTED: u8 = 0x11;
-const DATA: u8 = 0x12;
-const WINDOW: u8 = 0x13;
-const EXIT: u8 = 0x14;
-const SIGNAL: u8 = 0x15;
-const STREAM_ERROR: u8 = 0x16;
-const RESIZE: u8 = 0x17;
-const CANCEL: u8 = 0x18;
-const WRITE_FILE: u8 = 0x20;
-const READ_FILE: u8 = 0x21;
-const OK: u8 = 0x22;
-const SPAWN_BENCH: u8 = 0x30;
-const TCP_CONNECT: u8 = 0x50;
-const LIST_BACKGROUND: u8 = 0x60;
-const KILL_BACKGROUND: u8 = 0x61;
-const PROXY_LISTEN: u8 = 0x70;
-const PROXY_STOP: u8 = 0x71;
-const PROXY_CONN: u8 = 0x72;
-const EOF: u8 = 0x80;
+mod common;
+use common::*;
 const INITIAL_WINDOW: i64 = 262_144;
 
 struct Agent {
@@ -98,35 +75,6 @@ impl Drop for Agent {
     }
 }
 
-#[derive(Default, Clone)]
-struct Fields(Vec<u8>);
-
-impl Fields {
-    fn new() -> Fields {
-        Fields::default()
-    }
-    fn bytes(mut self, tag: u8, v: &[u8]) -> Fields {
-        self.0.push(tag);
-        self.0.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        self.0.extend_from_slice(v);
-        self
-    }
-    fn u8(self, tag: u8, v: u8) -> Fields {
-        self.bytes(tag, &[v])
-    }
-    fn u16(self, tag: u8, v: u16) -> Fields {
-        self.bytes(tag, &v.to_le_bytes())
-    }
-    fn u32(self, tag: u8, v: u32) -> Fields {
-        self.bytes(tag, &v.to_le_bytes())
-    }
-    fn u64(self, tag: u8, v: u64) -> Fields {
-        self.bytes(tag, &v.to_le_bytes())
-    }
-    fn finish(self) -> Vec<u8> {
-        self.0
-    }
-}
 
 fn parse_fields(p: &[u8]) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
