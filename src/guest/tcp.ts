@@ -283,14 +283,9 @@ export function streamDuplex(stream: TcpStream): Duplex {
   stream.onEnd = () => {
     if (!duplex.destroyed) duplex.push(null);
   };
-  stream.done.then(
-    () => {
-      // Both directions ended: nothing more will be read or written.
-      if (!duplex.destroyed && duplex.readableEnded && duplex.writableFinished) duplex.destroy();
-    },
-    (err: Error) => {
-      if (!duplex.destroyed) duplex.destroy(err);
-    },
-  );
+  // A clean end needs nothing here: both sides ended, the duplex destroys itself (autoDestroy).
+  stream.done.catch((err: Error) => {
+    if (!duplex.destroyed) duplex.destroy(err);
+  });
   return duplex;
 }
