@@ -2,11 +2,11 @@
 export { Image } from "./runtime/image.js";
 export { Pool, type PoolStats } from "./runtime/pool.js";
 export { Vm } from "./runtime/vm.js";
-export { loadPools, type LoadPoolsOptions, type Pools } from "./runtime/pools.js";
+export { loadPools, type LoadPoolsOptions, type Pools } from "./project/pools.js";
 export { loadProject } from "./config/loader.js";
 export { findConfig, CONFIG_FILE_NAMES } from "./config/discover.js";
 export { ConfigError } from "./config/errors.js";
-export type { BuildEvent, BuiltNode, NodeStatus } from "./build/build.js";
+export type { BuildEvent, BuiltNode, NodeStatus } from "./project/build.js";
 export type {
   ImageDefinition,
   ImageDefinitionFn,
@@ -16,9 +16,9 @@ export type {
   LoadedProject,
   ProjectImage,
   ConfigEnv,
-} from "./spec/project.js";
-export { ExecChild, type ExecWaitResult } from "./guest/exec-child.js";
-export { TcpForwarder } from "./guest/tcp.js";
+} from "./schema/project.js";
+export { ExecChild, type ExecWaitResult } from "./session/exec-child.js";
+export { TcpForwarder } from "./session/tcp.js";
 export type {
   BuildOptions,
   PoolOptions,
@@ -34,19 +34,19 @@ export type {
   WarmupVm,
   ExecChildLike,
   ExecLimits,
-} from "./spec/options.js";
+} from "./schema/options.js";
 export type { BackgroundEntry } from "./agent/client.js";
-export type { NetworkOption, NetworkObjectOption } from "./spec/network.js";
-export { NETWORK_DEFAULTS } from "./spec/network.js";
-export type { NetStats } from "./guest/egress.js";
-export { BUILD_DEFAULTS, POOL_DEFAULTS, EXEC_DEFAULT_TIMEOUT_MS, FILE_LIMIT } from "./spec/options.js";
-export type { ImageConfig, ImageProgress, PullProgress, BakeProgress, BakeStep, BuildProgress } from "./spec/image.js";
-export type { PullPolicy } from "./image/store.js";
+export type { NetworkOption, NetworkObjectOption } from "./schema/network.js";
+export { NETWORK_DEFAULTS } from "./schema/network.js";
+export type { NetStats } from "./session/egress.js";
+export { BUILD_DEFAULTS, POOL_DEFAULTS, EXEC_DEFAULT_TIMEOUT_MS, FILE_LIMIT } from "./schema/options.js";
+export type { ImageConfig, ImageProgress, PullProgress, BakeProgress, BakeStep, BuildProgress } from "./schema/image.js";
+export type { PullPolicy } from "./image/resolve.js";
 export { RegistryError } from "./registry/errors.js";
 export { tagImage } from "./image/tag.js";
 export { exportSnapshots, importSnapshots, fetchFromCache, CacheError } from "./transfer/index.js";
 export type { TransferReport, TransferEntry, TransferStatus, TransferProgress, TransferOptions, ImportOptions } from "./transfer/index.js";
-export type { FetchRequest } from "./build/build.js";
+export type { FetchRequest } from "./project/build.js";
 export type { LoadedSnapshot } from "./store/snapshots.js";
 export type { AccelChoice, Accel } from "./engine/accel.js";
 export {

@@ -12,7 +12,7 @@
 import { spawnSync } from "node:child_process";
 import { chmodSync, lstatSync, mkdirSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
-import { logger } from "./log.js";
+import { logger } from "./debug.js";
 
 const log = logger("private");
 

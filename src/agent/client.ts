@@ -13,7 +13,7 @@
 import { EventEmitter } from "node:events";
 import type { Duplex } from "node:stream";
 import { AgentError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import {
   AGENT_STREAM_BASE,
   Channel,

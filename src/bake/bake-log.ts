@@ -2,7 +2,7 @@
  * The bake log: what a bake did, step by step, with the warmup's commands and their output.
  * Kept as `bake.log` in the snapshot, or under `<home>/logs` when the bake failed.
  */
-import { keepLog, logPathFor } from "../logs.js";
+import { keepLog, logPathFor } from "../failure-logs.js";
 
 /** A bake log holds at most this much; past it, lines are counted, not kept. */
 const MAX_LOG_BYTES = 1 << 20;

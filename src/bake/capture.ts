@@ -9,7 +9,7 @@ import { randomBytes } from "node:crypto";
 import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { MicroVm } from "../engine/qemu.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { publish } from "../store/publish.js";
 import { SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotMeta } from "../store/snapshots.js";
 

@@ -10,7 +10,7 @@ import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import { open, rename, rm } from "node:fs/promises";
 import type { MicroVm } from "../engine/qemu.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { CHUNK_SIZE, isZeroChunk } from "../store/chunks.js";
 import type { RamSums } from "../store/ram-sums.js";
 

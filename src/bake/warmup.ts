@@ -7,10 +7,10 @@
  */
 import type { MicroVm } from "../engine/qemu.js";
 import { BakeError } from "../errors.js";
-import type { ExecDefaults } from "../guest/env.js";
-import { GuestSession } from "../guest/session.js";
-import type { ExecOptions, ReadFileOptions, SpawnOptions, WarmupVm, WriteFileOptions } from "../spec/options.js";
-import type { ResolvedNetwork } from "../spec/network.js";
+import type { ExecDefaults } from "../session/env.js";
+import { GuestSession } from "../session/session.js";
+import type { ExecOptions, ReadFileOptions, SpawnOptions, WarmupVm, WriteFileOptions } from "../schema/options.js";
+import type { ResolvedNetwork } from "../schema/network.js";
 import type { BakeLog } from "./bake-log.js";
 
 const argvText = (o: { argv?: unknown }) => (Array.isArray(o?.argv) ? o.argv.map((a) => JSON.stringify(a)).join(" ") : "(invalid argv)");

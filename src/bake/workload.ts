@@ -1,7 +1,7 @@
 /** The image workload at bake time and in new VMs; and waiting for it to listen. */
 import { ImageError } from "../errors.js";
 import type { MicroVm } from "../engine/qemu.js";
-import { resolveImageUser } from "../guest/env.js";
+import { resolveImageUser } from "../session/env.js";
 import type { WorkloadSpec } from "../store/snapshots.js";
 
 /** Starts the workload in `vm` (the user is resolved against the guest's own files). */

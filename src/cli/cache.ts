@@ -4,7 +4,7 @@
  * build; export takes the ancestors of the named images along, import brings them first.
  */
 import type { Command } from "commander";
-import { buildGraph, type BuiltNode } from "../build/build.js";
+import { buildGraph, type BuiltNode } from "../project/build.js";
 import type { LoadedSnapshot } from "../store/snapshots.js";
 import { exportSnapshots, importSnapshots, seedImages, type TransferEntry, type TransferReport } from "../transfer/index.js";
 import { action, isJson, mb, writeJson } from "./common.js";

@@ -4,8 +4,8 @@
  */
 import { InvalidArgumentError, type Command } from "commander";
 import { hostname } from "node:os";
-import type { BuildProgress, LockHolder } from "../spec/image.js";
-import { isGuestPath } from "../spec/options.js";
+import type { BuildProgress, LockHolder } from "../schema/image.js";
+import { isGuestPath } from "../schema/options.js";
 
 /** A command line that cannot be acted on; main.ts prints it on stderr and exits with status 2. */
 export class UsageError extends Error {}

@@ -1,7 +1,7 @@
 /** Image commands: pull, tag, images, rmi, gc. */
 import { InvalidArgumentError, Option, type Command } from "commander";
 import { Image } from "../runtime/image.js";
-import { collectProjectGarbage } from "../build/gc.js";
+import { collectProjectGarbage } from "../project/gc.js";
 import { listImages, removeImage } from "../image/gc.js";
 import { tagImage, type TagProgress } from "../image/tag.js";
 import { action, collect, isJson, mb, platform, progressPrinter, PULL_POLICIES, writeJson, type PullPolicyArg } from "./common.js";

@@ -3,10 +3,10 @@
  * `--config`): build, ls, why, graph. `run <name>` on a project image lives in run.ts.
  */
 import type { Command } from "commander";
-import { buildGraph, type BuiltNode } from "../build/build.js";
-import { listProjectImages, whyImage } from "../build/inspect.js";
+import { buildGraph, type BuiltNode } from "../project/build.js";
+import { listProjectImages, whyImage } from "../project/inspect.js";
 import { loadProject } from "../config/loader.js";
-import type { LoadedProject } from "../spec/project.js";
+import type { LoadedProject } from "../schema/project.js";
 import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { homePaths } from "../paths.js";
 import { action, integer, isJson, nodeJson, writeJson } from "./common.js";

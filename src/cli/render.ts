@@ -3,8 +3,8 @@
  * redraws them in place); elsewhere (CI logs), a plain line per step; with --json, nothing.
  */
 import { logUpdateStderr } from "log-update";
-import type { BuildEvent, BuiltNode } from "../build/build.js";
-import type { BuildProgress } from "../spec/image.js";
+import type { BuildEvent, BuiltNode } from "../project/build.js";
+import type { BuildProgress } from "../schema/image.js";
 import { describeWait } from "./common.js";
 
 interface Row {

@@ -1,6 +1,6 @@
 /** `supermachine run <ref> -- <argv...>`: boot an image, run one command, exit with its status. */
 import { Option, type Command } from "commander";
-import { buildGraph } from "../build/build.js";
+import { buildGraph } from "../project/build.js";
 import { findConfig } from "../config/discover.js";
 import { Image } from "../runtime/image.js";
 import { openProject } from "./project.js";

@@ -1,6 +1,6 @@
 /** `supermachine verify [--fix]`: checks every snapshot, image and blob in the caches. */
 import type { Command } from "commander";
-import { verifyCache, type VerifyEntry } from "../build/verify.js";
+import { verifyCache, type VerifyEntry } from "../project/verify.js";
 import { loadProject } from "../config/loader.js";
 import { findConfig } from "../config/discover.js";
 import { action, isJson, writeJson } from "./common.js";

@@ -5,7 +5,7 @@
  */
 import { relative } from "node:path";
 import type { Command } from "commander";
-import { ProjectWatcher, type WatchEvent, type WatchRound } from "../build/watch.js";
+import { ProjectWatcher, type WatchEvent, type WatchRound } from "../project/watch.js";
 import { action, integer, isJson, nodeJson } from "./common.js";
 
 interface WatchOptions {

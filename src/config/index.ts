@@ -1,7 +1,7 @@
 // `supermachine/config`: what image modules and supermachine.config.ts import. Kept light (the
 // definers and types; no loader), since every image module imports it. The loader is
 // loadProject in `supermachine` (src/config/loader.ts).
-import type { ImageDefinition, ImageDefinitionFn, SupermachineConfig, SupermachineConfigFn } from "../spec/project.js";
+import type { ImageDefinition, ImageDefinitionFn, SupermachineConfig, SupermachineConfigFn } from "../schema/project.js";
 
 /**
  * Declares an image. Identity: the object (or function) is returned as is, so another module that
@@ -33,6 +33,6 @@ export type {
   ProjectImage,
   SupermachineConfig,
   SupermachineConfigFn,
-} from "../spec/project.js";
-export type { ExtraFile, PoolOptions, WarmupVm } from "../spec/options.js";
+} from "../schema/project.js";
+export type { ExtraFile, PoolOptions, WarmupVm } from "../schema/options.js";
 export { ConfigError, type ConfigErrorDetails } from "./errors.js";

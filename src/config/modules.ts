@@ -20,7 +20,7 @@ import { createRequire } from "node:module";
 import { dirname, extname, isAbsolute, join, sep } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { createJiti, type Jiti, type JitiOptions, type TransformOptions, type TransformResult } from "jiti";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
 
 const log = logger("config");

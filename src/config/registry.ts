@@ -10,7 +10,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { readdir, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
 
 const log = logger("config");

@@ -20,7 +20,7 @@ import { fchmodSync, fchownSync, fstatSync, readFileSync, statSync, type Stats }
 import { userInfo } from "node:os";
 import { dirname, resolve } from "node:path";
 import { EngineError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { dropsPrivileges, lookupUser, qemuUserName, type SystemUser, unsandboxed } from "../private.js";
 
 const log = logger("engine");

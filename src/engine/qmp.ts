@@ -5,7 +5,7 @@
 import { EventEmitter } from "node:events";
 import type { Socket } from "node:net";
 import { EngineError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 
 const log = logger("qmp");
 /** A QMP line longer than this from QEMU is treated as a broken channel. */

@@ -6,10 +6,10 @@
  */
 import { Graph, alg } from "@dagrejs/graphlib";
 import { GraphError } from "../errors.js";
-import { BUILD_DEFAULTS } from "../spec/options.js";
-import type { BuildProgress } from "../spec/image.js";
-import { mergeLimits, type ExecLimits, type WarmupVm } from "../spec/options.js";
-import { resolveNetwork, type NetworkOption, type ResolvedNetworkOption } from "../spec/network.js";
+import { BUILD_DEFAULTS } from "../schema/options.js";
+import type { BuildProgress } from "../schema/image.js";
+import { mergeLimits, type ExecLimits, type WarmupVm } from "../schema/options.js";
+import { resolveNetwork, type NetworkOption, type ResolvedNetworkOption } from "../schema/network.js";
 
 
 

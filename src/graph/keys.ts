@@ -8,7 +8,7 @@ import type { EngineFingerprint } from "../engine/fingerprint.js";
 import { hashEnv, inputHash, stableJson, type SnapshotInputs, type SnapshotSources } from "../store/snapshots.js";
 import type { ModuleDigest } from "./bundle.js";
 import type { NodeSpec } from "./graph.js";
-import { resolvedNetworkKey } from "../spec/network.js";
+import { resolvedNetworkKey } from "../schema/network.js";
 
 export interface KeyParts {
   parentKey: string | null;

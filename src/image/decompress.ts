@@ -13,7 +13,7 @@ import { open } from "node:fs/promises";
 import { Duplex, Transform, pipeline, type Readable, type TransformCallback } from "node:stream";
 import { createGunzip } from "node:zlib";
 import { ImageError, SetupError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 
 const log = logger("image");
 const MAX_STDERR = 16 * 1024;

@@ -48,7 +48,7 @@ import { createReadStream } from "node:fs";
 import type { Readable } from "node:stream";
 import tar from "tar-stream";
 import { ImageError, SupermachineError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { decompressStream, detectCompression, readHead, type Compression } from "./decompress.js";
 import { digestMismatch, type LayerBlob } from "../oci/oci-layout.js";
 

@@ -9,14 +9,14 @@
 import { existsSync, readdirSync } from "node:fs";
 import { readFile, rm, stat } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
-import { BlobStore } from "../oci/blob-store.js";
+import { BlobStore } from "../store/blobs.js";
 import { isValidDigest } from "../oci/oci-layout.js";
 import { parseImageRef } from "./reference.js";
-import { listRefs, removeRef, type RefRecord } from "./refs.js";
+import { listRefs, removeRef, type RefRecord } from "./local-names.js";
 import { SNAPSHOT_FILES } from "../store/snapshots.js";
-import { METADATA_FILE, ROOTFS_FILE } from "./store.js";
+import { METADATA_FILE, ROOTFS_FILE } from "./resolve.js";
 
 const log = logger("gc");
 

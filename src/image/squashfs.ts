@@ -5,7 +5,7 @@ import { dirname } from "node:path";
 import type { Readable } from "node:stream";
 import { fsyncPath } from "../store/durable.js";
 import { ImageError, SetupError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import type { RootAttributes } from "./flatten.js";
 
 const log = logger("image");

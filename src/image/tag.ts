@@ -9,14 +9,14 @@ import { createReadStream } from "node:fs";
 import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { ImageError, RefError } from "../errors.js";
-import { BlobStore } from "../oci/blob-store.js";
+import { BlobStore } from "../store/blobs.js";
 import type { RegistryRef } from "../oci/docker-ref.js";
 import { blobPath, MAX_JSON_BYTES, readBlob, selectManifest, selectManifestByDigest, type Descriptor, type SelectedManifest } from "../oci/oci-layout.js";
 import { platformString, pullImage, selectPlatform, type Platform } from "../registry/index.js";
-import type { ImageProgress } from "../spec/image.js";
+import type { ImageProgress } from "../schema/image.js";
 import { importDockerArchive } from "./docker-archive.js";
 import { locateLayout, parseImageRef, type ImageRef } from "./reference.js";
-import { readRef, writeRef } from "./refs.js";
+import { readRef, writeRef } from "./local-names.js";
 
 export type TagProgress =
   /** The source is being pulled from its registry (it was not present locally). */

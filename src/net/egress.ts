@@ -15,8 +15,8 @@
 import { lookup } from "node:dns/promises";
 import { connect as netConnect, type Socket } from "node:net";
 import { finished, type Duplex } from "node:stream";
-import { logger } from "../log.js";
-import { NETWORK_DEFAULTS, parseHost, parsePort, showHostPort, splitHostPort, type NetworkOption, type ResolvedNetworkOption } from "../spec/network.js";
+import { logger } from "../debug.js";
+import { NETWORK_DEFAULTS, parseHost, parsePort, showHostPort, splitHostPort, type NetworkOption, type ResolvedNetworkOption } from "../schema/network.js";
 import { headEnd, parseRequestHead, parseResponseHead, serializeHead, withoutHopByHop, type RequestHead } from "./http-head.js";
 import { EgressPolicy, type PolicyDecision } from "./policy.js";
 

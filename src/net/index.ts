@@ -16,4 +16,4 @@ export {
   type ResolvedNetworkOption,
   type NetworkKey,
   type AllowRule,
-} from "../spec/network.js";
+} from "../schema/network.js";

@@ -6,7 +6,7 @@
  * `hosts` entry can point the guest at the host's services).
  */
 import { BlockList } from "node:net";
-import { DEFAULT_PORTS, canonicalIp, parseHost, parseNetwork, showHostPort, type AllowRule, type NetworkOption, type ResolvedNetwork, type ResolvedNetworkOption } from "../spec/network.js";
+import { DEFAULT_PORTS, canonicalIp, parseHost, parseNetwork, showHostPort, type AllowRule, type NetworkOption, type ResolvedNetwork, type ResolvedNetworkOption } from "../schema/network.js";
 
 /** The special ranges an address can fall in, most specific first. */
 export type AddressClass =

@@ -40,7 +40,7 @@ const LAYER_TYPES = new Set<string>([
 export const TARGET_PLATFORM = { os: "linux", architecture: process.arch === "arm64" ? "arm64" : "amd64" } as const;
 
 /** The parts of an image config that matter for running a container. */
-import type { ImageConfig } from "../spec/image.js";
+import type { ImageConfig } from "../schema/image.js";
 export type { ImageConfig };
 
 export interface LayerDescriptor {

@@ -11,7 +11,7 @@ import { access, readFile } from "node:fs/promises";
 import { homedir } from "node:os";
 import { delimiter, join } from "node:path";
 import { DOCKER_HUB } from "../oci/docker-ref.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { RegistryError } from "./errors.js";
 import { errorDetail, readBody, type HttpResponse, type Transport } from "./http.js";
 

@@ -7,10 +7,10 @@ import { createHash } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import type { Readable } from "node:stream";
 import { ImageError, SupermachineError } from "../errors.js";
-import type { BlobStore } from "../oci/blob-store.js";
+import type { BlobStore } from "../store/blobs.js";
 import { apiHost, type RegistryRef } from "../oci/docker-ref.js";
 import { isValidDigest, MAX_JSON_BYTES, MEDIA_TYPES, TARGET_PLATFORM } from "../oci/oci-layout.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { Authenticator, type CredentialOptions } from "./auth.js";
 import { RegistryError } from "./errors.js";
 import { aborted, errorDetail, networkError, readBody, Transport, type HttpResponse, type TransportOptions } from "./http.js";
@@ -23,7 +23,7 @@ export interface Platform {
   variant?: string;
 }
 
-import type { PullProgress } from "../spec/image.js";
+import type { PullProgress } from "../schema/image.js";
 export type { PullProgress };
 
 export interface RegistryOptions extends TransportOptions, CredentialOptions {

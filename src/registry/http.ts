@@ -8,7 +8,7 @@ import { readFileSync } from "node:fs";
 import http, { type IncomingHttpHeaders, type IncomingMessage } from "node:http";
 import https from "node:https";
 import { rootCertificates } from "node:tls";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { RegistryError } from "./errors.js";
 
 const log = logger("registry");

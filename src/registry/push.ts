@@ -5,7 +5,7 @@
  * redirects) and credentials as pulls; the token flow asks for `pull,push`.
  */
 import { apiHost, type RegistryRef } from "../oci/docker-ref.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { Authenticator } from "./auth.js";
 import type { RegistryOptions } from "./client.js";
 import { RegistryError } from "./errors.js";

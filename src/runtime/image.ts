@@ -5,16 +5,16 @@
  * whose inputs were already baked returns without booting anything.
  */
 import { resolve as resolvePath } from "node:path";
-import { buildGraph } from "../build/build.js";
+import { buildGraph } from "../project/build.js";
 import { buildImageGraph } from "../graph/graph.js";
 import { chooseAccel, type AccelChoice } from "../engine/accel.js";
 import type { MicroVm, VmSpec } from "../engine/qemu.js";
 import { BuildError, ImageError, OptionError } from "../errors.js";
-import { execDefaults } from "../guest/env.js";
-import { logger } from "../log.js";
-import type { ImageConfig } from "../spec/image.js";
-import { buildSchema, mergeLimits, poolSchema, type BuildOptions, type PoolOptions } from "../spec/options.js";
-import { parseOptions } from "../spec/parse.js";
+import { execDefaults } from "../session/env.js";
+import { logger } from "../debug.js";
+import type { ImageConfig } from "../schema/image.js";
+import { buildSchema, mergeLimits, poolSchema, type BuildOptions, type PoolOptions } from "../schema/options.js";
+import { parseOptions } from "../schema/parse.js";
 import { holdSnapshot } from "../store/leases.js";
 import { loadSnapshot, quarantineSnapshot, verifySnapshot, type LoadedSnapshot } from "../store/snapshots.js";
 import { Pool } from "./pool.js";

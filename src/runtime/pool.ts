@@ -8,11 +8,11 @@
  * next caller.
  */
 import { PoolError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { MicroVm, type VmSpec } from "../engine/qemu.js";
 import { startWorkload } from "../bake/workload.js";
-import type { ExecDefaults } from "../guest/env.js";
-import type { ResolvedPool } from "../spec/options.js";
+import type { ExecDefaults } from "../session/env.js";
+import type { ResolvedPool } from "../schema/options.js";
 import type { SnapshotMeta, WorkloadSpec } from "../store/snapshots.js";
 import { Vm } from "./vm.js";
 

@@ -9,10 +9,10 @@ import { captureRunning } from "../bake/capture.js";
 import { callScope } from "../deadline.js";
 import type { MicroVm } from "../engine/qemu.js";
 import { ExecError, PoolError } from "../errors.js";
-import type { ExecDefaults } from "../guest/env.js";
-import { GuestSession } from "../guest/session.js";
-import { callSchema, type CallOptions } from "../spec/options.js";
-import { parseOptions } from "../spec/parse.js";
+import type { ExecDefaults } from "../session/env.js";
+import { GuestSession } from "../session/session.js";
+import { callSchema, type CallOptions } from "../schema/options.js";
+import { parseOptions } from "../schema/parse.js";
 import type { SnapshotMeta } from "../store/snapshots.js";
 import { Image } from "./image.js";
 

@@ -22,7 +22,7 @@ import { randomBytes } from "node:crypto";
 import { closeSync, lstatSync, openSync, readFileSync, readlinkSync, rmdirSync, unlinkSync, writeSync, utimesSync } from "node:fs";
 import { hostname } from "node:os";
 import { StoreError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { pidAlive } from "../process.js";
 
 const log = logger("store");

@@ -23,7 +23,7 @@ import { randomBytes } from "node:crypto";
 import { lstat, mkdir, readdir, rename, rm, statfs } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { StoreError, SupermachineError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { PRIVATE_DIR_MODE, tightenTree } from "../private.js";
 import { fsyncPath, fsyncTree } from "./durable.js";
 import { acquireLock, DEFAULT_LOCK_TIMEOUT_MS, LOCK_STALE_MS, type LockWait } from "./lock.js";

@@ -9,7 +9,7 @@
 import { randomBytes } from "node:crypto";
 import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { fsyncPath } from "./durable.js";
 import { acquireLock } from "./lock.js";
 

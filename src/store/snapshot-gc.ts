@@ -20,7 +20,7 @@ import { randomBytes } from "node:crypto";
 import { lstatSync } from "node:fs";
 import { readdir, rename, rm } from "node:fs/promises";
 import { basename, join } from "node:path";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { snapshotInUse } from "./leases.js";
 import { tryAcquire } from "./lock.js";
 import { diskUsage, readSnapshotMeta, type SnapshotMeta } from "./snapshots.js";

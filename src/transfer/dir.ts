@@ -8,7 +8,7 @@
 import { randomBytes } from "node:crypto";
 import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { isValidDigest } from "../oci/oci-layout.js";
 import { fsyncPath } from "../store/durable.js";
 import { publish } from "../store/publish.js";

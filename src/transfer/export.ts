@@ -5,8 +5,8 @@
  */
 import { readFile, stat } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
-import { logger } from "../log.js";
-import { METADATA_FILE } from "../image/store.js";
+import { logger } from "../debug.js";
+import { METADATA_FILE } from "../image/resolve.js";
 import { keyOf } from "../graph/keys.js";
 import { readRamSums, type RamSums } from "../store/ram-sums.js";
 import { loadSnapshot, SNAPSHOT_FILES, stableJson, type LoadedSnapshot } from "../store/snapshots.js";

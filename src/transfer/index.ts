@@ -4,11 +4,11 @@
  * costs only the chunks it changed. `DEBUG=supermachine:transfer` logs each step.
  */
 import { dirname } from "node:path";
-import type { FetchRequest } from "../build/build.js";
+import type { FetchRequest } from "../project/build.js";
 import type { ImageGraph } from "../graph/graph.js";
 import { parseImageRef, locateLayout } from "../image/reference.js";
-import { readRef } from "../image/refs.js";
-import { logger } from "../log.js";
+import { readRef } from "../image/local-names.js";
+import { logger } from "../debug.js";
 import { selectManifest } from "../oci/oci-layout.js";
 import { openCache } from "./backend.js";
 import { importImage, importSnapshots } from "./import.js";

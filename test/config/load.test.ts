@@ -4,7 +4,7 @@ import { existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 
 import { join, sep } from "node:path";
 import { describe, expect, it } from "vitest";
 import { loadProject } from "../../src/config/loader.js";
-import type { LoadedProject } from "../../src/spec/project.js";
+import type { LoadedProject } from "../../src/schema/project.js";
 import { copyFixture, fixture, writeProject } from "./helpers.js";
 
 const image = (p: LoadedProject, name: string) => {

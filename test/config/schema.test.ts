@@ -1,9 +1,9 @@
 // The config schemas (src/spec/config.ts): the option schemas' fields and messages, without
 // their defaults.
 import { describe, expect, it } from "vitest";
-import { configSchema, imageDefinitionSchema, poolDeclarationSchema, RESERVED_POOL_NAMES } from "../../src/spec/config.js";
-import { buildSchema, poolSchema } from "../../src/spec/options.js";
-import { parseOptions } from "../../src/spec/parse.js";
+import { configSchema, imageDefinitionSchema, poolDeclarationSchema, RESERVED_POOL_NAMES } from "../../src/schema/config.js";
+import { buildSchema, poolSchema } from "../../src/schema/options.js";
+import { parseOptions } from "../../src/schema/parse.js";
 import { OptionError } from "../../src/errors.js";
 
 function message(fn: () => unknown): string {

@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Image } from "../../src/index.js";
-import type { ImageProgress } from "../../src/image/store.js";
+import type { ImageProgress } from "../../src/image/resolve.js";
 import { startProxy, startRegistry, type Registry } from "../registry/harness.js";
 
 interface Fx {

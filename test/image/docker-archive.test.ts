@@ -3,11 +3,11 @@ import { readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { BlobStore } from "../../src/oci/blob-store.js";
+import { BlobStore } from "../../src/store/blobs.js";
 import { archivePath, importDockerArchive } from "../../src/image/docker-archive.js";
 import { planFlatten, streamFlattened } from "../../src/image/flatten.js";
 import { loadImage, selectManifestByDigest } from "../../src/oci/oci-layout.js";
-import { resolveImage } from "../../src/image/store.js";
+import { resolveImage } from "../../src/image/resolve.js";
 import { makeTar, readTar, removeDir, sha256, tempDir, writeLayout, zstdCompress, type TestEntry } from "./helpers.js";
 
 let home: string;

@@ -16,7 +16,7 @@ import { gzipSync } from "node:zlib";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import type { FlattenOptions } from "../../src/image/flatten.js";
 import { planFlatten, streamFlattened } from "../../src/image/flatten.js";
-import { resolveImage } from "../../src/image/store.js";
+import { resolveImage } from "../../src/image/resolve.js";
 import { makeTar, rawTar, readTar, removeDir, tempDir, writeLayerBlobs, writeLayout, type LayoutLayer, type RawTarEntry, type TestEntry } from "./helpers.js";
 
 const hoisted = vi.hoisted(() => ({ limits: {} as { maxLayerBytes?: number; maxLayerEntries?: number } }));

@@ -2,7 +2,7 @@
 import { readdir } from "node:fs/promises";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { listRefs, readRef, removeRef, writeRef, type RefRecord } from "../../src/image/refs.js";
+import { listRefs, readRef, removeRef, writeRef, type RefRecord } from "../../src/image/local-names.js";
 import { removeDir, tempDir } from "./helpers.js";
 
 let home: string;

@@ -4,8 +4,8 @@ import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { listImages, removeImage } from "../../src/image/gc.js";
-import { readRef } from "../../src/image/refs.js";
-import { resolveImage } from "../../src/image/store.js";
+import { readRef } from "../../src/image/local-names.js";
+import { resolveImage } from "../../src/image/resolve.js";
 import { tagImage, type TagProgress } from "../../src/image/tag.js";
 import { makeTar, removeDir, sha256, tempDir, writeLayout } from "./helpers.js";
 

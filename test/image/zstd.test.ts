@@ -7,7 +7,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { decompressStream, detectCompression, sniffCompression } from "../../src/image/decompress.js";
 import { planFlatten, streamFlattened } from "../../src/image/flatten.js";
 import type { LayerBlob } from "../../src/oci/oci-layout.js";
-import { resolveImage } from "../../src/image/store.js";
+import { resolveImage } from "../../src/image/resolve.js";
 import { waitFor } from "../helpers.js";
 import { makeTar, rawTar, readTar, removeDir, sha256, tempDir, writeLayout, zstdCompress } from "./helpers.js";
 

@@ -18,7 +18,7 @@ import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { BlobStore } from "../../src/oci/blob-store.js";
+import { BlobStore } from "../../src/store/blobs.js";
 
 const execFileP = promisify(execFile);
 

@@ -1,7 +1,7 @@
 import { readFileSync } from "node:fs";
 import { delimiter } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { BlobStore } from "../../src/oci/blob-store.js";
+import { BlobStore } from "../../src/store/blobs.js";
 import { parseDockerRef } from "../../src/oci/docker-ref.js";
 import { clearTokenCache, pullImage, resolveDigest } from "../../src/registry/index.js";
 import {

@@ -3,7 +3,7 @@ import { createServer, type AddressInfo } from "node:net";
 import http from "node:http";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { BlobStore } from "../../src/oci/blob-store.js";
+import { BlobStore } from "../../src/store/blobs.js";
 import { parseDockerRef } from "../../src/oci/docker-ref.js";
 import { TARGET_PLATFORM } from "../../src/oci/oci-layout.js";
 import { pullImage, resolveDigest, type PullProgress, type PullResult } from "../../src/registry/index.js";

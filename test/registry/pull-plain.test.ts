@@ -1,7 +1,7 @@
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { BlobStore } from "../../src/oci/blob-store.js";
+import { BlobStore } from "../../src/store/blobs.js";
 import { parseDockerRef } from "../../src/oci/docker-ref.js";
 import { TARGET_PLATFORM } from "../../src/oci/oci-layout.js";
 import { pullImage, resolveDigest, type PullProgress } from "../../src/registry/index.js";

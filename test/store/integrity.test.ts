@@ -9,7 +9,7 @@ import { cpSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, read
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { buildGraph } from "../../src/build/build.js";
+import { buildGraph } from "../../src/project/build.js";
 import { engineCounters } from "../../src/engine/qemu.js";
 import { buildImageGraph } from "../../src/graph/graph.js";
 import { Image, loadPools, type BuildProgress } from "../../src/index.js";

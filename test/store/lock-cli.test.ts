@@ -6,7 +6,7 @@ import { cpSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { resolveImage } from "../../src/image/store.js";
+import { resolveImage } from "../../src/image/resolve.js";
 import { homePaths } from "../../src/paths.js";
 import { acquireLock } from "../../src/store/lock.js";
 import { waitFor } from "../helpers.js";

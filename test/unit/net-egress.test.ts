@@ -6,7 +6,7 @@ import { createServer, type Server as HttpServer } from "node:http";
 import { connect, createServer as createNetServer, type AddressInfo, type Server, type Socket } from "node:net";
 import { format } from "node:util";
 import { EgressProxy, type EgressDeps } from "../../src/net/egress.js";
-import type { NetworkOption } from "../../src/spec/network.js";
+import type { NetworkOption } from "../../src/schema/network.js";
 
 interface Rig {
   proxy: EgressProxy;

@@ -2,8 +2,8 @@
 // allow entries and hosts, their errors, the canonical key, and which host:port and addresses pass.
 import { describe, expect, it } from "vitest";
 import { EgressPolicy, classifyAddress } from "../../src/net/policy.js";
-import { networkKey, networkSchema, parseNetwork } from "../../src/spec/network.js";
-import { parseOptions } from "../../src/spec/parse.js";
+import { networkKey, networkSchema, parseNetwork } from "../../src/schema/network.js";
+import { parseOptions } from "../../src/schema/parse.js";
 import { z } from "zod";
 import { NetworkError, OptionError } from "../../src/errors.js";
 

@@ -1,10 +1,10 @@
 // The option schemas (src/spec): every bad input is refused with a stable code, a message naming
 // the call, the option and the value, and a hint, before anything reaches a guest.
 import { describe, expect, it } from "vitest";
-import { buildSchema, execSchema, mergeLimits, poolSchema, spawnSchema, readFileSchema } from "../../src/spec/options.js";
-import { imageDefinitionSchema } from "../../src/spec/config.js";
-import { execDefaults } from "../../src/guest/env.js";
-import { parseOptions } from "../../src/spec/parse.js";
+import { buildSchema, execSchema, mergeLimits, poolSchema, spawnSchema, readFileSchema } from "../../src/schema/options.js";
+import { imageDefinitionSchema } from "../../src/schema/config.js";
+import { execDefaults } from "../../src/session/env.js";
+import { parseOptions } from "../../src/schema/parse.js";
 import { OptionError } from "../../src/errors.js";
 
 function refused(fn: () => unknown): OptionError {

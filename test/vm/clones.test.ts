@@ -9,11 +9,11 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { AgentClient } from "../../src/agent/client.js";
-import { buildGraph } from "../../src/build/build.js";
+import { buildGraph } from "../../src/project/build.js";
 import type { MicroVm } from "../../src/engine/qemu.js";
 import { buildImageGraph } from "../../src/graph/graph.js";
 import { Image, type Vm } from "../../src/index.js";
-import type { WarmupVm } from "../../src/spec/options.js";
+import type { WarmupVm } from "../../src/schema/options.js";
 
 const work = mkdtempSync(join(tmpdir(), "sm-clones-test-"));
 const snapshotsDir = join(work, "snapshots");

@@ -10,7 +10,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import type { MicroVm } from "../../src/engine/qemu.js";
 import { diffInputs } from "../../src/graph/keys.js";
 import { Image, type Vm } from "../../src/index.js";
-import { LOG_RETENTION } from "../../src/logs.js";
+import { LOG_RETENTION } from "../../src/failure-logs.js";
 import { homePaths } from "../../src/paths.js";
 import { lookupUser } from "../../src/private.js";
 import { useBusyboxVm } from "../helpers.js";

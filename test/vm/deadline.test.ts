@@ -3,7 +3,7 @@
 // works again once it runs.
 import { afterAll, describe, expect, it } from "vitest";
 import { DeadlineError } from "../../src/index.js";
-import { HOST_GRACE_MS } from "../../src/guest/session.js";
+import { HOST_GRACE_MS } from "../../src/session/session.js";
 import { useBusyboxVm } from "../helpers.js";
 
 const env = useBusyboxVm();

@@ -5,7 +5,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { buildGraph } from "../../src/build/build.js";
+import { buildGraph } from "../../src/project/build.js";
 import { engineCounters } from "../../src/engine/qemu.js";
 import { buildImageGraph, type DeclaredImage } from "../../src/graph/graph.js";
 import { Image } from "../../src/index.js";

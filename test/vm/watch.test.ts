@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { ProjectWatcher, type WatchEvent, type WatchRound } from "../../src/build/watch.js";
+import { ProjectWatcher, type WatchEvent, type WatchRound } from "../../src/project/watch.js";
 import { loadPools } from "../../src/index.js";
 import { waitFor } from "../helpers.js";
 

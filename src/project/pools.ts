@@ -14,18 +14,18 @@
  * await pools.close();
  */
 import { rm } from "node:fs/promises";
-import { buildGraph, firstFailure, type BuildEvent, type BuildOptions, type BuiltNode } from "../build/build.js";
-import { ProjectWatcher, type WatchEvent } from "../build/watch.js";
+import { buildGraph, firstFailure, type BuildEvent, type BuildOptions, type BuiltNode } from "./build.js";
+import { ProjectWatcher, type WatchEvent } from "./watch.js";
 import { loadProject } from "../config/loader.js";
 import { GraphError } from "../errors.js";
 import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
-import { logger } from "../log.js";
-import type { PoolDeclaration } from "../spec/project.js";
+import { logger } from "../debug.js";
+import type { PoolDeclaration } from "../schema/project.js";
 import { snapshotInUse } from "../store/leases.js";
 import { fetchFromCache, seedImages } from "../transfer/index.js";
-import { Image, type Rebuild } from "./image.js";
-import type { Pool, PoolStats } from "./pool.js";
-import type { Vm } from "./vm.js";
+import { Image, type Rebuild } from "../runtime/image.js";
+import type { Pool, PoolStats } from "../runtime/pool.js";
+import type { Vm } from "../runtime/vm.js";
 
 const log = logger("pools");
 

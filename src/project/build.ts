@@ -11,14 +11,14 @@ import { planExtraFiles } from "../bake/extra-files.js";
 import { engineFingerprint } from "../engine/fingerprint.js";
 import type { MicroVm } from "../engine/qemu.js";
 import { BuildError } from "../errors.js";
-import { execDefaults } from "../guest/env.js";
+import { execDefaults } from "../session/env.js";
 import { digestModules, type ModuleDigest } from "../graph/bundle.js";
 import type { ImageGraph, NodeSpec } from "../graph/graph.js";
 import { keyOf, nodeInputs } from "../graph/keys.js";
-import { resolveImage } from "../image/store.js";
-import { logger } from "../log.js";
+import { resolveImage } from "../image/resolve.js";
+import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
-import type { BuildProgress } from "../spec/image.js";
+import type { BuildProgress } from "../schema/image.js";
 import { damageReason, isDamaged, loadSnapshot, quarantineSnapshot, type LoadedSnapshot, type SnapshotInputs, type SnapshotMeta, type SnapshotSources, type WorkloadSpec } from "../store/snapshots.js";
 
 const log = logger("build");

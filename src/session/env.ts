@@ -5,8 +5,8 @@
 import { posix } from "node:path";
 import type { AgentClient } from "../agent/client.js";
 import { ExecError } from "../errors.js";
-import type { ImageConfig } from "../spec/image.js";
-import type { ExecLimits } from "../spec/options.js";
+import type { ImageConfig } from "../schema/image.js";
+import type { ExecLimits } from "../schema/options.js";
 
 export const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 

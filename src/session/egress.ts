@@ -6,9 +6,9 @@
  * the variables reaches nothing.
  */
 import type { AgentClient } from "../agent/client.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { EgressProxy, type EgressStats } from "../net/index.js";
-import type { ResolvedNetwork } from "../spec/network.js";
+import type { ResolvedNetwork } from "../schema/network.js";
 import { streamDuplex } from "./tcp.js";
 
 const log = logger("net");

@@ -12,9 +12,9 @@ import { dirname, resolve } from "node:path";
 import { watch, type FSWatcher } from "chokidar";
 import { loadProject } from "../config/loader.js";
 import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
-import type { LoadedProject } from "../spec/project.js";
+import type { LoadedProject } from "../schema/project.js";
 import { buildGraph, type BuildEvent, type BuiltNode } from "./build.js";
 
 const log = logger("watch");

@@ -15,8 +15,8 @@ import { join } from "node:path";
 import { Readable } from "node:stream";
 import { ImageError } from "../errors.js";
 import { homePaths } from "../paths.js";
-import { isValidDigest } from "./oci-layout.js";
-import { publish } from "../store/publish.js";
+import { isValidDigest } from "../oci/oci-layout.js";
+import { publish } from "./publish.js";
 
 export interface IngestOptions {
   /** Expected size in bytes, when the descriptor says. */

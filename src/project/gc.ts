@@ -17,9 +17,9 @@ import type { SupermachineError } from "../errors.js";
 import { buildImageGraph } from "../graph/graph.js";
 import { keyOf } from "../graph/keys.js";
 import { collectGarbage, type GcResult } from "../image/gc.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
-import type { LoadedProject } from "../spec/project.js";
+import type { LoadedProject } from "../schema/project.js";
 import { collectSnapshots, type SnapshotGcResult } from "../store/snapshot-gc.js";
 import { buildGraph } from "./build.js";
 

@@ -12,7 +12,7 @@ import { createServer, type Server, type Socket } from "node:net";
 import { Duplex } from "node:stream";
 import type { AgentClient, TcpStream } from "../agent/client.js";
 import { ForwardError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 
 const log = logger("tcp");
 

@@ -8,7 +8,7 @@
 import { randomBytes } from "node:crypto";
 import { closeSync, fstatSync, mkdirSync, openSync, readdirSync, readSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { logger } from "./log.js";
+import { logger } from "./debug.js";
 import { homePaths } from "./paths.js";
 import { PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from "./private.js";
 

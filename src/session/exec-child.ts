@@ -9,8 +9,8 @@ import { constants as osConstants } from "node:os";
 import { Writable, type Readable } from "node:stream";
 import type { ExecStream, ExitInfo } from "../agent/client.js";
 import { ExecError, OptionError } from "../errors.js";
-import { parseOptions } from "../spec/parse.js";
-import { signalSchema } from "../spec/options.js";
+import { parseOptions } from "../schema/parse.js";
+import { signalSchema } from "../schema/options.js";
 import { DEFAULT_READ_BYTES, OutputQueue } from "./output.js";
 import { z } from "zod";
 

@@ -14,7 +14,7 @@ import { AgentStreamError, type AgentClient, type BackgroundEntry, type ExecRequ
 import { CallScope, callScope } from "../deadline.js";
 import type { MicroVm } from "../engine/qemu.js";
 import { AgentError, DeadlineError, ExecError, GuestFileError, OptionError, PoolError, SupermachineError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import {
   CALL_DEFAULT_TIMEOUT_MS,
   callSchema,
@@ -37,14 +37,14 @@ import {
   type ReadFileOptions,
   type SpawnOptions,
   type WriteFileOptions,
-} from "../spec/options.js";
-import { parseOptions } from "../spec/parse.js";
+} from "../schema/options.js";
+import { parseOptions } from "../schema/parse.js";
 import { mergeEnv, resolveImageUser, type ExecDefaults } from "./env.js";
 import { ExecChild, signalName } from "./exec-child.js";
 import { OutputQueue } from "./output.js";
 import { listenTcp, listenVsock, type TcpForwarder } from "./tcp.js";
 import { GuestEgress, type NetStats } from "./egress.js";
-import type { ResolvedNetwork } from "../spec/network.js";
+import type { ResolvedNetwork } from "../schema/network.js";
 import { z } from "zod";
 
 const log = logger("guest");

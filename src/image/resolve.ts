@@ -9,16 +9,16 @@ import { createReadStream } from "node:fs";
 import { readFile, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { ImageError } from "../errors.js";
-import { logger } from "../log.js";
+import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
 import { planFlatten, streamFlattened, type FlattenOptions } from "./flatten.js";
 import { pullImage, resolveDigest, type Platform, type PullProgress } from "../registry/index.js";
-import { BlobStore } from "../oci/blob-store.js";
+import { BlobStore } from "../store/blobs.js";
 import { importDockerArchive } from "./docker-archive.js";
 import type { RegistryRef } from "../oci/docker-ref.js";
 import { loadImage, selectManifest, selectManifestByDigest, type ImageConfig, type SelectedManifest } from "../oci/oci-layout.js";
 import { locateLayout, parseImageRef, type ImageRef } from "./reference.js";
-import { readRef, writeRef, type RefRecord } from "./refs.js";
+import { readRef, writeRef, type RefRecord } from "./local-names.js";
 import { buildSquashfs } from "./squashfs.js";
 import { writeFileSynced } from "../store/durable.js";
 import { holderInfo } from "../store/lock.js";
@@ -43,7 +43,7 @@ export interface ResolvedImage {
   sha256?: string;
 }
 
-import type { ImageProgress } from "../spec/image.js";
+import type { ImageProgress } from "../schema/image.js";
 export type { ImageProgress };
 
 export type PullPolicy = "always" | "missing" | "never";
