@@ -8,9 +8,10 @@
 import { accessSync, constants, existsSync, readFileSync } from "node:fs";
 import { OptionError, listAccepted } from "../errors.js";
 import { dropsPrivileges, lookupUser, qemuUserName } from "../private.js";
+import type { Accel } from "../schema/key.js";
 import { kvmUsableBy } from "./confine.js";
 
-export type Accel = "kvm" | "tcg";
+export type { Accel };
 export const ACCELS: readonly Accel[] = ["kvm", "tcg"];
 
 export interface AccelChoice {

@@ -1,20 +1,14 @@
 /**
  * What the engine is made of, for snapshot keys: a snapshot restores only into the QEMU, guest
- * kernel and agent that made it, under the accelerator it ran on.
+ * kernel and agent that made it, under the accelerator it ran on. The shape is a key primitive
+ * (src/schema/key.ts).
  */
-import { type Accel, chooseAccel } from "./accel.js";
+export type { EngineFingerprint };
+import type { Accel, EngineFingerprint } from "../schema/key.js";
+import { chooseAccel } from "./accel.js";
 import { nativeArtifacts } from "./artifacts.js";
 import { qemuIdentity } from "./qemu.js";
 
-export interface EngineFingerprint {
-  /** QEMU binary identity (path, size, mtime). */
-  qemu: string;
-  /** The accelerator VMs run under: the one a VM actually used, or the engine's current choice. */
-  accel: Accel;
-  kernelKey: string;
-  agentKey: string;
-  agentVersion: string;
-}
 
 /**
  * The engine's fingerprint. `accel` is what a VM actually ran on (`vm.accel`, after any KVM→TCG

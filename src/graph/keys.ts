@@ -4,8 +4,7 @@
  * path, mode and content, the module bundle, and the engine's fingerprint. The inputs are kept
  * beside the snapshot, so a later key can be compared with them and every difference named.
  */
-import type { EngineFingerprint } from "../engine/fingerprint.js";
-import { hashEnv, inputHash, stableJson, type SnapshotInputs, type SnapshotSources } from "../store/snapshots.js";
+import { hashEnv, keyOf, stableJson, type EngineFingerprint, type SnapshotInputs, type SnapshotSources } from "../schema/key.js";
 import type { ModuleDigest } from "./bundle.js";
 import type { NodeSpec } from "./graph.js";
 import { resolvedNetworkKey } from "../schema/network.js";
@@ -43,7 +42,7 @@ export function nodeInputs(spec: NodeSpec, p: KeyParts): SnapshotInputs {
   };
 }
 
-export const keyOf = (inputs: SnapshotInputs): string => inputHash(inputs);
+export { keyOf };
 
 export interface InputChange {
   /** `ref`, `image`, `parent`, `memoryMib`, `extraFiles:/srv/x`, `module`, `module:lib/prepare.ts`, `package:zod`, `engine.qemu`, ... */

@@ -19,7 +19,8 @@ import { resolveImage } from "../image/resolve.js";
 import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
 import type { BuildProgress } from "../schema/image.js";
-import { damageReason, isDamaged, loadSnapshot, quarantineSnapshot, type LoadedSnapshot, type SnapshotInputs, type SnapshotMeta, type SnapshotSources, type WorkloadSpec } from "../store/snapshots.js";
+import { damageReason, isDamaged, loadSnapshot, quarantineSnapshot, type LoadedSnapshot, type SnapshotMeta, type WorkloadSpec } from "../store/snapshots.js";
+import type { SnapshotInputs, SnapshotSources } from "../schema/key.js";
 
 const log = logger("build");
 

@@ -18,7 +18,7 @@ import { statSync } from "node:fs";
 import { readdir, readFile, rename, rm, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { EngineError, ImageError } from "../errors.js";
-import type { EngineFingerprint } from "../engine/fingerprint.js";
+import { explainDiff, hashEnvValue, stableJson, type SnapshotInputs, type SnapshotSources } from "../schema/key.js";
 import type { ImageConfig } from "../schema/image.js";
 import { logger } from "../debug.js";
 import { fsyncPath, writeFileSynced } from "./durable.js";
@@ -33,49 +33,6 @@ const log = logger("snapshots");
  */
 export const META_VERSION = 4;
 export const SNAPSHOT_FILES = { ram: "ram", state: "state", meta: "meta.json", log: "bake.log", env: "env.json", sums: RAM_SUMS_FILE } as const;
-
-/**
- * Everything a snapshot depends on (its key is their hash). Changing any of it makes a
- * different snapshot. Nothing here depends on the machine, the checkout's path or mtimes,
- * except what the engine is (the accelerator among it).
- */
-export interface SnapshotInputs {
-  /** The parent snapshot's key (an image built `from` another), or null for a root image. */
-  parent: string | null;
-  /** A root image's manifest digest (never its tag); null for a child (it is in the parent's key). */
-  manifestDigest: string | null;
-  memoryMib: number;
-  vcpus: number;
-  /** The build env: each variable's name and `hashEnvValue` of its value. */
-  env: Record<string, string>;
-  cmd: string[] | null;
-  guestPort: number;
-  listenerRequired: boolean;
-  /** Whether a warmup function runs, and its tag (the function's code is in `module`). */
-  warmup: boolean;
-  warmupTag: string;
-  /** Staged host files: where they go, their mode and the sha256 of their contents. */
-  extraFiles: { guestPath: string; mode: number; sha256: string }[];
-  /** The declaring module bundled and minified (config projects), or null (the API). */
-  module: { sha256: string; packages: Record<string, string> } | null;
-  engine: EngineFingerprint;
-  /** Limits of every exec (warmup included), when the image sets them. */
-  execLimits?: { processes?: number; memoryMib?: number };
-  /** The warmup's egress (`network`), canonical, when it has any. */
-  network?: { allow: string[]; hosts: Record<string, string>; maxConnections: number; maxBytes: number };
-}
-
-/**
- * What explains a key but is not part of it: the reference as written (the key has its digest),
- * and the files of the module with their digests (the key has the bundle's). `why` reports from it.
- */
-export interface SnapshotSources {
-  name: string;
-  ref: string;
-  /** The declaring module, relative to the project root. */
-  module: string | null;
-  files: Record<string, string>;
-}
 
 /** The image's main process, as the agent runs it (PROTOCOL.md: WORKLOAD_START). */
 export interface WorkloadSpec {
@@ -119,15 +76,6 @@ export interface LoadedSnapshot {
   ram: string;
   state: string;
   meta: SnapshotMeta;
-}
-
-/** What the inputs keep of an env value: a sha256, salted with the variable's name. */
-export function hashEnvValue(name: string, value: string): string {
-  return "sha256:" + createHash("sha256").update(`supermachine-env-v1\0${name}\0${value}`).digest("hex");
-}
-
-export function hashEnv(env: Record<string, string>): Record<string, string> {
-  return Object.fromEntries(Object.entries(env).map(([k, v]) => [k, hashEnvValue(k, v)]));
 }
 
 const isHashedEnv = (env: Record<string, string>) => Object.values(env).every((v) => /^sha256:[0-9a-f]{64}$/.test(v));
@@ -191,30 +139,6 @@ async function hydrateEnv(dir: string, meta: SnapshotMeta): Promise<SnapshotMeta
     workload = { ...workload, env: clear };
   }
   return { ...meta, workload, buildEnv: Object.fromEntries(Object.keys(names).map((k) => [k, env[k]!])) };
-}
-
-export function inputHash(inputs: SnapshotInputs): string {
-  return createHash("sha256").update(stableJson(inputs)).digest("hex");
-}
-
-/** JSON with sorted keys, so that the hash does not depend on property order. */
-export function stableJson(v: unknown): string {
-  if (Array.isArray(v)) return `[${v.map(stableJson).join(",")}]`;
-  if (v && typeof v === "object") {
-    return `{${Object.keys(v)
-      .sort()
-      .map((k) => `${JSON.stringify(k)}:${stableJson((v as Record<string, unknown>)[k])}`)
-      .join(",")}}`;
-  }
-  return JSON.stringify(v);
-}
-
-/** Which inputs differ (for logs: why a cached snapshot was not used). */
-export function explainDiff(a: SnapshotInputs | undefined, b: SnapshotInputs | undefined): string {
-  if (!a || !b) return "inputs changed";
-  const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])] as (keyof SnapshotInputs)[];
-  const changed = keys.filter((k) => stableJson(a[k]) !== stableJson(b[k]));
-  return changed.length ? `changed: ${changed.join(", ")}` : "no input changed";
 }
 
 function paths(dir: string): Omit<LoadedSnapshot, "meta"> {

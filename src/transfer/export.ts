@@ -7,9 +7,9 @@ import { readFile, stat } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { logger } from "../debug.js";
 import { METADATA_FILE } from "../image/resolve.js";
-import { keyOf } from "../graph/keys.js";
+import { keyOf, stableJson } from "../schema/key.js";
 import { readRamSums, type RamSums } from "../store/ram-sums.js";
-import { loadSnapshot, SNAPSHOT_FILES, stableJson, type LoadedSnapshot } from "../store/snapshots.js";
+import { loadSnapshot, SNAPSHOT_FILES, type LoadedSnapshot } from "../store/snapshots.js";
 import { openCache, type CacheBackend } from "./backend.js";
 import { CacheError } from "./errors.js";
 import {

@@ -10,8 +10,8 @@
 import { open, readdir, readFile, stat, writeFile, type FileHandle } from "node:fs/promises";
 import { basename, join } from "node:path";
 import { chooseAccel } from "../engine/accel.js";
-import { engineFingerprint, type EngineFingerprint } from "../engine/fingerprint.js";
-import { keyOf } from "../graph/keys.js";
+import { engineFingerprint } from "../engine/fingerprint.js";
+import { keyOf, type EngineFingerprint } from "../schema/key.js";
 import { METADATA_FILE, ROOTFS_FILE, rootfsFacts } from "../image/resolve.js";
 import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { exportSnapshots, importSnapshots } from "../../src/transfer/index.js";
 import { decodeChunkIndex, digestOf, keyOfConfig } from "./format-helpers.js";
-import { keyOf } from "../../src/graph/keys.js";
+import { keyOf } from "../../src/schema/key.js";
 import { homePaths } from "../../src/paths.js";
 import type { LoadedSnapshot } from "../../src/store/snapshots.js";
 import { cleanup, fakeImage, fakeSnapshot, inHome, leftovers, tempDir, type FakeImage } from "./helpers.js";

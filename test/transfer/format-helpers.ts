@@ -1,4 +1,3 @@
 export { decodeChunkIndex, digestOf } from "../../src/transfer/format.js";
-import { keyOf } from "../../src/graph/keys.js";
-import type { SnapshotInputs } from "../../src/store/snapshots.js";
+import { keyOf, type SnapshotInputs } from "../../src/schema/key.js";
 export const keyOfConfig = (c: { inputs: SnapshotInputs }): string => keyOf(c.inputs);

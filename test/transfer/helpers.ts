@@ -5,9 +5,9 @@ import { mkdirSync, mkdtempSync, openSync, closeSync, writeSync, ftruncateSync, 
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { engineFingerprint } from "../../src/engine/fingerprint.js";
-import { keyOf } from "../../src/graph/keys.js";
+import { keyOf, type SnapshotInputs } from "../../src/schema/key.js";
 import { homePaths } from "../../src/paths.js";
-import { loadSnapshot, sealSnapshot, SNAPSHOT_FILES, type LoadedSnapshot, type SnapshotInputs } from "../../src/store/snapshots.js";
+import { loadSnapshot, sealSnapshot, SNAPSHOT_FILES, type LoadedSnapshot } from "../../src/store/snapshots.js";
 
 export const CHUNK = 16 * 1024;
 const temps: string[] = [];

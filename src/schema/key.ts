@@ -1,0 +1,98 @@
+/**
+ * Key primitives: what a snapshot's key is made of (`SnapshotInputs`) and how it is computed
+ * (`keyOf`: the sha256 of the inputs' stable JSON). Below both the graph (which assembles a node's
+ * inputs from its options, src/graph/keys.ts) and the store (which keeps the inputs beside each
+ * snapshot and checks a loaded one against its key), so that neither imports the other.
+ */
+import { createHash } from "node:crypto";
+
+/** The accelerator a VM runs under. */
+export type Accel = "kvm" | "tcg";
+
+/** What the engine is made of: a snapshot restores only into the QEMU, guest kernel and agent that made it, under the accelerator it ran on. */
+export interface EngineFingerprint {
+  /** QEMU binary identity (path, size, mtime). */
+  qemu: string;
+  /** The accelerator VMs run under: the one a VM actually used, or the engine's current choice. */
+  accel: Accel;
+  kernelKey: string;
+  agentKey: string;
+  agentVersion: string;
+}
+
+/**
+ * Everything a snapshot depends on (its key is their hash). Changing any of it makes a
+ * different snapshot. Nothing here depends on the machine, the checkout's path or mtimes,
+ * except what the engine is (the accelerator among it).
+ */
+export interface SnapshotInputs {
+  /** The parent snapshot's key (an image built `from` another), or null for a root image. */
+  parent: string | null;
+  /** A root image's manifest digest (never its tag); null for a child (it is in the parent's key). */
+  manifestDigest: string | null;
+  memoryMib: number;
+  vcpus: number;
+  /** The build env: each variable's name and `hashEnvValue` of its value. */
+  env: Record<string, string>;
+  cmd: string[] | null;
+  guestPort: number;
+  listenerRequired: boolean;
+  /** Whether a warmup function runs, and its tag (the function's code is in `module`). */
+  warmup: boolean;
+  warmupTag: string;
+  /** Staged host files: where they go, their mode and the sha256 of their contents. */
+  extraFiles: { guestPath: string; mode: number; sha256: string }[];
+  /** The declaring module bundled and minified (config projects), or null (the API). */
+  module: { sha256: string; packages: Record<string, string> } | null;
+  engine: EngineFingerprint;
+  /** Limits of every exec (warmup included), when the image sets them. */
+  execLimits?: { processes?: number; memoryMib?: number };
+  /** The warmup's egress (`network`), canonical, when it has any. */
+  network?: { allow: string[]; hosts: Record<string, string>; maxConnections: number; maxBytes: number };
+}
+
+/**
+ * What explains a key but is not part of it: the reference as written (the key has its digest),
+ * and the files of the module with their digests (the key has the bundle's). `why` reports from it.
+ */
+export interface SnapshotSources {
+  name: string;
+  ref: string;
+  /** The declaring module, relative to the project root. */
+  module: string | null;
+  files: Record<string, string>;
+}
+
+/** What the inputs keep of an env value: a sha256, salted with the variable's name. */
+export function hashEnvValue(name: string, value: string): string {
+  return "sha256:" + createHash("sha256").update(`supermachine-env-v1\0${name}\0${value}`).digest("hex");
+}
+
+export function hashEnv(env: Record<string, string>): Record<string, string> {
+  return Object.fromEntries(Object.entries(env).map(([k, v]) => [k, hashEnvValue(k, v)]));
+}
+
+/** A snapshot's key: the sha256 of its inputs' stable JSON. */
+export function keyOf(inputs: SnapshotInputs): string {
+  return createHash("sha256").update(stableJson(inputs)).digest("hex");
+}
+
+/** JSON with sorted keys, so that the hash does not depend on property order. */
+export function stableJson(v: unknown): string {
+  if (Array.isArray(v)) return `[${v.map(stableJson).join(",")}]`;
+  if (v && typeof v === "object") {
+    return `{${Object.keys(v)
+      .sort()
+      .map((k) => `${JSON.stringify(k)}:${stableJson((v as Record<string, unknown>)[k])}`)
+      .join(",")}}`;
+  }
+  return JSON.stringify(v);
+}
+
+/** Which inputs differ (for logs: why a cached snapshot was not used). */
+export function explainDiff(a: SnapshotInputs | undefined, b: SnapshotInputs | undefined): string {
+  if (!a || !b) return "inputs changed";
+  const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])] as (keyof SnapshotInputs)[];
+  const changed = keys.filter((k) => stableJson(a[k]) !== stableJson(b[k]));
+  return changed.length ? `changed: ${changed.join(", ")}` : "no input changed";
+}
