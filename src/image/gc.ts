@@ -16,7 +16,7 @@ import { isValidDigest } from "../oci/oci-layout.js";
 import { parseImageRef } from "./reference.js";
 import { listRefs, removeRef, type RefRecord } from "./local-names.js";
 import { SNAPSHOT_FILES } from "../store/snapshots.js";
-import { METADATA_FILE, ROOTFS_FILE } from "./resolve.js";
+import { METADATA_FILE, ROOTFS_FILE } from "../store/images.js";
 
 const log = logger("gc");
 

@@ -1,8 +1,10 @@
 /**
- * Content-addressed image store: `<images>/<manifest hex>/{rootfs.sqfs,image.json}`.
- * An entry directory appears only by an atomic rename of a fully written temp directory, so a
- * present entry is complete; builders of one digest take turns under its lock, and temp
- * directories left by a crash are removed by the next builder (store/publish.ts).
+ * Image references to root filesystems: `resolveImage` finds the manifest a reference names (a
+ * layout, the local names, a registry pull or a docker archive), flattens its layers into a
+ * squashfs and publishes it as an entry of the store (src/store/images.ts: one directory per
+ * manifest digest, appearing only by an atomic rename of a complete temp directory; builders of
+ * one digest take turns under its lock, and a crashed builder's temp directory is removed by the
+ * next).
  */
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
@@ -21,15 +23,13 @@ import { locateLayout, parseImageRef, type ImageRef } from "./reference.js";
 import { readRef, writeRef, type RefRecord } from "./local-names.js";
 import { buildSquashfs } from "./squashfs.js";
 import { writeFileSynced } from "../store/durable.js";
+import { checkImageEntry, IMAGE_METADATA_VERSION, METADATA_FILE, ROOTFS_FILE, rootfsFacts, type ImageMetadata } from "../store/images.js";
 import { holderInfo } from "../store/lock.js";
 import { publish } from "../store/publish.js";
 import { quarantine } from "../store/quarantine.js";
 
 const log = logger("image");
 
-export const ROOTFS_FILE = "rootfs.sqfs";
-export const METADATA_FILE = "image.json";
-const METADATA_VERSION = 1;
 
 export interface ResolvedImage {
   /** The reference as given. */
@@ -67,19 +67,6 @@ export interface ResolveImageOptions {
 interface Located {
   digest: string;
   select: () => Promise<SelectedManifest>;
-}
-
-export interface ImageMetadata {
-  version: number;
-  ref: string;
-  manifestDigest: string;
-  config: ImageConfig;
-  sizeBytes: number;
-  created: string;
-  /** sha256 of rootfs.sqfs (checked by `supermachine verify`, and on load when its mtime changed). */
-  sha256?: string;
-  /** rootfs.sqfs's mtime when it was written: another one means it was written since. */
-  rootfsMtimeNs?: string;
 }
 
 /**
@@ -144,7 +131,7 @@ async function buildInto(tmpDir: string, ref: string, located: Located, opts: Re
   const sqfs = await buildSquashfs(streamFlattened(plan, { ref, onLayer, ...opts.flatten }), join(tmpDir, ROOTFS_FILE), plan.root ? { root: plan.root } : {});
   const fact = await rootfsFacts(sqfs.path);
   const meta: ImageMetadata = {
-    version: METADATA_VERSION,
+    version: IMAGE_METADATA_VERSION,
     ref,
     manifestDigest: selected.digest,
     config: image.config,
@@ -154,13 +141,6 @@ async function buildInto(tmpDir: string, ref: string, located: Located, opts: Re
   };
   await writeFileSynced(join(tmpDir, METADATA_FILE), JSON.stringify(meta, null, 2) + "\n");
   return { ref, manifestDigest: selected.digest, config: image.config, rootfsPath: sqfs.path, sizeBytes: sqfs.sizeBytes, sha256: fact.sha256 };
-}
-
-/** What an image entry records of its root filesystem: its sha256 and mtime (read once, from the page cache). */
-export async function rootfsFacts(path: string): Promise<{ sha256: string; rootfsMtimeNs: string }> {
-  const hash = createHash("sha256");
-  for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 })) hash.update(chunk as Buffer);
-  return { sha256: hash.digest("hex"), rootfsMtimeNs: String((await stat(path, { bigint: true })).mtimeNs) };
 }
 
 /** Finds the manifest `parsed` names: in a layout, the local refs, a registry or an archive. */
@@ -259,39 +239,3 @@ async function readCacheEntry(entryDir: string, digest: string, ref: string): Pr
   return { ref, manifestDigest: digest, config: meta.config, rootfsPath: join(entryDir, ROOTFS_FILE), sizeBytes: meta.sizeBytes, ...(meta.sha256 ? { sha256: meta.sha256 } : {}) };
 }
 
-export type ImageEntryCheck =
-  | { status: "ok"; meta: ImageMetadata; checked: boolean }
-  | { status: "missing" }
-  | { status: "invalid"; reason: string }
-  | { status: "damaged"; reason: string };
-
-/**
- * Checks an image store entry: `ok` (`checked`: its rootfs was hashed and matched), `missing`,
- * `invalid` (incomplete, another format or another digest: rebuilt without fuss), or `damaged`
- * (its root filesystem's bytes differ from the sha256 it recorded). The rootfs is hashed when
- * `full`, or when its mtime differs from the one recorded (it was written since).
- */
-export async function checkImageEntry(entryDir: string, opts: { digest?: string; full?: boolean } = {}): Promise<ImageEntryCheck> {
-  let meta: ImageMetadata;
-  try {
-    meta = JSON.parse(await readFile(join(entryDir, METADATA_FILE), "utf8")) as ImageMetadata;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") return { status: "missing" };
-    return { status: "invalid", reason: `its ${METADATA_FILE} cannot be read: ${(err as Error).message}` };
-  }
-  const rootfsPath = join(entryDir, ROOTFS_FILE);
-  const st = await stat(rootfsPath, { bigint: true }).catch(() => undefined);
-  if (!meta || meta.version !== METADATA_VERSION) return { status: "invalid", reason: `its metadata has format version ${String(meta?.version)}` };
-  if (opts.digest !== undefined && meta.manifestDigest !== opts.digest) return { status: "invalid", reason: `it records image ${meta.manifestDigest}` };
-  if (!st?.isFile()) return { status: "invalid", reason: `its ${ROOTFS_FILE} is missing` };
-  if (Number(st.size) !== meta.sizeBytes) return { status: "damaged", reason: `its ${ROOTFS_FILE} is ${st.size} bytes, expected ${meta.sizeBytes}` };
-  const written = meta.rootfsMtimeNs !== undefined && String(st.mtimeNs) !== meta.rootfsMtimeNs;
-  if (meta.sha256 && (opts.full || written)) {
-    const now = await rootfsFacts(rootfsPath);
-    if (now.sha256 !== meta.sha256) {
-      return { status: "damaged", reason: `its ${ROOTFS_FILE} does not match its sha256 (${now.sha256.slice(0, 12)}…, expected ${meta.sha256.slice(0, 12)}…)${written ? " (the file was modified after it was built)" : ""}` };
-    }
-    return { status: "ok", meta, checked: true };
-  }
-  return { status: "ok", meta, checked: false };
-}

@@ -11,7 +11,7 @@ import { createReadStream, type Dirent } from "node:fs";
 import { readdir, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { registeredProjects } from "../config/registry.js";
-import { checkImageEntry } from "../image/resolve.js";
+import { checkImageEntry } from "../store/images.js";
 import { logger } from "../debug.js";
 import { BlobStore } from "../store/blobs.js";
 import { homePaths } from "../paths.js";

@@ -6,7 +6,7 @@
 import { readFile, stat } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { logger } from "../debug.js";
-import { METADATA_FILE } from "../image/resolve.js";
+import { METADATA_FILE } from "../store/images.js";
 import { keyOf, stableJson } from "../schema/key.js";
 import { readRamSums, type RamSums } from "../store/ram-sums.js";
 import { loadSnapshot, SNAPSHOT_FILES, type LoadedSnapshot } from "../store/snapshots.js";

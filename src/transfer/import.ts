@@ -12,7 +12,7 @@ import { basename, join } from "node:path";
 import { chooseAccel } from "../engine/accel.js";
 import { engineFingerprint } from "../engine/fingerprint.js";
 import { keyOf, type EngineFingerprint } from "../schema/key.js";
-import { METADATA_FILE, ROOTFS_FILE, rootfsFacts } from "../image/resolve.js";
+import { METADATA_FILE, ROOTFS_FILE, rootfsFacts } from "../store/images.js";
 import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
 import { IMAGE_NAME } from "../schema/config.js";

@@ -2,7 +2,8 @@ import { execFileSync } from "node:child_process";
 import { mkdir, readdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { checkImageEntry, resolveImage, type ImageProgress } from "../../src/image/resolve.js";
+import { resolveImage, type ImageProgress } from "../../src/image/resolve.js";
+import { checkImageEntry } from "../../src/store/images.js";
 import { acquireLock } from "../../src/store/lock.js";
 import { makeTar, removeDir, tempDir, writeLayout } from "./helpers.js";
 
