@@ -19,7 +19,8 @@ import { loadProject } from "../src/config/loader.js";
 import { buildImageGraph } from "../src/graph/graph.js";
 import { Image } from "../src/runtime/image.js";
 import type { Vm } from "../src/runtime/vm.js";
-import { exportSnapshots, importSnapshots } from "../src/transfer/index.js";
+import { exportSnapshots } from "../src/transfer/index.js";
+import { importSnapshots } from "../src/project/cache.js";
 import { concurrentAcquires, hostResources, privateTempDirs, quiesce, runExecSoak, vmLoop } from "./load.js";
 
 interface Metric {

@@ -44,7 +44,8 @@ export type { ImageConfig, ImageProgress, PullProgress, BakeProgress, BakeStep, 
 export type { PullPolicy } from "./image/resolve.js";
 export { RegistryError } from "./registry/errors.js";
 export { tagImage } from "./image/tag.js";
-export { exportSnapshots, importSnapshots, fetchFromCache, CacheError } from "./transfer/index.js";
+export { exportSnapshots, CacheError } from "./transfer/index.js";
+export { importSnapshots, fetchFromCache } from "./project/cache.js";
 export type { TransferReport, TransferEntry, TransferStatus, TransferProgress, TransferOptions, ImportOptions } from "./transfer/index.js";
 export type { FetchRequest } from "./project/build.js";
 export type { LoadedSnapshot } from "./store/snapshots.js";

@@ -6,7 +6,8 @@
 import type { Command } from "commander";
 import { buildGraph, type BuiltNode } from "../project/build.js";
 import type { LoadedSnapshot } from "../store/snapshots.js";
-import { exportSnapshots, importSnapshots, seedImages, type TransferEntry, type TransferReport } from "../transfer/index.js";
+import { importSnapshots, seedImages } from "../project/cache.js";
+import { exportSnapshots, type TransferEntry, type TransferReport } from "../transfer/index.js";
 import { action, isJson, mb, writeJson } from "./common.js";
 import { openProject } from "./project.js";
 

@@ -11,7 +11,8 @@ import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { homePaths } from "../paths.js";
 import { action, integer, isJson, nodeJson, writeJson } from "./common.js";
 import { BuildRenderer } from "./render.js";
-import { exportSnapshots, fetchFromCache, seedImages } from "../transfer/index.js";
+import { fetchFromCache, seedImages } from "../project/cache.js";
+import { exportSnapshots } from "../transfer/index.js";
 
 interface ProjectOptions {
   config?: string;

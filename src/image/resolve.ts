@@ -239,3 +239,17 @@ async function readCacheEntry(entryDir: string, digest: string, ref: string): Pr
   return { ref, manifestDigest: digest, config: meta.config, rootfsPath: join(entryDir, ROOTFS_FILE), sizeBytes: meta.sizeBytes, ...(meta.sha256 ? { sha256: meta.sha256 } : {}) };
 }
 
+/** The manifest digest `ref` resolves to, when that is known without the network. */
+export async function localImageDigest(ref: string): Promise<string | undefined> {
+  try {
+    const parsed = parseImageRef(ref);
+    if (parsed.kind === "oci" || parsed.kind === "builtin") {
+      const loc = locateLayout(parsed);
+      return (await selectManifest(loc.layoutDir, ref, loc.tag)).digest;
+    }
+    if (parsed.kind === "registry" && parsed.registry.digest === undefined) return (await readRef(parsed.registry.canonical))?.manifestDigest;
+  } catch (err) {
+    log("%s: no local manifest digest (%s)", ref, (err as Error).message);
+  }
+  return undefined;
+}

@@ -22,7 +22,7 @@ import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { logger } from "../debug.js";
 import type { PoolDeclaration } from "../schema/project.js";
 import { snapshotInUse } from "../store/leases.js";
-import { fetchFromCache, seedImages } from "../transfer/index.js";
+import { fetchFromCache, seedImages } from "./cache.js";
 import { Image, type Rebuild } from "../runtime/image.js";
 import type { Pool, PoolStats } from "../runtime/pool.js";
 import type { Vm } from "../runtime/vm.js";

@@ -5,13 +5,14 @@
  * whose inputs were already baked returns without booting anything.
  */
 import { resolve as resolvePath } from "node:path";
-import { buildGraph } from "../project/build.js";
+import { buildNode } from "../bake/node.js";
 import { buildImageGraph } from "../graph/graph.js";
 import { chooseAccel, type AccelChoice } from "../engine/accel.js";
 import type { MicroVm, VmSpec } from "../engine/qemu.js";
 import { BuildError, ImageError, OptionError } from "../errors.js";
 import { execDefaults } from "../session/env.js";
 import { logger } from "../debug.js";
+import { homePaths } from "../paths.js";
 import type { ImageConfig } from "../schema/image.js";
 import { buildSchema, mergeLimits, poolSchema, type BuildOptions, type PoolOptions } from "../schema/options.js";
 import { parseOptions } from "../schema/parse.js";
@@ -69,30 +70,18 @@ export class Image {
       });
     }
     const b = parseOptions("Image.build", buildSchema, options);
-    // One image is a graph of one node, built by the same path as a project's images.
+    // One image is a graph of one node, made ready by the same path as a project's images.
     const name = b.name ?? "image";
-    const graph = buildImageGraph([{ name, module: null, from: null, definition: b }]);
-    const onProgress = b.onProgress;
-    const nodes = await buildGraph(graph, {
-      concurrency: 1,
-      ...(b.snapshotsDir ? { snapshotsDir: resolvePath(b.snapshotsDir) } : {}),
-      dirName: (_spec, key) => b.name ?? `img-${key.slice(0, 16)}`,
-      ...(onProgress ? { onEvent: (e) => e.type === "progress" && onProgress(e.progress) } : {}),
-    });
-    const node = nodes.get(name)!;
-    if (node.error) throw node.error;
-    log("%s: snapshot %s (%s)", b.ref, node.dir, node.status === "baked" ? `baked in ${node.snapshot!.meta.bakeMs} ms` : "cached");
-    const rebuild: Rebuild = async () => {
-      const again = (await buildGraph(graph, {
-        concurrency: 1,
-        handoff: false,
-        ...(b.snapshotsDir ? { snapshotsDir: resolvePath(b.snapshotsDir) } : {}),
-        dirName: (_spec, key) => b.name ?? `img-${key.slice(0, 16)}`,
-        ...(onProgress ? { onEvent: (e) => e.type === "progress" && onProgress(e.progress) } : {}),
-      })).get(name)!;
-      if (again.error) throw again.error;
-      return again.snapshot!;
+    const spec = buildImageGraph([{ name, module: null, from: null, definition: b }]).spec(name);
+    const opts = {
+      snapshotsDir: b.snapshotsDir ? resolvePath(b.snapshotsDir) : homePaths().snapshots,
+      root: process.cwd(),
+      dirName: (_spec: unknown, key: string) => b.name ?? `img-${key.slice(0, 16)}`,
+      onProgress: b.onProgress,
     };
+    const node = await buildNode(spec, undefined, null, opts);
+    log("%s: snapshot %s (%s)", b.ref, node.dir, node.status === "baked" ? `baked in ${node.snapshot!.meta.bakeMs} ms` : "cached");
+    const rebuild: Rebuild = async () => (await buildNode(spec, undefined, null, { ...opts, handoff: false })).snapshot!;
     return new Image(node.snapshot!, node.handoff, rebuild);
   }
 
@@ -224,7 +213,7 @@ export class Image {
       used = next;
       return { spec: this.vmSpec(memoryMib, vcpus, o.restoreTimeoutMs, next), origin: next.meta };
     };
-    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.buildEnv ?? this.snap.meta.inputs.env, limits), o, workload ?? undefined, this.snap.meta, lease, restored ? recover : undefined);
+    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.buildEnv ?? this.snap.meta.inputs.env, limits), o, workload ?? undefined, { meta: this.snap.meta, open: (snap) => new Image(snap) }, lease, restored ? recover : undefined);
     // The baked VM has the snapshot's shape; a pool of another shape cannot use it.
     const handoff = spec.incomingState !== undefined ? this.takeHandoff() : undefined;
     await pool.warm(handoff);

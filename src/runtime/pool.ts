@@ -14,7 +14,7 @@ import { startWorkload } from "../bake/workload.js";
 import type { ExecDefaults } from "../session/env.js";
 import type { ResolvedPool } from "../schema/options.js";
 import type { SnapshotMeta, WorkloadSpec } from "../store/snapshots.js";
-import { Vm } from "./vm.js";
+import { Vm, type VmOrigin } from "./vm.js";
 
 const log = logger("pool");
 /** How long a release waits for the guest to kill what the caller left running. */
@@ -73,7 +73,7 @@ export class Pool {
     /** Started in every new VM, when the snapshot does not already run it. */
     private readonly workload?: WorkloadSpec,
     /** The snapshot VMs come from (for vm.snapshot). */
-    private origin?: SnapshotMeta,
+    private origin?: VmOrigin,
     /** Gives back the pool's lease on its snapshot (store/leases.ts), at shutdown. */
     private readonly releaseLease: () => void = () => {},
     /**
@@ -375,7 +375,7 @@ export class Pool {
         const next = await this.recover!(failed, err);
         if (!next) return false;
         this.spec = next.spec;
-        this.origin = next.origin;
+        if (this.origin) this.origin = { ...this.origin, meta: next.origin };
         // VMs restored from the damaged snapshot that were not handed out yet go.
         for (const s of this.spares.splice(0)) void s.kill();
         for (const e of this.idle.splice(0)) void e.machine.kill();

@@ -13,10 +13,19 @@ import type { ExecDefaults } from "../session/env.js";
 import { GuestSession } from "../session/session.js";
 import { callSchema, type CallOptions } from "../schema/options.js";
 import { parseOptions } from "../schema/parse.js";
-import type { SnapshotMeta } from "../store/snapshots.js";
-import { Image } from "./image.js";
+import type { LoadedSnapshot, SnapshotMeta } from "../store/snapshots.js";
+import type { Image } from "./image.js";
 
 type ReleaseFn = (vm: Vm) => Promise<void>;
+
+/**
+ * The snapshot a VM was restored from, and how a capture of it becomes an Image (given by the
+ * image whose pool made the VM, so that this file needs Image only as a type).
+ */
+export interface VmOrigin {
+  meta: SnapshotMeta;
+  open(snapshot: LoadedSnapshot): Image;
+}
 
 /** Default deadline of vm.snapshot: a full RAM capture plus a helper restore, under TCG. */
 const SNAPSHOT_TIMEOUT_MS = 120_000;
@@ -29,7 +38,7 @@ export class Vm extends GuestSession {
     machine: MicroVm,
     defaults: ExecDefaults,
     private readonly releaseTo: ReleaseFn,
-    private readonly origin?: SnapshotMeta,
+    private readonly origin?: VmOrigin,
   ) {
     super(machine, defaults);
   }
@@ -60,8 +69,8 @@ export class Vm extends GuestSession {
     }
     const scope = callScope(`vm.snapshot ${dir}`, o.timeoutMs, o.signal);
     try {
-      const snap = await scope.race(captureRunning(this.machine, resolvePath(dir), this.origin, scope.signal));
-      return new Image(snap);
+      const snap = await scope.race(captureRunning(this.machine, resolvePath(dir), this.origin.meta, scope.signal));
+      return this.origin.open(snap);
     } catch (e) {
       throw this.explain(e, "vm.snapshot");
     } finally {

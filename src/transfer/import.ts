@@ -9,9 +9,7 @@
  */
 import { open, readdir, readFile, stat, writeFile, type FileHandle } from "node:fs/promises";
 import { basename, join } from "node:path";
-import { chooseAccel } from "../engine/accel.js";
-import { engineFingerprint } from "../engine/fingerprint.js";
-import { keyOf, type EngineFingerprint } from "../schema/key.js";
+import { keyOf, type Accel, type EngineFingerprint } from "../schema/key.js";
 import { METADATA_FILE, ROOTFS_FILE, rootfsFacts } from "../store/images.js";
 import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
@@ -46,7 +44,19 @@ import { makeReport, type TransferEntry, type TransferOptions, type TransferRepo
 
 const log = logger("transfer");
 
+/**
+ * This machine's engine, which an imported snapshot must match: its fingerprint under an
+ * accelerator, and the accelerator VMs would use now. Given by the caller (src/project/cache.ts
+ * passes the engine's), so that the transfer code never probes the host itself.
+ */
+export interface LocalEngine {
+  fingerprint(accel: Accel): EngineFingerprint;
+  accelNow(): Accel;
+}
+
 export interface ImportOptions extends TransferOptions {
+  /** The engine snapshots must have been made by. */
+  engine: LocalEngine;
   /** Where snapshots go (default `$SUPERMACHINE_HOME/snapshots`), as `<name>-<key[0:16]>`. */
   snapshotsDir?: string;
   /** @internal Where a given key must be published (a build's directory for it). */
@@ -58,7 +68,7 @@ export interface ImportOptions extends TransferOptions {
  * (a directory or a registry repository). Each is `imported`, `present` (this machine has it:
  * nothing moved) or `missing` (the cache does not have it).
  */
-export async function importSnapshots(src: string, keys: string[], opts: ImportOptions = {}): Promise<TransferReport> {
+export async function importSnapshots(src: string, keys: string[], opts: ImportOptions): Promise<TransferReport> {
   const t0 = performance.now();
   for (const k of keys) {
     if (!KEY_RE.test(k)) throw new CacheError("CACHE_KEY_INVALID", `${JSON.stringify(k)} is not a snapshot key (64 lowercase hex digits)`, { hint: "supermachine ls shows the keys of a project's images" });
@@ -93,7 +103,8 @@ class ImportSession {
   constructor(
     private readonly backend: CacheBackend,
     private readonly snapshotsDir: string,
-    private readonly opts: ImportOptions,
+    /** Without `engine`, only root filesystems can be imported (importImage). */
+    private readonly opts: Omit<ImportOptions, "engine"> & { engine?: LocalEngine },
   ) {}
 
   import(key: string, depth: number): Promise<TransferEntry> {
@@ -152,7 +163,8 @@ class ImportSession {
         hint: "the cache entry was tampered with or made by an incompatible version: nothing was imported",
       });
     }
-    checkEngine(config.inputs.engine, what);
+    if (!this.opts.engine) throw new Error(`internal: importing ${what} needs the local engine`);
+    checkEngine(config.inputs.engine, this.opts.engine, what);
     const parts = manifestParts(manifest, `the manifest of ${what}`);
 
     // Parents first: a child's chunks that its parent has are then copied locally.
@@ -402,8 +414,8 @@ export async function importImage(backend: CacheBackend, digest: string): Promis
 const FIELD_NAMES: Record<string, string> = { kernelKey: "kernel", agentKey: "agent", agentVersion: "agent", qemu: "qemu", accel: "accel" };
 
 /** The snapshot's engine must be this machine's, field by field (and its accelerator usable here). */
-function checkEngine(theirs: EngineFingerprint, what: string): void {
-  const here = engineFingerprint(theirs.accel);
+function checkEngine(theirs: EngineFingerprint, engine: LocalEngine, what: string): void {
+  const here = engine.fingerprint(theirs.accel);
   const mismatch = (field: string, a: unknown, b: unknown) =>
     new CacheError("CACHE_ENGINE_MISMATCH", `${what} was made by another engine: its ${field} is ${JSON.stringify(a)}, this machine's is ${JSON.stringify(b)}`, {
       hint: "a snapshot restores only into the kernel, agent and QEMU that made it: bake it here (supermachine build), or share caches between machines set up alike",
@@ -414,7 +426,7 @@ function checkEngine(theirs: EngineFingerprint, what: string): void {
     if (t[k] !== h[k]) throw mismatch(FIELD_NAMES[k] ?? k, t[k], h[k]);
   }
   if (theirs.accel === "kvm") {
-    const now = chooseAccel().accel;
+    const now = engine.accelNow();
     if (now !== "kvm") throw mismatch("accel", "kvm", now);
   }
 }

@@ -4,7 +4,8 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { loadProject } from "../../src/config/loader.js";
-import { exportSnapshots, fetchFromCache, parseCacheLocation } from "../../src/transfer/index.js";
+import { exportSnapshots, parseCacheLocation } from "../../src/transfer/index.js";
+import { fetchFromCache } from "../../src/project/cache.js";
 import { loadSnapshot } from "../../src/store/snapshots.js";
 import { cleanup, fakeImage, fakeSnapshot, inHome, tempDir } from "./helpers.js";
 

@@ -3,7 +3,8 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { LoadedSnapshot } from "../../src/store/snapshots.js";
 import { clearTokenCache } from "../../src/registry/auth.js";
-import { exportSnapshots, importSnapshots } from "../../src/transfer/index.js";
+import { exportSnapshots } from "../../src/transfer/index.js";
+import { importSnapshots } from "../../src/project/cache.js";
 import { cleanupTemps, PASS, startRegistry, USER, writeDockerConfig, type Registry } from "../registry/harness.js";
 import { cleanup, fakeImage, fakeSnapshot, inHome, tempDir } from "./helpers.js";
 

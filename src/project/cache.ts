@@ -1,0 +1,68 @@
+/**
+ * A project's side of the snapshot cache (src/transfer/ moves snapshots by key and knows nothing
+ * of graphs or engines): imports checked against this machine's engine, the `fetch` hook a build
+ * uses to import a node before baking it, and the root filesystems a graph's root images need.
+ */
+import { dirname } from "node:path";
+import { logger } from "../debug.js";
+import { chooseAccel } from "../engine/accel.js";
+import { engineFingerprint } from "../engine/fingerprint.js";
+import type { ImageGraph } from "../graph/graph.js";
+import { localImageDigest } from "../image/resolve.js";
+import { importImage, importSnapshots as importInto, openCache, type ImportOptions, type LocalEngine, type TransferOptions, type TransferReport } from "../transfer/index.js";
+import type { FetchRequest } from "./build.js";
+
+const log = logger("transfer");
+
+/** This machine's engine, which every imported snapshot must match. */
+export const localEngine: LocalEngine = { fingerprint: engineFingerprint, accelNow: () => chooseAccel().accel };
+
+/**
+ * Imports the snapshots `keys` (and the ancestors they were baked on, parents first) from `src`
+ * (a directory or a registry repository), checked against this machine's engine. Each is
+ * `imported`, `present` (this machine has it: nothing moved) or `missing` (the cache lacks it).
+ */
+export function importSnapshots(src: string, keys: string[], opts: Omit<ImportOptions, "engine"> = {}): Promise<TransferReport> {
+  return importInto(src, keys, { ...opts, engine: localEngine });
+}
+
+/**
+ * A `BuildOptions.fetch` hook: a node that is not baked here is imported from `src` (a
+ * directory or a registry repository) into the build's directory for it. Resolves false when
+ * the cache does not have it; a cache entry that fails verification fails the node.
+ */
+export function fetchFromCache(src: string, snapshotsDir?: string, opts: TransferOptions = {}): (req: FetchRequest) => Promise<boolean> {
+  return async (req) => {
+    const report = await importSnapshots(src, [req.key], { ...opts, snapshotsDir: snapshotsDir ?? dirname(req.dir), dirs: new Map([[req.key, req.dir]]) });
+    const entry = report.snapshots.find((s) => s.key === req.key);
+    log("fetch %s (%s) from %s: %s", req.name, req.key.slice(0, 16), src, entry?.status ?? "?");
+    return entry?.status === "imported" || entry?.status === "present";
+  };
+}
+
+/**
+ * Before a build that may import from `src`: the root filesystems of the graph's root images
+ * that this machine lacks are published from the cache (when a snapshot there was made on them),
+ * so that resolving a root image finds it built and byte for byte the one its snapshots were
+ * made on. Only images whose manifest digest is known locally (builtin:, oci:, and registry
+ * references pulled before) can be matched; the rest resolve as usual.
+ */
+export async function seedImages(src: string, graph: ImageGraph, names?: string[], opts: TransferOptions = {}): Promise<number> {
+  const order = names?.length ? graph.withAncestors(names) : graph.order;
+  const refs = [...new Set(order.filter((n) => graph.spec(n).parent === null).map((n) => graph.spec(n).ref))];
+  const digests = new Set<string>();
+  for (const ref of refs) {
+    const d = await localImageDigest(ref);
+    if (d) digests.add(d);
+  }
+  if (digests.size === 0) return 0;
+  const backend = await openCache(src, opts.registry ?? {});
+  let n = 0;
+  try {
+    for (const d of digests) if (await importImage(backend, d)) n++;
+  } finally {
+    backend.close();
+  }
+  if (n) log("published %d root filesystem(s) from %s", n, src);
+  return n;
+}
