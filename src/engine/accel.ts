@@ -11,7 +11,7 @@ import { dropsPrivileges, lookupUser, qemuUserName } from "../private.js";
 import type { Accel } from "../schema/key.js";
 import { kvmUsableBy } from "./confine.js";
 
-export type { Accel };
+export type { Accel } from "../schema/key.js";
 export const ACCELS: readonly Accel[] = ["kvm", "tcg"];
 
 export interface AccelChoice {

@@ -3,7 +3,7 @@
  * kernel and agent that made it, under the accelerator it ran on. The shape is a key primitive
  * (src/schema/key.ts).
  */
-export type { EngineFingerprint };
+export type { EngineFingerprint } from "../schema/key.js";
 import type { Accel, EngineFingerprint } from "../schema/key.js";
 import { chooseAccel } from "./accel.js";
 import { nativeArtifacts } from "./artifacts.js";
