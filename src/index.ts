@@ -19,27 +19,15 @@ export type {
 } from "./schema/project.js";
 export { ExecChild, type ExecWaitResult } from "./session/exec-child.js";
 export { TcpForwarder } from "./session/tcp.js";
-export type {
-  BuildOptions,
-  PoolOptions,
-  ExecOptions,
-  SpawnOptions,
-  ExecOutput,
-  ExtraFile,
-  StagedFileMode,
-  Winsize,
-  CallOptions,
-  ReadFileOptions,
-  WriteFileOptions,
-  WarmupVm,
-  ExecChildLike,
-  ExecLimits,
-} from "./schema/options.js";
+export type { BuildOptions, PoolOptions } from "./schema/options.js";
+export type { ExtraFile, ExecLimits } from "./schema/fields.js";
+export type { ExecOptions, SpawnOptions, ExecOutput, StagedFileMode, Winsize, CallOptions, ReadFileOptions, WriteFileOptions, WarmupVm, ExecChildLike } from "./schema/calls.js";
 export type { BackgroundEntry } from "./agent/client.js";
 export type { NetworkOption, NetworkObjectOption } from "./schema/network.js";
 export { NETWORK_DEFAULTS } from "./schema/network.js";
 export type { NetStats } from "./session/egress.js";
-export { BUILD_DEFAULTS, POOL_DEFAULTS, EXEC_DEFAULT_TIMEOUT_MS, FILE_LIMIT } from "./schema/options.js";
+export { BUILD_DEFAULTS, POOL_DEFAULTS } from "./schema/options.js";
+export { EXEC_DEFAULT_TIMEOUT_MS, FILE_LIMIT } from "./schema/calls.js";
 export type { ImageConfig, ImageProgress, PullProgress, BakeProgress, BakeStep, BuildProgress } from "./schema/image.js";
 export type { PullPolicy } from "./image/resolve.js";
 export { RegistryError } from "./registry/errors.js";

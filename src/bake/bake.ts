@@ -12,7 +12,7 @@ import { BakeError, ImageError } from "../errors.js";
 import type { ExecDefaults } from "../session/env.js";
 import { logger } from "../debug.js";
 import type { BakeProgress, BakeStep } from "../schema/image.js";
-import type { WarmupVm } from "../schema/options.js";
+import type { WarmupVm } from "../schema/calls.js";
 import type { ResolvedNetwork } from "../schema/network.js";
 import { publishSnapshot, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotMeta, type WorkloadSpec } from "../store/snapshots.js";
 import type { SnapshotInputs, SnapshotSources } from "../schema/key.js";

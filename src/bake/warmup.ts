@@ -9,7 +9,7 @@ import type { MicroVm } from "../engine/qemu.js";
 import { BakeError } from "../errors.js";
 import type { ExecDefaults } from "../session/env.js";
 import { GuestSession } from "../session/session.js";
-import type { ExecOptions, ReadFileOptions, SpawnOptions, WarmupVm, WriteFileOptions } from "../schema/options.js";
+import type { ExecOptions, ReadFileOptions, SpawnOptions, WarmupVm, WriteFileOptions } from "../schema/calls.js";
 import type { ResolvedNetwork } from "../schema/network.js";
 import type { BakeLog } from "./bake-log.js";
 

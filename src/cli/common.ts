@@ -5,7 +5,7 @@
 import { InvalidArgumentError, type Command } from "commander";
 import { hostname } from "node:os";
 import type { BuildProgress, LockHolder } from "../schema/image.js";
-import { isGuestPath } from "../schema/options.js";
+import { isGuestPath } from "../schema/fields.js";
 
 /** A command line that cannot be acted on; main.ts prints it on stderr and exits with status 2. */
 export class UsageError extends Error {}

@@ -34,5 +34,7 @@ export type {
   SupermachineConfig,
   SupermachineConfigFn,
 } from "../schema/project.js";
-export type { ExtraFile, PoolOptions, WarmupVm } from "../schema/options.js";
+export type { PoolOptions } from "../schema/options.js";
+export type { ExtraFile } from "../schema/fields.js";
+export type { WarmupVm } from "../schema/calls.js";
 export { ConfigError, type ConfigErrorDetails } from "./errors.js";

@@ -2,37 +2,15 @@
  * The image graph: nodes are images, edges go from a parent (`from`) to its children. A root
  * image has a `ref`; a child is baked on its parent's snapshot, so it inherits what a snapshot
  * fixes (memory, vCPUs, the workload, the root filesystem) and adds its own extraFiles, env and
- * warmup. This module only checks and resolves declarations; it does no I/O.
+ * warmup. This module only checks and resolves declarations (each option as the option table
+ * says, src/schema/options.ts); it does no I/O.
  */
 import { Graph, alg } from "@dagrejs/graphlib";
 import { GraphError } from "../errors.js";
-import { BUILD_DEFAULTS } from "../schema/options.js";
-import type { BuildProgress } from "../schema/image.js";
-import { mergeLimits, type ExecLimits, type WarmupVm } from "../schema/options.js";
-import { resolveNetwork, type NetworkOption, type ResolvedNetworkOption } from "../schema/network.js";
+import { buildOptions, resolveValue, type BuildOptions, type OptionRow, type ResolvedImageOptions } from "../schema/options.js";
 
-
-
-/** What a declaration may set (the build options; none has a default yet). */
-export interface ImageFields {
-  ref?: string | undefined;
-  memoryMib?: number | undefined;
-  vcpus?: number | undefined;
-  pullPolicy?: "always" | "missing" | "never" | undefined;
-  cmd?: string[] | undefined;
-  env?: Record<string, string> | undefined;
-  guestPort?: number | undefined;
-  listenerRequired?: boolean | undefined;
-  extraFiles?: { hostPath: string; guestPath: string; mode?: number | undefined }[] | undefined;
-  warmupTag?: string | undefined;
-  warmup?: ((vm: WarmupVm) => Promise<void>) | undefined;
-  platform?: string | undefined;
-  insecureRegistries?: string[] | undefined;
-  onProgress?: ((p: BuildProgress) => void) | undefined;
-  snapshotsDir?: string | undefined;
-  execLimits?: ExecLimits | undefined;
-  network?: NetworkOption | ResolvedNetworkOption | undefined;
-}
+/** What a declaration may set: the build options as written, none defaulted yet. */
+export type ImageFields = Partial<BuildOptions>;
 
 /** One declared image, as the config loader (or Image.build) hands it over. */
 export interface DeclaredImage {
@@ -44,38 +22,16 @@ export interface DeclaredImage {
   definition: ImageFields;
 }
 
-/** A node with everything resolved: inherited values filled in, defaults applied. */
-export interface NodeSpec {
+/**
+ * A node with everything resolved: defaults applied and inherited values filled in, option by
+ * option as the option table says (src/schema/options.ts: `child`). A child's `ref` is its
+ * root's; `extraFiles`, `warmup` and `network` are each image's own.
+ */
+export type NodeSpec = ResolvedImageOptions & {
   name: string;
   module: string | null;
   parent: string | null;
-  /** The root image's reference (a child's is its root's). */
-  ref: string;
-  pullPolicy: "always" | "missing" | "never";
-  platform: string | undefined;
-  insecureRegistries: string[] | undefined;
-  memoryMib: number;
-  vcpus: number;
-  /** The build env: the parent's, with this image's on top. */
-  env: Record<string, string>;
-  cmd: string[] | undefined;
-  guestPort: number;
-  listenerRequired: boolean;
-  /** This image's own extraFiles (a parent's are in its snapshot already). */
-  extraFiles: { hostPath: string; guestPath: string; mode?: number | undefined }[];
-  warmupTag: string;
-  warmup: ((vm: WarmupVm) => Promise<void>) | undefined;
-  /** Limits of every exec in the image's VMs: the parent's, with this image's fields on top. */
-  execLimits: ExecLimits | undefined;
-  /**
-   * What this image's warmup may reach (not inherited: each warmup says what it needs; a
-   * parent's egress is over once its snapshot is taken).
-   */
-  network: ResolvedNetworkOption;
-}
-
-/** Options that belong to a root image: a child runs on its parent's snapshot, which fixed them. */
-const ROOT_ONLY = ["ref", "pullPolicy", "platform", "insecureRegistries", "cmd", "guestPort", "listenerRequired"] as const;
+};
 
 export class ImageGraph {
   /** @internal */
@@ -191,54 +147,38 @@ function where(img: DeclaredImage): string {
 }
 
 function resolveNode(img: DeclaredImage, parent: NodeSpec | undefined): NodeSpec {
-  const d = img.definition;
-  const own = {
-    extraFiles: d.extraFiles ?? [],
-    warmupTag: d.warmupTag ?? BUILD_DEFAULTS.warmupTag,
-    warmup: d.warmup,
-  };
-  if (!parent) {
-    return {
-      name: img.name,
-      module: img.module,
-      parent: null,
-      ref: d.ref!,
-      pullPolicy: d.pullPolicy ?? BUILD_DEFAULTS.pullPolicy,
-      platform: d.platform,
-      insecureRegistries: d.insecureRegistries,
-      memoryMib: d.memoryMib ?? BUILD_DEFAULTS.memoryMib,
-      vcpus: d.vcpus ?? BUILD_DEFAULTS.vcpus,
-      env: d.env ?? {},
-      cmd: d.cmd,
-      guestPort: d.guestPort ?? BUILD_DEFAULTS.guestPort,
-      listenerRequired: d.listenerRequired ?? false,
-      execLimits: mergeLimits(undefined, d.execLimits),
-      network: resolveNetwork(d.network),
-      ...own,
-    };
-  }
-  for (const k of ROOT_ONLY) {
-    if (d[k] !== undefined) {
-      throw new GraphError("GRAPH_CHILD_OPTION", `image ${JSON.stringify(img.name)} (${where(img)}) sets ${k}, but it is built from ${JSON.stringify(parent.name)}: ${k} belongs to the root image of the chain`, {
-        hint: `remove ${k} here, or set it on the root image`,
-      });
+  const d = img.definition as Record<string, unknown>;
+  const p = parent as Record<string, unknown> | undefined;
+  const node: Record<string, unknown> = { name: img.name, module: img.module, parent: parent?.name ?? null };
+  for (const [k, row] of Object.entries(buildOptions) as [string, OptionRow][]) {
+    const own = d[k];
+    if (row.child === "call") continue;
+    // A root image takes its own value (or the default); a child goes by the row's rule.
+    switch (parent ? row.child : "own") {
+      case "root":
+        if (own !== undefined) {
+          throw new GraphError("GRAPH_CHILD_OPTION", `image ${JSON.stringify(img.name)} (${where(img)}) sets ${k}, but it is built from ${JSON.stringify(parent!.name)}: ${k} belongs to the root image of the chain`, {
+            hint: `remove ${k} here, or set it on the root image`,
+          });
+        }
+        node[k] = p![k];
+        break;
+      case "same":
+        if (own !== undefined && own !== p![k]) {
+          throw new GraphError("GRAPH_CHILD_SHAPE", `image ${JSON.stringify(img.name)} (${where(img)}) sets ${k} ${String(own)}, but its parent ${JSON.stringify(parent!.name)} has ${String(p![k])}: a child runs on its parent's snapshot, which fixes ${k}`, {
+            hint: `remove ${k} (it is inherited), or build the image from a parent with ${k} ${String(own)}`,
+          });
+        }
+        node[k] = p![k];
+        break;
+      case "merge":
+        node[k] = merge(row, p![k], own);
+        break;
+      default:
+        node[k] = row.merge ? merge(row, resolveValue(row, undefined), own) : resolveValue(row, own);
     }
   }
-  for (const k of ["memoryMib", "vcpus"] as const) {
-    if (d[k] !== undefined && d[k] !== parent[k]) {
-      throw new GraphError("GRAPH_CHILD_SHAPE", `image ${JSON.stringify(img.name)} (${where(img)}) sets ${k} ${d[k]}, but its parent ${JSON.stringify(parent.name)} has ${parent[k]}: a child runs on its parent's snapshot, which fixes ${k}`, {
-        hint: `remove ${k} (it is inherited), or build the image from a parent with ${k} ${d[k]}`,
-      });
-    }
-  }
-  return {
-    ...parent,
-    name: img.name,
-    module: img.module,
-    parent: parent.name,
-    env: { ...parent.env, ...d.env },
-    execLimits: mergeLimits(parent.execLimits, d.execLimits),
-    network: resolveNetwork(d.network),
-    ...own,
-  };
+  return node as NodeSpec;
 }
+
+const merge = (row: OptionRow, base: unknown, own: unknown): unknown => (row.merge as (b: unknown, o: unknown) => unknown)(base, own);

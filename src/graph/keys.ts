@@ -4,10 +4,10 @@
  * path, mode and content, the module bundle, and the engine's fingerprint. The inputs are kept
  * beside the snapshot, so a later key can be compared with them and every difference named.
  */
-import { hashEnv, keyOf, stableJson, type EngineFingerprint, type SnapshotInputs, type SnapshotSources } from "../schema/key.js";
+import { keyOf, stableJson, type EngineFingerprint, type ExtraFileKey, type SnapshotInputs, type SnapshotSources } from "../schema/key.js";
 import type { ModuleDigest } from "./bundle.js";
 import type { NodeSpec } from "./graph.js";
-import { resolvedNetworkKey } from "../schema/network.js";
+import { keyedOptions, whyNaming } from "../schema/options.js";
 
 export interface KeyParts {
   parentKey: string | null;
@@ -15,7 +15,7 @@ export interface KeyParts {
   manifestDigest: string | null;
   /** The workload command the root image runs (its ENTRYPOINT/CMD, or `cmd`), null if none. */
   workload: string[] | null;
-  extraFiles: { guestPath: string; mode: number; sha256: string }[];
+  extraFiles: ExtraFileKey[];
   module: ModuleDigest | null;
   engine: EngineFingerprint;
 }
@@ -24,21 +24,11 @@ export function nodeInputs(spec: NodeSpec, p: KeyParts): SnapshotInputs {
   return {
     parent: p.parentKey,
     manifestDigest: p.manifestDigest,
-    memoryMib: spec.memoryMib,
-    vcpus: spec.vcpus,
-    // Values hashed, names kept: meta.json never holds a value, `why` still names the variable.
-    env: hashEnv(spec.env),
-    cmd: p.workload,
-    guestPort: spec.guestPort,
-    listenerRequired: spec.listenerRequired,
-    warmup: spec.warmup !== undefined,
-    warmupTag: spec.warmupTag,
-    extraFiles: [...p.extraFiles].sort((a, b) => a.guestPath.localeCompare(b.guestPath)).map(({ guestPath, mode, sha256 }) => ({ guestPath, mode, sha256 })),
+    // Every keyed option under its own name, as the option table says (an unset one is left out,
+    // so that images without it keep their keys). The order is `why`'s, not the hash's.
+    ...keyedOptions(spec, { workload: p.workload, extraFiles: p.extraFiles }),
     module: p.module ? { sha256: p.module.sha256, packages: p.module.packages } : null,
     engine: p.engine,
-    // Only when set, so images without limits keep their keys.
-    ...(spec.execLimits ? { execLimits: spec.execLimits } : {}),
-    ...(spec.network !== "none" ? { network: resolvedNetworkKey(spec.network) as Exclude<ReturnType<typeof resolvedNetworkKey>, "none"> } : {}),
   };
 }
 
@@ -69,15 +59,6 @@ export function diffInputs(before: { inputs: SnapshotInputs; sources?: SnapshotS
       case "manifestDigest":
         changes.push({ input: "image", before: a[k] ?? null, after: b[k] ?? null });
         break;
-      case "extraFiles": {
-        const byPath = (l: unknown) => new Map(((l as SnapshotInputs["extraFiles"]) ?? []).map((f) => [f.guestPath, f]));
-        const x = byPath(a[k]);
-        const y = byPath(b[k]);
-        for (const p of [...new Set([...x.keys(), ...y.keys()])].sort()) {
-          if (!same(x.get(p), y.get(p))) changes.push({ input: `extraFiles:${p}`, before: x.get(p) ?? null, after: y.get(p) ?? null });
-        }
-        break;
-      }
       case "module": {
         const x = a[k] as SnapshotInputs["module"];
         const y = b[k] as SnapshotInputs["module"];
@@ -93,14 +74,6 @@ export function diffInputs(before: { inputs: SnapshotInputs; sources?: SnapshotS
         if (files.length === 0 && same(px, py)) changes.push({ input: "module", before: x?.sha256 ?? null, after: y?.sha256 ?? null });
         break;
       }
-      case "env": {
-        const x = (a[k] ?? {}) as Record<string, unknown>;
-        const y = (b[k] ?? {}) as Record<string, unknown>;
-        for (const e of [...new Set([...Object.keys(x), ...Object.keys(y)])].sort()) {
-          if (!same(x[e], y[e])) changes.push({ input: `env:${e}`, before: x[e] ?? null, after: y[e] ?? null });
-        }
-        break;
-      }
       case "engine": {
         const x = (a[k] ?? {}) as Record<string, unknown>;
         const y = (b[k] ?? {}) as Record<string, unknown>;
@@ -110,8 +83,23 @@ export function diffInputs(before: { inputs: SnapshotInputs; sources?: SnapshotS
         break;
       }
       default:
-        changes.push({ input: k, before: a[k] ?? null, after: b[k] ?? null });
+        changes.push(...optionChanges(k, a[k], b[k]));
     }
   }
   return changes;
+}
+
+/** The changes of one keyed option, named as the option table says: the option, or each entry. */
+function optionChanges(input: string, x: unknown, y: unknown): InputChange[] {
+  const same = (u: unknown, v: unknown) => stableJson(u) === stableJson(v);
+  const naming = whyNaming(input);
+  if (naming === undefined) return [{ input, before: x ?? null, after: y ?? null }];
+  const entries = (v: unknown): Map<string, unknown> =>
+    naming === "entries" ? new Map(Object.entries((v ?? {}) as Record<string, unknown>)) : new Map(((v ?? []) as { guestPath: string }[]).map((f) => [f.guestPath, f]));
+  const ex = entries(x);
+  const ey = entries(y);
+  return [...new Set([...ex.keys(), ...ey.keys()])]
+    .sort()
+    .filter((e) => !same(ex.get(e), ey.get(e)))
+    .map((e) => ({ input: `${input}:${e}`, before: ex.get(e) ?? null, after: ey.get(e) ?? null }));
 }

@@ -11,7 +11,7 @@ import type { MicroVm } from "../engine/qemu.js";
 import { ExecError, PoolError } from "../errors.js";
 import type { ExecDefaults } from "../session/env.js";
 import { GuestSession } from "../session/session.js";
-import { callSchema, type CallOptions } from "../schema/options.js";
+import { callSchema, type CallOptions } from "../schema/calls.js";
 import { parseOptions } from "../schema/parse.js";
 import type { LoadedSnapshot, SnapshotMeta } from "../store/snapshots.js";
 import type { Image } from "./image.js";

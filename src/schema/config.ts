@@ -1,13 +1,13 @@
 /**
  * The schemas of config files: an image definition (a defineImage module) and
- * supermachine.config.ts. Their fields are the option schemas of ./options.ts (Image.build,
- * image.pool), so a field accepts the same values with the same messages, with one difference:
- * nothing here applies a default. A child image inherits memoryMib/vcpus from its parent, so the
- * graph layer, not the loader, applies BUILD_DEFAULTS / POOL_DEFAULTS.
+ * supermachine.config.ts. Their fields are the option table's (./options.ts: Image.build,
+ * image.pool), so a field accepts the same values with the same messages. Nothing here applies a
+ * default: a child image inherits from its parent, so the graph resolves build options, and
+ * image.pool resolves pool options.
  */
 import { z } from "zod";
-import { buildSchema, intIn, poolSchema } from "./options.js";
-import { networkInputSchema } from "./network.js";
+import { buildDeclarationFields, poolDeclarationFields, poolSchema } from "./options.js";
+import { checkExtraFiles, intIn } from "./fields.js";
 import type { ImageBase, ImageDefinition, ImageDefinitionFn, ImageDecl, PoolDeclaration } from "./project.js";
 
 /** Image names: the rule of Image.build's `name`, so a name can also name a snapshot directory. */
@@ -35,22 +35,9 @@ export function isDefinitionLike(v: unknown): v is ImageDefinition | ImageDefini
   return isPlainObject(v) || typeof v === "function";
 }
 
-type Optionalized<S extends z.ZodRawShape> = {
-  [K in keyof S]: S[K] extends z.ZodDefault<infer I> ? z.ZodOptional<I> : S[K] extends z.ZodOptional<z.ZodType> ? S[K] : z.ZodOptional<S[K]>;
-};
-
-/** The fields of an option schema with every default removed and every field optional. */
-function optionalized<S extends z.ZodRawShape>(shape: S): Optionalized<S> {
-  const out: Record<string, z.ZodType> = {};
-  for (const [k, s] of Object.entries(shape)) {
-    out[k] = s instanceof z.ZodDefault ? (s.unwrap() as z.ZodType).optional() : s instanceof z.ZodOptional ? s : (s as z.ZodType).optional();
-  }
-  return out as Optionalized<S>;
-}
-
 // ---- image definitions -------------------------------------------------------------------------
 
-const buildFields = { ...optionalized(buildSchema.shape), network: networkInputSchema };
+const buildFields = buildDeclarationFields;
 
 const fromSchema = z
   .custom<ImageBase>((v) => (typeof v === "string" ? IMAGE_NAME.test(v) : isDefinitionLike(v)), {
@@ -82,11 +69,7 @@ export const imageDefinitionSchema = z
         params: { hint: 'set ref (for example ref: "python:3-bookworm"), or from: another image of the project (its imported definition or its name)' },
       });
     }
-    const seen = new Set<string>();
-    o.extraFiles?.forEach((f, i) => {
-      if (seen.has(f.guestPath)) ctx.addIssue({ code: "custom", path: ["extraFiles", i, "guestPath"], input: f.guestPath, message: "appears twice in extraFiles" });
-      seen.add(f.guestPath);
-    });
+    checkExtraFiles(o.extraFiles, ctx);
   });
 
 // The loader's ImageDecl is this schema's output without `from`: keep the two in step.
@@ -94,7 +77,7 @@ export const imageDefinitionSchema = z
 
 // ---- supermachine.config.ts --------------------------------------------------------------------
 
-const poolFields = { ...optionalized(poolSchema.in.shape), network: networkInputSchema };
+const poolFields = poolDeclarationFields;
 
 export const poolDeclarationSchema = z
   .object({

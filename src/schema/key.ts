@@ -5,6 +5,7 @@
  * snapshot and checks a loaded one against its key), so that neither imports the other.
  */
 import { createHash } from "node:crypto";
+import type { KeyedOptions } from "./options.js";
 
 /** The accelerator a VM runs under. */
 export type Accel = "kvm" | "tcg";
@@ -20,36 +21,31 @@ export interface EngineFingerprint {
   agentVersion: string;
 }
 
+/** A staged extra file as the key holds it: where it goes, its mode and the sha256 of its contents. */
+export interface ExtraFileKey {
+  guestPath: string;
+  mode: number;
+  sha256: string;
+}
+
 /**
- * Everything a snapshot depends on (its key is their hash). Changing any of it makes a
- * different snapshot. Nothing here depends on the machine, the checkout's path or mtimes,
- * except what the engine is (the accelerator among it).
+ * Everything a snapshot depends on (its key is their hash). Changing any of it makes a different
+ * snapshot. Nothing here depends on the machine, the checkout's path or mtimes, except what the
+ * engine is (the accelerator among it). Besides the four below, the inputs are the keyed build
+ * options, each under its own name (the option table's `key`, src/schema/options.ts): memoryMib,
+ * vcpus, env (salted hashes of the values), cmd (the workload resolved), guestPort,
+ * listenerRequired, warmup (whether one runs) and warmupTag, extraFiles (by content),
+ * execLimits and network (when set).
  */
-export interface SnapshotInputs {
+export type SnapshotInputs = {
   /** The parent snapshot's key (an image built `from` another), or null for a root image. */
   parent: string | null;
   /** A root image's manifest digest (never its tag); null for a child (it is in the parent's key). */
   manifestDigest: string | null;
-  memoryMib: number;
-  vcpus: number;
-  /** The build env: each variable's name and `hashEnvValue` of its value. */
-  env: Record<string, string>;
-  cmd: string[] | null;
-  guestPort: number;
-  listenerRequired: boolean;
-  /** Whether a warmup function runs, and its tag (the function's code is in `module`). */
-  warmup: boolean;
-  warmupTag: string;
-  /** Staged host files: where they go, their mode and the sha256 of their contents. */
-  extraFiles: { guestPath: string; mode: number; sha256: string }[];
   /** The declaring module bundled and minified (config projects), or null (the API). */
   module: { sha256: string; packages: Record<string, string> } | null;
   engine: EngineFingerprint;
-  /** Limits of every exec (warmup included), when the image sets them. */
-  execLimits?: { processes?: number; memoryMib?: number };
-  /** The warmup's egress (`network`), canonical, when it has any. */
-  network?: { allow: string[]; hosts: Record<string, string>; maxConnections: number; maxBytes: number };
-}
+} & KeyedOptions;
 
 /**
  * What explains a key but is not part of it: the reference as written (the key has its digest),

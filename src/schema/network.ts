@@ -311,7 +311,7 @@ export const networkInputSchema = z
   .superRefine((v, ctx) => {
     const r = resolve(v);
     if ("issue" in r) ctx.addIssue({ code: "custom", path: r.issue.path, message: r.issue.message, input: v, params: { code: r.issue.code, hint: r.issue.hint } });
-  }) as unknown as z.ZodType<NetworkOption | undefined>;
+  }) as unknown as z.ZodType<NetworkOption | undefined, NetworkOption | undefined>;
 
 /** The option resolved (defaults filled, entries compiled); throws NetworkError naming the entry, the cause and the accepted forms. */
 export function parseNetwork(input: unknown, what = "network"): ResolvedNetworkOption {

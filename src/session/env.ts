@@ -6,7 +6,7 @@ import { posix } from "node:path";
 import type { AgentClient } from "../agent/client.js";
 import { ExecError } from "../errors.js";
 import type { ImageConfig } from "../schema/image.js";
-import type { ExecLimits } from "../schema/options.js";
+import type { ExecLimits } from "../schema/fields.js";
 
 export const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 

@@ -10,7 +10,7 @@ import { Writable, type Readable } from "node:stream";
 import type { ExecStream, ExitInfo } from "../agent/client.js";
 import { ExecError, OptionError } from "../errors.js";
 import { parseOptions } from "../schema/parse.js";
-import { signalSchema } from "../schema/options.js";
+import { signalSchema } from "../schema/fields.js";
 import { DEFAULT_READ_BYTES, OutputQueue } from "./output.js";
 import { z } from "zod";
 

@@ -15,29 +15,8 @@ import { CallScope, callScope } from "../deadline.js";
 import type { MicroVm } from "../engine/qemu.js";
 import { AgentError, DeadlineError, ExecError, GuestFileError, OptionError, PoolError, SupermachineError } from "../errors.js";
 import { logger } from "../debug.js";
-import {
-  CALL_DEFAULT_TIMEOUT_MS,
-  callSchema,
-  execSchema,
-  guestPath,
-  hostPortSchema,
-  portSchema,
-  readFileSchema,
-  readStreamSchema,
-  signalSchema,
-  spawnSchema,
-  writeFileSchema,
-  writeStreamSchema,
-  bytesLike,
-  mergeLimits,
-  type CallOptions,
-  type ExecLimits,
-  type ExecOptions,
-  type ExecOutput,
-  type ReadFileOptions,
-  type SpawnOptions,
-  type WriteFileOptions,
-} from "../schema/options.js";
+import { guestPath, hostPortSchema, portSchema, signalSchema, bytesLike, mergeLimits, type ExecLimits } from "../schema/fields.js";
+import { CALL_DEFAULT_TIMEOUT_MS, callSchema, execSchema, readFileSchema, readStreamSchema, spawnSchema, writeFileSchema, writeStreamSchema, type CallOptions, type ExecOptions, type ExecOutput, type ReadFileOptions, type SpawnOptions, type WriteFileOptions } from "../schema/calls.js";
 import { parseOptions } from "../schema/parse.js";
 import { mergeEnv, resolveImageUser, type ExecDefaults } from "./env.js";
 import { ExecChild, signalName } from "./exec-child.js";

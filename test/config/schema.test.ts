@@ -1,9 +1,13 @@
-// The config schemas (src/spec/config.ts): the option schemas' fields and messages, without
-// their defaults.
+// The config schemas (src/schema/config.ts): the option table's fields and messages; defaults
+// are applied once, where options are resolved (the graph, image.pool).
 import { describe, expect, it } from "vitest";
 import { configSchema, imageDefinitionSchema, poolDeclarationSchema, RESERVED_POOL_NAMES } from "../../src/schema/config.js";
 import { buildSchema, poolSchema } from "../../src/schema/options.js";
 import { parseOptions } from "../../src/schema/parse.js";
+import { buildImageGraph } from "../../src/graph/graph.js";
+
+/** An Image.build definition as the graph resolves it (defaults applied once, there). */
+const resolved = (definition: object) => buildImageGraph([{ name: "a", module: null, from: null, definition: buildSchema.parse(definition) }]).spec("a");
 import { OptionError } from "../../src/errors.js";
 
 function message(fn: () => unknown): string {
@@ -20,8 +24,9 @@ describe("image definition schema", () => {
   it("applies no default: a child inherits memoryMib and vcpus from its parent", () => {
     expect(imageDefinitionSchema.parse({ from: "python" })).toEqual({ from: "python" });
     expect(imageDefinitionSchema.parse({ ref: " alpine " })).toEqual({ ref: "alpine" });
-    // Image.build's schema, the same fields, still fills them.
-    expect(buildSchema.parse({ ref: "alpine" })).toMatchObject({ memoryMib: 256, vcpus: 1, pullPolicy: "missing", env: {}, extraFiles: [] });
+    // Nor does Image.build's schema, the same fields: the graph fills them, for both.
+    expect(buildSchema.parse({ ref: "alpine" })).toEqual({ ref: "alpine" });
+    expect(resolved({ ref: "alpine" })).toMatchObject({ memoryMib: 256, vcpus: 1, pullPolicy: "missing", env: {}, extraFiles: [], network: "none" });
   });
 
   it("accepts and refuses what Image.build does, with the same messages", () => {
@@ -54,8 +59,8 @@ describe("network in definitions and pools", () => {
     const network = { allow: ["PyPI.org", "*.example.com:8443"], hosts: { "index.test": "127.0.0.1" } };
     expect(imageDefinitionSchema.parse({ ref: "alpine", network })).toEqual({ ref: "alpine", network });
     expect(poolDeclarationSchema.parse({ image: "a", network: "none" })).toEqual({ image: "a", network: "none" });
-    const built = buildSchema.parse({ ref: "alpine", network });
-    expect(built.network).toMatchObject({ allow: [{ text: "*.example.com:8443" }, { text: "pypi.org" }], hosts: { "index.test": "127.0.0.1" }, maxConnections: 32 });
+    expect(buildSchema.parse({ ref: "alpine", network }).network).toEqual(network);
+    expect(resolved({ ref: "alpine", network }).network).toMatchObject({ allow: [{ text: "*.example.com:8443" }, { text: "pypi.org" }], hosts: { "index.test": "127.0.0.1" }, maxConnections: 32 });
     expect(poolSchema.parse({}).network).toBe("none");
     for (const bad of [{ allow: ["http://x.test/"] }, { allow: "x.test" }, { allow: [], hosts: { a: "not-an-ip" } }, { allow: ["x.test"], maxConnections: 0 }, "all"]) {
       const asBuild = message(() => parseOptions("x", buildSchema, { ref: "alpine", network: bad }));

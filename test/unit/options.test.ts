@@ -1,9 +1,12 @@
-// The option schemas (src/spec): every bad input is refused with a stable code, a message naming
+// The option schemas (src/schema): every bad input is refused with a stable code, a message naming
 // the call, the option and the value, and a hint, before anything reaches a guest.
 import { describe, expect, it } from "vitest";
-import { buildSchema, execSchema, mergeLimits, poolSchema, spawnSchema, readFileSchema } from "../../src/schema/options.js";
+import { buildSchema, poolSchema } from "../../src/schema/options.js";
+import { mergeLimits } from "../../src/schema/fields.js";
+import { execSchema, spawnSchema, readFileSchema } from "../../src/schema/calls.js";
 import { imageDefinitionSchema } from "../../src/schema/config.js";
 import { execDefaults } from "../../src/session/env.js";
+import { buildImageGraph } from "../../src/graph/graph.js";
 import { parseOptions } from "../../src/schema/parse.js";
 import { OptionError } from "../../src/errors.js";
 
@@ -130,7 +133,8 @@ describe("exec options", () => {
 describe("build and pool options", () => {
   it("fills defaults and refuses bad values", () => {
     const b = parseOptions("Image.build", buildSchema, { ref: " builtin:busybox " });
-    expect(b).toMatchObject({ ref: "builtin:busybox", memoryMib: 256, vcpus: 1, pullPolicy: "missing", guestPort: 80, warmupTag: "default", extraFiles: [] });
+    const node = buildImageGraph([{ name: "a", module: null, from: null, definition: b }]).spec("a");
+    expect(node).toMatchObject({ ref: "builtin:busybox", memoryMib: 256, vcpus: 1, pullPolicy: "missing", guestPort: 80, warmupTag: "default", extraFiles: [] });
     const p = refused(() => parseOptions("Image.build", buildSchema, { ref: "x", pullPolicy: "sometimes" }));
     expect(p.hint).toBe('accepted values: "always", "missing", "never"');
     expect(refused(() => parseOptions("Image.build", buildSchema, { ref: "x", guestPort: 70000 })).message).toContain("guestPort must be an integer from 1 to 65535");

@@ -13,7 +13,7 @@ import { buildGraph } from "../../src/project/build.js";
 import type { MicroVm } from "../../src/engine/qemu.js";
 import { buildImageGraph } from "../../src/graph/graph.js";
 import { Image, type Vm } from "../../src/index.js";
-import type { WarmupVm } from "../../src/schema/options.js";
+import type { WarmupVm } from "../../src/schema/calls.js";
 
 const work = mkdtempSync(join(tmpdir(), "sm-clones-test-"));
 const snapshotsDir = join(work, "snapshots");
