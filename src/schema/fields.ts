@@ -128,14 +128,3 @@ export function checkExtraFiles(files: { guestPath: string }[] | undefined, ctx:
     seen.add(f.guestPath);
   });
 }
-
-/**
- * A user as an image's `User` names one: `name`, `uid`, `name:group` or `uid:gid` (names are
- * looked up in the guest's /etc/passwd and /etc/group when a process starts).
- */
-export const userSchema = z
-  .string({ error: "must be a string: a user name or uid, optionally with :group or :gid" })
-  .refine((v) => /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$/.test(v), {
-    error: "is not a user: expected name, uid, name:group or uid:gid",
-    params: { hint: 'for example "nobody", "1000" or "1000:1000"' },
-  });

@@ -45,8 +45,9 @@ export function mergeEnv(base: string[], extra: Record<string, string>): string[
 }
 
 /**
- * Resolves an image `User` (`name`, `uid`, `name:group`, `uid:gid`) to numeric ids, reading the
- * guest's /etc/passwd and /etc/group when names are involved.
+ * Resolves a user in the form of an image's `User` (`name`, `uid`, `name:group`, `uid:gid`: the
+ * image's own, or a pool's `user`) to numeric ids, reading the guest's /etc/passwd and /etc/group
+ * when names are involved.
  */
 export async function resolveImageUser(agent: AgentClient, spec: string): Promise<{ uid: number; gid: number }> {
   const [u, g] = spec.split(":", 2) as [string, string | undefined];
@@ -71,8 +72,8 @@ export async function resolveImageUser(agent: AgentClient, spec: string): Promis
     }
   }
   if (uid === undefined || gid === undefined || Number.isNaN(uid) || Number.isNaN(gid)) {
-    throw new ExecError("EXEC_USER_UNKNOWN", `the image's User ${JSON.stringify(spec)} is not in the guest's /etc/passwd or /etc/group`, {
-      hint: "set User in the image to a numeric uid[:gid], or add the user to the image",
+    throw new ExecError("EXEC_USER_UNKNOWN", `user ${JSON.stringify(spec)} (who processes run as) is not in the guest's /etc/passwd or /etc/group`, {
+      hint: "name a user the image has, or a numeric uid[:gid], in the pool's `user` option or the image's User; or add the user to the image",
     });
   }
   return { uid, gid };
