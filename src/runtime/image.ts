@@ -214,7 +214,8 @@ export class Image {
       used = next;
       return { spec: this.vmSpec(memoryMib, vcpus, o.restoreTimeoutMs, next), origin: next.meta };
     };
-    const pool = new Pool(spec, execDefaults(this.config, this.snap.meta.buildEnv ?? this.snap.meta.inputs.env, limits), o, workload ?? undefined, { meta: this.snap.meta, open: (snap) => new Image(snap) }, lease, restored ? recover : undefined);
+    const defaults = execDefaults(this.config, this.snap.meta.buildEnv ?? this.snap.meta.inputs.env, limits);
+    const pool = new Pool(spec, o.user ? { ...defaults, user: o.user } : defaults, o, workload ?? undefined, { meta: this.snap.meta, open: (snap) => new Image(snap) }, lease, restored ? recover : undefined);
     // The baked VM has the snapshot's shape; a pool of another shape cannot use it.
     const handoff = spec.incomingState !== undefined ? this.takeHandoff() : undefined;
     await pool.warm(handoff);

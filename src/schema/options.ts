@@ -198,6 +198,14 @@ export const poolOptions = {
     default: "none",
     resolve: (v: NetworkOption | undefined) => resolveNetwork(v),
   },
+  user: {
+    schema: z.string({ error: "must be a string: a user name or uid, optionally with :group or :gid" }).refine((v) => /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$/.test(v), {
+      error: "is not a user: expected name, uid, name:group or uid:gid",
+      params: { hint: 'for example "nobody", "1000" or "1000:1000"' },
+    }),
+    type: "string",
+    doc: "Who execs run as: `name`, `uid`, `name:group` or `uid:gid`, looked up in the guest (default: the image's `User`; the workload keeps the image's).",
+  },
 } as const satisfies Record<string, OptionRow>;
 
 // ---- what the table derives ---------------------------------------------------------------------
