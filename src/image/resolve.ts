@@ -6,9 +6,7 @@
  * one digest take turns under its lock, and a crashed builder's temp directory is removed by the
  * next).
  */
-import { createHash } from "node:crypto";
-import { createReadStream } from "node:fs";
-import { readFile, rm, stat } from "node:fs/promises";
+import { rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { ImageError } from "../errors.js";
 import { logger } from "../debug.js";
