@@ -1,0 +1,158 @@
+/**
+ * Requests and their answers over one agent connection: the table of operations in flight by
+ * stream id, ids allocated below the agent's own (PROTOCOL.md: PROXY_CONN streams are the
+ * agent's), frames routed to the operation they belong to, and the connection-level messages
+ * (HELLO_OK, PONG, GOAWAY, PROXY_CONN). `request()` is the one way a request answered with OK
+ * is sent and awaited; streams that live longer are opened with `open()`.
+ */
+import { logger } from "../debug.js";
+import { AgentError } from "../errors.js";
+import type { HelloInfo, ProxyConnHandler } from "./messages.js";
+import { AGENT_STREAM_BASE, Fields, type Frame, Msg, PROTOCOL_VERSION, StreamErrorCode, Tag } from "./protocol.js";
+import { RequestOp, TcpStream, type StreamOp } from "./streams.js";
+import { AgentTransport } from "./transport.js";
+
+const log = logger("agent");
+
+export abstract class AgentConnection extends AgentTransport {
+  private readonly streams = new Map<number, StreamOp>();
+  protected readonly pings = new Map<number, (payload: Buffer) => void>();
+  private nextId = 1;
+  /** Who takes PROXY_CONN streams while the agent's proxy listener is up (proxyListen). */
+  protected proxyHandler: ProxyConnHandler | undefined;
+  protected helloWaiter: { resolve: (h: HelloInfo) => void; reject: (e: Error) => void } | undefined;
+
+  /** Streams in flight (diagnostics, tests). */
+  get openStreams(): number {
+    return this.streams.size;
+  }
+
+  protected busy(): boolean {
+    return this.streams.size + this.pings.size + (this.helloWaiter ? 1 : 0) > 0;
+  }
+
+  protected failAll(err: Error): void {
+    this.helloWaiter?.reject(err);
+    this.helloWaiter = undefined;
+    for (const op of this.streams.values()) op.fail(err);
+    this.streams.clear();
+    this.pings.clear();
+  }
+
+  protected onFrame(frame: Frame): void {
+    switch (frame.type) {
+      case Msg.HELLO_OK: {
+        const info = helloInfo(frame);
+        // A wrong version fails the connection, and with it the HELLO waiting for this answer.
+        if (info.version !== PROTOCOL_VERSION) {
+          throw new AgentError("AGENT_VERSION", `agent chose protocol version ${info.version}, host speaks ${PROTOCOL_VERSION}`);
+        }
+        const w = this.helloWaiter;
+        this.helloWaiter = undefined;
+        this.settle();
+        w?.resolve(info);
+        return;
+      }
+      case Msg.PONG: {
+        const cb = this.pings.get(frame.stream);
+        if (cb) {
+          this.pings.delete(frame.stream);
+          cb(frame.payload);
+        }
+        return;
+      }
+      case Msg.GOAWAY: {
+        const f = new Fields(frame.payload, "GOAWAY");
+        const code = StreamErrorCode[f.u32(Tag.goaway.code) ?? 0] ?? "PROTOCOL";
+        throw new AgentError(`AGENT_${code}`, `agent ended the connection: ${f.string(Tag.goaway.message) ?? code}`);
+      }
+      case Msg.PROXY_CONN:
+        this.onProxyConn(frame);
+        return;
+      default: {
+        const op = this.streams.get(frame.stream);
+        if (!op) {
+          log("frame type %d for unknown stream %d dropped", frame.type, frame.stream);
+          return;
+        }
+        try {
+          op.onFrame(frame);
+        } catch (err) {
+          // The connection fails with this; the operation too, even if it already let go of
+          // its id (an answer whose fields do not parse).
+          op.fail(err as Error);
+          throw err;
+        }
+      }
+    }
+  }
+
+  /**
+   * A connection the guest made to the agent's proxy listener: a stream the agent opened. With
+   * nobody listening on this side (a PROXY_CONN racing with PROXY_STOP) it is cancelled.
+   */
+  private onProxyConn(frame: Frame): void {
+    const id = frame.stream;
+    if (id < AGENT_STREAM_BASE) throw new AgentError("AGENT_PROTOCOL", `PROXY_CONN on stream ${id}, below the agent's ids (${AGENT_STREAM_BASE})`);
+    if (this.streams.has(id)) throw new AgentError("AGENT_PROTOCOL", `PROXY_CONN on stream ${id}, which is open`);
+    const peerPort = new Fields(frame.payload, "PROXY_CONN").u16(Tag.proxyConn.peerPort) ?? 0;
+    const handler = this.proxyHandler;
+    const op = new TcpStream(this, id, true);
+    this.streams.set(id, op);
+    if (!handler) {
+      log("proxy connection %d from guest port %d while not listening: cancelled", id, peerPort);
+      op.done.catch(() => {});
+      op.abandon(new AgentError("AGENT_PROXY_STOPPED", "the host is not serving the guest's proxy"));
+      return;
+    }
+    this.settle();
+    handler(op, { peerPort });
+  }
+
+  /** @internal */
+  forget(id: number): void {
+    this.streams.delete(id);
+    this.settle();
+  }
+
+  protected allocId(): number {
+    for (;;) {
+      const id = this.nextId;
+      // Ids from AGENT_STREAM_BASE up are the agent's (PROXY_CONN).
+      this.nextId = this.nextId >= AGENT_STREAM_BASE - 1 ? 1 : this.nextId + 1;
+      if (!this.streams.has(id) && !this.pings.has(id)) return id;
+    }
+  }
+
+  /** Registers a stream operation made for a fresh id and sends its opening frame. */
+  protected open<T extends StreamOp>(make: (id: number) => T, type: number, payload: Buffer): T {
+    this.checkAlive();
+    const op = make(this.allocId());
+    this.streams.set(op.id, op);
+    this.settle();
+    this.send(type, op.id, payload);
+    return op;
+  }
+
+  /** A request answered with OK: opens it and resolves with the OK's fields (rejects with its STREAM_ERROR). */
+  protected request(type: number, what: string, payload: Buffer = Buffer.alloc(0)): Promise<Fields> {
+    return this.open((id) => new RequestOp(this, id, what), type, payload).result;
+  }
+}
+
+function helloInfo(frame: Frame): HelloInfo {
+  const f = new Fields(frame.payload, "HELLO_OK");
+  const info: HelloInfo = {
+    version: f.u16(Tag.helloOk.version) ?? 0,
+    agentVersion: f.string(Tag.helloOk.agentVersion) ?? "unknown",
+    uptimeMs: Number(f.u64(Tag.helloOk.uptimeMs) ?? 0n),
+    features: (f.string(Tag.helloOk.features) ?? "").split(",").filter(Boolean),
+    port: f.string(Tag.helloOk.port),
+    vmId: f.string(Tag.helloOk.vmId),
+    limits: undefined,
+  };
+  const pidsMax = f.u32(Tag.helloOk.defaultPidsMax);
+  const memoryMax = f.u64(Tag.helloOk.defaultMemoryMax);
+  if (pidsMax !== undefined && memoryMax !== undefined) info.limits = { pidsMax, memoryMaxBytes: Number(memoryMax) };
+  return info;
+}

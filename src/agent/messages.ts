@@ -1,0 +1,102 @@
+/**
+ * What the agent's calls take and give, as the host sees them: HELLO's answer, exec requests and
+ * exits, background entries, file transfers in progress, and the error a stream ends with.
+ */
+import { AgentError } from "../errors.js";
+import type { TcpStream } from "./streams.js";
+
+export interface HelloInfo {
+  version: number;
+  agentVersion: string;
+  uptimeMs: number;
+  features: string[];
+  /** Name of the virtio port this connection runs on. */
+  port: string | undefined;
+  /** The VM id the guest has taken (HELLO `vmId` on the primary port of a VM). */
+  vmId: string | undefined;
+  /** The default limits of an exec's cgroup, when execs run in cgroups (feature `limits`). */
+  limits: { pidsMax: number; memoryMaxBytes: number } | undefined;
+}
+
+/** Processes an exec left running after its main process ended (LIST_BACKGROUND). */
+export interface BackgroundEntry {
+  /** The exec's id (its cgroup, /sys/fs/cgroup/exec/<id>). */
+  id: number;
+  argv: string[];
+  /** Guest pids of its processes. */
+  pids: number[];
+  /** Started with `detach`: a release leaves them running. */
+  detached: boolean;
+}
+
+export interface ExecRequest {
+  argv: string[];
+  /** Complete environment, `KEY=VALUE` (the caller merges image and call env). */
+  env: string[];
+  cwd?: string;
+  timeoutMs?: number;
+  uid?: number;
+  gid?: number;
+  /** When true the process reads stdin from `ExecStream.write`; otherwise /dev/null. */
+  stdin?: boolean;
+  /** Run on a pseudo-terminal of this size. */
+  tty?: { cols: number; rows: number };
+  /** Run after argv exits 0, in the same stream. */
+  chain?: string[];
+  /** pids.max / memory.max of the exec's cgroup (absent: the agent's defaults). */
+  limits?: { pidsMax?: number | undefined; memoryMaxBytes?: number | undefined };
+  /** Processes it leaves running survive a kill of the attached leftovers (release). */
+  detach?: boolean;
+}
+
+export interface ExitInfo {
+  exitCode: number;
+  /** Terminating signal number, 0 if none. */
+  signal: number;
+  timedOut: boolean;
+  peakRssKib: number | null;
+  durationUs: number;
+  /** 0: the first command; 1: the chained one. */
+  step: number;
+  /** The OOM killer took the exec: its memory limit was reached. */
+  oomKilled: boolean;
+  /** A fork in the exec failed at its process limit. */
+  pidsLimited: boolean;
+}
+
+/**
+ * An error the agent reported for one stream (STREAM_ERROR): `agentCode` is the protocol's
+ * name (`NOT_FOUND`, `REFUSED`, ...), `errno` the guest errno behind it when there was one.
+ */
+export class AgentStreamError extends AgentError {
+  constructor(
+    readonly agentCode: string,
+    message: string,
+    readonly errno: number | undefined,
+  ) {
+    super(`AGENT_${agentCode}`, message);
+  }
+}
+
+/** A READ_FILE in progress, for streaming consumers (credit returned as they consume). */
+export interface FileReader {
+  readonly id: number;
+  onData: (chunk: Buffer) => void;
+  consumed(n: number): void;
+  /** Resolves with the file size once the whole file was sent; rejects on error. */
+  readonly done: Promise<number>;
+  abandon(err: Error): void;
+}
+
+/** A WRITE_FILE in progress, fed by `write` and finished by `finish`. */
+export interface FileWriter {
+  readonly id: number;
+  write(chunk: Buffer): Promise<void>;
+  /** Sends EOF and resolves with the size the agent wrote. */
+  finish(): Promise<number>;
+  abandon(err: Error): void;
+}
+
+/** Takes a connection the guest made to the agent's proxy listener. */
+export type ProxyConnHandler = (stream: TcpStream, info: { peerPort: number }) => void;
+
