@@ -9,7 +9,7 @@ import { engineFingerprint } from "../engine/fingerprint.js";
 import { chooseAccel } from "../engine/accel.js";
 import { nativeArtifacts } from "../engine/artifacts.js";
 import { confinementReport } from "../engine/confine.js";
-import { qemuBinary } from "../engine/qemu.js";
+import { qemuBinary } from "../engine/qemu-binary.js";
 import { supermachineHome } from "../paths.js";
 import { action, isJson, writeJson } from "./common.js";
 

@@ -11,7 +11,7 @@ import { PROTOCOL_VERSION } from "../agent/protocol.js";
 import { hasHardwareVirt, hostAccelFacts } from "../engine/accel.js";
 import { nativeArtifacts, packageRoot } from "../engine/artifacts.js";
 import { confinementReport } from "../engine/confine.js";
-import { qemuBinary } from "../engine/qemu.js";
+import { qemuBinary } from "../engine/qemu-binary.js";
 import { SupermachineError } from "../errors.js";
 import { supermachineHome } from "../paths.js";
 import {

@@ -7,7 +7,7 @@ export type { EngineFingerprint } from "../schema/key.js";
 import type { Accel, EngineFingerprint } from "../schema/key.js";
 import { chooseAccel } from "./accel.js";
 import { nativeArtifacts } from "./artifacts.js";
-import { qemuIdentity } from "./qemu.js";
+import { qemuIdentity } from "./qemu-binary.js";
 
 
 /**
