@@ -5,8 +5,7 @@ export { Vm } from "./runtime/vm.js";
 export { loadPools, type LoadPoolsOptions, type Pools } from "./project/pools.js";
 export { loadProject } from "./config/loader.js";
 export { findConfig, CONFIG_FILE_NAMES } from "./config/discover.js";
-export { ConfigError } from "./config/errors.js";
-export type { BuildEvent, BuiltNode, NodeStatus } from "./project/build.js";
+export type { BuildEvent, BuiltImage, NodeStatus, FetchRequest, WatchEvent, WatchRound } from "./schema/events.js";
 export type {
   ImageDefinition,
   ImageDefinitionFn,
@@ -21,23 +20,19 @@ export { ExecChild, type ExecWaitResult } from "./session/exec-child.js";
 export { TcpForwarder } from "./session/tcp.js";
 export type { BuildOptions, PoolOptions } from "./schema/options.js";
 export type { ExtraFile, ExecLimits } from "./schema/fields.js";
-export type { ExecOptions, SpawnOptions, ExecOutput, StagedFileMode, Winsize, CallOptions, ReadFileOptions, WriteFileOptions, WarmupVm, ExecChildLike } from "./schema/calls.js";
-export type { BackgroundEntry } from "./agent/client.js";
+export type { ExecOptions, SpawnOptions, ExecOutput, StagedFileMode, Winsize, CallOptions, ReadFileOptions, WriteFileOptions, WarmupVm, ExecChildLike, BackgroundEntry } from "./schema/calls.js";
 export type { NetworkOption, NetworkObjectOption } from "./schema/network.js";
 export { NETWORK_DEFAULTS } from "./schema/network.js";
 export type { NetStats } from "./session/egress.js";
 export { BUILD_DEFAULTS, POOL_DEFAULTS } from "./schema/options.js";
 export { EXEC_DEFAULT_TIMEOUT_MS, FILE_LIMIT } from "./schema/calls.js";
 export type { ImageConfig, ImageProgress, PullProgress, BakeProgress, BakeStep, BuildProgress } from "./schema/image.js";
-export type { PullPolicy } from "./image/resolve.js";
-export { RegistryError } from "./registry/errors.js";
+export type { PullPolicy } from "./schema/fields.js";
 export { tagImage } from "./image/tag.js";
-export { exportSnapshots, CacheError } from "./transfer/index.js";
-export { importSnapshots, fetchFromCache } from "./project/cache.js";
-export type { TransferReport, TransferEntry, TransferStatus, TransferProgress, TransferOptions, ImportOptions } from "./transfer/index.js";
-export type { FetchRequest } from "./project/build.js";
-export type { LoadedSnapshot } from "./store/snapshots.js";
-export type { AccelChoice, Accel } from "./engine/accel.js";
+export { exportSnapshots, importSnapshots, fetchFromCache } from "./project/cache.js";
+export type { TransferReport, TransferEntry, TransferStatus, TransferProgress, TransferOptions, ImportOptions } from "./transfer/report.js";
+export type { AccelChoice, Accel, EngineFingerprint, SnapshotInputs, SnapshotSources } from "./schema/key.js";
+// Errors: every class a public function throws, each with its code list and the union of its codes.
 export {
   SupermachineError,
   SetupError,
@@ -46,12 +41,55 @@ export {
   EngineError,
   AgentError,
   OptionError,
+  NetworkError,
   PoolError,
   StoreError,
+  DeadlineError,
+  GuestFileError,
   ExecError,
   ForwardError,
-  GuestFileError,
-  DeadlineError,
   BakeError,
-  NetworkError,
+  GraphError,
+  BuildError,
+  CacheError,
+  SETUP_ERROR_CODES,
+  REF_ERROR_CODES,
+  IMAGE_ERROR_CODES,
+  ENGINE_ERROR_CODES,
+  AGENT_STREAM_ERRORS,
+  AGENT_ERROR_CODES,
+  OPTION_ERROR_CODES,
+  NETWORK_ERROR_CODES,
+  POOL_ERROR_CODES,
+  STORE_ERROR_CODES,
+  DEADLINE_ERROR_CODES,
+  GUEST_FILE_ERROR_CODES,
+  EXEC_ERROR_CODES,
+  FORWARD_ERROR_CODES,
+  BAKE_ERROR_CODES,
+  GRAPH_ERROR_CODES,
+  BUILD_ERROR_CODES,
+  CACHE_ERROR_CODES,
+  type SetupErrorCode,
+  type RefErrorCode,
+  type ImageErrorCode,
+  type EngineErrorCode,
+  type AgentStreamErrorName,
+  type AgentErrorCode,
+  type OptionErrorCode,
+  type NetworkErrorCode,
+  type PoolErrorCode,
+  type StoreErrorCode,
+  type DeadlineErrorCode,
+  type ErrnoName,
+  type GuestFileErrorCode,
+  type ExecErrorCode,
+  type ForwardErrorCode,
+  type BakeErrorCode,
+  type GraphErrorCode,
+  type BuildErrorCode,
+  type CacheErrorCode,
+  type ErrorDetails,
 } from "./errors.js";
+export { ConfigError, CONFIG_ERROR_CODES, type ConfigErrorCode } from "./config/errors.js";
+export { RegistryError, REGISTRY_ERROR_CODES, type RegistryErrorCode } from "./registry/errors.js";

@@ -2,7 +2,10 @@
  * What the agent's calls take and give, as the host sees them: HELLO's answer, exec requests and
  * exits, background entries, file transfers in progress, and the error a stream ends with.
  */
-import { AgentError } from "../errors.js";
+import { AgentError, type AgentStreamErrorName } from "../errors.js";
+import type { BackgroundEntry } from "../schema/calls.js";
+
+export type { BackgroundEntry };
 import type { TcpStream } from "./streams.js";
 
 export interface HelloInfo {
@@ -18,16 +21,6 @@ export interface HelloInfo {
   limits: { pidsMax: number; memoryMaxBytes: number } | undefined;
 }
 
-/** Processes an exec left running after its main process ended (LIST_BACKGROUND). */
-export interface BackgroundEntry {
-  /** The exec's id (its cgroup, /sys/fs/cgroup/exec/<id>). */
-  id: number;
-  argv: string[];
-  /** Guest pids of its processes. */
-  pids: number[];
-  /** Started with `detach`: a release leaves them running. */
-  detached: boolean;
-}
 
 export interface ExecRequest {
   argv: string[];
@@ -70,7 +63,7 @@ export interface ExitInfo {
  */
 export class AgentStreamError extends AgentError {
   constructor(
-    readonly agentCode: string,
+    readonly agentCode: AgentStreamErrorName,
     message: string,
     readonly errno: number | undefined,
   ) {

@@ -2,7 +2,7 @@
  * Host side of the wire protocol specified in native/agent/PROTOCOL.md: frame header, field
  * codec and message constants. Nothing here does I/O; see client.ts for the connection.
  */
-import { AgentError } from "../errors.js";
+import { AgentError, type AgentStreamErrorName } from "../errors.js";
 
 export const PROTOCOL_VERSION = 4;
 export const HEADER_SIZE = 12;
@@ -50,7 +50,7 @@ export type ChannelId = (typeof Channel)[keyof typeof Channel];
 export const FLAG_EOF = 0x80;
 export const CHANNEL_MASK = 0x03;
 
-export const StreamErrorCode: Record<number, string> = {
+export const StreamErrorCode: Record<number, AgentStreamErrorName> = {
   1: "BAD_REQUEST",
   2: "STREAM_IN_USE",
   3: "IO",

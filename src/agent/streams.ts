@@ -35,9 +35,9 @@ export abstract class StreamOp {
   protected streamError(frame: Frame, what: string): AgentStreamError {
     const f = new Fields(frame.payload, "STREAM_ERROR");
     const code = f.u32(Tag.streamError.code) ?? 0;
-    const name = StreamErrorCode[code] ?? `CODE_${code}`;
+    const name = StreamErrorCode[code] ?? "UNKNOWN";
     const message = f.string(Tag.streamError.message) ?? "";
-    return new AgentStreamError(name, `${what}: ${message || name}`, f.u32(Tag.streamError.errno));
+    return new AgentStreamError(name, `${what}: ${message || (name === "UNKNOWN" ? `error code ${code}` : name)}`, f.u32(Tag.streamError.errno));
   }
   /**
    * Gives up on the operation without waiting for the agent: sends CANCEL, fails with `err`

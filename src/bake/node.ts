@@ -14,6 +14,7 @@ import type { NodeSpec } from "../graph/graph.js";
 import { keyOf, nodeInputs } from "../graph/keys.js";
 import { resolveImage } from "../image/resolve.js";
 import type { BuildProgress } from "../schema/image.js";
+import type { BuiltImage, FetchRequest } from "../schema/events.js";
 import type { SnapshotInputs, SnapshotSources } from "../schema/key.js";
 import { execDefaults } from "../session/env.js";
 import { damageReason, isDamaged, loadSnapshot, quarantineSnapshot, type LoadedSnapshot, type SnapshotMeta, type WorkloadSpec } from "../store/snapshots.js";
@@ -22,39 +23,16 @@ import { planExtraFiles } from "./extra-files.js";
 
 const log = logger("build");
 
-export type NodeStatus = "baked" | "cached" | "imported" | "would-bake" | "failed" | "skipped";
-
-/** What a cache lookup gets for a node that is not baked locally. */
-export interface FetchRequest {
-  name: string;
-  key: string;
-  /** Where the snapshot must appear (published atomically) if the cache has it. */
-  dir: string;
+/** A node of a build as the library keeps it: the public BuiltImage, with its key inputs, what it runs, its snapshot and the baked VM. */
+export interface BuiltNode extends BuiltImage {
   inputs: SnapshotInputs;
   sources: SnapshotSources;
-}
-
-export interface BuiltNode {
-  name: string;
-  key: string;
-  status: NodeStatus;
-  parent: string | null;
-  /** Time from this node's start to its end (resolve, key, bake). */
-  ms: number;
-  /** Where its snapshot is (or would be). */
-  dir: string;
-  inputs: SnapshotInputs;
-  sources: SnapshotSources;
-  /** @internal What the image is and runs (children inherit both), known even when not baked. */
+  /** What the image is and runs (children inherit both), known even when not baked. */
   image?: SnapshotMeta["image"];
-  /** @internal */
   workload?: WorkloadSpec | null;
   snapshot?: LoadedSnapshot;
   /** The baked VM, still running, for the image's first pool (warm handoff). */
   handoff?: MicroVm;
-  /** Its snapshot was found damaged (why, and where it was moved), then rebaked or (frozen) not. */
-  damaged?: { reason: string; quarantine: string | undefined };
-  error?: Error;
 }
 
 export const defaultDirName = (spec: NodeSpec, key: string): string => `${spec.name}-${key.slice(0, 16)}`;

@@ -10,8 +10,10 @@ import { packageRoot } from "../engine/artifacts.js";
 import { SupermachineError } from "../errors.js";
 import { action, isJson, UsageError, writeJson } from "./common.js";
 
-/** `init` could not create the project. Codes: INIT_UNKNOWN_TEMPLATE, INIT_FILES_EXIST, INIT_NOT_A_DIRECTORY. */
-export class InitError extends SupermachineError {}
+export const INIT_ERROR_CODES = ["INIT_FILES_EXIST", "INIT_NOT_A_DIRECTORY", "INIT_UNKNOWN_TEMPLATE"] as const;
+export type InitErrorCode = (typeof INIT_ERROR_CODES)[number];
+/** `init` could not create the project. */
+export class InitError extends SupermachineError<InitErrorCode> {}
 
 /**
  * Files stored under another name in a template: npm leaves `.gitignore` out of published

@@ -1,4 +1,13 @@
-import { SupermachineError, type ErrorDetails } from "../errors.js";
+import { NETWORK_ERROR_CODES, OPTION_ERROR_CODES, SupermachineError, type ErrorDetails } from "../errors.js";
+
+export const CONFIG_ERROR_CODES = [
+  "CONFIG_DUPLICATE_IMAGE", "CONFIG_INVALID_MODULE", "CONFIG_INVALID_NAME", "CONFIG_LOAD_FAILED", "CONFIG_NAME_MISMATCH",
+  "CONFIG_NOT_FOUND", "CONFIG_NO_IMAGES", "CONFIG_UNKNOWN_FROM",
+  // A bad value in a config file: the option's own code, as Image.build or image.pool would give it.
+  ...OPTION_ERROR_CODES,
+  ...NETWORK_ERROR_CODES,
+] as const;
+export type ConfigErrorCode = (typeof CONFIG_ERROR_CODES)[number];
 
 export interface ConfigErrorDetails extends ErrorDetails {
   /** Absolute path of the file at fault. */
@@ -7,19 +16,14 @@ export interface ConfigErrorDetails extends ErrorDetails {
   image?: string;
 }
 
-/**
- * A config file or an image module could not be found, loaded or validated. Codes:
- * CONFIG_NOT_FOUND, CONFIG_LOAD_FAILED, CONFIG_INVALID_MODULE, CONFIG_NO_IMAGES,
- * CONFIG_INVALID_NAME, CONFIG_NAME_MISMATCH, CONFIG_DUPLICATE_IMAGE, CONFIG_UNKNOWN_FROM, and the
- * option codes of a bad value (OPTION_INVALID, OPTION_MISSING, OPTION_UNKNOWN).
- */
-export class ConfigError extends SupermachineError {
+/** A config file or an image module could not be found, loaded or validated (CONFIG_ERROR_CODES). */
+export class ConfigError extends SupermachineError<ConfigErrorCode> {
   /** Absolute path of the config file or image module at fault, when there is one. */
   readonly file: string | undefined;
   /** The image at fault, when there is one. */
   readonly image: string | undefined;
 
-  constructor(code: string, message: string, details: ConfigErrorDetails = {}) {
+  constructor(code: ConfigErrorCode, message: string, details: ConfigErrorDetails = {}) {
     super(code, message, details);
     this.file = details.file;
     this.image = details.image;

@@ -8,19 +8,12 @@
 import { accessSync, constants, existsSync, readFileSync } from "node:fs";
 import { OptionError, listAccepted } from "../errors.js";
 import { dropsPrivileges, lookupUser, qemuUserName } from "../private.js";
-import type { Accel } from "../schema/key.js";
+import type { Accel, AccelChoice } from "../schema/key.js";
 import { kvmUsableBy } from "./confine.js";
 
-export type { Accel } from "../schema/key.js";
+export type { Accel, AccelChoice } from "../schema/key.js";
 export const ACCELS: readonly Accel[] = ["kvm", "tcg"];
 
-export interface AccelChoice {
-  accel: Accel;
-  /** Why this accelerator was picked, for `supermachine info` and logs. */
-  reason: string;
-  /** True when the user forced it through SUPERMACHINE_ACCEL. */
-  forced: boolean;
-}
 
 let probed: AccelChoice | undefined;
 let kvmBroken: string | undefined;

@@ -12,7 +12,8 @@ import { ImageError } from "../errors.js";
 import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
 import { planFlatten, streamFlattened, type FlattenOptions } from "./flatten.js";
-import { pullImage, resolveDigest, type Platform, type PullProgress } from "../registry/index.js";
+import { pullImage, resolveDigest, type PullProgress } from "../registry/index.js";
+import type { Platform } from "../registry/options.js";
 import { BlobStore } from "../store/blobs.js";
 import { importDockerArchive } from "./docker-archive.js";
 import type { RegistryRef } from "../oci/docker-ref.js";
@@ -44,7 +45,8 @@ export interface ResolvedImage {
 import type { ImageProgress } from "../schema/image.js";
 export type { ImageProgress };
 
-export type PullPolicy = "always" | "missing" | "never";
+export type { PullPolicy } from "../schema/fields.js";
+import type { PullPolicy } from "../schema/fields.js";
 
 export interface ResolveImageOptions {
   onProgress?: (p: ImageProgress) => void;

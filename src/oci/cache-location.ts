@@ -4,7 +4,7 @@
  * (naming the file) without depending on the transfer code.
  */
 import { resolve } from "node:path";
-import { RefError } from "../errors.js";
+import { CacheError } from "../errors.js";
 import { parseDockerRef } from "./docker-ref.js";
 
 export type CacheLocation = { kind: "dir"; path: string } | { kind: "registry"; registry: string; repository: string };
@@ -15,7 +15,7 @@ export type CacheLocation = { kind: "dir"; path: string } | { kind: "registry"; 
  * name's first component is a host when it has a `.` or a `:` or is `localhost`, as in Docker.
  */
 export function parseCacheLocation(loc: string, cwd: string = process.cwd()): CacheLocation {
-  if (loc.trim() === "") throw new RefError("CACHE_LOCATION_INVALID", "the cache location is empty", { hint: "give a directory or a registry repository host[:port]/repo" });
+  if (loc.trim() === "") throw new CacheError("CACHE_LOCATION_INVALID", "the cache location is empty", { hint: "give a directory or a registry repository host[:port]/repo" });
   const forced = loc.startsWith("docker://");
   const bare = forced ? loc.slice("docker://".length) : loc;
   const first = bare.split("/")[0]!;
@@ -27,14 +27,14 @@ export function parseCacheLocation(loc: string, cwd: string = process.cwd()): Ca
   try {
     ref = parseDockerRef(bare);
   } catch (cause) {
-    throw new RefError("CACHE_LOCATION_INVALID", `cache location ${JSON.stringify(loc)} is not a registry repository: ${(cause as Error).message}`, {
+    throw new CacheError("CACHE_LOCATION_INVALID", `cache location ${JSON.stringify(loc)} is not a registry repository: ${(cause as Error).message}`, {
       cause,
       hint: "a registry cache is host[:port]/repository (no tag: each snapshot gets its own tag); a directory starts with / or ./",
     });
   }
   const lastPart = bare.slice(bare.lastIndexOf("/") + 1);
   if (ref.digest !== undefined || lastPart.includes(":")) {
-    throw new RefError("CACHE_LOCATION_INVALID", `cache location ${JSON.stringify(loc)} names a tag or digest`, {
+    throw new CacheError("CACHE_LOCATION_INVALID", `cache location ${JSON.stringify(loc)} names a tag or digest`, {
       hint: `give the repository alone (${ref.registry}/${ref.repository}): each snapshot is tagged sm-<key>`,
     });
   }

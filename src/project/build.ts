@@ -5,24 +5,22 @@
  * twice at once (the store's per-snapshot lock serves two processes too).
  */
 import { availableParallelism, totalmem } from "node:os";
-import { buildNode, type BuiltNode, type FetchRequest, type NodeStatus } from "../bake/node.js";
+import { buildNode, type BuiltNode } from "../bake/node.js";
 import { logger } from "../debug.js";
 import { BuildError } from "../errors.js";
 import { digestModules } from "../graph/bundle.js";
 import type { ImageGraph, NodeSpec } from "../graph/graph.js";
 import { homePaths } from "../paths.js";
-import type { BuildProgress } from "../schema/image.js";
+import type { BuildEvent as PublicBuildEvent, FetchRequest, NodeStatus } from "../schema/events.js";
 import type { SnapshotInputs } from "../schema/key.js";
 
 export { defaultDirName } from "../bake/node.js";
 export type { BuiltNode, FetchRequest, NodeStatus };
+/** A build's events, with the library's own node (snapshot, baked VM); users get the public BuildEvent. */
+export type BuildEvent = PublicBuildEvent<BuiltNode>;
 
 const log = logger("build");
 
-export type BuildEvent =
-  | { type: "start"; name: string }
-  | { type: "progress"; name: string; progress: BuildProgress }
-  | { type: "done"; name: string; node: BuiltNode };
 
 export interface BuildOptions {
   /** Build these images and their ancestors (default: every image). */

@@ -9,13 +9,23 @@ import { chooseAccel } from "../engine/accel.js";
 import { engineFingerprint } from "../engine/fingerprint.js";
 import type { ImageGraph } from "../graph/graph.js";
 import { localImageDigest } from "../image/resolve.js";
-import { importImage, importSnapshots as importInto, openCache, type ImportOptions, type LocalEngine, type TransferOptions, type TransferReport } from "../transfer/index.js";
-import type { FetchRequest } from "./build.js";
+import type { FetchRequest } from "../schema/events.js";
+import { exportSnapshots as exportFrom, importImage, importSnapshots as importInto, openCache } from "../transfer/index.js";
+import type { ImportOptions, LocalEngine, TransferOptions, TransferReport } from "../transfer/report.js";
 
 const log = logger("transfer");
 
-/** This machine's engine, which every imported snapshot must match. */
+/** @internal This machine's engine, which every imported snapshot must match. */
 export const localEngine: LocalEngine = { fingerprint: engineFingerprint, accelNow: () => chooseAccel().accel };
+
+/**
+ * Exports baked snapshots (each given by its directory: `image.snapshotPath`, a build's node
+ * `dir`), with the snapshots they were baked on, into `dest` (a directory or a registry
+ * repository `host[:port]/repo`). A snapshot the cache has already (by key) is not read.
+ */
+export function exportSnapshots(dest: string, snapshots: Array<{ dir: string }>, opts: TransferOptions = {}): Promise<TransferReport> {
+  return exportFrom(dest, snapshots, opts);
+}
 
 /**
  * Imports the snapshots `keys` (and the ancestors they were baked on, parents first) from `src`
@@ -41,7 +51,7 @@ export function fetchFromCache(src: string, snapshotsDir?: string, opts: Transfe
 }
 
 /**
- * Before a build that may import from `src`: the root filesystems of the graph's root images
+ * @internal Before a build that may import from `src`: the root filesystems of the graph's root images
  * that this machine lacks are published from the cache (when a snapshot there was made on them),
  * so that resolving a root image finds it built and byte for byte the one its snapshots were
  * made on. Only images whose manifest digest is known locally (builtin:, oci:, and registry

@@ -14,9 +14,10 @@
  * await pools.close();
  */
 import { rm } from "node:fs/promises";
-import { buildGraph, firstFailure, type BuildEvent, type BuildOptions, type BuiltNode } from "./build.js";
+import { buildGraph, firstFailure, type BuildOptions, type BuiltNode } from "./build.js";
 import { ProjectWatcher, type WatchEvent } from "./watch.js";
 import { loadProject } from "../config/loader.js";
+import type { BuildEvent as PublicBuildEvent, WatchEvent as PublicWatchEvent } from "../schema/events.js";
 import { GraphError } from "../errors.js";
 import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { logger } from "../debug.js";
@@ -41,9 +42,9 @@ export interface LoadPoolsOptions {
   /** Keep watching the project and switch pools to rebaked snapshots. */
   watch?: boolean;
   /** Progress of the build, per image. */
-  onEvent?: (e: BuildEvent) => void;
+  onEvent?: (e: PublicBuildEvent) => void;
   /** With `watch`: what the watcher does (changes, rounds, failures). */
-  onWatchEvent?: (e: WatchEvent) => void;
+  onWatchEvent?: (e: PublicWatchEvent) => void;
   /**
    * A snapshot cache (a directory or a registry repository `host[:port]/repo`) to import the
    * images from before baking them, also with `frozen` (default: the config's `cache.from`).

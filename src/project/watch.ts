@@ -15,28 +15,14 @@ import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
 import type { LoadedProject } from "../schema/project.js";
-import { buildGraph, type BuildEvent, type BuiltNode } from "./build.js";
+import { buildGraph, type BuiltNode } from "./build.js";
+import type { WatchEvent as PublicWatchEvent, WatchRound as PublicWatchRound } from "../schema/events.js";
 
 const log = logger("watch");
 
-export interface WatchRound {
-  round: number;
-  /** Files whose change started the round (empty for the first). */
-  changed: string[];
-  /** Every node of the round, with its status (`baked` for what this round rebaked). */
-  nodes: Map<string, BuiltNode>;
-  /** Images whose key differs from the previous good round (new images included). */
-  rekeyed: string[];
-  ms: number;
-}
-
-export type WatchEvent =
-  | { type: "ready"; round: WatchRound; files: number }
-  | { type: "change"; files: string[] }
-  | { type: "round-start"; round: number; files: string[] }
-  | { type: "build"; event: BuildEvent }
-  | { type: "round-done"; round: WatchRound }
-  | { type: "round-failed"; round: number; error: Error };
+/** Watch mode's rounds and events, with the library's own nodes; users get the public types (src/schema/events.ts). */
+export type WatchRound = PublicWatchRound<BuiltNode>;
+export type WatchEvent = PublicWatchEvent<BuiltNode>;
 
 export interface ProjectWatchOptions {
   cwd?: string;

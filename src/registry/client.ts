@@ -11,25 +11,17 @@ import type { BlobStore } from "../store/blobs.js";
 import { apiHost, type RegistryRef } from "../oci/docker-ref.js";
 import { isValidDigest, MAX_JSON_BYTES, MEDIA_TYPES, TARGET_PLATFORM } from "../oci/oci-layout.js";
 import { logger } from "../debug.js";
-import { Authenticator, type CredentialOptions } from "./auth.js";
+import { Authenticator } from "./auth.js";
 import { RegistryError } from "./errors.js";
-import { aborted, errorDetail, networkError, readBody, Transport, type HttpResponse, type TransportOptions } from "./http.js";
+import { aborted, errorDetail, networkError, readBody, Transport, type HttpResponse } from "./http.js";
 
 const log = logger("registry");
 
-export interface Platform {
-  os: string;
-  architecture: string;
-  variant?: string;
-}
 
 import type { PullProgress } from "../schema/image.js";
-export type { PullProgress };
+import type { Platform, RegistryOptions } from "./options.js";
+export type { Platform, PullProgress, RegistryOptions };
 
-export interface RegistryOptions extends TransportOptions, CredentialOptions {
-  /** Platform to pick from an index (default: linux and the host's architecture). */
-  platform?: Platform;
-}
 
 export interface PullOptions extends RegistryOptions {
   store: BlobStore;

@@ -7,7 +7,8 @@
 import { resolve as resolvePath } from "node:path";
 import { buildNode } from "../bake/node.js";
 import { buildImageGraph } from "../graph/graph.js";
-import { chooseAccel, type AccelChoice } from "../engine/accel.js";
+import { chooseAccel } from "../engine/accel.js";
+import type { AccelChoice } from "../schema/key.js";
 import type { MicroVm, VmSpec } from "../engine/qemu.js";
 import { BuildError, ImageError, OptionError } from "../errors.js";
 import { execDefaults } from "../session/env.js";

@@ -18,7 +18,7 @@ import type { Image } from "./image.js";
 
 type ReleaseFn = (vm: Vm) => Promise<void>;
 
-/**
+/** @internal
  * The snapshot a VM was restored from, and how a capture of it becomes an Image (given by the
  * image whose pool made the VM, so that this file needs Image only as a type).
  */

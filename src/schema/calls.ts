@@ -173,3 +173,14 @@ export const writeFileSchema = z
 export const writeStreamSchema = z
   .object({ ...callBase, mode: intIn(0, 0o7777).default(0o644), maxBytes: intIn(1, Number.MAX_SAFE_INTEGER).optional() })
   .strict();
+
+/** Processes an exec left running after its main process ended (LIST_BACKGROUND). */
+export interface BackgroundEntry {
+  /** The exec's id (its cgroup, /sys/fs/cgroup/exec/<id>). */
+  id: number;
+  argv: string[];
+  /** Guest pids of its processes. */
+  pids: number[];
+  /** Started with `detach`: a release leaves them running. */
+  detached: boolean;
+}

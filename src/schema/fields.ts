@@ -8,6 +8,8 @@ import { constants as osConstants } from "node:os";
 import { z } from "zod";
 
 export const PULL_POLICIES = ["always", "missing", "never"] as const;
+/** When a registry reference is pulled: every build, only when not present locally, or never. */
+export type PullPolicy = (typeof PULL_POLICIES)[number];
 
 /** An integer option in [min, max], with the range in its message. */
 export const intIn = (min: number, max: number) => {

@@ -10,6 +10,15 @@ import type { KeyedOptions } from "./options.js";
 /** The accelerator a VM runs under. */
 export type Accel = "kvm" | "tcg";
 
+/** The accelerator VMs will use, and why (`Image.accel()`, `supermachine info`). */
+export interface AccelChoice {
+  accel: Accel;
+  /** Why this accelerator was picked, for `supermachine info` and logs. */
+  reason: string;
+  /** True when the user forced it through SUPERMACHINE_ACCEL. */
+  forced: boolean;
+}
+
 /** What the engine is made of: a snapshot restores only into the QEMU, guest kernel and agent that made it, under the accelerator it ran on. */
 export interface EngineFingerprint {
   /** QEMU binary identity (path, size, mtime). */

@@ -14,7 +14,7 @@
 import { isIPv4, isIPv6 } from "node:net";
 import { domainToASCII } from "node:url";
 import { z } from "zod";
-import { NetworkError } from "../errors.js";
+import { NetworkError, OptionError, type NetworkErrorCode } from "../errors.js";
 import { parseOptions } from "./parse.js";
 
 export const NETWORK_DEFAULTS = { maxConnections: 32, maxBytes: 4 * 1024 ** 3 } as const;
@@ -224,11 +224,11 @@ const limitsSchema = {
 const OBJECT_KEYS = ["allow", "hosts", "maxConnections", "maxBytes"] as const;
 const SHAPE_HINT = `network is "none" (the default) or { allow: [...], hosts?: { name: ip }, maxConnections?: 1-${NETWORK_MAX_CONNECTIONS}, maxBytes?: bytes }; ${ALLOW_FORMS_HINT}`;
 
-type Issue = { path: (string | number)[]; message: string; code: string; hint: string };
+type Issue = { path: (string | number)[]; message: string; code: NetworkErrorCode | "OPTION_UNKNOWN"; hint: string };
 
 /** The option resolved, or the first problem found (its path relative to the option). */
 function resolve(v: unknown): { value: ResolvedNetworkOption } | { issue: Issue } {
-  const issue = (path: (string | number)[], message: string, code: string, hint: string) => ({ issue: { path, message, code, hint } });
+  const issue = (path: (string | number)[], message: string, code: Issue["code"], hint: string) => ({ issue: { path, message, code, hint } });
   if (v === undefined || v === "none") return { value: "none" };
   if (v === null || typeof v !== "object" || Array.isArray(v)) return issue([], 'must be "none" or an object { allow: [...] }', "NETWORK_INVALID", SHAPE_HINT);
   const o = v as Record<string, unknown>;
@@ -321,7 +321,10 @@ export function parseNetwork(input: unknown, what = "network"): ResolvedNetworkO
   let got: unknown = input;
   for (const p of r.issue.path) got = got !== null && typeof got === "object" ? (got as Record<string | number, unknown>)[p] : undefined;
   const shown = typeof got === "string" || typeof got === "number" ? `, got ${JSON.stringify(got)}` : "";
-  throw new NetworkError(r.issue.code, `${where.replace(/^\./, "")} ${r.issue.message}${shown}`, { hint: r.issue.hint });
+  const message = `${where.replace(/^\./, "")} ${r.issue.message}${shown}`;
+  // An unknown key is an option's problem like any other (OPTION_UNKNOWN); the rest are the network option's own.
+  if (r.issue.code === "OPTION_UNKNOWN") throw new OptionError(r.issue.code, message, { hint: r.issue.hint });
+  throw new NetworkError(r.issue.code, message, { hint: r.issue.hint });
 }
 
 /** Checks an option through parseOptions (an OptionError carrying the NETWORK_* code); for callers that validate it alone. */

@@ -4,7 +4,7 @@
  * lists what is accepted.
  */
 import { z } from "zod";
-import { OptionError, listAccepted } from "../errors.js";
+import { isCodeOf, listAccepted, NETWORK_ERROR_CODES, NetworkError, OPTION_ERROR_CODES, OptionError } from "../errors.js";
 
 /** Validates `input` against `schema`; throws OptionError on the first problem found. */
 export function parseOptions<S extends z.ZodType>(what: string, schema: S, input: unknown): z.output<S> {
@@ -13,7 +13,7 @@ export function parseOptions<S extends z.ZodType>(what: string, schema: S, input
   throw toOptionError(what, schema, input, r.error.issues);
 }
 
-function toOptionError(what: string, schema: z.ZodType, input: unknown, issues: z.core.$ZodIssue[]): OptionError {
+function toOptionError(what: string, schema: z.ZodType, input: unknown, issues: z.core.$ZodIssue[]): OptionError | NetworkError {
   // Report an unknown key first: a typo explains every other complaint about that object.
   let issue = issues.find((i) => i.code === "unrecognized_keys") ?? issues[0]!;
   // A bad record key: its own issue says what is wrong with it.
@@ -38,9 +38,12 @@ function toOptionError(what: string, schema: z.ZodType, input: unknown, issues: 
   const hint = params?.hint ?? (issue.code === "invalid_value" ? `accepted values: ${listAccepted(issue.values.map(String))}` : undefined);
   const missing = got === undefined && (issue.code === "invalid_type" || issue.code === "custom");
   const subject = badKey !== undefined ? `key of ${showPath(issue.path.slice(0, -1))}` : path || "options";
-  return new OptionError(params?.code ?? (missing ? "OPTION_MISSING" : "OPTION_INVALID"), `${what}: ${subject} ${issue.message}${missing ? ", and it is missing" : `, got ${describe(got)}`}`, {
-    hint,
-  });
+  const code = params?.code ?? (missing ? "OPTION_MISSING" : "OPTION_INVALID");
+  const message = `${what}: ${subject} ${issue.message}${missing ? ", and it is missing" : `, got ${describe(got)}`}`;
+  // A schema's own code (`params.code`) picks the class too: the network option's are NetworkError's.
+  if (isCodeOf(NETWORK_ERROR_CODES, code)) return new NetworkError(code, message, { hint });
+  if (isCodeOf(OPTION_ERROR_CODES, code)) return new OptionError(code, message, { hint });
+  throw new Error(`internal: an option schema gave the unknown error code ${code} (${message})`);
 }
 
 /** `argv[0]`, `winsize.cols`, `stageFiles["/x"]`. */

@@ -30,6 +30,7 @@ export function proxyEnv(port = GUEST_PROXY_PORT): string[] {
 /** Traffic through a VM's egress proxy so far. */
 export type NetStats = EgressStats;
 
+/** @internal */
 export class GuestEgress {
   private stopped = false;
 

@@ -36,6 +36,7 @@ export function signalName(n: number): string | null {
   return n ? (signalNames.get(n) ?? `SIG${n}`) : null;
 }
 
+/** @internal What a process's EXIT says, as ExecChild.wait reports it. */
 export function waitResult(e: ExitInfo): ExecWaitResult {
   return {
     exitCode: e.exitCode,

@@ -10,13 +10,13 @@ import { join } from "node:path";
 import type { Server } from "node:net";
 import { constants as osConstants } from "node:os";
 import { Readable } from "node:stream";
-import { AgentStreamError, type AgentClient, type BackgroundEntry, type ExecRequest } from "../agent/client.js";
+import { AgentStreamError, type ExecRequest } from "../agent/client.js";
 import { CallScope, callScope } from "../deadline.js";
 import type { MicroVm } from "../engine/qemu.js";
-import { AgentError, DeadlineError, ExecError, GuestFileError, OptionError, PoolError, SupermachineError } from "../errors.js";
+import { AgentError, DeadlineError, ExecError, GuestFileError, OptionError, PoolError, SupermachineError, type AgentStreamErrorName, type ErrnoName, type GuestFileErrorCode } from "../errors.js";
 import { logger } from "../debug.js";
 import { guestPath, hostPortSchema, portSchema, signalSchema, bytesLike, mergeLimits, type ExecLimits } from "../schema/fields.js";
-import { CALL_DEFAULT_TIMEOUT_MS, callSchema, execSchema, readFileSchema, readStreamSchema, spawnSchema, writeFileSchema, writeStreamSchema, type CallOptions, type ExecOptions, type ExecOutput, type ReadFileOptions, type SpawnOptions, type WriteFileOptions } from "../schema/calls.js";
+import { CALL_DEFAULT_TIMEOUT_MS, callSchema, execSchema, readFileSchema, readStreamSchema, spawnSchema, writeFileSchema, writeStreamSchema, type CallOptions, type ExecOptions, type ExecOutput, type ReadFileOptions, type SpawnOptions, type WriteFileOptions, type BackgroundEntry } from "../schema/calls.js";
 import { parseOptions } from "../schema/parse.js";
 import { mergeEnv, resolveImageUser, type ExecDefaults } from "./env.js";
 import { ExecChild, signalName } from "./exec-child.js";
@@ -42,7 +42,7 @@ interface Abandonable {
   abandon(err: Error): void;
 }
 
-const errnoNames = new Map(Object.entries(osConstants.errno).map(([name, n]) => [n, name]));
+const errnoNames = new Map(Object.entries(osConstants.errno).map(([name, n]) => [n, name as ErrnoName]));
 
 export class GuestSession {
   private user: { uid: number; gid: number } | undefined;
@@ -309,7 +309,7 @@ export class GuestSession {
   private fileError(what: string, path: string, e: unknown): Error {
     if (e instanceof SupermachineError && !(e instanceof AgentError)) return this.explain(e, what);
     if (e instanceof AgentStreamError) {
-      const byCode: Record<string, string> = { NOT_FOUND: "ENOENT", TOO_LARGE: "FILE_TOO_LARGE", BAD_REQUEST: "EINVAL", IO: "EIO" };
+      const byCode: Partial<Record<AgentStreamErrorName, GuestFileErrorCode>> = { NOT_FOUND: "ENOENT", TOO_LARGE: "FILE_TOO_LARGE", BAD_REQUEST: "EINVAL", IO: "EIO" };
       const code = (e.errno !== undefined ? errnoNames.get(e.errno) : undefined) ?? byCode[e.agentCode] ?? "EIO";
       const hint =
         code === "ENOENT"

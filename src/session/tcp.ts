@@ -23,7 +23,7 @@ export interface SpliceHooks {
   onClose?: () => void;
 }
 
-/**
+/** @internal
  * Joins `socket` to a new guest connection to `guestPort`. If the guest refuses, the socket
  * is reset at once (the client sees ECONNRESET rather than a hang).
  */
@@ -161,7 +161,7 @@ export class TcpForwarder {
   }
 }
 
-/** Listens on 127.0.0.1:hostPort and carries each connection to `guestPort` in the guest. */
+/** @internal Listens on 127.0.0.1:hostPort and carries each connection to `guestPort` in the guest. */
 export async function listenTcp(agent: AgentClient, hostPort: number, guestPort: number, onStop: (f: TcpForwarder) => void, signal?: AbortSignal): Promise<TcpForwarder> {
   const server = createServer({ allowHalfOpen: true, pauseOnConnect: false });
   const fwd = new TcpForwarder(server, guestPort, onStop);
@@ -202,7 +202,7 @@ export async function listenTcp(agent: AgentClient, hostPort: number, guestPort:
 const HANDSHAKE_MAX = 64;
 const HANDSHAKE_TIMEOUT_MS = 10_000;
 
-/**
+/** @internal
  * The hybrid-vsock socket at `path`: `CONNECT <port>\n` → `OK <port>\n`, then the connection is
  * the guest's `127.0.0.1:<port>`. A refused port, a bad line or a silent client is closed.
  */
@@ -242,7 +242,7 @@ export function listenVsock(agent: AgentClient, path: string): Server {
   return server;
 }
 
-/**
+/** @internal
  * A guest connection's stream as a Node `Duplex` (for code written against streams, such as
  * the egress proxy): what the guest sends is readable, what is written goes to the guest.
  * Flow control stays end to end: credit goes back to the agent only as the reader takes the

@@ -10,7 +10,7 @@ import { Compressor } from "zstd-napi";
 import { isValidDigest } from "../oci/oci-layout.js";
 import { CHUNK_SIZE, fileChunks as storeFileChunks, sha256hex, type RawChunk } from "../store/chunks.js";
 import { META_VERSION, type SnapshotMeta } from "../store/snapshots.js";
-import { CacheError } from "./errors.js";
+import { CacheError, type CacheErrorCode } from "./errors.js";
 
 /** RAM and root filesystem are cut into chunks of this size (the store's: snapshots keep RAM checksums per chunk). */
 export { CHUNK_SIZE };
@@ -286,7 +286,7 @@ export function encodeManifest(m: ArtifactManifest): Buffer {
   return Buffer.from(JSON.stringify(m));
 }
 
-function parseJson<S extends z.ZodType>(bytes: Buffer, schema: S, what: string, code: string): z.output<S> {
+function parseJson<S extends z.ZodType>(bytes: Buffer, schema: S, what: string, code: CacheErrorCode): z.output<S> {
   let raw: unknown;
   try {
     raw = JSON.parse(bytes.toString("utf8"));

@@ -9,7 +9,7 @@
  */
 import { open, readdir, readFile, stat, writeFile, type FileHandle } from "node:fs/promises";
 import { basename, join } from "node:path";
-import { keyOf, type Accel, type EngineFingerprint } from "../schema/key.js";
+import { keyOf, type EngineFingerprint } from "../schema/key.js";
 import { METADATA_FILE, ROOTFS_FILE, rootfsFacts } from "../store/images.js";
 import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
@@ -40,28 +40,11 @@ import {
   type SnapshotConfig,
 } from "./format.js";
 import { Lanes } from "./lanes.js";
-import { makeReport, type TransferEntry, type TransferOptions, type TransferReport } from "./report.js";
+import { makeReport, type ImportOptions, type LocalEngine, type TransferEntry, type TransferReport } from "./report.js";
+
+export type { ImportOptions, LocalEngine };
 
 const log = logger("transfer");
-
-/**
- * This machine's engine, which an imported snapshot must match: its fingerprint under an
- * accelerator, and the accelerator VMs would use now. Given by the caller (src/project/cache.ts
- * passes the engine's), so that the transfer code never probes the host itself.
- */
-export interface LocalEngine {
-  fingerprint(accel: Accel): EngineFingerprint;
-  accelNow(): Accel;
-}
-
-export interface ImportOptions extends TransferOptions {
-  /** The engine snapshots must have been made by. */
-  engine: LocalEngine;
-  /** Where snapshots go (default `$SUPERMACHINE_HOME/snapshots`), as `<name>-<key[0:16]>`. */
-  snapshotsDir?: string;
-  /** @internal Where a given key must be published (a build's directory for it). */
-  dirs?: Map<string, string>;
-}
 
 /**
  * Imports the snapshots `keys` (and the ancestors they were baked on, parents first) from `src`

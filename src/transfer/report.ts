@@ -1,4 +1,5 @@
-import type { RegistryOptions } from "../registry/client.js";
+import type { RegistryOptions } from "../registry/options.js";
+import type { Accel, EngineFingerprint } from "../schema/key.js";
 
 export type TransferStatus = "exported" | "present" | "imported" | "missing";
 
@@ -33,6 +34,25 @@ export interface TransferOptions {
   signal?: AbortSignal;
   /** Registry settings (insecure registries, CA, credentials), as for pulls. */
   registry?: RegistryOptions;
+}
+
+/**
+ * This machine's engine, which an imported snapshot must match: its fingerprint under an
+ * accelerator, and the accelerator VMs would use now. Given by the caller (src/project/cache.ts
+ * passes the engine's), so that the transfer code never probes the host itself.
+ */
+export interface LocalEngine {
+  fingerprint(accel: Accel): EngineFingerprint;
+  accelNow(): Accel;
+}
+
+export interface ImportOptions extends TransferOptions {
+  /** The engine snapshots must have been made by. */
+  engine: LocalEngine;
+  /** Where snapshots go (default `$SUPERMACHINE_HOME/snapshots`), as `<name>-<key[0:16]>`. */
+  snapshotsDir?: string;
+  /** @internal Where a given key must be published (a build's directory for it). */
+  dirs?: Map<string, string>;
 }
 
 export function makeReport(location: string, snapshots: TransferEntry[], t0: number): TransferReport {

@@ -71,9 +71,17 @@ describe("network option", () => {
     expect(refused(() => parseNetwork("all")).code).toBe("NETWORK_INVALID");
     expect(refused(() => parseNetwork({})).message).toMatch(/network\.allow must be an array/);
     expect(refused(() => parseNetwork({ allow: [], maxConnections: 0 })).message).toMatch(/network\.maxConnections must be an integer from 1 to 4096, got 0/);
-    const u = refused(() => parseNetwork({ allow: [], alow: [] }));
-    expect(u.code).toBe("OPTION_UNKNOWN");
-    expect(u.hint).toContain('"allow"');
+    // An unknown key is OPTION_UNKNOWN, which is OptionError's code (NetworkError has only NETWORK_* codes).
+    let u: OptionError | undefined;
+    try {
+      parseNetwork({ allow: [], alow: [] });
+    } catch (e) {
+      u = e as OptionError;
+    }
+    expect(u).toBeInstanceOf(OptionError);
+    expect(u).not.toBeInstanceOf(NetworkError);
+    expect(u!.code).toBe("OPTION_UNKNOWN");
+    expect(u!.hint).toContain('"allow"');
   });
 
   it("reports through parseOptions with the NETWORK_* code when embedded in a schema", () => {
