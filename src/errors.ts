@@ -40,7 +40,11 @@ export function listAccepted(accepted: readonly string[]): string {
   return accepted.map((a) => JSON.stringify(a)).join(", ");
 }
 
-export const SETUP_ERROR_CODES = ["SETUP_AGENT_MISSING", "SETUP_KERNEL_MISSING", "SETUP_MANIFEST_CORRUPT", "SETUP_PACKAGE_ROOT", "SQFSTAR_NOT_FOUND", "ZSTD_NOT_FOUND"] as const;
+export const SETUP_ERROR_CODES = [
+  "SETUP_AGENT_MISMATCH", "SETUP_AGENT_MISSING", "SETUP_APT_FAILED", "SETUP_APT_NEEDS_ROOT", "SETUP_BUILD_FAILED", "SETUP_COMMAND_FAILED",
+  "SETUP_DIST_MISSING", "SETUP_HOST_UNSUPPORTED", "SETUP_KERNEL_MISSING", "SETUP_MANIFEST_CORRUPT", "SETUP_MANIFEST_WRITE", "SETUP_PACKAGE_ROOT",
+  "SETUP_QEMU_USER", "SQFSTAR_NOT_FOUND", "ZSTD_NOT_FOUND",
+] as const;
 export type SetupErrorCode = (typeof SETUP_ERROR_CODES)[number];
 /** A build artifact (kernel, agent) or host tool the engine needs is missing. */
 export class SetupError extends SupermachineError<SetupErrorCode> {}

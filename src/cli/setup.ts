@@ -1,13 +1,11 @@
 /**
  * `supermachine setup [--check]`: installs what the runtime needs and builds the guest artifacts
- * (kernel, agent, the busybox image) into the cache directory. It runs the package's own
- * `scripts/setup.mjs --artifacts-only`, the same logic `npm run setup` runs in the repository,
- * without its repository-only steps (npm ci, tsc): an installed package ships dist/.
+ * (kernel, agent, the busybox image) into the cache directory: src/setup/, which `npm run setup`
+ * also runs in the repository after its bootstrap (npm ci, tsc; an installed package ships dist/).
  */
-import { spawn } from "node:child_process";
-import { join } from "node:path";
 import type { Command } from "commander";
 import { packageRoot } from "../engine/artifacts.js";
+import { runSetup } from "../setup/index.js";
 import { action, isJson } from "./common.js";
 
 export function registerSetupCommand(program: Command): void {
@@ -29,14 +27,5 @@ export function registerSetupCommand(program: Command): void {
 }
 
 async function setup(o: { check?: boolean; skipApt?: boolean; quiet?: boolean }, cmd: Command): Promise<number> {
-  const argv = [join(packageRoot(), "scripts", "setup.mjs"), "--artifacts-only"];
-  if (o.check) argv.push("--check");
-  if (o.skipApt) argv.push("--skip-apt");
-  if (o.quiet) argv.push("--quiet");
-  if (isJson(cmd)) argv.push("--json");
-  return await new Promise<number>((resolve, reject) => {
-    const child = spawn(process.execPath, argv, { stdio: "inherit" });
-    child.on("error", reject);
-    child.on("exit", (code, signal) => resolve(code ?? (signal ? 128 + 1 : 1)));
-  });
+  return runSetup(packageRoot(), { artifactsOnly: true, check: o.check === true, skipApt: o.skipApt === true, quiet: o.quiet === true, json: isJson(cmd) });
 }

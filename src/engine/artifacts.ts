@@ -53,7 +53,7 @@ export function packageRoot(): string {
 /**
  * Where setup records the kernel and agent it built or found for the package at `root`:
  * `<home>/installs/<inputs>.json`, `<inputs>` a hash of the package's kernel and agent source
- * trees (`sourceInputs`, hashed as setup hashes them). `scripts/setup.mjs` calls this function.
+ * trees (`sourceInputs`, hashed as setup hashes them). src/setup/manifest.ts writes it.
  */
 export function installManifestPath(root: string = packageRoot(), env: NodeJS.ProcessEnv = process.env): string {
   const { kernelTree, agentTree } = sourceInputs(root);
@@ -61,18 +61,41 @@ export function installManifestPath(root: string = packageRoot(), env: NodeJS.Pr
   return join(supermachineHome(env), "installs", `${id}.json`);
 }
 
+/** The list of homes setup ran in, recorded in the default home (`installs/<inputs>.homes.json`). */
+export function installHomesPath(root: string = packageRoot(), env: NodeJS.ProcessEnv = process.env): string {
+  return installManifestPath(root, env).replace(/\.json$/, ".homes.json");
+}
+
+/** The homes listed at `path` (none when it is missing or unreadable). */
+export function readInstallHomes(path: string): string[] {
+  try {
+    const v = JSON.parse(readFileSync(path, "utf8")) as unknown;
+    return Array.isArray(v) ? v.filter((h): h is string => typeof h === "string" && h.startsWith("/")) : [];
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * The install manifest this process uses: its home's; with SUPERMACHINE_HOME pointing at a home
+ * setup never ran in (a scratch cache for images and snapshots), the default home's, else the
+ * manifest of a home setup ran in, as the default home lists them (most recent first). Returns
+ * the home's own path when none exists (for messages).
+ */
+export function findInstallManifest(root: string = packageRoot(), env: NodeJS.ProcessEnv = process.env): string {
+  const own = installManifestPath(root, env);
+  if (existsSync(own) || !env.SUPERMACHINE_HOME) return own;
+  const defaults = { ...env, SUPERMACHINE_HOME: undefined };
+  const candidates = [installManifestPath(root, defaults), ...readInstallHomes(installHomesPath(root, defaults)).map((h) => installManifestPath(root, { ...env, SUPERMACHINE_HOME: h }))];
+  return candidates.find((m) => existsSync(m)) ?? own;
+}
+
 let cached: NativeArtifacts | undefined;
 
 export function nativeArtifacts(env: NodeJS.ProcessEnv = process.env): NativeArtifacts {
   if (cached && !env.SUPERMACHINE_KERNEL && !env.SUPERMACHINE_INITRAMFS) return cached;
   const root = packageRoot();
-  // This cache's manifest; with SUPERMACHINE_HOME pointing elsewhere (a scratch cache for
-  // images and snapshots), the default cache's, where setup built the guest for this user.
-  let manifest = installManifestPath(root, env);
-  if (!existsSync(manifest) && env.SUPERMACHINE_HOME) {
-    const fallback = installManifestPath(root, { ...env, SUPERMACHINE_HOME: undefined });
-    if (existsSync(fallback)) manifest = fallback;
-  }
+  const manifest = findInstallManifest(root, env);
   // The manifest may be absent when the prebuilt package provides both.
   let recorded: Partial<NativeArtifacts> = {};
   if (existsSync(manifest)) {

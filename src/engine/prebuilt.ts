@@ -5,7 +5,7 @@
  *
  * The kernel and the agent are pure functions of their inputs. The inputs that belong to this
  * version of supermachine are its `native/kernel` and `native/agent` trees (hashed here exactly as
- * `scripts/setup.mjs` hashes them); the toolchain (linux-source, rustc) is the packager's and is
+ * src/setup/ hashes them); the toolchain (linux-source, rustc) is the packager's and is
  * part of the recorded key, so a prebuilt artifact matches when its source tree hash is this
  * package's, whatever toolchain this host has (or lacks).
  *
@@ -42,7 +42,7 @@ export interface SourceInputs {
   protocol: number | null;
 }
 
-/** Hash of a file tree's paths and contents; must stay identical to setup.mjs's `hashTree`. */
+/** Hash of a file tree's paths and contents (.gitignore files left out: npm pack drops them, and an installed package must compute the keys of the checkout it was packed from). */
 export function hashTree(dir: string, skip: (p: string) => boolean = () => false): string {
   const h = createHash("sha256");
   const walk = (d: string) => {

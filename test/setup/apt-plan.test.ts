@@ -1,8 +1,8 @@
-// The decision setup takes about missing Debian packages (scripts/apt-plan.mjs), on injected facts:
+// The decision setup takes about missing Debian packages (src/setup/packages.ts), on injected facts:
 // a machine cannot be made to miss a package for a test. The end-to-end case (a user without root
 // or sudo, a package missing: one line, exit 1, nothing done) is in normal-user.test.ts.
 import { describe, expect, it } from "vitest";
-import { aptDecision, installLine } from "../../scripts/apt-plan.mjs";
+import { aptDecision, installLine } from "../../src/setup/packages.js";
 
 const never = () => {
   throw new Error("sudo asked about although the decision does not need it");

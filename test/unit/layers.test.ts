@@ -20,7 +20,7 @@ export const TIERS: readonly (readonly string[])[] = [
   ["image", "transfer", "config", "graph"], // refs → root filesystems; the snapshot cache; config files; the image graph and keys
   ["bake"], // one node made ready: key, store, cache, bake
   ["runtime"], // Image, Pool, Vm
-  ["project", "doctor"], // build, watch, gc, verify, loadPools; host checks
+  ["project", "doctor", "setup"], // build, watch, gc, verify, loadPools; host checks; host setup
   ["cli"],
 ];
 
