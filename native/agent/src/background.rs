@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 
 use crate::cgroup::ExecGroup;
-use crate::proto::FieldWriter;
-use crate::stream::{token, T_CGROUP};
+use crate::proto::{FieldWriter, KillTarget};
+use crate::token::{token, T_CGROUP};
 use crate::sys::{Epoll, EPOLLPRI};
 
 struct Leftover {
@@ -28,16 +28,6 @@ pub struct Background {
     map: BTreeMap<u32, Leftover>,
 }
 
-/// Which leftovers a KILL_BACKGROUND is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KillTarget {
-    /// One exec's, detached or not.
-    Exec(u32),
-    /// Every exec's that was not started with `detach`.
-    Attached,
-    /// Every exec's.
-    All,
-}
 
 impl Background {
     /// Keeps the group of an exec that ended while processes still run in it. Gives the group

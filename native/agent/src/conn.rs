@@ -15,8 +15,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use crate::proto::{self, Header};
-use crate::server::Shared;
-use crate::stream::{token, ConnId, Ctx, Output, Stream, Violation, OUT_HIGH, OUT_LOW, T_CONN};
+use crate::shared::Shared;
+use crate::stream::{Ctx, Output, Stream, Violation, OUT_HIGH, OUT_LOW};
+use crate::token::{token, ConnId, T_CONN};
 use crate::sys::{self, Reaped, EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT};
 use crate::{bench, files, proxy, stream_exec, tcp};
 

@@ -1,17 +1,19 @@
 //! supermachine-agent: PID 1 of every supermachine VM, or a development server on a unix socket.
 //!
-//! `main` is the C entry point (`no_main`): std's runtime would abort when descriptors 0-2 are
-//! closed and /dev/null does not exist, which is exactly the situation of /init in an initramfs.
+//! The C entry point is `sys::entry::main` (`no_main`); it calls `agent_main` here. No `unsafe`
+//! outside `sys`: the compiler enforces it.
 
 #![cfg_attr(not(test), no_main)]
 // Unit-test builds have no entry point, so most of the crate looks unused there.
 #![cfg_attr(test, allow(dead_code))]
+#![deny(unsafe_code)]
 
 mod background;
 mod bench;
 mod cgroup;
 mod conn;
 mod exec;
+mod exec_io;
 mod files;
 #[cfg(test)]
 mod fuzz;
@@ -22,10 +24,13 @@ mod proto;
 mod proxy;
 mod pty;
 mod server;
+mod shared;
 mod stream;
 mod stream_exec;
+#[allow(unsafe_code)]
 mod sys;
 mod tcp;
+mod token;
 mod workload;
 
 use std::os::unix::net::UnixListener;
@@ -35,9 +40,8 @@ use server::{Listen, Server};
 const USAGE: &str = "usage: supermachine-agent [--version | --serve-unix PATH]\n\
                      (run as PID 1 it boots the VM and serves its virtio ports)";
 
-#[cfg(not(test))]
-#[no_mangle]
-pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+/// What the agent does once started (by `sys::entry::main`).
+pub(crate) fn agent_main() -> libc::c_int {
     sys::ignore_sigpipe();
     if sys::getpid() == 1 {
         run_init()

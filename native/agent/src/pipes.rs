@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::proto;
 use crate::stream::{Ctx, InWindow, Violation, Watched};
-use crate::stream_exec::ExecIo;
+use crate::exec_io::ExecIo;
 use crate::sys::{self, EPOLLIN, EPOLLOUT};
 
 // Descriptor slots in epoll tokens.

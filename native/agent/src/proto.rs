@@ -597,10 +597,20 @@ impl ProxyListen {
     }
 }
 
+/// A KILL_BACKGROUND request, decoded: which leftovers to kill (the process table acts on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillTarget {
+    /// One exec's, detached or not.
+    Exec(u32),
+    /// Every exec's that was not started with `detach`.
+    Attached,
+    /// Every exec's.
+    All,
+}
+
 /// KILL_BACKGROUND: `1 id: u32` (one exec's leftovers, detached or not) or, without it,
 /// `2 all: u8` (1: detached execs' too; default 0).
-pub fn parse_kill_background(payload: &[u8]) -> Result<crate::background::KillTarget, ProtoError> {
-    use crate::background::KillTarget;
+pub fn parse_kill_background(payload: &[u8]) -> Result<KillTarget, ProtoError> {
     let mut id = None;
     let mut all = false;
     for f in fields(payload) {
@@ -860,7 +870,6 @@ mod tests {
 
     #[test]
     fn exec_v3_limits_and_kill_targets() {
-        use crate::background::KillTarget;
         let p = FieldWriter::new().bytes(1, b"sh").u32(12, 100).u64(13, 64 << 20).u8(14, 1).finish();
         let e = Exec::parse(&p).unwrap();
         assert_eq!((e.pids_max, e.memory_max, e.detach), (Some(100), Some(64 << 20), true));

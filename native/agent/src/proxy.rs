@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::proto::{self, ProxyListen};
-use crate::stream::{token, ConnId, T_PROXY};
+use crate::token::{token, ConnId, T_PROXY};
 use crate::sys::{self, Epoll, EPOLLIN};
 
 /// The listen backlog: clients beyond `max_streams` wait here.

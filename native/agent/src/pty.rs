@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::proto;
 use crate::stream::{Ctx, InWindow, Violation, Watched};
-use crate::stream_exec::ExecIo;
+use crate::exec_io::ExecIo;
 use crate::sys::{self, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT};
 
 const SLOT_MASTER: u8 = 3;

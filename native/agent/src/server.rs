@@ -9,10 +9,12 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 
 use crate::conn::Conn;
+use crate::shared::Shared;
 use crate::cgroup::Hierarchy;
 use crate::identity::Identity;
 use crate::proxy::Proxy;
-use crate::stream::{token, ConnId, Ctx, Output, Procs, Token, T_CGROUP, T_CONN, T_LISTENER, T_PROXY, T_SIGNAL, T_STREAM, T_TIMER};
+use crate::stream::Procs;
+use crate::token::{token, ConnId, Token, T_CGROUP, T_CONN, T_LISTENER, T_PROXY, T_SIGNAL, T_STREAM, T_TIMER};
 use crate::sys::{self, Epoll, Event, TimerFd, EPOLLIN};
 use crate::workload::Workload;
 
@@ -46,27 +48,6 @@ pub struct Port {
 pub enum Listen {
     Ports(Vec<Port>),
     Unix(UnixListener),
-}
-
-/// What every connection shares: the epoll set, the process table, the workload, the proxy
-/// listener.
-pub struct Shared {
-    pub epoll: Epoll,
-    pub procs: Procs,
-    pub workload: Workload,
-    /// The VM id and what derives from it (PID-1 mode).
-    pub identity: Identity,
-    /// PID-1 mode: apply HELLO's clock and entropy, SHUTDOWN reboots.
-    pub init_mode: bool,
-    /// The egress listener (at most one, owned by one connection).
-    pub proxy: Proxy,
-}
-
-impl Shared {
-    /// The context a stream of connection `conn` is called with.
-    pub fn ctx<'a>(&'a mut self, id: u32, conn: ConnId, out: &'a mut Output, paused: bool) -> Ctx<'a> {
-        Ctx { id, conn, epoll: &self.epoll, out, procs: &mut self.procs, paused, proxy_env: self.proxy.env() }
-    }
 }
 
 pub struct Server {

@@ -1,6 +1,6 @@
 //! What the event loop knows about a stream: the `Stream` trait it dispatches to, the context
 //! a stream gets with every call (its id, its connection's output queue and pause state, the
-//! epoll set, the agent's process table), and the layout of epoll tokens.
+//! epoll set, the agent's process table). Epoll tokens are ./token.rs's.
 //!
 //! A stream owns its descriptors and registers them itself (`Watched`); the loop routes their
 //! events back by token. It ends by sending its one terminal message and reporting `done()`;
@@ -14,9 +14,7 @@ use crate::background::Background;
 use crate::cgroup::{ExecGroup, Hierarchy};
 use crate::proto::{self, Header};
 use crate::sys::{self, pid_t, Epoll, Reaped};
-
-/// Index of a connection in the server's table.
-pub type ConnId = u8;
+use crate::token::{token, ConnId, T_STREAM};
 
 /// Above this much queued output a connection stops every producer (and stops reading its
 /// host) until it has drained below OUT_LOW.
@@ -26,38 +24,6 @@ pub const OUT_LOW: usize = 1 << 20;
 /// Writing it at once would cost a trip through the virtio port while the new process waits
 /// for the CPU; usually it leaves with the process's first output or its EXIT instead.
 const LAZY_FLUSH_NS: u64 = 2_000_000;
-
-// ---------------------------------------------------------------------------------------------
-// epoll tokens: bits 0-7 kind, 8-15 connection, 16-23 descriptor slot within the stream,
-// 32-63 stream id.
-
-pub const T_SIGNAL: u8 = 1;
-pub const T_TIMER: u8 = 2;
-pub const T_LISTENER: u8 = 3;
-pub const T_CONN: u8 = 4;
-pub const T_STREAM: u8 = 5;
-/// A leftover exec's `cgroup.events` (the id is the exec id).
-pub const T_CGROUP: u8 = 6;
-/// The proxy listener (the connection is its owner).
-pub const T_PROXY: u8 = 7;
-
-pub fn token(kind: u8, conn: ConnId, slot: u8, id: u32) -> u64 {
-    (id as u64) << 32 | (slot as u64) << 16 | (conn as u64) << 8 | kind as u64
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Token {
-    pub kind: u8,
-    pub conn: ConnId,
-    pub slot: u8,
-    pub id: u32,
-}
-
-impl Token {
-    pub fn decode(t: u64) -> Token {
-        Token { kind: t as u8, conn: (t >> 8) as u8, slot: (t >> 16) as u8, id: (t >> 32) as u32 }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // A connection's output queue
@@ -413,17 +379,4 @@ pub trait Stream {
     fn abort(&mut self, cx: &mut Ctx);
     /// The terminal message has been sent.
     fn done(&self) -> bool;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_round_trip() {
-        let t = Token::decode(token(T_STREAM, 7, 3, u32::MAX));
-        assert_eq!(t, Token { kind: T_STREAM, conn: 7, slot: 3, id: u32::MAX });
-        let t = Token::decode(token(T_CONN, 1, 0, 0));
-        assert_eq!((t.kind, t.conn, t.id), (T_CONN, 1, 0));
-    }
 }
