@@ -8,7 +8,7 @@ import { ConfigError } from "../../src/config/index.js";
 
 /** A fixture project in the repository (read only). */
 export function fixture(name: string): string {
-  return fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url));
+  return fileURLToPath(new URL(`../fixtures/config/${name}`, import.meta.url));
 }
 
 /** A temp directory (real path), removed when the test ends. */

@@ -3,8 +3,8 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { gunzipSync } from "node:zlib";
 import { afterAll, beforeAll } from "vitest";
-import { Image, type Pool, type PoolOptions, type Vm } from "../src/index.js";
-import { homePaths } from "../src/paths.js";
+import { Image, type Pool, type PoolOptions, type Vm } from "../../src/index.js";
+import { homePaths } from "../../src/paths.js";
 
 /** Pids of qemu-system processes currently on the machine. */
 export function qemuPids(): number[] {

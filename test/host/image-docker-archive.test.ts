@@ -8,7 +8,7 @@ import { archivePath, importDockerArchive } from "../../src/image/docker-archive
 import { planFlatten, streamFlattened } from "../../src/image/flatten.js";
 import { loadImage, selectManifestByDigest } from "../../src/oci/oci-layout.js";
 import { resolveImage } from "../../src/image/resolve.js";
-import { makeTar, readTar, removeDir, sha256, tempDir, writeLayout, zstdCompress, type TestEntry } from "./helpers.js";
+import { makeTar, readTar, removeDir, sha256, tempDir, writeLayout, zstdCompress, type TestEntry } from "../helpers/image.js";
 
 let home: string;
 let work: string;

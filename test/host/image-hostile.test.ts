@@ -17,7 +17,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import type { FlattenOptions } from "../../src/image/flatten.js";
 import { planFlatten, streamFlattened } from "../../src/image/flatten.js";
 import { resolveImage } from "../../src/image/resolve.js";
-import { makeTar, rawTar, readTar, removeDir, tempDir, writeLayerBlobs, writeLayout, type LayoutLayer, type RawTarEntry, type TestEntry } from "./helpers.js";
+import { makeTar, rawTar, readTar, removeDir, tempDir, writeLayerBlobs, writeLayout, type LayoutLayer, type RawTarEntry, type TestEntry } from "../helpers/image.js";
 
 const hoisted = vi.hoisted(() => ({ limits: {} as { maxLayerBytes?: number; maxLayerEntries?: number } }));
 vi.mock("../../src/image/flatten.js", async (importOriginal) => {

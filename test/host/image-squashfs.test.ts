@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { Readable } from "node:stream";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { buildSquashfs } from "../../src/image/squashfs.js";
-import { makeTar, removeDir, tempDir } from "./helpers.js";
+import { makeTar, removeDir, tempDir } from "../helpers/image.js";
 
 let dir: string;
 beforeEach(async () => {

@@ -5,7 +5,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { resolveImage, type ImageProgress } from "../../src/image/resolve.js";
 import { checkImageEntry } from "../../src/store/images.js";
 import { acquireLock } from "../../src/store/lock.js";
-import { makeTar, removeDir, tempDir, writeLayout } from "./helpers.js";
+import { makeTar, removeDir, tempDir, writeLayout } from "../helpers/image.js";
 
 /** Every entry of a squashfs with its mode, owner, size and mtime, and the root without its time. */
 function squashfsListing(path: string): string[] {

@@ -7,7 +7,7 @@ import { listImages, removeImage } from "../../src/image/gc.js";
 import { readRef } from "../../src/image/local-names.js";
 import { resolveImage } from "../../src/image/resolve.js";
 import { tagImage, type TagProgress } from "../../src/image/tag.js";
-import { makeTar, removeDir, sha256, tempDir, writeLayout } from "./helpers.js";
+import { makeTar, removeDir, sha256, tempDir, writeLayout } from "../helpers/image.js";
 
 let home: string;
 let work: string;

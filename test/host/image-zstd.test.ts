@@ -8,8 +8,8 @@ import { decompressStream, detectCompression, sniffCompression } from "../../src
 import { planFlatten, streamFlattened } from "../../src/image/flatten.js";
 import type { LayerBlob } from "../../src/oci/oci-layout.js";
 import { resolveImage } from "../../src/image/resolve.js";
-import { waitFor } from "../helpers.js";
-import { makeTar, rawTar, readTar, removeDir, sha256, tempDir, writeLayout, zstdCompress } from "./helpers.js";
+import { waitFor } from "../helpers/vm.js";
+import { makeTar, rawTar, readTar, removeDir, sha256, tempDir, writeLayout, zstdCompress } from "../helpers/image.js";
 
 let home: string;
 let work: string;

@@ -19,7 +19,7 @@ import {
   writeDockerConfig,
   type Fixtures,
   type Registry,
-} from "./harness.js";
+} from "../helpers/registry.js";
 
 afterAll(() => cleanupTemps());
 

@@ -9,7 +9,7 @@ import { TARGET_PLATFORM } from "../../src/oci/oci-layout.js";
 import { pullImage, resolveDigest, type PullProgress, type PullResult } from "../../src/registry/index.js";
 import { randomBytes } from "node:crypto";
 import { gzipSync } from "node:zlib";
-import { cleanupTemps, makeLayout, sha256, corruptBlobs, fixtures, readAll, removeDir, startProxy, startRegistry, tempDir, writeDockerConfig, type Proxy, type ProxyHook, type Registry } from "./harness.js";
+import { cleanupTemps, makeLayout, sha256, corruptBlobs, fixtures, readAll, removeDir, startProxy, startRegistry, tempDir, writeDockerConfig, type Proxy, type ProxyHook, type Registry } from "../helpers/registry.js";
 
 afterAll(() => cleanupTemps());
 

@@ -5,7 +5,7 @@ import { BlobStore } from "../../src/store/blobs.js";
 import { parseDockerRef } from "../../src/oci/docker-ref.js";
 import { TARGET_PLATFORM } from "../../src/oci/oci-layout.js";
 import { pullImage, resolveDigest, type PullProgress } from "../../src/registry/index.js";
-import { cleanupTemps, corruptBlobs, fixtures, freePort, removeDir, startRegistry, tempDir, tempStore, type Fixtures, type Registry } from "./harness.js";
+import { cleanupTemps, corruptBlobs, fixtures, freePort, removeDir, startRegistry, tempDir, tempStore, type Fixtures, type Registry } from "../helpers/registry.js";
 
 afterAll(() => cleanupTemps());
 

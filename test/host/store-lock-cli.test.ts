@@ -9,7 +9,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { resolveImage } from "../../src/image/resolve.js";
 import { homePaths } from "../../src/paths.js";
 import { acquireLock } from "../../src/store/lock.js";
-import { waitFor } from "../helpers.js";
+import { waitFor } from "../helpers/vm.js";
 
 const root = join(import.meta.dirname, "..", "..");
 const home = mkdtempSync(join(tmpdir(), "sm-lock-cli-"));

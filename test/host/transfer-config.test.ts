@@ -7,7 +7,7 @@ import { loadProject } from "../../src/config/loader.js";
 import { exportSnapshots, parseCacheLocation } from "../../src/transfer/index.js";
 import { fetchFromCache } from "../../src/project/cache.js";
 import { loadSnapshot } from "../../src/store/snapshots.js";
-import { cleanup, fakeImage, fakeSnapshot, inHome, tempDir } from "./helpers.js";
+import { cleanup, fakeImage, fakeSnapshot, inHome, tempDir } from "../helpers/transfer.js";
 
 afterAll(cleanup);
 

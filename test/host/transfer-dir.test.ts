@@ -7,11 +7,11 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { exportSnapshots } from "../../src/transfer/index.js";
 import { importSnapshots } from "../../src/project/cache.js";
-import { decodeChunkIndex, digestOf, keyOfConfig } from "./format-helpers.js";
+import { decodeChunkIndex, digestOf, keyOfConfig } from "../helpers/transfer-format.js";
 import { keyOf } from "../../src/schema/key.js";
 import { homePaths } from "../../src/paths.js";
 import type { LoadedSnapshot } from "../../src/store/snapshots.js";
-import { cleanup, fakeImage, fakeSnapshot, inHome, leftovers, tempDir, type FakeImage } from "./helpers.js";
+import { cleanup, fakeImage, fakeSnapshot, inHome, leftovers, tempDir, type FakeImage } from "../helpers/transfer.js";
 
 const src = tempDir("sm-transfer-src-");
 let image: FakeImage;

@@ -5,8 +5,8 @@ import type { LoadedSnapshot } from "../../src/store/snapshots.js";
 import { clearTokenCache } from "../../src/registry/auth.js";
 import { exportSnapshots } from "../../src/transfer/index.js";
 import { importSnapshots } from "../../src/project/cache.js";
-import { cleanupTemps, PASS, startRegistry, USER, writeDockerConfig, type Registry } from "../registry/harness.js";
-import { cleanup, fakeImage, fakeSnapshot, inHome, tempDir } from "./helpers.js";
+import { cleanupTemps, PASS, startRegistry, USER, writeDockerConfig, type Registry } from "../helpers/registry.js";
+import { cleanup, fakeImage, fakeSnapshot, inHome, tempDir } from "../helpers/transfer.js";
 
 let reg: Registry;
 let snap: LoadedSnapshot;

@@ -9,8 +9,8 @@ import type { LoadedSnapshot } from "../../src/store/snapshots.js";
 import { exportSnapshots, openCache } from "../../src/transfer/index.js";
 import { importSnapshots } from "../../src/project/cache.js";
 import { importImage } from "../../src/transfer/import.js";
-import { startProxy, startRegistry, type Registry } from "../registry/harness.js";
-import { cleanup, fakeImage, fakeSnapshot, inHome, leftovers, tempDir, type FakeImage } from "./helpers.js";
+import { startProxy, startRegistry, type Registry } from "../helpers/registry.js";
+import { cleanup, fakeImage, fakeSnapshot, inHome, leftovers, tempDir, type FakeImage } from "../helpers/transfer.js";
 
 let reg: Registry;
 let image: FakeImage;

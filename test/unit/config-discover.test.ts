@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { CONFIG_FILE_NAMES, findConfig } from "../../src/config/discover.js";
 import { loadProject } from "../../src/config/loader.js";
-import { copyFixture, refused, tempDir, writeProject } from "./helpers.js";
+import { copyFixture, refused, tempDir, writeProject } from "../helpers/config.js";
 
 const CONFIG = 'export default { images: [] };\n';
 

@@ -3,7 +3,7 @@
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { loadProject } from "../../src/config/loader.js";
-import { refused, writeProject } from "./helpers.js";
+import { refused, writeProject } from "../helpers/config.js";
 
 const HEAD = 'import { defineConfig, defineImage } from "supermachine/config";\n';
 const GLOB_CONFIG = `${HEAD}export default defineConfig({ images: ["./sandboxes/*.ts"] });\n`;

@@ -5,7 +5,7 @@ import { join, sep } from "node:path";
 import { describe, expect, it } from "vitest";
 import { loadProject } from "../../src/config/loader.js";
 import type { LoadedProject } from "../../src/schema/project.js";
-import { copyFixture, fixture, writeProject } from "./helpers.js";
+import { copyFixture, fixture, writeProject } from "../helpers/config.js";
 
 const image = (p: LoadedProject, name: string) => {
   const found = p.images.find((i) => i.name === name);

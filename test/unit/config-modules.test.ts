@@ -4,7 +4,7 @@ import { createRequire } from "node:module";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { openModules } from "../../src/config/modules.js";
-import { copyFixture } from "./helpers.js";
+import { copyFixture } from "../helpers/config.js";
 
 const requireCache = createRequire(import.meta.url).cache;
 const def = (mod: unknown) => (mod as { default: unknown }).default;

@@ -1,9 +1,9 @@
 // The public types, as a user's editor applies them: the fixture projects (the README's example
 // among them) type-check against supermachine/config, and misuse is an error (@ts-expect-error
-// lines in fixtures/types/checks.ts fail the check when they stop being errors).
+// lines in test/fixtures/config/types/checks.ts fail the check when they stop being errors).
 import { describe, expect, it } from "vitest";
 import ts from "typescript";
-import { fixture } from "./helpers.js";
+import { fixture } from "../helpers/config.js";
 
 describe("supermachine/config types", () => {
   it("accept the fixture projects and refuse misuse", () => {

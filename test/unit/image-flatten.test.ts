@@ -2,7 +2,7 @@ import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { normalizeTarPath, planFlatten, streamFlattened } from "../../src/image/flatten.js";
-import { makeTar, readTar, removeDir, sha256, tempDir, writeLayerBlobs, type TestEntry } from "./helpers.js";
+import { makeTar, readTar, removeDir, sha256, tempDir, writeLayerBlobs, type TestEntry } from "../helpers/image.js";
 
 let dir: string;
 beforeEach(async () => {

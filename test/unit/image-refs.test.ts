@@ -3,7 +3,7 @@ import { readdir } from "node:fs/promises";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { listRefs, readRef, removeRef, writeRef, type RefRecord } from "../../src/image/local-names.js";
-import { removeDir, tempDir } from "./helpers.js";
+import { removeDir, tempDir } from "../helpers/image.js";
 
 let home: string;
 beforeEach(async () => {

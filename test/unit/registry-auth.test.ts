@@ -14,7 +14,7 @@ import {
   serverUrlFor,
 } from "../../src/registry/index.js";
 import { isLoopback } from "../../src/registry/http.js";
-import { cleanupTemps, removeDir, tempDir, writeCredentialHelper, writeDockerConfig } from "./harness.js";
+import { cleanupTemps, removeDir, tempDir, writeCredentialHelper, writeDockerConfig } from "../helpers/registry.js";
 
 afterAll(() => cleanupTemps());
 

@@ -13,7 +13,7 @@ import { Image, type Vm } from "../../src/index.js";
 import { LOG_RETENTION } from "../../src/failure-logs.js";
 import { homePaths } from "../../src/paths.js";
 import { lookupUser } from "../../src/private.js";
-import { useBusyboxVm } from "../helpers.js";
+import { useBusyboxVm } from "../helpers/vm.js";
 
 const root = join(import.meta.dirname, "..", "..");
 const asRoot = process.getuid?.() === 0;

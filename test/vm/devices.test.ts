@@ -6,8 +6,8 @@ import { Readable } from "node:stream";
 import tar from "tar-stream";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Image, type Pool } from "../../src/index.js";
-import { busyboxLayer } from "../helpers.js";
-import { removeDir, tempDir, writeLayout } from "../image/helpers.js";
+import { busyboxLayer } from "../helpers/vm.js";
+import { removeDir, tempDir, writeLayout } from "../helpers/image.js";
 
 let dir: string;
 let snapshotsDir: string;

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Image } from "../../src/index.js";
 import type { ImageProgress } from "../../src/image/resolve.js";
-import { startProxy, startRegistry, type Registry } from "../registry/harness.js";
+import { startProxy, startRegistry, type Registry } from "../helpers/registry.js";
 
 interface Fx {
   python: { layout: string; tag: string };

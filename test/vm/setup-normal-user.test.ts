@@ -40,7 +40,7 @@ function testUser(): { uid: number; gid: number } {
 }
 
 /** The installed project's first program (prints "exit 0: hello"). */
-const HELLO = readFileSync(new URL("./hello.mjs", import.meta.url), "utf8");
+const HELLO = readFileSync(new URL("../fixtures/hello.mjs", import.meta.url), "utf8");
 
 describe("as a normal user", () => {
   it.skipIf(!isRoot)("setup --check, setup --skip-apt, doctor, first hello: all without root", { timeout: 240_000 }, () => {

@@ -22,7 +22,7 @@ const run = (cmd: string, args: string[], opts: SpawnSyncOptions = {}) => {
 };
 
 /** The installed project's first program (prints "exit 0: hello"). */
-const HELLO = readFileSync(new URL("./hello.mjs", import.meta.url), "utf8");
+const HELLO = readFileSync(new URL("../fixtures/hello.mjs", import.meta.url), "utf8");
 
 describe("prebuilt guest package", () => {
   it("pack:all, install both tarballs, setup on an empty cache compiles nothing, first hello", { timeout: 240_000 }, () => {

@@ -122,7 +122,7 @@ describe("setup from a project that installed the packed tarball", () => {
     expect(after.status, after.stdout).toBe(0);
     expect(after.stdout).toContain("all present");
 
-    copyFileSync(new URL("./hello.mjs", import.meta.url), join(project, "hello.mjs"));
+    copyFileSync(new URL("../fixtures/hello.mjs", import.meta.url), join(project, "hello.mjs"));
     const hello = run(process.execPath, ["hello.mjs"], { cwd: project });
     expect(hello.stderr).toBe("");
     expect(hello.stdout).toBe("exit 0: hello\n");

@@ -12,7 +12,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { Image } from "../../src/index.js";
 import { homePaths } from "../../src/paths.js";
 import { snapshotInUse } from "../../src/store/leases.js";
-import { waitFor } from "../helpers.js";
+import { waitFor } from "../helpers/vm.js";
 
 const root = join(import.meta.dirname, "..", "..");
 const work = mkdtempSync(join(tmpdir(), "sm-host-faults-"));

@@ -11,8 +11,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadPools } from "../../src/index.js";
 import { homePaths } from "../../src/paths.js";
 import { decodeChunkIndex } from "../../src/transfer/format.js";
-import { startRegistry, type Registry } from "../registry/harness.js";
-import { inHome } from "./helpers.js";
+import { startRegistry, type Registry } from "../helpers/registry.js";
+import { inHome } from "../helpers/transfer.js";
 
 const root = join(import.meta.dirname, "..", "..");
 const fixture = join(root, "test", "fixtures", "cache-project");

@@ -9,7 +9,7 @@ import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { ProjectWatcher, type WatchEvent, type WatchRound } from "../../src/project/watch.js";
 import { loadPools } from "../../src/index.js";
-import { waitFor } from "../helpers.js";
+import { waitFor } from "../helpers/vm.js";
 
 const root = join(import.meta.dirname, "..", "..");
 const work = mkdtempSync(join(tmpdir(), "sm-watch-test-"));
