@@ -9,7 +9,7 @@
  *
  * plus a programmable HTTP proxy for fault injection, and `push()` through skopeo.
  */
-import { execFile, execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { createHash, createPrivateKey, randomBytes, sign, X509Certificate } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
@@ -89,15 +89,17 @@ export interface Registry {
   stop(): Promise<void>;
 }
 
-function openssl(args: string[], cwd: string): void {
-  execFileSync("openssl", args, { cwd, stdio: ["ignore", "ignore", "pipe"] });
+// openssl and htpasswd run asynchronously: key generation and bcrypt are slow enough on a loaded
+// machine to stall the test worker (see test/helpers/run.ts).
+async function openssl(args: string[], cwd: string): Promise<void> {
+  await execFileP("openssl", args, { cwd });
 }
 
-function makeTlsFiles(dir: string): { caFile: string; cert: string; key: string } {
-  openssl(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=supermachine test CA", "-keyout", "ca.key", "-out", "ca.pem"], dir);
-  openssl(["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"], dir);
+async function makeTlsFiles(dir: string): Promise<{ caFile: string; cert: string; key: string }> {
+  await openssl(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=supermachine test CA", "-keyout", "ca.key", "-out", "ca.pem"], dir);
+  await openssl(["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"], dir);
   writeFileSync(join(dir, "ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n");
-  openssl(["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem"], dir);
+  await openssl(["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem"], dir);
   return { caFile: join(dir, "ca.pem"), cert: join(dir, "server.pem"), key: join(dir, "server.key") };
 }
 
@@ -105,7 +107,7 @@ const b64url = (b: Buffer | string) => Buffer.from(b).toString("base64url");
 
 /** Token server: anonymous → pull only (not for `private/*`), user:pass or the refresh token → pull+push. */
 async function startTokenServer(dir: string, requests: TokenRequest[]): Promise<{ url: string; certFile: string; close: () => Promise<void> }> {
-  openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=supermachine test token signer", "-keyout", "token.key", "-out", "token.pem"], dir);
+  await openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=supermachine test token signer", "-keyout", "token.key", "-out", "token.pem"], dir);
   const key = createPrivateKey(readFileSync(join(dir, "token.key")));
   const cert = new X509Certificate(readFileSync(join(dir, "token.pem")));
   const x5c = cert.raw.toString("base64"); // standard base64 DER, as distribution expects
@@ -226,10 +228,10 @@ export async function startRegistry(kind: "plain" | "tls" | "token"): Promise<Re
   let tokenServer: Awaited<ReturnType<typeof startTokenServer>> | undefined;
   const options: RegistryConfigOptions = { dir, port };
   if (kind === "tls") {
-    const tls = makeTlsFiles(dir);
+    const tls = await makeTlsFiles(dir);
     caFile = tls.caFile;
     caPem = readFileSync(tls.caFile, "utf8");
-    writeFileSync(join(dir, "htpasswd"), execFileSync("htpasswd", ["-Bbn", USER, PASS], { encoding: "utf8" }));
+    writeFileSync(join(dir, "htpasswd"), (await execFileP("htpasswd", ["-Bbn", USER, PASS], { encoding: "utf8" })).stdout);
     options.tls = { cert: tls.cert, key: tls.key };
     options.htpasswd = join(dir, "htpasswd");
   }

@@ -9,6 +9,7 @@ import { planFlatten, streamFlattened } from "../../src/image/flatten.js";
 import { loadImage, selectManifestByDigest } from "../../src/oci/oci-layout.js";
 import { resolveImage } from "../../src/image/resolve.js";
 import { makeTar, readTar, removeDir, sha256, tempDir, writeLayout, zstdCompress, type TestEntry } from "../helpers/image.js";
+import { runOk } from "../helpers/run.js";
 
 let home: string;
 let work: string;
@@ -96,7 +97,7 @@ describe("importDockerArchive", () => {
   it("imports a skopeo docker-archive and reads it back through the store layout", async () => {
     const src = await sourceLayout();
     const file = join(work, "image.tar");
-    execFileSync("skopeo", ["copy", "-q", `oci:${src.layout}:v1`, `docker-archive:${file}:foo/bar:v1`]);
+    await runOk("skopeo", ["copy", "-q", `oci:${src.layout}:v1`, `docker-archive:${file}:foo/bar:v1`]);
 
     const ref = `docker-archive:${file}`;
     const imported = await importDockerArchive(file, { store, ref });
@@ -123,7 +124,7 @@ describe("importDockerArchive", () => {
   it("resolves docker-archive: references end to end", async () => {
     const src = await sourceLayout();
     const file = join(work, "image.tar");
-    execFileSync("skopeo", ["copy", "-q", `oci:${src.layout}:v1`, `docker-archive:${file}:foo/bar:v1`]);
+    await runOk("skopeo", ["copy", "-q", `oci:${src.layout}:v1`, `docker-archive:${file}:foo/bar:v1`]);
     const image = await resolveImage(`docker-archive:${file}:foo/bar:v1`, { home });
     expect(image.config.cmd).toEqual(["/bin/hello"]);
     expect(unsquashfs("-cat", image.rootfsPath, "etc/motd")).toBe("from archive\n");

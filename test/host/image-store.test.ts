@@ -6,6 +6,7 @@ import { resolveImage, type ImageProgress } from "../../src/image/resolve.js";
 import { checkImageEntry } from "../../src/store/images.js";
 import { acquireLock } from "../../src/store/lock.js";
 import { makeTar, removeDir, tempDir, writeLayout } from "../helpers/image.js";
+import { runOk } from "../helpers/run.js";
 
 /** Every entry of a squashfs with its mode, owner, size and mtime, and the root without its time. */
 function squashfsListing(path: string): string[] {
@@ -216,7 +217,7 @@ describe("resolveImage", () => {
 describe("builtin:busybox", () => {
   it("builds from scripts/build-busybox-image.mjs and resolves", async () => {
     const out = join(home, "builtin", "busybox");
-    execFileSync(process.execPath, ["scripts/build-busybox-image.mjs", out], { stdio: "ignore" });
+    await runOk(process.execPath, ["scripts/build-busybox-image.mjs", out]);
     const t0 = performance.now();
     const image = await resolveImage("builtin:busybox", { home });
     const buildMs = performance.now() - t0;

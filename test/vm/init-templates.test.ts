@@ -4,13 +4,13 @@
 // the template's main.mjs (loadPools) work, the project type-checks, and a second init refuses to
 // overwrite. `supermachine` is made resolvable from the project as `npm install` would: a
 // node_modules/supermachine link to this checkout (whose dist/ must be built).
-import { spawnSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import ts from "typescript";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { tagImage } from "../../src/index.js";
+import { run as runProcess, cli as runCli, type RunResult } from "../helpers/run.js";
 // @ts-expect-error plain JavaScript helpers without types
 import { ensureFixtures } from "../fixtures/build-fixtures.mjs";
 // @ts-expect-error plain JavaScript helpers without types
@@ -21,10 +21,10 @@ const work = mkdtempSync(join(tmpdir(), "sm-init-test-"));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
 
 function cli(cwd: string, ...args: string[]) {
-  return spawnSync(process.execPath, [join(root, "dist/src/cli/main.js"), ...args], { cwd, encoding: "utf8", timeout: 300_000 });
+  return runCli(args, { cwd, timeout: 300_000 });
 }
 
-function json<T>(r: ReturnType<typeof cli>): T {
+function json<T>(r: RunResult): T {
   try {
     return JSON.parse(r.stdout) as T;
   } catch {
@@ -91,28 +91,28 @@ beforeAll(async () => {
 }, 600_000);
 
 describe("supermachine init", () => {
-  it("lists the templates, and names them when the name is unknown", () => {
-    const list = json<{ templates: { name: string; description: string; files: string[] }[] }>(cli(work, "init", "--list", "--json"));
+  it("lists the templates, and names them when the name is unknown", async () => {
+    const list = json<{ templates: { name: string; description: string; files: string[] }[] }>(await cli(work, "init", "--list", "--json"));
     expect(list.templates.map((t) => t.name)).toEqual(["agent-runtime", "node-sandbox", "python-sandbox"]);
     for (const t of list.templates) {
       expect(t.description).not.toBe("");
       expect(t.files).toEqual(expect.arrayContaining(["supermachine.config.ts", "README.md", "package.json", "tsconfig.json", ".gitignore", "main.mjs"]));
     }
-    expect(cli(work, "init", "--list").stdout).toMatch(/^agent-runtime +a runtime image/m);
-    const bad = cli(work, "init", "--template", "rust-sandbox", join(work, "nope"));
+    expect((await cli(work, "init", "--list")).stdout).toMatch(/^agent-runtime +a runtime image/m);
+    const bad = await cli(work, "init", "--template", "rust-sandbox", join(work, "nope"));
     expect(bad.status).toBe(1);
     expect(bad.stderr).toContain('no template named "rust-sandbox"');
     expect(bad.stderr).toContain("hint: templates: agent-runtime, node-sandbox, python-sandbox");
-    expect(json<{ error: { code: string } }>(cli(work, "init", "--template", "rust-sandbox", "--json")).error.code).toBe("INIT_UNKNOWN_TEMPLATE");
-    const missing = cli(work, "init");
+    expect(json<{ error: { code: string } }>(await cli(work, "init", "--template", "rust-sandbox", "--json")).error.code).toBe("INIT_UNKNOWN_TEMPLATE");
+    const missing = await cli(work, "init");
     expect(missing.status).toBe(2);
     expect(missing.stderr).toContain("--template <name> is required (templates: agent-runtime, node-sandbox, python-sandbox)");
   });
 
   for (const c of CASES) {
-    it(`${c.template}: init, type-check, build, run, loadPools, and no overwrite`, () => {
+    it(`${c.template}: init, type-check, build, run, loadPools, and no overwrite`, async () => {
       const dir = join(work, c.template);
-      const made = cli(work, "init", "--template", c.template, dir);
+      const made = await cli(work, "init", "--template", c.template, dir);
       expect(made.status, made.stderr).toBe(0);
       expect(made.stdout).toContain(`Created a ${c.template} project in ${dir}`);
       expect(made.stdout).toContain("npx supermachine build");
@@ -124,43 +124,43 @@ describe("supermachine init", () => {
       linkPackages(dir);
       expect(typeErrors(dir)).toEqual([]);
 
-      const first = json<{ images: { name: string; status: string }[] }>(cli(dir, "build", "--json"));
+      const first = json<{ images: { name: string; status: string }[] }>(await cli(dir, "build", "--json"));
       expect(first.images.map((i) => [i.name, i.status])).toEqual(c.images.map((n) => [n, "baked"]));
-      const again = json<{ images: { name: string; status: string }[] }>(cli(dir, "build", "--json"));
+      const again = json<{ images: { name: string; status: string }[] }>(await cli(dir, "build", "--json"));
       expect(again.images.map((i) => i.status)).toEqual(c.images.map(() => "cached"));
 
-      const run = cli(dir, "run", c.run.image, "--", ...c.run.argv);
+      const run = await cli(dir, "run", c.run.image, "--", ...c.run.argv);
       expect(run.status, run.stderr).toBe(0);
       if (typeof c.run.stdout === "string") expect(run.stdout).toBe(c.run.stdout);
       else expect(run.stdout).toMatch(c.run.stdout);
 
-      const main = spawnSync(process.execPath, ["main.mjs", ...c.main.args], { cwd: dir, encoding: "utf8", timeout: 120_000 });
+      const main = await runProcess(process.execPath, ["main.mjs", ...c.main.args], { cwd: dir, timeout: 120_000 });
       expect(main.status, main.stderr).toBe(0);
       if (typeof c.main.stdout === "string") expect(main.stdout).toBe(c.main.stdout);
       else expect(main.stdout).toMatch(c.main.stdout);
 
       // A second init refuses, naming what exists; --force overwrites (an edit is undone).
-      const twice = cli(work, "init", "--template", c.template, dir);
+      const twice = await cli(work, "init", "--template", c.template, dir);
       expect(twice.status).toBe(1);
       expect(twice.stderr).toMatch(/files of the template already exist in .*: .*supermachine\.config\.ts/);
       expect(twice.stderr).toContain("--force");
-      const err = json<{ error: { code: string; message: string } }>(cli(work, "init", "--template", c.template, dir, "--json"));
+      const err = json<{ error: { code: string; message: string } }>(await cli(work, "init", "--template", c.template, dir, "--json"));
       expect(err.error.code).toBe("INIT_FILES_EXIST");
       writeFileSync(join(dir, "README.md"), "mine\n");
-      const forced = json<{ overwritten: string[] }>(cli(work, "init", "--template", c.template, dir, "--force", "--json"));
+      const forced = json<{ overwritten: string[] }>(await cli(work, "init", "--template", c.template, dir, "--force", "--json"));
       expect(forced.overwritten).toContain("README.md");
       expect(readFileSync(join(dir, "README.md"), "utf8")).toContain(`# ${c.template}`);
     });
   }
 
-  it("refuses to overwrite a single existing file, and creates the rest nowhere", () => {
+  it("refuses to overwrite a single existing file, and creates the rest nowhere", async () => {
     const dir = join(work, "partial");
     mkdirSync(join(dir, "lib"), { recursive: true });
     writeFileSync(join(dir, "lib", "warm.ts"), "// mine\n");
-    const r = cli(work, "init", "-t", "python-sandbox", dir);
+    const r = await cli(work, "init", "-t", "python-sandbox", dir);
     expect(r.status).toBe(1);
     expect(r.stderr).toContain(`a file of the template already exists in ${dir}: lib/warm.ts`);
     expect(readFileSync(join(dir, "lib", "warm.ts"), "utf8")).toBe("// mine\n");
-    expect(spawnSync("ls", ["-A", dir], { encoding: "utf8" }).stdout).toBe("lib\n");
+    expect((await runProcess("ls", ["-A", dir])).stdout).toBe("lib\n");
   });
 });

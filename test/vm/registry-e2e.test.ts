@@ -1,6 +1,6 @@
 // End to end: images pulled from a real registry on loopback (Debian's docker-registry) and
 // imported from a docker archive, booted as microVMs. Pull policies, local image management.
-import { spawn, spawnSync } from "node:child_process";
+import { spawn } from "node:child_process";
 import { mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Image } from "../../src/index.js";
 import type { ImageProgress } from "../../src/image/resolve.js";
 import { startProxy, startRegistry, type Registry } from "../helpers/registry.js";
+import { cli as runCli } from "../helpers/run.js";
 
 interface Fx {
   python: { layout: string; tag: string };
@@ -42,8 +43,7 @@ afterAll(async () => {
   if (home) rmSync(home, { recursive: true, force: true });
 });
 
-const cli = (...args: string[]) =>
-  spawnSync(process.execPath, [join(root, "dist/src/cli/main.js"), ...args], { encoding: "utf8", env: { ...process.env, SUPERMACHINE_HOME: home } });
+const cli = (...args: string[]) => runCli(args, { env: { ...process.env, SUPERMACHINE_HOME: home } });
 
 describe("a Python image from a registry", () => {
   it("is refused with pullPolicy never before it was pulled", async () => {
@@ -145,20 +145,20 @@ describe("a Python image from a registry", () => {
     });
   });
 
-  it("lists and removes local images from the CLI", () => {
-    const list = cli("images", "--json");
+  it("lists and removes local images from the CLI", async () => {
+    const list = await cli("images", "--json");
     expect(list.status).toBe(0);
     const images = JSON.parse(list.stdout) as { ref: string; blobBytes: number; rootfsBytes: number }[];
     const py = images.find((i) => i.ref === `${reg.host}/library/python:3-bookworm`);
     expect(py).toBeDefined();
     expect(py!.blobBytes).toBeGreaterThan(1_000_000);
     expect(py!.rootfsBytes).toBeGreaterThan(1_000_000);
-    const rmi = cli("rmi", "--json", pythonRef);
+    const rmi = await cli("rmi", "--json", pythonRef);
     expect(rmi.status).toBe(0);
     expect(JSON.parse(rmi.stdout)).toMatchObject({ removed: [`${reg.host}/library/python:3-bookworm`], imagesRemoved: 1 });
     expect(JSON.parse(rmi.stdout).blobsRemoved).toBeGreaterThanOrEqual(3);
-    expect(JSON.parse(cli("images", "--json").stdout)).toEqual([]);
-    expect(cli("rmi", pythonRef).status).toBe(1);
+    expect(JSON.parse((await cli("images", "--json")).stdout)).toEqual([]);
+    expect((await cli("rmi", pythonRef)).status).toBe(1);
   });
 });
 

@@ -4,36 +4,36 @@
 // `npx supermachine setup --check`, `setup --skip-apt`, `doctor --json` and a hello program. Under
 // TCG it needs no /dev/kvm; QEMU runs as that user (no privilege drop), inside its seccomp sandbox.
 // Needs root to create the user and switch to it (setpriv); skipped otherwise.
-import { spawnSync, type SpawnSyncOptions } from "node:child_process";
 import { chmodSync, chownSync, copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { run as runProcess, setupHomeEnv, type RunOptions } from "../helpers/run.js";
 
 const root = join(import.meta.dirname, "..", "..");
 const USER = "sm-test-user";
 const isRoot = process.getuid?.() === 0;
 const temps: string[] = [];
 let createdUser = false;
-afterAll(() => {
+afterAll(async () => {
   for (const d of temps) rmSync(d, { recursive: true, force: true });
-  if (createdUser) spawnSync("userdel", [USER]);
+  if (createdUser) await runProcess("userdel", [USER]);
 });
 
-const run = (cmd: string, args: string[], opts: SpawnSyncOptions = {}) => {
-  const r = spawnSync(cmd, args, { encoding: "utf8", timeout: 120_000, ...opts });
+const run = async (cmd: string, args: string[], opts: RunOptions = {}) => {
+  const r = await runProcess(cmd, args, { timeout: 120_000, ...opts });
   if (r.error) throw r.error;
-  return r as unknown as { status: number | null; stdout: string; stderr: string };
+  return r;
 };
 
 /** The user's uid and gid, creating it (a system user, no home directory) when missing. */
-function testUser(): { uid: number; gid: number } {
-  let r = run("getent", ["passwd", USER]);
+async function testUser(): Promise<{ uid: number; gid: number }> {
+  let r = await run("getent", ["passwd", USER]);
   if (r.status !== 0) {
-    const add = run("useradd", ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", USER]);
+    const add = await run("useradd", ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", USER]);
     expect(add.status, add.stderr).toBe(0);
     createdUser = true;
-    r = run("getent", ["passwd", USER]);
+    r = await run("getent", ["passwd", USER]);
   }
   const f = r.stdout.trim().split(":");
   return { uid: Number(f[2]), gid: Number(f[3]) };
@@ -43,11 +43,12 @@ function testUser(): { uid: number; gid: number } {
 const HELLO = readFileSync(new URL("../fixtures/hello.mjs", import.meta.url), "utf8");
 
 describe("as a normal user", () => {
-  it.skipIf(!isRoot)("setup --check, setup --skip-apt, doctor, first hello: all without root", { timeout: 240_000 }, () => {
-    const { uid, gid } = testUser();
+  it.skipIf(!isRoot)("setup --check, setup --skip-apt, doctor, first hello: all without root", { timeout: 240_000 }, async () => {
+    const { uid, gid } = await testUser();
     expect(uid).toBeGreaterThan(0);
 
-    const pack = run(process.execPath, [join(root, "scripts", "pack-all.mjs"), "--json"], { cwd: root });
+    // pack:all takes the artifacts setup left in its home (and would build them into another).
+    const pack = await run(process.execPath, [join(root, "scripts", "pack-all.mjs"), "--json"], { cwd: root, env: setupHomeEnv() });
     expect(pack.status, pack.stderr).toBe(0);
     const tgz = JSON.parse(pack.stdout) as { main: string; guest: string };
 
@@ -69,12 +70,12 @@ describe("as a normal user", () => {
     writeFileSync(join(project, "hello.mjs"), HELLO);
     // Installed by root (its npm cache makes this quick). The project is handed to the user, the
     // two installed packages stay root's: nothing may need to write into them.
-    const install = run("npm", ["install", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error", main, guest], { cwd: project });
+    const install = await run("npm", ["install", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error", main, guest], { cwd: project });
     expect(install.status, install.stderr).toBe(0);
-    run("chown", ["-R", `${uid}:${gid}`, project, home, cache, rt]);
+    await run("chown", ["-R", `${uid}:${gid}`, project, home, cache, rt]);
     const pkgs = ["supermachine", "supermachine-guest-linux-x64"].map((n) => join(project, "node_modules", n));
-    run("chown", ["-R", "0:0", ...pkgs]);
-    run("chmod", ["-R", "go-w", ...pkgs]);
+    await run("chown", ["-R", "0:0", ...pkgs]);
+    await run("chmod", ["-R", "go-w", ...pkgs]);
     expect(statSync(join(pkgs[0]!, "package.json")).uid).toBe(0);
 
     const env: NodeJS.ProcessEnv = { PATH: process.env.PATH, HOME: home, SUPERMACHINE_HOME: cache, TMPDIR: rt, npm_config_cache: join(home, ".npm"), npm_config_update_notifier: "false" };
@@ -82,16 +83,16 @@ describe("as a normal user", () => {
       run("setpriv", ["--reuid", String(uid), "--regid", String(gid), "--clear-groups", "--", cmd, ...args], { cwd: project, env });
     const npx = (...args: string[]) => as("npx", "--no-install", "supermachine", ...args);
 
-    const whoami = as("id", "-u");
+    const whoami = await as("id", "-u");
     expect(whoami.stdout.trim()).toBe(String(uid));
-    for (const p of [...pkgs, join(pkgs[0]!, "dist")]) expect(as("test", "-w", p).status, `${p} writable by the user`).toBe(1);
+    for (const p of [...pkgs, join(pkgs[0]!, "dist")]) expect((await as("test", "-w", p)).status, `${p} writable by the user`).toBe(1);
 
     // Debian packages missing (a dpkg-query that knows of no installed package), no root, no sudo:
     // setup prints the one line to run and exits 1 before doing anything else.
     const shims = join(work, "shims");
     mkdirSync(shims);
     writeFileSync(join(shims, "dpkg-query"), "#!/bin/sh\nexit 0\n", { mode: 0o755 });
-    const noPkgs = run("setpriv", ["--reuid", String(uid), "--regid", String(gid), "--clear-groups", "--", "npx", "--no-install", "supermachine", "setup"], {
+    const noPkgs = await run("setpriv", ["--reuid", String(uid), "--regid", String(gid), "--clear-groups", "--", "npx", "--no-install", "supermachine", "setup"], {
       cwd: project,
       env: { ...env, PATH: `${shims}:${env.PATH}` },
     });
@@ -102,14 +103,14 @@ describe("as a normal user", () => {
     expect(readdirSync(cache)).toEqual([]);
 
     // Missing: only what the guest package cannot carry. No root-only item (the QEMU user).
-    const before = npx("setup", "--check", "--json");
+    const before = await npx("setup", "--check", "--json");
     expect(before.stderr).not.toMatch(/EACCES|permission denied/i);
     const report = JSON.parse(before.stdout) as { missing: string[]; items: { name: string; ok: boolean; detail: string }[] };
     expect(report.missing).toEqual(["busybox", "manifest"]);
     expect(report.items.find((i) => i.name === "qemu-user")).toMatchObject({ ok: true, detail: "not needed (QEMU runs as this user)" });
     expect(before.status).toBe(1);
 
-    const setup = npx("setup", "--skip-apt", "--json");
+    const setup = await npx("setup", "--skip-apt", "--json");
     expect(setup.status, setup.stderr).toBe(0);
     const done = JSON.parse(setup.stdout) as { built: string[]; sources: Record<string, string> };
     expect(done.built).toEqual(["busybox"]);
@@ -117,10 +118,10 @@ describe("as a normal user", () => {
     expect(setup.stderr).not.toMatch(/kernel: building|agent: building|useradd/);
     expect(statSync(cache).uid).toBe(uid);
 
-    const after = npx("setup", "--check");
+    const after = await npx("setup", "--check");
     expect(after.status, after.stdout + after.stderr).toBe(0);
 
-    const doctor = npx("doctor", "--json");
+    const doctor = await npx("doctor", "--json");
     expect(doctor.status, doctor.stdout + doctor.stderr).toBe(0);
     const dr = JSON.parse(doctor.stdout) as { ok: boolean; checks: { id: string; status: string; summary: string }[] };
     expect(dr.ok, doctor.stdout).toBe(true);
@@ -129,7 +130,7 @@ describe("as a normal user", () => {
     expect(dr.checks.find((c) => c.id === "sandbox")).toMatchObject({ status: "pass", summary: `on (seccomp), QEMU runs as ${USER} (uid ${uid}), this process's user` });
     expect(dr.checks.find((c) => c.id === "cache")?.status).toBe("pass");
 
-    const hello = as(process.execPath, "hello.mjs");
+    const hello = await as(process.execPath, "hello.mjs");
     expect(hello.stderr).toBe("");
     expect(hello.stdout).toBe("exit 0: hello\n");
     expect(hello.status).toBe(0);
@@ -138,6 +139,6 @@ describe("as a normal user", () => {
     for (const n of readdirSync(cache)) expect(statSync(join(cache, n)).uid, n).toBe(uid);
     // The install manifest is the user's, in the user's cache; the packages are as installed.
     expect(readdirSync(join(cache, "installs")).filter((n) => /^[0-9a-f]{16}\.json$/.test(n))).toHaveLength(1);
-    for (const p of pkgs) expect(run("find", [p, "-newer", join(project, "package-lock.json"), "-print"]).stdout, `${p} changed`).toBe("");
+    for (const p of pkgs) expect((await run("find", [p, "-newer", join(project, "package-lock.json"), "-print"])).stdout, `${p} changed`).toBe("");
   });
 });

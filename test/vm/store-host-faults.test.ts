@@ -12,6 +12,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { Image } from "../../src/index.js";
 import { homePaths } from "../../src/paths.js";
 import { snapshotInUse } from "../../src/store/leases.js";
+import { cli } from "../helpers/run.js";
 import { waitFor } from "../helpers/vm.js";
 
 const root = join(import.meta.dirname, "..", "..");
@@ -205,7 +206,7 @@ describe("a full file system", () => {
     expect(r2, JSON.stringify(r2)).toMatchObject({ ok: true });
     consistent();
     // And what it wrote is sound.
-    const v = spawnSync(process.execPath, [join(root, "dist/src/cli/main.js"), "verify", "--json"], { env: env(), encoding: "utf8" });
+    const v = await cli(["verify", "--json"], { env: env() });
     expect(v.status, v.stdout).toBe(0);
   });
 });

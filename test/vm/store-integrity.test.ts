@@ -3,7 +3,7 @@
 // again and rebaked (a pool: transparently; a frozen build: a clear error; fromSnapshot: an
 // error, nothing moved); `supermachine verify` finds damaged snapshots, root filesystems and
 // blobs, and `--fix` quarantines them.
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { cpSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeFileSync, writeSync, closeSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -15,8 +15,8 @@ import { buildImageGraph } from "../../src/graph/graph.js";
 import { Image, loadPools, type BuildProgress } from "../../src/index.js";
 import { homePaths } from "../../src/paths.js";
 import { verifySnapshot } from "../../src/store/snapshots.js";
+import { cli as runCli } from "../helpers/run.js";
 
-const root = join(import.meta.dirname, "..", "..");
 const work = mkdtempSync(join(tmpdir(), "sm-integrity-test-"));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
 
@@ -195,13 +195,13 @@ describe("supermachine verify", () => {
     mkdirSync(home, { recursive: true });
     cpSync(homePaths().builtin, join(home, "builtin"), { recursive: true });
     const env = { ...process.env, SUPERMACHINE_HOME: home };
-    const cli = (...args: string[]) => spawnSync(process.execPath, [join(root, "dist/src/cli/main.js"), ...args], { cwd: work, env, encoding: "utf8", timeout: 300_000 });
+    const cli = (...args: string[]) => runCli(args, { cwd: work, env, timeout: 300_000 });
     // A snapshot (and its image's root filesystem) and, through `tag`, blobs in the blob store.
-    const run = cli("run", "--json", "builtin:busybox", "--", "echo", "hi");
+    const run = await cli("run", "--json", "builtin:busybox", "--", "echo", "hi");
     expect(run.status, run.stderr).toBe(0);
-    const tag = cli("tag", "builtin:busybox", "localhost/verify-test:1");
+    const tag = await cli("tag", "builtin:busybox", "localhost/verify-test:1");
     expect(tag.status, tag.stderr).toBe(0);
-    const clean = cli("verify", "--json");
+    const clean = await cli("verify", "--json");
     expect(clean.status, clean.stderr).toBe(0);
     const report = JSON.parse(clean.stdout) as { snapshots: { path: string; status: string }[]; images: { path: string; status: string }[]; blobs: { checked: number }; damaged: number };
     expect(report.damaged).toBe(0);
@@ -225,13 +225,13 @@ describe("supermachine verify", () => {
     bytes[bytes.length >> 1]! ^= 0xff;
     writeFileSync(blob, bytes);
 
-    const bad = cli("verify");
+    const bad = await cli("verify");
     expect(bad.status).toBe(1);
     expect(bad.stdout).toContain(`damaged snapshot ${snap}`);
     expect(bad.stdout).toContain(`damaged image ${report.images[0]!.path}`);
     expect(bad.stdout).toContain(`damaged blob ${blob}: its content hashes to sha256:`);
     expect(bad.stdout).toMatch(/: 3 damaged \(supermachine verify --fix moves them aside\)/);
-    const fix = cli("verify", "--fix", "--json");
+    const fix = await cli("verify", "--fix", "--json");
     expect(fix.status, fix.stdout).toBe(0);
     const fixed = JSON.parse(fix.stdout) as { damaged: number; fixed: number };
     expect(fixed).toMatchObject({ damaged: 3, fixed: 3 });
@@ -239,12 +239,12 @@ describe("supermachine verify", () => {
     expect(existsSync(blob)).toBe(false);
     expect(readdirSync(join(home, "images", ".quarantine"))).toHaveLength(1);
     expect(readdirSync(join(home, "store", ".quarantine")).filter((n) => !n.endsWith(".json"))).toHaveLength(1);
-    expect(cli("verify").status).toBe(0);
+    expect((await cli("verify")).status).toBe(0);
     // The next run rebuilds the root filesystem and rebakes the snapshot.
-    const rerun = cli("run", "builtin:busybox", "--", "echo", "rebuilt");
+    const rerun = await cli("run", "builtin:busybox", "--", "echo", "rebuilt");
     expect(rerun.status, rerun.stderr).toBe(0);
     expect(rerun.stdout).toBe("rebuilt\n");
-    const after = JSON.parse(cli("verify", "--json").stdout) as { damaged: number; images: { status: string }[] };
+    const after = JSON.parse((await cli("verify", "--json")).stdout) as { damaged: number; images: { status: string }[] };
     expect(after.damaged).toBe(0);
     expect(after.images.map((i) => i.status)).toEqual(["ok"]);
   });
