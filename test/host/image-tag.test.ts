@@ -122,7 +122,7 @@ describe("tagImage", () => {
     await expect(tagImage("localhost:1/none:x", "app", { home })).rejects.toMatchObject({ code: "REGISTRY_UNREACHABLE" });
 
     const blob = await readFile(src.layerPaths[0]!);
-    blob[blob.length - 1] ^= 0xff; // same size, other content
+    blob[blob.length - 1]! ^= 0xff; // same size, other content
     await writeFile(src.layerPaths[0]!, blob);
     await expect(tagImage(`oci:${join(work, "img")}:v1`, "app", { home })).rejects.toMatchObject({ code: "IMAGE_DIGEST_MISMATCH" });
     expect(existsSync(storeBlob(src.layerDigests[0]!))).toBe(false);

@@ -2,6 +2,7 @@
 // a machine cannot be made to miss a package for a test. The end-to-end case (a user without root
 // or sudo, a package missing: one line, exit 1, nothing done) is in normal-user.test.ts.
 import { describe, expect, it } from "vitest";
+// @ts-expect-error plain JavaScript module without a declaration file
 import { aptDecision, installLine } from "../../scripts/apt-plan.mjs";
 
 const never = () => {

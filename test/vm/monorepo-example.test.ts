@@ -73,7 +73,7 @@ describe("examples/monorepo", () => {
     const pools = await loadPools({ cwd: join(dir, "packages", "team-a"), frozen: true });
     try {
       expect(Object.keys(pools).sort()).toEqual(["checkout", "search"]);
-      const vm = await pools.checkout.acquire();
+      const vm = await pools.checkout!.acquire();
       try {
         expect(JSON.parse((await vm.exec({ argv: ["cat", "/etc/acme/checkout-api.json"] })).stdout.toString())).toEqual({ service: "checkout-api", team: "a" });
       } finally {

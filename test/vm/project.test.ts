@@ -132,10 +132,10 @@ describe("a 20-image project", () => {
     const pools = await loadPools({ cwd: join(project, "images"), frozen: true });
     try {
       expect(Object.keys(pools).sort()).toEqual(["deep", "tools"]);
-      const vm = await pools.deep.acquire();
+      const vm = await pools.deep!.acquire();
       expect((await vm.exec({ argv: ["cat", "/srv/chain", "/srv/chain-2", "/srv/chain-3"] })).stdout.toString()).toBe("chain-v3\nchain-2\nchain-3\n");
       await vm.release();
-      expect(pools.tools.stats()).toMatchObject({ min: 1, max: 2 });
+      expect(pools.tools!.stats()).toMatchObject({ min: 1, max: 2 });
     } finally {
       await pools.close();
     }

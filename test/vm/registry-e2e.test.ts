@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Image } from "../../src/index.js";
-import type { ImageProgress } from "../../src/image/resolve.js";
+import type { BuildProgress } from "../../src/schema/image.js";
 import { startProxy, startRegistry, type Registry } from "../helpers/registry.js";
 import { cli as runCli } from "../helpers/run.js";
 
@@ -54,7 +54,7 @@ describe("a Python image from a registry", () => {
   });
 
   it("pulls, boots and runs python3", async () => {
-    const events: ImageProgress[] = [];
+    const events: BuildProgress[] = [];
     const image = await Image.build({ ref: pythonRef, onProgress: (p) => events.push(p) });
     expect(image.digest).toMatch(/^sha256:[0-9a-f]{64}$/);
     expect(events.some((e) => e.phase === "pull" && e.event.type === "layer" && e.event.bytes > 0)).toBe(true);

@@ -51,12 +51,12 @@ describe("prebuilt guest package", () => {
     expect(guest.agent.key).toBe(tgz.agentKey);
 
     // The empty cache directory; no explicit paths, and the prebuilt package allowed.
-    const env = { ...process.env, SUPERMACHINE_HOME: home };
+    const env: NodeJS.ProcessEnv = { ...process.env, SUPERMACHINE_HOME: home };
     for (const k of ["SUPERMACHINE_KERNEL", "SUPERMACHINE_INITRAMFS", "SUPERMACHINE_NO_PREBUILT"]) delete env[k];
     const npx = (...args: string[]) => run("npx", ["--no-install", "supermachine", ...args], { cwd: project, env });
 
     const before = await npx("setup", "--check", "--json");
-    const report = JSON.parse(before.stdout) as { missing: string[]; items: { name: string; source?: string; key?: string; path?: string }[] };
+    const report = JSON.parse(before.stdout) as { missing: string[]; items: { name: string; source?: string; key?: string; path?: string; prebuilt?: string }[] };
     // Only what the package cannot carry (and the machine-local manifest, which is not shipped)
     // is missing; the kernel and the agent come from it.
     expect(report.missing).toEqual(["busybox", "manifest"]);

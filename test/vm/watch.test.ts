@@ -116,7 +116,7 @@ describe("watch mode", () => {
     const events: WatchEvent[] = [];
     const pools = await loadPools({ cwd: dir, watch: true, onWatchEvent: (e) => events.push(e) });
     try {
-      const old = await pools.a.acquire();
+      const old = await pools.a!.acquire();
       expect((await old.exec({ argv: ["cat", "/srv-a"] })).stdout.toString()).toBe("a-v1\n");
       const oldSnapshot = events.find((e): e is Extract<WatchEvent, { type: "ready" }> => e.type === "ready")!.round.nodes.get("child-a")!.dir;
       setHelper(dir, "a", "a-v2");
@@ -127,7 +127,7 @@ describe("watch mode", () => {
       let fresh = "";
       const end = Date.now() + 15_000;
       while (Date.now() < end) {
-        const vm = await pools.a.acquire();
+        const vm = await pools.a!.acquire();
         fresh = (await vm.exec({ argv: ["cat", "/srv-a"] })).stdout.toString();
         await vm.release();
         if (fresh === "a-v2\n") break;
