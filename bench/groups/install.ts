@@ -32,7 +32,7 @@ async function installBenchmarks(ctx: BenchContext): Promise<void> {
     mkdirSync(home);
     writeFileSync(join(project, "package.json"), JSON.stringify({ name: "app", private: true, type: "module" }));
     // The same first program the install tests run.
-    copyFileSync(new URL("../../../test/setup/hello.mjs", import.meta.url), join(project, "hello.mjs"));
+    copyFileSync(new URL("../../../test/fixtures/hello.mjs", import.meta.url), join(project, "hello.mjs"));
     sh("npm", ["install", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error", tgz.main, tgz.guest], project);
     const env: NodeJS.ProcessEnv = { ...process.env, SUPERMACHINE_HOME: home };
     for (const k of ["SUPERMACHINE_KERNEL", "SUPERMACHINE_INITRAMFS", "SUPERMACHINE_NO_PREBUILT"]) delete env[k];

@@ -104,7 +104,7 @@ describe("doctor: /dev/kvm group", () => {
 });
 
 describe("doctor: kernel and agent", () => {
-  const artifacts = { kernel: "/c/kernel/k1/vmlinux", initramfs: "/c/agent/a1/initramfs.cpio", kernelKey: "k1", agentKey: "a1", agentVersion: "0.1.0" };
+  const artifacts = { kernel: "/c/kernel/k1/vmlinux", initramfs: "/c/agent/a1/initramfs.cpio", kernelKey: "k1", agentKey: "a1", agentVersion: "0.1.0", kernelSource: "cache" as const, agentSource: "cache" as const };
   it("reads the kernel's version from its banner and the agent's from --version", () => {
     const image = Buffer.concat([Buffer.alloc(4096, 0x7f), Buffer.from("Linux version 6.1.192 (root@build) (gcc 12.2.0) #1 SMP\0"), Buffer.alloc(100)]);
     expect(kernelVersionOf(image)).toBe("6.1.192");

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { engineCounters } from "../../src/engine/qemu.js";
 import { Image } from "../../src/index.js";
-import { isRunning, waitFor } from "../helpers.js";
+import { isRunning, waitFor } from "../helpers/vm.js";
 
 const root = join(import.meta.dirname, "..", "..");
 const snapshotsDir = mkdtempSync(join(tmpdir(), "sm-bake-test-"));

@@ -1,7 +1,7 @@
 // No way out: QEMU runs under its seccomp sandbox and, when the host process is root (as in CI
 // here), as the unprivileged `supermachine` user; the guest has no network device; exposeTcp
 // binds loopback only; nothing under $SUPERMACHINE_HOME is readable by another local user.
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from "node:fs";
 import { connect } from "node:net";
 import { networkInterfaces, tmpdir } from "node:os";
@@ -13,9 +13,9 @@ import { Image, type Vm } from "../../src/index.js";
 import { LOG_RETENTION } from "../../src/failure-logs.js";
 import { homePaths } from "../../src/paths.js";
 import { lookupUser } from "../../src/private.js";
-import { useBusyboxVm } from "../helpers.js";
+import { useBusyboxVm } from "../helpers/vm.js";
+import { cli as runCli, run } from "../helpers/run.js";
 
-const root = join(import.meta.dirname, "..", "..");
 const asRoot = process.getuid?.() === 0;
 const qemuUser = lookupUser("supermachine");
 const machineOf = (vm: Vm) => (vm as unknown as { machine: MicroVm }).machine;
@@ -134,7 +134,7 @@ describe("the guest's ways out", () => {
 });
 
 /** Runs a Node script as `uid`/`gid` (no supplementary groups) that tries to read each path. */
-function readableAs(uid: number, gid: number, paths: string[]): string[] {
+async function readableAs(uid: number, gid: number, paths: string[]): Promise<string[]> {
   const script = `
     const fs = require("node:fs");
     const paths = JSON.parse(fs.readFileSync(0, "utf8"));
@@ -146,7 +146,7 @@ function readableAs(uid: number, gid: number, paths: string[]): string[] {
       } catch {}
     }
     process.stdout.write(JSON.stringify(open));`;
-  const r = spawnSync(process.execPath, ["-e", script], { uid, gid, cwd: "/", input: JSON.stringify(paths), encoding: "utf8", timeout: 60_000 });
+  const r = await run(process.execPath, ["-e", script], { uid, gid, cwd: "/", input: JSON.stringify(paths), timeout: 60_000 });
   if (r.status !== 0) throw new Error(`walker as uid ${uid} failed: ${r.stderr}`);
   return JSON.parse(r.stdout) as string[];
 }
@@ -289,9 +289,9 @@ describe("a private home", () => {
       expect(open.map((p) => `${p} ${(statSync(p).mode & 0o777).toString(8)}`)).toEqual([]);
       expect(statSync(home).mode & 0o777).toBe(0o700);
       // And as another user: nothing opens, by any path.
-      expect(readableAs(65534, 65534, paths)).toEqual([]);
+      expect(await readableAs(65534, 65534, paths)).toEqual([]);
       // Nor as QEMU's own user: it only has the descriptors it was handed.
-      if (asRoot && qemuUser) expect(readableAs(qemuUser.uid, qemuUser.gid, paths)).toEqual([]);
+      if (asRoot && qemuUser) expect(await readableAs(qemuUser.uid, qemuUser.gid, paths)).toEqual([]);
       await vm.release();
     } finally {
       await pool.shutdown();
@@ -344,20 +344,25 @@ describe("refusing to run unconfined", () => {
     }
   });
 
-  it("supermachine info reports the sandbox, the QEMU user and SUPERMACHINE_UNSANDBOXED", () => {
-    const cli = (extra: NodeJS.ProcessEnv) =>
-      JSON.parse(execFileSync(process.execPath, [join(root, "dist", "src", "cli", "main.js"), "info", "--json"], { env: { ...process.env, ...extra }, encoding: "utf8" })) as {
+  it("supermachine info reports the sandbox, the QEMU user and SUPERMACHINE_UNSANDBOXED", async () => {
+    const info = async (args: string[], extra: NodeJS.ProcessEnv) => {
+      const r = await runCli(args, { env: { ...process.env, ...extra } });
+      if (r.status !== 0) throw new Error(`supermachine ${args.join(" ")} exited with ${r.status ?? r.signal}: ${r.stderr}`);
+      return r.stdout;
+    };
+    const cli = async (extra: NodeJS.ProcessEnv) =>
+      JSON.parse(await info(["info", "--json"], extra)) as {
         confinement: { sandbox: string; unsandboxed: boolean; qemuUser: { name: string; uid: number; dropped: boolean }; error: string | null };
       };
-    const on = cli({}).confinement;
+    const on = (await cli({})).confinement;
     expect(on.sandbox).toBe("on");
     expect(on.unsandboxed).toBe(false);
     expect(on.error).toBeNull();
     if (asRoot) expect(on.qemuUser).toEqual({ name: "supermachine", uid: qemuUser!.uid, dropped: true });
-    const off = cli({ SUPERMACHINE_UNSANDBOXED: "1" }).confinement;
+    const off = (await cli({ SUPERMACHINE_UNSANDBOXED: "1" })).confinement;
     expect(off.sandbox).toBe("off");
     expect(off.unsandboxed).toBe(true);
-    const text = execFileSync(process.execPath, [join(root, "dist", "src", "cli", "main.js"), "info"], { env: { ...process.env, SUPERMACHINE_UNSANDBOXED: "1" }, encoding: "utf8" });
+    const text = await info(["info"], { SUPERMACHINE_UNSANDBOXED: "1" });
     expect(text).toMatch(/sandbox: +off \(SUPERMACHINE_UNSANDBOXED=1\)/);
   });
 

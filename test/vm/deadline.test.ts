@@ -4,7 +4,7 @@
 import { afterAll, describe, expect, it } from "vitest";
 import { DeadlineError } from "../../src/index.js";
 import { HOST_GRACE_MS } from "../../src/session/session.js";
-import { useBusyboxVm } from "../helpers.js";
+import { useBusyboxVm } from "../helpers/vm.js";
 
 const env = useBusyboxVm();
 

@@ -6,8 +6,8 @@ import { Readable } from "node:stream";
 import tar from "tar-stream";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Image, type Pool } from "../../src/index.js";
-import { busyboxLayer } from "../helpers.js";
-import { removeDir, tempDir, writeLayout } from "../image/helpers.js";
+import { busyboxLayer } from "../helpers/vm.js";
+import { removeDir, tempDir, writeLayout } from "../helpers/image.js";
 
 let dir: string;
 let snapshotsDir: string;
@@ -17,9 +17,9 @@ let pool: Pool | undefined;
 async function appendEntries(base: Buffer, extra: (Partial<tar.Header> & { name: string })[]): Promise<Buffer> {
   const pack = tar.pack();
   const chunks: Buffer[] = [];
-  pack.on("data", (c: Buffer) => chunks.push(c));
-  const done = new Promise((resolve, reject) => pack.on("end", resolve).on("error", reject));
-  const entry = (h: tar.Headers, data?: Buffer) => new Promise<void>((res, rej) => pack.entry(h, data ?? Buffer.alloc(0), (err) => (err ? rej(err) : res())));
+  pack.on("data", (c) => chunks.push(c as Buffer));
+  const done = new Promise<void>((resolve, reject) => pack.on("end", () => resolve()).on("error", reject));
+  const entry = (h: Partial<tar.Header> & { name: string }, data?: Buffer) => new Promise<void>((res, rej) => pack.entry(h, data ?? Buffer.alloc(0), (err) => (err ? rej(err) : res())));
   const extract = tar.extract();
   Readable.from([base]).pipe(extract as unknown as NodeJS.WritableStream);
   for await (const e of extract) {

@@ -10,7 +10,7 @@ import { spawn } from "node:child_process";
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { qemuPids } from "../helpers.js";
+import { qemuPids } from "../helpers/vm.js";
 
 const ROOT = join(import.meta.dirname, "..", "..");
 const WORK = join(ROOT, ".test-runnable");

@@ -2,7 +2,7 @@
 // driven through the public API.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Image, type Pool, type Vm } from "../../src/index.js";
-import { isRunning, waitFor } from "../helpers.js";
+import { isRunning, waitFor } from "../helpers/vm.js";
 
 let image: Image;
 let pool: Pool;

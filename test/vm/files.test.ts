@@ -4,7 +4,7 @@ import { createHash } from "node:crypto";
 import { Readable } from "node:stream";
 import { describe, expect, it } from "vitest";
 import { GuestFileError } from "../../src/index.js";
-import { useBusyboxVm } from "../helpers.js";
+import { useBusyboxVm } from "../helpers/vm.js";
 
 const env = useBusyboxVm();
 

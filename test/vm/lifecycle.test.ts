@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { Image } from "../../src/index.js";
-import { isRunning, waitFor } from "../helpers.js";
+import { isRunning, waitFor } from "../helpers/vm.js";
 
 const root = join(import.meta.dirname, "..", "..");
 const saved = { ...process.env };

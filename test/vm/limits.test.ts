@@ -7,7 +7,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { Image, OptionError, type Vm } from "../../src/index.js";
-import { useBusyboxVm } from "../helpers.js";
+import { useBusyboxVm } from "../helpers/vm.js";
 
 const env = useBusyboxVm({ min: 1, max: 1 });
 const snapshotsDir = mkdtempSync(join(tmpdir(), "sm-limits-"));

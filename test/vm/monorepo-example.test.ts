@@ -3,13 +3,13 @@
 // ls/graph/run/loadPools see them, after an edit to a shared helper `why` names the helper's
 // file for exactly the images whose bundle it changes, and the CI cache flow of its README works:
 // export into a cache directory, import into a fresh checkout and an empty home, build --frozen.
-import { spawnSync } from "node:child_process";
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadPools } from "../../src/index.js";
 import { homePaths } from "../../src/paths.js";
+import { run as runProcess, cli as runCli } from "../helpers/run.js";
 
 const root = join(import.meta.dirname, "..", "..");
 const example = join(root, "examples", "monorepo");
@@ -25,18 +25,18 @@ function cli(...args: string[]) {
 }
 
 function cliIn(cwd: string, env: Record<string, string>, ...args: string[]) {
-  return spawnSync(process.execPath, [join(root, "dist/src/cli/main.js"), ...args], { cwd, encoding: "utf8", timeout: 300_000, env: { ...process.env, ...env } });
+  return runCli(args, { cwd, timeout: 300_000, env: { ...process.env, ...env } });
 }
 
-function prepare(target: string, source = example): void {
+async function prepare(target: string, source = example): Promise<void> {
   // What a checkout holds: a local node_modules or snapshots of someone's run are not copied.
   cpSync(source, target, { recursive: true, filter: (src) => !/\/(node_modules|\.snapshots)$/.test(src) && !src.endsWith("package-lock.json") });
-  const install = spawnSync("npm", ["install", "--offline", "--no-audit", "--no-fund"], { cwd: target, encoding: "utf8", timeout: 120_000 });
+  const install = await runProcess("npm", ["install", "--offline", "--no-audit", "--no-fund"], { cwd: target, timeout: 120_000 });
   if (install.status !== 0) throw new Error(`npm install failed: ${install.stdout}\n${install.stderr}`);
 }
 
-function json<T>(...args: string[]): T {
-  const r = cli(...args, "--json");
+async function json<T>(...args: string[]): Promise<T> {
+  const r = await cli(...args, "--json");
   if (r.status !== 0) throw new Error(`${args.join(" ")} failed (${r.status}): ${r.stdout}\n${r.stderr}`);
   return JSON.parse(r.stdout) as T;
 }
@@ -45,35 +45,35 @@ type Rows = { images: { name: string; status: string; parent: string | null }[] 
 
 let first: Rows;
 
-beforeAll(() => {
-  prepare(dir);
-  first = json<Rows>("build");
+beforeAll(async () => {
+  await prepare(dir);
+  first = await json<Rows>("build");
 }, 600_000);
 
 describe("examples/monorepo", () => {
-  it("links the workspace packages and bakes the twelve images, then reports them all cached", () => {
+  it("links the workspace packages and bakes the twelve images, then reports them all cached", async () => {
     expect(realpathSync(join(dir, "node_modules", "@acme", "helpers"))).toBe(join(dir, "packages", "helpers"));
     expect(first.images.map((i) => i.name).sort()).toEqual([...IMAGES].sort());
     expect(first.images.every((i) => i.status === "baked")).toBe(true);
-    const again = json<Rows>("build");
+    const again = await json<Rows>("build");
     expect(again.images.map((i) => i.status)).toEqual(IMAGES.map(() => "cached"));
     expect(existsSync(join(dir, ".snapshots"))).toBe(true);
   });
 
   it("lists, graphs and runs the images; loadPools hands out the pools", async () => {
-    const ls = json<{ images: { name: string; cached: boolean; parent: string | null }[] }>("ls");
+    const ls = await json<{ images: { name: string; cached: boolean; parent: string | null }[] }>("ls");
     expect(ls.images.every((i) => i.cached)).toBe(true);
     expect(Object.fromEntries(ls.images.map((i) => [i.name, i.parent]))).toMatchObject({ base: null, "checkout-docs": "httpd", "search-index": "search-ingest", "search-ingest": "tools" });
-    const graph = json<{ images: { name: string; children: string[] }[] }>("graph");
+    const graph = await json<{ images: { name: string; children: string[] }[] }>("graph");
     expect(graph.images.find((i) => i.name === "base")!.children.sort()).toEqual(["httpd", "search-shell", "tools"]);
-    const run = cli("run", "search-index", "--", "sh", "-c", "acme-info; ingest");
+    const run = await cli("run", "search-index", "--", "sh", "-c", "acme-info; ingest");
     expect(run.status, run.stderr).toBe(0);
     expect(run.stdout).toBe("acme: base tools search-ingest search-index \n2\n");
 
     const pools = await loadPools({ cwd: join(dir, "packages", "team-a"), frozen: true });
     try {
       expect(Object.keys(pools).sort()).toEqual(["checkout", "search"]);
-      const vm = await pools.checkout.acquire();
+      const vm = await pools.checkout!.acquire();
       try {
         expect(JSON.parse((await vm.exec({ argv: ["cat", "/etc/acme/checkout-api.json"] })).stdout.toString())).toEqual({ service: "checkout-api", team: "a" });
       } finally {
@@ -84,45 +84,46 @@ describe("examples/monorepo", () => {
     }
   });
 
-  it("names an edited shared helper in why for the images whose bundle it changes", () => {
+  it("names an edited shared helper in why for the images whose bundle it changes", async () => {
     const file = join(dir, HELPER);
     writeFileSync(file, readFileSync(file, "utf8").replace(">> /etc/acme/images", ">> /etc/acme/images && sync"));
-    const why = Object.fromEntries(IMAGES.map((n) => [n, json<{ cached: boolean; changes: { input: string }[] }>("why", n)]));
+    const why: Record<string, { cached: boolean; changes: { input: string }[] }> = {};
+    for (const n of IMAGES) why[n] = await json<{ cached: boolean; changes: { input: string }[] }>("why", n);
     const naming = IMAGES.filter((n) => why[n]!.changes.some((c) => c.input === `module:${HELPER}`)).sort();
     // httpd imports @acme/helpers too, but not stamp: its bundle, and so its key, is unchanged.
     const untouched = ["base", "httpd", "search-shell"];
     expect(naming).toEqual(IMAGES.filter((n) => !untouched.includes(n)).sort());
     for (const n of untouched) expect(why[n], n).toMatchObject({ cached: true, changes: [] });
     expect(why["checkout-api"]!.changes.map((c) => c.input)).toEqual(["parent", `module:${HELPER}`]);
-    const text = cli("why", "checkout-api");
+    const text = await cli("why", "checkout-api");
     expect(text.stdout).toContain(`module:${HELPER}`);
-    const rebuilt = json<Rows>("build");
+    const rebuilt = await json<Rows>("build");
     expect(rebuilt.images.filter((i) => i.status === "baked").map((i) => i.name).sort()).toEqual(naming);
   });
 
-  it("follows the README's CI flow: export, import into a fresh checkout and home, build --frozen", () => {
+  it("follows the README's CI flow: export, import into a fresh checkout and home, build --frozen", async () => {
     const cache = join(work, "ci-cache");
-    const exported = cli("cache", "export", cache, "--json");
+    const exported = await cli("cache", "export", cache, "--json");
     expect(exported.status, `${exported.stdout}\n${exported.stderr}`).toBe(0);
     const report = JSON.parse(exported.stdout) as { snapshots: { name: string; status: string }[] };
     expect(report.snapshots.map((s) => s.name).sort()).toEqual([...IMAGES].sort());
     // Another machine: a fresh checkout and a home that has never baked or pulled anything (only
     // the built-in busybox source layout, which setup builds on every machine).
     const other = join(work, "other");
-    prepare(other, dir); // the same sources as the exporting checkout (its helper edit included)
+    await prepare(other, dir); // the same sources as the exporting checkout (its helper edit included)
     const home = join(work, "other-home");
     mkdirSync(join(home, "builtin"), { recursive: true });
     cpSync(join(homePaths().builtin, "busybox"), join(home, "builtin", "busybox"), { recursive: true });
-    const frozenBefore = cliIn(other, { SUPERMACHINE_HOME: home }, "build", "--frozen", "--json");
+    const frozenBefore = await cliIn(other, { SUPERMACHINE_HOME: home }, "build", "--frozen", "--json");
     expect(frozenBefore.status).toBe(1);
-    const imported = cliIn(other, { SUPERMACHINE_HOME: home }, "cache", "import", cache, "--json");
+    const imported = await cliIn(other, { SUPERMACHINE_HOME: home }, "cache", "import", cache, "--json");
     expect(imported.status, `${imported.stdout}\n${imported.stderr}`).toBe(0);
-    const frozen = cliIn(other, { SUPERMACHINE_HOME: home }, "build", "--frozen", "--json");
+    const frozen = await cliIn(other, { SUPERMACHINE_HOME: home }, "build", "--frozen", "--json");
     expect(frozen.status, `${frozen.stdout}\n${frozen.stderr}`).toBe(0);
     const rows = (JSON.parse(frozen.stdout) as Rows).images;
     expect(rows.map((r) => r.status)).toEqual(rows.map(() => "cached"));
     expect(rows).toHaveLength(IMAGES.length);
-    const run = cliIn(other, { SUPERMACHINE_HOME: home }, "run", "checkout-api", "--", "cat", "/etc/acme/checkout-api.json");
+    const run = await cliIn(other, { SUPERMACHINE_HOME: home }, "run", "checkout-api", "--", "cat", "/etc/acme/checkout-api.json");
     expect(run.status, run.stderr).toBe(0);
     expect(JSON.parse(run.stdout)).toEqual({ service: "checkout-api", team: "a" });
   });

@@ -11,6 +11,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Image, type Pool, type PoolOptions } from "../../src/index.js";
 import { readSnapshotMeta } from "../../src/store/snapshots.js";
+// @ts-expect-error plain JavaScript helpers without types
 import { ensureFixtures } from "../fixtures/build-fixtures.mjs";
 
 let web: HttpServer;

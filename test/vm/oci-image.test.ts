@@ -2,8 +2,8 @@
 // for real: layer semantics and the image config (Env, WorkingDir, User) as the guest sees them.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Image, type Pool } from "../../src/index.js";
-import { busyboxLayer } from "../helpers.js";
-import { makeTar, removeDir, tempDir, writeLayout } from "../image/helpers.js";
+import { busyboxLayer } from "../helpers/vm.js";
+import { makeTar, removeDir, tempDir, writeLayout } from "../helpers/image.js";
 
 let dir: string;
 let pool: Pool | undefined;

@@ -5,7 +5,7 @@ import { Readable, Writable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { describe, expect, it } from "vitest";
 import type { ExecChild } from "../../src/index.js";
-import { useBusyboxVm } from "../helpers.js";
+import { useBusyboxVm } from "../helpers/vm.js";
 
 const env = useBusyboxVm({ min: 1, max: 2 });
 

@@ -5,7 +5,7 @@ import { createHash } from "node:crypto";
 import { connect, createServer, type Socket } from "node:net";
 import { beforeAll, describe, expect, it } from "vitest";
 import { AgentClient } from "../../src/agent/client.js";
-import { useBusyboxVm } from "../helpers.js";
+import { useBusyboxVm } from "../helpers/vm.js";
 
 const env = useBusyboxVm();
 const MiB = 1024 * 1024;

@@ -8,8 +8,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { ProjectWatcher, type WatchEvent, type WatchRound } from "../../src/project/watch.js";
+import type { WatchEvent as PublicWatchEvent } from "../../src/index.js";
 import { loadPools } from "../../src/index.js";
-import { waitFor } from "../helpers.js";
+import { waitFor } from "../helpers/vm.js";
 
 const root = join(import.meta.dirname, "..", "..");
 const work = mkdtempSync(join(tmpdir(), "sm-watch-test-"));
@@ -113,10 +114,10 @@ describe("watch mode", () => {
 
   it("switches a pool to the rebaked snapshot for later acquires; VMs handed out keep theirs", async () => {
     const dir = makeProject("pools");
-    const events: WatchEvent[] = [];
+    const events: PublicWatchEvent[] = [];
     const pools = await loadPools({ cwd: dir, watch: true, onWatchEvent: (e) => events.push(e) });
     try {
-      const old = await pools.a.acquire();
+      const old = await pools.a!.acquire();
       expect((await old.exec({ argv: ["cat", "/srv-a"] })).stdout.toString()).toBe("a-v1\n");
       const oldSnapshot = events.find((e): e is Extract<WatchEvent, { type: "ready" }> => e.type === "ready")!.round.nodes.get("child-a")!.dir;
       setHelper(dir, "a", "a-v2");
@@ -127,7 +128,7 @@ describe("watch mode", () => {
       let fresh = "";
       const end = Date.now() + 15_000;
       while (Date.now() < end) {
-        const vm = await pools.a.acquire();
+        const vm = await pools.a!.acquire();
         fresh = (await vm.exec({ argv: ["cat", "/srv-a"] })).stdout.toString();
         await vm.release();
         if (fresh === "a-v2\n") break;

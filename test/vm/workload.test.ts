@@ -5,8 +5,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { Image, type Vm } from "../../src/index.js";
-import { busyboxLayer } from "../helpers.js";
-import { writeLayout } from "../image/helpers.js";
+import { busyboxLayer } from "../helpers/vm.js";
+import { writeLayout } from "../helpers/image.js";
 
 const snapshotsDir = mkdtempSync(join(tmpdir(), "sm-workload-test-"));
 afterAll(() => rmSync(snapshotsDir, { recursive: true, force: true }));

@@ -1,0 +1,60 @@
+// Cache locations (directory or registry), the config's cache field, and the build's fetch hook
+// on snapshots made without a VM.
+import { mkdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { loadProject } from "../../src/config/loader.js";
+import { exportSnapshots, parseCacheLocation } from "../../src/transfer/index.js";
+import { fetchFromCache } from "../../src/project/cache.js";
+import { loadSnapshot } from "../../src/store/snapshots.js";
+import { cleanup, fakeImage, fakeSnapshot, inHome, tempDir } from "../helpers/transfer.js";
+
+afterAll(cleanup);
+
+describe("cache locations", () => {
+  it("tells directories from registry repositories", () => {
+    expect(parseCacheLocation("/tmp/cache")).toEqual({ kind: "dir", path: "/tmp/cache" });
+    expect(parseCacheLocation("./c", "/w")).toEqual({ kind: "dir", path: "/w/c" });
+    expect(parseCacheLocation("cache", "/w")).toEqual({ kind: "dir", path: "/w/cache" });
+    expect(parseCacheLocation("a/b", "/w")).toEqual({ kind: "dir", path: "/w/a/b" });
+    expect(parseCacheLocation("127.0.0.1:5000/sm/cache")).toEqual({ kind: "registry", registry: "127.0.0.1:5000", repository: "sm/cache" });
+    expect(parseCacheLocation("localhost/cache")).toEqual({ kind: "registry", registry: "localhost", repository: "cache" });
+    expect(parseCacheLocation("ghcr.io/me/sm-cache")).toEqual({ kind: "registry", registry: "ghcr.io", repository: "me/sm-cache" });
+    expect(parseCacheLocation("docker://me/cache")).toEqual({ kind: "registry", registry: "docker.io", repository: "me/cache" });
+    expect(() => parseCacheLocation("ghcr.io/me/cache:v1")).toThrow(expect.objectContaining({ code: "CACHE_LOCATION_INVALID" }));
+    expect(() => parseCacheLocation("ghcr.io/Me/cache")).toThrow(expect.objectContaining({ code: "CACHE_LOCATION_INVALID" }));
+  });
+
+  it("resolves the config's cache directories against the config file", async () => {
+    const root = tempDir("sm-cache-config-");
+    mkdirSync(join(root, "sub"));
+    writeFileSync(join(root, "img.ts"), 'export default { ref: "builtin:busybox" };\n');
+    writeFileSync(join(root, "supermachine.config.ts"), 'export default { images: ["./img.ts"], cache: { from: "./shared-cache", to: "127.0.0.1:5000/team/cache" } };\n');
+    const p = await loadProject({ cwd: join(root, "sub") });
+    expect(p.cache).toEqual({ from: join(root, "shared-cache"), to: "127.0.0.1:5000/team/cache" });
+    writeFileSync(join(root, "supermachine.config.ts"), 'export default { images: ["./img.ts"], cache: { form: "x" } };\n');
+    await expect(loadProject({ cwd: root })).rejects.toMatchObject({ code: "OPTION_UNKNOWN", message: expect.stringContaining("form") });
+  });
+});
+
+describe("the build's fetch hook", () => {
+  it("publishes a snapshot at the directory the build asks for, or says the cache lacks it", async () => {
+    const cache = tempDir("sm-cache-");
+    const snap = await inHome(tempDir("sm-src-"), async () => {
+      const image = fakeImage();
+      const s = await fakeSnapshot({ name: "base", image, chunks: [0, 5, 9] });
+      await exportSnapshots(cache, [s]);
+      return s;
+    });
+    const home = tempDir("sm-home-");
+    await inHome(home, async () => {
+      const fetch = fetchFromCache(cache);
+      const dir = join(home, "project-snapshots", "renamed-abc");
+      const req = { name: "base", key: snap.meta.hash, dir, inputs: snap.meta.inputs, sources: snap.meta.sources! };
+      expect(await fetch(req)).toBe(true);
+      expect((await loadSnapshot(dir, snap.meta.hash))?.meta.hash).toBe(snap.meta.hash);
+      expect(await fetch(req)).toBe(true); // present
+      expect(await fetch({ ...req, key: "f".repeat(64), dir: join(home, "x") })).toBe(false);
+    });
+  });
+});

@@ -1,0 +1,213 @@
+// A 3-image project (test/fixtures/cache-project) through the CLI and loadPools, on real VMs:
+// baked once, exported to a directory and to a registry on loopback, imported into EMPTY homes
+// (only the built-in image's source layout there, as setup leaves it; no root filesystem), where
+// build --frozen then finds everything cached and run restores from the imported snapshots.
+import { createHash } from "node:crypto";
+import { spawn } from "node:child_process";
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { loadPools } from "../../src/index.js";
+import { homePaths } from "../../src/paths.js";
+import { decodeChunkIndex } from "../../src/transfer/format.js";
+import { startRegistry, type Registry } from "../helpers/registry.js";
+import { inHome } from "../helpers/transfer.js";
+
+const root = join(import.meta.dirname, "..", "..");
+const fixture = join(root, "test", "fixtures", "cache-project");
+const work = mkdtempSync(join(tmpdir(), "sm-cache-project-"));
+const sharedHome = homePaths().home;
+let reg: Registry;
+let project: string;
+let cacheDir: string;
+
+interface Row {
+  name: string;
+  key: string;
+  status: string;
+}
+interface Entry {
+  name: string;
+  key: string;
+  status: string;
+  chunks: number;
+  chunksMoved: number;
+  bytesMoved: number;
+}
+
+interface CliResult {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * The CLI in a child process, asynchronously: the registry's log pipe is read by this process,
+ * which must keep running its event loop while the CLI talks to the registry.
+ */
+function cli(cwd: string, home: string | undefined, ...args: string[]): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [join(root, "dist/src/cli/main.js"), ...args], {
+      cwd,
+      env: { ...process.env, ...(home ? { SUPERMACHINE_HOME: home } : {}) },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    const timer = setTimeout(() => child.kill("SIGKILL"), 400_000);
+    child.on("error", reject);
+    child.on("close", (status) => {
+      clearTimeout(timer);
+      resolve({ status, stdout, stderr });
+    });
+  });
+}
+async function json<T>(p: Promise<CliResult>): Promise<T> {
+  const r = await p;
+  if (r.status !== 0) throw new Error(`exit ${r.status}: ${r.stdout}\n${r.stderr}`);
+  return JSON.parse(r.stdout) as T;
+}
+
+/** A project copy without snapshots. */
+function copyProject(name: string): string {
+  const dir = join(work, name);
+  cpSync(fixture, dir, { recursive: true });
+  rmSync(join(dir, ".snapshots"), { recursive: true, force: true });
+  return dir;
+}
+
+/** A home with nothing but the built-in image's source layout (what setup builds), no root filesystem. */
+function emptyHome(name: string): string {
+  const home = join(work, `home-${name}`);
+  mkdirSync(join(home, "builtin"), { recursive: true });
+  cpSync(join(sharedHome, "builtin", "busybox"), join(home, "builtin", "busybox"), { recursive: true });
+  return home;
+}
+
+const imageJsonOf = (home: string) => {
+  const dirs = readdirSync(join(home, "images")).filter((n) => /^[0-9a-f]{64}$/.test(n));
+  return Object.fromEntries(dirs.map((d) => [d, readFileSync(join(home, "images", d, "image.json"), "utf8")]));
+};
+
+let baked: Row[];
+
+beforeAll(async () => {
+  reg = await startRegistry("plain");
+  project = copyProject("a");
+  baked = (await json<{ images: Row[] }>(cli(project, undefined, "build", "--json"))).images;
+  cacheDir = join(work, "cache");
+}, 900_000);
+
+afterAll(async () => {
+  await reg?.stop();
+  rmSync(work, { recursive: true, force: true });
+});
+
+/** Imports into an empty home, then: frozen build all cached, and run reads what the warmup wrote. */
+async function roundTrip(src: string, name: string): Promise<void> {
+  const home = emptyHome(name);
+  const copy = copyProject(name);
+  const imported = await json<{ snapshots: Entry[] }>(cli(copy, home, "cache", "import", "--json", src));
+  expect(imported.snapshots.map((s) => [s.name, s.status]).sort()).toEqual([["app", "imported"], ["base", "imported"], ["tool", "imported"]]);
+  // The root filesystem came from the artifact: the exporter's image.json, but for the facts this
+  // machine records of its root filesystem (sha256 and mtime, as when built here).
+  const mine = imageJsonOf(home);
+  const theirs = imageJsonOf(sharedHome);
+  expect(Object.keys(mine)).toHaveLength(1);
+  const [digest] = Object.keys(mine);
+  const { sha256, rootfsMtimeNs: _mine, ...importedMeta } = JSON.parse(mine[digest!]!) as Record<string, unknown>;
+  const { sha256: _s, rootfsMtimeNs: _theirs, ...exportedMeta } = JSON.parse(theirs[digest!]!) as Record<string, unknown>;
+  expect(importedMeta).toEqual(exportedMeta);
+  expect(sha256).toBe(createHash("sha256").update(readFileSync(join(home, "images", digest!, "rootfs.sqfs"))).digest("hex"));
+  const frozen = await json<{ images: Row[] }>(cli(copy, home, "build", "--frozen", "--json"));
+  expect(frozen.images.map((r) => r.status)).toEqual(["cached", "cached", "cached"]);
+  expect(Object.fromEntries(frozen.images.map((r) => [r.name, r.key]))).toEqual(Object.fromEntries(baked.map((r) => [r.name, r.key])));
+  const run = await cli(copy, home, "run", "app", "--", "cat", "/srv/base", "/srv/app");
+  expect(run.stderr).toBe("");
+  expect(run.stdout).toBe("base\nhello from app\n");
+  expect(run.status).toBe(0);
+  // Present now: a second import moves nothing.
+  const again = await json<{ snapshots: Entry[]; bytesMoved: number }>(cli(copy, home, "cache", "import", "--json", src));
+  expect(again.snapshots.map((s) => s.status)).toEqual(["present", "present", "present"]);
+  expect(again.bytesMoved).toBe(0);
+}
+
+describe("a project's snapshots through a cache", () => {
+  it("bakes the project once", () => {
+    expect(baked.map((r) => r.status)).toEqual(["baked", "baked", "baked"]);
+  });
+
+  it("round-trips through a directory into an empty home", async () => {
+    const r = await json<{ snapshots: Entry[] }>(cli(project, undefined, "cache", "export", "--json", cacheDir));
+    expect(r.snapshots.map((s) => [s.name, s.status])).toEqual([["base", "exported"], ["app", "exported"], ["tool", "exported"]]);
+    await roundTrip(cacheDir, "dir");
+  }, 600_000);
+
+  it("stores a parent's chunks once: a child adds only what its warmup changed", () => {
+    const index = JSON.parse(readFileSync(join(cacheDir, "index.json"), "utf8")) as { manifests: { digest: string; annotations: Record<string, string> }[] };
+    const blob = (d: string) => readFileSync(join(cacheDir, "blobs", "sha256", d.slice(7)));
+    const layers = (name: string) => {
+      const e = index.manifests.find((m) => m.annotations["dev.supermachine.name"] === name)!;
+      return (JSON.parse(blob(e.digest).toString()) as { layers: { mediaType: string; digest: string; size: number; annotations?: Record<string, string> }[] }).layers;
+    };
+    const chunkIndex = (name: string, file: string) => decodeChunkIndex(blob(layers(name).find((l) => l.annotations?.["dev.supermachine.file"] === file)!.digest), file);
+    const distinct = new Set<string>();
+    for (const n of ["base", "app", "tool"]) for (const f of ["ram", "rootfs.sqfs"]) for (const c of chunkIndex(n, f).chunks) distinct.add(c.blob);
+    // Besides chunks: per snapshot its manifest, config, state and RAM index; once the rootfs index and image.json.
+    expect(readdirSync(join(cacheDir, "blobs", "sha256")).length).toBe(distinct.size + 3 * 4 + 2);
+    const bytes = (list: { blob: string; size: number }[]) => list.reduce((a, c) => a + c.size, 0);
+    const parent = chunkIndex("base", "ram").chunks;
+    const parentBlobs = new Set(parent.map((c) => c.blob));
+    const fresh = new Map(chunkIndex("app", "ram").chunks.filter((c) => !parentBlobs.has(c.blob)).map((c) => [c.blob, c]));
+    const ratio = bytes([...fresh.values()]) / bytes([...new Map(parent.map((c) => [c.blob, c])).values()]);
+    process.stderr.write(`child's new RAM chunks: ${fresh.size} (${(ratio * 100).toFixed(1)}% of the parent's compressed chunk bytes)\n`);
+    expect(ratio).toBeLessThan(0.1);
+  });
+
+  it("exports nothing the second time", async () => {
+    const r = await json<{ snapshots: Entry[]; chunksMoved: number; bytesMoved: number }>(cli(project, undefined, "cache", "export", "--json", cacheDir));
+    expect(r.snapshots.map((s) => s.status)).toEqual(["present", "present", "present"]);
+    expect(r.chunksMoved).toBe(0);
+    expect(r.bytesMoved).toBe(0);
+  });
+
+  it("round-trips through a registry on loopback", async () => {
+    const repo = `${reg.host}/sm/project`;
+    const first = await json<{ snapshots: Entry[] }>(cli(project, undefined, "cache", "export", "--json", repo));
+    expect(first.snapshots.map((s) => s.status)).toEqual(["exported", "exported", "exported"]);
+    // The child pushed a small fraction of what its parent did.
+    const [base, app] = first.snapshots;
+    // Sharing nothing, it would push about as much (100%). The bench's child_push_bytes /
+    // parent_push_bytes holds the 10% target; a restore now also dirties a few pages for the VM's
+    // identity and exec cgroups (9.2% before them, 9.9% since), so this allows some noise.
+    expect(app!.bytesMoved).toBeLessThan(base!.bytesMoved * 0.12);
+    const second = await json<{ chunksMoved: number }>(cli(project, undefined, "cache", "export", "--json", repo));
+    expect(second.chunksMoved).toBe(0);
+    const plain = await cli(project, undefined, "cache", "export", repo);
+    expect(plain.stdout).toMatch(/^base {2}[0-9a-f]{16} {2}present/m);
+    await roundTrip(repo, "registry");
+  }, 600_000);
+
+  it("imports instead of baking with build --cache-from, and loadPools({ frozen, cacheFrom }) serves pools", async () => {
+    const home = emptyHome("cache-from");
+    const copy = copyProject("cache-from");
+    const rows = (await json<{ images: Row[] }>(cli(copy, home, "build", "--json", "--cache-from", cacheDir))).images;
+    expect(rows.map((r) => [r.name, r.status])).toEqual([["base", "imported"], ["app", "imported"], ["tool", "imported"]]);
+
+    const home2 = emptyHome("pools");
+    const copy2 = copyProject("pools");
+    await inHome(home2, async () => {
+      const pools = await loadPools({ cwd: copy2, frozen: true, cacheFrom: cacheDir });
+      try {
+        const vm = await pools.app!.acquire();
+        expect((await vm.exec({ argv: ["cat", "/srv/app"] })).stdout.toString()).toBe("hello from app\n");
+        await vm.release();
+      } finally {
+        await pools.close();
+      }
+    });
+  }, 600_000);
+});
