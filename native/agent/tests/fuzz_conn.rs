@@ -21,6 +21,10 @@
 //! --test fuzz_conn` replays it. `SM_FUZZ_SEED=random` explores; `SM_FUZZ_BUDGET_SCALE=4` runs
 //! four times longer.
 
+// Raw socket calls go through common::sock, the only module allowed `unsafe`.
+#![deny(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -536,12 +540,7 @@ fn guest_clients(at: SocketAddr, seed: u64) -> std::thread::JoinHandle<()> {
                     let _ = s.read(&mut [0u8; 4096]);
                 }
                 1 => {
-                    use std::os::fd::AsRawFd;
-                    let l = libc::linger { l_onoff: 1, l_linger: 0 };
-                    // SAFETY: setsockopt on a socket we own with a valid struct linger.
-                    unsafe {
-                        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&l as *const libc::linger).cast(), std::mem::size_of::<libc::linger>() as u32);
-                    }
+                    let _ = sock::set_linger_reset(&s);
                 }
                 _ => {}
             }

@@ -1,6 +1,10 @@
 //! Drives the real agent binary in `--serve-unix` mode with an independent client written
 //! straight from PROTOCOL.md.
 
+// Raw socket calls go through common::sock, the only module allowed `unsafe`.
+#![deny(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -1187,12 +1191,10 @@ fn tcp_reads_stop_while_the_host_does_not_read() {
 
 /// A listener whose accept queue is full: Linux drops further SYNs, so connects hang.
 fn full_listener() -> (std::net::TcpListener, u16, std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    // SAFETY: listen() again on the listening socket we own, now with a backlog of 0 (room for
-    // one queued connection).
-    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    // A backlog of 0 leaves room for one queued connection.
+    sock::relisten(&l, 0).unwrap();
     let queued = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     (l, port, queued)
 }
@@ -1344,7 +1346,6 @@ fn proxy_carries_guest_clients_both_ways() {
 
 #[test]
 fn proxy_reset_cancel_and_stop() {
-    use std::os::fd::AsRawFd;
     let agent = Agent::start("proxy-reset");
     let mut c = agent.hello();
     let port = proxy_on(&mut c, Fields::new());
@@ -1353,12 +1354,7 @@ fn proxy_reset_cancel_and_stop() {
     // The guest client resets its connection: STREAM_ERROR IO with ECONNRESET.
     let s = connect_guest(port);
     let (id, _) = next_proxy_conn(&mut c, &mut outcomes);
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: setsockopt on a socket we own with a valid struct linger.
-    let r = unsafe {
-        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&l as *const libc::linger).cast(), std::mem::size_of::<libc::linger>() as u32)
-    };
-    assert_eq!(r, 0);
+    sock::set_linger_reset(&s).unwrap();
     drop(s);
     while !outcomes.get(&id).is_some_and(Outcome::done) {
         c.pump(&mut outcomes);
