@@ -7,6 +7,8 @@
 // Unit-test builds have no entry point, so most of the crate looks unused there.
 #![cfg_attr(test, allow(dead_code))]
 #![deny(unsafe_code)]
+// Every unsafe block says why it is sound (`// SAFETY:`); clippy checks it.
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 mod background;
 mod bench;
