@@ -1,4 +1,4 @@
-/** Benchmark group `acquire`: Handing out an idle VM. */
+/** Benchmark group `acquire`: handing out an idle VM. */
 import type { BenchContext, BenchGroup } from "../harness.js";
 
 export const acquireGroup: BenchGroup = {

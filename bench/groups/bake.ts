@@ -1,4 +1,4 @@
-/** Benchmark group `bake`: Baking busybox: cold, cached, and with a warmup. */
+/** Benchmark group `bake`: baking busybox: cold, cached, and with a warmup. */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";

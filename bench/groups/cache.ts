@@ -1,4 +1,4 @@
-/** Benchmark group `cache`: The snapshot cache: a directory and a registry on loopback. */
+/** Benchmark group `cache`: the snapshot cache: a directory and a registry on loopback. */
 import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";

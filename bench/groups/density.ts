@@ -1,4 +1,4 @@
-/** Benchmark group `density`: Memory per idle VM with many VMs of one snapshot. */
+/** Benchmark group `density`: memory per idle VM with many VMs of one snapshot. */
 import { memoryOf } from "../util.js";
 import type { BenchContext, BenchGroup } from "../harness.js";
 

@@ -1,4 +1,4 @@
-/** Benchmark group `egress`: Egress through the host's proxy. */
+/** Benchmark group `egress`: egress through the host's proxy. */
 import { Image } from "../../src/runtime/image.js";
 import { MiB, connectTcp, fixtures } from "../util.js";
 import type { BenchContext, BenchGroup } from "../harness.js";

@@ -1,4 +1,4 @@
-/** Benchmark group `flood`: Host memory while a guest floods a stdout nobody reads. */
+/** Benchmark group `flood`: host memory while a guest floods a stdout nobody reads. */
 import { type Vm } from "../../src/runtime/vm.js";
 import { MiB } from "../util.js";
 import type { BenchContext, BenchGroup } from "../harness.js";

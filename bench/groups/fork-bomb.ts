@@ -1,4 +1,4 @@
-/** Benchmark group `fork-bomb`: How far past its timeout an exec running a fork bomb returns, beside a quiet one. */
+/** Benchmark group `fork-bomb`: how far past its timeout an exec running a fork bomb returns, beside a quiet one. */
 import type { BenchContext, BenchGroup } from "../harness.js";
 
 export const forkBombGroup: BenchGroup = {

@@ -1,4 +1,4 @@
-/** Benchmark group `install`: Installing like an npm package: the first hello, and setup with nothing to do. */
+/** Benchmark group `install`: installing like an npm package: the first hello, and setup with nothing to do. */
 import { execFileSync } from "node:child_process";
 import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";

@@ -1,4 +1,4 @@
-/** Benchmark group `load`: Load and leaks (the probes of bench/load.ts). */
+/** Benchmark group `load`: load and leaks (the probes of bench/load.ts). */
 import { concurrentAcquires, hostResources, privateTempDirs, quiesce, runExecSoak, vmLoop } from "../load.js";
 import type { BenchContext, BenchGroup } from "../harness.js";
 

@@ -1,4 +1,4 @@
-/** Benchmark group `pool-cycle`: Acquire, exec and release in a loop, two callers, fresh VMs each time. */
+/** Benchmark group `pool-cycle`: acquire, exec and release in a loop, two callers, fresh VMs each time. */
 import type { BenchContext, BenchGroup } from "../harness.js";
 
 export const poolCycleGroup: BenchGroup = {

@@ -1,4 +1,4 @@
-/** Benchmark group `project`: The declarative layer: resolving a 20-image project, and a layered bake. */
+/** Benchmark group `project`: the declarative layer: resolving a 20-image project, and a layered bake. */
 import { cpSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";

@@ -1,4 +1,4 @@
-/** Benchmark group `registry`: Pulls from a registry on loopback. */
+/** Benchmark group `registry`: pulls from a registry on loopback. */
 import { execFileSync, spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";

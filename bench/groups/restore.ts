@@ -1,4 +1,4 @@
-/** Benchmark group `restore`: A pool's restore to the first exec, beside a plain QEMU -incoming restore. */
+/** Benchmark group `restore`: a pool's restore to the first exec, beside a plain QEMU -incoming restore. */
 import { MicroVm } from "../../src/engine/qemu.js";
 import { waitUntil } from "../util.js";
 import type { BenchContext, BenchGroup } from "../harness.js";

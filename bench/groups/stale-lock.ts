@@ -1,4 +1,4 @@
-/** Benchmark group `stale-lock`: Taking over a dead writer's lock. */
+/** Benchmark group `stale-lock`: taking over a dead writer's lock. */
 import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";

@@ -1,4 +1,4 @@
-/** Benchmark group `streams`: Throughput of the agent channel: a process's stdout and stdin streamed, and file round trips. */
+/** Benchmark group `streams`: throughput of the agent channel: a process's stdout and stdin streamed, and file round trips. */
 import { type Vm } from "../../src/runtime/vm.js";
 import { MiB, guestSetup } from "../util.js";
 import type { BenchContext, BenchGroup } from "../harness.js";

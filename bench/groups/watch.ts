@@ -1,4 +1,4 @@
-/** Benchmark group `watch`: Watch mode: an edit to its new snapshot. */
+/** Benchmark group `watch`: watch mode: an edit to its new snapshot. */
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
