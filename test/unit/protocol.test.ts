@@ -164,4 +164,81 @@ describe("client against a hostile peer", () => {
     await expect(p).resolves.toBeGreaterThanOrEqual(0);
     expect(fatal).toHaveLength(0);
   });
+
+  /** The frames the host sent so far, decoded. */
+  function sentFrames(toAgent: PassThrough): { type: number; stream: number; payload: Buffer }[] {
+    const frames: { type: number; stream: number; payload: Buffer }[] = [];
+    const dec = new FrameDecoder();
+    for (let chunk: Buffer | null; (chunk = toAgent.read() as Buffer | null) !== null; ) frames.push(...dec.push(chunk));
+    return frames;
+  }
+  const helloOk = (version = 4) => new FieldWriter().u16(Tag.helloOk.version, version).bytes(Tag.helloOk.agentVersion, "t").finish();
+  const tick = () => new Promise((r) => setImmediate(r));
+
+  it("sends HELLO on stream 0 and requests on fresh ids; HELLO and PING open no stream", async () => {
+    const { client, fromAgent, toAgent, fatal } = connected();
+    const hello = client.hello();
+    const ping = client.ping(Buffer.from("p"));
+    const bench = client.spawnBench(["true"], 1);
+    const exec = client.exec({ argv: ["true"], env: [] });
+    expect(sentFrames(toAgent).map((f) => [f.type, f.stream])).toEqual([
+      [Msg.HELLO, 0],
+      [Msg.PING, 1],
+      [Msg.SPAWN_BENCH, 2],
+      [Msg.EXEC, 3],
+    ]);
+    expect(client.openStreams).toBe(2);
+    // HELLO_OK answers the HELLO whatever stream id it carries; a PONG on an exec's id is ignored.
+    fromAgent.write(encodeFrame(Msg.HELLO_OK, 9, helloOk()));
+    fromAgent.write(encodeFrame(Msg.PONG, exec.id, Buffer.from("p")));
+    fromAgent.write(encodeFrame(Msg.PONG, 1, Buffer.from("p")));
+    await expect(hello).resolves.toMatchObject({ version: 4, agentVersion: "t" });
+    await expect(ping).resolves.toBeGreaterThanOrEqual(0);
+    fromAgent.write(encodeFrame(Msg.OK, 2, new FieldWriter().bytes(Tag.ok.samplesNs, Buffer.alloc(8)).finish()));
+    await expect(bench).resolves.toEqual([0]);
+    expect(client.openStreams).toBe(1);
+    expect(fatal).toHaveLength(0);
+  });
+
+  it("times out a HELLO or a PING without failing the connection, and drops the late answer", async () => {
+    const { client, fromAgent, toAgent, fatal } = connected();
+    await expect(client.hello({ timeoutMs: 10 })).rejects.toMatchObject({ code: "AGENT_HELLO_TIMEOUT", message: "the agent did not answer HELLO within 10 ms" });
+    await expect(client.ping(Buffer.from("a"), { timeoutMs: 10 })).rejects.toMatchObject({ code: "AGENT_PING_TIMEOUT", message: "the agent did not answer a ping within 10 ms" });
+    expect(sentFrames(toAgent).map((f) => f.type)).toEqual([Msg.HELLO, Msg.PING]);
+    fromAgent.write(encodeFrame(Msg.HELLO_OK, 0, helloOk()));
+    fromAgent.write(encodeFrame(Msg.PONG, 1, Buffer.from("a")));
+    await tick();
+    expect(fatal).toHaveLength(0);
+    // The connection goes on: the next ping gets the next id and its answer.
+    const p = client.ping(Buffer.from("b"));
+    fromAgent.write(encodeFrame(Msg.PONG, 2, Buffer.from("b")));
+    await expect(p).resolves.toBeGreaterThanOrEqual(0);
+  });
+
+  it("rejects a PONG that differs from its PING, and fails the connection on a HELLO_OK of another version nobody waits for", async () => {
+    const { client, fromAgent, fatal } = connected();
+    const p = client.ping(Buffer.from("same"));
+    fromAgent.write(encodeFrame(Msg.PONG, 1, Buffer.from("diff")));
+    await expect(p).rejects.toMatchObject({ code: "AGENT_PROTOCOL", message: "PONG payload differs from PING" });
+    expect(fatal).toHaveLength(0);
+    fromAgent.write(encodeFrame(Msg.HELLO_OK, 0, helloOk()));
+    await tick();
+    expect(fatal).toHaveLength(0);
+    fromAgent.write(encodeFrame(Msg.HELLO_OK, 0, helloOk(3)));
+    await tick();
+    expect(fatal[0]).toMatchObject({ code: "AGENT_VERSION", message: "agent chose protocol version 3, host speaks 4" });
+  });
+
+  it("fails every call on a failed connection: HELLO and PING at once, requests by rejecting", async () => {
+    const { client, fatal } = connected();
+    const pending = client.ping();
+    client.close();
+    expect(fatal[0]).toMatchObject({ code: "AGENT_CLOSED" });
+    await expect(pending).rejects.toMatchObject({ code: "AGENT_CLOSED" });
+    expect(() => client.hello()).toThrow(/was closed/);
+    expect(() => client.ping()).toThrow(/was closed/);
+    expect(() => client.exec({ argv: ["true"], env: [] })).toThrow(/was closed/);
+    await expect(client.startWorkload({ argv: ["w"], env: [] })).rejects.toMatchObject({ code: "AGENT_CLOSED" });
+    expect(client.openStreams).toBe(0);
+  });
 });
