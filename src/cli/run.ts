@@ -101,7 +101,7 @@ async function projectImage(name: string, o: RunOptions, json: boolean): Promise
     const nodes = await buildGraph(graph, { names: [name], root: project.root, snapshotsDir, handoff: (n) => n === name, onEvent: renderer.onEvent });
     const node = nodes.get(name)!;
     if (node.error) throw node.error;
-    return new Image(node.snapshot!, node.handoff);
+    return Image.create(node.snapshot!, node.handoff);
   } finally {
     renderer.finish();
   }

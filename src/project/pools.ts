@@ -170,7 +170,7 @@ function poolImages(configPath: string, pools: Record<string, PoolDeclaration>, 
 async function openPools(decls: Record<string, PoolDeclaration>, nodes: Map<string, BuiltNode>, wanted: string[], rebuild?: (name: string) => Rebuild): Promise<Record<string, FollowingPool>> {
   const images = new Map<string, Image>();
   for (const node of nodes.values()) {
-    if (wanted.includes(node.name) && node.snapshot) images.set(node.name, new Image(node.snapshot, node.handoff, rebuild?.(node.name)));
+    if (wanted.includes(node.name) && node.snapshot) images.set(node.name, Image.create(node.snapshot, node.handoff, rebuild?.(node.name)));
     else await node.handoff?.kill(); // an ancestor's baked VM: no pool of it
   }
   const failure = firstFailure(nodes);
@@ -225,7 +225,7 @@ async function watchPools(options: LoadPoolsOptions, projectOpts: { cwd?: string
         const node = decl ? e.round.nodes.get(decl.image) : undefined;
         if (!node?.snapshot || node.key === pool.snapshotKey) continue;
         let image = images.get(node.name);
-        if (!image) images.set(node.name, (image = new Image(node.snapshot, node.handoff)));
+        if (!image) images.set(node.name, (image = Image.create(node.snapshot, node.handoff)));
         log("pool %s: switching to %s (key %s)", name, node.name, node.key.slice(0, 16));
         await pool.switchTo(image, node.key, (dir) => live.has(dir)).catch((err: Error) => log("pool %s: %s", name, err.message));
       }

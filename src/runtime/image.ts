@@ -35,8 +35,7 @@ export class Image {
   /** A recovery in progress (pools of this image share it). */
   private recovering: Promise<LoadedSnapshot | undefined> | undefined;
 
-  /** @internal */
-  constructor(
+  private constructor(
     private snap: LoadedSnapshot,
     handoff?: MicroVm,
     /** How to bake the snapshot again; without it (fromSnapshot) a damaged snapshot is an error. */
@@ -48,6 +47,11 @@ export class Image {
       const t = setTimeout(() => this.takeHandoff()?.kill(), HANDOFF_TTL_MS);
       t.unref();
     }
+  }
+
+  /** @internal How the library makes one (users get it from the API, never by `new`). */
+  static create(snap: LoadedSnapshot, handoff?: MicroVm, rebuild?: Rebuild): Image {
+    return Image.create(snap, handoff, rebuild);
   }
 
   /** @internal Stops the baked VM kept for the first pool, when no pool will take it. */
@@ -84,7 +88,7 @@ export class Image {
     const node = await buildNode(spec, undefined, null, opts);
     log("%s: snapshot %s (%s)", b.ref, node.dir, node.status === "baked" ? `baked in ${node.snapshot!.meta.bakeMs} ms` : "cached");
     const rebuild: Rebuild = async () => (await buildNode(spec, undefined, null, { ...opts, handoff: false })).snapshot!;
-    return new Image(node.snapshot!, node.handoff, rebuild);
+    return Image.create(node.snapshot!, node.handoff, rebuild);
   }
 
   /** Opens a snapshot directory made by `Image.build` (or `vm.snapshot`), after verifying it. */
@@ -95,7 +99,7 @@ export class Image {
         hint: "pass the directory Image.build baked into: image.snapshotPath",
       });
     }
-    return new Image(snap);
+    return Image.create(snap);
   }
 
   get ref(): string {
@@ -216,7 +220,7 @@ export class Image {
       return { spec: this.vmSpec(memoryMib, vcpus, o.restoreTimeoutMs, next), origin: next.meta };
     };
     const defaults = execDefaults(this.config, this.snap.meta.buildEnv ?? this.snap.meta.inputs.env, limits);
-    const pool = new Pool(spec, o.user ? { ...defaults, user: o.user } : defaults, o, workload ?? undefined, { meta: this.snap.meta, open: (snap) => new Image(snap) }, lease, restored ? recover : undefined);
+    const pool = Pool.create(spec, o.user ? { ...defaults, user: o.user } : defaults, o, workload ?? undefined, { meta: this.snap.meta, open: (snap) => Image.create(snap) }, lease, restored ? recover : undefined);
     // The baked VM has the snapshot's shape; a pool of another shape cannot use it.
     const handoff = spec.incomingState !== undefined ? this.takeHandoff() : undefined;
     await pool.warm(handoff);

@@ -65,8 +65,7 @@ export class Pool {
   /** A recovery from a failed restore in progress (see `recover`). */
   private healing: Promise<boolean> | undefined;
 
-  /** @internal */
-  constructor(
+  private constructor(
     private spec: VmSpec,
     private readonly defaults: ExecDefaults,
     private readonly opts: ResolvedPool,
@@ -86,6 +85,11 @@ export class Pool {
       this.idleTimer = setInterval(() => this.evictIdle(), Math.max(50, Math.min(opts.idleTimeoutMs / 2, 5_000)));
       this.idleTimer.unref();
     }
+  }
+
+  /** @internal How the library makes one (users get it from the API, never by `new`). */
+  static create(spec: VmSpec, defaults: ExecDefaults, opts: ResolvedPool, workload?: WorkloadSpec, origin?: VmOrigin, releaseLease: () => void = () => {}, recover?: (failed: VmSpec, err: Error) => Promise<{ spec: VmSpec; origin: SnapshotMeta } | undefined>): Pool {
+    return new Pool(spec, defaults, opts, workload, origin, releaseLease, recover);
   }
 
   /**
@@ -222,7 +226,7 @@ export class Pool {
   }
 
   private checkout(machine: MicroVm): Vm {
-    const vm = new Vm(machine, this.defaults, (v) => this.onRelease(v), this.origin);
+    const vm = Vm.create(machine, this.defaults, (v) => this.onRelease(v), this.origin);
     this.inUse.add(vm);
     void machine.exited.then(() => {
       if (!this.closed && this.inUse.has(vm)) log("checked-out VM %d died", machine.pid);

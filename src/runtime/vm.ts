@@ -33,14 +33,18 @@ const SNAPSHOT_TIMEOUT_MS = 120_000;
 export class Vm extends GuestSession {
   private released = false;
 
-  /** @internal */
-  constructor(
+  private constructor(
     machine: MicroVm,
     defaults: ExecDefaults,
     private readonly releaseTo: ReleaseFn,
     private readonly origin?: VmOrigin,
   ) {
     super(machine, defaults);
+  }
+
+  /** @internal How the library makes one (users get it from the API, never by `new`). */
+  static create(machine: MicroVm, defaults: ExecDefaults, releaseTo: ReleaseFn, origin?: VmOrigin): Vm {
+    return new Vm(machine, defaults, releaseTo, origin);
   }
 
   /** @internal */

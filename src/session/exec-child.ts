@@ -57,8 +57,7 @@ export class ExecChild {
   private stdinStream: Writable | undefined;
   private readonly result: Promise<ExecWaitResult>;
 
-  /** @internal */
-  constructor(
+  private constructor(
     private readonly stream: ExecStream,
     /** argv[0], for messages. */
     private readonly name: string,
@@ -80,6 +79,11 @@ export class ExecChild {
       throw err;
     });
     this.result.catch(() => {});
+  }
+
+  /** @internal How the library makes one (users get it from the API, never by `new`). */
+  static create(stream: ExecStream, name: string, tty: boolean, explain: (e: unknown) => Error): ExecChild {
+    return new ExecChild(stream, name, tty, explain);
   }
 
   /** Guest pid of the process (undefined if it never started, e.g. command not found). */

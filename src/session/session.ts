@@ -273,7 +273,7 @@ export class GuestSession {
     try {
       const req = this.prepare(o, true, start);
       const stream = this.machine.agent.exec(req instanceof Promise ? await req : req, { autoGrant: false });
-      child = new ExecChild(stream, o.argv[0]!, o.tty, (e) => this.explain(e, what));
+      child = ExecChild.create(stream, o.argv[0]!, o.tty, (e) => this.explain(e, what));
       const untrackStart = this.track(stream, start);
       try {
         await stream.started;

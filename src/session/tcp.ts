@@ -110,13 +110,17 @@ export class TcpForwarder {
   private stopped = false;
   private readonly live = new Set<Socket>();
 
-  /** @internal */
-  constructor(
+  private constructor(
     private readonly server: Server,
     /** The guest port connections go to. */
     readonly guestPort: number,
     private readonly onStop: (f: TcpForwarder) => void,
   ) {}
+
+  /** @internal How the library makes one (users get it from the API, never by `new`). */
+  static create(server: Server, guestPort: number, onStop: (f: TcpForwarder) => void): TcpForwarder {
+    return new TcpForwarder(server, guestPort, onStop);
+  }
 
   /** `127.0.0.1:<port>`: where clients connect. */
   get localAddr(): string {
@@ -164,7 +168,7 @@ export class TcpForwarder {
 /** @internal Listens on 127.0.0.1:hostPort and carries each connection to `guestPort` in the guest. */
 export async function listenTcp(agent: AgentClient, hostPort: number, guestPort: number, onStop: (f: TcpForwarder) => void, signal?: AbortSignal): Promise<TcpForwarder> {
   const server = createServer({ allowHalfOpen: true, pauseOnConnect: false });
-  const fwd = new TcpForwarder(server, guestPort, onStop);
+  const fwd = TcpForwarder.create(server, guestPort, onStop);
   server.on("connection", (socket) => {
     fwd.track(socket);
     splice(agent, socket, guestPort);

@@ -56,6 +56,15 @@ describe("the published declarations", () => {
     expect(found).toEqual([]);
   });
 
+  it("give the public classes no public constructor (users get them from the API)", () => {
+    const all = [...reachable.values()].join("\n");
+    for (const cls of ["Image", "Pool", "Vm", "ExecChild", "TcpForwarder"]) {
+      const body = new RegExp(`export declare class ${cls}\\b[^{]*\\{([\\s\\S]*?)\\n\\}`).exec(all)?.[1];
+      expect(body, cls).toBeDefined();
+      expect(body, cls).toMatch(/\n {4}private constructor\(\);/);
+    }
+  });
+
   it("would catch a leak through a type import two files away", () => {
     const dir = mkdtempSync(join(tmpdir(), "sm-dts-leak-"));
     try {
