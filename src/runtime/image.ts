@@ -72,7 +72,7 @@ export class Image {
   static async build(options: BuildOptions): Promise<Image> {
     if (options && typeof options === "object" && (options as { ref?: unknown }).ref === undefined) {
       throw new OptionError("OPTION_REF_REQUIRED", "Image.build: `ref` is required (an image reference such as \"builtin:busybox\" or \"oci:./layout:tag\")", {
-        hint: "see the README's Images section for the accepted reference forms",
+        hint: "the accepted reference forms are in docs/api.md (Images)",
       });
     }
     const b = parseOptions("Image.build", buildSchema, options);

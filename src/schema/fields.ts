@@ -76,7 +76,7 @@ export const hostPortSchema = intIn(0, 65535);
 /**
  * Limits of the cgroup an exec or spawn runs in (its processes, chain and background ones
  * included). Unset fields take the next level's value: call, then pool, then image, then the
- * guest's defaults (sized from the VM: see the README's Security section).
+ * guest's defaults (sized from the VM: see docs/security.md).
  */
 export interface ExecLimits {
   /** Processes and threads at once (pids.max); a fork beyond fails with EAGAIN. */
