@@ -51,7 +51,7 @@ export class Image {
 
   /** @internal How the library makes one (users get it from the API, never by `new`). */
   static create(snap: LoadedSnapshot, handoff?: MicroVm, rebuild?: Rebuild): Image {
-    return Image.create(snap, handoff, rebuild);
+    return new Image(snap, handoff, rebuild);
   }
 
   /** @internal Stops the baked VM kept for the first pool, when no pool will take it. */
