@@ -102,7 +102,9 @@ export class Pool {
     if (handoff && handoff.aliveNow) {
       try {
         await this.startWorkloadIn(handoff);
-        this.adopt(handoff);
+        // Not through pump: the boots below are warm's own (awaited), and pump would start one
+        // more for the same missing VM.
+        this.adopt(handoff, false);
         adopted = 1;
       } catch (err) {
         log("warm handoff failed: %s", (err as Error).message);
@@ -434,7 +436,8 @@ export class Pool {
   }
 
   /** Takes a ready VM into the pool (idle, watched for death). */
-  private adopt(machine: MicroVm): void {
+  /** Takes a running VM as idle; `serve`: then hand it to a waiter, or boot what is still missing. */
+  private adopt(machine: MicroVm, serve = true): void {
     void machine.exited.then(() => {
       const i = this.idle.findIndex((e) => e.machine === machine);
       if (i >= 0 && !this.closed) {
@@ -444,7 +447,7 @@ export class Pool {
       }
     });
     this.idle.push({ machine, since: Date.now() });
-    this.pump();
+    if (serve) this.pump();
   }
 
   private evictIdle(): void {
