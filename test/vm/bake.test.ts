@@ -75,6 +75,21 @@ describe("baking", () => {
     }
   });
 
+  it("gives the first pool of a fresh bake min VMs, the handed-off one among them, not one more", async () => {
+    const before = engineCounters().launched;
+    const img = await Image.build({ ref: "builtin:busybox", snapshotsDir, name: "handoff-min2", memoryMib: 176 });
+    const pool = await img.pool({ min: 2, max: 4 });
+    try {
+      expect(await waitFor(() => pool.spareCount() === 1, 10_000)).toBe(true);
+      await new Promise((r) => setTimeout(r, 500)); // a boot nobody waits for would have started by now
+      expect(pool.stats()).toMatchObject({ alive: 2, idle: 2 });
+      // The bake, one restore for min (the baked VM is the other), and the spare.
+      expect(engineCounters().launched).toBe(before + 3);
+    } finally {
+      await pool.shutdown();
+    }
+  });
+
   it("detects a damaged snapshot and bakes it again", async () => {
     const img = await Image.build({ ref: "builtin:busybox", snapshotsDir, name: "bb" });
     const state = join(img.snapshotPath, "state");
