@@ -33,6 +33,8 @@ export interface VmSpec {
   incomingState?: string;
   /** The state file is a complete stream with the RAM in it (`snapshot({ includeRam })`). */
   incomingHasRam?: boolean;
+  /** Aborting it while the VM starts (spawn, restore, first answer) kills the process and rejects the start. */
+  signal?: AbortSignal;
 }
 
 /** A spec's memory and CPUs, checked before anything starts. */

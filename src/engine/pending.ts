@@ -285,10 +285,27 @@ export class PendingVm {
       );
     });
     timeout.catch(() => {});
-    const race = <U,>(p: Promise<U>) => Promise.race([p, this.spawnError, this.earlyExit, timeout]);
+    // The owner gave up on this VM (a pool shutting down): it goes at once, leaving no log.
+    const signal = this.spec.signal;
+    let onAbort: (() => void) | undefined;
+    const aborted = new Promise<never>((_, reject) => {
+      if (!signal) return;
+      onAbort = () => reject(signal.reason instanceof Error ? signal.reason : new EngineError("ENGINE_BOOT_TIMEOUT", "the VM's start was aborted"));
+      if (signal.aborted) onAbort();
+      else signal.addEventListener("abort", onAbort, { once: true });
+    });
+    aborted.catch(() => {});
+    const race = <U,>(p: Promise<U>) => Promise.race([p, this.spawnError, this.earlyExit, timeout, aborted]);
     try {
       return await fn(race);
     } catch (err) {
+      if (signal?.aborted) {
+        this.expected = true;
+        this.proc.kill("SIGKILL");
+        await this.exited;
+        rmSync(this.runDir, { recursive: true, force: true });
+        throw err;
+      }
       // A broken channel is usually the symptom of QEMU exiting: if it exits within a moment,
       // its own error (with stderr) is the one worth reporting.
       const exitErr = await Promise.race([this.earlyExit.catch((e: unknown) => e), sleep(1_000).then(() => undefined)]);
@@ -305,6 +322,7 @@ export class PendingVm {
       });
     } finally {
       clearTimeout(timer);
+      if (onAbort) signal?.removeEventListener("abort", onAbort);
     }
   }
 }

@@ -54,6 +54,10 @@ export class Pool {
   /** Released VMs being stopped: still alive, so still counted against `max`. */
   private stopping = 0;
   private readonly spares: MicroVm[] = [];
+  /** VMs on their way to being the pool's (spares and boots starting): shutdown kills them too. */
+  private readonly starting = new Set<{ kill(): Promise<unknown> }>();
+  /** Aborted by shutdown(): QEMU processes still starting for the pool are killed at once. */
+  private readonly closing = new AbortController();
   private preparing = 0;
   private closed = false;
   /** Replaced by a pool on a newer snapshot (watch mode): serves who waits, keeps nothing idle. */
@@ -182,6 +186,7 @@ export class Pool {
   /** Stops every VM (idle and checked out) and rejects waiting acquire() calls. */
   async shutdown(): Promise<void> {
     this.closed = true;
+    this.closing.abort(new PoolError("POOL_SHUT_DOWN", "the pool was shut down while a VM was starting"));
     this.releaseLease();
     if (this.idleTimer) clearInterval(this.idleTimer);
     for (const w of this.waiters.splice(0)) {
@@ -190,7 +195,7 @@ export class Pool {
     }
     const machines = [...this.idle.splice(0).map((e) => e.machine), ...[...this.inUse].map((v) => v.machine)];
     this.inUse.clear();
-    await Promise.all([...machines, ...this.spares.splice(0)].map((m) => m.kill()));
+    await Promise.all([...machines, ...this.spares.splice(0), ...this.starting].map((m) => m.kill()));
     // Boots and spares still in flight notice `closed` and kill their process, releases finish
     // stopping theirs; wait for them.
     while (this.booting > 0 || this.preparing > 0 || this.stopping > 0) await new Promise((r) => setTimeout(r, 10));
@@ -336,11 +341,33 @@ export class Pool {
   }
 
   private async prepareSpare(spec: VmSpec): Promise<MicroVm> {
-    const pending = await MicroVm.prestart(spec);
-    const m = await pending.start();
-    await m.agent.spawnBench(WARMUP_ARGV, 1).catch((e: Error) => log("warm-up of VM %d: %s", m.pid, e.message));
-    await this.startWorkloadIn(m);
-    return m;
+    const pending = await MicroVm.prestart({ ...spec, signal: this.closing.signal });
+    return this.whileStarting(pending, async () => {
+      const m = await pending.start();
+      return this.whileStarting(m, async () => {
+        await m.agent.spawnBench(WARMUP_ARGV, 1).catch((e: Error) => log("warm-up of VM %d: %s", m.pid, e.message));
+        await this.startWorkloadIn(m);
+        return m;
+      });
+    });
+  }
+
+  /**
+   * Runs `fn` on a VM that is not the pool's yet (a spare or a boot on its way), with the VM
+   * known to shutdown(), which kills it: whatever `fn` awaits from the guest then fails, rather
+   * than keeping shutdown (and the program) waiting on a guest that does not answer.
+   */
+  private async whileStarting<T>(vm: { kill(): Promise<unknown> }, fn: () => Promise<T>): Promise<T> {
+    if (this.closed) {
+      await vm.kill();
+      throw new PoolError("POOL_SHUT_DOWN", "the pool was shut down while a VM was starting");
+    }
+    this.starting.add(vm);
+    try {
+      return await fn();
+    } finally {
+      this.starting.delete(vm);
+    }
   }
 
   /**
@@ -363,9 +390,11 @@ export class Pool {
   }
 
   private async restore(spec: VmSpec): Promise<MicroVm> {
-    const m = await MicroVm.launch(spec);
-    await this.startWorkloadIn(m);
-    return m;
+    const m = await MicroVm.launch({ ...spec, signal: this.closing.signal });
+    return this.whileStarting(m, async () => {
+      await this.startWorkloadIn(m);
+      return m;
+    });
   }
 
   /**
