@@ -6,14 +6,19 @@ import { describe, expect, it } from "vitest";
 import { Image } from "../../src/index.js";
 import { isRunning, qemuPids } from "../helpers/vm.js";
 
-/** QEMU processes this test process started (QEMU is our direct child, through setpriv's exec). */
-const ourQemus = () => qemuPids().filter((p) => {
-  try {
-    return Number(readFileSync(`/proc/${p}/stat`, "utf8").split(") ")[1]!.split(" ")[1]) === process.pid;
-  } catch {
-    return false;
-  }
-});
+/**
+ * VMs this test process started: QEMU is our direct child (through setpriv's exec), and a VM's
+ * machine is microvm (the engine's one-off probe of QEMU's sandbox runs `-M none`: not that).
+ */
+const ourQemus = () =>
+  qemuPids().filter((p) => {
+    try {
+      const ppid = Number(readFileSync(`/proc/${p}/stat`, "utf8").split(") ")[1]!.split(" ")[1]);
+      return ppid === process.pid && readFileSync(`/proc/${p}/cmdline`, "utf8").includes("microvm");
+    } catch {
+      return false;
+    }
+  });
 
 describe("pool.shutdown", () => {
   it("kills a spare that is still starting, even when its guest does not answer", async () => {
