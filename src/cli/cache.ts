@@ -99,7 +99,7 @@ function finish(report: TransferReport, json: boolean, verb: string): number {
   else {
     const count = (s: string) => report.snapshots.filter((e) => e.status === s).length;
     const parts = ["exported", "imported", "present", "missing"].filter((s) => count(s)).map((s) => `${count(s)} ${s}`);
-    process.stderr.write(`${report.snapshots.length} snapshot${report.snapshots.length === 1 ? "" : "s"} ${verb} ${report.location}: ${parts.join(", ") || "none"}; ${report.chunksMoved} chunks, ${mb(report.bytesMoved)} moved in ${(report.ms / 1000).toFixed(1)} s\n`);
+    process.stderr.write(`${report.snapshots.length} snapshot${report.snapshots.length === 1 ? "" : "s"} ${verb} ${report.location}: ${parts.join(", ") || "none"}; ${report.chunksMoved} chunks, ${mb(report.bytesMoved)} moved${report.requests !== undefined ? ` in ${report.requests} requests` : ""} in ${(report.ms / 1000).toFixed(1)} s\n`);
   }
   return 0;
 }

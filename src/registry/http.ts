@@ -87,6 +87,8 @@ export function insecureRegistriesFrom(opts: TransportOptions): string[] {
 
 export class Transport {
   private readonly retry: RetryPolicy;
+  /** Requests sent so far (every attempt and redirect hop), for transfer reports. */
+  requests = 0;
   private readonly timeoutMs: number;
   private readonly insecure: string[];
   private readonly schemes = new Map<string, Scheme>();
@@ -216,6 +218,7 @@ export class Transport {
   private raw(method: string, url: URL, headers: Record<string, string>, body: Buffer | undefined, scheme: Scheme): Promise<HttpResponse> {
     const mod = scheme === "http" ? http : https;
     const agent = scheme === "http" ? this.httpAgent : scheme === "https" ? this.httpsAgent : this.httpsInsecureAgent;
+    this.requests++;
     return new Promise<HttpResponse>((resolve, reject) => {
       const req = mod.request(
         url,

@@ -111,6 +111,18 @@ export class PushClient {
     return readBody(res, limit, what);
   }
 
+  /** TEMP: bytes start..end of a blob (whole blob when the registry ignores Range). */
+  async getBlobRange(digest: string, start: number, end: number, limit: number, what: string): Promise<{ bytes: Buffer; start: number } | undefined> {
+    const res = await this.request("GET", `/v2/${this.ref.repository}/blobs/${digest}`, { Range: `bytes=${start}-${end}` });
+    if (res.status === 404) {
+      res.body.destroy();
+      return undefined;
+    }
+    if (res.status === 206) return { bytes: await readBody(res, end - start + 1, what), start };
+    if (res.status !== 200) throw await this.fail(res, what);
+    return { bytes: await readBody(res, limit, what), start: 0 };
+  }
+
   /** A manifest by tag or digest, or undefined when there is none. */
   async getManifest(reference: string, accept: string, limit: number): Promise<{ bytes: Buffer; contentDigest: string | undefined } | undefined> {
     const res = await this.request("GET", `/v2/${this.ref.repository}/manifests/${reference}`, { Accept: accept });

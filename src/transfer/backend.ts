@@ -17,16 +17,24 @@ export interface CacheBackend {
   writeBlob(digest: string, data: Buffer): Promise<void>;
   /** A blob's bytes (at most `limit`, else CACHE_TOO_LARGE), unverified; undefined when absent. */
   readBlob(digest: string, limit: number, what: string): Promise<Buffer | undefined>;
-  /** Whether the cache has the manifest of snapshot `key`. */
-  hasSnapshot(key: string): Promise<boolean>;
+  /**
+   * Bytes `start`..`end` (inclusive) of a blob, unverified; undefined when absent. A cache that
+   * cannot serve a range gives the whole blob (at most `limit` bytes) with `start` 0.
+   */
+  readRange(digest: string, start: number, end: number, limit: number, what: string): Promise<{ bytes: Buffer; start: number } | undefined>;
   /** The manifest of snapshot `key` (unverified), or undefined. */
   readManifest(key: string): Promise<Buffer | undefined>;
-  /** Records the manifest of snapshot `key` (its blobs are all there already). */
-  writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest): Promise<void>;
+  /**
+   * Records the manifest of snapshot `key` (its blobs are all there already); `tagImage`: also
+   * mark it as carrying its image's root filesystem unless another snapshot does already.
+   */
+  writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest, opts: { tagImage: boolean }): Promise<void>;
   /** A manifest of some snapshot that carries the root filesystem of image `digest`, if any. */
   readImageManifest(imageDigest: string): Promise<Buffer | undefined>;
   /** Blob operations at once that suit it (a registry gains from parallel requests). */
   readonly parallelism: number;
+  /** Requests sent so far (a registry), for reports. */
+  readonly requests: number | undefined;
   close(): void;
 }
 

@@ -35,6 +35,7 @@ interface LayoutIndex {
 export class DirBackend implements CacheBackend {
   readonly kind = "dir" as const;
   readonly parallelism = 1;
+  readonly requests = undefined;
   private readonly blobs: string;
   private readonly tmp: string;
   private ready = false;
@@ -101,6 +102,21 @@ export class DirBackend implements CacheBackend {
     return readFile(p);
   }
 
+  async readRange(digest: string, start: number, end: number, _limit: number, what: string): Promise<{ bytes: Buffer; start: number } | undefined> {
+    const p = this.path(digest);
+    const st = await stat(p).catch(() => undefined);
+    if (!st?.isFile()) return undefined;
+    if (end >= st.size) throw new CacheError("CACHE_INDEX_INVALID", `${what}: bytes ${start}-${end} lie beyond the end of blob ${digest} (${st.size} bytes) in cache ${this.location}`, { hint: "the cache entry is damaged: export the snapshot again" });
+    const fh = await open(p, "r");
+    try {
+      const bytes = Buffer.allocUnsafe(end - start + 1);
+      const { bytesRead } = await fh.read(bytes, 0, bytes.length, start);
+      return { bytes: bytes.subarray(0, bytesRead), start };
+    } finally {
+      await fh.close();
+    }
+  }
+
   private async readIndex(): Promise<LayoutIndex> {
     const file = join(this.location, "index.json");
     const st = await stat(file).catch(() => undefined);
@@ -125,22 +141,17 @@ export class DirBackend implements CacheBackend {
     return (await this.readIndex()).manifests.find((m) => m.annotations?.[ANNOTATIONS.key] === key);
   }
 
-  async hasSnapshot(key: string): Promise<boolean> {
-    const e = await this.entryOf(key);
-    return e !== undefined && (await this.blobSize(e.digest)) === e.size;
-  }
-
   async readManifest(key: string): Promise<Buffer | undefined> {
     const e = await this.entryOf(key);
     return e ? this.readBlob(e.digest, LIMITS.manifestBytes, `manifest of snapshot ${key}`) : undefined;
   }
 
   async readImageManifest(imageDigest: string): Promise<Buffer | undefined> {
-    const e = (await this.readIndex()).manifests.find((m) => m.annotations?.[ANNOTATIONS.image] === imageDigest);
+    const e = (await this.readIndex()).manifests.find((m) => m.artifactType === MEDIA.artifact && m.annotations?.[ANNOTATIONS.image] === imageDigest);
     return e ? this.readBlob(e.digest, LIMITS.manifestBytes, `manifest of a snapshot of image ${imageDigest}`) : undefined;
   }
 
-  async writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest): Promise<void> {
+  async writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest, _opts: { tagImage: boolean }): Promise<void> {
     await this.init();
     const digest = digestOf(bytes);
     if ((await this.blobSize(digest)) !== bytes.length) await this.writeBlob(digest, bytes);

@@ -1,37 +1,48 @@
 /**
- * Export: snapshots of this machine into a cache (directory or registry). A snapshot the cache
- * has (by key) is not read at all; otherwise every blob is checked first and only missing ones
- * are written, so a child costs its changed chunks, its state and its metadata.
+ * Export: snapshots of this machine into a cache (directory or registry), in format version 2.
+ * A snapshot the cache has (by key) is not read at all. Otherwise its new chunks go into a few
+ * packs: a chunk its parent's artifact already holds (read from the parent's config, or from
+ * this session when the parent was just exported) or that the root filesystem holds is
+ * referenced, not stored again. A child therefore costs one or two packs, its config and its
+ * manifest, in a handful of requests whatever its size.
  */
-import { readFile, stat } from "node:fs/promises";
+import { createHash } from "node:crypto";
+import { readFile } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { logger } from "../debug.js";
-import { METADATA_FILE } from "../store/images.js";
 import { keyOf, stableJson } from "../schema/key.js";
-import { readRamSums, type RamSums } from "../store/ram-sums.js";
-import { loadSnapshot, SNAPSHOT_FILES, type LoadedSnapshot } from "../store/snapshots.js";
+import { METADATA_FILE } from "../store/images.js";
+import { readRamSums } from "../store/ram-sums.js";
+import { loadSnapshot, rootfsDigest, SNAPSHOT_FILES, type LoadedSnapshot } from "../store/snapshots.js";
 import { openCache, type CacheBackend } from "./backend.js";
 import { CacheError } from "./errors.js";
 import {
   ANNOTATIONS,
   CHUNK_SIZE,
-  compress,
+  decodeConfig,
   digestOf,
-  encodeChunkIndex,
+  encodeConfig,
+  encodeFileIndex,
   encodeManifest,
-  fileChunks,
-  FORMAT_VERSION,
   LIMITS,
+  manifestParts,
   MEDIA,
+  packTarget,
+  parseManifest,
   sha256hex,
   toConfig,
   type ArtifactManifest,
-  type ChunkEntry,
-  type ChunkIndex,
   type Descriptor,
+  type FileIndex,
+  type FrameRef,
+  type IndexedChunk,
+  type IndexedFile,
 } from "./format.js";
 import { Lanes } from "./lanes.js";
+import { PackWriter, resolveFrame, type ClosedPack, type PendingFrame } from "./packs.js";
+import { fileChunks } from "./files.js";
 import { makeReport, type TransferEntry, type TransferOptions, type TransferReport } from "./report.js";
+import { compress } from "./zstd.js";
 
 const log = logger("transfer");
 
@@ -63,7 +74,7 @@ export async function exportSnapshots(dest: string, snapshots: Array<{ dir: stri
       opts.signal?.throwIfAborted();
       entries.push(await session.export(snap));
     }
-    return makeReport(backend.location, entries, t0);
+    return makeReport(backend, entries, t0);
   } finally {
     backend.close();
   }
@@ -90,16 +101,31 @@ interface Counters {
   bytesMoved: number;
 }
 
+/** An image's root filesystem in the cache: its index and metadata blobs and its packs. */
 interface RootfsPart {
+  image: string;
+  sha256: string;
   index: Descriptor;
   meta: Descriptor;
-  chunks: Map<string, number>;
+  packs: Descriptor[];
+  /** Chunk sha256 → its frame (known only when the rootfs was packed in this session). */
+  frames: Map<string, FrameRef>;
+}
+
+/** What a later child of an exported (or cached) snapshot can reuse. */
+interface ArtifactFacts {
+  rootfs: RootfsPart;
+  /** RAM chunk sha256 → its frame. */
+  frames: Map<string, FrameRef>;
+  /** Every pack the artifact lists, by digest. */
+  packs: Map<string, Descriptor>;
 }
 
 class ExportSession {
   /** Blobs known to be at the destination (or on their way there), by digest: whether this session wrote them. */
   private readonly blobs = new Map<string, Promise<boolean>>();
   private readonly rootfs = new Map<string, Promise<RootfsPart>>();
+  private readonly artifacts = new Map<string, ArtifactFacts>();
   private readonly lanes: number;
 
   constructor(
@@ -109,88 +135,132 @@ class ExportSession {
     this.lanes = backend.parallelism;
   }
 
-  /** Writes a blob unless the destination has it; resolves true when it was written now. */
-  private put(digest: string, data: Buffer): Promise<boolean> {
+  /**
+   * Writes a blob unless the destination has it: `check` asks the destination first (a blob that
+   * may be there from an earlier export); without it a blob only this snapshot can have is
+   * written at once. Resolves true when it was written now.
+   */
+  private put(digest: string, data: Buffer, check: boolean): Promise<boolean> {
     const known = this.blobs.get(digest);
     if (known) return known.then(() => false); // counted by whoever put it first
-    {
-      const p = (async () => {
-        if ((await this.backend.blobSize(digest)) === data.length) return false;
-        await this.backend.writeBlob(digest, data);
-        return true;
-      })();
-      this.blobs.set(digest, p);
-      // A failed put is not "known": a retry checks again.
-      p.catch(() => this.blobs.delete(digest));
-      return p;
-    }
+    const p = (async () => {
+      if (check && (await this.backend.blobSize(digest)) === data.length) return false;
+      await this.backend.writeBlob(digest, data);
+      return true;
+    })();
+    this.blobs.set(digest, p);
+    // A failed put is not "known": a retry checks again.
+    p.catch(() => this.blobs.delete(digest));
+    return p;
   }
 
-  private async putCounted(digest: string, data: Buffer, c: Counters, chunk: boolean): Promise<Descriptor> {
-    if (await this.put(digest, data)) {
-      c.bytesMoved += data.length;
-      if (chunk) c.chunksMoved++;
-    }
+  private async putCounted(digest: string, data: Buffer, c: Counters, check: boolean): Promise<Descriptor> {
+    if (await this.put(digest, data, check)) c.bytesMoved += data.length;
     return { mediaType: "", digest, size: data.length };
   }
 
-  /**
-   * Chunks `path` into the destination; returns the index and every chunk's compressed size.
-   * With `sums` (a snapshot's RAM checksums, same chunking), every chunk must match them: a
-   * damaged snapshot is refused rather than exported.
-   */
-  private async chunkFile(path: string, size: number, file: ChunkIndex["file"], c: Counters, progress?: (done: number) => void, check?: { sums: RamSums; dir: string }): Promise<{ index: ChunkIndex; chunks: Map<string, number> }> {
-    const lanes = new Lanes(this.lanes);
-    const entries: ChunkEntry[] = [];
-    const chunks = new Map<string, number>();
-    const refuse = (why: string) =>
-      new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${check!.dir} is damaged: its RAM differs from its checksums ${why}; it was not exported`, {
-        hint: "supermachine verify --fix quarantines it; build it again (supermachine build) before exporting",
+  /** A pack writer whose closed packs are uploaded (missing ones only) in parallel lanes. */
+  private packer(target: number, lanes: Lanes, c: Counters, packs: Descriptor[], file: IndexedFile): PackWriter {
+    return new PackWriter(target, async (p: ClosedPack) => {
+      packs.push({ mediaType: MEDIA.pack, digest: p.digest, size: p.bytes.length, annotations: { [ANNOTATIONS.file]: file } });
+      await lanes.run(async () => {
+        if (await this.put(p.digest, p.bytes, true)) {
+          c.bytesMoved += p.bytes.length;
+          c.chunksMoved += p.frames;
+        }
       });
-    for await (const { offset, data } of fileChunks(path, size)) {
-      this.opts.signal?.throwIfAborted();
-      const z = compress(data);
-      const blob = digestOf(z);
-      const sha256 = sha256hex(data);
-      if (check && check.sums.chunks.get(offset / CHUNK_SIZE)?.toString("hex") !== sha256) throw refuse(`at offset ${offset}`);
-      entries.push({ offset, blob, size: z.length, sha256 });
-      if (!chunks.has(blob)) {
-        chunks.set(blob, z.length);
-        await lanes.run(async () => void (await this.putCounted(blob, z, c, true)));
-      }
-      if (entries.length % 256 === 0) progress?.(entries.length);
-    }
-    await lanes.drain();
-    if (check && entries.length !== check.sums.chunks.size) throw refuse(`(${check.sums.chunks.size - entries.length} chunks read back as zeroes)`);
-    return { index: { version: FORMAT_VERSION, file, size, chunkSize: CHUNK_SIZE, compression: "zstd", chunks: entries }, chunks };
+    });
   }
 
-  /** The image's root filesystem and metadata, put once per image whatever the number of snapshots on it. */
+  /**
+   * The image's root filesystem, packed and put once per image whatever the number of snapshots
+   * on it. Its packs depend on its bytes alone, so every export of the same image makes the same
+   * blobs, and one that finds them in the cache moves nothing.
+   */
   private rootfsOf(snap: LoadedSnapshot, c: Counters): Promise<RootfsPart> {
     const digest = snap.meta.image.digest;
     let p = this.rootfs.get(digest);
     if (!p) {
       p = (async () => {
         const path = snap.meta.image.rootfs;
-        const size = (await stat(path)).size;
+        const size = snap.meta.image.rootfsSize;
         const metaPath = join(dirname(path), METADATA_FILE);
         const metaBytes = await readFile(metaPath).catch((cause: unknown) => {
           throw new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${snap.dir}: the metadata of its root filesystem (${metaPath}) cannot be read`, { cause, hint: "rebuild the image (supermachine build --force)" });
         });
         if (metaBytes.length > LIMITS.imageMetaBytes) throw new CacheError("CACHE_TOO_LARGE", `${metaPath} is larger than ${LIMITS.imageMetaBytes} bytes`);
-        const { index, chunks } = await this.chunkFile(path, size, "rootfs.sqfs", c);
-        const ib = encodeChunkIndex(index);
-        const indexDesc = await this.putCounted(digestOf(ib), ib, c, false);
-        const metaDesc = await this.putCounted(digestOf(metaBytes), metaBytes, c, false);
+        const lanes = new Lanes(this.lanes);
+        const packs: Descriptor[] = [];
+        const writer = this.packer(packTarget(size), lanes, c, packs, "rootfs.sqfs");
+        const whole = new WholeHash();
+        const pending: Array<{ offset: number; sha256: string; frame: PendingFrame }> = [];
+        const seen = new Map<string, PendingFrame>();
+        for await (const { offset, data, zero } of fileChunks(path, size, { all: true })) {
+          this.opts.signal?.throwIfAborted();
+          whole.update(offset, data);
+          if (zero) continue;
+          const sha256 = sha256hex(data);
+          let frame = seen.get(sha256);
+          if (!frame) seen.set(sha256, (frame = await writer.add(compress(data))));
+          pending.push({ offset, sha256, frame });
+        }
+        await writer.finish();
+        await lanes.drain();
+        const sha256 = whole.digest(size);
+        const recorded = await rootfsDigest(path);
+        if (recorded !== undefined && recorded !== sha256) {
+          throw new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${snap.dir}: its root filesystem ${path} no longer matches the sha256 its image store entry records`, { hint: "supermachine verify --fix; then build again" });
+        }
+        const chunks: IndexedChunk[] = pending.map((x) => ({ offset: x.offset, sha256: x.sha256, ...resolveFrame(x.frame) }));
+        const index: FileIndex = { file: "rootfs.sqfs", size, sha256, chunks };
+        const ib = encodeFileIndex(index);
+        const indexDesc = await this.putCounted(digestOf(ib), ib, c, true);
+        const metaDesc = await this.putCounted(digestOf(metaBytes), metaBytes, c, true);
         return {
-          index: { ...indexDesc, mediaType: MEDIA.chunkIndex, annotations: { [ANNOTATIONS.file]: "rootfs.sqfs", [ANNOTATIONS.size]: String(size) } },
+          image: digest,
+          sha256,
+          index: { ...indexDesc, mediaType: MEDIA.fileIndex, annotations: { [ANNOTATIONS.file]: "rootfs.sqfs", [ANNOTATIONS.size]: String(size), [ANNOTATIONS.sha256]: sha256 } },
           meta: { ...metaDesc, mediaType: MEDIA.imageMeta, annotations: { [ANNOTATIONS.file]: METADATA_FILE } },
-          chunks,
+          packs,
+          frames: new Map(chunks.map((ch) => [ch.sha256, { pack: ch.pack, at: ch.at, size: ch.size }])),
         };
       })();
       this.rootfs.set(digest, p);
+      p.catch(() => this.rootfs.delete(digest));
     }
     return p;
+  }
+
+  /**
+   * What the cache's artifact of `key` offers a child: its packs and where each of its RAM
+   * chunks is. Nothing read here is trusted for content: a child only references a frame for a
+   * chunk whose sha256 it computed itself, and every importer checks each frame against it.
+   */
+  private async cachedArtifact(key: string): Promise<ArtifactFacts | undefined> {
+    const known = this.artifacts.get(key);
+    if (known) return known;
+    try {
+      const bytes = await this.backend.readManifest(key);
+      if (!bytes) return undefined;
+      const what = `the cached parent ${key.slice(0, 16)}`;
+      const m = parseManifest(bytes, what, "null");
+      if (!m || m.annotations[ANNOTATIONS.key] !== key) return undefined;
+      const parts = manifestParts(m, what);
+      const configBytes = await this.backend.readBlob(m.config.digest, Math.min(m.config.size, LIMITS.configBytes), what);
+      if (!configBytes || digestOf(configBytes) !== m.config.digest) return undefined;
+      const config = decodeConfig(configBytes, `the config of ${what}`);
+      const packs = new Map(m.layers.filter((l) => l.mediaType === MEDIA.pack).map((l) => [l.digest, l]));
+      const frames = new Map<string, FrameRef>();
+      for (const ch of config.ram.chunks) if (parts.packs.has(ch.pack)) frames.set(ch.sha256, { pack: ch.pack, at: ch.at, size: ch.size });
+      const rootfsPacks = m.layers.filter((l) => l.mediaType === MEDIA.pack && l.annotations?.[ANNOTATIONS.file] === "rootfs.sqfs");
+      const image = m.annotations[ANNOTATIONS.image] ?? "";
+      const sha256 = parts.rootfsIndex.annotations?.[ANNOTATIONS.sha256] ?? "";
+      return { rootfs: { image, sha256, index: parts.rootfsIndex, meta: parts.imageMeta, packs: rootfsPacks, frames: new Map() }, frames, packs };
+    } catch (err) {
+      // A parent the cache cannot give back is not reused: the child then carries its own chunks.
+      log("parent %s in %s not reused: %s", key.slice(0, 16), this.backend.location, (err as Error).message);
+      return undefined;
+    }
   }
 
   async export(snap: LoadedSnapshot): Promise<TransferEntry> {
@@ -203,44 +273,74 @@ class ExportSession {
       });
     }
     this.opts.onProgress?.({ type: "start", name, key });
-    if (await this.backend.hasSnapshot(key)) {
+    const existing = await this.cachedArtifact(key);
+    if (existing) {
       log("%s (%s): already in %s", name, key, this.backend.location);
+      this.artifacts.set(key, existing);
       return this.done({ name, key, status: "present", chunks: 0, chunksMoved: 0, bytesMoved: 0 });
     }
     const t0 = performance.now();
     const c: Counters = { chunksMoved: 0, bytesMoved: 0 };
-    const rootfs = await this.rootfsOf(snap, c);
+    const parent = meta.inputs.parent ? await this.cachedArtifact(meta.inputs.parent) : undefined;
+    // The root filesystem: the parent's when it is this image's with the same bytes, else packed here.
+    const localSha = meta.image.rootfsSha256 ?? (await rootfsDigest(meta.image.rootfs));
+    const rootfs = parent && parent.rootfs.image === meta.image.digest && localSha !== undefined && parent.rootfs.sha256 === localSha ? parent.rootfs : await this.rootfsOf(snap, c);
+
     const sums = await readRamSums(join(snap.dir, SNAPSHOT_FILES.sums), meta.files.ram.sums);
     if (typeof sums === "string") throw new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${snap.dir} is damaged: ${sums}; it was not exported`, { hint: "build it again (supermachine build) before exporting" });
-    const ram = await this.chunkFile(snap.ram, meta.files.ram.size, "ram", c, (done) => this.opts.onProgress?.({ type: "chunks", name, key, done, moved: c.chunksMoved }), sums.chunkSize === CHUNK_SIZE ? { sums, dir: snap.dir } : undefined);
-    const state = compress(await readFile(snap.state));
-    const stateDesc = await this.putCounted(digestOf(state), state, c, false);
-    const ib = encodeChunkIndex(ram.index);
-    const ramIndexDesc = await this.putCounted(digestOf(ib), ib, c, false);
-    const configBytes = Buffer.from(JSON.stringify(toConfig(meta)));
+    const refuse = (why: string) =>
+      new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${snap.dir} is damaged: its RAM differs from its checksums ${why}; it was not exported`, {
+        hint: "supermachine verify --fix quarantines it; build it again (supermachine build) before exporting",
+      });
+    const lanes = new Lanes(this.lanes);
+    const ownPacks: Descriptor[] = [];
+    const writer = this.packer(packTarget(meta.files.ram.size), lanes, c, ownPacks, "ram");
+    const reused = (sha: string): FrameRef | undefined => parent?.frames.get(sha) ?? rootfs.frames.get(sha);
+    const own = new Map<string, PendingFrame>();
+    const pending: Array<{ offset: number; sha256: string; frame: FrameRef | PendingFrame }> = [];
+    let read = 0;
+    for await (const { offset, data } of fileChunks(snap.ram, meta.files.ram.size)) {
+      this.opts.signal?.throwIfAborted();
+      const sha256 = sha256hex(data);
+      if (sums.chunkSize === CHUNK_SIZE && sums.chunks.get(offset / CHUNK_SIZE)?.toString("hex") !== sha256) throw refuse(`at offset ${offset}`);
+      let frame: FrameRef | PendingFrame | undefined = reused(sha256) ?? own.get(sha256);
+      if (!frame) {
+        const f = await writer.add(compress(data));
+        own.set(sha256, f);
+        frame = f;
+      }
+      pending.push({ offset, sha256, frame });
+      if (++read % 256 === 0) this.opts.onProgress?.({ type: "chunks", name, key, done: read, moved: own.size });
+    }
+    if (sums.chunkSize === CHUNK_SIZE && pending.length !== sums.chunks.size) throw refuse(`(${sums.chunks.size - pending.length} chunks read back as zeroes)`);
+    const stateBytes = await readFile(snap.state);
+    if (stateBytes.length !== meta.files.state.size || sha256hex(stateBytes) !== meta.files.state.sha256) throw new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${snap.dir} is damaged: its device state differs from its metadata; it was not exported`, { hint: "build it again (supermachine build) before exporting" });
+    const stateFrame = await writer.add(compress(stateBytes));
+    await writer.finish();
+    await lanes.drain();
+
+    const ramChunks: IndexedChunk[] = pending.map((x) => ({ offset: x.offset, sha256: x.sha256, ...("slot" in x.frame ? resolveFrame(x.frame) : x.frame) }));
+    const ram: FileIndex = { file: "ram", size: meta.files.ram.size, chunks: ramChunks };
+    const state = { ...resolveFrame(stateFrame), length: stateBytes.length, sha256: meta.files.state.sha256 };
+    const configBytes = encodeConfig({ snapshot: toConfig(meta), state, ram });
     const configDesc = await this.putCounted(digestOf(configBytes), configBytes, c, false);
 
-    const chunkLayers: Descriptor[] = [];
-    const listed = new Set<string>();
-    for (const m of [ram.chunks, rootfs.chunks]) {
-      for (const [digest, size] of m) {
-        if (listed.has(digest)) continue;
-        listed.add(digest);
-        chunkLayers.push({ mediaType: MEDIA.chunk, digest, size });
-      }
+    // Layers: the root filesystem's, then every pack of the parent (in its order: a registry's
+    // garbage collection then keeps all a chain needs), then this snapshot's own.
+    const layers: Descriptor[] = [rootfs.index, rootfs.meta, ...rootfs.packs];
+    const listed = new Set(layers.map((l) => l.digest));
+    for (const d of [...(parent?.packs.values() ?? []), ...ownPacks]) {
+      if (listed.has(d.digest)) continue;
+      listed.add(d.digest);
+      layers.push(d);
     }
+    for (const ref of [...ramChunks, state]) if (!listed.has(ref.pack)) throw new Error(`internal: pack ${ref.pack} of ${name} is not listed`);
     const manifest: ArtifactManifest = {
       schemaVersion: 2,
       mediaType: MEDIA.manifest,
       artifactType: MEDIA.artifact,
       config: { ...configDesc, mediaType: MEDIA.config },
-      layers: [
-        { ...stateDesc, mediaType: MEDIA.state, annotations: { [ANNOTATIONS.size]: String(meta.files.state.size) } },
-        { ...ramIndexDesc, mediaType: MEDIA.chunkIndex, annotations: { [ANNOTATIONS.file]: "ram", [ANNOTATIONS.size]: String(meta.files.ram.size) } },
-        rootfs.index,
-        rootfs.meta,
-        ...chunkLayers,
-      ],
+      layers,
       annotations: {
         [ANNOTATIONS.key]: key,
         [ANNOTATIONS.name]: name,
@@ -251,14 +351,35 @@ class ExportSession {
       },
     };
     const bytes = encodeManifest(manifest);
-    await this.backend.writeManifest(key, bytes, manifest);
+    if (bytes.length > LIMITS.manifestBytes) {
+      throw new CacheError("CACHE_TOO_LARGE", `the manifest of snapshot ${name} would be ${bytes.length} bytes (${layers.length} layers), more than registries take (${LIMITS.manifestBytes})`, { hint: "the chain of parents is too deep for one manifest; bake the image from a shallower parent" });
+    }
+    const tagImage = !(parent && parent.rootfs.image === meta.image.digest);
+    await this.backend.writeManifest(key, bytes, manifest, { tagImage });
     c.bytesMoved += bytes.length;
-    log("%s (%s): exported to %s in %d ms: %d of %d chunks, %d bytes", name, key, this.backend.location, Math.round(performance.now() - t0), c.chunksMoved, listed.size, c.bytesMoved);
-    return this.done({ name, key, status: "exported", chunks: listed.size, ...c });
+    this.artifacts.set(key, { rootfs, frames: new Map(ramChunks.map((ch) => [ch.sha256, { pack: ch.pack, at: ch.at, size: ch.size }])), packs: new Map(layers.filter((l) => l.mediaType === MEDIA.pack).map((l) => [l.digest, l])) });
+    const distinct = new Set(ramChunks.map((ch) => ch.sha256)).size + (rootfs.frames.size || 0);
+    log("%s (%s): exported to %s in %d ms: %d new chunks in %d packs, %d bytes", name, key, this.backend.location, Math.round(performance.now() - t0), c.chunksMoved, ownPacks.length, c.bytesMoved);
+    return this.done({ name, key, status: "exported", chunks: distinct, ...c });
   }
 
   private done(entry: TransferEntry): TransferEntry {
     this.opts.onProgress?.({ type: "done", entry });
     return entry;
+  }
+}
+
+/** The sha256 of a whole file read in order, its holes included. */
+class WholeHash {
+  private readonly h = createHash("sha256");
+  private pos = 0;
+  update(offset: number, data: Buffer): void {
+    if (offset !== this.pos) throw new Error(`internal: read ${offset} after ${this.pos}`);
+    this.h.update(data);
+    this.pos += data.length;
+  }
+  digest(size: number): string {
+    if (this.pos !== size) throw new Error(`internal: hashed ${this.pos} of ${size} bytes`);
+    return this.h.digest("hex");
   }
 }

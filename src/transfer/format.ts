@@ -1,33 +1,32 @@
 /**
- * The snapshot artifact format (docs/cache-format.md): a snapshot becomes an OCI image manifest
- * whose config blob is the snapshot's metadata and whose layers are the device state, two chunk
- * indexes (guest RAM, root filesystem), the image's metadata and the content-addressed chunks.
- * Everything read back is untrusted: every parser here bounds what it reads and validates shape.
+ * The snapshot artifact format, version 2 (docs/cache-format.md): a snapshot is an OCI image
+ * manifest whose config blob carries the snapshot's metadata, where its device state is and the
+ * index of its guest RAM, and whose layers are the image's root filesystem index and metadata
+ * and the packs: blobs of concatenated zstd frames, one per 16 KiB chunk. A child lists its
+ * parent's packs and adds packs of its own new chunks only. Everything read back is untrusted:
+ * every parser here bounds what it reads and checks shape, stopping at the first error.
  */
-import { createRequire } from "node:module";
-import { z } from "zod";
-import { Compressor } from "zstd-napi";
 import { isValidDigest } from "../oci/oci-layout.js";
-import { CHUNK_SIZE, fileChunks as storeFileChunks, sha256hex, type RawChunk } from "../store/chunks.js";
+import { CHUNK_SIZE, sha256hex } from "../store/chunks.js";
 import { META_VERSION, type SnapshotMeta } from "../store/snapshots.js";
 import { CacheError, type CacheErrorCode } from "./errors.js";
+import { compress, decompressBounded } from "./zstd.js";
 
-/** RAM and root filesystem are cut into chunks of this size (the store's: snapshots keep RAM checksums per chunk). */
-export { CHUNK_SIZE };
-/** One fixed level: equal chunks compress to equal blobs, so they are stored once. */
-export const ZSTD_LEVEL = 3;
-export const FORMAT_VERSION = 1;
+export { CHUNK_SIZE, sha256hex };
+export const FORMAT_VERSION = 2;
 
 export const MEDIA = {
   manifest: "application/vnd.oci.image.manifest.v1+json",
   index: "application/vnd.oci.image.index.v1+json",
-  artifact: "application/vnd.supermachine.snapshot.v1",
-  config: "application/vnd.supermachine.snapshot.config.v1+json",
-  state: "application/vnd.supermachine.snapshot.state.v1+zstd",
-  chunkIndex: "application/vnd.supermachine.chunk-index.v1+json+zstd",
+  artifact: "application/vnd.supermachine.snapshot.v2",
+  config: "application/vnd.supermachine.snapshot.config.v2+json+zstd",
+  fileIndex: "application/vnd.supermachine.file-index.v2+json+zstd",
   imageMeta: "application/vnd.supermachine.image.v1+json",
-  chunk: "application/vnd.supermachine.chunk.v1+zstd",
+  pack: "application/vnd.supermachine.pack.v2",
 } as const;
+
+/** Artifact types of earlier versions, recognized only to refuse them by name. */
+export const OLD_ARTIFACTS: Record<string, number> = { "application/vnd.supermachine.snapshot.v1": 1 };
 
 export const ANNOTATIONS = {
   key: "dev.supermachine.key",
@@ -37,20 +36,30 @@ export const ANNOTATIONS = {
   image: "dev.supermachine.image.digest",
   file: "dev.supermachine.file",
   size: "dev.supermachine.size",
+  sha256: "dev.supermachine.sha256",
   refName: "org.opencontainers.image.ref.name",
   created: "org.opencontainers.image.created",
 } as const;
 
 /** Upper bounds for what is read from a cache before it is parsed. */
 export const LIMITS = {
-  manifestBytes: 32 * 1024 * 1024,
-  configBytes: 4 * 1024 * 1024,
+  /** Registries commonly refuse manifests above 4 MiB; ours stay near a few KiB. */
+  manifestBytes: 4 * 1024 * 1024,
+  manifestLayers: 4096,
+  /** The config blob (compressed) and what it decompresses to. */
+  configBytes: 64 * 1024 * 1024,
+  configJsonBytes: 256 * 1024 * 1024,
   layoutIndexBytes: 64 * 1024 * 1024,
   imageMetaBytes: 4 * 1024 * 1024,
-  chunkIndexBytes: 256 * 1024 * 1024,
+  /** A file index (compressed) and what it decompresses to. */
+  fileIndexBytes: 64 * 1024 * 1024,
+  fileIndexJsonBytes: 256 * 1024 * 1024,
+  packBytes: 1024 * 1024 * 1024,
   stateBytes: 1024 * 1024 * 1024,
   /** Guest RAM (a sparse file: only its chunks take space). */
   ramBytes: 2 ** 40,
+  /** A root filesystem. */
+  rootfsBytes: 2 ** 40,
 } as const;
 
 /** The tag (registry) and ref name (directory) of a snapshot. */
@@ -59,129 +68,120 @@ export const tagOf = (key: string): string => `sm-${key}`;
 export const imageTagOf = (digest: string): string => `sm-image-${digest.slice("sha256:".length)}`;
 
 export const KEY_RE = /^[0-9a-f]{64}$/;
+const HEX64 = KEY_RE;
 
-export { sha256hex };
 export const digestOf = (b: Uint8Array): string => `sha256:${sha256hex(b)}`;
 
-// ---- zstd ------------------------------------------------------------------------------------
+/** The most a chunk's zstd frame may take (zstd's worst case, with room to spare). */
+export const maxFrameSize = (length: number): number => length + (length >> 7) + 1024;
 
-const binding = createRequire(import.meta.url)("zstd-napi/binding.js") as typeof import("zstd-napi/binding.js");
-let compressor: Compressor | undefined;
-
-export function compress(data: Uint8Array): Buffer {
-  if (!compressor) {
-    compressor = new Compressor();
-    compressor.setParameters({ compressionLevel: ZSTD_LEVEL });
-  }
-  return compressor.compress(data);
-}
+// ---- packs ------------------------------------------------------------------------------------
 
 /**
- * Decompresses `blob`, which must hold exactly `expected` bytes (or at most `max` when the size is
- * not known in advance: then the frame must declare it). Never allocates more than that.
+ * The size a pack is closed at: 16 MiB, or more for a file so large that 16 MiB packs would make
+ * more than about 48 of them (a manifest stays near 100 layers whatever the guest's size).
+ * At 16 MiB a request's fixed cost (a few round trips) is a few percent of its transfer even on a
+ * 20 ms link, and a pack is small enough to hold in memory per upload lane and to resend whole.
  */
-export function decompressBounded(blob: Uint8Array, what: string, size: { expected: number } | { max: number }): Buffer {
-  let n: number;
-  if ("expected" in size) n = size.expected;
-  else {
-    const declared = frameContentSize(blob);
-    if (declared === null) throw new CacheError("CACHE_CHUNK_CORRUPT", `${what}: not a zstd frame that declares its size`);
-    if (declared > size.max) throw new CacheError("CACHE_TOO_LARGE", `${what}: decompresses to ${declared} bytes, more than the ${size.max}-byte limit`);
-    n = declared;
-  }
-  const out = Buffer.allocUnsafe(n);
-  let got: number;
-  try {
-    got = new binding.DCtx().decompress(out, blob);
-  } catch (cause) {
-    throw new CacheError("CACHE_CHUNK_CORRUPT", `${what}: cannot be decompressed: ${(cause as Error).message}`, { cause });
-  }
-  if (got !== n) throw new CacheError("CACHE_CHUNK_CORRUPT", `${what}: decompresses to ${got} bytes, expected ${n}`);
-  return out;
+export const PACK_TARGET = 16 * 1024 * 1024;
+export function packTarget(fileSize: number): number {
+  const mib = 1024 * 1024;
+  return Math.min(512 * mib, Math.max(PACK_TARGET, Math.ceil(fileSize / 48 / mib) * mib));
 }
 
-function frameContentSize(blob: Uint8Array): number | null {
-  try {
-    const v = binding.getFrameContentSize(blob);
-    return v === null || !Number.isSafeInteger(v) ? null : v;
-  } catch {
-    return null;
-  }
-}
-
-// ---- chunking --------------------------------------------------------------------------------
-
-export type { RawChunk } from "../store/chunks.js";
-
-/** The non-zero chunks of a file, in order (all-zero chunks are holes: not stored). */
-export function fileChunks(path: string, size: number): AsyncGenerator<RawChunk> {
-  return storeFileChunks(path, size, { copy: true, short: (got) => new CacheError("CACHE_SNAPSHOT_INVALID", `${path} ended at ${got} bytes, expected ${size}`) });
-}
-
-// ---- chunk index -----------------------------------------------------------------------------
-
-export interface ChunkEntry {
-  offset: number;
-  /** Digest of the compressed blob. */
-  blob: string;
-  /** Compressed size. */
+/** Where a zstd frame is: in pack `pack` (a digest) at byte `at`, `size` bytes long. */
+export interface FrameRef {
+  pack: string;
+  at: number;
   size: number;
-  /** sha256 (hex) of the uncompressed bytes. */
+}
+
+// ---- file index -------------------------------------------------------------------------------
+
+export type IndexedFile = "ram" | "rootfs.sqfs";
+
+export interface IndexedChunk extends FrameRef {
+  offset: number;
+  /** sha256 (hex) of the chunk's uncompressed bytes. */
   sha256: string;
 }
 
-export interface ChunkIndex {
-  version: number;
-  file: "ram" | "rootfs.sqfs";
+/**
+ * Where every non-zero 16 KiB chunk of a file is, in ascending offset order. All-zero chunks are
+ * holes. Equal chunks share one frame.
+ */
+export interface FileIndex {
+  file: IndexedFile;
   size: number;
-  chunkSize: number;
-  compression: "zstd";
-  chunks: ChunkEntry[];
+  /** The whole file's sha256 (hex), when known (always for a root filesystem). */
+  sha256?: string;
+  chunks: IndexedChunk[];
 }
 
 /** The uncompressed length of the chunk at `offset`: the last one may be short. */
-export const chunkLength = (index: ChunkIndex, offset: number): number => Math.min(index.chunkSize, index.size - offset);
-/** The most a chunk's compressed blob may take (zstd's worst case, with room to spare). */
-export const maxBlobSize = (chunkSize: number): number => chunkSize + (chunkSize >> 7) + 1024;
+export const chunkLength = (size: number, offset: number): number => Math.min(CHUNK_SIZE, size - offset);
 
-const hex64 = z.string().regex(KEY_RE);
-const digestSchema = z.string().refine(isValidDigest, "not a sha256 digest");
-const nonNeg = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
+/** The JSON form: a table of packs, and a tuple per chunk `[offset, pack#, at, size, sha256]`. */
+interface FileIndexJson {
+  version: 2;
+  file: IndexedFile;
+  size: number;
+  chunkSize: number;
+  sha256?: string;
+  packs: string[];
+  chunks: Array<[number, number, number, number, string]>;
+}
 
-const chunkIndexSchema = z
-  .object({
-    version: z.literal(FORMAT_VERSION),
-    file: z.enum(["ram", "rootfs.sqfs"]),
-    size: nonNeg,
-    chunkSize: z.number().int().min(4096).max(4 * 1024 * 1024).refine((n) => n % 4096 === 0),
-    compression: z.literal("zstd"),
-    chunks: z.array(z.object({ offset: nonNeg, blob: digestSchema, size: z.number().int().positive(), sha256: hex64 })),
-  })
-  .superRefine((ix, ctx) => {
-    let last = -1;
-    for (const [i, c] of ix.chunks.entries()) {
-      if (c.offset % ix.chunkSize !== 0 || c.offset >= ix.size || c.offset <= last) {
-        ctx.addIssue({ code: "custom", path: ["chunks", i, "offset"], message: `offset ${c.offset} is not a chunk boundary in order inside the file` });
-        return;
-      }
-      if (c.size > maxBlobSize(ix.chunkSize)) {
-        ctx.addIssue({ code: "custom", path: ["chunks", i, "size"], message: `compressed size ${c.size} is more than a chunk can take` });
-        return;
-      }
-      last = c.offset;
-    }
+export function fileIndexJson(ix: FileIndex): FileIndexJson {
+  const packs: string[] = [];
+  const slot = new Map<string, number>();
+  const chunks = ix.chunks.map((c): [number, number, number, number, string] => {
+    let n = slot.get(c.pack);
+    if (n === undefined) slot.set(c.pack, (n = packs.push(c.pack) - 1));
+    return [c.offset, n, c.at, c.size, c.sha256];
   });
-
-export function encodeChunkIndex(index: ChunkIndex): Buffer {
-  return compress(Buffer.from(JSON.stringify(index)));
+  return { version: FORMAT_VERSION, file: ix.file, size: ix.size, chunkSize: CHUNK_SIZE, ...(ix.sha256 ? { sha256: ix.sha256 } : {}), packs, chunks };
 }
 
-export function decodeChunkIndex(blob: Buffer, what: string): ChunkIndex {
-  const raw = decompressBounded(blob, what, { max: LIMITS.chunkIndexBytes });
-  return parseJson(raw, chunkIndexSchema, what, "CACHE_INDEX_INVALID") as ChunkIndex;
+export const encodeFileIndex = (ix: FileIndex): Buffer => compress(Buffer.from(JSON.stringify(fileIndexJson(ix))));
+
+export function decodeFileIndex(blob: Buffer, what: string, expect: { file: IndexedFile; size: number }): FileIndex {
+  const raw = parseJsonBytes(decompressBounded(blob, what, { max: LIMITS.fileIndexJsonBytes }), what, "CACHE_INDEX_INVALID");
+  return checkFileIndex(raw, what, expect);
 }
 
-// ---- the snapshot's metadata (config blob) ---------------------------------------------------
+/** Validates a file index (first error only: a hostile index of millions of bad entries costs one). */
+export function checkFileIndex(raw: unknown, what: string, expect: { file: IndexedFile; size: number }): FileIndex {
+  const bad = (why: string) => new CacheError("CACHE_INDEX_INVALID", `${what} is not valid: ${why}`, { hint: "the cache entry is damaged or was written by another version: export the snapshot again" });
+  if (!isObject(raw)) throw bad("not an object");
+  if (raw.version !== FORMAT_VERSION) throw bad(`version ${JSON.stringify(raw.version)}, expected ${FORMAT_VERSION}`);
+  if (raw.file !== expect.file || raw.size !== expect.size) throw bad(`it describes ${JSON.stringify(raw.file)} of ${JSON.stringify(raw.size)} bytes, expected ${expect.file} of ${expect.size}`);
+  if (raw.chunkSize !== CHUNK_SIZE) throw bad(`chunk size ${JSON.stringify(raw.chunkSize)}, expected ${CHUNK_SIZE}`);
+  if (raw.sha256 !== undefined && !(typeof raw.sha256 === "string" && HEX64.test(raw.sha256))) throw bad("sha256 is not 64 hex digits");
+  const packs = raw.packs;
+  if (!Array.isArray(packs) || packs.length > LIMITS.manifestLayers) throw bad(`packs is not a list of at most ${LIMITS.manifestLayers}`);
+  for (const p of packs) if (!isValidDigest(p)) throw bad(`pack ${JSON.stringify(p)} is not a sha256 digest`);
+  const list = raw.chunks;
+  const most = Math.ceil(expect.size / CHUNK_SIZE);
+  if (!Array.isArray(list) || list.length > most) throw bad(`chunks is not a list of at most ${most} (one per chunk of the file)`);
+  const chunks: IndexedChunk[] = new Array(list.length);
+  let last = -1;
+  for (let i = 0; i < list.length; i++) {
+    const t = list[i] as unknown;
+    if (!Array.isArray(t) || t.length !== 5) throw bad(`chunks[${i}] is not [offset, pack, at, size, sha256]`);
+    const [offset, pack, at, size, sha] = t as unknown[];
+    if (!isCount(offset) || offset % CHUNK_SIZE !== 0 || offset <= last || offset >= expect.size) throw bad(`chunks[${i}]: offset ${JSON.stringify(offset)} is not a chunk boundary inside the file, after the one before`);
+    if (!isCount(pack) || pack >= packs.length) throw bad(`chunks[${i}]: pack ${JSON.stringify(pack)} is not in the table of packs`);
+    if (!isCount(at)) throw bad(`chunks[${i}]: at ${JSON.stringify(at)} is not a byte offset`);
+    if (!isCount(size) || size === 0 || size > maxFrameSize(chunkLength(expect.size, offset))) throw bad(`chunks[${i}]: size ${JSON.stringify(size)} is not what a chunk's frame can take`);
+    if (typeof sha !== "string" || !HEX64.test(sha)) throw bad(`chunks[${i}]: sha256 is not 64 hex digits`);
+    chunks[i] = { offset, pack: packs[pack] as string, at, size, sha256: sha };
+    last = offset;
+  }
+  return { file: expect.file, size: expect.size, ...(typeof raw.sha256 === "string" ? { sha256: raw.sha256 } : {}), chunks };
+}
+
+// ---- the config blob ---------------------------------------------------------------------------
 
 /** meta.json as it travels: without the machine-local path of the root filesystem. */
 export type SnapshotConfig = Omit<SnapshotMeta, "image"> & { image: Omit<SnapshotMeta["image"], "rootfs"> };
@@ -191,32 +191,65 @@ export function toConfig(meta: SnapshotMeta): SnapshotConfig {
   return { ...meta, image };
 }
 
-const engineSchema = z.object({ qemu: z.string(), accel: z.enum(["kvm", "tcg"]), kernelKey: z.string(), agentKey: z.string(), agentVersion: z.string() }).passthrough();
-
-const configSchema = z
-  .object({
-    version: z.literal(META_VERSION),
-    hash: hex64,
-    inputs: z.object({ parent: hex64.nullable(), manifestDigest: digestSchema.nullable(), memoryMib: nonNeg, vcpus: nonNeg, engine: engineSchema }).passthrough(),
-    sources: z.object({ name: z.string().max(256) }).passthrough().optional(),
-    image: z.object({ ref: z.string(), digest: digestSchema, config: z.object({}).passthrough(), rootfsSize: nonNeg }).passthrough(),
-    memoryMib: nonNeg,
-    vcpus: nonNeg,
-    files: z.object({ ram: z.object({ size: nonNeg.max(LIMITS.ramBytes) }), state: z.object({ size: nonNeg.max(LIMITS.stateBytes), sha256: hex64 }) }),
-    workload: z.unknown(),
-    workloadRunning: z.boolean(),
-    created: z.string(),
-    bakeMs: z.number(),
-  })
-  .passthrough();
-
-export function parseConfig(bytes: Buffer, what: string): SnapshotConfig {
-  const c = parseJson(bytes, configSchema, what, "CACHE_CONFIG_INVALID") as unknown as SnapshotConfig & { image: { rootfs?: unknown } };
-  if ("rootfs" in c.image) delete c.image.rootfs; // never trust a path from elsewhere
-  return c;
+/** The device state: one frame in a pack. */
+export interface StateRef extends FrameRef {
+  /** Uncompressed length and sha256 (hex). */
+  length: number;
+  sha256: string;
 }
 
-// ---- the manifest ----------------------------------------------------------------------------
+/** What the config blob holds: the snapshot's metadata, its state's frame, and its RAM's index. */
+export interface ArtifactConfig {
+  snapshot: SnapshotConfig;
+  state: StateRef;
+  ram: FileIndex;
+}
+
+export function encodeConfig(c: ArtifactConfig): Buffer {
+  return compress(Buffer.from(JSON.stringify({ version: FORMAT_VERSION, snapshot: c.snapshot, state: c.state, ram: fileIndexJson(c.ram) })));
+}
+
+export function decodeConfig(blob: Buffer, what: string): ArtifactConfig {
+  const raw = parseJsonBytes(decompressBounded(blob, what, { max: LIMITS.configJsonBytes }), what, "CACHE_CONFIG_INVALID");
+  const bad = (why: string) => new CacheError("CACHE_CONFIG_INVALID", `${what} is not valid: ${why}`, { hint: "the cache entry is damaged or was written by another version: export the snapshot again" });
+  if (!isObject(raw)) throw bad("not an object");
+  if (raw.version !== FORMAT_VERSION) throw bad(`version ${JSON.stringify(raw.version)}, expected ${FORMAT_VERSION}`);
+  const snapshot = checkSnapshotConfig(raw.snapshot, bad);
+  const s = raw.state;
+  if (!isObject(s) || !isValidDigest(s.pack) || !isCount(s.at) || !isCount(s.size) || !isCount(s.length) || typeof s.sha256 !== "string" || !HEX64.test(s.sha256)) throw bad("state is not { pack, at, size, length, sha256 }");
+  if (s.length !== snapshot.files.state.size || s.sha256 !== snapshot.files.state.sha256) throw bad("its state's length or sha256 differs from the snapshot's metadata");
+  if (s.size > maxFrameSize(s.length)) throw bad(`the state's frame of ${s.size} bytes is more than ${s.length} bytes can take`);
+  const ram = checkFileIndex(raw.ram, `the RAM index in ${what}`, { file: "ram", size: snapshot.files.ram.size });
+  return { snapshot, state: { pack: s.pack as string, at: s.at, size: s.size, length: s.length, sha256: s.sha256 }, ram };
+}
+
+function checkSnapshotConfig(raw: unknown, bad: (why: string) => CacheError): SnapshotConfig {
+  if (!isObject(raw)) throw bad("snapshot is not an object");
+  if (raw.version !== META_VERSION) throw bad(`snapshot.version ${JSON.stringify(raw.version)}, expected ${META_VERSION}`);
+  if (typeof raw.hash !== "string" || !HEX64.test(raw.hash)) throw bad("snapshot.hash is not a key");
+  const inputs = raw.inputs;
+  if (!isObject(inputs)) throw bad("snapshot.inputs is not an object");
+  if (inputs.parent !== null && !(typeof inputs.parent === "string" && HEX64.test(inputs.parent))) throw bad("snapshot.inputs.parent is not a key or null");
+  if (inputs.manifestDigest !== null && !isValidDigest(inputs.manifestDigest)) throw bad("snapshot.inputs.manifestDigest is not a digest or null");
+  if (!isCount(inputs.memoryMib) || !isCount(inputs.vcpus)) throw bad("snapshot.inputs.memoryMib or vcpus is not a count");
+  const e = inputs.engine;
+  if (!isObject(e) || typeof e.qemu !== "string" || (e.accel !== "kvm" && e.accel !== "tcg") || typeof e.kernelKey !== "string" || typeof e.agentKey !== "string" || typeof e.agentVersion !== "string") throw bad("snapshot.inputs.engine is not an engine fingerprint");
+  const sources = raw.sources;
+  if (sources !== undefined && !(isObject(sources) && typeof sources.name === "string" && sources.name.length <= 256)) throw bad("snapshot.sources is not { name }");
+  const image = raw.image;
+  if (!isObject(image) || typeof image.ref !== "string" || !isValidDigest(image.digest) || !isObject(image.config) || !isCount(image.rootfsSize)) throw bad("snapshot.image is not { ref, digest, config, rootfsSize }");
+  if (image.rootfsSize > LIMITS.rootfsBytes) throw bad(`snapshot.image.rootfsSize ${image.rootfsSize} is more than ${LIMITS.rootfsBytes}`);
+  if (!isCount(raw.memoryMib) || !isCount(raw.vcpus)) throw bad("snapshot.memoryMib or vcpus is not a count");
+  const f = raw.files;
+  if (!isObject(f) || !isObject(f.ram) || !isCount(f.ram.size) || !isObject(f.state) || !isCount(f.state.size) || typeof f.state.sha256 !== "string" || !HEX64.test(f.state.sha256)) throw bad("snapshot.files is not { ram: { size }, state: { size, sha256 } }");
+  if (f.ram.size > LIMITS.ramBytes || f.state.size > LIMITS.stateBytes) throw bad("snapshot.files declares a RAM or state size beyond the limits");
+  if (typeof raw.workloadRunning !== "boolean" || typeof raw.created !== "string" || typeof raw.bakeMs !== "number") throw bad("snapshot.workloadRunning, created or bakeMs is missing");
+  const out = raw as unknown as SnapshotConfig & { image: { rootfs?: unknown } };
+  if ("rootfs" in out.image) delete out.image.rootfs; // never trust a path from elsewhere
+  return out;
+}
+
+// ---- the manifest ------------------------------------------------------------------------------
 
 export interface Descriptor {
   mediaType: string;
@@ -234,69 +267,91 @@ export interface ArtifactManifest {
   annotations: Record<string, string>;
 }
 
-const descriptorSchema = z.object({
-  mediaType: z.string().max(256),
-  digest: digestSchema,
-  size: nonNeg,
-  annotations: z.record(z.string(), z.string()).optional(),
-});
+/** The manifest's bytes: a fixed key order, so the same content always makes the same digest. */
+export const encodeManifest = (m: ArtifactManifest): Buffer => Buffer.from(JSON.stringify(m));
 
-const manifestSchema = z
-  .object({
-    schemaVersion: z.literal(2),
-    mediaType: z.literal(MEDIA.manifest),
-    artifactType: z.literal(MEDIA.artifact),
-    config: descriptorSchema,
-    layers: z.array(descriptorSchema),
-    annotations: z.record(z.string(), z.string()),
-  })
-  .passthrough();
-
-export function parseManifest(bytes: Buffer, what: string): ArtifactManifest {
-  const m = parseJson(bytes, manifestSchema, what, "CACHE_MANIFEST_INVALID") as ArtifactManifest;
-  if (m.config.mediaType !== MEDIA.config) {
-    throw new CacheError("CACHE_MANIFEST_INVALID", `${what}: its config has media type ${JSON.stringify(m.config.mediaType)}, expected ${MEDIA.config}`);
+/**
+ * Parses a manifest read from a cache. A manifest of an earlier format version is refused by
+ * name (CACHE_FORMAT_VERSION); `null` is returned instead when `old: "null"` (an exporter
+ * replaces such an entry).
+ */
+export function parseManifest(bytes: Buffer, what: string): ArtifactManifest;
+export function parseManifest(bytes: Buffer, what: string, old: "null"): ArtifactManifest | null;
+export function parseManifest(bytes: Buffer, what: string, old?: "null"): ArtifactManifest | null {
+  const raw = parseJsonBytes(bytes, what, "CACHE_MANIFEST_INVALID");
+  const bad = (why: string) => new CacheError("CACHE_MANIFEST_INVALID", `${what} is not valid: ${why}`, { hint: "the cache entry is damaged or was written by another program: export the snapshot again" });
+  if (!isObject(raw)) throw bad("not an object");
+  const version = typeof raw.artifactType === "string" ? OLD_ARTIFACTS[raw.artifactType] : undefined;
+  if (version !== undefined) {
+    if (old === "null") return null;
+    throw new CacheError("CACHE_FORMAT_VERSION", `${what} is in cache format version ${version}; this version of supermachine reads version ${FORMAT_VERSION} only`, {
+      hint: "export the snapshot again with this version (supermachine cache export, or build --cache-to): it replaces the old entry under the same key",
+    });
   }
-  return m;
+  if (raw.schemaVersion !== 2 || raw.mediaType !== MEDIA.manifest) throw bad("not an OCI image manifest (schemaVersion 2)");
+  if (raw.artifactType !== MEDIA.artifact) throw bad(`artifact type ${JSON.stringify(raw.artifactType)}, expected ${MEDIA.artifact}`);
+  const config = checkDescriptor(raw.config, "config", bad);
+  if (config.mediaType !== MEDIA.config) throw bad(`its config has media type ${JSON.stringify(config.mediaType)}, expected ${MEDIA.config}`);
+  if (!Array.isArray(raw.layers) || raw.layers.length > LIMITS.manifestLayers) throw bad(`layers is not a list of at most ${LIMITS.manifestLayers}`);
+  const layers = raw.layers.map((l: unknown, i: number) => checkDescriptor(l, `layers[${i}]`, bad));
+  const ann = raw.annotations;
+  if (!isObject(ann) || !Object.values(ann).every((v) => typeof v === "string")) throw bad("annotations is not a map of strings");
+  return { schemaVersion: 2, mediaType: MEDIA.manifest, artifactType: MEDIA.artifact, config, layers, annotations: ann as Record<string, string> };
 }
 
-/** The special layers of a manifest, by role. */
+function checkDescriptor(raw: unknown, where: string, bad: (why: string) => CacheError): Descriptor {
+  if (!isObject(raw) || typeof raw.mediaType !== "string" || raw.mediaType.length > 256 || !isValidDigest(raw.digest) || !isCount(raw.size)) throw bad(`${where} is not a descriptor { mediaType, digest, size }`);
+  const a = raw.annotations;
+  if (a !== undefined && !(isObject(a) && Object.values(a).every((v) => typeof v === "string"))) throw bad(`${where}.annotations is not a map of strings`);
+  return { mediaType: raw.mediaType, digest: raw.digest as string, size: raw.size, ...(a ? { annotations: a as Record<string, string> } : {}) };
+}
+
+/** The layers of a manifest by role. */
 export interface ManifestParts {
-  state: Descriptor;
-  ramIndex: Descriptor;
   rootfsIndex: Descriptor;
   imageMeta: Descriptor;
-  /** Compressed size of every chunk blob the manifest lists, by digest. */
-  chunks: Map<string, number>;
+  /** Every pack the manifest lists: its size by digest. */
+  packs: Map<string, number>;
 }
 
 export function manifestParts(m: ArtifactManifest, what: string): ManifestParts {
-  const one = (mediaType: string, file?: string): Descriptor => {
-    const found = m.layers.filter((l) => l.mediaType === mediaType && (file === undefined || l.annotations?.[ANNOTATIONS.file] === file));
-    if (found.length !== 1) throw new CacheError("CACHE_MANIFEST_INVALID", `${what}: expected one layer of type ${mediaType}${file ? ` for ${file}` : ""}, found ${found.length}`);
+  const one = (mediaType: string): Descriptor => {
+    const found = m.layers.filter((l) => l.mediaType === mediaType);
+    if (found.length !== 1) throw new CacheError("CACHE_MANIFEST_INVALID", `${what}: expected one layer of type ${mediaType}, found ${found.length}`, { hint: "the cache entry is damaged: export the snapshot again" });
     return found[0]!;
   };
-  const chunks = new Map<string, number>();
-  for (const l of m.layers) if (l.mediaType === MEDIA.chunk) chunks.set(l.digest, l.size);
-  return { state: one(MEDIA.state), ramIndex: one(MEDIA.chunkIndex, "ram"), rootfsIndex: one(MEDIA.chunkIndex, "rootfs.sqfs"), imageMeta: one(MEDIA.imageMeta), chunks };
+  const packs = new Map<string, number>();
+  for (const l of m.layers) {
+    if (l.mediaType !== MEDIA.pack) continue;
+    if (l.size > LIMITS.packBytes) throw new CacheError("CACHE_TOO_LARGE", `${what}: pack ${l.digest} is ${l.size} bytes, more than the ${LIMITS.packBytes}-byte limit`);
+    packs.set(l.digest, l.size);
+  }
+  return { rootfsIndex: one(MEDIA.fileIndex), imageMeta: one(MEDIA.imageMeta), packs };
 }
 
-/** The manifest's bytes: a fixed key order, so the same snapshot always makes the same digest. */
-export function encodeManifest(m: ArtifactManifest): Buffer {
-  return Buffer.from(JSON.stringify(m));
+/** Every frame an index names must lie inside a pack the manifest lists (so a registry keeps it). */
+export function checkFrames(refs: Iterable<FrameRef>, packs: Map<string, number>, what: string): void {
+  for (const r of refs) {
+    const size = packs.get(r.pack);
+    if (size === undefined) throw new CacheError("CACHE_INDEX_INVALID", `${what}: pack ${r.pack} is not a layer of the manifest`, { hint: "the cache entry is damaged: export the snapshot again" });
+    if (r.at + r.size > size) throw new CacheError("CACHE_INDEX_INVALID", `${what}: a frame at ${r.at} (${r.size} bytes) lies beyond the end of pack ${r.pack} (${size} bytes)`, { hint: "the cache entry is damaged: export the snapshot again" });
+  }
 }
 
-function parseJson<S extends z.ZodType>(bytes: Buffer, schema: S, what: string, code: CacheErrorCode): z.output<S> {
-  let raw: unknown;
+// ---- helpers -----------------------------------------------------------------------------------
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+function isCount(v: unknown): v is number {
+  return typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
+}
+
+function parseJsonBytes(bytes: Buffer, what: string, code: CacheErrorCode): unknown {
   try {
-    raw = JSON.parse(bytes.toString("utf8"));
+    return JSON.parse(bytes.toString("utf8"));
   } catch (cause) {
     throw new CacheError(code, `${what} is not valid JSON`, { cause, hint: "the cache entry is damaged: export the snapshot again" });
   }
-  const r = schema.safeParse(raw);
-  if (!r.success) {
-    const issue = r.error.issues[0]!;
-    throw new CacheError(code, `${what} is not valid: ${issue.path.join(".") || "(root)"}: ${issue.message}`, { hint: "the cache entry is damaged or was written by another version: export the snapshot again" });
-  }
-  return r.data;
 }

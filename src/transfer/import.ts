@@ -1,46 +1,49 @@
 /**
  * Import: snapshots from a cache into this machine's store, by key. Cache content is untrusted:
- * the manifest, config and indexes are bounded and validated, the key is recomputed from the
- * inputs, the engine must be this machine's, and every blob is checked against its digest and
- * every chunk against the sha256 of its bytes before the snapshot is published (atomically,
- * with the store's publish helper). Only what this machine lacks moves: a snapshot present with
- * that key moves nothing, chunks equal to ones of a local parent (or of the local root
- * filesystem) are copied from there.
+ * the manifest and config are bounded and validated (a version 1 entry is refused by name), the
+ * key is recomputed from the inputs, the engine must be this machine's, and every frame is
+ * decompressed to its chunk's exact length and checked against the sha256 its index records
+ * before the snapshot is published (atomically, with the store's publish helper). Only what this
+ * machine lacks moves: a snapshot present with that key moves nothing, chunks its local parent
+ * has are copied from the parent's RAM file, and of a pack only the frames still needed are
+ * read (byte ranges, or the whole pack when most of it is needed).
  */
-import { open, readdir, readFile, stat, writeFile, type FileHandle } from "node:fs/promises";
+import { open, readdir, writeFile, type FileHandle } from "node:fs/promises";
 import { basename, join } from "node:path";
-import { keyOf, type EngineFingerprint } from "../schema/key.js";
-import { METADATA_FILE, ROOTFS_FILE, rootfsFacts } from "../store/images.js";
 import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
 import { IMAGE_NAME } from "../schema/config.js";
-import { publish } from "../store/publish.js";
-import { ramSumsFrom } from "../store/ram-sums.js";
+import { keyOf, type EngineFingerprint } from "../schema/key.js";
+import { ramSumsFrom, readRamSums } from "../store/ram-sums.js";
 import { loadSnapshot, publishSnapshot, rootfsDigest, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotMeta } from "../store/snapshots.js";
 import { openCache, type CacheBackend } from "./backend.js";
 import { CacheError } from "./errors.js";
+import { localChunks, type LocalChunks } from "./files.js";
 import {
   ANNOTATIONS,
+  CHUNK_SIZE,
+  checkFrames,
   chunkLength,
-  decodeChunkIndex,
-  decompressBounded,
+  decodeConfig,
+  decodeFileIndex,
   digestOf,
-  fileChunks,
   KEY_RE,
   LIMITS,
   manifestParts,
-  maxBlobSize,
-  parseConfig,
   parseManifest,
   sha256hex,
-  type ArtifactManifest,
-  type ChunkIndex,
+  type ArtifactConfig,
   type Descriptor,
+  type FileIndex,
+  type FrameRef,
+  type IndexedFile,
   type ManifestParts,
-  type SnapshotConfig,
 } from "./format.js";
 import { Lanes } from "./lanes.js";
+import { readFrames, type FrameWant } from "./packs.js";
 import { makeReport, type ImportOptions, type LocalEngine, type TransferEntry, type TransferReport } from "./report.js";
+import { installImage, readImageEntry } from "./rootfs.js";
+import { decompressBounded } from "./zstd.js";
 
 export type { ImportOptions, LocalEngine };
 
@@ -63,32 +66,33 @@ export async function importSnapshots(src: string, keys: string[], opts: ImportO
       opts.signal?.throwIfAborted();
       await session.import(k, 0);
     }
-    return makeReport(backend.location, session.entries, t0);
+    return makeReport(backend, session.entries, t0);
   } finally {
     backend.close();
   }
 }
 
-interface Counters {
+export interface Counters {
   chunksMoved: number;
   bytesMoved: number;
 }
 
-/** Where the bytes of a chunk can be copied from locally. */
-type LocalChunks = Map<string, { file: string; offset: number; length: number }>;
-
 const MAX_CHAIN = 64;
 
-class ImportSession {
+export class ImportSession {
   readonly entries: TransferEntry[] = [];
   private readonly results = new Map<string, Promise<TransferEntry>>();
 
   constructor(
-    private readonly backend: CacheBackend,
+    readonly backend: CacheBackend,
     private readonly snapshotsDir: string,
     /** Without `engine`, only root filesystems can be imported (importImage). */
     private readonly opts: Omit<ImportOptions, "engine"> & { engine?: LocalEngine },
   ) {}
+
+  get location(): string {
+    return this.backend.location;
+  }
 
   import(key: string, depth: number): Promise<TransferEntry> {
     let p = this.results.get(key);
@@ -140,61 +144,59 @@ class ImportSession {
       throw new CacheError("CACHE_KEY_MISMATCH", `${what}: its manifest is annotated with key ${JSON.stringify(manifest.annotations[ANNOTATIONS.key])}`, { hint: "the cache entry was tampered with or is damaged: export the snapshot again" });
     }
     this.opts.onProgress?.({ type: "start", name, key });
-    const config = parseConfig(await this.fetchVerified(manifest.config, LIMITS.configBytes, `the config of ${what}`, c), `the config of ${what}`);
-    if (config.hash !== key || keyOf(config.inputs) !== key) {
-      throw new CacheError("CACHE_KEY_MISMATCH", `${what}: its inputs hash to ${keyOf(config.inputs).slice(0, 16)}, not to the key it is stored under`, {
+    const config = decodeConfig(await this.fetchVerified(manifest.config, LIMITS.configBytes, `the config of ${what}`, c), `the config of ${what}`);
+    const snap = config.snapshot;
+    if (snap.hash !== key || keyOf(snap.inputs) !== key) {
+      throw new CacheError("CACHE_KEY_MISMATCH", `${what}: its inputs hash to ${keyOf(snap.inputs).slice(0, 16)}, not to the key it is stored under`, {
         hint: "the cache entry was tampered with or made by an incompatible version: nothing was imported",
       });
     }
     if (!this.opts.engine) throw new Error(`internal: importing ${what} needs the local engine`);
-    checkEngine(config.inputs.engine, this.opts.engine, what);
+    checkEngine(snap.inputs.engine, this.opts.engine, what);
     const parts = manifestParts(manifest, `the manifest of ${what}`);
+    checkFrames([...config.ram.chunks, config.state], parts.packs, `the config of ${what}`);
 
     // Parents first: a child's chunks that its parent has are then copied locally.
     let parent: LoadedSnapshot | undefined;
-    if (config.inputs.parent) {
-      await this.import(config.inputs.parent, depth + 1);
-      parent = await this.findLocal(config.inputs.parent, true);
+    if (snap.inputs.parent) {
+      await this.import(snap.inputs.parent, depth + 1);
+      parent = await this.findLocal(snap.inputs.parent, true);
     }
     const dir = this.opts.dirs?.get(key) ?? join(this.snapshotsDir, `${name}-${key.slice(0, 16)}`);
     const t0 = performance.now();
-    const { created } = await publishSnapshot(dir, key, config.inputs, (tmp) => this.writeSnapshot(tmp, dir, what, config, manifest, parts, parent, c, { name, key }), this.opts.signal ? { signal: this.opts.signal } : {});
+    const { created } = await publishSnapshot(dir, key, snap.inputs, (tmp) => this.writeSnapshot(tmp, dir, what, config, parts, parent, c, { name, key }), this.opts.signal ? { signal: this.opts.signal } : {});
     if (!created) return { name, key, status: "present", chunks: 0, chunksMoved: 0, bytesMoved: 0 };
     log("%s: imported into %s in %d ms: %d chunks and %d bytes moved", what, dir, Math.round(performance.now() - t0), c.chunksMoved, c.bytesMoved);
-    return { name, key, status: "imported", chunks: parts.chunks.size, ...c };
+    return { name, key, status: "imported", chunks: new Set(config.ram.chunks.map((ch) => ch.sha256)).size, ...c };
   }
 
-  private async writeSnapshot(
-    tmp: string,
-    dir: string,
-    what: string,
-    config: SnapshotConfig,
-    manifest: ArtifactManifest,
-    parts: ManifestParts,
-    parent: LoadedSnapshot | undefined,
-    c: Counters,
-    id: { name: string; key: string },
-  ): Promise<SnapshotMeta> {
-    const ramIndex = await this.index(parts.ramIndex, "ram", config.files.ram.size, parts, what, c);
-    const rootfsIndex = await this.index(parts.rootfsIndex, "rootfs.sqfs", config.image.rootfsSize, parts, what, c);
-    // The device state: small, one blob.
-    const stateBlob = await this.fetchVerified(parts.state, maxBlobSize(config.files.state.size), `the device state of ${what}`, c);
-    const state = decompressBounded(stateBlob, `the device state of ${what}`, { expected: config.files.state.size });
-    if (sha256hex(state) !== config.files.state.sha256) throw new CacheError("CACHE_CHUNK_CORRUPT", `the device state of ${what} does not match its sha256`, { hint: "the cache entry is damaged: export the snapshot again" });
+  private async writeSnapshot(tmp: string, dir: string, what: string, config: ArtifactConfig, parts: ManifestParts, parent: LoadedSnapshot | undefined, c: Counters, id: { name: string; key: string }): Promise<SnapshotMeta> {
+    const snap = config.snapshot;
+    const rootfsIndex = await this.fileIndex(parts.rootfsIndex, "rootfs.sqfs", snap.image.rootfsSize, parts, what, c);
+    // RAM and state together: frames of one pack are read in one pass.
+    const fromParent = parent ? await parentChunks(parent) : new Map();
+    let state: Buffer | undefined;
+    await this.rebuild(join(tmp, SNAPSHOT_FILES.ram), config.ram, fromParent, parts.packs, `the RAM of ${what}`, c, id, {
+      ref: config.state,
+      use: async (frame) => {
+        const label = `the device state of ${what}`;
+        const bytes = decompressBounded(frame, label, { expected: config.state.length });
+        if (sha256hex(bytes) !== config.state.sha256) throw new CacheError("CACHE_CHUNK_CORRUPT", `${label} does not match its sha256`, { hint: "the cache entry is damaged: export the snapshot again" });
+        state = bytes;
+      },
+    });
+    if (!state) throw new Error(`internal: the state of ${what} was not read`);
     await writeFile(join(tmp, SNAPSHOT_FILES.state), state);
-    // RAM: chunks the parent has are copied from its RAM file, the rest fetched.
-    const fromParent = parent ? await localChunks(parent.ram, parent.meta.files.ram.size) : new Map();
-    await this.rebuild(join(tmp, SNAPSHOT_FILES.ram), ramIndex, fromParent, `the RAM of ${what}`, c, id);
-    const rootfs = await this.rootfs(config, parts, rootfsIndex, tmp, dir, what, c);
-    await writeFile(join(tmp, SNAPSHOT_FILES.log), `imported from ${this.backend.location} (manifest annotated ${manifest.annotations[ANNOTATIONS.created] ?? "?"}); key ${id.key}\n`);
-    const { version: _v, files: _f, ...rest } = config;
+    const rootfs = await installImage(this, snap.image.digest, parts, rootfsIndex, tmp, dir, what, c);
+    await writeFile(join(tmp, SNAPSHOT_FILES.log), `imported from ${this.backend.location} (created ${snap.created}); key ${id.key}\n`);
+    const { version: _v, files: _f, ...rest } = snap;
+    // The digest of the root filesystem as this machine's image store records it (not the cache's word).
+    const { rootfsSha256: _theirs, ...image } = snap.image;
+    const localSha = await rootfsDigest(rootfs.path);
     // Every RAM chunk was checked against its index's sha256 as it was written: the index gives
     // the snapshot's RAM checksums without reading the file again.
-    // The digest of the root filesystem as this machine's image store records it (not the cache's word).
-    const { rootfsSha256: _theirs, ...image } = config.image as SnapshotConfig["image"] & { rootfsSha256?: string };
-    const localSha = await rootfsDigest(rootfs.path);
-    const meta = await sealSnapshot(tmp, { ...rest, image: { ...image, rootfs: rootfs.path, rootfsSize: rootfs.size, ...(localSha ? { rootfsSha256: localSha } : {}) } }, what, { ramSums: ramSumsFrom(ramIndex) });
-    if (meta.files.ram.size !== config.files.ram.size || meta.files.state.sha256 !== config.files.state.sha256) {
+    const meta = await sealSnapshot(tmp, { ...rest, image: { ...image, rootfs: rootfs.path, rootfsSize: rootfs.size, ...(localSha ? { rootfsSha256: localSha } : {}) } }, what, { ramSums: ramSumsFrom({ chunkSize: CHUNK_SIZE, size: config.ram.size, chunks: config.ram.chunks }) });
+    if (meta.files.ram.size !== snap.files.ram.size || meta.files.state.sha256 !== snap.files.state.sha256) {
       throw new CacheError("CACHE_SNAPSHOT_INVALID", `${what}: the rebuilt files do not match its metadata`);
     }
     return meta;
@@ -215,58 +217,78 @@ class ImportSession {
     return bytes;
   }
 
-  async index(desc: Descriptor, file: ChunkIndex["file"], size: number, parts: ManifestParts, what: string, c: Counters): Promise<ChunkIndex> {
-    const label = `the ${file} chunk index of ${what}`;
-    const ix = decodeChunkIndex(await this.fetchVerified(desc, LIMITS.chunkIndexBytes, label, c), label);
-    if (ix.file !== file || ix.size !== size) throw new CacheError("CACHE_INDEX_INVALID", `${label} describes ${ix.file} of ${ix.size} bytes, expected ${file} of ${size}`);
-    for (const ch of ix.chunks) {
-      // Every chunk must be a layer of the manifest (so a registry keeps it) of the same size.
-      if (parts.chunks.get(ch.blob) !== ch.size) throw new CacheError("CACHE_INDEX_INVALID", `${label}: chunk ${ch.blob} at offset ${ch.offset} is not a layer of the manifest (or of another size)`);
-    }
+  /** A file index layer, checked: its shape, the file it describes, and that every frame lies in a listed pack. */
+  async fileIndex(desc: Descriptor, file: IndexedFile, size: number, parts: ManifestParts, what: string, c: Counters): Promise<FileIndex> {
+    const label = `the ${file} index of ${what}`;
+    const ix = decodeFileIndex(await this.fetchVerified(desc, LIMITS.fileIndexBytes, label, c), label, { file, size });
+    checkFrames(ix.chunks, parts.packs, label);
     return ix;
   }
 
-  /** Writes `path` (sparse: holes stay holes) from the chunks of `index`. */
-  async rebuild(path: string, index: ChunkIndex, local: LocalChunks, what: string, c: Counters, id?: { name: string; key: string }): Promise<void> {
-    const groups = new Map<string, { sha256: string; size: number; length: number; offsets: number[] }>();
+  /**
+   * Writes `path` (sparse: holes stay holes) from the chunks of `index`: those a local file has
+   * are copied, the rest read from their packs. `extra`: one more frame to read on the way (the
+   * device state, which lies in the RAM's packs).
+   */
+  async rebuild(
+    path: string,
+    index: FileIndex,
+    local: LocalChunks,
+    packs: Map<string, number>,
+    what: string,
+    c: Counters,
+    id?: { name: string; key: string },
+    extra?: { ref: FrameRef; use: (frame: Buffer) => Promise<void> },
+  ): Promise<void> {
+    // Distinct contents: each read or copied once, written at every offset it appears at.
+    const groups = new Map<string, { ref: FrameRef; length: number; offsets: number[] }>();
     for (const ch of index.chunks) {
-      const length = chunkLength(index, ch.offset);
-      const g = groups.get(ch.blob);
-      if (!g) groups.set(ch.blob, { sha256: ch.sha256, size: ch.size, length, offsets: [ch.offset] });
-      else if (g.sha256 !== ch.sha256 || g.length !== length) throw new CacheError("CACHE_INDEX_INVALID", `${what}: chunk ${ch.blob} is listed with two different contents`);
+      const length = chunkLength(index.size, ch.offset);
+      const g = groups.get(ch.sha256);
+      if (!g) groups.set(ch.sha256, { ref: ch, length, offsets: [ch.offset] });
+      else if (g.length !== length) throw new CacheError("CACHE_INDEX_INVALID", `${what}: chunk ${ch.sha256.slice(0, 16)} is listed with two lengths`);
       else g.offsets.push(ch.offset);
     }
     const fh = await open(path, "wx");
     const sources = new Map<string, FileHandle>();
     try {
       await fh.truncate(index.size);
-      const lanes = new Lanes(this.backend.parallelism);
+      type Want = FrameWant & { use: (frame: Buffer) => Promise<void> };
+      const byPack = new Map<string, Want[]>();
+      const want = (ref: FrameRef, use: (frame: Buffer) => Promise<void>) => {
+        let l = byPack.get(ref.pack);
+        if (!l) byPack.set(ref.pack, (l = []));
+        l.push({ at: ref.at, size: ref.size, use });
+      };
       let done = 0;
-      for (const [blob, g] of groups) {
+      for (const [sha256, g] of groups) {
         this.opts.signal?.throwIfAborted();
-        const src = local.get(g.sha256);
-        let data: Buffer | undefined;
+        const src = local.get(sha256);
         if (src && src.length === g.length) {
           let h = sources.get(src.file);
           if (!h) sources.set(src.file, (h = await open(src.file, "r")));
           const buf = Buffer.allocUnsafe(g.length);
           const { bytesRead } = await h.read(buf, 0, g.length, src.offset);
           // The local file may have changed since it was hashed: only equal bytes are used.
-          if (bytesRead === g.length && sha256hex(buf) === g.sha256) data = buf;
+          if (bytesRead === g.length && sha256hex(buf) === sha256) {
+            for (const o of g.offsets) await fh.write(buf, 0, buf.length, o);
+            continue;
+          }
         }
-        if (data) {
-          for (const o of g.offsets) await fh.write(data, 0, data.length, o);
-          continue;
-        }
-        await lanes.run(async () => {
-          const label = `chunk ${blob} of ${what}`;
-          const z = await this.fetchVerified({ digest: blob, size: g.size }, maxBlobSize(index.chunkSize), label, c);
-          const raw = decompressBounded(z, label, { expected: g.length });
-          if (sha256hex(raw) !== g.sha256) throw new CacheError("CACHE_CHUNK_CORRUPT", `${label} does not match the sha256 its index records (${g.sha256.slice(0, 16)}…)`, { hint: "the cache holds corrupt data; nothing was imported" });
+        want(g.ref, async (frame) => {
+          const label = `chunk ${sha256.slice(0, 16)} of ${what}`;
+          const raw = decompressBounded(frame, label, { expected: g.length });
+          if (sha256hex(raw) !== sha256) throw new CacheError("CACHE_CHUNK_CORRUPT", `${label} does not match the sha256 its index records`, { hint: "the cache holds corrupt data; nothing was imported" });
           for (const o of g.offsets) await fh.write(raw, 0, raw.length, o);
           c.chunksMoved++;
           if (id && ++done % 256 === 0) this.opts.onProgress?.({ type: "chunks", ...id, done, moved: c.chunksMoved });
         });
+      }
+      if (extra) want(extra.ref, extra.use);
+      const lanes = new Lanes(Math.max(1, Math.min(4, this.backend.parallelism)));
+      for (const [pack, wants] of byPack) {
+        this.opts.signal?.throwIfAborted();
+        await lanes.run(() => readFrames(this.backend, pack, packs.get(pack)!, wants, `pack ${pack.slice(7, 19)} of ${what}`, c, (w, bytes) => (w as Want).use(bytes)));
       }
       await lanes.drain();
     } finally {
@@ -274,124 +296,21 @@ class ImportSession {
       for (const h of sources.values()) await h.close();
     }
   }
-
-  /**
-   * The root filesystem the snapshot was made on, on this machine: the image store's entry when
-   * it holds exactly those bytes (published from the cache when missing), else a private copy
-   * inside the snapshot (a local build of the same image that differs byte for byte).
-   */
-  private async rootfs(config: SnapshotConfig, parts: ManifestParts, index: ChunkIndex, tmp: string, dir: string, what: string, c: Counters): Promise<{ path: string; size: number }> {
-    const entry = await installImage(this, config.image.digest, parts, index, what, c);
-    if (entry.same) return { path: entry.rootfsPath, size: entry.size };
-    log("%s: the local root filesystem of %s differs from the one the snapshot was made on: keeping a copy in the snapshot", what, config.image.digest);
-    await this.rebuild(join(tmp, ROOTFS_FILE), index, await localChunks(entry.rootfsPath, entry.size), `the root filesystem of ${what}`, c);
-    return { path: join(dir, ROOTFS_FILE), size: index.size };
-  }
-
-  get location(): string {
-    return this.backend.location;
-  }
 }
 
-/** sha256 of every non-zero chunk of a local file → where it is. */
-async function localChunks(file: string, size: number): Promise<LocalChunks> {
+/** The chunks of a local parent's RAM by sha256: from its checksums file, else by reading it. */
+async function parentChunks(parent: LoadedSnapshot): Promise<LocalChunks> {
   const out: LocalChunks = new Map();
-  for await (const { offset, data } of fileChunks(file, size)) {
-    const h = sha256hex(data);
-    if (!out.has(h)) out.set(h, { file, offset, length: data.length });
+  const size = parent.meta.files.ram.size;
+  const sums = parent.meta.files.ram.sums ? await readRamSums(join(parent.dir, SNAPSHOT_FILES.sums), parent.meta.files.ram.sums) : "none";
+  if (typeof sums !== "string" && sums.chunkSize === CHUNK_SIZE) {
+    for (const [i, sha] of sums.chunks) {
+      const h = sha.toString("hex");
+      if (!out.has(h)) out.set(h, { file: parent.ram, offset: i * CHUNK_SIZE, length: chunkLength(size, i * CHUNK_SIZE) });
+    }
+    return out;
   }
-  return out;
-}
-
-/** Whether a local file holds exactly the bytes an index describes. */
-async function sameAs(file: string, size: number, index: ChunkIndex): Promise<boolean> {
-  if (size !== index.size) return false;
-  let i = 0;
-  for await (const { offset, data } of fileChunks(file, size)) {
-    const ch = index.chunks[i++];
-    if (!ch || ch.offset !== offset || ch.sha256 !== sha256hex(data)) return false;
-  }
-  return i === index.chunks.length;
-}
-
-interface ImageMetadataFile {
-  version: number;
-  manifestDigest: string;
-  sizeBytes: number;
-}
-
-/** The image store's entry for `digest` when it is complete: its rootfs and size. */
-async function readImageEntry(entryDir: string, digest: string): Promise<{ rootfsPath: string; size: number } | undefined> {
-  try {
-    const meta = JSON.parse(await readFile(join(entryDir, METADATA_FILE), "utf8")) as ImageMetadataFile;
-    const rootfsPath = join(entryDir, ROOTFS_FILE);
-    const st = await stat(rootfsPath);
-    if (meta.manifestDigest !== digest || !st.isFile() || st.size !== meta.sizeBytes) return undefined;
-    return { rootfsPath, size: st.size };
-  } catch {
-    return undefined;
-  }
-}
-
-/**
- * Makes sure the image store has the root filesystem of image `digest`: published from the
- * artifact (rootfs chunks and image.json, verified) when missing. `same` tells whether the entry
- * holds the bytes the artifact describes.
- */
-async function installImage(session: ImportSession, digest: string, parts: ManifestParts, index: ChunkIndex, what: string, c: Counters): Promise<{ rootfsPath: string; size: number; same: boolean }> {
-  const hex = digest.slice("sha256:".length);
-  const entryDir = join(homePaths().images, hex);
-  const { value, created } = await publish({
-    target: entryDir,
-    kind: "dir",
-    what: `image ${digest} (root filesystem from cache ${session.location})`,
-    check: () => readImageEntry(entryDir, digest),
-    write: async (tmpDir) => {
-      const label = `the image metadata of ${what}`;
-      const metaBytes = await session.fetchVerified(parts.imageMeta, LIMITS.imageMetaBytes, label, c);
-      let meta: ImageMetadataFile;
-      try {
-        meta = JSON.parse(metaBytes.toString("utf8")) as ImageMetadataFile;
-      } catch (cause) {
-        throw new CacheError("CACHE_CONFIG_INVALID", `${label} is not valid JSON`, { cause });
-      }
-      if (meta?.manifestDigest !== digest || meta.sizeBytes !== index.size || typeof meta.version !== "number") {
-        throw new CacheError("CACHE_CONFIG_INVALID", `${label} describes image ${JSON.stringify(meta?.manifestDigest)} of ${meta?.sizeBytes} bytes, expected ${digest} of ${index.size}`);
-      }
-      await session.rebuild(join(tmpDir, ROOTFS_FILE), index, new Map(), `the root filesystem of ${what}`, c);
-      // Its digest and mtime as written here (what the entry records is this machine's, as when built here).
-      await writeFile(join(tmpDir, METADATA_FILE), JSON.stringify({ ...(meta as object), ...(await rootfsFacts(join(tmpDir, ROOTFS_FILE))) }, null, 2) + "\n");
-      return { rootfsPath: join(entryDir, ROOTFS_FILE), size: index.size };
-    },
-    tmpPrefix: `.tmp-${hex}-`, // as resolveImage names its temps: either one cleans up after the other
-  });
-  if (created) {
-    log("image %s: root filesystem published from %s", digest, session.location);
-    return { ...value, same: true };
-  }
-  return { ...value, same: await sameAs(value.rootfsPath, value.size, index) };
-}
-
-/**
- * Publishes the root filesystem of image `digest` into the image store when the store lacks it
- * and the cache has a snapshot made on it. Resolves true when it did.
- */
-export async function importImage(backend: CacheBackend, digest: string): Promise<boolean> {
-  const entryDir = join(homePaths().images, digest.slice("sha256:".length));
-  if (await readImageEntry(entryDir, digest)) return false;
-  const bytes = await backend.readImageManifest(digest);
-  if (!bytes) return false;
-  const what = `image ${digest} in cache ${backend.location}`;
-  const manifest = parseManifest(bytes, `the manifest carrying ${what}`);
-  if (manifest.annotations[ANNOTATIONS.image] !== digest) throw new CacheError("CACHE_MANIFEST_INVALID", `the manifest tagged for ${what} is annotated with image ${JSON.stringify(manifest.annotations[ANNOTATIONS.image])}`);
-  const parts = manifestParts(manifest, `the manifest carrying ${what}`);
-  const size = Number(parts.rootfsIndex.annotations?.[ANNOTATIONS.size]);
-  if (!Number.isSafeInteger(size) || size < 0) throw new CacheError("CACHE_MANIFEST_INVALID", `the manifest carrying ${what} does not give the size of the root filesystem`);
-  const session = new ImportSession(backend, homePaths().snapshots, {});
-  const c: Counters = { chunksMoved: 0, bytesMoved: 0 };
-  const index = await session.index(parts.rootfsIndex, "rootfs.sqfs", size, parts, what, c);
-  await installImage(session, digest, parts, index, what, c);
-  return true;
+  return localChunks(parent.ram, size);
 }
 
 const FIELD_NAMES: Record<string, string> = { kernelKey: "kernel", agentKey: "agent", agentVersion: "agent", qemu: "qemu", accel: "accel" };
@@ -412,4 +331,30 @@ function checkEngine(theirs: EngineFingerprint, engine: LocalEngine, what: strin
     const now = engine.accelNow();
     if (now !== "kvm") throw mismatch("accel", "kvm", now);
   }
+}
+
+/**
+ * Publishes the root filesystem of image `digest` into the image store when the store lacks it
+ * and the cache has a snapshot made on it. Resolves true when it did.
+ */
+export async function importImage(backend: CacheBackend, digest: string): Promise<boolean> {
+  const entryDir = join(homePaths().images, digest.slice("sha256:".length));
+  if (await readImageEntry(entryDir, digest)) return false;
+  const bytes = await backend.readImageManifest(digest);
+  if (!bytes) return false;
+  const what = `image ${digest} in cache ${backend.location}`;
+  const manifest = parseManifest(bytes, `the manifest carrying ${what}`, "null");
+  if (!manifest) {
+    log("%s: carried by an artifact of an earlier format; not used", what);
+    return false;
+  }
+  if (manifest.annotations[ANNOTATIONS.image] !== digest) throw new CacheError("CACHE_MANIFEST_INVALID", `the manifest tagged for ${what} is annotated with image ${JSON.stringify(manifest.annotations[ANNOTATIONS.image])}`);
+  const parts = manifestParts(manifest, `the manifest carrying ${what}`);
+  const size = Number(parts.rootfsIndex.annotations?.[ANNOTATIONS.size]);
+  if (!Number.isSafeInteger(size) || size < 0 || size > LIMITS.rootfsBytes) throw new CacheError("CACHE_MANIFEST_INVALID", `the manifest carrying ${what} does not give the size of the root filesystem`);
+  const session = new ImportSession(backend, homePaths().snapshots, {});
+  const c: Counters = { chunksMoved: 0, bytesMoved: 0 };
+  const index = await session.fileIndex(parts.rootfsIndex, "rootfs.sqfs", size, parts, what, c);
+  await installImage(session, digest, parts, index, undefined, undefined, what, c);
+  return true;
 }

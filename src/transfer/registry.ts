@@ -11,7 +11,7 @@ import { ANNOTATIONS, imageTagOf, LIMITS, MEDIA, tagOf, type ArtifactManifest } 
 
 export class RegistryBackend implements CacheBackend {
   readonly kind = "registry" as const;
-  readonly parallelism = 8;
+  readonly parallelism = 4;
   readonly location: string;
   private readonly client: PushClient;
 
@@ -36,8 +36,12 @@ export class RegistryBackend implements CacheBackend {
     return this.client.getBlob(digest, limit, what);
   }
 
-  async hasSnapshot(key: string): Promise<boolean> {
-    return (await this.client.headManifest(tagOf(key), MEDIA.manifest)) !== undefined;
+  readRange(digest: string, start: number, end: number, limit: number, what: string): Promise<{ bytes: Buffer; start: number } | undefined> {
+    return this.client.getBlobRange(digest, start, end, limit, what);
+  }
+
+  get requests(): number {
+    return this.client.transport.requests;
   }
 
   async readManifest(key: string): Promise<Buffer | undefined> {
@@ -48,10 +52,11 @@ export class RegistryBackend implements CacheBackend {
     return (await this.client.getManifest(imageTagOf(imageDigest), MEDIA.manifest, LIMITS.manifestBytes))?.bytes;
   }
 
-  async writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest): Promise<void> {
+  async writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest, opts: { tagImage: boolean }): Promise<void> {
     await this.client.putManifest(tagOf(key), bytes, MEDIA.manifest);
     const image = manifest.annotations[ANNOTATIONS.image];
-    if (image && !(await this.client.headManifest(imageTagOf(image), MEDIA.manifest))) {
+    // Always (re)pointed at a current artifact: an older one may be of an earlier format.
+    if (opts.tagImage && image) {
       await this.client.putManifest(imageTagOf(image), bytes, MEDIA.manifest);
     }
   }

@@ -21,6 +21,8 @@ export interface TransferReport {
   snapshots: TransferEntry[];
   chunksMoved: number;
   bytesMoved: number;
+  /** HTTP requests sent to a registry cache (absent for a directory). */
+  requests?: number;
   ms: number;
 }
 
@@ -55,12 +57,13 @@ export interface ImportOptions extends TransferOptions {
   dirs?: Map<string, string>;
 }
 
-export function makeReport(location: string, snapshots: TransferEntry[], t0: number): TransferReport {
+export function makeReport(cache: { location: string; requests: number | undefined }, snapshots: TransferEntry[], t0: number): TransferReport {
   return {
-    location,
+    location: cache.location,
     snapshots,
     chunksMoved: snapshots.reduce((a, s) => a + s.chunksMoved, 0),
     bytesMoved: snapshots.reduce((a, s) => a + s.bytesMoved, 0),
+    ...(cache.requests !== undefined ? { requests: cache.requests } : {}),
     ms: Math.round(performance.now() - t0),
   };
 }

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { exportSnapshots } from "../../src/transfer/index.js";
 import { importSnapshots } from "../../src/project/cache.js";
-import { decodeChunkIndex, digestOf, keyOfConfig } from "../helpers/transfer-format.js";
+import { blob, blobPath, configOf, digestOf, keyOfConfig, manifestOf, readIndex, rewriteEntry, rootfsIndexOf } from "../helpers/transfer-format.js";
 import { keyOf } from "../../src/schema/key.js";
 import { homePaths } from "../../src/paths.js";
 import type { LoadedSnapshot } from "../../src/store/snapshots.js";
@@ -28,22 +28,8 @@ beforeAll(async () => {
 });
 afterAll(cleanup);
 
-interface Index {
-  manifests: { digest: string; annotations: Record<string, string> }[];
-}
-const blob = (cache: string, d: string) => readFileSync(join(cache, "blobs", "sha256", d.slice(7)));
-const readIndex = (cache: string) => JSON.parse(readFileSync(join(cache, "index.json"), "utf8")) as Index;
-const manifestOf = (cache: string, key: string) => {
-  const e = readIndex(cache).manifests.find((m) => m.annotations["dev.supermachine.key"] === key)!;
-  return JSON.parse(blob(cache, e.digest).toString()) as { config: { digest: string }; layers: { mediaType: string; digest: string; annotations?: Record<string, string> }[]; annotations: Record<string, string> };
-};
-const chunkIndex = (cache: string, key: string, file: string) => {
-  const l = manifestOf(cache, key).layers.find((x) => x.annotations?.["dev.supermachine.file"] === file)!;
-  return decodeChunkIndex(blob(cache, l.digest), file);
-};
-
 describe("a directory cache", () => {
-  it("stores a parent and its child as OCI artifacts sharing every unchanged chunk", async () => {
+  it("stores a parent and its child as OCI artifacts in packs, the child referencing its parent's packs", async () => {
     const cache = tempDir("sm-cache-");
     const r = await exportSnapshots(cache, [child, parent]);
     expect(r.snapshots.map((s) => [s.name, s.status])).toEqual([["base", "exported"], ["app", "exported"]]);
@@ -51,32 +37,45 @@ describe("a directory cache", () => {
     expect(JSON.parse(readFileSync(join(cache, "oci-layout"), "utf8"))).toEqual({ imageLayoutVersion: "1.0.0" });
     expect(idx.manifests.map((m) => m.annotations["dev.supermachine.name"])).toEqual(["base", "app"]);
     expect(idx.manifests[0]!.annotations["org.opencontainers.image.ref.name"]).toBe(`sm-${parent.meta.hash}`);
+    const pm = manifestOf(cache, parent.meta.hash);
     const m = manifestOf(cache, child.meta.hash);
+    expect(m.artifactType).toBe("application/vnd.supermachine.snapshot.v2");
     expect(m.annotations).toMatchObject({ "dev.supermachine.key": child.meta.hash, "dev.supermachine.name": "app", "dev.supermachine.parent": parent.meta.hash, "dev.supermachine.image.digest": image.digest });
     expect(JSON.parse(m.annotations["dev.supermachine.engine"]!)).toEqual(child.meta.inputs.engine);
-    // The config is meta.json without the machine-local rootfs path.
-    const config = JSON.parse(blob(cache, m.config.digest).toString());
-    expect(config.hash).toBe(child.meta.hash);
-    expect(config.image.rootfs).toBeUndefined();
-    expect(keyOfConfig(config)).toBe(child.meta.hash);
+    // The config: meta.json without the machine-local rootfs path, the state's frame, the RAM index.
+    const config = configOf(cache, child.meta.hash);
+    expect(config.snapshot.hash).toBe(child.meta.hash);
+    expect(config.snapshot.image.rootfs).toBeUndefined();
+    expect(keyOfConfig(config.snapshot)).toBe(child.meta.hash);
 
-    // Blobs: every distinct chunk once, plus per snapshot its state, RAM index, config and
-    // manifest, and once the rootfs index and image.json.
-    const chunkDigests = new Set<string>();
-    for (const k of [parent.meta.hash, child.meta.hash]) for (const f of ["ram", "rootfs.sqfs"]) for (const c of chunkIndex(cache, k, f).chunks) chunkDigests.add(c.blob);
-    const blobs = readdirSync(join(cache, "blobs", "sha256"));
-    expect(blobs.length).toBe(chunkDigests.size + 2 * 4 + 2);
-    const pRam = chunkIndex(cache, parent.meta.hash, "ram");
-    const cRam = chunkIndex(cache, child.meta.hash, "ram");
+    // A handful of layers, not one per chunk: the rootfs index, image.json and the packs.
+    const packsOf = (x: typeof m) => x.layers.filter((l) => l.mediaType === "application/vnd.supermachine.pack.v2").map((l) => l.digest);
+    expect(pm.layers.length).toBeLessThan(10);
+    // The child lists every pack of its parent (a registry's garbage collection keeps them) and adds one.
+    const pPacks = packsOf(pm);
+    const cPacks = packsOf(m);
+    expect(cPacks.slice(0, pPacks.length)).toEqual(pPacks);
+    expect(cPacks.length).toBe(pPacks.length + 1);
+    const pRam = configOf(cache, parent.meta.hash).ram;
+    const cRam = config.ram;
     expect(pRam.chunks.length).toBe(parentChunks.length + 2); // plus the duplicated page
-    const pBlobs = new Set(pRam.chunks.map((c) => c.blob));
-    expect(pBlobs.size).toBe(parentChunks.length + 1); // the duplicate is one blob
-    const fresh = cRam.chunks.filter((c) => !pBlobs.has(c.blob));
-    expect(fresh.length).toBe(5);
-    expect(r.snapshots[1]!.chunksMoved).toBe(5);
+    expect(new Set(pRam.chunks.map((c) => c[4])).size).toBe(parentChunks.length + 1);
+    // The duplicate page is one frame.
+    const dup = pRam.chunks.filter((c) => c[0] === 3000 * 16384 || c[0] === 3001 * 16384);
+    expect(dup[0]!.slice(1, 4)).toEqual(dup[1]!.slice(1, 4));
+    // The child's own pack holds its 5 new chunks and its state; the rest are its parent's frames.
+    const own = cPacks[cPacks.length - 1]!;
+    const inOwn = cRam.chunks.filter((c) => cRam.packs[c[1]] === own);
+    expect(inOwn.length).toBe(5);
+    expect(config.state.pack).toBe(own);
+    expect(r.snapshots[1]!.chunksMoved).toBe(5 + 1); // the chunks and the state's frame
     expect(r.snapshots[1]!.bytesMoved).toBeLessThan(r.snapshots[0]!.bytesMoved * 0.2);
-    // Each chunk blob is named by the digest of its (compressed) bytes.
-    expect(digestOf(blob(cache, fresh[0]!.blob))).toBe(fresh[0]!.blob);
+    // Each blob is named by the digest of its bytes.
+    expect(digestOf(blob(cache, own))).toBe(own);
+    // The root filesystem's index records the file's sha256, and the manifest annotates it.
+    const rix = rootfsIndexOf(cache, parent.meta.hash);
+    expect(rix.sha256).toBe(createHash("sha256").update(readFileSync(image.rootfs)).digest("hex"));
+    expect(pm.layers.find((l) => l.mediaType.includes("file-index"))!.annotations!["dev.supermachine.sha256"]).toBe(rix.sha256);
   });
 
   it("moves nothing the second time, and imports into an empty home what it needs", async () => {
@@ -148,18 +147,19 @@ describe("a directory cache", () => {
     });
   });
 
-  it("refuses a corrupted chunk and publishes nothing", async () => {
+  it("refuses a corrupted pack and publishes nothing", async () => {
     const cache = tempDir("sm-cache-");
     await exportSnapshots(cache, [parent]);
-    const victim = chunkIndex(cache, parent.meta.hash, "ram").chunks[10]!.blob;
-    const path = join(cache, "blobs", "sha256", victim.slice(7));
+    const ram = configOf(cache, parent.meta.hash).ram;
+    const [, pack, at, size] = ram.chunks[10]!;
+    const path = blobPath(cache, ram.packs[pack]!);
     const bytes = readFileSync(path);
-    bytes[bytes.length >> 1]! ^= 0x01;
+    bytes[at + (size >> 1)]! ^= 0x01;
     writeFileSync(path, bytes);
     const home = tempDir("sm-home-");
     await inHome(home, async () => {
       const err = await importSnapshots(cache, [parent.meta.hash]).catch((e: unknown) => e);
-      expect(err).toMatchObject({ code: "CACHE_DIGEST_MISMATCH", message: expect.stringContaining(victim) });
+      expect(err).toMatchObject({ code: expect.stringMatching(/^CACHE_(CHUNK_CORRUPT|DIGEST_MISMATCH)$/), message: expect.stringContaining(`of snapshot base (key ${parent.meta.hash.slice(0, 16)})`) });
       expect(readdirSync(homePaths().snapshots)).toEqual([]);
       expect(leftovers(home)).toEqual([]);
     });
@@ -170,25 +170,11 @@ describe("a directory cache", () => {
     await exportSnapshots(cache, [parent]);
     // Rewrite the config's engine and every digest and key that depend on it, so that only the
     // engine check can tell.
-    const idx = readIndex(cache);
-    const entry = idx.manifests[0]!;
-    const m = JSON.parse(blob(cache, entry.digest).toString());
-    const config = JSON.parse(blob(cache, m.config.digest).toString());
-    config.inputs.engine.kernelKey = "kernel-from-elsewhere";
-    const key = keyOfConfig(config);
-    config.hash = key;
-    const put = (b: Buffer) => {
-      const d = digestOf(b);
-      writeFileSync(join(cache, "blobs", "sha256", d.slice(7)), b);
-      return { digest: d, size: b.length };
-    };
-    m.config = { ...m.config, ...put(Buffer.from(JSON.stringify(config))) };
-    m.annotations["dev.supermachine.key"] = key;
-    const mb = put(Buffer.from(JSON.stringify(m)));
-    Object.assign(entry, mb);
-    entry.annotations["dev.supermachine.key"] = key;
-    entry.annotations["org.opencontainers.image.ref.name"] = `sm-${key}`;
-    writeFileSync(join(cache, "index.json"), JSON.stringify(idx));
+    const key = rewriteEntry(cache, parent.meta.hash, (config) => {
+      config.snapshot.inputs.engine.kernelKey = "kernel-from-elsewhere";
+      config.snapshot.hash = keyOfConfig(config.snapshot);
+      return config.snapshot.hash;
+    });
     const home = tempDir("sm-home-");
     await inHome(home, async () => {
       const err = await importSnapshots(cache, [key]).catch((e: unknown) => e);
@@ -197,5 +183,21 @@ describe("a directory cache", () => {
       expect(existsSync(homePaths().images) ? readdirSync(homePaths().images) : []).toEqual([]);
       expect(leftovers(home)).toEqual([]);
     });
+  });
+
+  it("refuses a cache of format version 1 by name, saying what to do", async () => {
+    const cache = tempDir("sm-cache-");
+    await exportSnapshots(cache, [parent]);
+    rewriteEntry(cache, parent.meta.hash, (_config, m) => void (m.artifactType = "application/vnd.supermachine.snapshot.v1"));
+    const home = tempDir("sm-home-");
+    await inHome(home, async () => {
+      const err = await importSnapshots(cache, [parent.meta.hash]).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: "CACHE_FORMAT_VERSION", message: expect.stringContaining("cache format version 1"), hint: expect.stringContaining("export the snapshot again") });
+      expect(existsSync(homePaths().snapshots) ? readdirSync(homePaths().snapshots) : []).toEqual([]);
+    });
+    // An export with this version replaces the old entry under the same key.
+    const again = await exportSnapshots(cache, [parent]);
+    expect(again.snapshots[0]!.status).toBe("exported");
+    expect(manifestOf(cache, parent.meta.hash).artifactType).toBe("application/vnd.supermachine.snapshot.v2");
   });
 });

@@ -42,11 +42,13 @@ describe("a registry cache", () => {
       // Upload sessions start at the proxy (the registry then names itself in Location).
       const uploads = () => proxy.seen.filter((r) => r.method === "POST" && r.path.includes("/blobs/uploads/")).length;
       const parentUploads = uploads();
-      expect(parentUploads).toBe(first.snapshots[0]!.chunksMoved + 5); // + state, 2 indexes, image.json, config
+      // A pack of the root filesystem, one of the RAM and state, the rootfs index, image.json, the config.
+      expect(parentUploads).toBe(5);
+      expect(first.requests).toBeGreaterThan(0);
       const second = await exportSnapshots(viaProxy, [parent, child]);
       expect(second.snapshots.map((s) => s.status)).toEqual(["present", "exported"]);
-      expect(second.snapshots[1]!.chunksMoved).toBe(3);
-      expect(uploads() - parentUploads).toBe(3 + 3); // 3 chunks + state, RAM index, config
+      expect(second.snapshots[1]!.chunksMoved).toBe(3 + 1); // 3 chunks and the state
+      expect(uploads() - parentUploads).toBe(2); // its pack and its config
       const third = await exportSnapshots(viaProxy, [parent, child]);
       expect(third.chunksMoved).toBe(0);
       expect(third.bytesMoved).toBe(0);
@@ -69,6 +71,7 @@ describe("a registry cache", () => {
       const r = await importSnapshots(repo, [child.meta.hash]);
       expect(r.snapshots.map((s) => [s.name, s.status])).toEqual([["base", "imported"], ["app", "imported"]]);
       expect(r.snapshots[1]!.chunksMoved).toBe(3);
+      expect(r.requests).toBeLessThan(20);
       const dir = join(homePaths().snapshots, `app-${child.meta.hash.slice(0, 16)}`);
       expect(readFileSync(join(dir, "ram")).equals(readFileSync(child.ram))).toBe(true);
       expect((await importSnapshots(repo, [child.meta.hash])).snapshots[0]!.status).toBe("present");
