@@ -12,7 +12,7 @@ import { ConfigError } from "../../src/config/errors.js";
 import { BuildError } from "../../src/errors.js";
 import { buildImageGraph } from "../../src/graph/graph.js";
 import { diffInputs } from "../../src/graph/keys.js";
-import { formatLock, LOCK_FILE, MAX_LOCK_BYTES, ProjectLock, requirePins, type Pin } from "../../src/project/lock.js";
+import { formatLock, LOCK_FILE, MAX_LOCK_BYTES, ProjectLock, requirePins, updatePins, type Pin } from "../../src/project/lock.js";
 import type { SnapshotInputs, SnapshotSources } from "../../src/schema/key.js";
 
 const repo = join(import.meta.dirname, "..", "..");
@@ -235,6 +235,21 @@ describe("supermachine.lock", () => {
       expect(await readFile(file, "utf8")).toBe("garbage");
       expect((await readdir(dir)).sort()).toEqual([LOCK_FILE]);
     });
+  });
+
+  it("build --update of the whole project drops pins no image uses; with names, it drops none", async () => {
+    // Only local roots: nothing to re-resolve, so no registry is asked.
+    const graph = buildImageGraph([{ name: "bb", module: null, from: null, definition: { ref: "builtin:busybox" } }]);
+    const lock = await ProjectLock.open(dir);
+    lock.record(pin("python:3-bookworm", D("a")));
+    await lock.save();
+    const named = await ProjectLock.open(dir);
+    await updatePins(named, graph, ["bb"]);
+    expect(await named.save()).toEqual([]);
+    const all = await ProjectLock.open(dir);
+    await updatePins(all, graph);
+    expect((await all.save()).map((c) => [c.change, c.ref])).toEqual([["dropped", "python:3-bookworm"]]);
+    expect((await ProjectLock.open(dir)).entries).toEqual([]);
   });
 
   it("a frozen build refuses a tag without a pin, naming the ref, the image and the file", async () => {
