@@ -2,7 +2,10 @@
  * Content keys of graph nodes. A node's key is the hash of its inputs (SnapshotInputs): the
  * parent's key, the root's manifest digest, the canonical build options, the extraFiles by guest
  * path, mode and content, the module bundle, and the engine's fingerprint. The inputs are kept
- * beside the snapshot, so a later key can be compared with them and every difference named.
+ * beside the snapshot, so a later key can be compared with them and every difference named. A
+ * root's tag resolves by its pin in the project's lockfile; the pin is not a key input (the
+ * digest is), but the sources record it, so a changed digest is named `lock:<ref>` when the pin
+ * moved.
  */
 import { keyOf, stableJson, type EngineFingerprint, type ExtraFileKey, type SnapshotInputs, type SnapshotSources } from "../schema/key.js";
 import type { ModuleDigest } from "./bundle.js";

@@ -4,7 +4,8 @@
  * squashfs and publishes it as an entry of the store (src/store/images.ts: one directory per
  * manifest digest, appearing only by an atomic rename of a complete temp directory; builders of
  * one digest take turns under its lock, and a crashed builder's temp directory is removed by the
- * next).
+ * next). A registry tag a project's lockfile pins resolves by its digest (`pinned`), and
+ * `resolveTag` asks a registry what a tag names now (`build --update`).
  */
 import { rm, stat } from "node:fs/promises";
 import { join } from "node:path";
