@@ -83,11 +83,10 @@ export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, m
       onProgress,
       ...(opts.signal ? { signal: opts.signal } : {}),
     });
-    if (canonical !== undefined) {
-      // The first resolve of a tag pins it (written when the build ends: src/project/lock.ts).
-      if (!pinned) opts.pins?.record({ ref: spec.ref, platform, digest: resolved.manifestDigest, resolved: canonical });
-      pin = { platform, digest: resolved.manifestDigest };
-    }
+    // The first resolve of a tag pins it (written when the build ends: src/project/lock.ts); a
+    // dry run writes no pin, so its nodes record none either.
+    if (canonical !== undefined && !pinned && !opts.dryRun) opts.pins?.record({ ref: spec.ref, platform, digest: resolved.manifestDigest, resolved: canonical });
+    if (canonical !== undefined && (pinned || !opts.dryRun)) pin = { platform, digest: resolved.manifestDigest };
     image = { ref: spec.ref, digest: resolved.manifestDigest, config: resolved.config, rootfs: resolved.rootfsPath, rootfsSize: resolved.sizeBytes, ...(resolved.sha256 ? { rootfsSha256: resolved.sha256 } : {}) };
     const defaults = execDefaults(resolved.config, spec.env);
     const argv = spec.cmd ?? [...(resolved.config.entrypoint ?? []), ...(resolved.config.cmd ?? [])];

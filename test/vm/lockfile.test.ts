@@ -268,12 +268,20 @@ describe("supermachine.lock", () => {
     const held = await json<{ images: { name: string; key: string }[] }>(cli(project, undefined, "ls", "--json"));
     expect(held.images.map((r) => r.key)).toEqual(first.images.map((r) => r.key));
 
+    // A dry run with --update keys by what the tag names now, and writes no pin.
+    const lockBefore = readFileSync(join(project, "supermachine.lock"), "utf8");
+    const dry = await json<BuildReport>(cli(project, undefined, "build", "--json", "--dry-run", "--update"));
+    expect(dry.images.map((r) => r.status)).toEqual(["would-bake", "would-bake"]);
+    expect(dry.lock).toBeUndefined();
+    expect(readFileSync(join(project, "supermachine.lock"), "utf8")).toBe(lockBefore);
+
     // A teammate updates the pin (a copy of the project, with its lockfile) and builds.
     const theirs = copyProject("update");
     const updated = await cli(theirs, undefined, "build", "--json", "--update", "app");
     expect(updated.status, updated.stderr).toBe(0);
     const report = JSON.parse(updated.stdout) as BuildReport;
     expect(report.images.map((r) => [r.name, r.status])).toEqual([["bb", "baked"], ["app", "baked"]]);
+    expect(report.images.map((r) => r.key)).toEqual(dry.images.map((r) => r.key));
     expect(report.lock?.pins).toEqual([{ ref, platform: expect.stringMatching(/^linux\//), digest: digestB, change: "moved", before: digestA }]);
     expect(readFileSync(join(theirs, "supermachine.lock"), "utf8")).toBe(lockText(digestB));
     // Its VMs run the new content: the variant's image config sets VARIANT.
