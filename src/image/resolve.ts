@@ -195,7 +195,7 @@ async function locateRegistry(tagged: RegistryRef, ref: string, opts: ResolveIma
     }
     const notPresent = () =>
       new ImageError("IMAGE_NOT_PRESENT", `image ${JSON.stringify(ref)} (${r.canonical}) is not present locally and pullPolicy is "never"`, {
-        hint: `pull it first (supermachine pull ${ref}) or use pullPolicy "missing"`,
+        hint: `pull it first (supermachine pull ${pinned ? r.canonical : ref}) or use pullPolicy "missing"`,
       });
     // A pin names the platform's image manifest, the digest the image's entry is stored under:
     // when that entry exists (built here before, or seeded from a snapshot cache) the manifest
