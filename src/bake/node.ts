@@ -12,6 +12,7 @@ import { BuildError } from "../errors.js";
 import type { ModuleDigest } from "../graph/bundle.js";
 import type { NodeSpec } from "../graph/graph.js";
 import { keyOf, nodeInputs } from "../graph/keys.js";
+import { parsePlatform, pinnableRef, platformOf, type RefPins } from "../image/pins.js";
 import { resolveImage } from "../image/resolve.js";
 import type { BuildProgress } from "../schema/image.js";
 import type { BuiltImage, FetchRequest } from "../schema/events.js";
@@ -56,6 +57,11 @@ export interface NodeBuildOptions {
   signal?: AbortSignal | undefined;
   /** A cache to try before baking (see BuildOptions.fetch). */
   fetch?: ((node: FetchRequest) => Promise<boolean>) | undefined;
+  /**
+   * The project's pins (its lockfile): a root image whose `ref` is a registry tag resolves by
+   * its pinned digest, and a tag resolved without one is recorded. Absent outside a project.
+   */
+  pins?: RefPins | undefined;
 }
 
 export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, module: ModuleDigest | null, opts: NodeBuildOptions): Promise<BuiltNode> {
@@ -64,14 +70,23 @@ export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, m
   let image: SnapshotMeta["image"];
   let workload: WorkloadSpec | null;
   let parentSnapshot: LoadedSnapshot | undefined;
+  let pin: SnapshotSources["pin"];
   if (!parent) {
+    const canonical = opts.pins ? pinnableRef(spec.ref) : undefined;
+    const platform = platformOf(spec.platform);
+    const pinned = canonical !== undefined ? opts.pins?.get(spec.ref, platform) : undefined;
     const resolved = await resolveImage(spec.ref, {
+      ...(pinned ? { pinned } : {}),
       pullPolicy: spec.pullPolicy,
       ...(spec.platform ? { platform: parsePlatform(spec.platform) } : {}),
       ...(spec.insecureRegistries ? { insecureRegistries: spec.insecureRegistries } : {}),
       onProgress,
       ...(opts.signal ? { signal: opts.signal } : {}),
     });
+    // The first resolve of a tag pins it (written when the build ends: src/project/lock.ts); a
+    // dry run writes no pin, so its nodes record none either.
+    if (canonical !== undefined && !pinned && !opts.dryRun) opts.pins?.record({ ref: spec.ref, platform, digest: resolved.manifestDigest, resolved: canonical });
+    if (canonical !== undefined && (pinned || !opts.dryRun)) pin = { platform, digest: resolved.manifestDigest };
     image = { ref: spec.ref, digest: resolved.manifestDigest, config: resolved.config, rootfs: resolved.rootfsPath, rootfsSize: resolved.sizeBytes, ...(resolved.sha256 ? { rootfsSha256: resolved.sha256 } : {}) };
     const defaults = execDefaults(resolved.config, spec.env);
     const argv = spec.cmd ?? [...(resolved.config.entrypoint ?? []), ...(resolved.config.cmd ?? [])];
@@ -84,6 +99,7 @@ export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, m
     }
     image = parent.image;
     workload = parent.workload;
+    pin = parent.sources.pin; // the root's: a moved pin rekeys every image built on it
   }
   const extraFiles = await planExtraFiles(spec.extraFiles);
   const sources: SnapshotSources = {
@@ -91,6 +107,7 @@ export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, m
     ref: spec.ref,
     module: spec.module === null ? null : relative(opts.root, spec.module),
     files: module?.files ?? {},
+    ...(pin ? { pin } : {}),
   };
   const dirName = opts.dirName ?? defaultDirName;
   for (let attempt = 0; ; attempt++) {
@@ -166,7 +183,3 @@ export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, m
   }
 }
 
-function parsePlatform(v: string): { os: string; architecture: string; variant?: string } {
-  const [os, architecture, variant] = v.split("/") as [string, string, string | undefined];
-  return variant ? { os, architecture, variant } : { os, architecture };
-}

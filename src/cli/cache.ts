@@ -44,13 +44,13 @@ export function registerCacheCommands(program: Command): void {
 
 /** The project's nodes (or `names` and their ancestors) with their current keys, baking nothing. */
 async function keyed(o: CacheOptions, names: string[]) {
-  const { project, graph, snapshotsDir } = await openProject(o, "cache");
+  const { project, graph, snapshotsDir, lock } = await openProject(o, "cache");
   for (const n of names) graph.spec(n); // unknown names fail here, listing the known ones
-  return { project, graph, snapshotsDir };
+  return { project, graph, snapshotsDir, lock };
 }
 
 async function dryRun(p: Awaited<ReturnType<typeof keyed>>, names: string[]): Promise<BuiltNode[]> {
-  const nodes = await buildGraph(p.graph, { ...(names.length ? { names } : {}), root: p.project.root, snapshotsDir: p.snapshotsDir, dryRun: true, handoff: false });
+  const nodes = await buildGraph(p.graph, { ...(names.length ? { names } : {}), root: p.project.root, snapshotsDir: p.snapshotsDir, dryRun: true, handoff: false, lock: p.lock });
   const failed = [...nodes.values()].find((n) => n.status === "failed");
   if (failed?.error) throw failed.error;
   return [...nodes.values()];
@@ -71,7 +71,7 @@ async function importCmd(src: string, names: string[], o: CacheOptions, cmd: Com
   const json = isJson(cmd);
   const p = await keyed(o, names);
   // Root filesystems first, so that keying the roots does not build them from their sources.
-  await seedImages(src, p.graph, names);
+  await seedImages(src, p.graph, names, { pins: p.lock });
   const nodes = await dryRun(p, names);
   const byKey = new Map(nodes.map((n) => [n.key, n]));
   const report = await importSnapshots(

@@ -9,19 +9,20 @@ import { loadProject } from "../config/loader.js";
 import type { LoadedProject } from "../schema/project.js";
 import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { homePaths } from "../paths.js";
-import { action, integer, isJson, nodeJson, writeJson } from "./common.js";
+import { action, integer, isJson, nodeJson, UsageError, writeJson } from "./common.js";
 import { BuildRenderer } from "./render.js";
 import { fetchFromCache, seedImages } from "../project/cache.js";
 import { exportSnapshots } from "../transfer/index.js";
+import { openLock, updatePins, type ProjectLock } from "../project/lock.js";
 
 interface ProjectOptions {
   config?: string;
 }
 
-export async function openProject(o: ProjectOptions, command: string): Promise<{ project: LoadedProject; graph: ImageGraph; snapshotsDir: string }> {
+export async function openProject(o: ProjectOptions, command: string): Promise<{ project: LoadedProject; graph: ImageGraph; snapshotsDir: string; lock: ProjectLock }> {
   const project = await loadProject({ ...(o.config ? { configFile: o.config } : {}), command });
   const graph = buildImageGraph(project.images);
-  return { project, graph, snapshotsDir: project.snapshotsDir ?? homePaths().snapshots };
+  return { project, graph, snapshotsDir: project.snapshotsDir ?? homePaths().snapshots, lock: await openLock(project) };
 }
 
 const withConfig = (c: Command) => c.option("-c, --config <file>", "the project's config file (default: supermachine.config.{ts,mts,js,mjs} here or above)");
@@ -36,7 +37,8 @@ export function registerProjectCommands(program: Command): void {
       .argument("[names...]", "images to build (with their ancestors; default: all)")
       .option("--force", "bake even what is cached")
       .option("--dry-run", "report what would be baked, bake nothing")
-      .option("--frozen", "bake nothing; fail, naming them, if images are not baked (for CI)")
+      .option("--frozen", "bake nothing; fail, naming them, if images are not baked or tags not pinned in supermachine.lock (for CI)")
+      .option("--update", "re-resolve the registry tags of the images (all, or names and their ancestors) and rewrite their pins in supermachine.lock, then build")
       .option("--concurrency <n>", "bakes at once (default: from cores and memory)", integer)
       .option("--cache-from <dir|ref>", "import images that are not baked here from this cache (a directory or a registry host[:port]/repo) instead of baking them (default: the config's cache.from)")
       .option("--cache-to <dir|ref>", "after the build, export the images' snapshots to this cache (default: the config's cache.to)"),
@@ -55,13 +57,16 @@ export function registerProjectCommands(program: Command): void {
   withConfig(program.command("graph").helpGroup("Projects:").summary("print the project's image graph")).action(action(graph));
 }
 
-async function build(names: string[], o: ProjectOptions & { force?: boolean; dryRun?: boolean; frozen?: boolean; concurrency?: number; cacheFrom?: string; cacheTo?: string }, cmd: Command): Promise<number> {
+async function build(names: string[], o: ProjectOptions & { force?: boolean; dryRun?: boolean; frozen?: boolean; update?: boolean; concurrency?: number; cacheFrom?: string; cacheTo?: string }, cmd: Command): Promise<number> {
   const json = isJson(cmd);
-  const { project, graph, snapshotsDir } = await openProject(o, "build");
+  if (o.update && o.frozen) throw new UsageError("--update and --frozen cannot be combined: --update asks the registries what the tags name now, a frozen build uses the pins as they are");
+  const { project, graph, snapshotsDir, lock } = await openProject(o, "build");
   for (const n of names) graph.spec(n); // unknown names fail here, listing the known ones
+  // Before anything is keyed: the new pins decide the root images' digests (written when the build ends).
+  if (o.update) await updatePins(lock, graph, names);
   const cacheFrom = o.dryRun ? undefined : (o.cacheFrom ?? project.cache.from);
   const cacheTo = o.dryRun ? undefined : (o.cacheTo ?? project.cache.to);
-  if (cacheFrom) await seedImages(cacheFrom, graph, names);
+  if (cacheFrom) await seedImages(cacheFrom, graph, names, { pins: lock });
   const order = names.length ? graph.withAncestors(names) : graph.order;
   const renderer = BuildRenderer.for(json, order);
   let nodes: Map<string, BuiltNode>;
@@ -76,6 +81,7 @@ async function build(names: string[], o: ProjectOptions & { force?: boolean; dry
       ...(o.frozen ? { frozen: true } : {}),
       ...((o.concurrency ?? project.concurrency) ? { concurrency: o.concurrency ?? project.concurrency! } : {}),
       onEvent: renderer.onEvent,
+      lock,
       ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom, snapshotsDir) } : {}),
     });
   } finally {
@@ -84,8 +90,13 @@ async function build(names: string[], o: ProjectOptions & { force?: boolean; dry
   const exported = cacheTo ? await exportSnapshots(cacheTo, [...nodes.values()].flatMap((n) => (n.snapshot ? [n.snapshot] : []))) : undefined;
   const images = [...nodes.values()].map(nodeJson);
   const failed = images.filter((i) => i.status === "failed" || i.status === "skipped");
-  if (json) writeJson({ images, ...(exported ? { cache: exported } : {}) }, true);
+  const pins = lock.written.map((c) => ({ ref: c.ref, platform: c.platform, digest: c.digest, change: c.change, ...(c.before ? { before: c.before } : {}) }));
+  if (json) writeJson({ images, ...(exported ? { cache: exported } : {}), ...(pins.length ? { lock: { file: lock.file, pins } } : {}) }, true);
   else {
+    for (const p of pins) {
+      const what = p.change === "moved" ? `moved ${show(p.before)} → ${show(p.digest)}` : p.change === "dropped" ? `dropped (no image uses it; was ${show(p.digest)})` : `pinned to ${show(p.digest)}`;
+      process.stderr.write(`lock: ${p.ref} (${p.platform}) ${what}\n`);
+    }
     if (exported) process.stderr.write(`cache ${exported.location}: ${exported.snapshots.filter((s) => s.status === "exported").length} exported, ${exported.snapshots.filter((s) => s.status === "present").length} present; ${exported.chunksMoved} chunks, ${(exported.bytesMoved / 1e6).toFixed(1)} MB moved\n`);
     const baked = images.filter((i) => i.status === "baked").length;
     const cached = images.filter((i) => i.status === "cached").length;
@@ -103,8 +114,8 @@ function describeError(e: Error): string {
 }
 
 async function ls(o: ProjectOptions, cmd: Command): Promise<number> {
-  const { project, graph, snapshotsDir } = await openProject(o, "ls");
-  const rows = await listProjectImages(graph, { root: project.root, snapshotsDir });
+  const { project, graph, snapshotsDir, lock } = await openProject(o, "ls");
+  const rows = await listProjectImages(graph, { root: project.root, snapshotsDir, lock });
   if (isJson(cmd)) {
     writeJson({ images: rows }, true);
     return 0;
@@ -120,9 +131,9 @@ async function ls(o: ProjectOptions, cmd: Command): Promise<number> {
 }
 
 async function why(name: string, o: ProjectOptions, cmd: Command): Promise<number> {
-  const { project, graph, snapshotsDir } = await openProject(o, "why");
+  const { project, graph, snapshotsDir, lock } = await openProject(o, "why");
   graph.spec(name);
-  const report = await whyImage(graph, name, { root: project.root, snapshotsDir });
+  const report = await whyImage(graph, name, { root: project.root, snapshotsDir, lock });
   if (isJson(cmd)) {
     writeJson(report, true);
     return 0;

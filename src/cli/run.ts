@@ -87,7 +87,7 @@ async function run(ref: string, argv: string[], o: RunOptions, cmd: Command): Pr
  */
 async function projectImage(name: string, o: RunOptions, json: boolean): Promise<Image | undefined> {
   if (!o.config && !findConfig(process.cwd())) return undefined;
-  const { project, graph, snapshotsDir } = await openProject(o, "run");
+  const { project, graph, snapshotsDir, lock } = await openProject(o, "run");
   if (!graph.has(name)) {
     if (o.config) throw new UsageError(`${project.configPath} declares no image named ${JSON.stringify(name)} (images: ${graph.names.join(", ")})`);
     return undefined;
@@ -98,7 +98,7 @@ async function projectImage(name: string, o: RunOptions, json: boolean): Promise
   const order = graph.withAncestors([name]);
   const renderer = BuildRenderer.for(json, order, { quietCached: true });
   try {
-    const nodes = await buildGraph(graph, { names: [name], root: project.root, snapshotsDir, handoff: (n) => n === name, onEvent: renderer.onEvent });
+    const nodes = await buildGraph(graph, { names: [name], root: project.root, snapshotsDir, handoff: (n) => n === name, onEvent: renderer.onEvent, lock });
     const node = nodes.get(name)!;
     if (node.error) throw node.error;
     return Image.create(node.snapshot!, node.handoff);

@@ -2,7 +2,10 @@
  * Content keys of graph nodes. A node's key is the hash of its inputs (SnapshotInputs): the
  * parent's key, the root's manifest digest, the canonical build options, the extraFiles by guest
  * path, mode and content, the module bundle, and the engine's fingerprint. The inputs are kept
- * beside the snapshot, so a later key can be compared with them and every difference named.
+ * beside the snapshot, so a later key can be compared with them and every difference named. A
+ * root's tag resolves by its pin in the project's lockfile; the pin is not a key input (the
+ * digest is), but the sources record it, so a changed digest is named `lock:<ref>` when the pin
+ * moved.
  */
 import { keyOf, stableJson, type EngineFingerprint, type ExtraFileKey, type SnapshotInputs, type SnapshotSources } from "../schema/key.js";
 import type { ModuleDigest } from "./bundle.js";
@@ -35,7 +38,7 @@ export function nodeInputs(spec: NodeSpec, p: KeyParts): SnapshotInputs {
 export { keyOf };
 
 export interface InputChange {
-  /** `ref`, `image`, `parent`, `memoryMib`, `extraFiles:/srv/x`, `module`, `module:lib/prepare.ts`, `package:zod`, `engine.qemu`, ... */
+  /** `ref`, `image`, `lock:<ref>`, `parent`, `memoryMib`, `extraFiles:/srv/x`, `module`, `module:lib/prepare.ts`, `package:zod`, `engine.qemu`, ... */
   input: string;
   before: unknown;
   after: unknown;
@@ -53,11 +56,19 @@ export function diffInputs(before: { inputs: SnapshotInputs; sources?: SnapshotS
   if ((before.sources?.ref ?? null) !== (after.sources?.ref ?? null) && after.sources) {
     changes.push({ input: "ref", before: before.sources?.ref ?? null, after: after.sources.ref });
   }
+  const pin = pinChange(before.sources, after.sources);
   for (const k of [...new Set([...Object.keys(a), ...Object.keys(b)])]) {
     if (same(a[k], b[k])) continue;
     switch (k) {
       case "manifestDigest":
-        changes.push({ input: "image", before: a[k] ?? null, after: b[k] ?? null });
+        // The same tag, now pinned to another digest: the lockfile moved, not the declaration.
+        if (pin && pin.input.after === b[k]) changes.push({ ...pin.input, before: a[k] ?? null });
+        else changes.push({ input: "image", before: a[k] ?? null, after: b[k] ?? null });
+        break;
+      case "parent":
+        // A child names its root's moved pin too (its parent's key changed because of it).
+        if (pin && b.manifestDigest === null && pin.input.before !== null) changes.push(pin.input);
+        changes.push({ input: "parent", before: a[k] ?? null, after: b[k] ?? null });
         break;
       case "module": {
         const x = a[k] as SnapshotInputs["module"];
@@ -87,6 +98,20 @@ export function diffInputs(before: { inputs: SnapshotInputs; sources?: SnapshotS
     }
   }
   return changes;
+}
+
+/**
+ * The pin of the same tag, for the same platform, at another digest now than at the last bake
+ * (`lock:<ref>`). A last bake that recorded no pin (made before the image had one) counts as
+ * pinned to the digest it was made on, which only a root image's inputs hold: for a root the
+ * caller compares that digest, and a child names the pin only when its last bake recorded one.
+ */
+function pinChange(before: SnapshotSources | undefined, after: SnapshotSources | undefined): { input: InputChange } | undefined {
+  const now = after?.pin;
+  if (!now || !before || before.ref !== after.ref) return undefined;
+  const then = before.pin;
+  if (then && (then.platform !== now.platform || then.digest === now.digest)) return undefined;
+  return { input: { input: `lock:${after.ref}`, before: then?.digest ?? null, after: now.digest } };
 }
 
 /** The changes of one keyed option, named as the option table says: the option, or each entry. */

@@ -4,7 +4,8 @@
  * squashfs and publishes it as an entry of the store (src/store/images.ts: one directory per
  * manifest digest, appearing only by an atomic rename of a complete temp directory; builders of
  * one digest take turns under its lock, and a crashed builder's temp directory is removed by the
- * next).
+ * next). A registry tag a project's lockfile pins resolves by its digest (`pinned`), and
+ * `resolveTag` asks a registry what a tag names now (`build --update`).
  */
 import { rm, stat } from "node:fs/promises";
 import { join } from "node:path";
@@ -12,7 +13,7 @@ import { ImageError } from "../errors.js";
 import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
 import { planFlatten, streamFlattened, type FlattenOptions } from "./flatten.js";
-import { pullImage, resolveDigest, type PullProgress } from "../registry/index.js";
+import { pullImage, resolveDigest, type PullOptions, type PullProgress } from "../registry/index.js";
 import type { Platform } from "../registry/options.js";
 import { BlobStore } from "../store/blobs.js";
 import { importDockerArchive } from "./docker-archive.js";
@@ -61,6 +62,12 @@ export interface ResolveImageOptions {
   signal?: AbortSignal;
   /** Limits for untrusted layers (defaults in flatten.ts). */
   flatten?: Pick<FlattenOptions, "maxLayerBytes" | "maxLayerEntries">;
+  /**
+   * The image manifest a registry tag is pinned to (a project's lockfile, src/image/pins.ts):
+   * resolved as `ref@pinned`, so nothing asks the registry what the tag names now, and nothing
+   * at all when the image (or its root filesystem, seeded from a cache) is already here.
+   */
+  pinned?: string;
 }
 
 /** Where the manifest of a reference lives, found without building anything. */
@@ -164,8 +171,11 @@ function fromStore(store: BlobStore, digest: string, ref: string): Located {
   return { digest, select: () => selectManifestByDigest(store.root, digest, ref) };
 }
 
-async function locateRegistry(r: RegistryRef, ref: string, opts: ResolveImageOptions): Promise<Located> {
+async function locateRegistry(tagged: RegistryRef, ref: string, opts: ResolveImageOptions): Promise<Located> {
   const store = BlobStore.open(opts.home);
+  // A pinned tag is its digest: `name:tag@sha256:...`, the canonical form a digest reference has.
+  const pinned = opts.pinned !== undefined && tagged.digest === undefined ? opts.pinned : undefined;
+  const r: RegistryRef = pinned ? { ...tagged, digest: pinned, canonical: `${tagged.canonical}@${pinned}` } : tagged;
   const policy = opts.pullPolicy ?? "missing";
   const record = await readRef(r.canonical, opts.home);
   const local = record && (await store.has(record.manifestDigest)) ? record.manifestDigest : undefined;
@@ -183,20 +193,74 @@ async function locateRegistry(r: RegistryRef, ref: string, opts: ResolveImageOpt
       const selected = await selectManifestByDigest(store.root, r.digest, ref); // may be an index
       return { digest: selected.digest, select: async () => selected };
     }
-    if (policy === "never") {
-      throw new ImageError("IMAGE_NOT_PRESENT", `image ${JSON.stringify(ref)} (${r.canonical}) is not present locally and pullPolicy is "never"`, {
-        hint: `pull it first (supermachine pull ${ref}) or use pullPolicy "missing"`,
+    const notPresent = () =>
+      new ImageError("IMAGE_NOT_PRESENT", `image ${JSON.stringify(ref)} (${r.canonical}) is not present locally and pullPolicy is "never"`, {
+        hint: `pull it first (supermachine pull ${pinned ? r.canonical : ref}) or use pullPolicy "missing"`,
       });
+    // A pin names the platform's image manifest, the digest the image's entry is stored under:
+    // when that entry exists (built here before, or seeded from a snapshot cache) the manifest
+    // is never read, so it is fetched only when the entry has to be built.
+    if (pinned) {
+      return {
+        digest: pinned,
+        select: async () => {
+          if (!(await store.has(pinned))) {
+            if (policy === "never") throw notPresent();
+            await pullPinned(r, ref, pullOpts, opts.home);
+          }
+          return selectManifestByDigest(store.root, pinned, ref);
+        },
+      };
     }
+    if (policy === "never") throw notPresent();
   } else if (local) {
     const current = await resolveDigest(r, pullOpts);
     if (current === local) return fromStore(store, local, ref);
   }
+  if (pinned) return fromStore(store, await pullPinned(r, ref, pullOpts, opts.home), ref);
   const pulled = await pullImage(r, pullOpts);
   const rec: RefRecord = { ref: r.canonical, manifestDigest: pulled.manifestDigest, source: "registry", pulledAt: new Date().toISOString() };
   if (pulled.indexDigest) rec.indexDigest = pulled.indexDigest;
   await writeRef(rec, opts.home);
   return fromStore(store, pulled.manifestDigest, ref);
+}
+
+/**
+ * Pulls a pinned tag by its digest and names it locally (`name:tag@digest`, so `images` lists it
+ * and gc keeps its blobs). The pin must be an image manifest: an index digest (a lockfile
+ * edited by hand) would store the image under a digest that is not its own.
+ */
+async function pullPinned(r: RegistryRef, ref: string, pullOpts: PullOptions, home: string | undefined): Promise<string> {
+  const pulled = await pullImage(r, pullOpts);
+  if (pulled.manifestDigest !== r.digest) {
+    throw new ImageError("IMAGE_PIN_INVALID", `image ${JSON.stringify(ref)} is pinned to ${r.digest}, which is not an image manifest (it led to ${pulled.manifestDigest})`, {
+      hint: `a lockfile pins the image manifest of one platform: re-resolve the pin (supermachine build --update <image>)`,
+    });
+  }
+  await writeRef({ ref: r.canonical, manifestDigest: pulled.manifestDigest, source: "registry", pulledAt: new Date().toISOString() }, home);
+  return pulled.manifestDigest;
+}
+
+/**
+ * What a registry tag names now, over the network (`build --update`): the digest of the image
+ * manifest for `platform` (an index is followed to it), and the canonical name it was resolved as.
+ */
+export async function resolveTag(
+  ref: string,
+  opts: { platform?: Platform; insecureRegistries?: string[]; signal?: AbortSignal } = {},
+): Promise<{ digest: string; canonical: string }> {
+  const parsed = parseImageRef(ref);
+  if (parsed.kind !== "registry" || parsed.registry.digest !== undefined) {
+    throw new ImageError("IMAGE_PIN_INVALID", `image reference ${JSON.stringify(ref)} does not name a registry tag, so it has nothing to re-resolve`, {
+      hint: "only registry references with a tag are pinned (name[:tag]); a @sha256: reference or a local image needs no pin",
+    });
+  }
+  const digest = await resolveDigest(parsed.registry, {
+    ...(opts.platform ? { platform: opts.platform } : {}),
+    ...(opts.insecureRegistries ? { insecureRegistries: opts.insecureRegistries } : {}),
+    ...(opts.signal ? { signal: opts.signal } : {}),
+  });
+  return { digest, canonical: parsed.registry.canonical };
 }
 
 async function locateArchive(file: string, name: string | undefined, ref: string, opts: ResolveImageOptions): Promise<Located> {

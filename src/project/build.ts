@@ -2,7 +2,8 @@
  * The build step: walks an image graph parents first and makes every node ready (src/bake/node.ts:
  * keyed by content, then found, fetched or baked: a root image from its reference, a child on its
  * parent's snapshot). Independent images bake in parallel up to a limit; one node is never baked
- * twice at once (the store's per-snapshot lock serves two processes too).
+ * twice at once (the store's per-snapshot lock serves two processes too). Root images resolve
+ * their tags through the project's lockfile when there is one (src/project/lock.ts).
  */
 import { availableParallelism, totalmem } from "node:os";
 import { buildNode, type BuiltNode } from "../bake/node.js";
@@ -13,6 +14,7 @@ import type { ImageGraph, NodeSpec } from "../graph/graph.js";
 import { homePaths } from "../paths.js";
 import type { BuildEvent as PublicBuildEvent, FetchRequest, NodeStatus } from "../schema/events.js";
 import type { SnapshotInputs } from "../schema/key.js";
+import { requirePins, type ProjectLock } from "./lock.js";
 
 export { defaultDirName } from "../bake/node.js";
 export type { BuiltNode, FetchRequest, NodeStatus };
@@ -51,6 +53,12 @@ export interface BuildOptions {
    * it. Parents are fetched (or baked) before their children.
    */
   fetch?: (node: FetchRequest) => Promise<boolean>;
+  /**
+   * The project's lockfile (src/project/lock.ts): root images whose `ref` is a registry tag
+   * resolve by their pins, and tags resolved without one are pinned when the build ends (not in
+   * a dry run). A frozen build needs a pin for every such tag.
+   */
+  lock?: ProjectLock;
 }
 
 /** Bakes at once by default: one per core, and no more than memory for about 2 GiB each. */
@@ -65,6 +73,7 @@ export function defaultConcurrency(): number {
  */
 export async function buildGraph(graph: ImageGraph, opts: BuildOptions = {}): Promise<Map<string, BuiltNode>> {
   const order = opts.names ? graph.withAncestors(opts.names) : graph.order;
+  if (opts.frozen && opts.lock) requirePins(opts.lock, graph, order);
   const root = opts.root ?? process.cwd();
   const snapshotsDir = opts.snapshotsDir ?? homePaths().snapshots;
   const modules = [...new Set(order.map((n) => graph.spec(n).module).filter((m): m is string => m !== null))];
@@ -101,6 +110,7 @@ export async function buildGraph(graph: ImageGraph, opts: BuildOptions = {}): Pr
           root,
           snapshotsDir,
           handoff: typeof opts.handoff === "function" ? opts.handoff(spec.name) : opts.handoff,
+          pins: opts.lock,
           onProgress: (progress) => opts.onEvent?.({ type: "progress", name, progress }),
         });
         return finish({ ...node, ms: Math.round(performance.now() - t0) });
@@ -120,6 +130,8 @@ export async function buildGraph(graph: ImageGraph, opts: BuildOptions = {}): Pr
     return node;
   };
   await Promise.all(order.map(run));
+  // Pins of the tags this build resolved, also when some of its bakes failed.
+  if (opts.lock && !opts.dryRun) await opts.lock.save();
   const ordered = new Map(order.map((n) => [n, results.get(n)!]));
   if (opts.frozen) {
     const missing = [...ordered.values()].filter((n) => n.status === "would-bake");

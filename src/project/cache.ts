@@ -8,6 +8,7 @@ import { logger } from "../debug.js";
 import { chooseAccel } from "../engine/accel.js";
 import { engineFingerprint } from "../engine/fingerprint.js";
 import type { ImageGraph } from "../graph/graph.js";
+import { pinnableRef, platformOf, type RefPins } from "../image/pins.js";
 import { localImageDigest } from "../image/resolve.js";
 import type { FetchRequest } from "../schema/events.js";
 import { exportSnapshots as exportFrom, importImage, importSnapshots as importInto, openCache } from "../transfer/index.js";
@@ -54,15 +55,18 @@ export function fetchFromCache(src: string, snapshotsDir?: string, opts: Transfe
  * @internal Before a build that may import from `src`: the root filesystems of the graph's root images
  * that this machine lacks are published from the cache (when a snapshot there was made on them),
  * so that resolving a root image finds it built and byte for byte the one its snapshots were
- * made on. Only images whose manifest digest is known locally (builtin:, oci:, and registry
- * references pulled before) can be matched; the rest resolve as usual.
+ * made on. Only images whose manifest digest is known locally (builtin:, oci:, registry
+ * references pulled before, and tags the project's lockfile pins) can be matched; the rest
+ * resolve as usual.
  */
-export async function seedImages(src: string, graph: ImageGraph, names?: string[], opts: TransferOptions = {}): Promise<number> {
+export async function seedImages(src: string, graph: ImageGraph, names?: string[], opts: TransferOptions & { pins?: RefPins | undefined } = {}): Promise<number> {
   const order = names?.length ? graph.withAncestors(names) : graph.order;
-  const refs = [...new Set(order.filter((n) => graph.spec(n).parent === null).map((n) => graph.spec(n).ref))];
+  const roots = order.map((n) => graph.spec(n)).filter((s) => s.parent === null);
   const digests = new Set<string>();
-  for (const ref of refs) {
-    const d = await localImageDigest(ref);
+  for (const spec of roots) {
+    // A pinned tag is known without the network, also in a fresh home that never pulled it.
+    const pinned = pinnableRef(spec.ref) !== undefined ? opts.pins?.get(spec.ref, platformOf(spec.platform)) : undefined;
+    const d = pinned ?? (await localImageDigest(spec.ref));
     if (d) digests.add(d);
   }
   if (digests.size === 0) return 0;

@@ -22,6 +22,7 @@ import { homePaths } from "../paths.js";
 import type { LoadedProject } from "../schema/project.js";
 import { collectSnapshots, type SnapshotGcResult } from "../store/snapshot-gc.js";
 import { buildGraph } from "./build.js";
+import { openLock } from "./lock.js";
 
 const log = logger("gc");
 
@@ -132,6 +133,7 @@ async function addReferences(project: LoadedProject, refs: References, warnings:
   const nodes = await buildGraph(graph, {
     dryRun: true,
     root: project.root,
+    lock: await openLock(project), // tags key by their pins, as builds do
     snapshotsDir: project.snapshotsDir ?? homePaths().snapshots,
     ...(project.concurrency ? { concurrency: project.concurrency } : {}),
   });

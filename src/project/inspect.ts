@@ -17,7 +17,8 @@ export interface ImageListing {
   snapshot: string | null;
 }
 
-type InspectOptions = Pick<BuildOptions, "snapshotsDir" | "root" | "dirName" | "concurrency">;
+/** With `lock`, root images resolve their tags by the project's pins (read only: a dry run writes none). */
+type InspectOptions = Pick<BuildOptions, "snapshotsDir" | "root" | "dirName" | "concurrency" | "lock">;
 
 /** Every image (or `names` and their ancestors) with its current key and whether it is baked. */
 export async function listProjectImages(graph: ImageGraph, opts: InspectOptions & { names?: string[] } = {}): Promise<ImageListing[]> {

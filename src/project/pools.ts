@@ -24,6 +24,7 @@ import { logger } from "../debug.js";
 import type { PoolDeclaration } from "../schema/project.js";
 import { snapshotInUse } from "../store/leases.js";
 import { fetchFromCache, seedImages } from "./cache.js";
+import { openLock } from "./lock.js";
 import { Image, type Rebuild } from "../runtime/image.js";
 import type { Pool, PoolStats } from "../runtime/pool.js";
 import type { Vm } from "../runtime/vm.js";
@@ -35,7 +36,10 @@ export interface LoadPoolsOptions {
   cwd?: string;
   /** The config file, instead of looking for one. */
   config?: string;
-  /** Bake nothing: fail, naming them, when images the pools need are not baked (CI). */
+  /**
+   * Bake nothing: fail, naming them, when images the pools need are not baked, or when their
+   * registry tags are not pinned in supermachine.lock (CI).
+   */
   frozen?: boolean;
   /** Bakes at once (default: the config's `concurrency`, else from cores and memory). */
   concurrency?: number;
@@ -130,10 +134,12 @@ export async function loadPools(options: LoadPoolsOptions = {}): Promise<Pools> 
   const graph = buildImageGraph(project.images);
   const wanted = poolImages(project.configPath, project.pools, graph);
   const cacheFrom = options.cacheFrom ?? project.cache.from;
+  const lock = await openLock(project);
   // Root filesystems first: resolving a root image then finds the one its snapshots were made on.
-  if (cacheFrom) await seedImages(cacheFrom, graph, wanted);
+  if (cacheFrom) await seedImages(cacheFrom, graph, wanted, { pins: lock });
   const buildOpts: BuildOptions = {
     root: project.root,
+    lock,
     ...(options.frozen ? { frozen: true } : {}),
     ...(project.snapshotsDir ? { snapshotsDir: project.snapshotsDir } : {}),
     ...((options.concurrency ?? project.concurrency) ? { concurrency: options.concurrency ?? project.concurrency! } : {}),

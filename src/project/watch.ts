@@ -16,6 +16,7 @@ import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
 import type { LoadedProject } from "../schema/project.js";
 import { buildGraph, type BuiltNode } from "./build.js";
+import { openLock } from "./lock.js";
 import type { WatchEvent as PublicWatchEvent, WatchRound as PublicWatchRound } from "../schema/events.js";
 
 const log = logger("watch");
@@ -127,6 +128,7 @@ export class ProjectWatcher extends EventEmitter {
         ...(this.opts.names ? { names: this.opts.names } : {}),
         root: project.root,
         snapshotsDir: project.snapshotsDir ?? homePaths().snapshots,
+        lock: await openLock(project), // read each round: the file may have changed (a pull, build --update)
         handoff: this.opts.handoff ?? false,
         ...((this.opts.concurrency ?? project.concurrency) ? { concurrency: this.opts.concurrency ?? project.concurrency! } : {}),
         onEvent: (event) => this.emitEvent({ type: "build", event }),

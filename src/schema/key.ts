@@ -66,6 +66,11 @@ export interface SnapshotSources {
   /** The declaring module, relative to the project root. */
   module: string | null;
   files: Record<string, string>;
+  /**
+   * The lockfile's pin the root image's tag resolved by (or was pinned to by this build), for a
+   * project image whose root `ref` is a registry tag: `why` names a moved pin `lock:<ref>`.
+   */
+  pin?: { platform: string; digest: string };
 }
 
 /** What the inputs keep of an env value: a sha256, salted with the variable's name. */
