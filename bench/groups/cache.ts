@@ -7,6 +7,12 @@ import { buildImageGraph } from "../../src/graph/graph.js";
 import { buildGraph } from "../../src/project/build.js";
 import { importSnapshots } from "../../src/project/cache.js";
 import { exportSnapshots } from "../../src/transfer/index.js";
+import { generateSigningKey, readSigningKey } from "../../src/transfer/sign.js";
+
+/** Signed exports, imports trusting that key: what a CI cache does. */
+const signingKey = readSigningKey(generateSigningKey().privatePem, "the bench's signing key");
+const signed = { signingKey };
+const trust = [signingKey.publicKey];
 import { registryConfig, waitForHttp } from "../util.js";
 import type { BenchContext, BenchGroup } from "../harness.js";
 
@@ -62,25 +68,25 @@ async function cacheBenchmarks(ctx: BenchContext): Promise<void> {
       record(name, samples);
     };
     const dirs = (i: number) => join(work, `dir-${i}`);
-    await timed("cache_export_ms", n, async (i) => void (await exportSnapshots(dirs(i), [base])));
+    await timed("cache_export_ms", n, async (i) => void (await exportSnapshots(dirs(i), [base], signed)));
     await timed("cache_import_ms", n, (i) => inHome(join(work, `home-dir-${i}`), async () => {
-      const r = await importSnapshots(dirs(i), [base.meta.hash], { snapshotsDir: join(work, `home-dir-${i}`, "snapshots") });
+      const r = await importSnapshots(dirs(i), [base.meta.hash], { snapshotsDir: join(work, `home-dir-${i}`, "snapshots"), trust });
       if (r.snapshots[0]?.status !== "imported") throw new Error(`import: ${r.snapshots[0]?.status}`);
     }));
     const repo = (i: number) => `127.0.0.1:${port}/bench/cache-${i}`;
     const m = quick ? 2 : 5;
-    await timed("cache_push_ms", m, async (i) => void (await exportSnapshots(repo(i), [base])));
+    await timed("cache_push_ms", m, async (i) => void (await exportSnapshots(repo(i), [base], signed)));
     await timed("cache_pull_ms", m, (i) => inHome(join(work, `home-reg-${i}`), async () => {
-      const r = await importSnapshots(repo(i), [base.meta.hash]);
+      const r = await importSnapshots(repo(i), [base.meta.hash], { trust });
       if (r.snapshots[0]?.status !== "imported") throw new Error(`pull: ${r.snapshots[0]?.status}`);
     }));
     const layered = `127.0.0.1:${port}/bench/layered`;
-    const parent = await exportSnapshots(layered, [base]);
-    const kid = await exportSnapshots(layered, [child]);
+    const parent = await exportSnapshots(layered, [base], signed);
+    const kid = await exportSnapshots(layered, [child], signed);
     recordValue("parent_push_bytes", parent.bytesMoved, 1, "bytes");
     recordValue("child_push_bytes", kid.bytesMoved, 1, "bytes");
     progress(`child_push_bytes / parent_push_bytes: ${((kid.bytesMoved / parent.bytesMoved) * 100).toFixed(1)}% (${kid.chunksMoved} of ${kid.snapshots[0]!.chunks} chunks)`);
-    const again = await exportSnapshots(layered, [base, child]);
+    const again = await exportSnapshots(layered, [base, child], signed);
     recordValue("unchanged_push_chunks", again.chunksMoved, 2, "chunks");
   } finally {
     registry.kill("SIGKILL");

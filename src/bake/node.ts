@@ -136,7 +136,7 @@ export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, m
         return undefined;
       });
       if (cached) return { ...base, status: "cached", snapshot: cached };
-      if (opts.fetch && !opts.dryRun && (await opts.fetch({ name: spec.name, key, dir, inputs, sources }))) {
+      if (opts.fetch && !opts.dryRun && (await opts.fetch({ name: spec.name, key, dir, inputs, sources, expect: { workload, image: { digest: image.digest, config: image.config } } }))) {
         const imported = await loadSnapshot(dir, key);
         if (imported) return { ...base, status: "imported", snapshot: imported };
       }

@@ -11,7 +11,7 @@ import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { homePaths } from "../paths.js";
 import { action, integer, isJson, nodeJson, UsageError, writeJson } from "./common.js";
 import { BuildRenderer } from "./render.js";
-import { fetchFromCache, seedImages } from "../project/cache.js";
+import { cacheSigningKey, fetchFromCache, seedImages } from "../project/cache.js";
 import { exportSnapshots } from "../transfer/index.js";
 import { openLock, updatePins, type ProjectLock } from "../project/lock.js";
 
@@ -66,7 +66,8 @@ async function build(names: string[], o: ProjectOptions & { force?: boolean; dry
   if (o.update) await updatePins(lock, graph, names);
   const cacheFrom = o.dryRun ? undefined : (o.cacheFrom ?? project.cache.from);
   const cacheTo = o.dryRun ? undefined : (o.cacheTo ?? project.cache.to);
-  if (cacheFrom) await seedImages(cacheFrom, graph, names, { pins: lock });
+  const trust = project.cache.trust;
+  if (cacheFrom) await seedImages(cacheFrom, graph, names, { pins: lock, trust });
   const order = names.length ? graph.withAncestors(names) : graph.order;
   const renderer = BuildRenderer.for(json, order);
   let nodes: Map<string, BuiltNode>;
@@ -82,12 +83,13 @@ async function build(names: string[], o: ProjectOptions & { force?: boolean; dry
       ...((o.concurrency ?? project.concurrency) ? { concurrency: o.concurrency ?? project.concurrency! } : {}),
       onEvent: renderer.onEvent,
       lock,
-      ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom, snapshotsDir) } : {}),
+      ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom, snapshotsDir, { trust }) } : {}),
     });
   } finally {
     renderer.finish();
   }
-  const exported = cacheTo ? await exportSnapshots(cacheTo, [...nodes.values()].flatMap((n) => (n.snapshot ? [n.snapshot] : []))) : undefined;
+  const signingKey = cacheTo ? cacheSigningKey(project.cache.signingKey) : undefined;
+  const exported = cacheTo ? await exportSnapshots(cacheTo, [...nodes.values()].flatMap((n) => (n.snapshot ? [n.snapshot] : [])), signingKey ? { signingKey } : {}) : undefined;
   const images = [...nodes.values()].map(nodeJson);
   const failed = images.filter((i) => i.status === "failed" || i.status === "skipped");
   const pins = lock.written.map((c) => ({ ref: c.ref, platform: c.platform, digest: c.digest, change: c.change, ...(c.before ? { before: c.before } : {}) }));

@@ -305,8 +305,10 @@ function errorMessage(err: unknown): string {
 }
 
 /** Cache directories are relative to the config file; registry repositories stay as written. */
-function resolveCache(cache: { from?: string | undefined; to?: string | undefined } | undefined, root: string, file: string, rel: string): LoadedProject["cache"] {
+function resolveCache(cache: { from?: string | undefined; to?: string | undefined; trust?: "unsigned" | string[] | undefined; signingKey?: string | undefined } | undefined, root: string, file: string, rel: string): LoadedProject["cache"] {
   const out: LoadedProject["cache"] = {};
+  if (cache?.trust !== undefined) out.trust = cache.trust;
+  if (cache?.signingKey !== undefined) out.signingKey = resolve(root, cache.signingKey);
   for (const k of ["from", "to"] as const) {
     const v = cache?.[k];
     if (v === undefined) continue;

@@ -13,6 +13,7 @@ import { localImageDigest } from "../image/resolve.js";
 import type { FetchRequest } from "../schema/events.js";
 import { exportSnapshots as exportFrom, importImage, importSnapshots as importInto, openCache } from "../transfer/index.js";
 import type { ImportOptions, LocalEngine, TransferOptions, TransferReport } from "../transfer/report.js";
+import { readSigningKey, type CacheTrust, type SigningKey } from "../transfer/sign.js";
 
 const log = logger("transfer");
 
@@ -39,12 +40,21 @@ export function importSnapshots(src: string, keys: string[], opts: Omit<ImportOp
 
 /**
  * A `BuildOptions.fetch` hook: a node that is not baked here is imported from `src` (a
- * directory or a registry repository) into the build's directory for it. Resolves false when
- * the cache does not have it; a cache entry that fails verification fails the node.
+ * directory or a registry repository) into the build's directory for it, if a key in `trust`
+ * signed it (or any, with `"unsigned"`) and it runs exactly what the build computed for the
+ * node. Resolves false when the cache does not have it; a cache entry that fails verification
+ * fails the node.
  */
-export function fetchFromCache(src: string, snapshotsDir?: string, opts: TransferOptions = {}): (req: FetchRequest) => Promise<boolean> {
+export function fetchFromCache(src: string, snapshotsDir?: string, opts: TransferOptions & { trust?: CacheTrust | undefined } = {}): (req: FetchRequest) => Promise<boolean> {
   return async (req) => {
-    const report = await importSnapshots(src, [req.key], { ...opts, snapshotsDir: snapshotsDir ?? dirname(req.dir), dirs: new Map([[req.key, req.dir]]) });
+    const { trust, ...rest } = opts;
+    const report = await importSnapshots(src, [req.key], {
+      ...rest,
+      ...(trust !== undefined ? { trust } : {}),
+      snapshotsDir: snapshotsDir ?? dirname(req.dir),
+      dirs: new Map([[req.key, req.dir]]),
+      expect: new Map([[req.key, req.expect]]),
+    });
     const entry = report.snapshots.find((s) => s.key === req.key);
     log("fetch %s (%s) from %s: %s", req.name, req.key.slice(0, 16), src, entry?.status ?? "?");
     return entry?.status === "imported" || entry?.status === "present";
@@ -59,7 +69,7 @@ export function fetchFromCache(src: string, snapshotsDir?: string, opts: Transfe
  * references pulled before, and tags the project's lockfile pins) can be matched; the rest
  * resolve as usual.
  */
-export async function seedImages(src: string, graph: ImageGraph, names?: string[], opts: TransferOptions & { pins?: RefPins | undefined } = {}): Promise<number> {
+export async function seedImages(src: string, graph: ImageGraph, names?: string[], opts: TransferOptions & { pins?: RefPins | undefined; trust?: CacheTrust | undefined } = {}): Promise<number> {
   const order = names?.length ? graph.withAncestors(names) : graph.order;
   const roots = order.map((n) => graph.spec(n)).filter((s) => s.parent === null);
   const digests = new Set<string>();
@@ -73,10 +83,23 @@ export async function seedImages(src: string, graph: ImageGraph, names?: string[
   const backend = await openCache(src, opts.registry ?? {});
   let n = 0;
   try {
-    for (const d of digests) if (await importImage(backend, d)) n++;
+    for (const d of digests) if (await importImage(backend, d, opts.trust ?? [])) n++;
   } finally {
     backend.close();
   }
   if (n) log("published %d root filesystem(s) from %s", n, src);
   return n;
+}
+
+/** The environment variable that gives the cache signing key (a path, or the PEM itself): CI secrets come this way. */
+export const SIGNING_KEY_ENV = "SUPERMACHINE_CACHE_SIGNING_KEY";
+
+/**
+ * The key exports are signed with: `SUPERMACHINE_CACHE_SIGNING_KEY` when set, else the config's
+ * `cache.signingKey` (a file), else none (exports are unsigned).
+ */
+export function cacheSigningKey(configured: string | undefined): SigningKey | undefined {
+  const env = process.env[SIGNING_KEY_ENV];
+  if (env) return readSigningKey(env, `$${SIGNING_KEY_ENV}`);
+  return configured ? readSigningKey(configured, `cache.signingKey (${configured})`) : undefined;
 }

@@ -24,6 +24,7 @@ import { logger } from "../debug.js";
 import type { PoolDeclaration } from "../schema/project.js";
 import { snapshotInUse } from "../store/leases.js";
 import { fetchFromCache, seedImages } from "./cache.js";
+import type { CacheTrust } from "../transfer/sign.js";
 import { openLock } from "./lock.js";
 import { Image, type Rebuild } from "../runtime/image.js";
 import type { Pool, PoolStats } from "../runtime/pool.js";
@@ -53,6 +54,11 @@ export interface LoadPoolsOptions {
    * A snapshot cache (a directory or a registry repository `host[:port]/repo`) to import the
    * images from before baking them, also with `frozen` (default: the config's `cache.from`).
    */
+  /**
+   * Which cache entries `cacheFrom` may import: those signed by one of these public keys, or any
+   * (`"unsigned"`). Default: the config's `cache.trust`, else none.
+   */
+  cacheTrust?: CacheTrust;
   cacheFrom?: string;
 }
 
@@ -136,7 +142,8 @@ export async function loadPools(options: LoadPoolsOptions = {}): Promise<Pools> 
   const cacheFrom = options.cacheFrom ?? project.cache.from;
   const lock = await openLock(project);
   // Root filesystems first: resolving a root image then finds the one its snapshots were made on.
-  if (cacheFrom) await seedImages(cacheFrom, graph, wanted, { pins: lock });
+  const trust = options.cacheTrust ?? project.cache.trust;
+  if (cacheFrom) await seedImages(cacheFrom, graph, wanted, { pins: lock, trust });
   const buildOpts: BuildOptions = {
     root: project.root,
     lock,
@@ -144,7 +151,7 @@ export async function loadPools(options: LoadPoolsOptions = {}): Promise<Pools> 
     ...(project.snapshotsDir ? { snapshotsDir: project.snapshotsDir } : {}),
     ...((options.concurrency ?? project.concurrency) ? { concurrency: options.concurrency ?? project.concurrency! } : {}),
     ...(options.onEvent ? { onEvent: options.onEvent } : {}),
-    ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom) } : {}),
+    ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom, undefined, { trust }) } : {}),
   };
   const nodes = await buildGraph(graph, { ...buildOpts, names: wanted, handoff: (name) => wanted.includes(name) });
   // A pool whose snapshot turns out damaged (a restore fails and its RAM does not match its

@@ -135,6 +135,12 @@ export const configSchema = z
       .object({
         from: z.string({ error: "must be a directory or a registry repository host[:port]/repo (a string)" }).min(1, { error: "must not be empty" }).optional(),
         to: z.string({ error: "must be a directory or a registry repository host[:port]/repo (a string)" }).min(1, { error: "must not be empty" }).optional(),
+        trust: z
+          .union([z.literal("unsigned"), z.array(z.string().regex(/^ed25519:[A-Za-z0-9+/]{43}=$/, { error: 'must be a public key as `supermachine cache keygen` prints it ("ed25519:<base64>")' })).max(64)], {
+            error: 'must be a list of public keys ("ed25519:<base64>") or "unsigned"',
+          })
+          .optional(),
+        signingKey: z.string({ error: "must be the path of an ed25519 private key file (a string)" }).min(1, { error: "must not be empty" }).optional(),
       })
       .strict()
       .optional(),

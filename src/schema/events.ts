@@ -38,6 +38,8 @@ export interface FetchRequest {
   dir: string;
   inputs: SnapshotInputs;
   sources: SnapshotSources;
+  /** What the node runs, as this build computed it: an imported snapshot must run exactly this. */
+  expect: { workload: unknown; image: { digest: string; config: unknown } };
 }
 
 /** One round of watch mode. */

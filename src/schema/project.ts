@@ -92,7 +92,7 @@ export interface LoadedProject {
   snapshotsDir: string | undefined;
   concurrency: number | undefined;
   /** The config's snapshot cache, directories made absolute (against root). */
-  cache: { from?: string; to?: string };
+  cache: { from?: string; to?: string; trust?: "unsigned" | string[]; signingKey?: string };
   /** Every file the load read: the config, image modules and what they import (absolute; not inside node_modules). */
   dependencies: string[];
 }

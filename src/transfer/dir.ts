@@ -6,7 +6,8 @@
  * exports into one directory keep every entry.
  */
 import { randomBytes } from "node:crypto";
-import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { constants } from "node:fs";
+import { chmod, lstat, mkdir, open, readdir, rename, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { logger } from "../debug.js";
 import { isValidDigest } from "../oci/oci-layout.js";
@@ -55,8 +56,10 @@ export class DirBackend implements CacheBackend {
 
   private async init(): Promise<void> {
     if (this.ready) return;
-    await mkdir(this.blobs, { recursive: true });
-    await mkdir(this.tmp, { recursive: true });
+    // A cache holds what guest RAM holds (the build env among it): readable by its owner only.
+    await mkdir(this.blobs, { recursive: true, mode: 0o700 });
+    await mkdir(this.tmp, { recursive: true, mode: 0o700 });
+    await chmod(this.location, 0o700).catch(() => undefined);
     // Temps of writers that died (an hour is far longer than any write of one blob).
     for (const n of await readdir(this.tmp)) {
       const p = join(this.tmp, n);
@@ -64,12 +67,12 @@ export class DirBackend implements CacheBackend {
       if (st && Date.now() - st.mtimeMs > 3_600_000) await rm(p, { force: true });
     }
     const marker = join(this.location, "oci-layout");
-    if (!(await stat(marker).catch(() => undefined))) await writeFile(marker, JSON.stringify({ imageLayoutVersion: "1.0.0" }) + "\n");
+    if (!(await stat(marker).catch(() => undefined))) await writeFile(marker, JSON.stringify({ imageLayoutVersion: "1.0.0" }) + "\n", { mode: 0o600 });
     this.ready = true;
   }
 
   async blobSize(digest: string): Promise<number | undefined> {
-    const st = await stat(this.path(digest)).catch(() => undefined);
+    const st = await lstat(this.path(digest)).catch(() => undefined);
     return st?.isFile() ? st.size : undefined;
   }
 
@@ -78,7 +81,7 @@ export class DirBackend implements CacheBackend {
     const final = this.path(digest);
     const tmp = join(this.tmp, `${digest.slice(7)}-${randomBytes(6).toString("hex")}`);
     try {
-      const fh = await open(tmp, "wx");
+      const fh = await open(tmp, "wx", 0o600);
       try {
         await fh.writeFile(data);
         await fh.sync();
@@ -95,20 +98,25 @@ export class DirBackend implements CacheBackend {
   }
 
   async readBlob(digest: string, limit: number, what: string): Promise<Buffer | undefined> {
-    const p = this.path(digest);
-    const st = await stat(p).catch(() => undefined);
-    if (!st?.isFile()) return undefined;
-    if (st.size > limit) throw new CacheError("CACHE_TOO_LARGE", `${what} is ${st.size} bytes in cache ${this.location}, more than the ${limit}-byte limit`);
-    return readFile(p);
+    const fh = await openRegular(this.path(digest), what, this.location);
+    if (!fh) return undefined;
+    try {
+      const { size } = await fh.stat();
+      if (size > limit) throw new CacheError("CACHE_TOO_LARGE", `${what} is ${size} bytes in cache ${this.location}, more than the ${limit}-byte limit`);
+      const bytes = Buffer.allocUnsafe(size);
+      const { bytesRead } = await fh.read(bytes, 0, size, 0);
+      return bytes.subarray(0, bytesRead);
+    } finally {
+      await fh.close();
+    }
   }
 
   async readRange(digest: string, start: number, end: number, _limit: number, what: string): Promise<{ bytes: Buffer; start: number } | undefined> {
-    const p = this.path(digest);
-    const st = await stat(p).catch(() => undefined);
-    if (!st?.isFile()) return undefined;
-    if (end >= st.size) throw new CacheError("CACHE_INDEX_INVALID", `${what}: bytes ${start}-${end} lie beyond the end of blob ${digest} (${st.size} bytes) in cache ${this.location}`, { hint: "the cache entry is damaged: export the snapshot again" });
-    const fh = await open(p, "r");
+    const fh = await openRegular(this.path(digest), what, this.location);
+    if (!fh) return undefined;
     try {
+      const { size } = await fh.stat();
+      if (end >= size) throw new CacheError("CACHE_INDEX_INVALID", `${what}: bytes ${start}-${end} lie beyond the end of blob ${digest} (${size} bytes) in cache ${this.location}`, { hint: "the cache entry is damaged: export the snapshot again" });
       const bytes = Buffer.allocUnsafe(end - start + 1);
       const { bytesRead } = await fh.read(bytes, 0, bytes.length, start);
       return { bytes: bytes.subarray(0, bytesRead), start };
@@ -119,12 +127,19 @@ export class DirBackend implements CacheBackend {
 
   private async readIndex(): Promise<LayoutIndex> {
     const file = join(this.location, "index.json");
-    const st = await stat(file).catch(() => undefined);
-    if (!st) return { schemaVersion: 2, mediaType: MEDIA.index, manifests: [] };
-    if (st.size > LIMITS.layoutIndexBytes) throw new CacheError("CACHE_TOO_LARGE", `${file} is ${st.size} bytes, more than the ${LIMITS.layoutIndexBytes}-byte limit`);
+    const fh = await openRegular(file, file, this.location);
+    if (!fh) return { schemaVersion: 2, mediaType: MEDIA.index, manifests: [] };
+    let text: string;
+    try {
+      const { size } = await fh.stat();
+      if (size > LIMITS.layoutIndexBytes) throw new CacheError("CACHE_TOO_LARGE", `${file} is ${size} bytes, more than the ${LIMITS.layoutIndexBytes}-byte limit`);
+      text = (await fh.readFile()).toString("utf8");
+    } finally {
+      await fh.close();
+    }
     let parsed: unknown;
     try {
-      parsed = JSON.parse(await readFile(file, "utf8"));
+      parsed = JSON.parse(text);
     } catch (cause) {
       throw new CacheError("CACHE_MANIFEST_INVALID", `${file} is not valid JSON`, { cause, hint: "the cache directory is damaged; remove it and export again" });
     }
@@ -183,7 +198,7 @@ export class DirBackend implements CacheBackend {
       write: async (tmp) => {
         const index = await this.readIndex();
         index.manifests = [...index.manifests.filter((m) => m.annotations?.[ANNOTATIONS.key] !== key), entry];
-        await writeFile(tmp, JSON.stringify(index, null, 1) + "\n");
+        await writeFile(tmp, JSON.stringify(index, null, 1) + "\n", { mode: 0o600 });
         return undefined as unknown as void;
       },
       tmpDir: this.tmp,
@@ -191,4 +206,31 @@ export class DirBackend implements CacheBackend {
     });
     log("cache %s: snapshot %s recorded (manifest %s)", this.location, key, digest);
   }
+}
+
+/**
+ * Opens a file of the cache for reading when it is a regular file: undefined when absent; a
+ * symlink (which could point at a file the cache did not supply), a FIFO or a device is refused
+ * without reading it or waiting on it.
+ */
+async function openRegular(path: string, what: string, location: string): Promise<FileHandle | undefined> {
+  let fh: FileHandle;
+  try {
+    fh = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") return undefined;
+    if (code === "ELOOP") throw notRegular(what, location, "a symbolic link");
+    throw err;
+  }
+  const st = await fh.stat();
+  if (!st.isFile()) {
+    await fh.close();
+    throw notRegular(what, location, st.isFIFO() ? "a FIFO" : st.isDirectory() ? "a directory" : "not a regular file");
+  }
+  return fh;
+}
+
+function notRegular(what: string, location: string, kind: string): CacheError {
+  return new CacheError("CACHE_MANIFEST_INVALID", `${what} in cache ${location} is ${kind}; a cache holds regular files only`, { hint: "the cache directory was tampered with: remove it and export again" });
 }

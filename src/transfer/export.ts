@@ -39,6 +39,7 @@ import {
   type IndexedFile,
 } from "./format.js";
 import { Lanes } from "./lanes.js";
+import { checkSignature, parseTrust, signManifest } from "./sign.js";
 import { PackWriter, resolveFrame, type ClosedPack, type PendingFrame } from "./packs.js";
 import { fileChunks } from "./files.js";
 import { makeReport, type TransferEntry, type TransferOptions, type TransferReport } from "./report.js";
@@ -236,15 +237,32 @@ class ExportSession {
    * chunks is. Nothing read here is trusted for content: a child only references a frame for a
    * chunk whose sha256 it computed itself, and every importer checks each frame against it.
    */
-  private async cachedArtifact(key: string): Promise<ArtifactFacts | undefined> {
+  private async cachedArtifact(key: string, asPresent = false): Promise<ArtifactFacts | undefined> {
     const known = this.artifacts.get(key);
     if (known) return known;
     try {
       const bytes = await this.backend.readManifest(key);
       if (!bytes) return undefined;
-      const what = `the cached parent ${key.slice(0, 16)}`;
+      const what = `snapshot ${key.slice(0, 16)} in cache ${this.backend.location}`;
       const m = parseManifest(bytes, what, "null");
       if (!m || m.annotations[ANNOTATIONS.key] !== key) return undefined;
+      // With a signing key, an entry counts as present only when this key signed it: an entry
+      // someone else wrote is exported again from this machine's bytes (and signed), never
+      // re-signed as it is.
+      if (asPresent && this.opts.signingKey) {
+        const signer = this.opts.signingKey;
+        const ok = (() => {
+          try {
+            return checkSignature(bytes, parseTrust([signer.publicKey], "the signing key"), what).signedBy === signer.id;
+          } catch {
+            return false;
+          }
+        })();
+        if (!ok) {
+          log("%s: present but not signed by key %s: exported again", what, signer.id);
+          return undefined;
+        }
+      }
       const parts = manifestParts(m, what);
       const configBytes = await this.backend.readBlob(m.config.digest, Math.min(m.config.size, LIMITS.configBytes), what);
       if (!configBytes || digestOf(configBytes) !== m.config.digest) return undefined;
@@ -273,7 +291,7 @@ class ExportSession {
       });
     }
     this.opts.onProgress?.({ type: "start", name, key });
-    const existing = await this.cachedArtifact(key);
+    const existing = await this.cachedArtifact(key, true);
     if (existing) {
       log("%s (%s): already in %s", name, key, this.backend.location);
       this.artifacts.set(key, existing);
@@ -350,7 +368,7 @@ class ExportSession {
         [ANNOTATIONS.created]: meta.created,
       },
     };
-    const bytes = encodeManifest(manifest);
+    const bytes = encodeManifest(this.opts.signingKey ? signManifest(manifest, this.opts.signingKey) : manifest);
     if (bytes.length > LIMITS.manifestBytes) {
       throw new CacheError("CACHE_TOO_LARGE", `the manifest of snapshot ${name} would be ${bytes.length} bytes (${layers.length} layers), more than registries take (${LIMITS.manifestBytes})`, { hint: "the chain of parents is too deep for one manifest; bake the image from a shallower parent" });
     }

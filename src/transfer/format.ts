@@ -48,18 +48,18 @@ export const LIMITS = {
   manifestLayers: 4096,
   /** The config blob (compressed) and what it decompresses to. */
   configBytes: 64 * 1024 * 1024,
-  configJsonBytes: 256 * 1024 * 1024,
+  configJsonBytes: 128 * 1024 * 1024,
   layoutIndexBytes: 64 * 1024 * 1024,
   imageMetaBytes: 4 * 1024 * 1024,
   /** A file index (compressed) and what it decompresses to. */
   fileIndexBytes: 64 * 1024 * 1024,
-  fileIndexJsonBytes: 256 * 1024 * 1024,
+  fileIndexJsonBytes: 128 * 1024 * 1024,
   packBytes: 1024 * 1024 * 1024,
   stateBytes: 1024 * 1024 * 1024,
   /** Guest RAM (a sparse file: only its chunks take space). */
   ramBytes: 2 ** 40,
-  /** A root filesystem. */
-  rootfsBytes: 2 ** 40,
+  /** A root filesystem (checked before it is rebuilt or hashed). */
+  rootfsBytes: 64 * 1024 ** 3,
 } as const;
 
 /** The tag (registry) and ref name (directory) of a snapshot. */
@@ -121,7 +121,13 @@ export interface FileIndex {
 /** The uncompressed length of the chunk at `offset`: the last one may be short. */
 export const chunkLength = (size: number, offset: number): number => Math.min(CHUNK_SIZE, size - offset);
 
-/** The JSON form: a table of packs, and a tuple per chunk `[offset, pack#, at, size, sha256]`. */
+/** Bytes per chunk record: chunk number, pack number, at, size (u32 LE each), sha256 (32 bytes). */
+export const RECORD_BYTES = 48;
+
+/**
+ * The JSON form: a table of packs, and the chunks as one base64 string of fixed 48-byte records
+ * (a few objects to parse whatever the file's size, so a hostile index cannot make millions).
+ */
 interface FileIndexJson {
   version: 2;
   file: IndexedFile;
@@ -129,28 +135,38 @@ interface FileIndexJson {
   chunkSize: number;
   sha256?: string;
   packs: string[];
-  chunks: Array<[number, number, number, number, string]>;
+  chunks: string;
 }
 
 export function fileIndexJson(ix: FileIndex): FileIndexJson {
   const packs: string[] = [];
   const slot = new Map<string, number>();
-  const chunks = ix.chunks.map((c): [number, number, number, number, string] => {
+  const records = Buffer.alloc(ix.chunks.length * RECORD_BYTES);
+  ix.chunks.forEach((c, i) => {
     let n = slot.get(c.pack);
     if (n === undefined) slot.set(c.pack, (n = packs.push(c.pack) - 1));
-    return [c.offset, n, c.at, c.size, c.sha256];
+    const o = i * RECORD_BYTES;
+    records.writeUInt32LE(c.offset / CHUNK_SIZE, o);
+    records.writeUInt32LE(n, o + 4);
+    records.writeUInt32LE(c.at, o + 8);
+    records.writeUInt32LE(c.size, o + 12);
+    records.write(c.sha256, o + 16, "hex");
   });
-  return { version: FORMAT_VERSION, file: ix.file, size: ix.size, chunkSize: CHUNK_SIZE, ...(ix.sha256 ? { sha256: ix.sha256 } : {}), packs, chunks };
+  return { version: FORMAT_VERSION, file: ix.file, size: ix.size, chunkSize: CHUNK_SIZE, ...(ix.sha256 ? { sha256: ix.sha256 } : {}), packs, chunks: records.toString("base64") };
 }
 
 export const encodeFileIndex = (ix: FileIndex): Buffer => compress(Buffer.from(JSON.stringify(fileIndexJson(ix))));
 
+/** The most a file index of a file of `size` bytes (and its table of packs) can take as JSON. */
+const maxIndexJson = (size: number): number => 4096 + LIMITS.manifestLayers * 80 + Math.ceil((Math.ceil(size / CHUNK_SIZE) * RECORD_BYTES * 4) / 3) + 4;
+
 export function decodeFileIndex(blob: Buffer, what: string, expect: { file: IndexedFile; size: number }): FileIndex {
-  const raw = parseJsonBytes(decompressBounded(blob, what, { max: LIMITS.fileIndexJsonBytes }), what, "CACHE_INDEX_INVALID");
+  const max = Math.min(LIMITS.fileIndexJsonBytes, maxIndexJson(expect.size));
+  const raw = parseJsonBytes(decompressBounded(blob, what, { max }), what, "CACHE_INDEX_INVALID");
   return checkFileIndex(raw, what, expect);
 }
 
-/** Validates a file index (first error only: a hostile index of millions of bad entries costs one). */
+/** Validates a file index, stopping at the first error. */
 export function checkFileIndex(raw: unknown, what: string, expect: { file: IndexedFile; size: number }): FileIndex {
   const bad = (why: string) => new CacheError("CACHE_INDEX_INVALID", `${what} is not valid: ${why}`, { hint: "the cache entry is damaged or was written by another version: export the snapshot again" });
   if (!isObject(raw)) throw bad("not an object");
@@ -161,22 +177,25 @@ export function checkFileIndex(raw: unknown, what: string, expect: { file: Index
   const packs = raw.packs;
   if (!Array.isArray(packs) || packs.length > LIMITS.manifestLayers) throw bad(`packs is not a list of at most ${LIMITS.manifestLayers}`);
   for (const p of packs) if (!isValidDigest(p)) throw bad(`pack ${JSON.stringify(p)} is not a sha256 digest`);
-  const list = raw.chunks;
   const most = Math.ceil(expect.size / CHUNK_SIZE);
-  if (!Array.isArray(list) || list.length > most) throw bad(`chunks is not a list of at most ${most} (one per chunk of the file)`);
-  const chunks: IndexedChunk[] = new Array(list.length);
+  if (typeof raw.chunks !== "string" || raw.chunks.length > Math.ceil((most * RECORD_BYTES * 4) / 3) + 4) throw bad(`chunks is not a base64 string of at most ${most} records (one per chunk of the file)`);
+  const records = Buffer.from(raw.chunks, "base64");
+  if (records.length % RECORD_BYTES !== 0 || records.length / RECORD_BYTES > most) throw bad(`chunks does not hold whole ${RECORD_BYTES}-byte records, at most one per chunk of the file`);
+  const n = records.length / RECORD_BYTES;
+  const chunks: IndexedChunk[] = new Array(n);
   let last = -1;
-  for (let i = 0; i < list.length; i++) {
-    const t = list[i] as unknown;
-    if (!Array.isArray(t) || t.length !== 5) throw bad(`chunks[${i}] is not [offset, pack, at, size, sha256]`);
-    const [offset, pack, at, size, sha] = t as unknown[];
-    if (!isCount(offset) || offset % CHUNK_SIZE !== 0 || offset <= last || offset >= expect.size) throw bad(`chunks[${i}]: offset ${JSON.stringify(offset)} is not a chunk boundary inside the file, after the one before`);
-    if (!isCount(pack) || pack >= packs.length) throw bad(`chunks[${i}]: pack ${JSON.stringify(pack)} is not in the table of packs`);
-    if (!isCount(at)) throw bad(`chunks[${i}]: at ${JSON.stringify(at)} is not a byte offset`);
-    if (!isCount(size) || size === 0 || size > maxFrameSize(chunkLength(expect.size, offset))) throw bad(`chunks[${i}]: size ${JSON.stringify(size)} is not what a chunk's frame can take`);
-    if (typeof sha !== "string" || !HEX64.test(sha)) throw bad(`chunks[${i}]: sha256 is not 64 hex digits`);
-    chunks[i] = { offset, pack: packs[pack] as string, at, size, sha256: sha };
-    last = offset;
+  for (let i = 0; i < n; i++) {
+    const o = i * RECORD_BYTES;
+    const num = records.readUInt32LE(o);
+    const pack = records.readUInt32LE(o + 4);
+    const at = records.readUInt32LE(o + 8);
+    const size = records.readUInt32LE(o + 12);
+    const offset = num * CHUNK_SIZE;
+    if (num <= last || offset >= expect.size) throw bad(`chunk record ${i}: chunk ${num} is not inside the file, after the one before`);
+    if (pack >= packs.length) throw bad(`chunk record ${i}: pack ${pack} is not in the table of packs`);
+    if (size === 0 || size > maxFrameSize(chunkLength(expect.size, offset))) throw bad(`chunk record ${i}: size ${size} is not what a chunk's frame can take`);
+    chunks[i] = { offset, pack: packs[pack] as string, at, size, sha256: records.toString("hex", o + 16, o + RECORD_BYTES) };
+    last = num;
   }
   return { file: expect.file, size: expect.size, ...(typeof raw.sha256 === "string" ? { sha256: raw.sha256 } : {}), chunks };
 }
@@ -209,12 +228,17 @@ export function encodeConfig(c: ArtifactConfig): Buffer {
   return compress(Buffer.from(JSON.stringify({ version: FORMAT_VERSION, snapshot: c.snapshot, state: c.state, ram: fileIndexJson(c.ram) })));
 }
 
-export function decodeConfig(blob: Buffer, what: string): ArtifactConfig {
+/**
+ * Parses a config blob. `vet` sees the snapshot's metadata first (its key, engine and sizes can
+ * be checked there), before the RAM index, which is then bounded by the RAM size it declares.
+ */
+export function decodeConfig(blob: Buffer, what: string, vet: (snapshot: SnapshotConfig) => void = () => undefined): ArtifactConfig {
   const raw = parseJsonBytes(decompressBounded(blob, what, { max: LIMITS.configJsonBytes }), what, "CACHE_CONFIG_INVALID");
   const bad = (why: string) => new CacheError("CACHE_CONFIG_INVALID", `${what} is not valid: ${why}`, { hint: "the cache entry is damaged or was written by another version: export the snapshot again" });
   if (!isObject(raw)) throw bad("not an object");
   if (raw.version !== FORMAT_VERSION) throw bad(`version ${JSON.stringify(raw.version)}, expected ${FORMAT_VERSION}`);
   const snapshot = checkSnapshotConfig(raw.snapshot, bad);
+  vet(snapshot);
   const s = raw.state;
   if (!isObject(s) || !isValidDigest(s.pack) || !isCount(s.at) || !isCount(s.size) || !isCount(s.length) || typeof s.sha256 !== "string" || !HEX64.test(s.sha256)) throw bad("state is not { pack, at, size, length, sha256 }");
   if (s.length !== snapshot.files.state.size || s.sha256 !== snapshot.files.state.sha256) throw bad("its state's length or sha256 differs from the snapshot's metadata");

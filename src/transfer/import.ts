@@ -43,6 +43,8 @@ import { Lanes } from "./lanes.js";
 import { readFrames, type FrameWant } from "./packs.js";
 import { makeReport, type ImportOptions, type LocalEngine, type TransferEntry, type TransferReport } from "./report.js";
 import { installImage, readImageEntry } from "./rootfs.js";
+import { checkSignature, parseTrust, type CacheTrust } from "./sign.js";
+import { checkBehaviour, checkChild, checkEngine } from "./checks.js";
 import { decompressBounded } from "./zstd.js";
 
 export type { ImportOptions, LocalEngine };
@@ -83,12 +85,21 @@ export class ImportSession {
   readonly entries: TransferEntry[] = [];
   private readonly results = new Map<string, Promise<TransferEntry>>();
 
+  private readonly trust: ReturnType<typeof parseTrust>;
+
   constructor(
     readonly backend: CacheBackend,
     private readonly snapshotsDir: string,
     /** Without `engine`, only root filesystems can be imported (importImage). */
     private readonly opts: Omit<ImportOptions, "engine"> & { engine?: LocalEngine },
-  ) {}
+  ) {
+    this.trust = parseTrust(opts.trust ?? [], "trust");
+  }
+
+  /** Checks `manifest`'s signature against the trusted keys (CACHE_UNTRUSTED otherwise): true when a trusted key signed it. */
+  signedByTrusted(manifest: Buffer, what: string): boolean {
+    return checkSignature(manifest, this.trust, what).signedBy !== undefined;
+  }
 
   get location(): string {
     return this.backend.location;
@@ -137,6 +148,8 @@ export class ImportSession {
     }
     const c: Counters = { chunksMoved: 0, bytesMoved: manifestBytes.length };
     const manifest = parseManifest(manifestBytes, `the manifest of snapshot ${key.slice(0, 16)} in ${where}`);
+    // Trusted first: nothing an untrusted writer supplied is read further.
+    const signed = this.signedByTrusted(manifestBytes, `snapshot ${key.slice(0, 16)} in ${where}`);
     const name = manifest.annotations[ANNOTATIONS.name] ?? "";
     if (!IMAGE_NAME.test(name)) throw new CacheError("CACHE_MANIFEST_INVALID", `the manifest of snapshot ${key.slice(0, 16)} in ${where} names it ${JSON.stringify(name)}, not a valid image name`);
     const what = `snapshot ${name} (key ${key.slice(0, 16)}) in ${where}`;
@@ -144,15 +157,20 @@ export class ImportSession {
       throw new CacheError("CACHE_KEY_MISMATCH", `${what}: its manifest is annotated with key ${JSON.stringify(manifest.annotations[ANNOTATIONS.key])}`, { hint: "the cache entry was tampered with or is damaged: export the snapshot again" });
     }
     this.opts.onProgress?.({ type: "start", name, key });
-    const config = decodeConfig(await this.fetchVerified(manifest.config, LIMITS.configBytes, `the config of ${what}`, c), `the config of ${what}`);
-    const snap = config.snapshot;
-    if (snap.hash !== key || keyOf(snap.inputs) !== key) {
-      throw new CacheError("CACHE_KEY_MISMATCH", `${what}: its inputs hash to ${keyOf(snap.inputs).slice(0, 16)}, not to the key it is stored under`, {
-        hint: "the cache entry was tampered with or made by an incompatible version: nothing was imported",
-      });
-    }
     if (!this.opts.engine) throw new Error(`internal: importing ${what} needs the local engine`);
-    checkEngine(snap.inputs.engine, this.opts.engine, what);
+    const engine = this.opts.engine;
+    // The snapshot's metadata is checked before its RAM index is parsed: the key recomputed from
+    // its inputs, the engine, and that it runs what its key (and this project) says.
+    const config = decodeConfig(await this.fetchVerified(manifest.config, LIMITS.configBytes, `the config of ${what}`, c), `the config of ${what}`, (snap) => {
+      if (snap.hash !== key || keyOf(snap.inputs) !== key) {
+        throw new CacheError("CACHE_KEY_MISMATCH", `${what}: its inputs hash to ${keyOf(snap.inputs).slice(0, 16)}, not to the key it is stored under`, {
+          hint: "the cache entry was tampered with or made by an incompatible version: nothing was imported",
+        });
+      }
+      checkEngine(snap.inputs.engine, engine, what);
+      checkBehaviour(snap, what, this.opts.expect?.get(key));
+    });
+    const snap = config.snapshot;
     const parts = manifestParts(manifest, `the manifest of ${what}`);
     checkFrames([...config.ram.chunks, config.state], parts.packs, `the config of ${what}`);
 
@@ -161,16 +179,18 @@ export class ImportSession {
     if (snap.inputs.parent) {
       await this.import(snap.inputs.parent, depth + 1);
       parent = await this.findLocal(snap.inputs.parent, true);
+      // A child runs on its parent's image, with its parent's workload.
+      if (parent) checkChild(snap, parent.meta, what);
     }
     const dir = this.opts.dirs?.get(key) ?? join(this.snapshotsDir, `${name}-${key.slice(0, 16)}`);
     const t0 = performance.now();
-    const { created } = await publishSnapshot(dir, key, snap.inputs, (tmp) => this.writeSnapshot(tmp, dir, what, config, parts, parent, c, { name, key }), this.opts.signal ? { signal: this.opts.signal } : {});
+    const { created } = await publishSnapshot(dir, key, snap.inputs, (tmp) => this.writeSnapshot(tmp, dir, what, config, parts, parent, c, { name, key }, signed), this.opts.signal ? { signal: this.opts.signal } : {});
     if (!created) return { name, key, status: "present", chunks: 0, chunksMoved: 0, bytesMoved: 0 };
     log("%s: imported into %s in %d ms: %d chunks and %d bytes moved", what, dir, Math.round(performance.now() - t0), c.chunksMoved, c.bytesMoved);
     return { name, key, status: "imported", chunks: new Set(config.ram.chunks.map((ch) => ch.sha256)).size, ...c };
   }
 
-  private async writeSnapshot(tmp: string, dir: string, what: string, config: ArtifactConfig, parts: ManifestParts, parent: LoadedSnapshot | undefined, c: Counters, id: { name: string; key: string }): Promise<SnapshotMeta> {
+  private async writeSnapshot(tmp: string, dir: string, what: string, config: ArtifactConfig, parts: ManifestParts, parent: LoadedSnapshot | undefined, c: Counters, id: { name: string; key: string }, signed: boolean): Promise<SnapshotMeta> {
     const snap = config.snapshot;
     const rootfsIndex = await this.fileIndex(parts.rootfsIndex, "rootfs.sqfs", snap.image.rootfsSize, parts, what, c);
     // RAM and state together: frames of one pack are read in one pass.
@@ -187,7 +207,9 @@ export class ImportSession {
     });
     if (!state) throw new Error(`internal: the state of ${what} was not read`);
     await writeFile(join(tmp, SNAPSHOT_FILES.state), state);
-    const rootfs = await installImage(this, snap.image.digest, parts, rootfsIndex, tmp, dir, what, c);
+    // Only a signed artifact may add an image to the shared image store; an unsigned one keeps
+    // what it brought inside its own snapshot.
+    const rootfs = await installImage(this, snap.image.digest, parts, rootfsIndex, { tmp, dir, publish: signed }, what, c);
     await writeFile(join(tmp, SNAPSHOT_FILES.log), `imported from ${this.backend.location} (created ${snap.created}); key ${id.key}\n`);
     const { version: _v, files: _f, ...rest } = snap;
     // The digest of the root filesystem as this machine's image store records it (not the cache's word).
@@ -210,7 +232,7 @@ export class ImportSession {
     c.bytesMoved += bytes.length;
     const actual = digestOf(bytes);
     if (actual !== desc.digest || bytes.length !== desc.size) {
-      throw new CacheError("CACHE_DIGEST_MISMATCH", `${what}: blob ${desc.digest} in cache ${this.backend.location} hashes to ${actual} (${bytes.length} bytes, expected ${desc.size})`, {
+      throw new CacheError("CACHE_DIGEST_MISMATCH", `${what}: blob ${desc.digest} in cache ${this.backend.location} does not hash to its digest (or is not ${desc.size} bytes)`, {
         hint: "the cache holds corrupt or substituted data; nothing was imported. Export the snapshot again",
       });
     }
@@ -220,7 +242,13 @@ export class ImportSession {
   /** A file index layer, checked: its shape, the file it describes, and that every frame lies in a listed pack. */
   async fileIndex(desc: Descriptor, file: IndexedFile, size: number, parts: ManifestParts, what: string, c: Counters): Promise<FileIndex> {
     const label = `the ${file} index of ${what}`;
+    if (file === "rootfs.sqfs" && size > LIMITS.rootfsBytes) throw new CacheError("CACHE_TOO_LARGE", `${label}: a root filesystem of ${size} bytes is more than the ${LIMITS.rootfsBytes}-byte limit`, { hint: "the cache entry is damaged or hostile: nothing was imported" });
     const ix = decodeFileIndex(await this.fetchVerified(desc, LIMITS.fileIndexBytes, label, c), label, { file, size });
+    // A squashfs image is dense (compressed): one that is mostly holes would only make this
+    // machine hash zeroes for hours under the image store's lock.
+    if (file === "rootfs.sqfs" && ix.chunks.length * 2 < Math.ceil(size / CHUNK_SIZE)) {
+      throw new CacheError("CACHE_INDEX_INVALID", `${label}: only ${ix.chunks.length} of its ${Math.ceil(size / CHUNK_SIZE)} chunks hold data; a root filesystem is not mostly holes`, { hint: "the cache entry is damaged or hostile: nothing was imported" });
+    }
     checkFrames(ix.chunks, parts.packs, label);
     return ix;
   }
@@ -313,31 +341,11 @@ async function parentChunks(parent: LoadedSnapshot): Promise<LocalChunks> {
   return localChunks(parent.ram, size);
 }
 
-const FIELD_NAMES: Record<string, string> = { kernelKey: "kernel", agentKey: "agent", agentVersion: "agent", qemu: "qemu", accel: "accel" };
-
-/** The snapshot's engine must be this machine's, field by field (and its accelerator usable here). */
-function checkEngine(theirs: EngineFingerprint, engine: LocalEngine, what: string): void {
-  const here = engine.fingerprint(theirs.accel);
-  const mismatch = (field: string, a: unknown, b: unknown) =>
-    new CacheError("CACHE_ENGINE_MISMATCH", `${what} was made by another engine: its ${field} is ${JSON.stringify(a)}, this machine's is ${JSON.stringify(b)}`, {
-      hint: "a snapshot restores only into the kernel, agent and QEMU that made it: bake it here (supermachine build), or share caches between machines set up alike",
-    });
-  const t = theirs as unknown as Record<string, unknown>;
-  const h = here as unknown as Record<string, unknown>;
-  for (const k of [...new Set([...Object.keys(h), ...Object.keys(t)])]) {
-    if (t[k] !== h[k]) throw mismatch(FIELD_NAMES[k] ?? k, t[k], h[k]);
-  }
-  if (theirs.accel === "kvm") {
-    const now = engine.accelNow();
-    if (now !== "kvm") throw mismatch("accel", "kvm", now);
-  }
-}
-
 /**
  * Publishes the root filesystem of image `digest` into the image store when the store lacks it
  * and the cache has a snapshot made on it. Resolves true when it did.
  */
-export async function importImage(backend: CacheBackend, digest: string): Promise<boolean> {
+export async function importImage(backend: CacheBackend, digest: string, trust: CacheTrust = []): Promise<boolean> {
   const entryDir = join(homePaths().images, digest.slice("sha256:".length));
   if (await readImageEntry(entryDir, digest)) return false;
   const bytes = await backend.readImageManifest(digest);
@@ -349,12 +357,20 @@ export async function importImage(backend: CacheBackend, digest: string): Promis
     return false;
   }
   if (manifest.annotations[ANNOTATIONS.image] !== digest) throw new CacheError("CACHE_MANIFEST_INVALID", `the manifest tagged for ${what} is annotated with image ${JSON.stringify(manifest.annotations[ANNOTATIONS.image])}`);
+  const session = new ImportSession(backend, homePaths().snapshots, { trust });
+  // The image store is shared by every project on this machine: only what a trusted key signed goes in.
+  let signed = false;
+  try {
+    signed = session.signedByTrusted(bytes, `the snapshot carrying ${what}`);
+  } catch (err) {
+    log("%s: %s; not used", what, (err as Error).message);
+  }
+  if (!signed) return false;
   const parts = manifestParts(manifest, `the manifest carrying ${what}`);
   const size = Number(parts.rootfsIndex.annotations?.[ANNOTATIONS.size]);
   if (!Number.isSafeInteger(size) || size < 0 || size > LIMITS.rootfsBytes) throw new CacheError("CACHE_MANIFEST_INVALID", `the manifest carrying ${what} does not give the size of the root filesystem`);
-  const session = new ImportSession(backend, homePaths().snapshots, {});
   const c: Counters = { chunksMoved: 0, bytesMoved: 0 };
   const index = await session.fileIndex(parts.rootfsIndex, "rootfs.sqfs", size, parts, what, c);
-  await installImage(session, digest, parts, index, undefined, undefined, what, c);
+  await installImage(session, digest, parts, index, { publish: true }, what, c);
   return true;
 }

@@ -140,7 +140,7 @@ async function wholePack(backend: CacheBackend, digest: string, packSize: number
 function checkPack(backend: CacheBackend, digest: string, packSize: number, bytes: Buffer, what: string): void {
   const actual = digestOf(bytes);
   if (actual !== digest || bytes.length !== packSize) {
-    throw new CacheError("CACHE_DIGEST_MISMATCH", `${what}: pack ${digest} in cache ${backend.location} hashes to ${actual} (${bytes.length} bytes, expected ${packSize})`, {
+    throw new CacheError("CACHE_DIGEST_MISMATCH", `${what}: pack ${digest} in cache ${backend.location} does not hash to its digest (or is not ${packSize} bytes)`, {
       hint: "the cache holds corrupt or substituted data; nothing was imported. Export the snapshot again",
     });
   }

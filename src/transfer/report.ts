@@ -1,5 +1,6 @@
 import type { RegistryOptions } from "../registry/options.js";
 import type { Accel, EngineFingerprint } from "../schema/key.js";
+import type { CacheTrust, SigningKey } from "./sign.js";
 
 export type TransferStatus = "exported" | "present" | "imported" | "missing";
 
@@ -36,6 +37,8 @@ export interface TransferOptions {
   signal?: AbortSignal;
   /** Registry settings (insecure registries, CA, credentials), as for pulls. */
   registry?: RegistryOptions;
+  /** Export: sign every manifest written with this key (see ./sign.ts). */
+  signingKey?: SigningKey;
 }
 
 /**
@@ -49,12 +52,29 @@ export interface LocalEngine {
 }
 
 export interface ImportOptions extends TransferOptions {
+  /**
+   * Which snapshots are accepted: those signed by one of these public keys (`ed25519:<base64>`),
+   * or any with `"unsigned"`. Default: none (every snapshot is refused until a key is trusted).
+   */
+  trust?: CacheTrust;
   /** The engine snapshots must have been made by. */
   engine: LocalEngine;
   /** Where snapshots go (default `$SUPERMACHINE_HOME/snapshots`), as `<name>-<key[0:16]>`. */
   snapshotsDir?: string;
   /** @internal Where a given key must be published (a build's directory for it). */
   dirs?: Map<string, string>;
+  /**
+   * @internal What the importer computed itself for a key (a build's node): the snapshot's
+   * workload and image must be these, not only its key.
+   */
+  expect?: Map<string, ExpectedSnapshot>;
+}
+
+/** What a snapshot must run, as the importing project computes it. */
+export interface ExpectedSnapshot {
+  /** The workload spec (argv, env, cwd, user) or null. */
+  workload: unknown;
+  image: { digest: string; config: unknown };
 }
 
 export function makeReport(cache: { location: string; requests: number | undefined }, snapshots: TransferEntry[], t0: number): TransferReport {

@@ -51,47 +51,72 @@ async function sameAs(file: string, size: number, recorded: string | undefined, 
 }
 
 /**
- * Makes sure the image store has the root filesystem of image `digest` (published from the
- * artifact when missing: its chunks and image.json, verified), and returns where the snapshot's
- * root filesystem is: the store's entry when it holds the bytes the index describes, else a copy
- * rebuilt into the snapshot's temp directory `tmp` (to be published as `dir`).
+ * Where the snapshot's root filesystem is on this machine: the image store's entry when it holds
+ * exactly the bytes the index describes; else, with `publish` (a signed artifact), the store's
+ * entry published from the artifact when the store lacks the image (its packs and image.json,
+ * verified); else a copy rebuilt into the snapshot's temp directory `tmp` (to be published as
+ * `dir`), so that what an unsigned cache brought stays in the snapshot it came with.
  */
-export async function installImage(session: ImportSession, digest: string, parts: ManifestParts, index: FileIndex, tmp: string | undefined, dir: string | undefined, what: string, c: Counters): Promise<{ path: string; size: number }> {
+export async function installImage(
+  session: ImportSession,
+  digest: string,
+  parts: ManifestParts,
+  index: FileIndex,
+  to: { tmp?: string; dir?: string; publish: boolean },
+  what: string,
+  c: Counters,
+): Promise<{ path: string; size: number }> {
   const hex = digest.slice("sha256:".length);
   const entryDir = join(homePaths().images, hex);
-  const { value, created } = await publish({
-    target: entryDir,
-    kind: "dir",
-    what: `image ${digest} (root filesystem from cache ${session.location})`,
-    check: () => readImageEntry(entryDir, digest),
-    write: async (tmpDir) => {
-      const label = `the image metadata of ${what}`;
-      const metaBytes = await session.fetchVerified(parts.imageMeta, LIMITS.imageMetaBytes, label, c);
-      let meta: ImageMetadataFile;
-      try {
-        meta = JSON.parse(metaBytes.toString("utf8")) as ImageMetadataFile;
-      } catch (cause) {
-        throw new CacheError("CACHE_CONFIG_INVALID", `${label} is not valid JSON`, { cause });
-      }
-      if (meta?.manifestDigest !== digest || meta.sizeBytes !== index.size || typeof meta.version !== "number") {
-        throw new CacheError("CACHE_CONFIG_INVALID", `${label} describes image ${JSON.stringify(meta?.manifestDigest)} of ${meta?.sizeBytes} bytes, expected ${digest} of ${index.size}`);
-      }
-      const rootfs = join(tmpDir, ROOTFS_FILE);
-      await session.rebuild(rootfs, index, new Map(), parts.packs, `the root filesystem of ${what}`, c);
-      // Its digest and mtime as written here (what the entry records is this machine's, as when built here).
-      const facts = await rootfsFacts(rootfs);
-      if (index.sha256 !== undefined && facts.sha256 !== index.sha256) {
-        throw new CacheError("CACHE_CHUNK_CORRUPT", `the root filesystem of ${what} hashes to ${facts.sha256.slice(0, 16)}… once rebuilt, not to the sha256 its index records`, { hint: "the cache entry is damaged or hostile: nothing was imported" });
-      }
-      await writeFile(join(tmpDir, METADATA_FILE), JSON.stringify({ ...(meta as object), ...facts }, null, 2) + "\n");
-      return { rootfsPath: join(entryDir, ROOTFS_FILE), size: index.size, sha256: facts.sha256 };
-    },
-    tmpPrefix: `.tmp-${hex}-`, // as resolveImage names its temps: either one cleans up after the other
-  });
-  if (created) log("image %s: root filesystem published from %s", digest, session.location);
-  if (created || (await sameAs(value.rootfsPath, value.size, value.sha256, index))) return { path: value.rootfsPath, size: value.size };
-  if (!tmp || !dir) throw new CacheError("CACHE_SNAPSHOT_INVALID", `the image store's ${digest} differs from the root filesystem of ${what}`);
-  log("%s: the local root filesystem of %s differs from the one the snapshot was made on: keeping a copy in the snapshot", what, digest);
-  await session.rebuild(join(tmp, ROOTFS_FILE), index, await localChunks(value.rootfsPath, value.size), parts.packs, `the root filesystem of ${what}`, c);
-  return { path: join(dir, ROOTFS_FILE), size: index.size };
+  const label = `the root filesystem of ${what}`;
+  let entry = await readImageEntry(entryDir, digest);
+  if (!entry && to.publish) {
+    const { value, created } = await publish({
+      target: entryDir,
+      kind: "dir",
+      what: `image ${digest} (root filesystem from cache ${session.location})`,
+      check: () => readImageEntry(entryDir, digest),
+      write: async (tmpDir) => {
+        const metaLabel = `the image metadata of ${what}`;
+        const metaBytes = await session.fetchVerified(parts.imageMeta, LIMITS.imageMetaBytes, metaLabel, c);
+        let meta: ImageMetadataFile;
+        try {
+          meta = JSON.parse(metaBytes.toString("utf8")) as ImageMetadataFile;
+        } catch (cause) {
+          throw new CacheError("CACHE_CONFIG_INVALID", `${metaLabel} is not valid JSON`, { cause });
+        }
+        if (meta?.manifestDigest !== digest || meta.sizeBytes !== index.size || typeof meta.version !== "number") {
+          throw new CacheError("CACHE_CONFIG_INVALID", `${metaLabel} describes image ${JSON.stringify(meta?.manifestDigest)} of ${meta?.sizeBytes} bytes, expected ${digest} of ${index.size}`);
+        }
+        const rootfs = join(tmpDir, ROOTFS_FILE);
+        await session.rebuild(rootfs, index, new Map(), parts.packs, label, c);
+        // Its digest and mtime as written here (what the entry records is this machine's, as when built here).
+        const facts = await checkedFacts(rootfs, index, label);
+        await writeFile(join(tmpDir, METADATA_FILE), JSON.stringify({ ...(meta as object), ...facts }, null, 2) + "\n");
+        return { rootfsPath: join(entryDir, ROOTFS_FILE), size: index.size, sha256: facts.sha256 };
+      },
+      tmpPrefix: `.tmp-${hex}-`, // as resolveImage names its temps: either one cleans up after the other
+    });
+    if (created) {
+      log("image %s: root filesystem published from %s", digest, session.location);
+      return { path: value.rootfsPath, size: value.size };
+    }
+    entry = value;
+  }
+  if (entry && (await sameAs(entry.rootfsPath, entry.size, entry.sha256, index))) return { path: entry.rootfsPath, size: entry.size };
+  if (!to.tmp || !to.dir) throw new CacheError("CACHE_SNAPSHOT_INVALID", `the image store's ${digest} differs from ${label}`);
+  log("%s: %s: keeping a copy in the snapshot", what, entry ? "the local root filesystem differs from the one it was made on" : "an unsigned cache does not add images to the image store");
+  const copy = join(to.tmp, ROOTFS_FILE);
+  await session.rebuild(copy, index, entry ? await localChunks(entry.rootfsPath, entry.size) : new Map(), parts.packs, label, c);
+  await checkedFacts(copy, index, label);
+  return { path: join(to.dir, ROOTFS_FILE), size: index.size };
+}
+
+/** A rebuilt root filesystem's facts, its sha256 checked against the one its index records. */
+async function checkedFacts(path: string, index: FileIndex, label: string): Promise<{ sha256: string; rootfsMtimeNs: string }> {
+  const facts = await rootfsFacts(path);
+  if (index.sha256 !== undefined && facts.sha256 !== index.sha256) {
+    throw new CacheError("CACHE_CHUNK_CORRUPT", `${label} does not hash, once rebuilt, to the sha256 its index records`, { hint: "the cache entry is damaged or hostile: nothing was imported" });
+  }
+  return facts;
 }

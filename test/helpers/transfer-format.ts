@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { decompressBounded, compress } from "../../src/transfer/zstd.js";
 import { digestOf } from "../../src/transfer/format.js";
 import { keyOf, type SnapshotInputs } from "../../src/schema/key.js";
+import { SIGNATURE_ANNOTATION, signManifest, type SigningKey } from "../../src/transfer/sign.js";
 
 export { digestOf };
 export const keyOfConfig = (c: { inputs: SnapshotInputs }): string => keyOf(c.inputs);
@@ -24,7 +25,7 @@ export interface Manifest {
   layers: Layer[];
   annotations: Record<string, string>;
 }
-/** A file index's JSON: packs table and [offset, pack#, at, size, sha256] tuples. */
+/** A file index as the tests read it: packs table and [offset, pack#, at, size, sha256] tuples. */
 export interface FileIndexJson {
   version: number;
   file: string;
@@ -51,10 +52,20 @@ export function entryOf(cache: string, key: string): LayoutIndex["manifests"][nu
   return e;
 }
 export const manifestOf = (cache: string, key: string): Manifest => JSON.parse(blob(cache, entryOf(cache, key).digest).toString()) as Manifest;
-export const configOf = (cache: string, key: string): ConfigJson => zjson<ConfigJson>(blob(cache, manifestOf(cache, key).config.digest));
+/** A file index's JSON with its base64 records (48 bytes: chunk#, pack#, at, size as u32 LE, sha256) as tuples. */
+export function tuples(raw: Omit<FileIndexJson, "chunks"> & { chunks: string }): FileIndexJson {
+  const b = Buffer.from(raw.chunks, "base64");
+  const chunks: FileIndexJson["chunks"] = [];
+  for (let o = 0; o < b.length; o += 48) chunks.push([b.readUInt32LE(o) * 16384, b.readUInt32LE(o + 4), b.readUInt32LE(o + 8), b.readUInt32LE(o + 12), b.toString("hex", o + 16, o + 48)]);
+  return { ...raw, chunks };
+}
+export function configOf(cache: string, key: string): ConfigJson {
+  const c = zjson<ConfigJson & { ram: { chunks: string } }>(blob(cache, manifestOf(cache, key).config.digest));
+  return { ...c, ram: tuples(c.ram as never) };
+}
 export function rootfsIndexOf(cache: string, key: string): FileIndexJson {
   const l = manifestOf(cache, key).layers.find((x) => x.mediaType.includes("file-index"))!;
-  return zjson<FileIndexJson>(blob(cache, l.digest));
+  return tuples(zjson(blob(cache, l.digest)));
 }
 
 /** Writes `b` as a blob of the cache; its descriptor's digest and size. */
@@ -68,7 +79,7 @@ export function putBlob(cache: string, b: Buffer): { digest: string; size: numbe
  * Rewrites the entry of `key`: `edit` changes its config JSON and manifest in place, and the new
  * config, manifest and index entry are written (under `newKey` when given).
  */
-export function rewriteEntry(cache: string, key: string, edit: (config: ConfigJson, manifest: Manifest) => string | void): string {
+export function rewriteEntry(cache: string, key: string, edit: (config: ConfigJson, manifest: Manifest) => string | void, sign?: SigningKey): string {
   const idx = readIndex(cache);
   const entry = idx.manifests.find((m) => m.annotations["dev.supermachine.key"] === key)!;
   const m = JSON.parse(blob(cache, entry.digest).toString()) as Manifest;
@@ -76,7 +87,9 @@ export function rewriteEntry(cache: string, key: string, edit: (config: ConfigJs
   const newKey = edit(config, m) ?? key;
   m.config = { ...m.config, ...putBlob(cache, compress(Buffer.from(JSON.stringify(config)))) };
   m.annotations["dev.supermachine.key"] = newKey;
-  Object.assign(entry, putBlob(cache, Buffer.from(JSON.stringify(m))));
+  delete m.annotations[SIGNATURE_ANNOTATION];
+  const signedM = sign ? signManifest(m, sign) : m;
+  Object.assign(entry, putBlob(cache, Buffer.from(JSON.stringify(signedM))));
   entry.annotations["dev.supermachine.key"] = newKey;
   entry.annotations["org.opencontainers.image.ref.name"] = `sm-${newKey}`;
   writeFileSync(join(cache, "index.json"), JSON.stringify(idx));

@@ -8,6 +8,15 @@ import { engineFingerprint } from "../../src/engine/fingerprint.js";
 import { keyOf, type SnapshotInputs } from "../../src/schema/key.js";
 import { homePaths } from "../../src/paths.js";
 import { loadSnapshot, sealSnapshot, SNAPSHOT_FILES, type LoadedSnapshot } from "../../src/store/snapshots.js";
+import { generateSigningKey, readSigningKey } from "../../src/transfer/sign.js";
+
+/** A signing key for the tests' exports, and the trust setting that accepts what it signed. */
+const pair = generateSigningKey();
+export const SIGNING = readSigningKey(pair.privatePem, "the tests' signing key");
+export const TRUST = [SIGNING.publicKey];
+/** Options for exports (signed) and imports (trusting that key). */
+export const signed = { signingKey: SIGNING } as const;
+export const trusted = { trust: TRUST } as const;
 
 export const CHUNK = 16 * 1024;
 const temps: string[] = [];
@@ -89,6 +98,7 @@ export async function fakeSnapshot(o: FakeOptions): Promise<LoadedSnapshot> {
   if (o.parent) copyFileSync(o.parent.ram, ram);
   const fd = openSync(ram, o.parent ? "r+" : "w");
   if (!o.parent) ftruncateSync(fd, ramMib * 1024 * 1024);
+  if (o.chunks.some((i) => (i + 1) * CHUNK > ramMib * 1024 * 1024)) throw new Error(`fakeSnapshot ${o.name}: a chunk beyond its ${ramMib} MiB`);
   for (const i of o.chunks) {
     // Half random, half a repeated pattern: compressible like real pages.
     const b = Buffer.alloc(CHUNK, i % 7);

@@ -7,7 +7,7 @@ import { loadProject } from "../../src/config/loader.js";
 import { exportSnapshots, parseCacheLocation } from "../../src/transfer/index.js";
 import { fetchFromCache } from "../../src/project/cache.js";
 import { loadSnapshot } from "../../src/store/snapshots.js";
-import { cleanup, fakeImage, fakeSnapshot, inHome, tempDir } from "../helpers/transfer.js";
+import { cleanup, fakeImage, fakeSnapshot, inHome, tempDir , signed, trusted } from "../helpers/transfer.js";
 
 afterAll(cleanup);
 
@@ -43,14 +43,18 @@ describe("the build's fetch hook", () => {
     const snap = await inHome(tempDir("sm-src-"), async () => {
       const image = fakeImage();
       const s = await fakeSnapshot({ name: "base", image, chunks: [0, 5, 9] });
-      await exportSnapshots(cache, [s]);
+      await exportSnapshots(cache, [s], signed);
       return s;
     });
     const home = tempDir("sm-home-");
     await inHome(home, async () => {
-      const fetch = fetchFromCache(cache);
+      const fetch = fetchFromCache(cache, undefined, trusted);
       const dir = join(home, "project-snapshots", "renamed-abc");
-      const req = { name: "base", key: snap.meta.hash, dir, inputs: snap.meta.inputs, sources: snap.meta.sources! };
+      const expect_ = { workload: snap.meta.workload, image: { digest: snap.meta.image.digest, config: snap.meta.image.config } };
+      const req = { name: "base", key: snap.meta.hash, dir, inputs: snap.meta.inputs, sources: snap.meta.sources!, expect: expect_ };
+      // A snapshot that would run something else than this build computed is refused, whatever its key.
+      const other = { ...req, expect: { ...expect_, workload: { argv: ["sh", "-c", "evil"], env: [], cwd: "/" } } };
+      await expect(fetch(other)).rejects.toMatchObject({ code: "CACHE_KEY_MISMATCH", message: expect.stringContaining("its workload (command, environment, directory or user) is not the one this project declares") });
       expect(await fetch(req)).toBe(true);
       expect((await loadSnapshot(dir, snap.meta.hash))?.meta.hash).toBe(snap.meta.hash);
       expect(await fetch(req)).toBe(true); // present

@@ -11,7 +11,7 @@ import { blob, blobPath, configOf, digestOf, keyOfConfig, manifestOf, readIndex,
 import { keyOf } from "../../src/schema/key.js";
 import { homePaths } from "../../src/paths.js";
 import type { LoadedSnapshot } from "../../src/store/snapshots.js";
-import { cleanup, fakeImage, fakeSnapshot, inHome, leftovers, tempDir, type FakeImage } from "../helpers/transfer.js";
+import { cleanup, fakeImage, fakeSnapshot, inHome, leftovers, tempDir, type FakeImage , signed, SIGNING, trusted } from "../helpers/transfer.js";
 
 const src = tempDir("sm-transfer-src-");
 let image: FakeImage;
@@ -23,7 +23,7 @@ beforeAll(async () => {
   await inHome(src, async () => {
     image = fakeImage();
     parent = await fakeSnapshot({ name: "base", image, chunks: parentChunks });
-    child = await fakeSnapshot({ name: "app", image, parent, chunks: [2, 4, 1, 7, 5000] });
+    child = await fakeSnapshot({ name: "app", image, parent, chunks: [2, 4, 1, 7, 4001] });
   });
 });
 afterAll(cleanup);
@@ -31,7 +31,7 @@ afterAll(cleanup);
 describe("a directory cache", () => {
   it("stores a parent and its child as OCI artifacts in packs, the child referencing its parent's packs", async () => {
     const cache = tempDir("sm-cache-");
-    const r = await exportSnapshots(cache, [child, parent]);
+    const r = await exportSnapshots(cache, [child, parent], signed);
     expect(r.snapshots.map((s) => [s.name, s.status])).toEqual([["base", "exported"], ["app", "exported"]]);
     const idx = readIndex(cache);
     expect(JSON.parse(readFileSync(join(cache, "oci-layout"), "utf8"))).toEqual({ imageLayoutVersion: "1.0.0" });
@@ -80,8 +80,8 @@ describe("a directory cache", () => {
 
   it("moves nothing the second time, and imports into an empty home what it needs", async () => {
     const cache = tempDir("sm-cache-");
-    await exportSnapshots(cache, [{ dir: parent.dir }, { dir: child.dir }]);
-    const again = await exportSnapshots(cache, [parent, child]);
+    await exportSnapshots(cache, [{ dir: parent.dir }, { dir: child.dir }], signed);
+    const again = await exportSnapshots(cache, [parent, child], signed);
     expect(again.snapshots.map((s) => s.status)).toEqual(["present", "present"]);
     expect(again.chunksMoved).toBe(0);
     expect(again.bytesMoved).toBe(0);
@@ -89,7 +89,7 @@ describe("a directory cache", () => {
     const home = tempDir("sm-home-");
     await inHome(home, async () => {
       // Asking for the child brings its parent first.
-      const r = await importSnapshots(cache, [child.meta.hash]);
+      const r = await importSnapshots(cache, [child.meta.hash], trusted);
       expect(r.snapshots.map((s) => [s.name, s.status])).toEqual([["base", "imported"], ["app", "imported"]]);
       // The child's unchanged chunks came from the parent's local RAM file.
       expect(r.snapshots[1]!.chunksMoved).toBe(5);
@@ -116,10 +116,10 @@ describe("a directory cache", () => {
       expect(sha256).toBe(createHash("sha256").update(rootfsBytes).digest("hex"));
       expect(rootfsMtimeNs).toBe(String(statSync(join(entry, "rootfs.sqfs"), { bigint: true }).mtimeNs));
       // Present now: nothing moves.
-      const twice = await importSnapshots(cache, [parent.meta.hash, child.meta.hash]);
+      const twice = await importSnapshots(cache, [parent.meta.hash, child.meta.hash], trusted);
       expect(twice.snapshots.map((s) => s.status)).toEqual(["present", "present"]);
       expect(twice.bytesMoved).toBe(0);
-      const missing = await importSnapshots(cache, ["0".repeat(64)]);
+      const missing = await importSnapshots(cache, ["0".repeat(64)], trusted);
       expect(missing.snapshots[0]!.status).toBe("missing");
       expect(leftovers(home)).toEqual([]);
     });
@@ -127,7 +127,7 @@ describe("a directory cache", () => {
 
   it("keeps a private copy of the root filesystem when this machine built the image differently", async () => {
     const cache = tempDir("sm-cache-");
-    await exportSnapshots(cache, [parent]);
+    await exportSnapshots(cache, [parent], signed);
     const home = tempDir("sm-home-");
     await inHome(home, async () => {
       // The same image digest, other bytes (sqfstar stamps the build time on the root).
@@ -137,7 +137,7 @@ describe("a directory cache", () => {
       other[5]! ^= 0xff;
       writeFileSync(join(entry, "rootfs.sqfs"), other);
       writeFileSync(join(entry, "image.json"), JSON.stringify({ version: 1, manifestDigest: image.digest, sizeBytes: other.length }));
-      const r = await importSnapshots(cache, [parent.meta.hash]);
+      const r = await importSnapshots(cache, [parent.meta.hash], trusted);
       expect(r.snapshots[0]!.status).toBe("imported");
       const dir = join(homePaths().snapshots, `base-${parent.meta.hash.slice(0, 16)}`);
       const meta = JSON.parse(readFileSync(join(dir, "meta.json"), "utf8"));
@@ -149,7 +149,7 @@ describe("a directory cache", () => {
 
   it("refuses a corrupted pack and publishes nothing", async () => {
     const cache = tempDir("sm-cache-");
-    await exportSnapshots(cache, [parent]);
+    await exportSnapshots(cache, [parent], signed);
     const ram = configOf(cache, parent.meta.hash).ram;
     const [, pack, at, size] = ram.chunks[10]!;
     const path = blobPath(cache, ram.packs[pack]!);
@@ -158,7 +158,7 @@ describe("a directory cache", () => {
     writeFileSync(path, bytes);
     const home = tempDir("sm-home-");
     await inHome(home, async () => {
-      const err = await importSnapshots(cache, [parent.meta.hash]).catch((e: unknown) => e);
+      const err = await importSnapshots(cache, [parent.meta.hash], trusted).catch((e: unknown) => e);
       expect(err).toMatchObject({ code: expect.stringMatching(/^CACHE_(CHUNK_CORRUPT|DIGEST_MISMATCH)$/), message: expect.stringContaining(`of snapshot base (key ${parent.meta.hash.slice(0, 16)})`) });
       expect(readdirSync(homePaths().snapshots)).toEqual([]);
       expect(leftovers(home)).toEqual([]);
@@ -167,17 +167,18 @@ describe("a directory cache", () => {
 
   it("refuses a snapshot of another engine, naming the field", async () => {
     const cache = tempDir("sm-cache-");
-    await exportSnapshots(cache, [parent]);
+    await exportSnapshots(cache, [parent], signed);
     // Rewrite the config's engine and every digest and key that depend on it, so that only the
     // engine check can tell.
     const key = rewriteEntry(cache, parent.meta.hash, (config) => {
       config.snapshot.inputs.engine.kernelKey = "kernel-from-elsewhere";
       config.snapshot.hash = keyOfConfig(config.snapshot);
       return config.snapshot.hash;
-    });
+    }, SIGNING); // signed by a trusted key: a trusted machine set up otherwise
+
     const home = tempDir("sm-home-");
     await inHome(home, async () => {
-      const err = await importSnapshots(cache, [key]).catch((e: unknown) => e);
+      const err = await importSnapshots(cache, [key], trusted).catch((e: unknown) => e);
       expect(err).toMatchObject({ code: "CACHE_ENGINE_MISMATCH", message: expect.stringMatching(/kernel is "kernel-from-elsewhere", this machine's is/) });
       expect(existsSync(homePaths().snapshots) ? readdirSync(homePaths().snapshots) : []).toEqual([]);
       expect(existsSync(homePaths().images) ? readdirSync(homePaths().images) : []).toEqual([]);
@@ -187,16 +188,16 @@ describe("a directory cache", () => {
 
   it("refuses a cache of format version 1 by name, saying what to do", async () => {
     const cache = tempDir("sm-cache-");
-    await exportSnapshots(cache, [parent]);
+    await exportSnapshots(cache, [parent], signed);
     rewriteEntry(cache, parent.meta.hash, (_config, m) => void (m.artifactType = "application/vnd.supermachine.snapshot.v1"));
     const home = tempDir("sm-home-");
     await inHome(home, async () => {
-      const err = await importSnapshots(cache, [parent.meta.hash]).catch((e: unknown) => e);
+      const err = await importSnapshots(cache, [parent.meta.hash], trusted).catch((e: unknown) => e);
       expect(err).toMatchObject({ code: "CACHE_FORMAT_VERSION", message: expect.stringContaining("cache format version 1"), hint: expect.stringContaining("export the snapshot again") });
       expect(existsSync(homePaths().snapshots) ? readdirSync(homePaths().snapshots) : []).toEqual([]);
     });
     // An export with this version replaces the old entry under the same key.
-    const again = await exportSnapshots(cache, [parent]);
+    const again = await exportSnapshots(cache, [parent], signed);
     expect(again.snapshots[0]!.status).toBe("exported");
     expect(manifestOf(cache, parent.meta.hash).artifactType).toBe("application/vnd.supermachine.snapshot.v2");
   });

@@ -6,7 +6,7 @@ import { clearTokenCache } from "../../src/registry/auth.js";
 import { exportSnapshots } from "../../src/transfer/index.js";
 import { importSnapshots } from "../../src/project/cache.js";
 import { cleanupTemps, PASS, startRegistry, USER, writeDockerConfig, type Registry } from "../helpers/registry.js";
-import { cleanup, fakeImage, fakeSnapshot, inHome, tempDir } from "../helpers/transfer.js";
+import { cleanup, fakeImage, fakeSnapshot, inHome, tempDir , signed, trusted } from "../helpers/transfer.js";
 
 let reg: Registry;
 let snap: LoadedSnapshot;
@@ -26,13 +26,13 @@ describe("a registry cache with token auth", () => {
     clearTokenCache();
     const dockerConfig = writeDockerConfig({ auths: { [reg.host]: { auth: Buffer.from(`${USER}:${PASS}`).toString("base64") } } });
     const repo = `${reg.host}/team/cache`;
-    const r = await exportSnapshots(repo, [snap], { registry: { dockerConfig } });
+    const r = await exportSnapshots(repo, [snap], { registry: { dockerConfig }, ...signed });
     expect(r.snapshots[0]!.status).toBe("exported");
     expect(reg.tokenRequests.some((t) => t.user === USER && t.scopes.includes("repository:team/cache:pull,push"))).toBe(true);
-    const again = await exportSnapshots(repo, [snap], { registry: { dockerConfig } });
+    const again = await exportSnapshots(repo, [snap], { registry: { dockerConfig }, ...signed });
     expect(again.snapshots[0]!.status).toBe("present");
     await inHome(tempDir("sm-home-"), async () => {
-      const i = await importSnapshots(repo, [snap.meta.hash], { registry: { dockerConfig } });
+      const i = await importSnapshots(repo, [snap.meta.hash], { registry: { dockerConfig }, ...trusted });
       expect(i.snapshots[0]!.status).toBe("imported");
     });
   });
@@ -40,7 +40,7 @@ describe("a registry cache with token auth", () => {
   it("refuses an anonymous push, naming the registry and repository", async () => {
     clearTokenCache();
     const dockerConfig = writeDockerConfig({ auths: {} });
-    await expect(exportSnapshots(`${reg.host}/team/other`, [snap], { registry: { dockerConfig } })).rejects.toMatchObject({
+    await expect(exportSnapshots(`${reg.host}/team/other`, [snap], { registry: { dockerConfig }, ...signed })).rejects.toMatchObject({
       code: "REGISTRY_UNAUTHORIZED",
       message: expect.stringContaining("team/other"),
     });

@@ -10,7 +10,7 @@ import { exportSnapshots, openCache } from "../../src/transfer/index.js";
 import { importSnapshots } from "../../src/project/cache.js";
 import { importImage } from "../../src/transfer/import.js";
 import { startProxy, startRegistry, type Registry } from "../helpers/registry.js";
-import { cleanup, fakeImage, fakeSnapshot, inHome, leftovers, tempDir, type FakeImage } from "../helpers/transfer.js";
+import { cleanup, fakeImage, fakeSnapshot, inHome, leftovers, tempDir, type FakeImage , signed, trusted, TRUST } from "../helpers/transfer.js";
 
 let reg: Registry;
 let image: FakeImage;
@@ -22,7 +22,7 @@ beforeAll(async () => {
   await inHome(tempDir("sm-transfer-src-"), async () => {
     image = fakeImage();
     parent = await fakeSnapshot({ name: "base", image, chunks: Array.from({ length: 300 }, (_, i) => i * 2) });
-    child = await fakeSnapshot({ name: "app", image, parent, chunks: [1, 3, 9000] });
+    child = await fakeSnapshot({ name: "app", image, parent, chunks: [1, 3, 4000] });
   });
 });
 afterAll(async () => {
@@ -37,7 +37,7 @@ describe("a registry cache", () => {
     const proxy = await startProxy(reg.host);
     try {
       const viaProxy = `${proxy.host}/sm/cache`;
-      const first = await exportSnapshots(viaProxy, [parent]);
+      const first = await exportSnapshots(viaProxy, [parent], signed);
       expect(first.snapshots[0]).toMatchObject({ name: "base", status: "exported" });
       // Upload sessions start at the proxy (the registry then names itself in Location).
       const uploads = () => proxy.seen.filter((r) => r.method === "POST" && r.path.includes("/blobs/uploads/")).length;
@@ -45,11 +45,11 @@ describe("a registry cache", () => {
       // A pack of the root filesystem, one of the RAM and state, the rootfs index, image.json, the config.
       expect(parentUploads).toBe(5);
       expect(first.requests).toBeGreaterThan(0);
-      const second = await exportSnapshots(viaProxy, [parent, child]);
+      const second = await exportSnapshots(viaProxy, [parent, child], signed);
       expect(second.snapshots.map((s) => s.status)).toEqual(["present", "exported"]);
       expect(second.snapshots[1]!.chunksMoved).toBe(3 + 1); // 3 chunks and the state
       expect(uploads() - parentUploads).toBe(2); // its pack and its config
-      const third = await exportSnapshots(viaProxy, [parent, child]);
+      const third = await exportSnapshots(viaProxy, [parent, child], signed);
       expect(third.chunksMoved).toBe(0);
       expect(third.bytesMoved).toBe(0);
     } finally {
@@ -63,25 +63,25 @@ describe("a registry cache", () => {
       // The root filesystem alone, by image digest (what a build needs before it has keys).
       const backend = await openCache(repo);
       try {
-        expect(await importImage(backend, image.digest)).toBe(true);
-        expect(await importImage(backend, image.digest)).toBe(false);
+        expect(await importImage(backend, image.digest, TRUST)).toBe(true);
+        expect(await importImage(backend, image.digest, TRUST)).toBe(false);
       } finally {
         backend.close();
       }
-      const r = await importSnapshots(repo, [child.meta.hash]);
+      const r = await importSnapshots(repo, [child.meta.hash], trusted);
       expect(r.snapshots.map((s) => [s.name, s.status])).toEqual([["base", "imported"], ["app", "imported"]]);
       expect(r.snapshots[1]!.chunksMoved).toBe(3);
       expect(r.requests).toBeLessThan(20);
       const dir = join(homePaths().snapshots, `app-${child.meta.hash.slice(0, 16)}`);
       expect(readFileSync(join(dir, "ram")).equals(readFileSync(child.ram))).toBe(true);
-      expect((await importSnapshots(repo, [child.meta.hash])).snapshots[0]!.status).toBe("present");
+      expect((await importSnapshots(repo, [child.meta.hash], trusted)).snapshots[0]!.status).toBe("present");
       expect(leftovers(home)).toEqual([]);
     });
   });
 
   it("reports a snapshot the registry does not have as missing, and refuses a tag or digest as location", async () => {
-    const r = await importSnapshots(`${reg.host}/sm/other`, ["1".repeat(64)]);
+    const r = await importSnapshots(`${reg.host}/sm/other`, ["1".repeat(64)], trusted);
     expect(r.snapshots[0]!.status).toBe("missing");
-    await expect(exportSnapshots(`${reg.host}/sm/cache:v1`, [parent])).rejects.toMatchObject({ code: "CACHE_LOCATION_INVALID" });
+    await expect(exportSnapshots(`${reg.host}/sm/cache:v1`, [parent], signed)).rejects.toMatchObject({ code: "CACHE_LOCATION_INVALID" });
   });
 });

@@ -16,6 +16,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadPools } from "../../src/index.js";
+import { generateSigningKey } from "../../src/transfer/sign.js";
+
+/** The project signs its cache exports and trusts that key. */
+const signing = generateSigningKey();
 import { startRegistry, type Registry } from "../helpers/registry.js";
 import { inHome } from "../helpers/transfer.js";
 
@@ -153,9 +157,11 @@ export default defineConfig({
     app: { from: "bb", warmup: async (vm) => { await vm.exec({ argv: ["sh", "-c", "mkdir -p /srv && echo hello from app > /srv/app"] }); } },
   },
   pools: { app: { image: "app", min: 1, max: 1 } },
+  cache: { signingKey: "./cache.key", trust: [${JSON.stringify(signing.publicKey)}] },
 });
 `,
   );
+  writeFileSync(join(dir, "cache.key"), signing.privatePem, { mode: 0o600 });
   return dir;
 }
 

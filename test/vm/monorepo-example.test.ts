@@ -101,9 +101,19 @@ describe("examples/monorepo", () => {
     expect(rebuilt.images.filter((i) => i.status === "baked").map((i) => i.name).sort()).toEqual(naming);
   });
 
-  it("follows the README's CI flow: export, import into a fresh checkout and home, build --frozen", async () => {
+  it("follows the README's CI flow: keygen, signed export, import into a fresh checkout and home, build --frozen", async () => {
     const cache = join(work, "ci-cache");
-    const exported = await cli("cache", "export", cache, "--json");
+    // The README's first step: a key pair; the config trusts its public key, the export signs with it.
+    const keyFile = join(work, "ci-cache.key");
+    const keygen = await cli("cache", "keygen", keyFile);
+    expect(keygen.status, keygen.stderr).toBe(0);
+    const publicKey = keygen.stdout.trim();
+    expect(publicKey).toMatch(/^ed25519:[A-Za-z0-9+/]{43}=$/);
+    const configFile = join(dir, "supermachine.config.ts");
+    writeFileSync(configFile, readFileSync(configFile, "utf8").replace(/ed25519:[A-Za-z0-9+/]{43}=/, publicKey));
+    const unsigned = await cli("cache", "export", join(work, "unsigned-cache"), "--json");
+    expect(unsigned.status, unsigned.stderr).toBe(0);
+    const exported = await cliIn(dir, { SUPERMACHINE_CACHE_SIGNING_KEY: keyFile }, "cache", "export", cache, "--json");
     expect(exported.status, `${exported.stdout}\n${exported.stderr}`).toBe(0);
     const report = JSON.parse(exported.stdout) as { snapshots: { name: string; status: string }[] };
     expect(report.snapshots.map((s) => s.name).sort()).toEqual([...IMAGES].sort());
@@ -116,6 +126,10 @@ describe("examples/monorepo", () => {
     cpSync(join(homePaths().builtin, "busybox"), join(home, "builtin", "busybox"), { recursive: true });
     const frozenBefore = await cliIn(other, { SUPERMACHINE_HOME: home }, "build", "--frozen", "--json");
     expect(frozenBefore.status).toBe(1);
+    // What the key did not sign is refused, naming the snapshot.
+    const refused = await cliIn(other, { SUPERMACHINE_HOME: home }, "cache", "import", join(work, "unsigned-cache"), "--json");
+    expect(refused.status).not.toBe(0);
+    expect(`${refused.stdout}${refused.stderr}`).toMatch(/CACHE_UNTRUSTED[\s\S]*is not signed/);
     const imported = await cliIn(other, { SUPERMACHINE_HOME: home }, "cache", "import", cache, "--json");
     expect(imported.status, `${imported.stdout}\n${imported.stderr}`).toBe(0);
     const frozen = await cliIn(other, { SUPERMACHINE_HOME: home }, "build", "--frozen", "--json");

@@ -4,12 +4,13 @@
 // build --frozen then finds everything cached and run restores from the imported snapshots.
 import { createHash } from "node:crypto";
 import { spawn } from "node:child_process";
-import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadPools } from "../../src/index.js";
 import { homePaths } from "../../src/paths.js";
+import { generateSigningKey } from "../../src/transfer/sign.js";
 import { configOf, entryOf, manifestOf, readIndex, type FileIndexJson } from "../helpers/transfer-format.js";
 import { startRegistry, type Registry } from "../helpers/registry.js";
 import { inHome } from "../helpers/transfer.js";
@@ -18,6 +19,8 @@ const root = join(import.meta.dirname, "..", "..");
 const fixture = join(root, "test", "fixtures", "cache-project");
 const work = mkdtempSync(join(tmpdir(), "sm-cache-project-"));
 const sharedHome = homePaths().home;
+/** The project's cache signing key (every copy of the project holds it and trusts it). */
+const signing = generateSigningKey();
 let reg: Registry;
 let project: string;
 let cacheDir: string;
@@ -76,6 +79,8 @@ function copyProject(name: string): string {
   const dir = join(work, name);
   cpSync(fixture, dir, { recursive: true });
   rmSync(join(dir, ".snapshots"), { recursive: true, force: true });
+  writeFileSync(join(dir, "cache.key"), signing.privatePem, { mode: 0o600 });
+  writeFileSync(join(dir, "cache.pub"), signing.publicKey + "\n");
   return dir;
 }
 
