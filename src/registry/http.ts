@@ -3,6 +3,8 @@
  * certificates, follows redirects (dropping `Authorization` when the target is another host),
  * and retries what is worth retrying (5xx, 429, connection resets and timeouts) with
  * exponential backoff and jitter. 4xx answers other than 429 are returned to the caller as is.
+ * A request that is not safe to resend (an upload piece the registry may have half received)
+ * is sent once (`noRetry`) and its caller decides what to do next.
  */
 import { readFileSync } from "node:fs";
 import http, { type IncomingHttpHeaders, type IncomingMessage } from "node:http";
@@ -36,10 +38,19 @@ export interface TransportOptions {
 }
 
 export interface HttpRequest {
-  method: "GET" | "HEAD" | "POST" | "PUT";
+  method: "GET" | "HEAD" | "POST" | "PUT" | "PATCH";
   url: URL;
   headers?: Record<string, string>;
   body?: Buffer;
+  /**
+   * Send once: no retry on a network error, a 5xx or a 429 (the response or the error goes to
+   * the caller). For requests whose effect is unknown after a failure, such as an upload piece.
+   */
+  noRetry?: boolean;
+  /** Cancels this request (besides the transport's own signal). */
+  signal?: AbortSignal;
+  /** Counts every attempt and redirect hop of this request, as `Transport.requests` does for all. */
+  count?: { requests: number };
 }
 
 export interface HttpResponse {
@@ -56,6 +67,12 @@ export interface HttpResponse {
 }
 
 type Scheme = "https" | "http" | "https-insecure";
+
+/** What one wire request carries besides method, URL, headers and body. */
+interface RawExtra {
+  signal: AbortSignal | undefined;
+  count: { requests: number } | undefined;
+}
 
 const DEFAULT_RETRY: RetryPolicy = { tries: 4, baseMs: 200, maxDelayMs: 10_000 };
 const MAX_REDIRECTS = 10;
@@ -134,42 +151,50 @@ export class Transport {
    */
   async send(req: HttpRequest, registryHost?: string): Promise<HttpResponse> {
     let lastErr: unknown;
-    for (let attempt = 1; attempt <= this.retry.tries; attempt++) {
-      this.throwIfAborted();
+    const tries = req.noRetry ? 1 : this.retry.tries;
+    const signal = this.signalFor(req.signal);
+    for (let attempt = 1; attempt <= tries; attempt++) {
+      this.throwIfAborted(signal);
       let res: HttpResponse;
       try {
-        res = await this.sendFollowing(req, registryHost);
+        res = await this.sendFollowing(req, registryHost, signal);
       } catch (err) {
-        if (this.signal?.aborted) throw aborted(this.signal, err);
+        if (signal?.aborted) throw aborted(signal, err);
         if (err instanceof RegistryError) throw err;
         lastErr = err;
         const code = errCode(err);
-        if (!RETRYABLE_NET.has(code) || attempt === this.retry.tries) break;
+        if (!RETRYABLE_NET.has(code) || attempt === tries) break;
         log("%s %s: %s, retrying (attempt %d)", req.method, req.url.href, code, attempt);
-        await this.sleep(this.backoff(attempt));
+        await this.sleep(this.backoff(attempt), signal);
         continue;
       }
       res.attempts = attempt;
-      if ((res.status >= 500 || res.status === 429) && attempt < this.retry.tries) {
+      if ((res.status >= 500 || res.status === 429) && attempt < tries) {
         const retryAfter = parseRetryAfter(res.header("retry-after"));
         res.body.destroy();
         log("%s %s: %d, retrying (attempt %d)", req.method, res.url.href, res.status, attempt);
-        await this.sleep(Math.min(retryAfter ?? this.backoff(attempt), this.retry.maxDelayMs));
+        await this.sleep(Math.min(retryAfter ?? this.backoff(attempt), this.retry.maxDelayMs), signal);
         continue;
       }
       return res;
     }
-    throw networkError(lastErr, (lastErr as { host?: string })?.host ?? req.url.host, this.retry.tries);
+    throw networkError(lastErr, (lastErr as { host?: string })?.host ?? req.url.host, tries > 1 ? tries : undefined);
   }
 
-  private async sendFollowing(req: HttpRequest, registryHost?: string): Promise<HttpResponse> {
+  /** The transport's signal and a request's own, combined. */
+  private signalFor(own: AbortSignal | undefined): AbortSignal | undefined {
+    if (!own) return this.signal;
+    return this.signal ? AbortSignal.any([this.signal, own]) : own;
+  }
+
+  private async sendFollowing(req: HttpRequest, registryHost: string | undefined, signal: AbortSignal | undefined): Promise<HttpResponse> {
     let url = req.url;
     let method = req.method;
     let body = req.body;
     const headers = { ...req.headers };
     const origin = url.host;
     for (let hop = 0; hop <= MAX_REDIRECTS; hop++) {
-      const res = await this.sendOnce(method, url, headers, body, hop === 0 ? registryHost : undefined);
+      const res = await this.sendOnce(method, url, headers, body, { signal, count: req.count }, hop === 0 ? registryHost : undefined);
       const location = res.headers.location;
       if (![301, 302, 303, 307, 308].includes(res.status) || !location) return res;
       res.body.destroy();
@@ -190,35 +215,37 @@ export class Transport {
   }
 
   /** One request; for a registry host of unknown scheme, HTTPS first then plain HTTP when allowed. */
-  private async sendOnce(method: string, url: URL, headers: Record<string, string>, body: Buffer | undefined, registryHost?: string): Promise<HttpResponse> {
+  private async sendOnce(method: string, url: URL, headers: Record<string, string>, body: Buffer | undefined, extra: RawExtra, registryHost?: string): Promise<HttpResponse> {
     if (registryHost === undefined || this.schemes.has(registryHost)) {
       const scheme = registryHost !== undefined ? this.schemes.get(registryHost)! : url.protocol === "http:" ? "http" : "https";
-      return this.raw(method, withScheme(url, scheme), headers, body, scheme);
+      return this.raw(method, withScheme(url, scheme), headers, body, scheme, extra);
     }
     const mayDowngrade = isLoopback(registryHost) || this.isInsecure(registryHost);
     if (!mayDowngrade) {
       this.schemes.set(registryHost, "https");
-      return this.raw(method, withScheme(url, "https"), headers, body, "https");
+      return this.raw(method, withScheme(url, "https"), headers, body, "https", extra);
     }
     const first: Scheme = this.isInsecure(registryHost) ? "https-insecure" : "https";
     try {
-      const res = await this.raw(method, withScheme(url, "https"), headers, body, first);
+      const res = await this.raw(method, withScheme(url, "https"), headers, body, first, extra);
       this.schemes.set(registryHost, first);
       return res;
     } catch (err) {
       const code = errCode(err);
       const notTls = code === "EPROTO" || code === "ECONNRESET" || code.startsWith("ERR_SSL_");
-      if (!notTls || this.signal?.aborted) throw err;
+      if (!notTls || extra.signal?.aborted) throw err;
       log("%s does not speak TLS (%s), using plain HTTP", registryHost, code);
       this.schemes.set(registryHost, "http");
-      return this.raw(method, withScheme(url, "http"), headers, body, "http");
+      return this.raw(method, withScheme(url, "http"), headers, body, "http", extra);
     }
   }
 
-  private raw(method: string, url: URL, headers: Record<string, string>, body: Buffer | undefined, scheme: Scheme): Promise<HttpResponse> {
+  private raw(method: string, url: URL, headers: Record<string, string>, body: Buffer | undefined, scheme: Scheme, extra: RawExtra): Promise<HttpResponse> {
     const mod = scheme === "http" ? http : https;
     const agent = scheme === "http" ? this.httpAgent : scheme === "https" ? this.httpsAgent : this.httpsInsecureAgent;
+    const signal = extra.signal;
     this.requests++;
+    if (extra.count) extra.count.requests++;
     return new Promise<HttpResponse>((resolve, reject) => {
       const req = mod.request(
         url,
@@ -227,7 +254,7 @@ export class Transport {
           agent,
           headers: { "User-Agent": "supermachine", ...headers, ...(body ? { "Content-Length": String(body.length) } : {}) },
           timeout: this.timeoutMs,
-          ...(this.signal ? { signal: this.signal } : {}),
+          ...(signal ? { signal } : {}),
         },
         (res) => {
           resolve({
@@ -265,9 +292,10 @@ export class Transport {
     return this.retry.tries;
   }
 
-  sleep(ms: number): Promise<void> {
+  /** Waits `ms`, or rejects when the transport's signal (or `own`) aborts. */
+  sleep(ms: number, own?: AbortSignal): Promise<void> {
     return new Promise<void>((resolve, reject) => {
-      const signal = this.signal;
+      const signal = this.signalFor(own);
       if (signal?.aborted) return reject(aborted(signal));
       const onAbort = () => {
         clearTimeout(t);
@@ -281,8 +309,8 @@ export class Transport {
     });
   }
 
-  throwIfAborted(): void {
-    if (this.signal?.aborted) throw aborted(this.signal);
+  throwIfAborted(signal = this.signal): void {
+    if (signal?.aborted) throw aborted(signal);
   }
 }
 
@@ -320,6 +348,14 @@ export function parseRetryAfter(v: string | undefined): number | undefined {
   if (/^\d+$/.test(v.trim())) return Number(v.trim()) * 1000;
   const t = Date.parse(v);
   return Number.isNaN(t) ? undefined : Math.max(0, t - Date.now());
+}
+
+/**
+ * Whether `err` (from `send`) is a connection that failed in a way worth trying again: reset,
+ * cut or timed out, as opposed to a TLS failure, a refusal by name or an abort.
+ */
+export function isTransientNetworkError(err: unknown): boolean {
+  return err instanceof RegistryError && err.code === "REGISTRY_UNREACHABLE" && RETRYABLE_NET.has(errCode(err.cause));
 }
 
 export function errCode(err: unknown): string {
