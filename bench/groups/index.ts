@@ -2,6 +2,7 @@
 import { acquireGroup } from "./acquire.js";
 import { bakeGroup } from "./bake.js";
 import { cacheGroup } from "./cache.js";
+import { cacheWanGroup } from "./cache-wan.js";
 import { densityGroup } from "./density.js";
 import { egressGroup } from "./egress.js";
 import { floodGroup } from "./flood.js";
@@ -40,6 +41,7 @@ export const GROUPS: readonly BenchGroup[] = [
   watchGroup,
   egressGroup,
   cacheGroup,
+  cacheWanGroup,
   staleLockGroup,
   installGroup,
 ];

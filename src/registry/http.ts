@@ -106,6 +106,8 @@ export class Transport {
   private readonly retry: RetryPolicy;
   /** Requests sent so far (every attempt and redirect hop), for transfer reports. */
   requests = 0;
+  /** Hosts whose scheme is being found out, and when that ends. */
+  private readonly probes = new Map<string, Promise<void>>();
   private readonly timeoutMs: number;
   private readonly insecure: string[];
   private readonly schemes = new Map<string, Scheme>();
@@ -225,6 +227,23 @@ export class Transport {
       this.schemes.set(registryHost, "https");
       return this.raw(method, withScheme(url, "https"), headers, body, "https", extra);
     }
+    // One probe per host: requests that start while it runs wait for its answer.
+    const probing = this.probes.get(registryHost);
+    if (probing) {
+      await probing.catch(() => undefined);
+      return this.sendOnce(method, url, headers, body, extra, registryHost);
+    }
+    let settle!: () => void;
+    this.probes.set(registryHost, new Promise<void>((r) => (settle = r)));
+    try {
+      return await this.probe(method, url, headers, body, extra, registryHost);
+    } finally {
+      this.probes.delete(registryHost);
+      settle();
+    }
+  }
+
+  private async probe(method: string, url: URL, headers: Record<string, string>, body: Buffer | undefined, extra: RawExtra, registryHost: string): Promise<HttpResponse> {
     const first: Scheme = this.isInsecure(registryHost) ? "https-insecure" : "https";
     try {
       const res = await this.raw(method, withScheme(url, "https"), headers, body, first, extra);

@@ -193,11 +193,8 @@ export class PushClient {
    * reset, timeout, 5xx, 429) is not resent blindly: the registry is asked how much of the
    * session it holds and the upload goes on from there, or in a new session when it holds none.
    * Failures are bounded by the transport's retry count, with its backoff.
-   *
-   * The `& void` in the type only lets callers still typed `Promise<void>` compile
-   * (transfer/registry.ts's writeBlob); drop it once they use the result.
    */
-  async uploadBlob(digest: string, data: Buffer, opts: UploadOptions = {}): Promise<UploadResult & void> {
+  async uploadBlob(digest: string, data: Buffer, opts: UploadOptions = {}): Promise<UploadResult> {
     const pieceSize = opts.pieceSize ?? DEFAULT_UPLOAD_PIECE_BYTES;
     if (!Number.isSafeInteger(pieceSize) || pieceSize < 1) throw new RangeError(`upload piece size must be a positive integer, not ${pieceSize}`);
     const ctx: CallContext = { stats: { requests: 0, bytesSent: 0, resumed: 0, restarted: 0 }, signal: opts.signal };
@@ -205,7 +202,7 @@ export class PushClient {
     else await this.uploadInPieces(digest, data, pieceSize, ctx);
     const s = ctx.stats;
     log("pushed blob %s (%d bytes) to %s: %d requests, %d bytes sent, resumed %d, restarted %d", digest, data.length, this.name, s.requests, s.bytesSent, s.resumed, s.restarted);
-    return s as UploadResult & void;
+    return s;
   }
 
   /** POST for a new upload session; its location. */

@@ -7,7 +7,7 @@
  * manifest, in a handful of requests whatever its size.
  */
 import { createHash } from "node:crypto";
-import { readFile } from "node:fs/promises";
+import { open, readFile } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { logger } from "../debug.js";
 import { keyOf, stableJson } from "../schema/key.js";
@@ -19,6 +19,7 @@ import { CacheError } from "./errors.js";
 import {
   ANNOTATIONS,
   CHUNK_SIZE,
+  chunkLength,
   decodeConfig,
   digestOf,
   encodeConfig,
@@ -40,6 +41,7 @@ import {
 } from "./format.js";
 import { Lanes } from "./lanes.js";
 import { checkSignature, parseTrust, signManifest } from "./sign.js";
+import { keepConfigCopy, readConfigCopy } from "./config-memo.js";
 import { PackWriter, resolveFrame, type ClosedPack, type PendingFrame } from "./packs.js";
 import { fileChunks } from "./files.js";
 import { makeReport, type TransferEntry, type TransferOptions, type TransferReport } from "./report.js";
@@ -127,19 +129,26 @@ class ExportSession {
   private readonly blobs = new Map<string, Promise<boolean>>();
   private readonly rootfs = new Map<string, Promise<RootfsPart>>();
   private readonly artifacts = new Map<string, ArtifactFacts>();
-  private readonly lanes: number;
+  /** Manifests read from the cache in this session, by key (undefined: the cache has none). */
+  private readonly manifests = new Map<string, Promise<Buffer | undefined>>();
+  /**
+   * Uploads in flight, at most `parallelism` at once: a snapshot's packs, indexes and config go
+   * while the next ones are made, and only its manifest waits for all of them.
+   */
+  private readonly uploads: Lanes;
 
   constructor(
     private readonly backend: CacheBackend,
     private readonly opts: TransferOptions,
   ) {
-    this.lanes = backend.parallelism;
+    this.uploads = new Lanes(backend.parallelism);
   }
 
   /**
    * Writes a blob unless the destination has it: `check` asks the destination first (a blob that
-   * may be there from an earlier export); without it a blob only this snapshot can have is
-   * written at once. Resolves true when it was written now.
+   * may be there from an earlier export); without it the blob is written at once (one only this
+   * snapshot has, or one so small that writing it again costs less than asking). Resolves true
+   * when it was written now.
    */
   private put(digest: string, data: Buffer, check: boolean): Promise<boolean> {
     const known = this.blobs.get(digest);
@@ -155,21 +164,25 @@ class ExportSession {
     return p;
   }
 
-  private async putCounted(digest: string, data: Buffer, c: Counters, check: boolean): Promise<Descriptor> {
-    if (await this.put(digest, data, check)) c.bytesMoved += data.length;
+  /** Schedules a put in the upload lanes (waiting only for a free lane); counts what it wrote into `c`. */
+  private async putLater(digest: string, data: Buffer, check: boolean, c: Counters, frames = 0): Promise<Descriptor> {
+    await this.uploads.run(async () => {
+      if (await this.put(digest, data, check)) {
+        c.bytesMoved += data.length;
+        c.chunksMoved += frames;
+      }
+    });
     return { mediaType: "", digest, size: data.length };
   }
 
-  /** A pack writer whose closed packs are uploaded (missing ones only) in parallel lanes. */
-  private packer(target: number, lanes: Lanes, c: Counters, packs: Descriptor[], file: IndexedFile): PackWriter {
+  /** A pack writer whose closed packs are uploaded (missing ones only) in the upload lanes. */
+  private packer(target: number, c: Counters, packs: Descriptor[], file: IndexedFile): PackWriter {
     return new PackWriter(target, async (p: ClosedPack) => {
       packs.push({ mediaType: MEDIA.pack, digest: p.digest, size: p.bytes.length, annotations: { [ANNOTATIONS.file]: file } });
-      await lanes.run(async () => {
-        if (await this.put(p.digest, p.bytes, true)) {
-          c.bytesMoved += p.bytes.length;
-          c.chunksMoved += p.frames;
-        }
-      });
+      // A root filesystem's packs are often there already (another snapshot of the image); a
+      // snapshot's own pack of more than a MiB may be, from an interrupted export. Asking costs a
+      // round trip, not the bytes; a small pack of new chunks is written without asking.
+      await this.putLater(p.digest, p.bytes, file === "rootfs.sqfs" || p.bytes.length > 1024 * 1024, c, p.frames);
     });
   }
 
@@ -190,9 +203,8 @@ class ExportSession {
           throw new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${snap.dir}: the metadata of its root filesystem (${metaPath}) cannot be read`, { cause, hint: "rebuild the image (supermachine build --force)" });
         });
         if (metaBytes.length > LIMITS.imageMetaBytes) throw new CacheError("CACHE_TOO_LARGE", `${metaPath} is larger than ${LIMITS.imageMetaBytes} bytes`);
-        const lanes = new Lanes(this.lanes);
         const packs: Descriptor[] = [];
-        const writer = this.packer(packTarget(size), lanes, c, packs, "rootfs.sqfs");
+        const writer = this.packer(packTarget(size), c, packs, "rootfs.sqfs");
         const whole = new WholeHash();
         const pending: Array<{ offset: number; sha256: string; frame: PendingFrame }> = [];
         const seen = new Map<string, PendingFrame>();
@@ -206,7 +218,6 @@ class ExportSession {
           pending.push({ offset, sha256, frame });
         }
         await writer.finish();
-        await lanes.drain();
         const sha256 = whole.digest(size);
         const recorded = await rootfsDigest(path);
         if (recorded !== undefined && recorded !== sha256) {
@@ -215,8 +226,8 @@ class ExportSession {
         const chunks: IndexedChunk[] = pending.map((x) => ({ offset: x.offset, sha256: x.sha256, ...resolveFrame(x.frame) }));
         const index: FileIndex = { file: "rootfs.sqfs", size, sha256, chunks };
         const ib = encodeFileIndex(index);
-        const indexDesc = await this.putCounted(digestOf(ib), ib, c, true);
-        const metaDesc = await this.putCounted(digestOf(metaBytes), metaBytes, c, true);
+        const indexDesc = await this.putLater(digestOf(ib), ib, true, c);
+        const metaDesc = await this.putLater(digestOf(metaBytes), metaBytes, true, c);
         return {
           image: digest,
           sha256,
@@ -232,40 +243,63 @@ class ExportSession {
     return p;
   }
 
+  /** The cache's manifest of snapshot `key` (read once per session). */
+  private manifestOf(key: string): Promise<Buffer | undefined> {
+    let p = this.manifests.get(key);
+    if (!p) {
+      p = this.backend.readManifest(key);
+      this.manifests.set(key, p);
+      p.catch(() => this.manifests.delete(key));
+    }
+    return p;
+  }
+
+  /**
+   * Whether the cache has snapshot `key` as this export would write it: a version 2 artifact,
+   * and with a signing key, one this key signed. An entry someone else wrote is exported again
+   * from this machine's bytes (and signed), never re-signed as it is.
+   */
+  private async present(key: string): Promise<boolean> {
+    if (this.artifacts.has(key)) return true;
+    const bytes = await this.manifestOf(key);
+    if (!bytes) return false;
+    const what = `snapshot ${key.slice(0, 16)} in cache ${this.backend.location}`;
+    try {
+      const m = parseManifest(bytes, what, "null");
+      if (!m || m.annotations[ANNOTATIONS.key] !== key) return false;
+    } catch (err) {
+      log("%s: unreadable (%s): exported again", what, (err as Error).message);
+      return false;
+    }
+    const signer = this.opts.signingKey;
+    if (!signer) return true;
+    try {
+      if (checkSignature(bytes, parseTrust([signer.publicKey], "the signing key"), what).signedBy === signer.id) return true;
+    } catch {
+      // not signed by this key
+    }
+    log("%s: present but not signed by key %s: exported again", what, signer.id);
+    return false;
+  }
+
   /**
    * What the cache's artifact of `key` offers a child: its packs and where each of its RAM
    * chunks is. Nothing read here is trusted for content: a child only references a frame for a
    * chunk whose sha256 it computed itself, and every importer checks each frame against it.
    */
-  private async cachedArtifact(key: string, asPresent = false): Promise<ArtifactFacts | undefined> {
+  private async cachedArtifact(key: string): Promise<ArtifactFacts | undefined> {
     const known = this.artifacts.get(key);
     if (known) return known;
     try {
-      const bytes = await this.backend.readManifest(key);
+      const bytes = await this.manifestOf(key);
       if (!bytes) return undefined;
       const what = `snapshot ${key.slice(0, 16)} in cache ${this.backend.location}`;
       const m = parseManifest(bytes, what, "null");
       if (!m || m.annotations[ANNOTATIONS.key] !== key) return undefined;
-      // With a signing key, an entry counts as present only when this key signed it: an entry
-      // someone else wrote is exported again from this machine's bytes (and signed), never
-      // re-signed as it is.
-      if (asPresent && this.opts.signingKey) {
-        const signer = this.opts.signingKey;
-        const ok = (() => {
-          try {
-            return checkSignature(bytes, parseTrust([signer.publicKey], "the signing key"), what).signedBy === signer.id;
-          } catch {
-            return false;
-          }
-        })();
-        if (!ok) {
-          log("%s: present but not signed by key %s: exported again", what, signer.id);
-          return undefined;
-        }
-      }
       const parts = manifestParts(m, what);
-      const configBytes = await this.backend.readBlob(m.config.digest, Math.min(m.config.size, LIMITS.configBytes), what);
+      const configBytes = (await readConfigCopy(m.config.digest, m.config.size)) ?? (await this.backend.readBlob(m.config.digest, Math.min(m.config.size, LIMITS.configBytes), what));
       if (!configBytes || digestOf(configBytes) !== m.config.digest) return undefined;
+      await keepConfigCopy(m.config.digest, configBytes);
       const config = decodeConfig(configBytes, `the config of ${what}`);
       const packs = new Map(m.layers.filter((l) => l.mediaType === MEDIA.pack).map((l) => [l.digest, l]));
       const frames = new Map<string, FrameRef>();
@@ -273,7 +307,9 @@ class ExportSession {
       const rootfsPacks = m.layers.filter((l) => l.mediaType === MEDIA.pack && l.annotations?.[ANNOTATIONS.file] === "rootfs.sqfs");
       const image = m.annotations[ANNOTATIONS.image] ?? "";
       const sha256 = parts.rootfsIndex.annotations?.[ANNOTATIONS.sha256] ?? "";
-      return { rootfs: { image, sha256, index: parts.rootfsIndex, meta: parts.imageMeta, packs: rootfsPacks, frames: new Map() }, frames, packs };
+      const facts = { rootfs: { image, sha256, index: parts.rootfsIndex, meta: parts.imageMeta, packs: rootfsPacks, frames: new Map() }, frames, packs };
+      this.artifacts.set(key, facts);
+      return facts;
     } catch (err) {
       // A parent the cache cannot give back is not reused: the child then carries its own chunks.
       log("parent %s in %s not reused: %s", key.slice(0, 16), this.backend.location, (err as Error).message);
@@ -291,15 +327,15 @@ class ExportSession {
       });
     }
     this.opts.onProgress?.({ type: "start", name, key });
-    const existing = await this.cachedArtifact(key, true);
-    if (existing) {
+    // Its own entry and its parent's are asked for at once (one round trip, not two).
+    const parentKey = meta.inputs.parent;
+    const [present, parent] = await Promise.all([this.present(key), parentKey ? this.cachedArtifact(parentKey) : undefined]);
+    if (present) {
       log("%s (%s): already in %s", name, key, this.backend.location);
-      this.artifacts.set(key, existing);
       return this.done({ name, key, status: "present", chunks: 0, chunksMoved: 0, bytesMoved: 0 });
     }
     const t0 = performance.now();
     const c: Counters = { chunksMoved: 0, bytesMoved: 0 };
-    const parent = meta.inputs.parent ? await this.cachedArtifact(meta.inputs.parent) : undefined;
     // The root filesystem: the parent's when it is this image's with the same bytes, else packed here.
     const localSha = meta.image.rootfsSha256 ?? (await rootfsDigest(meta.image.rootfs));
     const rootfs = parent && parent.rootfs.image === meta.image.digest && localSha !== undefined && parent.rootfs.sha256 === localSha ? parent.rootfs : await this.rootfsOf(snap, c);
@@ -310,38 +346,60 @@ class ExportSession {
       new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${snap.dir} is damaged: its RAM differs from its checksums ${why}; it was not exported`, {
         hint: "supermachine verify --fix quarantines it; build it again (supermachine build) before exporting",
       });
-    const lanes = new Lanes(this.lanes);
     const ownPacks: Descriptor[] = [];
-    const writer = this.packer(packTarget(meta.files.ram.size), lanes, c, ownPacks, "ram");
+    const writer = this.packer(packTarget(meta.files.ram.size), c, ownPacks, "ram");
     const reused = (sha: string): FrameRef | undefined => parent?.frames.get(sha) ?? rootfs.frames.get(sha);
     const own = new Map<string, PendingFrame>();
     const pending: Array<{ offset: number; sha256: string; frame: FrameRef | PendingFrame }> = [];
     let read = 0;
-    for await (const { offset, data } of fileChunks(snap.ram, meta.files.ram.size)) {
-      this.opts.signal?.throwIfAborted();
-      const sha256 = sha256hex(data);
-      if (sums.chunkSize === CHUNK_SIZE && sums.chunks.get(offset / CHUNK_SIZE)?.toString("hex") !== sha256) throw refuse(`at offset ${offset}`);
+    const add = async (offset: number, sha256: string, data: () => Promise<Buffer>) => {
       let frame: FrameRef | PendingFrame | undefined = reused(sha256) ?? own.get(sha256);
       if (!frame) {
-        const f = await writer.add(compress(data));
+        const f = await writer.add(compress(await data()));
         own.set(sha256, f);
         frame = f;
       }
       pending.push({ offset, sha256, frame });
       if (++read % 256 === 0) this.opts.onProgress?.({ type: "chunks", name, key, done: read, moved: own.size });
+    };
+    if (sums.chunkSize === CHUNK_SIZE) {
+      // The RAM's checksums name every non-zero chunk: only the chunks no listed pack holds are
+      // read (holes never are), each checked against its checksum before it is packed.
+      const fh = await open(snap.ram, "r");
+      try {
+        for (const [i, sum] of sums.chunks) {
+          this.opts.signal?.throwIfAborted();
+          const offset = i * CHUNK_SIZE;
+          const sha256 = sum.toString("hex");
+          await add(offset, sha256, async () => {
+            const buf = Buffer.allocUnsafe(chunkLength(meta.files.ram.size, offset));
+            const { bytesRead } = await fh.read(buf, 0, buf.length, offset);
+            if (bytesRead !== buf.length || sha256hex(buf) !== sha256) throw refuse(`at offset ${offset}`);
+            return buf;
+          });
+        }
+      } finally {
+        await fh.close();
+      }
+    } else {
+      for await (const { offset, data } of fileChunks(snap.ram, meta.files.ram.size)) {
+        this.opts.signal?.throwIfAborted();
+        await add(offset, sha256hex(data), async () => data);
+      }
     }
-    if (sums.chunkSize === CHUNK_SIZE && pending.length !== sums.chunks.size) throw refuse(`(${sums.chunks.size - pending.length} chunks read back as zeroes)`);
     const stateBytes = await readFile(snap.state);
     if (stateBytes.length !== meta.files.state.size || sha256hex(stateBytes) !== meta.files.state.sha256) throw new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${snap.dir} is damaged: its device state differs from its metadata; it was not exported`, { hint: "build it again (supermachine build) before exporting" });
     const stateFrame = await writer.add(compress(stateBytes));
     await writer.finish();
-    await lanes.drain();
 
     const ramChunks: IndexedChunk[] = pending.map((x) => ({ offset: x.offset, sha256: x.sha256, ...("slot" in x.frame ? resolveFrame(x.frame) : x.frame) }));
     const ram: FileIndex = { file: "ram", size: meta.files.ram.size, chunks: ramChunks };
     const state = { ...resolveFrame(stateFrame), length: stateBytes.length, sha256: meta.files.state.sha256 };
     const configBytes = encodeConfig({ snapshot: toConfig(meta), state, ram });
-    const configDesc = await this.putCounted(digestOf(configBytes), configBytes, c, false);
+    // The config goes while the packs still upload; the manifest, which names them all, waits.
+    const configDesc = await this.putLater(digestOf(configBytes), configBytes, false, c);
+    await keepConfigCopy(configDesc.digest, configBytes);
+    await this.uploads.drain();
 
     // Layers: the root filesystem's, then every pack of the parent (in its order: a registry's
     // garbage collection then keeps all a chain needs), then this snapshot's own.

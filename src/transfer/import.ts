@@ -43,6 +43,7 @@ import { Lanes } from "./lanes.js";
 import { readFrames, type FrameWant } from "./packs.js";
 import { makeReport, type ImportOptions, type LocalEngine, type TransferEntry, type TransferReport } from "./report.js";
 import { installImage, readImageEntry } from "./rootfs.js";
+import { keepConfigCopy } from "./config-memo.js";
 import { checkSignature, parseTrust, type CacheTrust } from "./sign.js";
 import { checkBehaviour, checkChild, checkEngine } from "./checks.js";
 import { decompressBounded } from "./zstd.js";
@@ -161,7 +162,8 @@ export class ImportSession {
     const engine = this.opts.engine;
     // The snapshot's metadata is checked before its RAM index is parsed: the key recomputed from
     // its inputs, the engine, and that it runs what its key (and this project) says.
-    const config = decodeConfig(await this.fetchVerified(manifest.config, LIMITS.configBytes, `the config of ${what}`, c), `the config of ${what}`, (snap) => {
+    const configBytes = await this.fetchVerified(manifest.config, LIMITS.configBytes, `the config of ${what}`, c);
+    const config = decodeConfig(configBytes, `the config of ${what}`, (snap) => {
       if (snap.hash !== key || keyOf(snap.inputs) !== key) {
         throw new CacheError("CACHE_KEY_MISMATCH", `${what}: its inputs hash to ${keyOf(snap.inputs).slice(0, 16)}, not to the key it is stored under`, {
           hint: "the cache entry was tampered with or made by an incompatible version: nothing was imported",
@@ -171,6 +173,8 @@ export class ImportSession {
       checkBehaviour(snap, what, this.opts.expect?.get(key));
     });
     const snap = config.snapshot;
+    // A child exported from here later reads where its parent's chunks are from this copy.
+    await keepConfigCopy(manifest.config.digest, configBytes);
     const parts = manifestParts(manifest, `the manifest of ${what}`);
     checkFrames([...config.ram.chunks, config.state], parts.packs, `the config of ${what}`);
 

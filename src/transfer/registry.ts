@@ -5,7 +5,10 @@
  * TLS and the insecure/loopback rules are those of pulls (src/registry/).
  */
 import type { RegistryOptions } from "../registry/client.js";
+import { join } from "node:path";
+import { homePaths } from "../paths.js";
 import { PushClient } from "../registry/push.js";
+import { fileUploadJournal } from "../registry/upload-journal.js";
 import type { CacheBackend } from "./backend.js";
 import { ANNOTATIONS, imageTagOf, LIMITS, MEDIA, tagOf, type ArtifactManifest } from "./format.js";
 
@@ -15,8 +18,13 @@ export class RegistryBackend implements CacheBackend {
   readonly location: string;
   private readonly client: PushClient;
 
-  constructor(registry: string, repository: string, opts: RegistryOptions) {
-    this.client = new PushClient({ registry, repository }, opts);
+  private readonly signal: AbortSignal | undefined;
+
+  constructor(registry: string, repository: string, opts: RegistryOptions & { signal?: AbortSignal }) {
+    // Upload sessions are remembered in the home for a day: a push killed mid-pack and run again
+    // goes on with the same session where the registry still holds it.
+    this.client = new PushClient({ registry, repository }, { ...opts, journal: fileUploadJournal(join(homePaths().home, "transfer", "uploads")) });
+    this.signal = opts.signal;
     this.location = `${registry}/${repository}`;
   }
 
@@ -28,8 +36,8 @@ export class RegistryBackend implements CacheBackend {
     return this.client.blobSize(digest);
   }
 
-  writeBlob(digest: string, data: Buffer): Promise<void> {
-    return this.client.uploadBlob(digest, data);
+  async writeBlob(digest: string, data: Buffer): Promise<void> {
+    await this.client.uploadBlob(digest, data, this.signal ? { signal: this.signal } : {});
   }
 
   readBlob(digest: string, limit: number, what: string): Promise<Buffer | undefined> {

@@ -93,9 +93,11 @@ describe("signed snapshots", () => {
 
   it("exports again, signed, a snapshot present in the cache but not signed by its key", async () => {
     const cache = await unsignedCache();
+    const before = [parent, child].map((s) => manifestOf(cache, s.meta.hash).layers.map((l) => l.digest));
     const again = await exportSnapshots(cache, [parent, child], signed);
     expect(again.snapshots.map((s) => s.status)).toEqual(["exported", "exported"]);
-    expect(again.chunksMoved).toBe(0); // the same bytes: every pack was there
+    // The same bytes make the same packs (small ones are written again rather than asked for).
+    expect([parent, child].map((s) => manifestOf(cache, s.meta.hash).layers.map((l) => l.digest))).toEqual(before);
     expect(manifestOf(cache, child.meta.hash).annotations["dev.supermachine.signature"]).toMatch(/^ed25519:[0-9a-f]{16}:/);
     expect((await exportSnapshots(cache, [parent, child], signed)).snapshots.map((s) => s.status)).toEqual(["present", "present"]);
   });
