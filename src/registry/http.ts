@@ -38,7 +38,7 @@ export interface TransportOptions {
 }
 
 export interface HttpRequest {
-  method: "GET" | "HEAD" | "POST" | "PUT" | "PATCH";
+  method: "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE";
   url: URL;
   headers?: Record<string, string>;
   body?: Buffer;
@@ -235,19 +235,24 @@ export class Transport {
     }
     let settle!: () => void;
     this.probes.set(registryHost, new Promise<void>((r) => (settle = r)));
-    try {
-      return await this.probe(method, url, headers, body, extra, registryHost);
-    } finally {
-      this.probes.delete(registryHost);
+    // The waiting requests go on as soon as the scheme is known, not when this request ends.
+    const settled = () => {
+      if (this.probes.get(registryHost) !== undefined) this.probes.delete(registryHost);
       settle();
+    };
+    try {
+      return await this.probe(method, url, headers, body, extra, registryHost, settled);
+    } finally {
+      settled();
     }
   }
 
-  private async probe(method: string, url: URL, headers: Record<string, string>, body: Buffer | undefined, extra: RawExtra, registryHost: string): Promise<HttpResponse> {
+  private async probe(method: string, url: URL, headers: Record<string, string>, body: Buffer | undefined, extra: RawExtra, registryHost: string, known: () => void): Promise<HttpResponse> {
     const first: Scheme = this.isInsecure(registryHost) ? "https-insecure" : "https";
     try {
       const res = await this.raw(method, withScheme(url, "https"), headers, body, first, extra);
       this.schemes.set(registryHost, first);
+      known();
       return res;
     } catch (err) {
       const code = errCode(err);
@@ -255,6 +260,7 @@ export class Transport {
       if (!notTls || extra.signal?.aborted) throw err;
       log("%s does not speak TLS (%s), using plain HTTP", registryHost, code);
       this.schemes.set(registryHost, "http");
+      known();
       return this.raw(method, withScheme(url, "http"), headers, body, "http", extra);
     }
   }

@@ -17,7 +17,7 @@ import { uploadJournalKey, validLocation, type UploadJournal } from "./upload-jo
 
 const log = logger("registry");
 
-type Method = "GET" | "HEAD" | "POST" | "PUT" | "PATCH";
+type Method = "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE";
 
 /**
  * Blobs up to this size go up in one request; larger ones in pieces of this size. A piece is
@@ -103,6 +103,8 @@ export class PushClient {
   private readonly auth: Authenticator;
   private readonly scope: string;
   private readonly journal: UploadJournal | undefined;
+  /** Upload sessions started ahead of the uploads that will use them. */
+  private readonly spare: Array<Promise<URL | undefined>> = [];
 
   constructor(
     readonly ref: Pick<RegistryRef, "registry" | "repository">,
@@ -206,7 +208,38 @@ export class PushClient {
   }
 
   /** POST for a new upload session; its location. */
+  /**
+   * Starts `n` upload sessions now, for the next whole uploads to use: their round trip then
+   * overlaps the caller's work (packing what it will upload). Sessions left unused are cancelled
+   * by `cancelSpareUploads()`.
+   */
+  prestartUploads(n: number): void {
+    for (let i = 0; i < n; i++) {
+      const p = this.postSession("(a blob to come)", { stats: { requests: 0, bytesSent: 0, resumed: 0, restarted: 0 }, signal: undefined }).catch(() => undefined);
+      this.spare.push(p);
+    }
+  }
+
+  /** Cancels the sessions `prestartUploads` began that no upload took (best effort). */
+  async cancelSpareUploads(): Promise<void> {
+    const left = this.spare.splice(0);
+    await Promise.all(
+      left.map(async (p) => {
+        const url = await p;
+        if (!url) return;
+        const res = await this.request("DELETE", url).catch(() => undefined);
+        res?.body.resume();
+      }),
+    );
+  }
+
   private async startSession(digest: string, ctx: CallContext): Promise<URL> {
+    const spare = this.spare.shift();
+    const ready = spare ? await spare : undefined;
+    return ready ?? this.postSession(digest, ctx);
+  }
+
+  private async postSession(digest: string, ctx: CallContext): Promise<URL> {
     const res = await this.request("POST", `/v2/${this.ref.repository}/blobs/uploads/`, { "Content-Length": "0" }, undefined, ctx);
     if (res.status !== 202) throw await this.fail(res, `starting the upload of blob ${digest}`);
     res.body.resume();

@@ -33,6 +33,10 @@ export interface CacheBackend {
   readImageManifest(imageDigest: string): Promise<Buffer | undefined>;
   /** Blob operations at once that suit it (a registry gains from parallel requests). */
   readonly parallelism: number;
+  /** Begins `n` uploads ahead of the blobs that will use them (a registry: their round trips overlap packing). */
+  prepareUploads?(n: number): void;
+  /** Ends what `prepareUploads` began and no blob used. */
+  finish?(): Promise<void>;
   /** Requests sent so far (a registry), for reports. */
   readonly requests: number | undefined;
   close(): void;

@@ -77,6 +77,7 @@ export async function exportSnapshots(dest: string, snapshots: Array<{ dir: stri
       opts.signal?.throwIfAborted();
       entries.push(await session.export(snap));
     }
+    await backend.finish?.();
     return makeReport(backend, entries, t0);
   } finally {
     backend.close();
@@ -336,6 +337,8 @@ class ExportSession {
     }
     const t0 = performance.now();
     const c: Counters = { chunksMoved: 0, bytesMoved: 0 };
+    // Its config and its first pack are new: their uploads begin while they are made.
+    this.backend.prepareUploads?.(2);
     // The root filesystem: the parent's when it is this image's with the same bytes, else packed here.
     const localSha = meta.image.rootfsSha256 ?? (await rootfsDigest(meta.image.rootfs));
     const rootfs = parent && parent.rootfs.image === meta.image.digest && localSha !== undefined && parent.rootfs.sha256 === localSha ? parent.rootfs : await this.rootfsOf(snap, c);
@@ -365,16 +368,30 @@ class ExportSession {
     if (sums.chunkSize === CHUNK_SIZE) {
       // The RAM's checksums name every non-zero chunk: only the chunks no listed pack holds are
       // read (holes never are), each checked against its checksum before it is packed.
+      const list = [...sums.chunks].map(([i, sum]) => ({ offset: i * CHUNK_SIZE, sha256: sum.toString("hex") }));
+      // Which chunks must be read (the first of each content no listed pack holds), read in runs
+      // of adjacent chunks: a few large reads rather than one per chunk.
+      const seen = new Set<string>();
+      const need = list.map((x) => !reused(x.sha256) && !seen.has(x.sha256) && seen.add(x.sha256) !== undefined);
+      const size = meta.files.ram.size;
       const fh = await open(snap.ram, "r");
       try {
-        for (const [i, sum] of sums.chunks) {
+        let run: { start: number; end: number; buf: Buffer } | undefined;
+        for (let k = 0; k < list.length; k++) {
           this.opts.signal?.throwIfAborted();
-          const offset = i * CHUNK_SIZE;
-          const sha256 = sum.toString("hex");
-          await add(offset, sha256, async () => {
-            const buf = Buffer.allocUnsafe(chunkLength(meta.files.ram.size, offset));
+          const { offset, sha256 } = list[k]!;
+          if (need[k] && !(run && offset >= run.start && offset < run.end)) {
+            let end = offset + chunkLength(size, offset);
+            for (let q = k + 1; q < list.length && need[q] && list[q]!.offset === end && end - offset < 4 * 1024 * 1024; q++) end += chunkLength(size, end);
+            const buf = Buffer.allocUnsafe(end - offset);
             const { bytesRead } = await fh.read(buf, 0, buf.length, offset);
-            if (bytesRead !== buf.length || sha256hex(buf) !== sha256) throw refuse(`at offset ${offset}`);
+            if (bytesRead !== buf.length) throw refuse(`(it ends before offset ${end})`);
+            run = { start: offset, end, buf };
+          }
+          const r = run;
+          await add(offset, sha256, async () => {
+            const buf = r!.buf.subarray(offset - r!.start, offset - r!.start + chunkLength(size, offset));
+            if (sha256hex(buf) !== sha256) throw refuse(`at offset ${offset}`);
             return buf;
           });
         }

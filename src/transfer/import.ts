@@ -18,7 +18,7 @@ import { ramSumsFrom, readRamSums } from "../store/ram-sums.js";
 import { loadSnapshot, publishSnapshot, rootfsDigest, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotMeta } from "../store/snapshots.js";
 import { openCache, type CacheBackend } from "./backend.js";
 import { CacheError } from "./errors.js";
-import { localChunks, type LocalChunks } from "./files.js";
+import { localChunks, RunWriter, type LocalChunks } from "./files.js";
 import {
   ANNOTATIONS,
   CHUNK_SIZE,
@@ -196,24 +196,35 @@ export class ImportSession {
 
   private async writeSnapshot(tmp: string, dir: string, what: string, config: ArtifactConfig, parts: ManifestParts, parent: LoadedSnapshot | undefined, c: Counters, id: { name: string; key: string }, signed: boolean): Promise<SnapshotMeta> {
     const snap = config.snapshot;
-    const rootfsIndex = await this.fileIndex(parts.rootfsIndex, "rootfs.sqfs", snap.image.rootfsSize, parts, what, c);
+    // The root filesystem (its index, then what the image store lacks) comes while the RAM does.
+    // Only a signed artifact may add an image to the store; an unsigned one keeps what it
+    // brought inside its own snapshot.
+    const rootfsP = (async () => {
+      const rootfsIndex = await this.fileIndex(parts.rootfsIndex, "rootfs.sqfs", snap.image.rootfsSize, parts, what, c);
+      return installImage(this, snap.image.digest, parts, rootfsIndex, { tmp, dir, publish: signed }, what, c);
+    })();
+    rootfsP.catch(() => undefined); // awaited below; a RAM failure first must not leave it unhandled
     // RAM and state together: frames of one pack are read in one pass.
-    const fromParent = parent ? await parentChunks(parent) : new Map();
     let state: Buffer | undefined;
-    await this.rebuild(join(tmp, SNAPSHOT_FILES.ram), config.ram, fromParent, parts.packs, `the RAM of ${what}`, c, id, {
-      ref: config.state,
-      use: async (frame) => {
-        const label = `the device state of ${what}`;
-        const bytes = decompressBounded(frame, label, { expected: config.state.length });
-        if (sha256hex(bytes) !== config.state.sha256) throw new CacheError("CACHE_CHUNK_CORRUPT", `${label} does not match its sha256`, { hint: "the cache entry is damaged: export the snapshot again" });
-        state = bytes;
-      },
-    });
+    try {
+      const fromParent = parent ? await parentChunks(parent) : new Map();
+      await this.rebuild(join(tmp, SNAPSHOT_FILES.ram), config.ram, fromParent, parts.packs, `the RAM of ${what}`, c, id, {
+        ref: config.state,
+        use: async (frame) => {
+          const label = `the device state of ${what}`;
+          const bytes = decompressBounded(frame, label, { expected: config.state.length });
+          if (sha256hex(bytes) !== config.state.sha256) throw new CacheError("CACHE_CHUNK_CORRUPT", `${label} does not match its sha256`, { hint: "the cache entry is damaged: export the snapshot again" });
+          state = bytes;
+        },
+      });
+    } catch (err) {
+      // Nothing may still write into the temp directory once the failure removes it.
+      await rootfsP.catch(() => undefined);
+      throw err;
+    }
     if (!state) throw new Error(`internal: the state of ${what} was not read`);
     await writeFile(join(tmp, SNAPSHOT_FILES.state), state);
-    // Only a signed artifact may add an image to the shared image store; an unsigned one keeps
-    // what it brought inside its own snapshot.
-    const rootfs = await installImage(this, snap.image.digest, parts, rootfsIndex, { tmp, dir, publish: signed }, what, c);
+    const rootfs = await rootfsP;
     await writeFile(join(tmp, SNAPSHOT_FILES.log), `imported from ${this.backend.location} (created ${snap.created}); key ${id.key}\n`);
     const { version: _v, files: _f, ...rest } = snap;
     // The digest of the root filesystem as this machine's image store records it (not the cache's word).
@@ -285,6 +296,7 @@ export class ImportSession {
     const sources = new Map<string, FileHandle>();
     try {
       await fh.truncate(index.size);
+      const out = new RunWriter(fh);
       type Want = FrameWant & { use: (frame: Buffer) => Promise<void> };
       const byPack = new Map<string, Want[]>();
       const want = (ref: FrameRef, use: (frame: Buffer) => Promise<void>) => {
@@ -303,7 +315,7 @@ export class ImportSession {
           const { bytesRead } = await h.read(buf, 0, g.length, src.offset);
           // The local file may have changed since it was hashed: only equal bytes are used.
           if (bytesRead === g.length && sha256hex(buf) === sha256) {
-            for (const o of g.offsets) await fh.write(buf, 0, buf.length, o);
+            for (const o of g.offsets) await out.write(buf, o);
             continue;
           }
         }
@@ -311,7 +323,7 @@ export class ImportSession {
           const label = `chunk ${sha256.slice(0, 16)} of ${what}`;
           const raw = decompressBounded(frame, label, { expected: g.length });
           if (sha256hex(raw) !== sha256) throw new CacheError("CACHE_CHUNK_CORRUPT", `${label} does not match the sha256 its index records`, { hint: "the cache holds corrupt data; nothing was imported" });
-          for (const o of g.offsets) await fh.write(raw, 0, raw.length, o);
+          for (const o of g.offsets) await out.write(raw, o);
           c.chunksMoved++;
           if (id && ++done % 256 === 0) this.opts.onProgress?.({ type: "chunks", ...id, done, moved: c.chunksMoved });
         });
@@ -323,6 +335,7 @@ export class ImportSession {
         await lanes.run(() => readFrames(this.backend, pack, packs.get(pack)!, wants, `pack ${pack.slice(7, 19)} of ${what}`, c, (w, bytes) => (w as Want).use(bytes)));
       }
       await lanes.drain();
+      await out.flush();
     } finally {
       await fh.close();
       for (const h of sources.values()) await h.close();

@@ -48,6 +48,14 @@ export class RegistryBackend implements CacheBackend {
     return this.client.getBlobRange(digest, start, end, limit, what);
   }
 
+  prepareUploads(n: number): void {
+    this.client.prestartUploads(n);
+  }
+
+  finish(): Promise<void> {
+    return this.client.cancelSpareUploads();
+  }
+
   get requests(): number {
     return this.client.transport.requests;
   }

@@ -12,6 +12,8 @@ export const ZSTD_LEVEL = 3;
 
 const binding = createRequire(import.meta.url)("zstd-napi/binding.js") as typeof import("zstd-napi/binding.js");
 let compressor: Compressor | undefined;
+/** One decompression context, reused: making one per frame costs more than the frame. */
+let dctx: InstanceType<typeof binding.DCtx> | undefined;
 
 export function compress(data: Uint8Array): Buffer {
   if (!compressor) {
@@ -37,7 +39,8 @@ export function decompressBounded(frame: Uint8Array, what: string, size: { expec
   const out = Buffer.allocUnsafe(n);
   let got: number;
   try {
-    got = new binding.DCtx().decompress(out, frame);
+    dctx ??= new binding.DCtx();
+    got = dctx.decompress(out, frame);
   } catch (cause) {
     throw new CacheError("CACHE_CHUNK_CORRUPT", `${what}: cannot be decompressed: ${(cause as Error).message}`, { cause, hint: "the cache entry is damaged: export the snapshot again" });
   }
