@@ -123,6 +123,7 @@ export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, m
     const dir = join(opts.snapshotsDir, dirName(spec, key));
     const base = { name: spec.name, key, parent: spec.parent, ms: 0, dir, inputs, sources, image, workload };
     let damaged: BuiltNode["damaged"];
+    let cacheError: BuiltNode["cacheError"];
     if (!opts.force && (opts.dryRun || opts.frozen || opts.fetch)) {
       const cached = await loadSnapshot(dir, key).catch(async (err: unknown) => {
         if (!isDamaged(err)) return undefined;
@@ -136,9 +137,24 @@ export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, m
         return undefined;
       });
       if (cached) return { ...base, status: "cached", snapshot: cached };
-      if (opts.fetch && !opts.dryRun && (await opts.fetch({ name: spec.name, key, dir, inputs, sources, expect: { workload, image: { digest: image.digest, config: image.config } } }))) {
-        const imported = await loadSnapshot(dir, key);
-        if (imported) return { ...base, status: "imported", snapshot: imported };
+      if (opts.fetch && !opts.dryRun) {
+        let fetched = false;
+        try {
+          fetched = await opts.fetch({ name: spec.name, key, dir, inputs, sources, expect: { workload, image: { digest: image.digest, config: image.config } } });
+        } catch (err) {
+          // A cache that cannot give this snapshot (refused, damaged, unreachable) is not a reason
+          // to fail the build: the image is baked instead, and the cause reported. A frozen build
+          // bakes nothing, so there it is the error.
+          const code = (err as { code?: unknown }).code;
+          if (opts.frozen || opts.signal?.aborted || typeof code !== "string" || !/^(CACHE|REGISTRY)_/.test(code)) throw err;
+          cacheError = { code, message: (err as Error).message };
+          log("%s: not imported (%s): baking it", spec.name, cacheError.message);
+          onProgress({ phase: "cache-refused", code, reason: cacheError.message });
+        }
+        if (fetched) {
+          const imported = await loadSnapshot(dir, key);
+          if (imported) return { ...base, status: "imported", snapshot: imported };
+        }
       }
       if (opts.dryRun || opts.frozen) return { ...base, status: "would-bake", ...(damaged ? { damaged } : {}) };
     }
@@ -169,7 +185,7 @@ export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, m
         onProgress,
         signal: opts.signal,
       });
-      return { ...base, status: r.baked ? "baked" : "cached", snapshot: r.snapshot, ...(r.handoff ? { handoff: r.handoff } : {}), ...(damaged ? { damaged } : {}) };
+      return { ...base, status: r.baked ? "baked" : "cached", snapshot: r.snapshot, ...(r.handoff ? { handoff: r.handoff } : {}), ...(damaged ? { damaged } : {}), ...(cacheError ? { cacheError } : {}) };
     } catch (err) {
       if (err instanceof AccelMismatch && attempt === 0) {
         log("%s: the bake VM ran under %s, not %s: keying the snapshot by the accelerator used", spec.name, err.actual, inputs.engine.accel);

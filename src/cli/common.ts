@@ -105,6 +105,8 @@ export function progressPrinter(json: boolean): (p: BuildProgress) => void {
       process.stderr.write(`${describeWait(p.what, p.holder)}\n`);
     } else if (p.phase === "bake-damaged") {
       process.stderr.write(`snapshot ${p.snapshot} is damaged (${p.reason})${p.quarantine ? `: moved to ${p.quarantine}` : ""}; rebaking\n`);
+    } else if (p.phase === "cache-refused") {
+      process.stderr.write(`not imported from the cache: ${p.reason}; baking instead\n`);
     } else if (p.phase === "bake-done") {
       process.stderr.write(`snapshot baked in ${(p.durationMs / 1000).toFixed(1)} s\n`);
     }
@@ -125,13 +127,14 @@ export const PULL_POLICIES = ["always", "missing", "never"] as const;
 export type PullPolicyArg = (typeof PULL_POLICIES)[number];
 
 /** A built image as the JSON outputs show it (build, watch). */
-export function nodeJson(n: { name: string; key: string; status: string; parent: string | null; ms: number; error?: Error | undefined }) {
+export function nodeJson(n: { name: string; key: string; status: string; parent: string | null; ms: number; error?: Error | undefined; cacheError?: { code: string; message: string } | undefined }) {
   return {
     name: n.name,
     key: n.key,
     status: n.status,
     parent: n.parent,
     ms: n.ms,
+    ...(n.cacheError ? { cacheError: n.cacheError } : {}),
     ...(n.error ? { error: { code: (n.error as { code?: string }).code ?? "ERROR", message: n.error.message } } : {}),
   };
 }

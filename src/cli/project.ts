@@ -106,6 +106,7 @@ async function build(names: string[], o: ProjectOptions & { force?: boolean; dry
     const would = images.filter((i) => i.status === "would-bake").length;
     process.stderr.write(`${images.length} image${images.length === 1 ? "" : "s"}: ${baked} baked, ${cached} cached${imported ? `, ${imported} imported` : ""}${would ? `, ${would} would bake` : ""}${failed.length ? `, ${failed.length} failed` : ""}\n`);
     for (const n of nodes.values()) if (n.status === "failed" && n.error) process.stderr.write(`${n.name}: ${describeError(n.error)}\n`);
+    for (const n of nodes.values()) if (n.cacheError) process.stderr.write(`warning: ${n.name} was baked: the cache's copy was not imported: ${n.cacheError.message}\n`);
   }
   return failed.length ? 1 : 0;
 }

@@ -36,6 +36,8 @@ function describe(p: BuildProgress): string | undefined {
       return describeWait("its snapshot", p.holder);
     case "bake-damaged":
       return `damaged snapshot (${p.reason}) quarantined; rebaking`;
+    case "cache-refused":
+      return `not imported from the cache (${p.code}); baking`;
     case "bake":
       return { boot: "booting", "extra-files": "staging extraFiles", warmup: "running the warmup", listener: "waiting for the listener", capture: "capturing", handoff: "capturing" }[p.step];
     default:

@@ -42,8 +42,9 @@ export function importSnapshots(src: string, keys: string[], opts: Omit<ImportOp
  * A `BuildOptions.fetch` hook: a node that is not baked here is imported from `src` (a
  * directory or a registry repository) into the build's directory for it, if a key in `trust`
  * signed it (or any, with `"unsigned"`) and it runs exactly what the build computed for the
- * node. Resolves false when the cache does not have it; a cache entry that fails verification
- * fails the node.
+ * node. Resolves false when the cache does not have it, and throws the CacheError or
+ * RegistryError when it cannot be imported; a build then bakes the node (reporting the error as
+ * its `cacheError`), or, frozen, fails it with that error.
  */
 export function fetchFromCache(src: string, snapshotsDir?: string, opts: TransferOptions & { trust?: CacheTrust | undefined } = {}): (req: FetchRequest) => Promise<boolean> {
   return async (req) => {
@@ -83,7 +84,17 @@ export async function seedImages(src: string, graph: ImageGraph, names?: string[
   const backend = await openCache(src, opts.registry ?? {});
   let n = 0;
   try {
-    for (const d of digests) if (await importImage(backend, d, opts.trust ?? [])) n++;
+    for (const d of digests) {
+      try {
+        if (await importImage(backend, d, opts.trust ?? [])) n++;
+      } catch (err) {
+        // The image then resolves as usual (built or pulled); the cache's snapshots of it are
+        // still tried, node by node.
+        const code = (err as { code?: unknown }).code;
+        if (typeof code !== "string" || !/^(CACHE|REGISTRY)_/.test(code)) throw err;
+        log("root filesystem %s not taken from %s: %s", d, src, (err as Error).message);
+      }
+    }
   } finally {
     backend.close();
   }

@@ -21,6 +21,8 @@ export interface BuiltImage {
   dir: string;
   /** Its snapshot was found damaged (why, and where it was moved), then rebaked or (frozen) not. */
   damaged?: { reason: string; quarantine: string | undefined };
+  /** The cache's copy could not be imported (why: its error's code and message), so it was baked. */
+  cacheError?: { code: string; message: string };
   error?: Error;
 }
 

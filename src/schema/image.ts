@@ -50,6 +50,8 @@ export type BakeProgress =
   | { phase: "bake-waiting-for-lock"; snapshot: string; holder?: LockHolder }
   /** The snapshot there was damaged: moved to `quarantine` (kept for inspection), then rebaked. */
   | { phase: "bake-damaged"; snapshot: string; reason: string; quarantine: string | undefined }
+  /** The snapshot cache could not give this image's snapshot (`code`: a CACHE_ or REGISTRY_ code): it is baked instead. */
+  | { phase: "cache-refused"; code: string; reason: string }
   | { phase: "bake"; step: BakeStep; snapshot: string }
   | { phase: "bake-done"; snapshot: string; durationMs: number };
 

@@ -219,4 +219,30 @@ describe("a project's snapshots through a cache", () => {
       }
     });
   }, 600_000);
+
+  it("bakes what it cannot import with build --cache-from, warning why; --frozen fails naming the cause", async () => {
+    // A copy of the cache whose child "app" has a corrupted pack of its own.
+    const broken = join(work, "broken-cache");
+    cpSync(cacheDir, broken, { recursive: true });
+    const keyOfName = (name: string) => readIndex(broken).manifests.find((m) => m.annotations["dev.supermachine.name"] === name)!.annotations["dev.supermachine.key"]!;
+    const inBase = new Set(manifestOf(broken, keyOfName("base")).layers.map((l) => l.digest));
+    const own = manifestOf(broken, keyOfName("app")).layers.find((l) => l.mediaType === "application/vnd.supermachine.pack.v2" && !inBase.has(l.digest))!;
+    const path = join(broken, "blobs", "sha256", own.digest.slice(7));
+    const bytes = readFileSync(path);
+    bytes[bytes.length >> 1]! ^= 0xff;
+    writeFileSync(path, bytes);
+
+    const frozen = await cli(copyProject("broken-frozen"), emptyHome("broken-frozen"), "build", "--json", "--frozen", "--cache-from", broken);
+    expect(frozen.status).toBe(1);
+    const failedRow = (JSON.parse(frozen.stdout) as { images: (Row & { error?: { code: string; message: string } })[] }).images.find((r) => r.name === "app")!;
+    expect(failedRow).toMatchObject({ status: "failed", error: { code: expect.stringMatching(/^CACHE_(CHUNK_CORRUPT|DIGEST_MISMATCH)$/), message: expect.stringContaining("snapshot app") } });
+
+    const r = await cli(copyProject("broken"), emptyHome("broken"), "build", "--json", "--cache-from", broken);
+    expect(r.status, r.stderr).toBe(0);
+    const rows = (JSON.parse(r.stdout) as { images: (Row & { cacheError?: { code: string; message: string } })[] }).images;
+    expect(rows.map((x) => [x.name, x.status])).toEqual([["base", "imported"], ["app", "baked"], ["tool", "imported"]]);
+    expect(rows.find((x) => x.name === "app")!.cacheError).toMatchObject({ code: expect.stringMatching(/^CACHE_/), message: expect.stringContaining("snapshot app") });
+    const plain = await cli(copyProject("broken-plain"), emptyHome("broken-plain"), "build", "--cache-from", broken);
+    expect(plain.stderr).toMatch(/warning: app was baked: the cache's copy was not imported: .*snapshot app/);
+  }, 900_000);
 });
