@@ -95,6 +95,10 @@ export async function restoreState(qmp: QmpClient, runDir: string, stateFile: st
   // QEMU listens by the time migrate-incoming answers. A stream that breaks (QEMU rejected the
   // state and closed) is reported by the migration status below.
   const conn = connect(sock);
+  // pipeline() drops its error listener once the file is written; QEMU may still close the socket
+  // with bytes unread (it was killed, or rejected the state), which then errors with ECONNRESET.
+  // Without a listener of our own that error would crash the owner's program.
+  conn.on("error", (e: Error) => log("incoming-state socket %s: %s", sock, e.message));
   const sent = pipeline(createReadStream(stateFile), conn).catch((e: Error) => log("streaming %s into QEMU: %s", stateFile, e.message));
   try {
     for (let delay = 1; ; delay = Math.min(delay * 2, 10)) {
@@ -130,6 +134,9 @@ export function acceptOnce(path: string): { server: Server; conn: Promise<Socket
   const conn = new Promise<Socket>((resolve, reject) => {
     server.once("connection", (s) => {
       server.close();
+      // Until its owner (the QMP or agent client) listens, an error on it is only logged: QEMU
+      // may die before the channel is wrapped, and an unheard socket error would crash the program.
+      s.on("error", (e: Error) => log("channel %s: %s", path, e.message));
       resolve(s);
     });
     server.once("error", reject);
