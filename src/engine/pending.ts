@@ -56,18 +56,43 @@ export async function helloAsNewVm(agent: AgentClient, opts: { timeoutMs?: numbe
   return { hello, id };
 }
 
+/** How long a restored guest may stay silent once QEMU complained about the state it loaded. */
+const COMPLAINT_GRACE_MS = 5_000;
+/** QEMU run states of a guest that will never answer (query-status). */
+const BROKEN_STATES = new Set(["guest-panicked", "internal-error", "shutdown", "io-error"]);
+/** Signals of a QEMU that crashed on what it loaded (as opposed to one killed from outside). */
+const CRASH_SIGNALS = new Set<string>(["SIGABRT", "SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGTRAP"]);
+
+/** Whether `err` is a restore that failed because of the snapshot loaded (not the host, not a deadline). */
+export const isRestoreFault = (err: unknown): boolean => err instanceof EngineError && err.code === "ENGINE_RESTORE_FAILED";
+
+/**
+ * ENGINE_RESTORE_FAILED: the restore failed because of what was loaded (QEMU refused or crashed on
+ * the state, or the restored guest is broken), which callers count against the snapshot.
+ */
+function restoreFailed(message: string, cause: unknown): EngineError {
+  return new EngineError("ENGINE_RESTORE_FAILED", message, {
+    hint: "the snapshot is corrupt or was made by another QEMU, kernel or agent; bake it again (supermachine verify --restore --fix finds and quarantines such snapshots)",
+    cause,
+  });
+}
+
 /**
  * A QEMU process that has been spawned and has connected its QMP and agent channels, but whose
  * guest has not been started (restore) or has not answered yet (boot).
  */
 export class PendingVm {
   stderr = "";
+  /** How many writes of QEMU's to stderr said more than warnings (the tail above is bounded). */
+  private stderrComplaints = 0;
   owner: MicroVm | undefined;
   expected = false;
   readonly exited: Promise<VmExit>;
   private readonly spawnError: Promise<never>;
   private readonly earlyExit: Promise<never>;
   private used = false;
+  /** Set once start() began loading a snapshot's state: a failure from then on may be the snapshot's. */
+  private loading = false;
   /** Set once the console log was kept there. */
   keptLog: string | undefined;
 
@@ -88,6 +113,8 @@ export class PendingVm {
     proc.stderr!.setEncoding("utf8");
     proc.stderr!.on("data", (d: string) => {
       this.stderr = (this.stderr + d).slice(-STDERR_TAIL);
+      // QEMU's warnings ("qemu-system-x86_64: warning: ...") are not complaints about a state.
+      if (d.split("\n").some((l) => l.trim() && !l.includes("warning:"))) this.stderrComplaints++;
     });
     this.exited = new Promise<VmExit>((resolve) => {
       const done = (code: number | null, signal: NodeJS.Signals | null) => {
@@ -240,15 +267,26 @@ export class PendingVm {
   async start(): Promise<MicroVm> {
     if (this.used) throw new EngineError("ENGINE_PENDING_USED", "this pre-started VM was already started");
     this.used = true;
+    this.loading = this.spec.incomingState !== undefined;
     this.proc.ref();
     const t0 = performance.now();
     return this.guard(this.spec.bootTimeoutMs ?? 60_000, async (race) => {
       const agent = this.agent!;
       const qmp = this.qmp!;
+      const mark = this.stderrComplaints;
       if (this.spec.incomingState !== undefined) await race(restoreState(qmp, this.runDir, this.spec.incomingState, !this.spec.incomingHasRam));
       // After a restore, HELLO also gives the clone the host's clock, fresh entropy and an
-      // identity of its own, before anything else runs in it.
-      const { hello, id } = await race(helloAsNewVm(agent));
+      // identity of its own, before anything else runs in it. A QEMU that complained about the
+      // state it loaded (virtqueue indices that do not match the RAM) gives a guest that rarely
+      // answers: it gets a short grace rather than the whole deadline.
+      const complaint = this.spec.incomingState !== undefined ? this.complaintDeadline(mark) : undefined;
+      let answered: Awaited<ReturnType<typeof helloAsNewVm>>;
+      try {
+        answered = await race(complaint ? Promise.race([helloAsNewVm(agent), complaint.promise]) : helloAsNewVm(agent));
+      } finally {
+        complaint?.cancel();
+      }
+      const { hello, id } = answered;
       // A boot is timed from the process spawn; a restore from the state load (the process may
       // have been waiting, pre-started).
       const bootMs = performance.now() - (this.spec.incomingState !== undefined ? t0 : this.t0);
@@ -256,6 +294,48 @@ export class PendingVm {
     });
   }
 
+
+  /**
+   * Rejects COMPLAINT_GRACE_MS after QEMU first writes an error to stderr past `mark` (while a
+   * restored guest is awaited): QEMU reports no error on a sound restore.
+   */
+  private complaintDeadline(mark: number): { promise: Promise<never>; cancel: () => void } {
+    let poll: NodeJS.Timeout | undefined;
+    let grace: NodeJS.Timeout | undefined;
+    const promise = new Promise<never>((_, reject) => {
+      poll = setInterval(() => {
+        if (this.stderrComplaints === mark || grace) return;
+        clearInterval(poll);
+        grace = setTimeout(() => {
+          const said = this.stderr.trim().split("\n").slice(-3).join("; ");
+          reject(restoreFailed(`restoring ${this.spec.incomingState} failed: the guest did not answer within ${COMPLAINT_GRACE_MS} ms of QEMU reporting: ${said}`, undefined));
+        }, COMPLAINT_GRACE_MS);
+      }, 100);
+    });
+    promise.catch(() => {});
+    return {
+      promise,
+      cancel: () => {
+        clearInterval(poll);
+        clearTimeout(grace);
+      },
+    };
+  }
+
+  /** QEMU's run state (`running`, `guest-panicked`, ...), or undefined when QMP does not tell within a second. */
+  private async vmStatus(): Promise<string | undefined> {
+    const qmp = this.qmp;
+    if (!qmp) return undefined;
+    const ac = new AbortController();
+    const t = setTimeout(() => ac.abort(), 1_000);
+    try {
+      return (await qmp.execute<{ status?: string }>("query-status", undefined, { signal: ac.signal })).status;
+    } catch {
+      return undefined;
+    } finally {
+      clearTimeout(t);
+    }
+  }
 
   /** Kills a process that will not be used. */
   async kill(): Promise<void> {
@@ -309,17 +389,25 @@ export class PendingVm {
       // A broken channel is usually the symptom of QEMU exiting: if it exits within a moment,
       // its own error (with stderr) is the one worth reporting.
       const exitErr = await Promise.race([this.earlyExit.catch((e: unknown) => e), sleep(1_000).then(() => undefined)]);
+      // A restored guest that stays silent: what QEMU says of it tells a bad snapshot from a slow host.
+      const silent = this.loading && !(exitErr instanceof EngineError) && err instanceof EngineError && err.code === "ENGINE_BOOT_TIMEOUT" ? await this.vmStatus() : undefined;
       this.expected = true;
       this.proc.kill("SIGKILL");
-      await this.exited;
+      const exit = await this.exited;
       this.keepConsoleLog();
       rmSync(this.runDir, { recursive: true, force: true });
-      if (!(exitErr instanceof EngineError)) throw err;
-      if (this.spec.incomingState === undefined) throw exitErr;
-      throw new EngineError("ENGINE_RESTORE_FAILED", `restoring ${this.spec.incomingState} failed: ${exitErr.message}`, {
-        hint: "the snapshot is corrupt or was made by another QEMU, kernel or agent; bake it again",
-        cause: err,
-      });
+      if (!this.loading) throw exitErr instanceof EngineError ? exitErr : err;
+      const state = this.spec.incomingState!;
+      if (exitErr instanceof EngineError) {
+        // Killed from outside (the OOM killer, an operator): the host's doing, not the snapshot's.
+        if (exit.signal && !CRASH_SIGNALS.has(exit.signal)) throw exitErr;
+        throw restoreFailed(`restoring ${state} failed: ${exitErr.message}`, err);
+      }
+      if (silent !== undefined) {
+        const complaint = this.stderrComplaints > 0 ? `QEMU reported: ${this.stderr.trim().split("\n").slice(-3).join("; ")}` : `the VM is ${silent}`;
+        if (this.stderrComplaints > 0 || BROKEN_STATES.has(silent)) throw restoreFailed(`restoring ${state} failed: ${(err as Error).message.split("\n")[0]} after its state was loaded; ${complaint}`, err);
+      }
+      throw err;
     } finally {
       clearTimeout(timer);
       if (onAbort) signal?.removeEventListener("abort", onAbort);

@@ -21,7 +21,7 @@ import { helloAsNewVm, PendingVm, type VmExit } from "./pending.js";
 import type { QmpCallOptions, QmpClient } from "./qmp.js";
 
 export { AGENT_PORT_NAME, EXEC_PORT_NAME, kernelCmdline, QEMU_FDS, qemuArgs, type VmSpec } from "./argv.js";
-export { helloAsNewVm, PendingVm, type VmExit } from "./pending.js";
+export { helloAsNewVm, isRestoreFault, PendingVm, type VmExit } from "./pending.js";
 export { engineCounters } from "./processes.js";
 export { qemuBinary, qemuIdentity } from "./qemu-binary.js";
 

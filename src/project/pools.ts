@@ -156,9 +156,11 @@ export async function loadPools(options: LoadPoolsOptions = {}): Promise<Pools> 
   const nodes = await buildGraph(graph, { ...buildOpts, names: wanted, handoff: (name) => wanted.includes(name) });
   // A pool whose snapshot turns out damaged (a restore fails and its RAM does not match its
   // checksums) has it quarantined and built again the same way: fetched from the cache, or baked
-  // unless frozen.
-  const rebuild = (name: string) => async () => {
-    const node = (await buildGraph(graph, { ...buildOpts, names: [name], handoff: false })).get(name)!;
+  // unless frozen. One whose restores QEMU keeps refusing is baked (`fresh`), never fetched again
+  // from the cache it likely came from.
+  const rebuild = (name: string): Rebuild => async (o = {}) => {
+    const { fetch: _fetch, ...local } = buildOpts;
+    const node = (await buildGraph(graph, { ...(o.fresh ? local : buildOpts), names: [name], handoff: false })).get(name)!;
     if (node.error) throw node.error;
     return node.snapshot!;
   };

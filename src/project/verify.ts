@@ -2,7 +2,9 @@
  * `supermachine verify`: checks every byte the caches hold against what was recorded when it was
  * written: each snapshot (meta.json's own checksum, the device state, every RAM chunk against
  * its checksum, its root filesystem), each image's root filesystem (against the sha256 its entry
- * recorded) and each blob of the blob store (against its digest). With `fix`, damaged entries are
+ * recorded) and each blob of the blob store (against its digest). With `restore`, each snapshot
+ * that checks out is also restored once in a VM (runtime/probe.ts): one QEMU refuses is damaged
+ * too. With `fix`, damaged entries are
  * moved into their quarantine (kept for inspection, never used again; the next build bakes or
  * pulls them again). Quarantines are pruned on the way.
  */
@@ -16,7 +18,9 @@ import { logger } from "../debug.js";
 import { BlobStore } from "../store/blobs.js";
 import { homePaths } from "../paths.js";
 import { pruneQuarantine, QUARANTINE_DIR, quarantineDirOf, quarantineLocked } from "../store/quarantine.js";
-import { META_VERSION, quarantineSnapshot, SNAPSHOT_FILES, verifySnapshot } from "../store/snapshots.js";
+import { META_VERSION, quarantineSnapshot, SNAPSHOT_FILES, verifySnapshot, type LoadedSnapshot } from "../store/snapshots.js";
+import { quarantineFailingSnapshot } from "../store/restore-failures.js";
+import { probeRestore } from "../runtime/probe.js";
 
 const log = logger("verify");
 
@@ -32,6 +36,8 @@ export interface VerifyEntry {
   reason?: string;
   /** Where `fix` moved it. */
   quarantined?: string;
+  /** A snapshot's test restore (`restore`): how long it took, or why it failed. */
+  restore?: { ok: true; ms: number } | { ok: false; error: string; code: string | undefined };
 }
 
 export interface VerifyReport {
@@ -51,6 +57,10 @@ export interface VerifyOptions {
   snapshotsDirs?: string[];
   /** Move damaged entries into their quarantine. */
   fix?: boolean;
+  /** Also restore each snapshot that checks out in a VM (a snapshot QEMU refuses is damaged). */
+  restore?: boolean;
+  /** Deadline of one test restore (default 30 s). */
+  restoreTimeoutMs?: number;
   home?: string;
   /** Each entry once checked (progress). */
   onEntry?: (e: VerifyEntry) => void;
@@ -87,6 +97,7 @@ export async function verifyCache(opts: VerifyOptions = {}): Promise<VerifyRepor
         const q = await quarantineSnapshot(path, v.reason);
         if (q) e.quarantined = q;
       }
+      if (v.ok && opts.restore) await testRestore(e, v.snapshot, opts);
       seen(report.snapshots, e);
     }
     await pruneQuarantine(join(dir, QUARANTINE_DIR)).catch(() => 0);
@@ -136,6 +147,25 @@ export async function verifyCache(opts: VerifyOptions = {}): Promise<VerifyRepor
   report.ms = Math.round(performance.now() - t0);
   log("verified %d snapshots, %d images, %d blobs in %d ms: %d damaged, %d quarantined", report.snapshots.length, report.images.length, report.blobs.checked, report.ms, report.damaged, report.fixed);
   return report;
+}
+
+/** Restores the snapshot of `e` once; a restore QEMU refuses makes it damaged (quarantined with `fix`). */
+async function testRestore(e: VerifyEntry, snap: LoadedSnapshot, opts: VerifyOptions): Promise<void> {
+  const r = await probeRestore(snap, { timeoutMs: opts.restoreTimeoutMs ?? 30_000 });
+  if (r.ok) {
+    e.restore = { ok: true, ms: r.ms };
+    return;
+  }
+  const error = r.error.message.split("\n")[0]!;
+  e.restore = { ok: false, error, code: (r.error as { code?: string }).code };
+  log("test restore of %s failed (%s): %s", e.path, r.fault ? "the snapshot's fault" : "inconclusive", error);
+  if (!r.fault) return;
+  e.status = "damaged";
+  e.reason = `its restore fails: ${error}`;
+  if (opts.fix) {
+    const q = await quarantineFailingSnapshot(e.path, snap.meta.checksum, e.reason);
+    if (q) e.quarantined = q;
+  }
 }
 
 /** Temps, locks, leases and quarantines beside the snapshots. */

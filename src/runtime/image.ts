@@ -20,20 +20,38 @@ import { mergeLimits } from "../schema/fields.js";
 import { parseOptions } from "../schema/parse.js";
 import { holdSnapshot } from "../store/leases.js";
 import { loadSnapshot, quarantineSnapshot, verifySnapshot, type LoadedSnapshot } from "../store/snapshots.js";
-import { Pool } from "./pool.js";
+import { clearRestoreFailures, QUARANTINE_AFTER_FAILURES, quarantineFailingSnapshot, recordRestoreFailure } from "../store/restore-failures.js";
+import { isRestoreFault } from "../engine/qemu.js";
+import { Pool, type PoolHealth } from "./pool.js";
 
 const log = logger("image");
 /** How long a baked VM waits for a pool to claim it (warm handoff) before it is stopped. */
 const HANDOFF_TTL_MS = 60_000;
 
-/** @internal Bakes the image's snapshot again (after the one there was found damaged and quarantined). */
-export type Rebuild = () => Promise<LoadedSnapshot>;
+/**
+ * @internal Bakes the image's snapshot again (after the one there was found damaged and
+ * quarantined). `fresh`: bake it, never fetch it from a cache (whose copy is where the bad bytes
+ * likely came from).
+ */
+export type Rebuild = (opts?: { fresh?: boolean }) => Promise<LoadedSnapshot>;
+
+/** @internal After a failed restore: restore from `snapshot` now; `retry`: it is the same one, tried again. */
+interface Recovery {
+  snapshot: LoadedSnapshot;
+  retry: boolean;
+}
 
 export class Image {
   /** The VM that was baked, kept running for this image's first pool (warm handoff). */
   private handoff: MicroVm | undefined;
   /** A recovery in progress (pools of this image share it). */
-  private recovering: Promise<LoadedSnapshot | undefined> | undefined;
+  private recovering: Promise<Recovery | undefined> | undefined;
+  /** Failed restores in a row, by snapshot checksum, as this process counted them. */
+  private readonly failures = new Map<string, number>();
+  /** Set once this image baked its snapshot again because restores of it kept failing. */
+  private rebakedForRestore = false;
+  /** Whether a successful restore already cleared the failures on record (done once). */
+  private failureRecordChecked = false;
 
   private constructor(
     private snap: LoadedSnapshot,
@@ -151,39 +169,70 @@ export class Image {
   /**
    * @internal A restore from `from` failed with `err`. Verifies the snapshot (every RAM chunk
    * against its checksum); when it is damaged, moves it into the quarantine and bakes it again.
-   * Resolves the snapshot to restore from now, or undefined when the snapshot is sound (the
-   * failure has another cause). Throws when it is damaged and cannot be rebaked (fromSnapshot,
-   * a frozen project).
+   * A whole snapshot whose restore QEMU refused (ENGINE_RESTORE_FAILED) has the failure recorded
+   * (store/restore-failures.ts): the first is retried, the second in a row quarantines it and
+   * bakes it again too. Resolves the snapshot to restore from now, or undefined when the failure
+   * has another cause. Throws when it must go and cannot be rebaked (fromSnapshot, a frozen
+   * project).
    */
-  async recover(from: LoadedSnapshot, err: Error): Promise<LoadedSnapshot | undefined> {
-    if (this.snap !== from) return this.snap; // another pool of this image recovered already
+  async recover(from: LoadedSnapshot, err: Error): Promise<Recovery | undefined> {
+    if (this.snap !== from) return { snapshot: this.snap, retry: false }; // another pool of this image recovered already
     this.recovering ??= this.recoverOnce(from, err).finally(() => (this.recovering = undefined));
     return this.recovering;
   }
 
-  private async recoverOnce(from: LoadedSnapshot, err: Error): Promise<LoadedSnapshot | undefined> {
+  private async recoverOnce(from: LoadedSnapshot, err: Error): Promise<Recovery | undefined> {
     const dir = from.dir;
     log("restoring %s failed (%s): verifying the snapshot", dir, err.message.split("\n")[0]);
     const v = await verifySnapshot(dir);
     if (v.ok) {
       // Sound. Another process may have replaced it meanwhile: then restore from that one.
-      if (v.snapshot.meta.checksum === from.meta.checksum) return undefined;
-      this.snap = v.snapshot;
-      return v.snapshot;
+      if (v.snapshot.meta.checksum !== from.meta.checksum) {
+        this.snap = v.snapshot;
+        return { snapshot: v.snapshot, retry: false };
+      }
+      // Whole, yet QEMU refused what it loaded (or the guest it gave is broken): counted against
+      // the snapshot. The first failure is retried; at the second it goes.
+      if (!isRestoreFault(err)) return undefined;
+      const reason = err.message.split("\n")[0]!;
+      const known = (this.failures.get(from.meta.checksum) ?? 0) + 1;
+      this.failures.set(from.meta.checksum, known);
+      const n = Math.max(known, await recordRestoreFailure(dir, from.meta.checksum, reason));
+      if (n < QUARANTINE_AFTER_FAILURES) {
+        log("restore %d of %s failed (%s): trying again", n, dir, reason);
+        return { snapshot: from, retry: true };
+      }
+      if (this.rebakedForRestore) {
+        // Its own fresh bake fails the same way: the host (QEMU, its kernel) is at fault, not the
+        // snapshot. Baking again and again would not help: the error goes to the caller.
+        log("the rebaked snapshot %s fails to restore too (%s): not replacing it again", dir, reason);
+        return undefined;
+      }
+      const why = `its restore failed ${n} times in a row; the last time: ${reason}`;
+      const next = await this.replace(from, why, err, () => quarantineFailingSnapshot(dir, from.meta.checksum, `restore failed ${n} times in a row: ${reason}`), true);
+      this.rebakedForRestore = true;
+      return { snapshot: next, retry: false };
     }
+    const quarantine = v.missing ? async () => undefined : () => quarantineSnapshot(dir, v.reason);
+    return { snapshot: await this.replace(from, v.reason, err, quarantine), retry: false };
+  }
+
+  /** The snapshot at `from.dir` is damaged (`reason`): quarantines it and bakes (or fetches) it again. */
+  private async replace(from: LoadedSnapshot, reason: string, err: Error, quarantine: () => Promise<string | undefined>, fresh = false): Promise<LoadedSnapshot> {
+    const dir = from.dir;
     if (!this.rebuild) {
-      throw new ImageError("SNAPSHOT_DAMAGED", `snapshot ${dir} is damaged: ${v.reason}`, {
+      throw new ImageError("SNAPSHOT_DAMAGED", `snapshot ${dir} is damaged: ${reason}`, {
         hint: "it was opened with Image.fromSnapshot, which cannot rebake it: bake it again (Image.build) or restore it from a backup",
         cause: err,
       });
     }
-    const quarantined = v.missing ? undefined : await quarantineSnapshot(dir, v.reason);
-    const what = `snapshot ${dir} is damaged (${v.reason})${quarantined ? `; moved to ${quarantined}` : ""}`;
+    const quarantined = await quarantine();
+    const what = `snapshot ${dir} is damaged (${reason})${quarantined ? `; moved to ${quarantined}` : ""}`;
     log("%s; rebaking", what);
     process.emitWarning(`supermachine: ${what}`, { code: "SUPERMACHINE_SNAPSHOT_DAMAGED" });
     let next: LoadedSnapshot;
     try {
-      next = await this.rebuild();
+      next = await this.rebuild(fresh ? { fresh: true } : {});
     } catch (e) {
       if (e instanceof BuildError && e.code === "BUILD_FROZEN_MISSING") {
         throw new BuildError("BUILD_FROZEN_DAMAGED", `${what}; a frozen build does not rebake it`, {
@@ -196,6 +245,14 @@ export class Image {
     log("snapshot %s rebaked", next.dir);
     this.snap = next;
     return next;
+  }
+
+  /** @internal A restore from `snap` worked: failures on record before it no longer count. */
+  restored(snap: LoadedSnapshot): void {
+    if (this.failureRecordChecked && !this.failures.has(snap.meta.checksum)) return;
+    this.failureRecordChecked = true;
+    this.failures.delete(snap.meta.checksum);
+    void clearRestoreFailures(snap.dir);
   }
 
   /** Create a pool and make its first `min` VMs ready. */
@@ -213,14 +270,17 @@ export class Image {
     const limits = mergeLimits(this.snap.meta.inputs.execLimits, o.execLimits);
     // A restore that fails: the image verifies its snapshot and, if damaged, bakes it again.
     let used = this.snap;
-    const recover = async (_failed: VmSpec, err: Error) => {
-      const next = await this.recover(used, err);
-      if (!next) return undefined;
-      used = next;
-      return { spec: this.vmSpec(memoryMib, vcpus, o.restoreTimeoutMs, next), origin: next.meta };
+    const health: PoolHealth = {
+      recover: async (_failed, err) => {
+        const r = await this.recover(used, err);
+        if (!r) return undefined;
+        used = r.snapshot;
+        return { spec: this.vmSpec(memoryMib, vcpus, o.restoreTimeoutMs, r.snapshot), origin: r.snapshot.meta, retry: r.retry };
+      },
+      restored: () => this.restored(used),
     };
     const defaults = execDefaults(this.config, this.snap.meta.buildEnv ?? this.snap.meta.inputs.env, limits);
-    const pool = Pool.create(spec, o.user ? { ...defaults, user: o.user } : defaults, o, workload ?? undefined, { meta: this.snap.meta, open: (snap) => Image.create(snap) }, lease, restored ? recover : undefined);
+    const pool = Pool.create(spec, o.user ? { ...defaults, user: o.user } : defaults, o, workload ?? undefined, { meta: this.snap.meta, open: (snap) => Image.create(snap) }, lease, restored ? health : undefined);
     // The baked VM has the snapshot's shape; a pool of another shape cannot use it.
     const handoff = spec.incomingState !== undefined ? this.takeHandoff() : undefined;
     await pool.warm(handoff);

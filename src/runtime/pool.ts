@@ -9,7 +9,7 @@
  */
 import { PoolError } from "../errors.js";
 import { logger } from "../debug.js";
-import { MicroVm, type VmSpec } from "../engine/qemu.js";
+import { isRestoreFault, MicroVm, type VmSpec } from "../engine/qemu.js";
 import { startWorkload } from "../bake/workload.js";
 import type { ExecDefaults } from "../session/env.js";
 import type { ResolvedPool } from "../schema/options.js";
@@ -21,6 +21,16 @@ const log = logger("pool");
 const LEFTOVER_KILL_TIMEOUT_MS = 10_000;
 /** Restored VMs kept ready beyond `min` (restore pools only). */
 const SPARES = 1;
+/** Recoveries one launch may go through: a retry of a refused snapshot, then its replacement. */
+const MAX_HEALS = 2;
+
+/** @internal What a pool's image does when a restore fails, and when one works (runtime/image.ts). */
+export interface PoolHealth {
+  /** Resolves how to make VMs now (`retry`: the same snapshot again), or undefined when the failure is not the snapshot's. */
+  recover(failed: VmSpec, err: Error): Promise<{ spec: VmSpec; origin: SnapshotMeta; retry: boolean } | undefined>;
+  /** A restore worked. */
+  restored(): void;
+}
 /** The warm-up run in a spare: the agent itself, which every image has (at /proc/1/exe). */
 const WARMUP_ARGV = ["/proc/1/exe", "--version"];
 
@@ -79,11 +89,8 @@ export class Pool {
     private origin?: VmOrigin,
     /** Gives back the pool's lease on its snapshot (store/leases.ts), at shutdown. */
     private readonly releaseLease: () => void = () => {},
-    /**
-     * A restore failed: verifies the snapshot and, if it is damaged, has it quarantined and
-     * rebaked. Resolves how to make VMs now, undefined when the snapshot is sound.
-     */
-    private readonly recover?: (failed: VmSpec, err: Error) => Promise<{ spec: VmSpec; origin: SnapshotMeta } | undefined>,
+    /** What the image does about failed and successful restores (restore pools only). */
+    private readonly health?: PoolHealth,
   ) {
     if (opts.idleTimeoutMs !== undefined) {
       this.idleTimer = setInterval(() => this.evictIdle(), Math.max(50, Math.min(opts.idleTimeoutMs / 2, 5_000)));
@@ -92,8 +99,8 @@ export class Pool {
   }
 
   /** @internal How the library makes one (users get it from the API, never by `new`). */
-  static create(spec: VmSpec, defaults: ExecDefaults, opts: ResolvedPool, workload?: WorkloadSpec, origin?: VmOrigin, releaseLease: () => void = () => {}, recover?: (failed: VmSpec, err: Error) => Promise<{ spec: VmSpec; origin: SnapshotMeta } | undefined>): Pool {
-    return new Pool(spec, defaults, opts, workload, origin, releaseLease, recover);
+  static create(spec: VmSpec, defaults: ExecDefaults, opts: ResolvedPool, workload?: WorkloadSpec, origin?: VmOrigin, releaseLease: () => void = () => {}, health?: PoolHealth): Pool {
+    return new Pool(spec, defaults, opts, workload, origin, releaseLease, health);
   }
 
   /**
@@ -335,6 +342,8 @@ export class Pool {
         (err: Error) => {
           this.preparing--;
           log("preparing a spare VM failed: %s", err.message);
+          // A snapshot QEMU refuses is found here as well as by acquire: heal it in the background.
+          if (isRestoreFault(err)) void this.healFrom(spec, err).catch((e: Error) => log("recovering after a failed spare: %s", e.message));
         },
       );
     }
@@ -344,6 +353,7 @@ export class Pool {
     const pending = await MicroVm.prestart({ ...spec, signal: this.closing.signal });
     return this.whileStarting(pending, async () => {
       const m = await pending.start();
+      this.health?.restored();
       return this.whileStarting(m, async () => {
         await m.agent.spawnBench(WARMUP_ARGV, 1).catch((e: Error) => log("warm-up of VM %d: %s", m.pid, e.message));
         await this.startWorkloadIn(m);
@@ -372,25 +382,28 @@ export class Pool {
 
   /**
    * A new VM: a spare if one is ready, or a restore (or boot) now. A restore that fails has the
-   * snapshot verified: a damaged one is quarantined and rebaked, and the restore tried once more
-   * from the new snapshot.
+   * snapshot verified: a damaged one is quarantined and rebaked; one QEMU refused is tried again,
+   * and quarantined and rebaked if it fails again. Then the restore is tried from what it has now.
    */
   private async launchOne(): Promise<MicroVm> {
     let spare: MicroVm | undefined;
     while ((spare = this.spares.shift()) && !spare.aliveNow) void spare.kill();
     this.refillSpares();
     if (spare) return spare;
-    const spec = this.spec;
-    try {
-      return await this.restore(spec);
-    } catch (err) {
-      if (!(await this.healFrom(spec, err as Error))) throw err;
-      return this.restore(this.spec);
+    let spec = this.spec;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.restore(spec);
+      } catch (err) {
+        if (attempt > MAX_HEALS || !(await this.healFrom(spec, err as Error))) throw err;
+        spec = this.spec;
+      }
     }
   }
 
   private async restore(spec: VmSpec): Promise<MicroVm> {
     const m = await MicroVm.launch({ ...spec, signal: this.closing.signal });
+    if (spec.incomingState !== undefined) this.health?.restored();
     return this.whileStarting(m, async () => {
       await this.startWorkloadIn(m);
       return m;
@@ -399,21 +412,23 @@ export class Pool {
 
   /**
    * After a failed restore from `failed`: true when the pool now restores from another (sound or
-   * rebaked) snapshot, false when the snapshot is sound (the failure was something else).
+   * rebaked) snapshot or should try the same one again, false when the failure was something else.
    * Concurrent failures share one recovery.
    */
   private async healFrom(failed: VmSpec, err: Error): Promise<boolean> {
-    if (!this.recover || failed.incomingState === undefined || this.closed) return false;
+    if (!this.health || failed.incomingState === undefined || this.closed) return false;
     if (this.spec !== failed) return true; // recovered since this restore started
     this.healing ??= (async () => {
       try {
-        const next = await this.recover!(failed, err);
+        const next = await this.health!.recover(failed, err);
         if (!next) return false;
         this.spec = next.spec;
-        if (this.origin) this.origin = { ...this.origin, meta: next.origin };
-        // VMs restored from the damaged snapshot that were not handed out yet go.
-        for (const s of this.spares.splice(0)) void s.kill();
-        for (const e of this.idle.splice(0)) void e.machine.kill();
+        if (!next.retry) {
+          if (this.origin) this.origin = { ...this.origin, meta: next.origin };
+          // VMs restored from the damaged snapshot that were not handed out yet go.
+          for (const s of this.spares.splice(0)) void s.kill();
+          for (const e of this.idle.splice(0)) void e.machine.kill();
+        }
         this.refillSpares();
         return true;
       } finally {
