@@ -9,7 +9,8 @@ import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { Image } from "../../src/index.js";
+import { exportSnapshots, Image, loadPools } from "../../src/index.js";
+import { signed, TRUST } from "../helpers/transfer.js";
 import { homePaths } from "../../src/paths.js";
 import { RESTORE_FAILURES_FILE, recordRestoreFailure, restoreFailures } from "../../src/store/restore-failures.js";
 import { loadSnapshot, sealSnapshot, verifySnapshot } from "../../src/store/snapshots.js";
@@ -93,6 +94,48 @@ describe("snapshots whose restore fails", () => {
     }
     await expect.poll(() => existsSync(join(snap.dir, RESTORE_FAILURES_FILE))).toBe(false);
     expect(quarantined(snapshotsDir)).toEqual([]);
+  });
+});
+
+describe("a cache entry whose restore fails", () => {
+  it("loadPools({ cacheFrom }) imports it, quarantines it at its second failure and bakes it here instead of importing it again", async () => {
+    // A trusted, signed entry whose device state is garbage: what a careless or compromised
+    // writer of the trusted key leaves. Every check passes; only a restore can tell.
+    const project = join(work, "project");
+    mkdirSync(join(project, "images"), { recursive: true });
+    writeFileSync(join(project, "images", "box.ts"), `import { defineImage } from "supermachine/config";\nexport default defineImage({ ref: "builtin:busybox", memoryMib: 208 });\n`);
+    const config = (snapshots: string) =>
+      writeFileSync(
+        join(project, "supermachine.config.ts"),
+        `import { defineConfig } from "supermachine/config";\nexport default defineConfig({ images: ["./images/*.ts"], snapshotsDir: ${JSON.stringify(snapshots)}, pools: { box: { image: "box", min: 0, max: 1, restoreTimeoutMs: 20000 } } });\n`,
+      );
+    config("./.writer");
+    const writer = await loadPools({ cwd: project });
+    await writer.close();
+    const writerDir = join(project, ".writer");
+    const [name] = readdirSync(writerDir).filter((n) => n.startsWith("box-"));
+    const state = join(writerDir, name!, "state");
+    await tamper(join(writerDir, name!), () => writeFileSync(state, randomBytes(readFileSync(state).length)));
+    const cacheDir = join(work, "cache");
+    await exportSnapshots(cacheDir, [{ dir: join(writerDir, name!) }], signed);
+
+    config("./.reader");
+    const events: string[] = [];
+    const pools = await loadPools({ cwd: project, cacheFrom: cacheDir, cacheTrust: TRUST, onEvent: (e) => void (e.type === "done" && events.push(`${e.name}:${e.node.status}`)) });
+    try {
+      const vm = await pools.box!.acquire();
+      expect((await vm.exec({ argv: ["echo", "baked here"] })).stdout.toString()).toBe("baked here\n");
+      await vm.release();
+    } finally {
+      await pools.close();
+    }
+    // Imported once, then baked here (the rebuild does not fetch the cache's copy again).
+    expect(events).toEqual(["box:imported", "box:baked"]);
+    const readerDir = join(project, ".reader");
+    expect(quarantined(readerDir).map((q) => q.reason)).toEqual([expect.stringMatching(/^restore failed 2 times in a row: restoring .*state failed/)]);
+    // What serves now was baked here: its device state is not the cache's garbage.
+    const now = (await loadSnapshot(join(readerDir, name!)))!;
+    expect(readFileSync(now.state).equals(readFileSync(state))).toBe(false);
   });
 });
 
