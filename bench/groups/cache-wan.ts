@@ -18,7 +18,7 @@ import { generateSigningKey, readSigningKey } from "../../src/transfer/sign.js";
 import { digestOf } from "../../src/transfer/format.js";
 import type { BenchContext, BenchGroup } from "../harness.js";
 import { fixtures, registryConfig, waitForHttp } from "../util.js";
-import { startWanProxy } from "../wan-proxy.js";
+import { startWanProxyProcess } from "../wan-proxy-process.js";
 
 const execFileP = promisify(execFile);
 const DELAY_MS = 10;
@@ -76,7 +76,8 @@ async function wanBenchmarks(ctx: BenchContext): Promise<void> {
       else process.env.SUPERMACHINE_HOME = saved;
     }
   };
-  const proxy = await startWanProxy({ target: `127.0.0.1:${port}`, delayMs: DELAY_MS });
+  // In a process of its own: its relaying must not take CPU from the transfer it measures.
+  const proxy = await startWanProxyProcess(`127.0.0.1:${port}`, DELAY_MS);
   try {
     await waitForHttp(`http://127.0.0.1:${port}/v2/`);
     const fx = await (await fixtures()).ensureFixtures({ only: ["python"], log: progress });
