@@ -351,7 +351,11 @@ class ExportSession {
       });
     const ownPacks: Descriptor[] = [];
     const writer = this.packer(packTarget(meta.files.ram.size), c, ownPacks, "ram");
-    const reused = (sha: string): FrameRef | undefined => parent?.frames.get(sha) ?? rootfs.frames.get(sha);
+    // A RAM chunk equal to one of its parent's RAM is referenced there. The root filesystem's
+    // chunks are not looked at: they almost never equal a RAM chunk (measured: 1 of 2,055 for
+    // busybox, 0 of 3,617 for python), and one that did would make an importer fetch a range of
+    // a root filesystem pack besides the whole pack.
+    const reused = (sha: string): FrameRef | undefined => parent?.frames.get(sha);
     const own = new Map<string, PendingFrame>();
     const pending: Array<{ offset: number; sha256: string; frame: FrameRef | PendingFrame }> = [];
     let read = 0;
