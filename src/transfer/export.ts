@@ -45,9 +45,13 @@ import { keepConfigCopy, readConfigCopy } from "./config-memo.js";
 import { PackWriter, resolveFrame, type ClosedPack, type PendingFrame } from "./packs.js";
 import { fileChunks } from "./files.js";
 import { makeReport, type TransferEntry, type TransferOptions, type TransferReport } from "./report.js";
+import { type BatchChunk, packChunks, type PackResult } from "./workers.js";
 import { compress } from "./zstd.js";
 
 const log = logger("transfer");
+/** Bytes of chunks per batch sent to the transfer workers, and how many batches run ahead of the packing. */
+const BATCH_BYTES = 2 * 1024 * 1024;
+const LOOKAHEAD = 3;
 
 /** The name a snapshot travels under: its image's name in the project, else its directory's. */
 export function snapshotName(s: LoadedSnapshot): string {
@@ -179,6 +183,7 @@ class ExportSession {
   /** A pack writer whose closed packs are uploaded (missing ones only) in the upload lanes. */
   private packer(target: number, c: Counters, packs: Descriptor[], file: IndexedFile): PackWriter {
     return new PackWriter(target, async (p: ClosedPack) => {
+      log("%s pack %s closed: %d bytes, %d frames", file, p.digest.slice(7, 19), p.bytes.length, p.frames);
       packs.push({ mediaType: MEDIA.pack, digest: p.digest, size: p.bytes.length, annotations: { [ANNOTATIONS.file]: file } });
       // A root filesystem's packs are often there already (another snapshot of the image); a
       // snapshot's own pack of more than a MiB may be, from an interrupted export. Asking costs a
@@ -209,15 +214,55 @@ class ExportSession {
         const whole = new WholeHash();
         const pending: Array<{ offset: number; sha256: string; frame: PendingFrame }> = [];
         const seen = new Map<string, PendingFrame>();
+        // Chunks are hashed here and compressed in batches by the transfer workers, a few batches
+        // ahead; frames go into packs in file order, so the packs are the same on every machine.
+        const queued = new Set<string>();
+        const batches: Array<{ items: Array<{ offset: number; sha256: string }>; result: Promise<PackResult>; fresh: number }> = [];
+        let cur = { parts: [] as Buffer[], bytes: 0, items: [] as Array<{ offset: number; sha256: string }>, chunks: [] as BatchChunk[] };
+        const flush = () => {
+          if (cur.items.length === 0) return;
+          const result = packChunks(Buffer.concat(cur.parts, cur.bytes), cur.chunks);
+          result.catch(() => undefined);
+          batches.push({ items: cur.items, result, fresh: cur.chunks.length });
+          cur = { parts: [], bytes: 0, items: [], chunks: [] };
+        };
+        const settle = async (keep: number) => {
+          while (batches.length > keep) {
+            const b = batches.shift()!;
+            const r = await b.result;
+            if (!r.ok) throw new Error("internal: a root filesystem chunk changed while it was packed");
+            let at = 0;
+            let i = 0;
+            for (const { offset, sha256 } of b.items) {
+              let frame = seen.get(sha256);
+              if (!frame) {
+                const n = r.sizes[i++]!;
+                seen.set(sha256, (frame = await writer.add(r.frames.subarray(at, at + n))));
+                at += n;
+              }
+              pending.push({ offset, sha256, frame });
+            }
+          }
+        };
         for await (const { offset, data, zero } of fileChunks(path, size, { all: true })) {
           this.opts.signal?.throwIfAborted();
           whole.update(offset, data);
           if (zero) continue;
           const sha256 = sha256hex(data);
-          let frame = seen.get(sha256);
-          if (!frame) seen.set(sha256, (frame = await writer.add(compress(data))));
-          pending.push({ offset, sha256, frame });
+          cur.items.push({ offset, sha256 });
+          if (!queued.has(sha256)) {
+            queued.add(sha256);
+            cur.chunks.push({ at: cur.bytes, size: data.length, sha256: "" });
+            cur.parts.push(data);
+            cur.bytes += data.length;
+          }
+          if (cur.bytes >= BATCH_BYTES) {
+            flush();
+            await settle(LOOKAHEAD);
+          }
         }
+        flush();
+        await settle(0);
         await writer.finish();
         const sha256 = whole.digest(size);
         const recorded = await rootfsDigest(path);
@@ -341,7 +386,21 @@ class ExportSession {
     this.backend.prepareUploads?.(2);
     // The root filesystem: the parent's when it is this image's with the same bytes, else packed here.
     const localSha = meta.image.rootfsSha256 ?? (await rootfsDigest(meta.image.rootfs));
-    const rootfs = parent && parent.rootfs.image === meta.image.digest && localSha !== undefined && parent.rootfs.sha256 === localSha ? parent.rootfs : await this.rootfsOf(snap, c);
+    // Packed (by the transfer workers) and uploaded while the RAM is: nothing of the RAM depends on it.
+    const rootfsP = parent && parent.rootfs.image === meta.image.digest && localSha !== undefined && parent.rootfs.sha256 === localSha ? Promise.resolve(parent.rootfs) : this.rootfsOf(snap, c);
+    rootfsP.catch(() => undefined); // awaited below, or settled before a failure of the RAM's is thrown
+    try {
+      return await this.exportRam(snap, parent, rootfsP, c, t0);
+    } catch (err) {
+      await rootfsP.catch(() => undefined);
+      throw err;
+    }
+  }
+
+  private async exportRam(snap: LoadedSnapshot, parent: ArtifactFacts | undefined, rootfsP: Promise<RootfsPart>, c: Counters, t0: number): Promise<TransferEntry> {
+    const meta = snap.meta;
+    const key = meta.hash;
+    const name = snapshotName(snap);
 
     const sums = await readRamSums(join(snap.dir, SNAPSHOT_FILES.sums), meta.files.ram.sums);
     if (typeof sums === "string") throw new CacheError("CACHE_SNAPSHOT_INVALID", `snapshot ${snap.dir} is damaged: ${sums}; it was not exported`, { hint: "build it again (supermachine build) before exporting" });
@@ -378,28 +437,65 @@ class ExportSession {
       const seen = new Set<string>();
       const need = list.map((x) => !reused(x.sha256) && !seen.has(x.sha256) && seen.add(x.sha256) !== undefined);
       const size = meta.files.ram.size;
+      // Runs of adjacent chunks to read go to the transfer workers, which check each against its
+      // checksum and compress it, a few runs ahead of the packing (in RAM order) here.
+      const jobs: Array<{ start: number; end: number; ks: number[]; result?: Promise<PackResult> }> = [];
+      for (let k = 0; k < list.length; k++) {
+        if (!need[k]) continue;
+        const { offset } = list[k]!;
+        const len = chunkLength(size, offset);
+        const last = jobs[jobs.length - 1];
+        if (last && last.end === offset && last.end - last.start < BATCH_BYTES) {
+          last.end += len;
+          last.ks.push(k);
+        } else jobs.push({ start: offset, end: offset + len, ks: [k] });
+      }
       const fh = await open(snap.ram, "r");
+      const submit = async (j: (typeof jobs)[number]): Promise<PackResult> => {
+        const buf = Buffer.allocUnsafe(j.end - j.start);
+        const { bytesRead } = await fh.read(buf, 0, buf.length, j.start);
+        if (bytesRead !== buf.length) throw refuse(`(it ends before offset ${j.end})`);
+        return packChunks(buf, j.ks.map((k) => ({ at: list[k]!.offset - j.start, size: chunkLength(size, list[k]!.offset), sha256: list[k]!.sha256 })));
+      };
+      let submitted = 0;
+      const ahead = (from: number) => {
+        for (; submitted < jobs.length && submitted <= from + LOOKAHEAD; submitted++) {
+          const j = jobs[submitted]!;
+          j.result = submit(j);
+          j.result.catch(() => undefined);
+        }
+      };
       try {
-        let run: { start: number; end: number; buf: Buffer } | undefined;
+        let ji = 0;
+        let pos = 0;
+        let at = 0;
         for (let k = 0; k < list.length; k++) {
           this.opts.signal?.throwIfAborted();
           const { offset, sha256 } = list[k]!;
-          if (need[k] && !(run && offset >= run.start && offset < run.end)) {
-            let end = offset + chunkLength(size, offset);
-            for (let q = k + 1; q < list.length && need[q] && list[q]!.offset === end && end - offset < 4 * 1024 * 1024; q++) end += chunkLength(size, end);
-            const buf = Buffer.allocUnsafe(end - offset);
-            const { bytesRead } = await fh.read(buf, 0, buf.length, offset);
-            if (bytesRead !== buf.length) throw refuse(`(it ends before offset ${end})`);
-            run = { start: offset, end, buf };
-          }
-          const r = run;
-          await add(offset, sha256, async () => {
-            const buf = r!.buf.subarray(offset - r!.start, offset - r!.start + chunkLength(size, offset));
-            if (sha256hex(buf) !== sha256) throw refuse(`at offset ${offset}`);
-            return buf;
-          });
+          let frame: FrameRef | PendingFrame | undefined;
+          if (need[k]) {
+            const j = jobs[ji]!;
+            ahead(ji);
+            const r = await j.result!;
+            if (!r.ok) throw refuse(`at offset ${list[j.ks[r.index]!]!.offset}`);
+            const n = r.sizes[pos]!;
+            frame = await writer.add(r.frames.subarray(at, at + n));
+            own.set(sha256, frame);
+            at += n;
+            if (++pos === j.ks.length) {
+              j.result = undefined; // its frames are in the packs now
+              ji++;
+              pos = 0;
+              at = 0;
+            }
+          } else frame = reused(sha256) ?? own.get(sha256);
+          if (!frame) throw new Error(`internal: no frame for the chunk at ${offset}`);
+          pending.push({ offset, sha256, frame });
+          if (++read % 256 === 0) this.opts.onProgress?.({ type: "chunks", name, key, done: read, moved: own.size });
         }
       } finally {
+        // Reads still in flight finish before the file closes.
+        await Promise.all(jobs.slice(0, submitted).map((j) => j.result?.catch(() => undefined)));
         await fh.close();
       }
     } else {
@@ -420,6 +516,8 @@ class ExportSession {
     // The config goes while the packs still upload; the manifest, which names them all, waits.
     const configDesc = await this.putLater(digestOf(configBytes), configBytes, false, c);
     await keepConfigCopy(configDesc.digest, configBytes);
+    // The root filesystem packed (its last puts scheduled), then every upload finished.
+    const rootfs = await rootfsP;
     await this.uploads.drain();
 
     // Layers: the root filesystem's, then every pack of the parent (in its order: a registry's

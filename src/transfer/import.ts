@@ -47,6 +47,7 @@ import { keepConfigCopy } from "./config-memo.js";
 import { checkSignature, parseTrust, type CacheTrust } from "./sign.js";
 import { checkBehaviour, checkChild, checkEngine } from "./checks.js";
 import { decompressBounded } from "./zstd.js";
+import { unpackChunks } from "./workers.js";
 
 export type { ImportOptions, LocalEngine };
 
@@ -297,14 +298,15 @@ export class ImportSession {
     try {
       await fh.truncate(index.size);
       const out = new RunWriter(fh);
-      type Want = FrameWant & { use: (frame: Buffer) => Promise<void> };
+      // A chunk's frame is checked by a transfer worker (decompressed to its exact length, then
+      // against its sha256) with the others of its pack; the device state's frame by `use`.
+      type Want = FrameWant & ({ use: (frame: Buffer) => Promise<void> } | { chunk: { sha256: string; length: number; offsets: number[] } });
       const byPack = new Map<string, Want[]>();
-      const want = (ref: FrameRef, use: (frame: Buffer) => Promise<void>) => {
-        let l = byPack.get(ref.pack);
-        if (!l) byPack.set(ref.pack, (l = []));
-        l.push({ at: ref.at, size: ref.size, use });
+      const add = (pack: string, w: Want) => {
+        let l = byPack.get(pack);
+        if (!l) byPack.set(pack, (l = []));
+        l.push(w);
       };
-      let done = 0;
       for (const [sha256, g] of groups) {
         this.opts.signal?.throwIfAborted();
         const src = local.get(sha256);
@@ -319,20 +321,49 @@ export class ImportSession {
             continue;
           }
         }
-        want(g.ref, async (frame) => {
-          const label = `chunk ${sha256.slice(0, 16)} of ${what}`;
-          const raw = decompressBounded(frame, label, { expected: g.length });
-          if (sha256hex(raw) !== sha256) throw new CacheError("CACHE_CHUNK_CORRUPT", `${label} does not match the sha256 its index records`, { hint: "the cache holds corrupt data; nothing was imported" });
-          for (const o of g.offsets) await out.write(raw, o);
+        add(g.ref.pack, { at: g.ref.at, size: g.ref.size, chunk: { sha256, length: g.length, offsets: g.offsets } });
+      }
+      if (extra) add(extra.ref.pack, { at: extra.ref.at, size: extra.ref.size, use: extra.use });
+      let done = 0;
+      const unpack = async (frames: Buffer[], items: Array<{ sha256: string; length: number; offsets: number[] }>) => {
+        if (items.length === 0) return;
+        let at = 0;
+        const chunks = items.map((it, i) => {
+          const ch = { at, size: frames[i]!.length, sha256: it.sha256, length: it.length };
+          at += ch.size;
+          return ch;
+        });
+        const label = (i: number) => `chunk ${items[i]!.sha256.slice(0, 16)} of ${what}`;
+        const r = await unpackChunks(Buffer.concat(frames, at), chunks, (f, n, i) => decompressBounded(f, label(i), { expected: n }));
+        if (!r.ok) {
+          const hint = "the cache holds corrupt data; nothing was imported";
+          if (r.why === "sha256") throw new CacheError("CACHE_CHUNK_CORRUPT", `${label(r.index)} does not match the sha256 its index records`, { hint });
+          if (r.why === "length") throw new CacheError("CACHE_CHUNK_CORRUPT", `${label(r.index)}: decompresses to ${r.message} bytes, expected ${items[r.index]!.length}`, { hint });
+          throw new CacheError("CACHE_CHUNK_CORRUPT", `${r.index >= 0 ? label(r.index) : `a chunk of ${what}`}: cannot be decompressed: ${r.message ?? "not a zstd frame"}`, { hint });
+        }
+        let pos = 0;
+        for (const it of items) {
+          const raw = r.raw.subarray(pos, pos + it.length);
+          pos += it.length;
+          for (const o of it.offsets) await out.write(raw, o);
           c.chunksMoved++;
           if (id && ++done % 256 === 0) this.opts.onProgress?.({ type: "chunks", ...id, done, moved: c.chunksMoved });
-        });
-      }
-      if (extra) want(extra.ref, extra.use);
+        }
+      };
       const lanes = new Lanes(Math.max(1, Math.min(4, this.backend.parallelism)));
       for (const [pack, wants] of byPack) {
         this.opts.signal?.throwIfAborted();
-        await lanes.run(() => readFrames(this.backend, pack, packs.get(pack)!, wants, `pack ${pack.slice(7, 19)} of ${what}`, c, (w, bytes) => (w as Want).use(bytes)));
+        await lanes.run(async () => {
+          const frames: Buffer[] = [];
+          const items: Array<{ sha256: string; length: number; offsets: number[] }> = [];
+          await readFrames(this.backend, pack, packs.get(pack)!, wants, `pack ${pack.slice(7, 19)} of ${what}`, c, async (w, bytes) => {
+            const x = w as Want;
+            if ("use" in x) return x.use(bytes);
+            frames.push(bytes);
+            items.push(x.chunk);
+          });
+          await unpack(frames, items);
+        });
       }
       await lanes.drain();
       await out.flush();

@@ -7,7 +7,8 @@
  */
 import type { CacheBackend } from "./backend.js";
 import { CacheError } from "./errors.js";
-import { digestOf, type FrameRef } from "./format.js";
+import type { FrameRef } from "./format.js";
+import { sha256Of } from "./workers.js";
 
 /** A pack being filled: its digest is known once it is closed. */
 export interface PackSlot {
@@ -54,7 +55,7 @@ export class PackWriter {
 
   private async close(): Promise<void> {
     const bytes = Buffer.concat(this.parts, this.length);
-    const digest = digestOf(bytes);
+    const digest = `sha256:${await sha256Of(bytes)}`;
     this.slot.digest = digest;
     const frames = this.frames;
     this.parts = [];
@@ -119,7 +120,7 @@ export async function readFrames(
     moved.bytesMoved += got.bytes.length;
     if (got.start === 0 && got.bytes.length === packSize && !(s.start === 0 && s.end === packSize)) {
       // The cache ignored the range and sent the whole pack: check it whole, and use it for the rest.
-      checkPack(backend, digest, packSize, got.bytes, what);
+      await checkPack(backend, digest, packSize, got.bytes, what);
       return servePack(got.bytes, sorted, onFrame);
     }
     if (got.start !== s.start || got.bytes.length !== s.end - s.start) {
@@ -133,12 +134,13 @@ async function wholePack(backend: CacheBackend, digest: string, packSize: number
   const bytes = await backend.readBlob(digest, packSize, what);
   if (!bytes) throw missing(backend, digest, what);
   moved.bytesMoved += bytes.length;
-  checkPack(backend, digest, packSize, bytes, what);
+  await checkPack(backend, digest, packSize, bytes, what);
   return bytes;
 }
 
-function checkPack(backend: CacheBackend, digest: string, packSize: number, bytes: Buffer, what: string): void {
-  const actual = digestOf(bytes);
+async function checkPack(backend: CacheBackend, digest: string, packSize: number, bytes: Buffer, what: string): Promise<void> {
+  // Hashed by a transfer worker: the main thread goes on receiving the other packs.
+  const actual = bytes.length === packSize ? `sha256:${await sha256Of(bytes)}` : undefined;
   if (actual !== digest || bytes.length !== packSize) {
     throw new CacheError("CACHE_DIGEST_MISMATCH", `${what}: pack ${digest} in cache ${backend.location} does not hash to its digest (or is not ${packSize} bytes)`, {
       hint: "the cache holds corrupt or substituted data; nothing was imported. Export the snapshot again",
