@@ -220,6 +220,20 @@ export class Transport {
 
   /** One request; for a registry host of unknown scheme, HTTPS first then plain HTTP when allowed. */
   private async sendOnce(method: string, url: URL, headers: Record<string, string>, body: Buffer | undefined, extra: RawExtra, registryHost?: string): Promise<HttpResponse> {
+    const known = registryHost !== undefined && !this.schemes.has(registryHost) ? learnedSchemes.get(registryHost) : undefined;
+    if (known && Date.now() - known.at < LEARNED_TTL_MS && (isLoopback(registryHost!) || this.isInsecure(registryHost!))) {
+      // What an earlier transport of this process found: used without a probe, and forgotten
+      // (then probed again) if the host no longer answers in that scheme.
+      try {
+        const res = await this.raw(method, withScheme(url, known.scheme), headers, body, known.scheme, extra);
+        this.schemes.set(registryHost!, known.scheme);
+        return res;
+      } catch (err) {
+        if (extra.signal?.aborted) throw err;
+        learnedSchemes.delete(registryHost!);
+        log("%s no longer answers %s (%s): probing again", registryHost, known.scheme, errCode(err));
+      }
+    }
     if (registryHost === undefined || this.schemes.has(registryHost)) {
       const scheme = registryHost !== undefined ? this.schemes.get(registryHost)! : url.protocol === "http:" ? "http" : "https";
       return this.raw(method, withScheme(url, scheme), headers, body, scheme, extra);
@@ -262,6 +276,7 @@ export class Transport {
       if (!notTls || extra.signal?.aborted) throw err;
       log("%s does not speak TLS (%s), using plain HTTP", registryHost, code);
       this.schemes.set(registryHost, "http");
+      learnedSchemes.set(registryHost, { scheme: "http", at: Date.now() });
       known();
       return this.raw(method, withScheme(url, "http"), headers, body, "http", extra);
     }
@@ -350,6 +365,14 @@ function withScheme(url: URL, scheme: Scheme): URL {
   u.protocol = proto;
   return u;
 }
+
+/**
+ * The scheme a loopback or insecure registry turned out to speak (plain HTTP), for the process:
+ * the next transport to it skips the probe (a round trip). Kept a few minutes, and dropped when a
+ * request in that scheme fails to connect (another server on that port now).
+ */
+const learnedSchemes = new Map<string, { scheme: Scheme; at: number }>();
+const LEARNED_TTL_MS = 5 * 60_000;
 
 /**
  * One TLS context per set of trusted CAs, for the whole process. Without it every new connection

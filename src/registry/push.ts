@@ -214,7 +214,8 @@ export class PushClient {
    * by `cancelSpareUploads()`.
    */
   prestartUploads(n: number): void {
-    for (let i = 0; i < n; i++) {
+    // Tops the spares up to `n`: asking again before they were used starts no more.
+    for (let i = this.spare.length; i < n; i++) {
       const p = this.postSession("(a blob to come)", { stats: { requests: 0, bytesSent: 0, resumed: 0, restarted: 0 }, signal: undefined }).catch(() => undefined);
       this.spare.push(p);
     }

@@ -373,7 +373,10 @@ class ExportSession {
       });
     }
     this.opts.onProgress?.({ type: "start", name, key });
-    // Its own entry and its parent's are asked for at once (one round trip, not two).
+    // Its own entry and its parent's are asked for at once (one round trip, not two), while the
+    // upload sessions for its config and first pack are started: a snapshot the cache has leaves
+    // them to the next one (the session cancels what is left at its end).
+    this.backend.prepareUploads?.(2);
     const parentKey = meta.inputs.parent;
     const [present, parent] = await Promise.all([this.present(key), parentKey ? this.cachedArtifact(parentKey) : undefined]);
     if (present) {
@@ -382,8 +385,6 @@ class ExportSession {
     }
     const t0 = performance.now();
     const c: Counters = { chunksMoved: 0, bytesMoved: 0 };
-    // Its config and its first pack are new: their uploads begin while they are made.
-    this.backend.prepareUploads?.(2);
     // The root filesystem: the parent's when it is this image's with the same bytes, else packed here.
     const localSha = meta.image.rootfsSha256 ?? (await rootfsDigest(meta.image.rootfs));
     // Packed (by the transfer workers) and uploaded while the RAM is: nothing of the RAM depends on it.
