@@ -30,9 +30,11 @@ import {
   KEY_RE,
   LIMITS,
   manifestParts,
+  MEDIA,
   parseManifest,
   sha256hex,
   type ArtifactConfig,
+  type ArtifactManifest,
   type Descriptor,
   type FileIndex,
   type FrameRef,
@@ -82,12 +84,16 @@ export interface Counters {
 }
 
 const MAX_CHAIN = 64;
+/** Root filesystem packs asked for ahead of need, at most (each up to the pack size limit in memory). */
+const PREFETCH_PACKS = 4;
 
 export class ImportSession {
   readonly entries: TransferEntry[] = [];
   private readonly results = new Map<string, Promise<TransferEntry>>();
 
   private readonly trust: ReturnType<typeof parseTrust>;
+  /** Blobs asked for before they are needed (a fresh machine's root filesystem), by digest. */
+  private readonly prefetched = new Map<string, Promise<Buffer | undefined>>();
 
   constructor(
     readonly backend: CacheBackend,
@@ -160,6 +166,8 @@ export class ImportSession {
     }
     this.opts.onProgress?.({ type: "start", name, key });
     if (!this.opts.engine) throw new Error(`internal: importing ${what} needs the local engine`);
+    const parts = manifestParts(manifest, `the manifest of ${what}`);
+    await this.prefetchRootfs(manifest, parts, what);
     const engine = this.opts.engine;
     // The snapshot's metadata is checked before its RAM index is parsed: the key recomputed from
     // its inputs, the engine, and that it runs what its key (and this project) says.
@@ -176,7 +184,6 @@ export class ImportSession {
     const snap = config.snapshot;
     // A child exported from here later reads where its parent's chunks are from this copy.
     await keepConfigCopy(manifest.config.digest, configBytes);
-    const parts = manifestParts(manifest, `the manifest of ${what}`);
     checkFrames([...config.ram.chunks, config.state], parts.packs, `the config of ${what}`);
 
     // Parents first: a child's chunks that its parent has are then copied locally.
@@ -240,10 +247,51 @@ export class ImportSession {
     return meta;
   }
 
+  /** Starts reading a blob now (at most `size` bytes); whoever needs it later takes it, unverified as any read. */
+  private prefetch(digest: string, size: number, what: string): void {
+    if (this.prefetched.has(digest)) return;
+    const p = this.backend.readBlob(digest, size, what);
+    p.catch(() => undefined); // a failure is met again by whoever takes it
+    this.prefetched.set(digest, p);
+  }
+
+  /** A prefetched blob's bytes (once), or undefined when it was not prefetched. */
+  takePrefetched(digest: string): Promise<Buffer | undefined> | undefined {
+    const p = this.prefetched.get(digest);
+    if (p) this.prefetched.delete(digest);
+    return p;
+  }
+
+  /**
+   * After a trusted manifest, before its config: when this machine lacks the snapshot's image, its
+   * root filesystem will be rebuilt from all its packs, and a snapshot without a parent from all
+   * its RAM packs, so those (at most PREFETCH_PACKS, root filesystem first), the root filesystem's
+   * index and image.json are asked for now rather than one or two round trips later.
+   */
+  private async prefetchRootfs(manifest: ArtifactManifest, parts: ManifestParts, what: string): Promise<void> {
+    const image = manifest.annotations[ANNOTATIONS.image];
+    this.prefetch(parts.rootfsIndex.digest, Math.min(parts.rootfsIndex.size, LIMITS.fileIndexBytes), `the rootfs.sqfs index of ${what}`);
+    const wanted: string[] = [];
+    if (typeof image === "string" && /^sha256:[0-9a-f]{64}$/.test(image) && !(await readImageEntry(join(homePaths().images, image.slice(7)), image))) {
+      this.prefetch(parts.imageMeta.digest, Math.min(parts.imageMeta.size, LIMITS.imageMetaBytes), `the image metadata of ${what}`);
+      wanted.push("rootfs.sqfs");
+    }
+    // A snapshot without a parent has no chunks on this machine to copy: its RAM packs are read whole.
+    if (manifest.annotations[ANNOTATIONS.parent] === undefined) wanted.push("ram");
+    let n = 0;
+    for (const file of wanted) {
+      for (const l of manifest.layers) {
+        if (l.mediaType !== MEDIA.pack || l.annotations?.[ANNOTATIONS.file] !== file) continue;
+        if (n++ >= PREFETCH_PACKS) return;
+        this.prefetch(l.digest, l.size, `pack ${l.digest.slice(7, 19)} of ${what}`);
+      }
+    }
+  }
+
   /** A blob whose digest and size are checked before it is used. */
   async fetchVerified(desc: Pick<Descriptor, "digest" | "size">, limit: number, what: string, c: Counters): Promise<Buffer> {
     if (desc.size > limit) throw new CacheError("CACHE_TOO_LARGE", `${what} (${desc.digest}) is ${desc.size} bytes, more than the ${limit}-byte limit`);
-    const bytes = await this.backend.readBlob(desc.digest, desc.size, what);
+    const bytes = await (this.takePrefetched(desc.digest) ?? this.backend.readBlob(desc.digest, desc.size, what));
     if (!bytes) throw new CacheError("CACHE_MISSING", `${what}: blob ${desc.digest} is missing from cache ${this.backend.location}`, { hint: "the cache is incomplete: export the snapshot again" });
     c.bytesMoved += bytes.length;
     const actual = digestOf(bytes);
@@ -356,12 +404,13 @@ export class ImportSession {
         await lanes.run(async () => {
           const frames: Buffer[] = [];
           const items: Array<{ sha256: string; length: number; offsets: number[] }> = [];
+          const whole = this.takePrefetched(pack);
           await readFrames(this.backend, pack, packs.get(pack)!, wants, `pack ${pack.slice(7, 19)} of ${what}`, c, async (w, bytes) => {
             const x = w as Want;
             if ("use" in x) return x.use(bytes);
             frames.push(bytes);
             items.push(x.chunk);
-          });
+          }, whole);
           await unpack(frames, items);
         });
       }

@@ -100,8 +100,17 @@ export async function readFrames(
   what: string,
   moved: { bytesMoved: number },
   onFrame: (want: FrameWant, bytes: Buffer) => Promise<void>,
+  /** The whole pack, already being read (a prefetch): used instead of ranges. */
+  prefetched?: Promise<Buffer | undefined>,
 ): Promise<void> {
   const sorted = [...wants].sort((a, b) => a.at - b.at);
+  if (prefetched) {
+    const bytes = await prefetched;
+    if (!bytes) throw missing(backend, digest, what);
+    moved.bytesMoved += bytes.length;
+    await checkPack(backend, digest, packSize, bytes, what);
+    return servePack(bytes, sorted, onFrame);
+  }
   const spans: Span[] = [];
   const gap = backend.kind === "dir" ? 0 : RANGE_GAP;
   for (const w of sorted) {
