@@ -343,9 +343,10 @@ class ExportSession {
       const m = parseManifest(bytes, what, "null");
       if (!m || m.annotations[ANNOTATIONS.key] !== key) return undefined;
       const parts = manifestParts(m, what);
-      const configBytes = (await readConfigCopy(m.config.digest, m.config.size)) ?? (await this.backend.readBlob(m.config.digest, Math.min(m.config.size, LIMITS.configBytes), what));
+      const memo = await readConfigCopy(m.config.digest, m.config.size);
+      const configBytes = memo ?? (await this.backend.readBlob(m.config.digest, Math.min(m.config.size, LIMITS.configBytes), what));
       if (!configBytes || digestOf(configBytes) !== m.config.digest) return undefined;
-      await keepConfigCopy(m.config.digest, configBytes);
+      if (!memo) await keepConfigCopy(m.config.digest, configBytes);
       const config = decodeConfig(configBytes, `the config of ${what}`);
       const packs = new Map(m.layers.filter((l) => l.mediaType === MEDIA.pack).map((l) => [l.digest, l]));
       const frames = new Map<string, FrameRef>();
