@@ -8,7 +8,8 @@ import { readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
-import { METADATA_FILE, ROOTFS_FILE, rootfsFacts } from "../store/images.js";
+import { METADATA_FILE, ROOTFS_FILE } from "../store/images.js";
+import { sha256OfFile } from "./workers.js";
 import { publish } from "../store/publish.js";
 import { CacheError } from "./errors.js";
 import { LIMITS, type FileIndex, type ManifestParts } from "./format.js";
@@ -117,7 +118,8 @@ export async function installImage(
 
 /** A rebuilt root filesystem's facts, its sha256 checked against the one its index records. */
 async function checkedFacts(path: string, index: FileIndex, label: string): Promise<{ sha256: string; rootfsMtimeNs: string }> {
-  const facts = await rootfsFacts(path);
+  // As the image store's rootfsFacts computes them, the hashing in a transfer worker.
+  const facts = { sha256: await sha256OfFile(path), rootfsMtimeNs: String((await stat(path, { bigint: true })).mtimeNs) };
   if (index.sha256 !== undefined && facts.sha256 !== index.sha256) {
     throw new CacheError("CACHE_CHUNK_CORRUPT", `${label} does not hash, once rebuilt, to the sha256 its index records`, { hint: "the cache entry is damaged or hostile: nothing was imported" });
   }

@@ -48,6 +48,23 @@ compressor.setParameters({ compressionLevel: workerData.level });
 const dctx = new binding.DCtx();
 const sha = (b) => createHash("sha256").update(b).digest("hex");
 parentPort.on("message", (m) => {
+  if (m.op === "file") {
+    const fs = require("node:fs");
+    try {
+      const fd = fs.openSync(m.path, "r");
+      const h = createHash("sha256");
+      const b = Buffer.allocUnsafe(1 << 20);
+      try {
+        for (let n; (n = fs.readSync(fd, b, 0, b.length, null)) > 0; ) h.update(b.subarray(0, n));
+      } finally {
+        fs.closeSync(fd);
+      }
+      parentPort.postMessage({ id: m.id, ok: true, sha256: h.digest("hex") });
+    } catch (e) {
+      parentPort.postMessage({ id: m.id, ok: false, message: String(e && e.message) });
+    }
+    return;
+  }
   const buf = Buffer.from(m.buf, m.off, m.len);
   try {
     if (m.op === "sha256") {
@@ -168,6 +185,14 @@ function own(bytes: Buffer): ArrayBuffer {
 }
 
 const sha256hex = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
+
+/** The sha256 (hex) of the file at `path`, read and hashed by a worker (the main thread goes on). */
+export async function sha256OfFile(path: string): Promise<string> {
+  const id = nextId++;
+  const m = (await worker().run(id, { id, op: "file", path }, [])) as { ok: boolean; sha256?: string; message?: string };
+  if (!m.ok) throw new Error(`reading ${path}: ${m.message}`);
+  return m.sha256!;
+}
 
 /** The sha256 (hex) of `bytes`, computed in a worker when they are many (a whole pack). */
 export async function sha256Of(bytes: Buffer): Promise<string> {
