@@ -49,7 +49,7 @@ import { keepConfigCopy } from "./config-memo.js";
 import { checkSignature, parseTrust, type CacheTrust } from "./sign.js";
 import { checkBehaviour, checkChild, checkEngine } from "./checks.js";
 import { decompressBounded } from "./zstd.js";
-import { unpackChunks } from "./workers.js";
+import { unpackChunks, type UnpackResult } from "./workers.js";
 
 export type { ImportOptions, LocalEngine };
 
@@ -86,6 +86,8 @@ export interface Counters {
 const MAX_CHAIN = 64;
 /** Root filesystem packs asked for ahead of need, at most (each up to the pack size limit in memory). */
 const PREFETCH_PACKS = 4;
+/** Compressed bytes of frames per batch handed to a transfer worker on import. */
+const UNPACK_BATCH = 1024 * 1024;
 
 export class ImportSession {
   readonly entries: TransferEntry[] = [];
@@ -374,28 +376,43 @@ export class ImportSession {
       if (extra) add(extra.ref.pack, { at: extra.ref.at, size: extra.ref.size, use: extra.use });
       let done = 0;
       const unpack = async (frames: Buffer[], items: Array<{ sha256: string; length: number; offsets: number[] }>) => {
-        if (items.length === 0) return;
-        let at = 0;
-        const chunks = items.map((it, i) => {
-          const ch = { at, size: frames[i]!.length, sha256: it.sha256, length: it.length };
-          at += ch.size;
-          return ch;
-        });
+        // In batches of about UNPACK_BATCH compressed bytes, all handed to the workers at once
+        // (the pack is in memory anyway): they work in parallel, and writing begins with the first.
         const label = (i: number) => `chunk ${items[i]!.sha256.slice(0, 16)} of ${what}`;
-        const r = await unpackChunks(Buffer.concat(frames, at), chunks, (f, n, i) => decompressBounded(f, label(i), { expected: n }));
-        if (!r.ok) {
-          const hint = "the cache holds corrupt data; nothing was imported";
-          if (r.why === "sha256") throw new CacheError("CACHE_CHUNK_CORRUPT", `${label(r.index)} does not match the sha256 its index records`, { hint });
-          if (r.why === "length") throw new CacheError("CACHE_CHUNK_CORRUPT", `${label(r.index)}: decompresses to ${r.message} bytes, expected ${items[r.index]!.length}`, { hint });
-          throw new CacheError("CACHE_CHUNK_CORRUPT", `${r.index >= 0 ? label(r.index) : `a chunk of ${what}`}: cannot be decompressed: ${r.message ?? "not a zstd frame"}`, { hint });
+        const batches: Array<{ from: number; to: number; result: Promise<UnpackResult> }> = [];
+        for (let from = 0; from < items.length; ) {
+          let to = from;
+          let bytes = 0;
+          while (to < items.length && (to === from || bytes + frames[to]!.length <= UNPACK_BATCH)) bytes += frames[to++]!.length;
+          let at = 0;
+          const chunks = items.slice(from, to).map((it, i) => {
+            const ch = { at, size: frames[from + i]!.length, sha256: it.sha256, length: it.length };
+            at += ch.size;
+            return ch;
+          });
+          const first = from;
+          const result = unpackChunks(Buffer.concat(frames.slice(from, to), at), chunks, (f, n, i) => decompressBounded(f, label(first + i), { expected: n }));
+          result.catch(() => undefined);
+          batches.push({ from, to, result });
+          from = to;
         }
-        let pos = 0;
-        for (const it of items) {
-          const raw = r.raw.subarray(pos, pos + it.length);
-          pos += it.length;
-          for (const o of it.offsets) await out.write(raw, o);
-          c.chunksMoved++;
-          if (id && ++done % 256 === 0) this.opts.onProgress?.({ type: "chunks", ...id, done, moved: c.chunksMoved });
+        for (const b of batches) {
+          const r = await b.result;
+          if (!r.ok) {
+            const i = b.from + r.index;
+            const hint = "the cache holds corrupt data; nothing was imported";
+            if (r.why === "sha256") throw new CacheError("CACHE_CHUNK_CORRUPT", `${label(i)} does not match the sha256 its index records`, { hint });
+            if (r.why === "length") throw new CacheError("CACHE_CHUNK_CORRUPT", `${label(i)}: decompresses to ${r.message} bytes, expected ${items[i]!.length}`, { hint });
+            throw new CacheError("CACHE_CHUNK_CORRUPT", `${r.index >= 0 ? label(i) : `a chunk of ${what}`}: cannot be decompressed: ${r.message ?? "not a zstd frame"}`, { hint });
+          }
+          let pos = 0;
+          for (const it of items.slice(b.from, b.to)) {
+            const raw = r.raw.subarray(pos, pos + it.length);
+            pos += it.length;
+            for (const o of it.offsets) await out.write(raw, o);
+            c.chunksMoved++;
+            if (id && ++done % 256 === 0) this.opts.onProgress?.({ type: "chunks", ...id, done, moved: c.chunksMoved });
+          }
         }
       };
       const lanes = new Lanes(Math.max(1, Math.min(4, this.backend.parallelism)));
