@@ -93,3 +93,13 @@ export {
 } from "./errors.js";
 export { ConfigError, CONFIG_ERROR_CODES, type ConfigErrorCode } from "./config/errors.js";
 export { RegistryError, REGISTRY_ERROR_CODES, type RegistryErrorCode } from "./registry/errors.js";
+export { ServerError, SERVER_ERROR_CODES, type ServerErrorCode } from "./server/errors.js";
+export type { ServeOptions, SupermachineServer } from "./server/index.js";
+
+/**
+ * Starts `supermachine serve` in this process: listens, loads the project's pools, serves them
+ * (see docs/serve.md). The HTTP stack loads only when this is called.
+ */
+export async function startServer(options?: import("./server/index.js").ServeOptions): Promise<import("./server/index.js").SupermachineServer> {
+  return (await import("./server/index.js")).startServer(options);
+}

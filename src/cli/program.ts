@@ -34,6 +34,7 @@ export const COMMAND_GROUPS: readonly { names: readonly string[]; load: () => Pr
   { names: ["cache"], load: async () => (await import("./cache.js")).registerCacheCommands },
   { names: ["verify"], load: async () => (await import("./verify.js")).registerVerifyCommand },
   { names: ["setup"], load: async () => (await import("./setup.js")).registerSetupCommand },
+  { names: ["serve", "keys"], load: async () => (await import("./serve.js")).registerServeCommands },
 ];
 
 /**

@@ -43,6 +43,9 @@ export interface PoolStats {
   waiting: number;
   min: number;
   max: number;
+  /** Guest RAM and CPUs of each VM. */
+  memoryMib: number;
+  vcpus: number;
 }
 
 interface Waiter {
@@ -139,6 +142,8 @@ export class Pool {
       waiting: this.waiters.length,
       min: this.opts.min,
       max: this.opts.max,
+      memoryMib: this.spec.memoryMib,
+      vcpus: this.spec.vcpus,
     };
   }
 

@@ -53,6 +53,14 @@ export class Vm extends GuestSession {
     super.usable(what);
   }
 
+  /**
+   * Who processes run as unless a call says (the pool's `user`, else the image's `User`; undefined
+   * means root), and where they start (the image's WorkingDir, else /).
+   */
+  get processDefaults(): { user: string | undefined; workingDir: string } {
+    return { user: this.defaults.user, workingDir: this.defaults.workingDir ?? "/" };
+  }
+
   /** True once released (calls then fail with VM_RELEASED). */
   get isReleased(): boolean {
     return this.released;

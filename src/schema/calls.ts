@@ -72,6 +72,11 @@ export interface ExecOptions {
    * pool with `restoreOnRelease: false` (and `vm.killBackground()` without an id).
    */
   detach?: boolean;
+  /**
+   * Who this process runs as: `name`, `uid`, `name:group` or `uid:gid`, looked up in the guest
+   * (default: the pool's `user`, else the image's `User`).
+   */
+  user?: string;
 }
 
 /** vm.spawn: like exec, but `timeoutMs` has no default (a spawned process may run for long). */
@@ -112,6 +117,7 @@ const execBase = {
   signal: abortSignal.optional(),
   limits: execLimitsSchema.optional(),
   detach: z.boolean({ error: "must be a boolean" }).default(false),
+  user: z.string({ error: "must be a string" }).min(1, "must not be empty").optional(),
 };
 
 function checkTty(o: { tty: boolean; winsize?: Winsize | undefined }, ctx: z.RefinementCtx): void {
@@ -158,6 +164,8 @@ export interface WriteFileOptions extends CallOptions {
   mode?: number;
   /** Largest content accepted (default 4 MiB; writeFileStream has no limit unless given). */
   maxBytes?: number;
+  /** Who owns the file (and directories it creates), in the form of exec's `user` (default root). */
+  user?: string;
 }
 
 const callBase = {
@@ -168,10 +176,10 @@ export const callSchema = z.object(callBase).strict();
 export const readFileSchema = z.object({ ...callBase, maxBytes: intIn(1, Number.MAX_SAFE_INTEGER).default(FILE_LIMIT) }).strict();
 export const readStreamSchema = z.object({ ...callBase, maxBytes: intIn(1, Number.MAX_SAFE_INTEGER).optional() }).strict();
 export const writeFileSchema = z
-  .object({ ...callBase, mode: intIn(0, 0o7777).default(0o644), maxBytes: intIn(1, Number.MAX_SAFE_INTEGER).default(FILE_LIMIT) })
+  .object({ ...callBase, mode: intIn(0, 0o7777).default(0o644), maxBytes: intIn(1, Number.MAX_SAFE_INTEGER).default(FILE_LIMIT), user: execBase.user })
   .strict();
 export const writeStreamSchema = z
-  .object({ ...callBase, mode: intIn(0, 0o7777).default(0o644), maxBytes: intIn(1, Number.MAX_SAFE_INTEGER).optional() })
+  .object({ ...callBase, mode: intIn(0, 0o7777).default(0o644), maxBytes: intIn(1, Number.MAX_SAFE_INTEGER).optional(), user: execBase.user })
   .strict();
 
 /** Processes an exec left running after its main process ended (LIST_BACKGROUND). */

@@ -45,7 +45,9 @@ interface Abandonable {
 const errnoNames = new Map(Object.entries(osConstants.errno).map(([name, n]) => [n, name as ErrnoName]));
 
 export class GuestSession {
-  private user: { uid: number; gid: number } | undefined;
+  /** Users named by a call's `user` (or the defaults'), resolved once each. */
+  private readonly users = new Map<string, Promise<{ uid: number; gid: number }>>();
+  private readonly resolvedUsers = new Map<string, { uid: number; gid: number }>();
   /** Operations in flight, with how many scopes hold each. */
   private readonly inflight = new Map<Abandonable, number>();
   private readonly forwarders = new Set<TcpForwarder>();
@@ -105,10 +107,12 @@ export class GuestSession {
     }
   }
 
-  private async resolveUser(): Promise<{ uid: number; gid: number } | undefined> {
-    if (!this.defaults.user) return undefined;
-    this.user ??= await resolveImageUser(this.machine.agent, this.defaults.user);
-    return this.user;
+  private resolveUser(spec = this.defaults.user): Promise<{ uid: number; gid: number } | undefined> {
+    if (!spec) return Promise.resolve(undefined);
+    let ids = this.users.get(spec);
+    if (!ids) this.users.set(spec, (ids = resolveImageUser(this.machine.agent, spec).then((r) => (this.resolvedUsers.set(spec, r), r))));
+    ids.catch(() => this.users.delete(spec));
+    return ids;
   }
 
   /** Runs `op` under `scope`: an abort or the deadline abandons it (CANCEL) and rejects. */
@@ -155,7 +159,7 @@ export class GuestSession {
 
   /** The EXEC request; a promise only when the image's user must first be looked up. */
   private execRequest(
-    o: { argv: string[]; env: Record<string, string>; cwd?: string | undefined; tty: boolean; winsize?: { cols: number; rows: number } | undefined; chain?: string[] | undefined; timeoutMs?: number | undefined; limits?: ExecLimits | undefined; detach: boolean },
+    o: { argv: string[]; env: Record<string, string>; cwd?: string | undefined; tty: boolean; winsize?: { cols: number; rows: number } | undefined; chain?: string[] | undefined; timeoutMs?: number | undefined; limits?: ExecLimits | undefined; detach: boolean; user?: string | undefined },
     stdin: boolean,
   ): ExecRequest | Promise<ExecRequest> {
     const limits = mergeLimits(this.defaults.limits, o.limits);
@@ -171,8 +175,9 @@ export class GuestSession {
       ...(limits ? { limits: { pidsMax: limits.processes, memoryMaxBytes: limits.memoryMib === undefined ? undefined : limits.memoryMib * 1024 * 1024 } } : {}),
       ...(o.detach ? { detach: true } : {}),
     });
-    if (!this.defaults.user || this.user) return make(this.user);
-    return this.resolveUser().then(make);
+    const spec = o.user ?? this.defaults.user;
+    const known = spec === undefined ? undefined : this.resolvedUsers.get(spec);
+    return spec && !known ? this.resolveUser(spec).then(make) : make(known);
   }
 
   /** Stages files and builds the request; synchronous (no await before the send) when neither needs the guest. */
@@ -361,7 +366,8 @@ export class GuestSession {
       });
     }
     const scope = callScope(`vm.writeFile ${p}`, o.timeoutMs, o.signal);
-    const w = this.machine.agent.openWrite(p, { mode: o.mode, size: data.length });
+    const owner = o.user ? await scope.race(this.resolveUser(o.user)) : undefined;
+    const w = this.machine.agent.openWrite(p, { mode: o.mode, size: data.length, ...owner });
     const untrack = this.track(w, scope);
     try {
       await w.write(data);
@@ -423,7 +429,8 @@ export class GuestSession {
     if (source === null || typeof (source as AsyncIterable<unknown>)?.[Symbol.asyncIterator] !== "function") {
       throw new OptionError("OPTION_INVALID", `vm.writeFileStream: source must be a Readable or an async iterable of Buffers, got ${typeof source}`);
     }
-    const w = this.machine.agent.openWrite(p, { mode: o.mode });
+    const owner = o.user ? await this.resolveUser(o.user) : undefined;
+    const w = this.machine.agent.openWrite(p, { mode: o.mode, ...owner });
     const untrackLife = this.track(w, o.signal);
     let total = 0;
     const step = async <T>(label: string, fn: () => Promise<T>): Promise<T> => {

@@ -21,6 +21,7 @@ export const TIERS: readonly (readonly string[])[] = [
   ["bake"], // one node made ready: key, store, cache, bake
   ["runtime"], // Image, Pool, Vm
   ["project", "doctor", "setup"], // build, watch, gc, verify, loadPools; host checks; host setup
+  ["server"], // supermachine serve: HTTP, keys, sandboxes, the E2B profile
   ["cli"],
 ];
 

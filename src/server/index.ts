@@ -1,0 +1,152 @@
+/**
+ * `supermachine serve` as a library: `startServer()` listens at once (so `/healthz` answers and
+ * `/readyz` says why it is not ready), then loads the project's pools (`loadPools`, with its
+ * cache and watch options) and serves them. `server.drain()` stops creating sandboxes, gives the
+ * live ones a grace period, releases them, closes the pools and the listener: nothing is left
+ * running. SIGTERM handling belongs to the caller (the CLI drains on it).
+ */
+import { readFile } from "node:fs/promises";
+import type { AddressInfo } from "node:net";
+import type { FastifyInstance } from "fastify";
+import { loadPools, type Pools, type LoadPoolsOptions } from "../project/pools.js";
+import type { BuildEvent as PublicBuildEvent } from "../schema/events.js";
+import { ServerError } from "./errors.js";
+import { KeyStore } from "./keys.js";
+import { ServerMetrics } from "./metrics.js";
+import { SandboxRegistry, poolEntries } from "./sandboxes.js";
+import { buildApp } from "./app.js";
+
+export { ServerError, SERVER_ERROR_CODES, type ServerErrorCode } from "./errors.js";
+export { KeyStore, defaultKeysPath, type KeyRecord } from "./keys.js";
+
+export interface ServeOptions extends Pick<LoadPoolsOptions, "config" | "cwd" | "cacheFrom" | "cacheTrust" | "watch" | "frozen" | "concurrency"> {
+  /** `host:port` (default 127.0.0.1:8080; port 0 picks a free one). */
+  listen?: string;
+  /** The key file (default `$SUPERMACHINE_HOME/server/keys.json`). */
+  keys?: string;
+  /** PEM files: serve HTTPS. */
+  tls?: { cert: string; key: string };
+  /** Log level of the JSON request log (default "info"; "silent" for none). */
+  logLevel?: string;
+  /** Where log lines go (default stderr). */
+  logStream?: NodeJS.WritableStream;
+  /** A sandbox's life when the client does not say (default 300 s) and the most it may ask for (default 24 h). */
+  defaultTimeoutMs?: number;
+  maxTimeoutMs?: number;
+  /** Progress of the project's build. */
+  onEvent?: (e: PublicBuildEvent) => void;
+  /** Pools already open, instead of loading the project (tests, embedding). */
+  pools?: Pools;
+}
+
+export interface SupermachineServer {
+  /** `http(s)://host:port`. */
+  readonly url: string;
+  /** Resolves once the pools are loaded and warm; rejects if loading fails. */
+  readonly ready: Promise<void>;
+  readonly app: FastifyInstance;
+  /** Stops taking sandboxes, waits up to `graceMs` (default 30 s) for live ones, releases them, closes everything. */
+  drain(graceMs?: number): Promise<void>;
+  /** drain(0). */
+  close(): Promise<void>;
+}
+
+export function parseListen(listen: string): { host: string; port: number } {
+  const m = listen.match(/^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/) ?? listen.match(/^()()(\d{1,5})$/);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) {
+    throw new ServerError("SERVER_BAD_REQUEST", `--listen ${JSON.stringify(listen)} is not host:port`, { hint: "for example --listen 127.0.0.1:8080, or 0.0.0.0:8080 to serve other hosts (put TLS in front)" });
+  }
+  return { host: m[1] || m[2] || "127.0.0.1", port };
+}
+
+export async function startServer(options: ServeOptions = {}): Promise<SupermachineServer> {
+  const { host, port } = parseListen(options.listen ?? "127.0.0.1:8080");
+  const keys = new KeyStore(options.keys);
+  keys.list(); // a broken key file fails the start, not the first request
+  let https: { cert: Buffer; key: Buffer } | undefined;
+  if (options.tls) {
+    try {
+      https = { cert: await readFile(options.tls.cert), key: await readFile(options.tls.key) };
+    } catch (err) {
+      throw new ServerError("SERVER_TLS_INVALID", `cannot read the TLS certificate or key: ${(err as Error).message}`, { hint: "pass PEM files with --tls-cert and --tls-key", cause: err });
+    }
+  }
+  let pools: Pools | undefined;
+  let registry: SandboxRegistry | undefined;
+  let notReady: string | undefined = "loading the project";
+  const metrics = new ServerMetrics(
+    () => (pools ? Object.fromEntries(poolEntries(pools).map(([n, p]) => [n, p.stats()])) : {}),
+    () => registry?.alivePerPool() ?? {},
+  );
+  const app = buildApp({
+    keys,
+    registry: () => registry,
+    metrics,
+    notReady: () => notReady,
+    logger: options.logLevel === "silent" ? false : { level: options.logLevel ?? "info", stream: options.logStream ?? process.stderr },
+    https,
+  });
+  try {
+    await app.listen({ host, port });
+  } catch (err) {
+    throw new ServerError("SERVER_LISTEN_FAILED", `cannot listen on ${host}:${port}: ${(err as Error).message}`, {
+      hint: (err as NodeJS.ErrnoException).code === "EADDRINUSE" ? "another process has that port: pick another with --listen" : "check the address",
+      cause: err,
+    });
+  }
+  const addr = app.server.address() as AddressInfo;
+  const url = `${https ? "https" : "http"}://${addr.family === "IPv6" ? `[${addr.address}]` : addr.address}:${addr.port}`;
+  let closing: Promise<void> | undefined;
+
+  const ready = (async () => {
+    try {
+      pools =
+        options.pools ??
+        (await loadPools({
+          ...(options.config ? { config: options.config } : {}),
+          ...(options.cwd ? { cwd: options.cwd } : {}),
+          ...(options.cacheFrom ? { cacheFrom: options.cacheFrom } : {}),
+          ...(options.cacheTrust ? { cacheTrust: options.cacheTrust } : {}),
+          ...(options.watch ? { watch: true } : {}),
+          ...(options.frozen ? { frozen: true } : {}),
+          ...(options.concurrency ? { concurrency: options.concurrency } : {}),
+          onEvent: (e) => {
+            if (e.type === "done") metrics.bakes.inc({ status: e.node.status });
+            options.onEvent?.(e);
+          },
+        }));
+      if (closing) {
+        await pools.close();
+        return;
+      }
+      registry = new SandboxRegistry(pools, {
+        ...(options.defaultTimeoutMs ? { defaultTimeoutMs: options.defaultTimeoutMs } : {}),
+        ...(options.maxTimeoutMs ? { maxTimeoutMs: options.maxTimeoutMs } : {}),
+        metrics,
+        log: (msg, fields) => app.log.info(fields ?? {}, msg),
+      });
+      notReady = undefined;
+      app.log.info({ pools: registry.poolNames() }, "ready");
+    } catch (err) {
+      notReady = `the project failed to load: ${(err as Error).message}`;
+      throw err;
+    }
+  })();
+  ready.catch(() => {});
+
+  const drain = (graceMs = 30_000): Promise<void> =>
+    (closing ??= (async () => {
+      notReady = "draining";
+      app.log.info({ graceMs, sandboxes: registry?.size ?? 0 }, "draining");
+      await registry?.drain(graceMs);
+      await ready.catch(() => {});
+      await pools?.close();
+      // Streams still open (followers of processes that ended with their VM) are cut now.
+      const closed = app.close();
+      app.server.closeAllConnections?.();
+      await closed;
+    })());
+
+  return { url, ready, app, drain, close: () => drain(0) };
+}

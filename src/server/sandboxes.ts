@@ -1,0 +1,251 @@
+/**
+ * The sandboxes a server hands out: each is one VM acquired from a project pool, with an id
+ * (20 lowercase letters and digits: DNS-safe, no `-`, as E2B's), an access token for its data
+ * plane, the key that created it, metadata, an environment for its processes, and a life that
+ * ends at `endAt` (then it is released to its pool). Sandboxes belong to the key that created
+ * them: another key neither sees nor touches them.
+ */
+import { randomBytes } from "node:crypto";
+import type { Pools, ProjectPool } from "../project/pools.js";
+import type { Vm } from "../runtime/vm.js";
+import { SupermachineError } from "../errors.js";
+import { ServerError } from "./errors.js";
+import type { KeyRecord } from "./keys.js";
+import type { ServerMetrics } from "./metrics.js";
+import { ProcessTable } from "./processes.js";
+
+export const DEFAULT_SANDBOX_TIMEOUT_MS = 300_000;
+export const MAX_SANDBOX_TIMEOUT_MS = 24 * 3_600_000;
+
+const ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789";
+
+/** 20 characters from [a-z0-9], from a CSPRNG (rejection sampling keeps them uniform). */
+export function newSandboxId(): string {
+  let id = "";
+  while (id.length < 20) {
+    for (const b of randomBytes(32)) {
+      if (b < 252 && id.length < 20) id += ID_ALPHABET[b % 36];
+    }
+  }
+  return id;
+}
+
+/** A project's pools by name (what `loadPools` returns holds `close` beside them). */
+export function poolEntries(pools: Pools): [string, ProjectPool][] {
+  return Object.entries(pools).filter((e): e is [string, ProjectPool] => typeof (e[1] as Partial<ProjectPool>)?.acquire === "function");
+}
+
+export interface CreateSandbox {
+  pool: string;
+  key: KeyRecord;
+  timeoutMs?: number | undefined;
+  metadata?: Record<string, string> | undefined;
+  env?: Record<string, string> | undefined;
+}
+
+export class Sandbox {
+  readonly processes = new ProcessTable();
+  readonly startedAt = new Date();
+  endAt: Date;
+  private timer: NodeJS.Timeout | undefined;
+  /** Per-sandbox facts the profiles look up once (the shell, the user's home). */
+  readonly facts = new Map<string, Promise<unknown>>();
+
+  constructor(
+    readonly id: string,
+    readonly pool: string,
+    readonly keyId: string,
+    readonly vm: Vm,
+    readonly accessToken: string,
+    readonly metadata: Record<string, string>,
+    readonly env: Record<string, string>,
+    readonly memoryMib: number,
+    readonly vcpus: number,
+    timeoutMs: number,
+    private readonly expire: (s: Sandbox) => void,
+  ) {
+    this.endAt = new Date();
+    this.setTimeout(timeoutMs);
+  }
+
+  /** The sandbox now lives `ms` from now (not added to what was left, as E2B's setTimeout). */
+  setTimeout(ms: number): void {
+    clearTimeout(this.timer);
+    this.endAt = new Date(Date.now() + ms);
+    this.timer = setTimeout(() => this.expire(this), ms);
+    this.timer.unref();
+  }
+
+  clearTimer(): void {
+    clearTimeout(this.timer);
+  }
+
+  /** A fact computed once per sandbox. */
+  fact<T>(name: string, compute: () => Promise<T>): Promise<T> {
+    let p = this.facts.get(name) as Promise<T> | undefined;
+    if (!p) {
+      p = compute();
+      this.facts.set(name, p);
+      p.catch(() => this.facts.delete(name));
+    }
+    return p;
+  }
+}
+
+export interface SandboxRegistryOptions {
+  defaultTimeoutMs?: number;
+  maxTimeoutMs?: number;
+  metrics?: ServerMetrics | undefined;
+  log?: (msg: string, fields?: Record<string, unknown>) => void;
+}
+
+export class SandboxRegistry {
+  private readonly byId = new Map<string, Sandbox>();
+  private readonly byToken = new Map<string, Sandbox>();
+  /** Creates in flight per key, counted against its limit with the live ones. */
+  private readonly creating = new Map<string, number>();
+  private draining = false;
+  readonly defaultTimeoutMs: number;
+  readonly maxTimeoutMs: number;
+
+  constructor(
+    private readonly pools: Pools,
+    private readonly options: SandboxRegistryOptions = {},
+  ) {
+    this.defaultTimeoutMs = options.defaultTimeoutMs ?? DEFAULT_SANDBOX_TIMEOUT_MS;
+    this.maxTimeoutMs = options.maxTimeoutMs ?? MAX_SANDBOX_TIMEOUT_MS;
+  }
+
+  get isDraining(): boolean {
+    return this.draining;
+  }
+
+  poolNames(): string[] {
+    return poolEntries(this.pools).map(([name]) => name);
+  }
+
+  /** A timeout a client asked for, checked and capped (SERVER_BAD_REQUEST past the maximum). */
+  checkTimeout(ms: number | undefined, what: string): number {
+    if (ms === undefined) return this.defaultTimeoutMs;
+    if (!Number.isFinite(ms) || ms <= 0) throw new ServerError("SERVER_BAD_REQUEST", `${what} must be a positive number, not ${ms}`, { hint: "give the sandbox's life in seconds (E2B) or timeoutMs (native API)" });
+    if (ms > this.maxTimeoutMs) {
+      throw new ServerError("SERVER_BAD_REQUEST", `${what} ${ms / 1000} s is over this server's maximum of ${this.maxTimeoutMs / 1000} s`, { hint: "ask for less, or start the server with a higher --max-timeout" });
+    }
+    return ms;
+  }
+
+  async create(o: CreateSandbox): Promise<Sandbox> {
+    if (this.draining) throw new ServerError("SERVER_DRAINING", "the server is shutting down and creates no new sandboxes", { hint: "retry against another server, or once it is back" });
+    const pool = this.pools[o.pool];
+    if (!pool || !this.poolNames().includes(o.pool)) {
+      throw new ServerError("SERVER_POOL_UNKNOWN", `no pool named ${JSON.stringify(o.pool)} on this server (it has ${this.poolNames().map((n) => JSON.stringify(n)).join(", ") || "none"})`, {
+        hint: "name one of the project's pools (its supermachine.config.ts `pools`) as the template",
+      });
+    }
+    const timeoutMs = this.checkTimeout(o.timeoutMs, "timeout");
+    const held = this.countFor(o.key.id) + (this.creating.get(o.key.id) ?? 0);
+    if (o.key.maxSandboxes !== undefined && held >= o.key.maxSandboxes) {
+      this.options.metrics?.sandboxCreates.inc({ pool: o.pool, result: "limit" });
+      throw new ServerError("SERVER_LIMIT", `the key ${o.key.name} (${o.key.prefix}…) already has ${held} of its ${o.key.maxSandboxes} sandboxes`, {
+        hint: "kill sandboxes it no longer needs, or create a key with a higher --max-sandboxes",
+      });
+    }
+    this.creating.set(o.key.id, (this.creating.get(o.key.id) ?? 0) + 1);
+    const t0 = performance.now();
+    let vm: Vm;
+    try {
+      vm = await pool.acquire();
+    } catch (err) {
+      this.options.metrics?.sandboxCreates.inc({ pool: o.pool, result: "error" });
+      throw err;
+    } finally {
+      this.creating.set(o.key.id, (this.creating.get(o.key.id) ?? 1) - 1);
+    }
+    this.options.metrics?.acquireSeconds.observe({ pool: o.pool }, (performance.now() - t0) / 1000);
+    this.options.metrics?.sandboxCreates.inc({ pool: o.pool, result: "ok" });
+    if (this.draining) {
+      await vm.release().catch(() => {});
+      throw new ServerError("SERVER_DRAINING", "the server began shutting down while this sandbox was being created", { hint: "retry against another server, or once it is back" });
+    }
+    const stats = pool.stats();
+    let id = newSandboxId();
+    while (this.byId.has(id)) id = newSandboxId();
+    const sb = new Sandbox(id, o.pool, o.key.id, vm, randomBytes(24).toString("hex"), o.metadata ?? {}, o.env ?? {}, stats.memoryMib, stats.vcpus, timeoutMs, (s) => {
+      this.options.log?.("sandbox timed out", { sandbox: s.id, pool: s.pool });
+      void this.kill(s.id).catch(() => {});
+    });
+    this.byId.set(id, sb);
+    this.byToken.set(sb.accessToken, sb);
+    return sb;
+  }
+
+  /** The sandbox `id` if `key` may see it. */
+  get(id: string, key?: KeyRecord): Sandbox | undefined {
+    const sb = this.byId.get(id);
+    return sb && (key === undefined || sb.keyId === key.id) ? sb : undefined;
+  }
+
+  /** Like get, with SERVER_NOT_FOUND when there is none. */
+  require(id: string, key: KeyRecord | undefined, what: string): Sandbox {
+    const sb = this.get(id, key);
+    if (!sb) throw new ServerError("SERVER_NOT_FOUND", `${what}: no sandbox ${JSON.stringify(id)} on this server`, { hint: "it may have timed out or been killed; list the sandboxes to see which are alive" });
+    return sb;
+  }
+
+  withToken(token: string): Sandbox | undefined {
+    return this.byToken.get(token);
+  }
+
+  list(key?: KeyRecord, metadata?: Record<string, string>, pool?: string): Sandbox[] {
+    return [...this.byId.values()].filter(
+      (s) => (key === undefined || s.keyId === key.id) && (pool === undefined || s.pool === pool) && Object.entries(metadata ?? {}).every(([k, v]) => s.metadata[k] === v),
+    );
+  }
+
+  countFor(keyId: string): number {
+    let n = 0;
+    for (const s of this.byId.values()) if (s.keyId === keyId) n++;
+    return n;
+  }
+
+  alivePerPool(): Record<string, number> {
+    const out: Record<string, number> = Object.fromEntries(this.poolNames().map((n) => [n, 0]));
+    for (const s of this.byId.values()) out[s.pool] = (out[s.pool] ?? 0) + 1;
+    return out;
+  }
+
+  /** Releases the sandbox's VM to its pool; false when there was none. */
+  async kill(id: string, key?: KeyRecord): Promise<boolean> {
+    const sb = this.get(id, key);
+    if (!sb) return false;
+    this.byId.delete(id);
+    this.byToken.delete(sb.accessToken);
+    sb.clearTimer();
+    const m = this.options.metrics;
+    if (m) {
+      m.sandboxLifetime.observe({ pool: sb.pool }, (Date.now() - sb.startedAt.getTime()) / 1000);
+      const net = sb.vm.netStats();
+      if (net.bytesIn) m.egressBytes.inc({ direction: "in" }, net.bytesIn);
+      if (net.bytesOut) m.egressBytes.inc({ direction: "out" }, net.bytesOut);
+    }
+    await sb.vm.release().catch((err: unknown) => {
+      if (!(err instanceof SupermachineError)) throw err;
+    });
+    return true;
+  }
+
+  get size(): number {
+    return this.byId.size;
+  }
+
+  /**
+   * Stops creating; lets live sandboxes run for up to `graceMs` (or until they are all killed or
+   * time out), then releases what is left.
+   */
+  async drain(graceMs: number): Promise<void> {
+    this.draining = true;
+    const deadline = Date.now() + graceMs;
+    while (this.byId.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, Math.min(100, Math.max(1, deadline - Date.now()))));
+    await Promise.all([...this.byId.keys()].map((id) => this.kill(id)));
+  }
+}

@@ -1,0 +1,150 @@
+// The unchanged E2B SDK from npm, at four versions (aliased devDependencies), against
+// `supermachine serve` on loopback with real microVMs of the built-in busybox image: create,
+// streamed command output, exit codes and timeouts, a background process fed through stdin and
+// killed, files, listing by metadata, timeouts of the sandbox, kill. The SDK reaches the server
+// through E2B_API_URL and E2B_SANDBOX_URL, as docs/serve.md tells users to.
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { testServer, type TestServer } from "../helpers/serve.js";
+
+const VERSIONS = ["e2b-2.7.0", "e2b-2.14.1", "e2b-2.45.0", "e2b"] as const;
+
+let t: TestServer;
+const saved = { ...process.env };
+
+beforeAll(async () => {
+  t = await testServer();
+  process.env.E2B_API_URL = t.server.url;
+  process.env.E2B_SANDBOX_URL = t.server.url;
+  process.env.E2B_API_KEY = t.key;
+});
+
+afterAll(async () => {
+  for (const k of ["E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY"]) {
+    if (saved[k] === undefined) delete process.env[k];
+    else process.env[k] = saved[k];
+  }
+  await t?.close();
+});
+
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+type Sdk = any;
+
+describe.each(VERSIONS)("the %s SDK", (pkg) => {
+  let sdk: Sdk;
+  beforeAll(async () => {
+    sdk = await import(pkg);
+  });
+
+  it("creates a sandbox and runs commands: streamed output, exit codes, a timeout that kills", async () => {
+    const sandbox = await sdk.Sandbox.create("base", { metadata: { suite: pkg }, envs: { GREETING: "hi from the sandbox" } });
+    try {
+      expect(sandbox.sandboxId).toMatch(/^[a-z0-9]{20}$/);
+      const chunks: string[] = [];
+      const r = await sandbox.commands.run('echo "$GREETING"; sleep 0.3; echo second; echo oops >&2', { onStdout: (d: string) => chunks.push(d) });
+      expect(r.exitCode).toBe(0);
+      expect(r.stdout).toBe("hi from the sandbox\nsecond\n");
+      expect(r.stderr).toBe("oops\n");
+      // Streamed: the first line came on its own, before the sleep ended.
+      expect(chunks[0]).toBe("hi from the sandbox\n");
+      expect(chunks.length).toBeGreaterThanOrEqual(2);
+
+      const failed = await sandbox.commands.run("echo before; exit 7").catch((e: unknown) => e);
+      expect(failed).toBeInstanceOf(sdk.CommandExitError);
+      expect(failed.exitCode).toBe(7);
+      expect(failed.stdout).toBe("before\n");
+
+      const t0 = Date.now();
+      const timedOut = await sandbox.commands.run("sleep 30; echo never", { timeoutMs: 1500 }).catch((e: unknown) => e);
+      expect(timedOut).toBeInstanceOf(sdk.TimeoutError);
+      expect(Date.now() - t0).toBeLessThan(15_000);
+      // The timeout killed the process in the guest too.
+      const left = await sandbox.commands.run("ps -o args | grep -c '[s]leep 30' || true");
+      expect(left.stdout.trim()).toBe("0");
+
+      const cwd = await sandbox.commands.run("pwd; id -un", { cwd: "/tmp" });
+      expect(cwd.stdout).toBe("/tmp\nroot\n");
+      const nobody = await sandbox.commands.run("id -un", { user: "nobody" });
+      expect(nobody.stdout).toBe("nobody\n");
+    } finally {
+      await sandbox.kill();
+    }
+  });
+
+  it("keeps a background process: stdin, list, kill", async () => {
+    const sandbox = await sdk.Sandbox.create("base");
+    try {
+      const out: string[] = [];
+      const handle = await sandbox.commands.run("while read line; do echo got:$line; done", { background: true, stdin: true, onStdout: (d: string) => out.push(d) });
+      expect(handle.pid).toBeGreaterThan(0);
+      await sandbox.commands.sendStdin(handle.pid, "one\n");
+      await sandbox.commands.sendStdin(handle.pid, "two\n");
+      const deadline = Date.now() + 20_000;
+      while (out.join("") !== "got:one\ngot:two\n" && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      expect(out.join("")).toBe("got:one\ngot:two\n");
+      const listed = await sandbox.commands.list();
+      expect(listed.map((p: { pid: number }) => p.pid)).toContain(handle.pid);
+      expect(await sandbox.commands.kill(handle.pid)).toBe(true);
+      const end = await handle.wait().catch((e: unknown) => e);
+      expect(end.exitCode).not.toBe(0);
+      expect(await sandbox.commands.kill(handle.pid)).toBe(false);
+      expect((await sandbox.commands.list()).map((p: { pid: number }) => p.pid)).not.toContain(handle.pid);
+    } finally {
+      await sandbox.kill();
+    }
+  });
+
+  it("writes and reads files", async () => {
+    const sandbox = await sdk.Sandbox.create("base");
+    try {
+      await sandbox.files.write("/tmp/dir/a.txt", "hello file");
+      expect(await sandbox.files.read("/tmp/dir/a.txt")).toBe("hello file");
+      const big = Buffer.alloc(3 * 1024 * 1024 + 17, 7);
+      await sandbox.files.write("/tmp/big.bin", big.buffer.slice(big.byteOffset, big.byteOffset + big.length));
+      const back = await sandbox.files.read("/tmp/big.bin", { format: "bytes" });
+      expect(Buffer.from(back).equals(big)).toBe(true);
+      const check = await sandbox.commands.run("cat /tmp/dir/a.txt; wc -c < /tmp/big.bin");
+      expect(check.stdout).toBe(`hello file${big.length}\n`);
+      await expect(sandbox.files.read("/tmp/missing.txt")).rejects.toBeInstanceOf(sdk.NotFoundError ?? sdk.FileNotFoundError);
+    } finally {
+      await sandbox.kill();
+    }
+  });
+
+  it("lists by metadata, extends the timeout, and kills", async () => {
+    const tag = `${pkg}-${Date.now()}`;
+    const a = await sdk.Sandbox.create("base", { metadata: { tag, n: "1" } });
+    const b = await sdk.Sandbox.create("base", { metadata: { tag, n: "2" }, timeoutMs: 60_000 });
+    try {
+      const paginator = sdk.Sandbox.list({ query: { metadata: { tag } } });
+      const found = Array.isArray(paginator) ? paginator : await paginator.nextItems();
+      expect(found.map((s: { sandboxId: string }) => s.sandboxId).sort()).toEqual([a.sandboxId, b.sandboxId].sort());
+      const only = sdk.Sandbox.list({ query: { metadata: { tag, n: "2" } } });
+      expect((Array.isArray(only) ? only : await only.nextItems()).map((s: { sandboxId: string }) => s.sandboxId)).toEqual([b.sandboxId]);
+
+      const before = await b.getInfo();
+      await b.setTimeout(600_000);
+      const after = await b.getInfo();
+      expect(new Date(after.endAt).getTime()).toBeGreaterThan(new Date(before.endAt).getTime() + 400_000);
+      expect(await b.isRunning()).toBe(true);
+
+      await a.kill();
+      expect(await a.isRunning()).toBe(false);
+      await expect(sdk.Sandbox.connect(a.sandboxId)).rejects.toThrow();
+    } finally {
+      await a.kill().catch(() => {});
+      await b.kill();
+    }
+  });
+});
+
+describe("sandbox life", () => {
+  it("releases a sandbox when its time runs out", async () => {
+    const { Sandbox } = await import("e2b");
+    const sandbox = await Sandbox.create("base", { timeoutMs: 2_000 });
+    expect(await sandbox.isRunning()).toBe(true);
+    const deadline = Date.now() + 20_000;
+    while ((await sandbox.isRunning()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
+    expect(await sandbox.isRunning()).toBe(false);
+    await expect(sandbox.commands.run("true")).rejects.toThrow();
+  });
+});
