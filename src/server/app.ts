@@ -100,8 +100,8 @@ export function buildApp(deps: AppDeps): FastifyInstance {
       });
     }
     auth.set(req.raw, { key });
-    const why = deps.notReady();
-    if (why) throw new ServerError("SERVER_STARTING", `the server is not ready: ${why}`, { hint: "wait for /readyz to answer 200" });
+    // Until the pools are loaded; once draining, reads still work and creates say why they fail.
+    if (!registry) throw new ServerError("SERVER_STARTING", `the server is not ready: ${deps.notReady() ?? "loading the project"}`, { hint: "wait for /readyz to answer 200" });
   });
 
   const keyOf = (req: FastifyRequest): KeyRecord => {
