@@ -85,10 +85,11 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     const registry = deps.registry();
     const sandboxId = header(req, "e2b-sandbox-id");
     const token = header(req, "x-access-token");
-    // The control plane never carries an access token; SDKs before 2.14.1 send only the token
-    // (no E2b-Sandbox-Id) on /health and /files, so the token alone routes a request too.
-    const dataPlane = sandboxId !== undefined || token !== undefined || CONNECT_PREFIXES.some((p) => path.startsWith(p)) || ENVD_PATHS.has(path);
-    if (dataPlane) {
+    // Data-plane paths are envd's; /health is on both planes, and is envd's when the request names
+    // a sandbox (SDKs before 2.14.1 send only the access token, no E2b-Sandbox-Id). Every other
+    // path is the control plane's and needs a key, whatever else the request carries.
+    const envdPath = CONNECT_PREFIXES.some((p) => path.startsWith(p)) || ENVD_PATHS.has(path);
+    if (envdPath || (path === "/health" && (sandboxId !== undefined || token !== undefined))) {
       auth.set(req.raw, routeToSandbox(registry, sandboxId, token));
       return;
     }

@@ -96,10 +96,11 @@ export function registerControlPlane(app: FastifyInstance, deps: ControlDeps): v
   app.post("/v2/sandboxes", create);
 
   const list = (paged: boolean) => async (req: FastifyRequest, reply: FastifyReply) => {
+    const key = keyOf(req);
     const q = parse(listQuery, req.query, `GET ${req.url}`);
     const states = (Array.isArray(q.state) ? q.state : q.state?.split(",") ?? []).map((s) => s.trim()).filter(Boolean);
     // Every sandbox here runs (pause is not offered), so a filter without "running" matches none.
-    let found = states.length > 0 && !states.includes("running") ? [] : deps.registry().list(keyOf(req), metadataFilter(q.metadata));
+    let found = states.length > 0 && !states.includes("running") ? [] : deps.registry().list(key, metadataFilter(q.metadata));
     // Pages in order of start, then id: a token is the last item's position, so items created
     // between pages neither repeat nor shift the next page.
     const position = (s: Sandbox) => `${s.startedAt.toISOString()}_${s.id}`;
