@@ -126,7 +126,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     const status = statusOf(err);
     const code = err instanceof SupermachineError ? err.code : (err as { code?: string }).code;
     const message = (err as Error).message;
-    if (status >= 500) req.log.error({ err }, "request failed");
+    if (status >= 500 && code !== "SERVER_SANDBOX_GONE") req.log.error({ err }, "request failed");
     else req.log.info({ code, status, message }, "request refused");
     void reply.code(status).send({ code: status, message: code ? `${code}: ${message}` : message, ...(code ? { errorCode: code } : {}), ...(err instanceof SupermachineError && err.hint ? { hint: err.hint } : {}) });
   });

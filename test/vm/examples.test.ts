@@ -66,6 +66,16 @@ const EXPECTED: Record<string, Check[]> = {
     'in the VM, the index is unreachable (network: "none"; 0 new requests)',
     'netStats: {"connections":0,"active":0,"refused":0,"failed":0,"bytesIn":0,"bytesOut":0}',
   ],
+  "08-e2b-sdk.mjs": [
+    /server ready at http:\/\/127\.0\.0\.1:\d+\n/,
+    /sandbox [a-z0-9]{20} created in \d+ ms\n/,
+    "  stdout: hello from Linux\nexit 0, stderr \"to stderr\\n\"\n",
+    "read back: written through the E2B SDK\n",
+    "background process: FROM STDIN\n",
+    "Sandbox.list by metadata: 1 sandbox\n",
+    "killed; running: false\n",
+    "server drained, exit 0\n",
+  ],
   "pattern-1-one-shot-exec.mjs": [
     /sum-of-squares +ok: 285\n/,
     /reads-env +ok: home is/,
