@@ -13,6 +13,7 @@ import { poolCycleGroup } from "./pool-cycle.js";
 import { projectGroup } from "./project.js";
 import { registryGroup } from "./registry.js";
 import { restoreGroup } from "./restore.js";
+import { serveGroup } from "./serve.js";
 import { staleLockGroup } from "./stale-lock.js";
 import { streamsGroup } from "./streams.js";
 import { tcpGroup } from "./tcp.js";
@@ -40,6 +41,7 @@ export const GROUPS: readonly BenchGroup[] = [
   projectGroup,
   watchGroup,
   egressGroup,
+  serveGroup,
   cacheGroup,
   cacheWanGroup,
   staleLockGroup,
