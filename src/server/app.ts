@@ -136,7 +136,8 @@ export function buildApp(deps: AppDeps): FastifyInstance {
 
   // Octet-stream bodies (file uploads) are handed over as streams, never buffered.
   app.addContentTypeParser("application/octet-stream", (_req, payload, done) => done(null, payload));
-  void app.register(multipart, { limits: { fileSize: Number.MAX_SAFE_INTEGER, files: 10_000, fields: 100, parts: 10_100 } });
+  // preservePath: a part's filename is the path to write (E2B's multi-file form), not a bare name.
+  void app.register(multipart, { preservePath: true, limits: { fileSize: Number.MAX_SAFE_INTEGER, files: 10_000, fields: 100, parts: 10_100 } });
 
   app.get("/healthz", async () => ({ status: "ok" }));
   app.get("/readyz", async (_req, reply) => {

@@ -137,6 +137,55 @@ describe.each(VERSIONS)("the %s SDK", (pkg) => {
   });
 });
 
+describe("the latest SDK's other paths", () => {
+  it("uploads gzip and streamed bodies and several files at once, and runs a terminal", async () => {
+    const { Sandbox } = await import("e2b");
+    const sandbox = await Sandbox.create("base");
+    try {
+      await sandbox.files.write("/tmp/gz.txt", "compressed on the way", { gzip: true });
+      const stream = new ReadableStream({
+        start(c) {
+          for (let i = 0; i < 64; i++) c.enqueue(new TextEncoder().encode(`line ${i}\n`));
+          c.close();
+        },
+      });
+      await sandbox.files.write("/tmp/streamed.txt", stream);
+      const many = await sandbox.files.write([
+        { path: "/tmp/many/one.txt", data: "1" },
+        { path: "/tmp/many/two.txt", data: "22" },
+      ]);
+      expect(many.map((f) => f.path).sort()).toEqual(["/tmp/many/one.txt", "/tmp/many/two.txt"]);
+      const check = await sandbox.commands.run("cat /tmp/gz.txt; echo; wc -l < /tmp/streamed.txt; cat /tmp/many/one.txt /tmp/many/two.txt");
+      expect(check.stdout).toBe("compressed on the way\n64\n122");
+      const chunks: Buffer[] = [];
+      for await (const c of await sandbox.files.read("/tmp/streamed.txt", { format: "stream" })) chunks.push(Buffer.from(c));
+      expect(Buffer.concat(chunks).toString().split("\n")[63]).toBe("line 63");
+      // A file the user writes belongs to the user.
+      await sandbox.files.write("/tmp/owned.txt", "mine", { user: "nobody" });
+      expect((await sandbox.commands.run("stat -c %U /tmp/owned.txt")).stdout).toBe("nobody\n");
+
+      const out: Buffer[] = [];
+      const term = await sandbox.pty.create({ cols: 100, rows: 30, onData: (d: Uint8Array) => out.push(Buffer.from(d)) });
+      await sandbox.pty.sendInput(term.pid, new TextEncoder().encode("stty size; echo pty-$((6*7))\n"));
+      const seen = async (text: string) => {
+        const deadline = Date.now() + 20_000;
+        while (!Buffer.concat(out).toString().includes(text) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+        expect(Buffer.concat(out).toString()).toContain(text);
+      };
+      await seen("30 100");
+      await seen("pty-42");
+      await sandbox.pty.resize(term.pid, { cols: 120, rows: 40 });
+      await sandbox.pty.sendInput(term.pid, new TextEncoder().encode("stty size\n"));
+      await seen("40 120");
+      await sandbox.pty.sendInput(term.pid, new TextEncoder().encode("exit\n"));
+      const end = await term.wait();
+      expect(end.exitCode).toBe(0);
+    } finally {
+      await sandbox.kill();
+    }
+  });
+});
+
 describe("sandbox life", () => {
   it("releases a sandbox when its time runs out", async () => {
     const { Sandbox } = await import("e2b");
