@@ -83,8 +83,18 @@ describe.each(VERSIONS)("the %s SDK", (pkg) => {
       expect(out.join("")).toBe("got:one\ngot:two\n");
       const listed = await sandbox.commands.list();
       expect(listed.map((p: { pid: number }) => p.pid)).toContain(handle.pid);
+      // Leaving does not stop it; reconnecting by pid follows its output from then on.
+      await handle.disconnect();
+      await sandbox.commands.sendStdin(handle.pid, "three\n");
+      const again: string[] = [];
+      const reattached = await sandbox.commands.connect(handle.pid, { onStdout: (d: string) => again.push(d) });
+      await sandbox.commands.sendStdin(handle.pid, "four\n");
+      const until = Date.now() + 20_000;
+      while (!again.join("").includes("got:four\n") && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+      expect(again.join("")).toContain("got:four\n");
+      expect(out.join("")).not.toContain("got:four");
       expect(await sandbox.commands.kill(handle.pid)).toBe(true);
-      const end = await handle.wait().catch((e: unknown) => e);
+      const end = await reattached.wait().catch((e: unknown) => e);
       expect(end.exitCode).not.toBe(0);
       expect(await sandbox.commands.kill(handle.pid)).toBe(false);
       expect((await sandbox.commands.list()).map((p: { pid: number }) => p.pid)).not.toContain(handle.pid);
