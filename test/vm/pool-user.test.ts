@@ -35,6 +35,26 @@ describe("pool option user", () => {
     expect(await idIn({ user: "1000:1001" })).toBe("1000:1001");
   });
 
+  it("runs one call as another user when it says so, and gives written files that owner", async () => {
+    const pool = await image.pool({ min: 0, max: 1, user: "nobody" });
+    pools.push(pool);
+    const vm = await pool.acquire();
+    try {
+      expect((await vm.exec({ argv: ["id", "-u"], user: "root" })).stdout.toString()).toBe("0\n");
+      expect((await vm.exec({ argv: ["id", "-u"] })).stdout.toString()).toBe("65534\n");
+      const child = await vm.spawn({ argv: ["id", "-u"], user: "1000:1001" });
+      expect((await child.readStdout()).toString()).toBe("1000\n");
+      await child.wait();
+      await vm.writeFile("/tmp/owned", "x", { user: "nobody" });
+      await vm.writeFileStream("/tmp/owned-stream", (async function* () { yield Buffer.from("y"); })(), { user: "1000:1001" });
+      expect((await vm.exec({ argv: ["stat", "-c", "%u:%g", "/tmp/owned", "/tmp/owned-stream"] })).stdout.toString()).toBe("65534:65534\n1000:1001\n");
+      await expect(vm.exec({ argv: ["true"], user: "ghost" })).rejects.toMatchObject({ code: "EXEC_USER_UNKNOWN" });
+      await expect(vm.exec({ argv: ["true"], user: "" })).rejects.toThrow(OptionError);
+    } finally {
+      await vm.release();
+    }
+  });
+
   it("refuses a malformed user at image.pool, and names an unknown one at the first exec", async () => {
     await expect(image.pool({ user: "no body" })).rejects.toThrow(OptionError);
     await expect(image.pool({ user: "no body" })).rejects.toThrow(/user is not a user: expected name, uid, name:group or uid:gid/);
