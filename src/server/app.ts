@@ -161,6 +161,8 @@ export function buildApp(deps: AppDeps): FastifyInstance {
       return createContextValues().set(kSandbox, a?.sandbox ?? a?.refused);
     },
     jsonOptions: { ignoreUnknownFields: true },
+    // One message (stdin for SendInput, a path) is small; bound what a request can make us hold.
+    readMaxBytes: 16 * 1024 * 1024,
     acceptCompression: [],
     grpc: false,
     grpcWeb: false,

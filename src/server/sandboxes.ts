@@ -114,7 +114,21 @@ export class SandboxRegistry {
   ) {
     this.defaultTimeoutMs = options.defaultTimeoutMs ?? DEFAULT_SANDBOX_TIMEOUT_MS;
     this.maxTimeoutMs = options.maxTimeoutMs ?? MAX_SANDBOX_TIMEOUT_MS;
+    // A VM that dies (the guest crashed, QEMU was killed) ends its sandbox: it is gone for
+    // clients as it is for the pool, which replaces the VM. Checked every second (a flag read per
+    // sandbox), rather than a callback per sandbox on a VM that a pool may hand out many times.
+    this.sweeper = setInterval(() => {
+      for (const [id, sb] of this.byId) {
+        if (!sb.vm.machine.alive) {
+          this.options.log?.("sandbox's VM exited", { sandbox: id, pool: sb.pool });
+          void this.kill(id).catch(() => {});
+        }
+      }
+    }, 1_000);
+    this.sweeper.unref();
   }
+
+  private readonly sweeper: NodeJS.Timeout;
 
   get isDraining(): boolean {
     return this.draining;
@@ -244,6 +258,7 @@ export class SandboxRegistry {
    */
   async drain(graceMs: number): Promise<void> {
     this.draining = true;
+    clearInterval(this.sweeper);
     const deadline = Date.now() + graceMs;
     while (this.byId.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, Math.min(100, Math.max(1, deadline - Date.now()))));
     await Promise.all([...this.byId.keys()].map((id) => this.kill(id)));

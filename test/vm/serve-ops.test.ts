@@ -69,6 +69,27 @@ describe("keys", () => {
     for (const id of made) expect((await fetch(`${url}/sandboxes/${id}`, { method: "DELETE", headers: { "x-api-key": t.key } })).status).toBe(404);
   });
 
+  it("ends a sandbox whose VM dies: it is no longer listed and reads as not running", async () => {
+    const { Sandbox } = await import("e2b");
+    const sandbox = await Sandbox.create("base", { apiKey: t.key, apiUrl: t.server.url, sandboxUrl: t.server.url } as never);
+    await sandbox.commands.run("reboot -f", { timeoutMs: 10_000 }).catch(() => {});
+    const gone = await (async () => {
+      const until = Date.now() + 15_000;
+      while (Date.now() < until) {
+        const list = (await (await fetch(`${t.server.url}/v2/sandboxes`, { headers: { "x-api-key": t.key } })).json()) as { sandboxID: string }[];
+        if (!list.some((s) => s.sandboxID === sandbox.sandboxId)) return true;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      return false;
+    })();
+    expect(gone).toBe(true);
+    expect(await sandbox.isRunning()).toBe(false);
+    // The pool replaced the VM: the next sandbox works.
+    const next = await Sandbox.create("base", { apiKey: t.key, apiUrl: t.server.url, sandboxUrl: t.server.url } as never);
+    expect((await next.commands.run("echo ok")).stdout).toBe("ok\n");
+    await next.kill();
+  });
+
   it("names an unknown pool and a bad body, and answers probes and metrics without a key", async () => {
     const url = t.server.url;
     const unknown = await post(`${url}/v2/sandboxes`, { templateID: "nope" }, t.key);

@@ -67,5 +67,5 @@ export function registerEnvdFiles(app: FastifyInstance, deps: FilesDeps): void {
 
 /** Answers an envd `GET /health`: 204 while the sandbox's VM runs, 502 once it is gone. */
 export function envdHealth(sb: Sandbox, reply: FastifyReply): FastifyReply {
-  return sb.vm.isReleased ? reply.code(502).send({ code: 502, message: `sandbox ${sb.id} is gone` }) : reply.code(204).send();
+  return sb.vm.isReleased || !sb.vm.machine.alive ? reply.code(502).send({ code: 502, message: `sandbox ${sb.id} is gone` }) : reply.code(204).send();
 }
