@@ -175,7 +175,7 @@ describe("the latest SDK's other paths", () => {
       expect((await sandbox.commands.run("stat -c %U /tmp/owned.txt")).stdout).toBe("nobody\n");
 
       const out: Buffer[] = [];
-      const term = await sandbox.pty.create({ cols: 100, rows: 30, onData: (d: Uint8Array) => out.push(Buffer.from(d)) });
+      const term = await sandbox.pty.create({ cols: 100, rows: 30, onData: (d: Uint8Array) => void out.push(Buffer.from(d)) });
       await sandbox.pty.sendInput(term.pid, new TextEncoder().encode("stty size; echo pty-$((6*7))\n"));
       const seen = async (text: string) => {
         const deadline = Date.now() + 20_000;
