@@ -52,10 +52,11 @@ const kSandbox = createContextKey<Sandbox | ServerError | undefined>(undefined);
 
 export function statusOf(err: unknown): number {
   if (err instanceof ServerError) {
-    return { SERVER_UNAUTHORIZED: 401, SERVER_LIMIT: 429, SERVER_NOT_FOUND: 404, SERVER_POOL_UNKNOWN: 404, SERVER_BAD_REQUEST: 400, SERVER_DRAINING: 503, SERVER_STARTING: 503, SERVER_SANDBOX_GONE: 502 }[err.code as string] ?? 500;
+    return { SERVER_UNAUTHORIZED: 401, SERVER_LIMIT: 429, SERVER_NOT_FOUND: 404, SERVER_POOL_UNKNOWN: 404, SERVER_BAD_REQUEST: 400, SERVER_DRAINING: 503, SERVER_STARTING: 503, SERVER_SANDBOX_GONE: 502, SERVER_CONFLICT: 409 }[err.code as string] ?? 500;
   }
   if (err instanceof GuestFileError) return err.code === "ENOENT" ? 404 : err.code === "EACCES" || err.code === "EPERM" ? 403 : 400;
   if (err instanceof OptionError) return 400;
+  if (err instanceof SupermachineError && err.code === "EXEC_SNAPSHOT_UNSUPPORTED") return 409;
   if (err instanceof SupermachineError) return err.code === "POOL_ACQUIRE_TIMEOUT" || err.code === "POOL_SHUT_DOWN" ? 503 : err.code === "VM_DEAD" ? 502 : 500;
   const status = (err as { statusCode?: number }).statusCode;
   return typeof status === "number" && status >= 400 && status < 600 ? status : 500;
@@ -210,6 +211,9 @@ function routeToSandbox(registry: SandboxRegistry | undefined, sandboxId: string
   if (!bySandbox) {
     // 502, as E2B's proxy answers for a sandbox that is gone: the SDKs read it as "not running".
     return { refused: new ServerError("SERVER_SANDBOX_GONE", sandboxId ? `no sandbox ${JSON.stringify(sandboxId)} on this server` : "the request's access token names no sandbox", { hint: "it may have timed out or been killed" }) };
+  }
+  if (bySandbox.state === "paused") {
+    return { refused: new ServerError("SERVER_SANDBOX_GONE", `sandbox ${bySandbox.id} is paused`, { hint: "resume it (connect) before calling into it" }) };
   }
   if (token !== bySandbox.accessToken) {
     return { refused: new ServerError("SERVER_UNAUTHORIZED", `the access token does not belong to sandbox ${bySandbox.id}`, { hint: "send the envdAccessToken the create call returned in X-Access-Token" }) };

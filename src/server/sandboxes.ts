@@ -6,8 +6,12 @@
  * them: another key neither sees nor touches them.
  */
 import { randomBytes } from "node:crypto";
+import { rm } from "node:fs/promises";
+import { join } from "node:path";
+import { supermachineHome } from "../paths.js";
 import type { Pools, ProjectPool } from "../project/pools.js";
 import type { Vm } from "../runtime/vm.js";
+import type { Pool } from "../runtime/pool.js";
 import { SupermachineError } from "../errors.js";
 import { ServerError } from "./errors.js";
 import type { KeyRecord } from "./keys.js";
@@ -43,8 +47,14 @@ export interface CreateSandbox {
   env?: Record<string, string> | undefined;
 }
 
+/** Where paused sandboxes' snapshots live (removed when the sandbox is killed or the server drains). */
+export const pausedRoot = (): string => join(supermachineHome(), "server", "paused");
+
 export class Sandbox {
-  readonly processes = new ProcessTable();
+  processes = new ProcessTable();
+  state: "running" | "paused" = "running";
+  /** A paused sandbox's snapshot, and after its resume the one-VM pool its VM came from. */
+  paused: { dir: string; pool?: Pool } | undefined;
   readonly startedAt = new Date();
   endAt: Date;
   private timer: NodeJS.Timeout | undefined;
@@ -55,7 +65,7 @@ export class Sandbox {
     readonly id: string,
     readonly pool: string,
     readonly keyId: string,
-    readonly vm: Vm,
+    public vm: Vm,
     readonly accessToken: string,
     readonly metadata: Record<string, string>,
     readonly env: Record<string, string>,
@@ -76,6 +86,7 @@ export class Sandbox {
     this.timer.unref();
   }
 
+  /** Paused sandboxes do not run out of time; a resume gives them a new life. */
   clearTimer(): void {
     clearTimeout(this.timer);
   }
@@ -119,7 +130,7 @@ export class SandboxRegistry {
     // sandbox), rather than a callback per sandbox on a VM that a pool may hand out many times.
     this.sweeper = setInterval(() => {
       for (const [id, sb] of this.byId) {
-        if (!sb.vm.machine.alive) {
+        if (sb.state === "running" && !this.pausing.has(id) && !sb.vm.machine.alive) {
           this.options.log?.("sandbox's VM exited", { sandbox: id, pool: sb.pool });
           void this.kill(id).catch(() => {});
         }
@@ -228,6 +239,52 @@ export class SandboxRegistry {
     return out;
   }
 
+  /**
+   * Pauses a running sandbox: its VM (memory, processes, files) is captured into a snapshot of its
+   * own, then released; SERVER_CONFLICT when it is paused already. Its processes' streams end.
+   */
+  async pause(id: string, key: KeyRecord | undefined): Promise<void> {
+    const sb = this.require(id, key, `pause ${id}`);
+    if (sb.state === "paused" || this.pausing.has(id)) throw new ServerError("SERVER_CONFLICT", `sandbox ${id} is already paused`, { hint: "resume it with connect" });
+    this.pausing.add(id);
+    try {
+      const dir = join(pausedRoot(), id);
+      await rm(dir, { recursive: true, force: true });
+      await sb.vm.snapshot(dir);
+      const old = { vm: sb.vm, pool: sb.paused?.pool };
+      sb.state = "paused";
+      sb.paused = { dir };
+      sb.clearTimer();
+      sb.processes = new ProcessTable();
+      await old.vm.release().catch(() => {});
+      await old.pool?.shutdown();
+    } finally {
+      this.pausing.delete(id);
+    }
+  }
+
+  /** Resumes a paused sandbox from its snapshot (true), or leaves a running one as it is (false). */
+  async resume(id: string, key: KeyRecord | undefined, timeoutMs: number): Promise<boolean> {
+    const sb = this.require(id, key, `resume ${id}`);
+    if (sb.state === "running") return false;
+    const { Image } = await import("../runtime/image.js");
+    const image = await Image.fromSnapshot(sb.paused!.dir);
+    const user = sb.vm.processDefaults.user;
+    const pool = await image.pool({ min: 1, max: 1, ...(user ? { user } : {}) });
+    try {
+      sb.vm = await pool.acquire();
+    } catch (err) {
+      await pool.shutdown();
+      throw err;
+    }
+    sb.paused = { dir: sb.paused!.dir, pool };
+    sb.state = "running";
+    sb.setTimeout(timeoutMs);
+    return true;
+  }
+
+  private readonly pausing = new Set<string>();
+
   /** Releases the sandbox's VM to its pool; false when there was none. */
   async kill(id: string, key?: KeyRecord): Promise<boolean> {
     const sb = this.get(id, key);
@@ -238,9 +295,16 @@ export class SandboxRegistry {
     const m = this.options.metrics;
     if (m) {
       m.sandboxLifetime.observe({ pool: sb.pool }, (Date.now() - sb.startedAt.getTime()) / 1000);
-      const net = sb.vm.netStats();
+      const net = sb.state === "running" ? sb.vm.netStats() : { bytesIn: 0, bytesOut: 0 };
       if (net.bytesIn) m.egressBytes.inc({ direction: "in" }, net.bytesIn);
       if (net.bytesOut) m.egressBytes.inc({ direction: "out" }, net.bytesOut);
+    }
+    if (sb.paused) {
+      // Paused, or resumed into a pool of its own: that pool and the snapshot go with it.
+      if (sb.state === "running") await sb.vm.release().catch(() => {});
+      await sb.paused.pool?.shutdown();
+      await rm(sb.paused.dir, { recursive: true, force: true });
+      return true;
     }
     await sb.vm.release().catch((err: unknown) => {
       if (!(err instanceof SupermachineError)) throw err;

@@ -3,7 +3,10 @@
 // streamed command output, exit codes and timeouts, a background process fed through stdin and
 // killed, files, listing by metadata, timeouts of the sandbox, kill. The SDK reaches the server
 // through E2B_API_URL and E2B_SANDBOX_URL, as docs/serve.md tells users to.
+import { existsSync } from "node:fs";
+import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { pausedRoot } from "../../src/server/sandboxes.js";
 import { testServer, type TestServer } from "../helpers/serve.js";
 
 const VERSIONS = ["e2b-2.7.0", "e2b-2.14.1", "e2b-2.45.0", "e2b"] as const;
@@ -118,6 +121,29 @@ describe.each(VERSIONS)("the %s SDK", (pkg) => {
     } finally {
       await sandbox.kill();
     }
+  });
+
+  it("pauses a sandbox into a snapshot and resumes it with its files and processes", async () => {
+    const sandbox = await sdk.Sandbox.create("base", { metadata: { pausing: pkg } });
+    try {
+      await sandbox.files.write("/tmp/state.txt", "kept across the pause");
+      await sandbox.commands.run("sleep 300 >/dev/null 2>&1 &");
+      const pause = typeof sandbox.pause === "function" ? () => sandbox.pause() : () => sandbox.betaPause();
+      expect(await pause()).toBe(true);
+      expect(await pause()).toBe(false); // already paused: 409
+      const info = await sdk.Sandbox.getInfo(sandbox.sandboxId);
+      expect(info.state).toBe("paused");
+      expect(await sandbox.isRunning()).toBe(false);
+      const resumed = await sdk.Sandbox.connect(sandbox.sandboxId);
+      expect(await resumed.isRunning()).toBe(true);
+      expect(await resumed.files.read("/tmp/state.txt")).toBe("kept across the pause");
+      expect((await resumed.commands.run("ps -o args | grep -c '^sleep 300'")).stdout.trim()).toBe("1");
+      expect((await sdk.Sandbox.getInfo(sandbox.sandboxId)).state).toBe("running");
+    } finally {
+      await sdk.Sandbox.kill(sandbox.sandboxId);
+    }
+    // Its snapshot went with it.
+    expect(existsSync(join(pausedRoot(), sandbox.sandboxId))).toBe(false);
   });
 
   it("lists by metadata, extends the timeout, and kills", async () => {

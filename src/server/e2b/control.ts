@@ -2,7 +2,7 @@
  * The E2B profile's control plane (REST + JSON, key in `X-API-KEY`), on the server's sandbox
  * registry: create (`POST /sandboxes`, `/v2/sandboxes`; the template is a pool's name), list
  * (`GET /v2/sandboxes` with metadata filters and `X-Next-Token` pages, and the 1.x `GET
- * /sandboxes`), get, kill, set the timeout, connect. Responses carry every field the spec marks
+ * /sandboxes`), get, kill, set the timeout, connect (which resumes a paused sandbox), pause. Responses carry every field the spec marks
  * required, with the status codes the generated clients accept (201 on create, 204 on kill), and
  * errors as E2B's `{ code, message }`.
  */
@@ -60,7 +60,7 @@ function detailBody(sb: Sandbox) {
     cpuCount: sb.vcpus,
     memoryMB: sb.memoryMib,
     diskSizeMB: 0,
-    state: "running",
+    state: sb.state,
     metadata: sb.metadata,
   };
 }
@@ -99,8 +99,7 @@ export function registerControlPlane(app: FastifyInstance, deps: ControlDeps): v
     const key = keyOf(req);
     const q = parse(listQuery, req.query, `GET ${req.url}`);
     const states = (Array.isArray(q.state) ? q.state : q.state?.split(",") ?? []).map((s) => s.trim()).filter(Boolean);
-    // Every sandbox here runs (pause is not offered), so a filter without "running" matches none.
-    let found = states.length > 0 && !states.includes("running") ? [] : deps.registry().list(key, metadataFilter(q.metadata));
+    let found = deps.registry().list(key, metadataFilter(q.metadata)).filter((s) => states.length === 0 || states.includes(s.state));
     // Pages in order of start, then id: a token is the last item's position, so items created
     // between pages neither repeat nor shift the next page.
     const position = (s: Sandbox) => `${s.startedAt.toISOString()}_${s.id}`;
@@ -133,10 +132,15 @@ export function registerControlPlane(app: FastifyInstance, deps: ControlDeps): v
     return reply.code(204).send();
   });
 
+  // Connect resumes a paused sandbox (201) or returns a running one (200).
   const connect = async (req: FastifyRequest<{ Params: { id: string } }>, reply: FastifyReply) => {
     const sb = deps.registry().require(req.params.id, keyOf(req), `POST ${req.url}`);
     const body = parse(connectBody, req.body, `POST ${req.url}`);
     const ms = deps.registry().checkTimeout(body?.timeout === undefined ? undefined : body.timeout * 1000, "timeout");
+    if (await deps.registry().resume(sb.id, keyOf(req), ms)) {
+      req.log.info({ sandbox: sb.id }, "sandbox resumed");
+      return reply.code(201).send(sandboxBody(sb));
+    }
     // Connecting never shortens a sandbox's life.
     if (sb.endAt.getTime() < Date.now() + ms) sb.setTimeout(ms);
     return reply.code(200).send(sandboxBody(sb));
@@ -144,14 +148,24 @@ export function registerControlPlane(app: FastifyInstance, deps: ControlDeps): v
   app.post("/sandboxes/:id/connect", connect);
   app.post("/v2/sandboxes/:id/connect", connect);
 
+  app.post<{ Params: { id: string } }>("/sandboxes/:id/pause", async (req, reply) => {
+    await deps.registry().pause(req.params.id, keyOf(req));
+    req.log.info({ sandbox: req.params.id }, "sandbox paused");
+    return reply.code(204).send();
+  });
+  // The 2.0-2.6 SDKs' resume.
+  app.post<{ Params: { id: string } }>("/sandboxes/:id/resume", async (req, reply) => {
+    const body = parse(connectBody, req.body, `POST ${req.url}`);
+    const ms = deps.registry().checkTimeout(body?.timeout === undefined ? undefined : body.timeout * 1000, "timeout");
+    if (!(await deps.registry().resume(req.params.id, keyOf(req), ms))) {
+      throw new ServerError("SERVER_CONFLICT", `sandbox ${req.params.id} is not paused`, { hint: "only a paused sandbox can be resumed" });
+    }
+    return reply.code(201).send(sandboxBody(deps.registry().require(req.params.id, keyOf(req), `POST ${req.url}`)));
+  });
+
   app.get<{ Params: { id: string } }>("/sandboxes/:id/metrics", async (req) => {
     deps.registry().require(req.params.id, keyOf(req), `GET ${req.url}`);
     return [];
   });
 
-  const unsupported = (what: string) => async () => {
-    throw new ServerError("SERVER_BAD_REQUEST", `${what} is not offered by this server yet`, { hint: "see docs/serve.md for what the E2B profile serves" });
-  };
-  app.post("/sandboxes/:id/pause", unsupported("pause"));
-  app.post("/sandboxes/:id/resume", unsupported("resume"));
 }
