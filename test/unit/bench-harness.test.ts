@@ -15,7 +15,9 @@ const run = (groups: BenchGroup[], only?: string) => runGroups(groups, { quick: 
 const V010 = ["acquire_200_concurrent_ms", "acquire_idle_ms", "boot_to_ready_ms", "build_cached_image_ms", "cache_export_ms", "cache_hit_bake_ms", "cache_import_ms", "cache_pull_ms", "cache_push_ms", "child_push_bytes", "cold_bake_ms", "egress_connect_ms", "egress_host_direct_connect_ms", "egress_mib_per_s", "exec_10k_heap_growth_mib", "exec_10k_rss_growth_mib", "exec_roundtrip_ms", "first_hello_s", "fork_bomb_timeout_overshoot_ms", "graph_resolve_20_images_ms", "guest_spawn_floor_ms", "idle_vm_pss_mib", "idle_vm_rss_mib", "layered_bake_ms", "leaked_fds_after_100_vms", "npx_cli_version_ms", "npx_setup_noop_ms", "parent_push_bytes", "ping_roundtrip_ms", "pool_cycle_per_s", "pull_python_ms", "qemu_incoming_restore_ms", "restore_to_exec_ms", "setup_noop_ms", "sleep_timeout_overshoot_ms", "spawn_stdin_mib_per_s", "spawn_stream_mib_per_s", "stale_lock_takeover_ms", "tcp_forward_mib_per_s", "tcp_forward_rtt_ms", "tcp_forward_upload_mib_per_s", "unchanged_push_chunks", "unread_flood_rss_growth_mib", "vm_pss_mib", "vm_rss_mib", "warmup_bake_ms", "watch_rebake_ms", "write_read_file_4mib_ms"];
 /** Added since: the cache across a slow link (issue 18). */
 const WAN = ["cache_pull_wan_ms", "cache_push_requests", "cache_push_wan_ms", "child_push_wan_ms", "python_manifest_bytes", "python_pull_wan_ms", "python_push_wan_ms", "python_skopeo_pull_wan_ms", "python_skopeo_push_wan_ms", "skopeo_pull_wan_ms", "skopeo_push_wan_ms"];
-const METRICS = [...V010, ...WAN].sort();
+/** Added since: time to interactive through `supermachine serve` (issue 19). */
+const SERVE = ["tti_burst_ms", "tti_e2b_ms", "tti_inprocess_ms"];
+const METRICS = [...V010, ...WAN, ...SERVE].sort();
 
 describe("bench harness", () => {
   it("reports what the groups record, and exits 0", async () => {
