@@ -31,8 +31,9 @@ export function projectDir(config = BUSYBOX_PROJECT): string {
   return dir;
 }
 
+/** A server on a new project holding `config` (or on `options.cwd`, a project already written). */
 export async function testServer(options: ServeOptions = {}, config?: string): Promise<TestServer> {
-  const dir = projectDir(config);
+  const dir = options.cwd ?? projectDir(config);
   const keys = new KeyStore(join(dir, "keys.json"));
   const { key } = await keys.create({ name: "test" });
   const server = await startServer({ cwd: dir, listen: "127.0.0.1:0", keys: keys.path, logLevel: process.env.SM_SERVE_LOG ?? "silent", ...options });

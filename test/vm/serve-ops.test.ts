@@ -2,7 +2,7 @@
 // limit), probes and metrics, SIGTERM's drain and a SIGKILL mid-exec of the real CLI process (no
 // QEMU left either way), and 1,000 sequential creates without a leak.
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { readdirSync, rmSync } from "node:fs";
+import { readdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, afterEach, describe, expect, it } from "vitest";
 import { KeyStore } from "../../src/server/keys.js";
@@ -200,6 +200,38 @@ function isAlive(pid: number): boolean {
     return false;
   }
 }
+
+describe("watch mode", () => {
+  it("hands out sandboxes of the rebaked snapshot after a file the image stages changes", async () => {
+    const dir = projectDir(`import { defineConfig, defineImage } from "supermachine/config";
+export default defineConfig({
+  images: { box: defineImage({ ref: "builtin:busybox", extraFiles: [{ hostPath: "./motd.txt", guestPath: "/etc/motd.txt" }] }) },
+  pools: { base: { image: "box", min: 1, max: 2 } },
+});
+`);
+    dirs.push(dir);
+    writeFileSync(join(dir, "motd.txt"), "version 1\n");
+    const t = await testServer({ cwd: dir, watch: true });
+    try {
+      const read = async () => {
+        const r = await post(`${t.server.url}/v2/sandboxes`, { templateID: "base" }, t.key);
+        const sb = (await r.json()) as { sandboxID: string; envdAccessToken: string };
+        const file = await fetch(`${t.server.url}/files?path=/etc/motd.txt`, { headers: { "e2b-sandbox-id": sb.sandboxID, "x-access-token": sb.envdAccessToken } });
+        const text = await file.text();
+        await fetch(`${t.server.url}/sandboxes/${sb.sandboxID}`, { method: "DELETE", headers: { "x-api-key": t.key } });
+        return text;
+      };
+      expect(await read()).toBe("version 1\n");
+      writeFileSync(join(dir, "motd.txt"), "version 2\n");
+      const until = Date.now() + 120_000;
+      let seen = "";
+      while (Date.now() < until && (seen = await read()) !== "version 2\n") await new Promise((r) => setTimeout(r, 500));
+      expect(seen).toBe("version 2\n");
+    } finally {
+      await t.close();
+    }
+  });
+});
 
 describe("many creates", () => {
   it("serves 1,000 sequential creates and kills with flat fds, memory and processes", async () => {
