@@ -173,6 +173,14 @@ export function buildApp(deps: AppDeps): FastifyInstance {
       method: ["POST", "GET"],
       url: `${prefix}*`,
       onRequest: (req: FastifyRequest, reply: FastifyReply, done: () => void) => {
+        // Connect answers on the raw response: give it the request id, and log its end (Fastify
+        // logs neither for a hijacked reply).
+        reply.raw.setHeader("x-request-id", req.id);
+        const t0 = performance.now();
+        reply.raw.once("close", () => {
+          deps.metrics.requests.inc({ method: req.method, route: prefix + "*", status: String(reply.raw.statusCode) });
+          req.log.info({ res: { statusCode: reply.raw.statusCode }, responseTime: performance.now() - t0, rpc: req.url.split("?")[0] }, "rpc completed");
+        });
         reply.hijack();
         connect(req.raw, reply.raw);
         done();
