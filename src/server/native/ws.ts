@@ -37,7 +37,7 @@ export const CLOSE = { badRequest: 4400, notFound: 4404, refused: 4502, error: 4
 
 function wireError(err: unknown): { code: string; message: string; hint?: string } {
   if (err instanceof SupermachineError) return { code: err.code, message: err.message, ...(err.hint ? { hint: err.hint } : {}) };
-  return { code: "SERVER_ERROR", message: err instanceof Error ? err.message : String(err) };
+  return { code: "SERVER_PROTOCOL", message: err instanceof Error ? err.message : String(err) };
 }
 
 function closeCodeOf(err: unknown): number {
