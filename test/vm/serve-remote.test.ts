@@ -91,7 +91,7 @@ describe("examples through the remote client", () => {
         else want(r.stdout);
       }
       // Every sandbox the example took was released, and its snapshots' sandboxes too.
-      const left = await (await fetch(`${t.server.url}/v1/sandboxes`, { headers: { "x-api-key": t.key } })).json();
+      const left = (await (await fetch(`${t.server.url}/v1/sandboxes`, { headers: { "x-api-key": t.key } })).json()) as { sandboxes: unknown[] };
       expect(left.sandboxes, report).toEqual([]);
     }, 260_000);
   }
