@@ -2,7 +2,8 @@
  * The HTTP server of `supermachine serve`: one Fastify app on one port for both the control plane
  * (API key in `X-API-KEY` or `Authorization: Bearer`) and the sandboxes' data plane (E2B's envd
  * calls, routed by `E2b-Sandbox-Id` or by the sandbox's access token, which is also their
- * credential), plus `/healthz`, `/readyz` and `/metrics`. Every request gets an id (its
+ * credential), the native API (`/v1`, see native/routes.ts; its OpenAPI document at
+ * `/openapi.json`), plus `/healthz`, `/readyz` and `/metrics`. Every request gets an id (its
  * `X-Request-Id`, or a new one) that each log line and the response carry. Errors are JSON: E2B's
  * `{ code, message }` shape, with the library's code and hint added.
  */
