@@ -3,15 +3,13 @@
 //
 //   npm run demo        (sets up what is missing, then runs this file)
 //   node examples/01-hello.mjs
-import { Image } from "supermachine";
+import { Image, connect } from "supermachine";
 
-const img = await Image.build({
-  ref: "builtin:busybox",
-  // A stable name for this image's cache entry.
-  name: "hello-busybox",
-});
-
-const pool = await img.pool({ min: 1, max: 1 });
+// With SUPERMACHINE_URL (and SUPERMACHINE_API_KEY) set, the pool is the "busybox" pool of a
+// `supermachine serve` there instead (docs/serve.md, "The remote client"): the rest is unchanged.
+const pool = process.env.SUPERMACHINE_URL
+  ? (await connect(process.env.SUPERMACHINE_URL)).busybox
+  : await (await Image.build({ ref: "builtin:busybox", name: "hello-busybox" /* a stable name for its cache entry */ })).pool({ min: 1, max: 1 });
 const vm = await pool.acquire();
 
 const { stdout, exitCode } = await vm.exec({

@@ -4,12 +4,14 @@
 // caller left behind.
 //
 //   node examples/02-pool.mjs
-import { Image } from "supermachine";
-
-const image = await Image.build({ ref: "builtin:busybox" });
+import { Image, connect } from "supermachine";
 
 // Two VMs are restored up front; up to four may exist at once.
-const pool = await image.pool({ min: 2, max: 4, restoreOnRelease: true });
+// With SUPERMACHINE_URL (and SUPERMACHINE_API_KEY) set, the pool is the "busybox" pool of a
+// `supermachine serve` there instead (docs/serve.md, "The remote client"): the rest is unchanged.
+const pool = process.env.SUPERMACHINE_URL
+  ? (await connect(process.env.SUPERMACHINE_URL)).busybox
+  : await (await Image.build({ ref: "builtin:busybox" })).pool({ min: 2, max: 4, restoreOnRelease: true });
 const show = (when) => {
   const s = pool.stats();
   console.log(`${when}: alive ${s.alive}, in use ${s.inUse}, idle ${s.idle}, waiting ${s.waiting} (min ${s.min}, max ${s.max})`);
@@ -29,7 +31,7 @@ try {
           argv: ["sh", "-c", `echo "task ${i + 1} was here" > /tmp/leftover; cat /tmp/leftover`],
           timeoutMs: 10_000,
         });
-        return `${stdout.toString().trim()} (QEMU pid ${vm.pid})`;
+        return `${stdout.toString().trim()} (${vm.pid ? `QEMU pid ${vm.pid}` : `sandbox ${vm.id}`})`;
       }),
     );
     for (const line of lines) console.log(`  ${line}`);

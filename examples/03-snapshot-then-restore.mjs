@@ -7,22 +7,26 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Image } from "supermachine";
+import { Image, connect } from "supermachine";
 
 const work = await mkdtemp(join(tmpdir(), "supermachine-example-"));
 const snapshotDir = join(work, "configured-vm");
 
-const image = await Image.build({ ref: "builtin:busybox" });
-const pool = await image.pool({ min: 1, max: 1 });
+// With SUPERMACHINE_URL (and SUPERMACHINE_API_KEY) set, the pool is the "busybox" pool of a
+// `supermachine serve` there (docs/serve.md, "The remote client"): the snapshot is then taken and
+// kept on the server, and reopened there by its id.
+const remote = process.env.SUPERMACHINE_URL ? await connect(process.env.SUPERMACHINE_URL) : undefined;
+const pool = remote ? remote.busybox : await (await Image.build({ ref: "builtin:busybox" })).pool({ min: 1, max: 1 });
 let restoredPool;
+let saved;
 try {
   const vm = await pool.acquire();
   try {
     await vm.writeFile("/srv/notes.txt", "written before the snapshot\n");
     await vm.exec({ argv: ["sh", "-c", "echo $((6 * 7)) > /srv/answer"] });
 
-    const saved = await vm.snapshot(snapshotDir);
-    console.log(`snapshot saved: ${saved.snapshotPath}`);
+    saved = await vm.snapshot(snapshotDir);
+    console.log(`snapshot saved: ${saved.snapshotPath ?? `snapshot ${saved.id} on the server`}`);
 
     // The VM goes on running after the capture; what it does now is not in the snapshot.
     await vm.writeFile("/srv/notes.txt", "changed after the snapshot\n");
@@ -31,12 +35,11 @@ try {
   }
 
   // Reopen the snapshot from disk, as another process could, and start a VM from it.
-  const restored = await Image.fromSnapshot(snapshotDir);
-  restoredPool = await restored.pool({ min: 1, max: 1 });
+  restoredPool = remote ? remote.fromSnapshot(saved.id) : await (await Image.fromSnapshot(snapshotDir)).pool({ min: 1, max: 1 });
   const vm2 = await restoredPool.acquire();
   try {
     const { stdout } = await vm2.exec({ argv: ["sh", "-c", "echo \"notes: $(cat /srv/notes.txt)\"; echo \"answer: $(cat /srv/answer)\""] });
-    console.log(`new VM (QEMU pid ${vm2.pid}) sees:`);
+    console.log(`new VM (${vm2.pid ? `QEMU pid ${vm2.pid}` : `sandbox ${vm2.id}`}) sees:`);
     for (const line of stdout.toString().trimEnd().split("\n")) console.log(`  ${line}`);
   } finally {
     await vm2.release();

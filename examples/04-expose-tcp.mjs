@@ -4,10 +4,13 @@
 // device: the connection is carried over the agent's channel.
 //
 //   node examples/04-expose-tcp.mjs
-import { Image } from "supermachine";
+import { Image, connect } from "supermachine";
 
-const image = await Image.build({ ref: "builtin:busybox" });
-const pool = await image.pool({ min: 1, max: 1 });
+// With SUPERMACHINE_URL (and SUPERMACHINE_API_KEY) set, the pool is the "busybox" pool of a
+// `supermachine serve` there instead (docs/serve.md, "The remote client"): the rest is unchanged.
+const pool = process.env.SUPERMACHINE_URL
+  ? (await connect(process.env.SUPERMACHINE_URL)).busybox
+  : await (await Image.build({ ref: "builtin:busybox" })).pool({ min: 1, max: 1 });
 const vm = await pool.acquire();
 try {
   await vm.writeFile("/www/index.html", "<h1>hello from inside the VM</h1>\n");

@@ -6,10 +6,13 @@
 //
 //   node examples/05-spawn-streaming.mjs
 import { createInterface } from "node:readline";
-import { Image } from "supermachine";
+import { Image, connect } from "supermachine";
 
-const image = await Image.build({ ref: "builtin:busybox" });
-const pool = await image.pool({ min: 1, max: 1 });
+// With SUPERMACHINE_URL (and SUPERMACHINE_API_KEY) set, the pool is the "busybox" pool of a
+// `supermachine serve` there instead (docs/serve.md, "The remote client"): the rest is unchanged.
+const pool = process.env.SUPERMACHINE_URL
+  ? (await connect(process.env.SUPERMACHINE_URL)).busybox
+  : await (await Image.build({ ref: "builtin:busybox" })).pool({ min: 1, max: 1 });
 const vm = await pool.acquire();
 try {
   // 1. Lines arrive one by one, 200 ms apart, not all at the end.

@@ -184,3 +184,16 @@ export type CacheErrorCode = (typeof CACHE_ERROR_CODES)[number];
  * that failed verification; or its location (`cache.from`, `--to`) is not one.
  */
 export class CacheError extends SupermachineError<CacheErrorCode> {}
+
+export const SERVER_ERROR_CODES = [
+  "SERVER_BAD_REQUEST", "SERVER_CONFLICT", "SERVER_DRAINING", "SERVER_KEYS_INVALID", "SERVER_KEY_UNKNOWN", "SERVER_LIMIT", "SERVER_LISTEN_FAILED",
+  "SERVER_NOT_FOUND", "SERVER_POOL_UNKNOWN", "SERVER_PROTOCOL", "SERVER_SANDBOX_GONE", "SERVER_STARTING", "SERVER_TLS_INVALID",
+  "SERVER_UNAUTHORIZED", "SERVER_UNREACHABLE",
+] as const;
+export type ServerErrorCode = (typeof SERVER_ERROR_CODES)[number];
+/**
+ * A request `supermachine serve` refuses, a server that cannot start, or (in the remote client)
+ * a server that cannot be reached or answers what no server of this version would. It lives
+ * here, not in src/server, so the remote client raises the same class without the HTTP stack.
+ */
+export class ServerError extends SupermachineError<ServerErrorCode> {}

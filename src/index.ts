@@ -103,3 +103,13 @@ export type { ServeOptions, SupermachineServer } from "./server/index.js";
 export async function startServer(options?: import("./server/index.js").ServeOptions): Promise<import("./server/index.js").SupermachineServer> {
   return (await import("./server/index.js")).startServer(options);
 }
+export type { RemotePools, RemotePool, RemoteVm, RemoteExecChild, RemoteTcpForwarder, ConnectOptions, AcquireOptions, RemotePoolStats, RemoteWaitResult, SandboxInfo, SnapshotInfo } from "./remote/index.js";
+
+/**
+ * Connects to a `supermachine serve` server: its pools by name, with the interface of what
+ * `loadPools()` returns (see docs/serve.md, "The remote client"). The client (fetch and
+ * WebSockets) loads only when this is called.
+ */
+export async function connect(url: string, options?: import("./remote/index.js").ConnectOptions): Promise<import("./remote/index.js").RemotePools> {
+  return (await import("./remote/index.js")).connect(url, options);
+}

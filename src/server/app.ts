@@ -2,7 +2,8 @@
  * The HTTP server of `supermachine serve`: one Fastify app on one port for both the control plane
  * (API key in `X-API-KEY` or `Authorization: Bearer`) and the sandboxes' data plane (E2B's envd
  * calls, routed by `E2b-Sandbox-Id` or by the sandbox's access token, which is also their
- * credential), plus `/healthz`, `/readyz` and `/metrics`. Every request gets an id (its
+ * credential), the native API (`/v1`, see native/routes.ts; its OpenAPI document at
+ * `/openapi.json`), plus `/healthz`, `/readyz` and `/metrics`. Every request gets an id (its
  * `X-Request-Id`, or a new one) that each log line and the response carry. Errors are JSON: E2B's
  * `{ code, message }` shape, with the library's code and hint added.
  */
@@ -18,6 +19,8 @@ import type { KeyRecord, KeyStore } from "./keys.js";
 import type { Sandbox, SandboxRegistry } from "./sandboxes.js";
 import type { ServerMetrics } from "./metrics.js";
 import { registerControlPlane } from "./e2b/control.js";
+import { registerNative } from "./native/routes.js";
+import type { NativeState } from "./native/state.js";
 import { envdHealth, registerEnvdFiles } from "./e2b/files.js";
 import { processService } from "./e2b/envd-process.js";
 import { Process } from "./e2b/gen/process/process_pb.js";
@@ -31,12 +34,14 @@ export interface AppDeps {
   notReady: () => string | undefined;
   logger: boolean | { level: string; stream?: NodeJS.WritableStream };
   https?: { cert: string | Buffer; key: string | Buffer } | undefined;
+  /** The native API's snapshots and build status. */
+  native?: NativeState;
   /** Services of the data plane beyond processes (the filesystem), registered by the caller. */
   extraServices?: (router: import("@connectrpc/connect").ConnectRouter, sandboxOf: (ctx: HandlerContext) => Sandbox) => void;
 }
 
 /** Paths anyone may call (probes and scrapers; the server listens on loopback by default). */
-const OPEN = new Set(["/healthz", "/readyz", "/metrics"]);
+const OPEN = new Set(["/healthz", "/readyz", "/metrics", "/openapi.json"]);
 const CONNECT_PREFIXES = ["/process.Process/", "/filesystem.Filesystem/"];
 const ENVD_PATHS = new Set(["/files"]);
 
@@ -191,14 +196,13 @@ export function buildApp(deps: AppDeps): FastifyInstance {
 
   void app.register(async (scoped) => {
     registerEnvdFiles(scoped, { sandboxOf: sandboxOfRequest });
-    registerControlPlane(scoped, {
-      registry: () => {
-        const r = deps.registry();
-        if (!r) throw new ServerError("SERVER_STARTING", `the server is not ready: ${deps.notReady() ?? "loading the project"}`, { hint: "wait for /readyz to answer 200" });
-        return r;
-      },
-      keyOf,
-    });
+    const registry = () => {
+      const r = deps.registry();
+      if (!r) throw new ServerError("SERVER_STARTING", `the server is not ready: ${deps.notReady() ?? "loading the project"}`, { hint: "wait for /readyz to answer 200" });
+      return r;
+    };
+    registerControlPlane(scoped, { registry, keyOf });
+    registerNative(scoped, { registry, keyOf, metrics: deps.metrics, state: deps.native });
   });
   return app;
 }

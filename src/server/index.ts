@@ -3,7 +3,7 @@
  * `/readyz` says why it is not ready), then loads the project's pools (`loadPools`, with its
  * cache and watch options) and serves them. `server.drain()` stops creating sandboxes, gives the
  * live ones a grace period, releases them, closes the pools and the listener: nothing is left
- * running. SIGTERM handling belongs to the caller (the CLI drains on it).
+ * running (snapshots taken through the native API included). SIGTERM handling belongs to the caller (the CLI drains on it).
  */
 import { readFile } from "node:fs/promises";
 import type { AddressInfo } from "node:net";
@@ -15,6 +15,7 @@ import { KeyStore } from "./keys.js";
 import { ServerMetrics } from "./metrics.js";
 import { SandboxRegistry, poolEntries } from "./sandboxes.js";
 import { buildApp } from "./app.js";
+import { NativeState } from "./native/state.js";
 
 export { ServerError, SERVER_ERROR_CODES, type ServerErrorCode } from "./errors.js";
 export { KeyStore, defaultKeysPath, type KeyRecord } from "./keys.js";
@@ -75,6 +76,7 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
   let pools: Pools | undefined;
   let registry: SandboxRegistry | undefined;
   let notReady: string | undefined = "loading the project";
+  const native = new NativeState();
   const metrics = new ServerMetrics(
     () => (pools ? Object.fromEntries(poolEntries(pools).map(([n, p]) => [n, p.stats()])) : {}),
     () => registry?.alivePerPool() ?? {},
@@ -86,6 +88,7 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
     notReady: () => notReady,
     logger: options.logLevel === "silent" ? false : { level: options.logLevel ?? "info", stream: options.logStream ?? process.stderr },
     https,
+    native,
   });
   try {
     await app.listen({ host, port });
@@ -113,6 +116,7 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
           ...(options.concurrency ? { concurrency: options.concurrency } : {}),
           onEvent: (e) => {
             if (e.type === "done") metrics.bakes.inc({ status: e.node.status });
+            native.builds.record(e);
             options.onEvent?.(e);
           },
         }));
@@ -140,6 +144,8 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
       notReady = "draining";
       app.log.info({ graceMs, sandboxes: registry?.size ?? 0 }, "draining");
       await registry?.drain(graceMs);
+      // No sandbox is left: the snapshots clients took go, with their pools.
+      await native.close().catch((err: Error) => app.log.warn({ err }, "removing the snapshots"));
       await ready.catch(() => {});
       await pools?.close();
       // Streams still open (followers of processes that ended with their VM) are cut now.

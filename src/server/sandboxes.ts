@@ -45,6 +45,8 @@ export interface CreateSandbox {
   timeoutMs?: number | undefined;
   metadata?: Record<string, string> | undefined;
   env?: Record<string, string> | undefined;
+  /** Acquire from this pool instead of the project's pool named `pool` (snapshots of the native API). */
+  source?: ProjectPool | undefined;
 }
 
 /** Where paused sandboxes' snapshots live (removed when the sandbox is killed or the server drains). */
@@ -60,6 +62,8 @@ export class Sandbox {
   private timer: NodeJS.Timeout | undefined;
   /** Per-sandbox facts the profiles look up once (the shell, the user's home). */
   readonly facts = new Map<string, Promise<unknown>>();
+  /** Run when the sandbox ends, before its VM goes back to the pool (tunnels into the guest close). */
+  readonly cleanups = new Set<() => void>();
 
   constructor(
     readonly id: string,
@@ -149,6 +153,11 @@ export class SandboxRegistry {
     return poolEntries(this.pools).map(([name]) => name);
   }
 
+  /** The project's pools by name. */
+  poolList(): [string, ProjectPool][] {
+    return poolEntries(this.pools);
+  }
+
   /** A timeout a client asked for, checked and capped (SERVER_BAD_REQUEST past the maximum). */
   checkTimeout(ms: number | undefined, what: string): number {
     if (ms === undefined) return this.defaultTimeoutMs;
@@ -161,8 +170,8 @@ export class SandboxRegistry {
 
   async create(o: CreateSandbox): Promise<Sandbox> {
     if (this.draining) throw new ServerError("SERVER_DRAINING", "the server is shutting down and creates no new sandboxes", { hint: "retry against another server, or once it is back" });
-    const pool = this.pools[o.pool];
-    if (!pool || !this.poolNames().includes(o.pool)) {
+    const pool = o.source ?? this.pools[o.pool];
+    if (!pool || (!o.source && !this.poolNames().includes(o.pool))) {
       throw new ServerError("SERVER_POOL_UNKNOWN", `no pool named ${JSON.stringify(o.pool)} on this server (it has ${this.poolNames().map((n) => JSON.stringify(n)).join(", ") || "none"})`, {
         hint: "name one of the project's pools (its supermachine.config.ts `pools`) as the template",
       });
@@ -292,6 +301,8 @@ export class SandboxRegistry {
     this.byId.delete(id);
     this.byToken.delete(sb.accessToken);
     sb.clearTimer();
+    for (const cleanup of sb.cleanups) cleanup();
+    sb.cleanups.clear();
     const m = this.options.metrics;
     if (m) {
       m.sandboxLifetime.observe({ pool: sb.pool }, (Date.now() - sb.startedAt.getTime()) / 1000);

@@ -14,7 +14,7 @@ const src = join(import.meta.dirname, "..", "..", "src");
 /** Lowest first. Folders of one tier are peers: neither imports the other. */
 export const TIERS: readonly (readonly string[])[] = [
   ["schema"], // options table, key primitives, zod → OptionError
-  ["oci", "agent", "net"], // image formats and references; the agent protocol's host side; the egress proxy
+  ["oci", "agent", "net", "remote"], // image formats and references; the agent protocol's host side; the egress proxy; the client of `supermachine serve`
   ["store", "engine"], // snapshots, image entries, blobs, publish, locks; QEMU
   ["registry", "session"], // the distribution API; what a running guest can do
   ["image", "transfer", "config", "graph"], // refs → root filesystems; the snapshot cache; config files; the image graph and keys
