@@ -6,7 +6,7 @@
 //
 //   node examples/pattern-1-one-shot-exec.mjs
 // (uses the offline python image: see _images.mjs)
-import { Image } from "supermachine";
+import { Image, connect } from "supermachine";
 import { pythonImageRef } from "./_images.mjs";
 
 const candidates = {
@@ -18,8 +18,11 @@ const candidates = {
   "never-ends": "while True:\n    pass",
 };
 
-const image = await Image.build({ ref: await pythonImageRef(), memoryMib: 512 });
-const pool = await image.pool({ min: 0, max: 2, restoreOnRelease: true });
+// With SUPERMACHINE_URL (and SUPERMACHINE_API_KEY) set, the pool is the "pattern1" pool of a
+// `supermachine serve` there, declared with the same options (docs/serve.md): the rest is unchanged.
+const pool = process.env.SUPERMACHINE_URL
+  ? (await connect(process.env.SUPERMACHINE_URL)).pattern1
+  : await (await Image.build({ ref: await pythonImageRef(), memoryMib: 512 })).pool({ min: 0, max: 2, restoreOnRelease: true });
 
 async function runCandidate(source) {
   const vm = await pool.acquire();

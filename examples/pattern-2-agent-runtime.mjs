@@ -7,7 +7,7 @@
 //
 //   node examples/pattern-2-agent-runtime.mjs
 // (uses the offline python image: see _images.mjs)
-import { Image } from "supermachine";
+import { Image, connect } from "supermachine";
 import { pythonImageRef } from "./_images.mjs";
 
 const TOOLS = `
@@ -15,30 +15,36 @@ def summarize(xs):
     return f"n={len(xs)} min={min(xs)} max={max(xs)} mean={sum(xs) / len(xs):.2f}"
 `;
 
-const ref = await pythonImageRef();
-let warmedUp = false;
-const t0 = Date.now();
-const image = await Image.build({
-  ref,
-  name: "example-agent-runtime", // a rebake replaces this snapshot instead of adding one
-  memoryMib: 512,
-  env: { PYTHONPATH: "/opt/agent" },
-  warmupTag: "tools-v1",
-  warmup: async (vm) => {
-    await vm.writeFile("/opt/agent/tools.py", TOOLS);
-    const r = await vm.exec({ argv: ["python3", "-c", "import tools"], timeoutMs: 60_000 });
-    if (r.exitCode !== 0) throw new Error(`warmup failed: ${r.stderr}`);
-    warmedUp = true;
-  },
-});
-console.log(`image ready in ${Date.now() - t0} ms: ${warmedUp ? "baked, warmup ran" : "snapshot cached, warmup skipped"}`);
+async function localPool() {
+  let warmedUp = false;
+  const t0 = Date.now();
+  const image = await Image.build({
+    ref: await pythonImageRef(),
+    name: "example-agent-runtime", // a rebake replaces this snapshot instead of adding one
+    memoryMib: 512,
+    env: { PYTHONPATH: "/opt/agent" },
+    warmupTag: "tools-v1",
+    warmup: async (vm) => {
+      await vm.writeFile("/opt/agent/tools.py", TOOLS);
+      const r = await vm.exec({ argv: ["python3", "-c", "import tools"], timeoutMs: 60_000 });
+      if (r.exitCode !== 0) throw new Error(`warmup failed: ${r.stderr}`);
+      warmedUp = true;
+    },
+  });
+  console.log(`image ready in ${Date.now() - t0} ms: ${warmedUp ? "baked, warmup ran" : "snapshot cached, warmup skipped"}`);
 
-const pool = await image.pool({
-  min: 2, // idle VMs kept ready
-  max: 4, // burst capacity
-  restoreOnRelease: true, // every task starts from the warm snapshot
-  acquireTimeoutMs: 30_000,
-});
+  return image.pool({
+    min: 2, // idle VMs kept ready
+    max: 4, // burst capacity
+    restoreOnRelease: true, // every task starts from the warm snapshot
+    acquireTimeoutMs: 30_000,
+  });
+}
+
+// With SUPERMACHINE_URL set, the "pattern2" pool of a `supermachine serve` there, whose project
+// declares this image with the same warmup (docs/serve.md); the tasks below are unchanged.
+const pool = process.env.SUPERMACHINE_URL ? (await connect(process.env.SUPERMACHINE_URL)).pattern2 : await localPool();
+if (process.env.SUPERMACHINE_URL) console.log("image ready: the server's pattern2 pool, baked with its warmup");
 
 async function handleAgentTask(taskCode) {
   // On Node 24+ or in TypeScript: `await using vm = await pool.acquire();` and no try/finally.

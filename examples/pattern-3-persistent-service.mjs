@@ -5,9 +5,9 @@
 // instant: the server is not started again, which the page (written once, at start) shows.
 //
 //   node examples/pattern-3-persistent-service.mjs
-import { Image } from "supermachine";
+import { Image, connect } from "supermachine";
 
-const image = await Image.build({
+const local = () => Image.build({
   ref: "builtin:busybox",
   name: "example-persistent-httpd", // a rebake replaces this snapshot instead of adding one
   cmd: [
@@ -19,7 +19,9 @@ const image = await Image.build({
   listenerRequired: true,
 });
 
-const pool = await image.pool({ min: 2, max: 2 });
+// With SUPERMACHINE_URL set, the "pattern3" pool of a `supermachine serve` there, declared with
+// this cmd, guestPort and listenerRequired (docs/serve.md); the rest is unchanged.
+const pool = process.env.SUPERMACHINE_URL ? (await connect(process.env.SUPERMACHINE_URL)).pattern3 : await (await local()).pool({ min: 2, max: 2 });
 try {
   const vms = [await pool.acquire(), await pool.acquire()];
   try {
@@ -29,7 +31,7 @@ try {
       try {
         const res = await fetch(`http://${forwarder.localAddr}/`);
         const body = (await res.text()).trim();
-        console.log(`VM with QEMU pid ${vm.pid}: ${res.status} "${body}" (${Math.round(performance.now() - t0)} ms after acquire)`);
+        console.log(`VM ${vm.pid === undefined ? `(sandbox ${vm.id})` : `with QEMU pid ${vm.pid}`}: ${res.status} "${body}" (${Math.round(performance.now() - t0)} ms after acquire)`);
       } finally {
         await forwarder.stop();
       }

@@ -8,7 +8,23 @@
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Image } from "supermachine";
+import { Image, connect } from "supermachine";
+
+if (process.env.SUPERMACHINE_URL) {
+  // Through `supermachine serve`: the files are the server project's (its "pattern4" pool stages
+  // app.conf and greet.sh the same way), and editing one rebakes on the server when it runs with
+  // --watch. Here the client only sees what every VM of that pool has.
+  const pool = (await connect(process.env.SUPERMACHINE_URL)).pattern4;
+  const vm = await pool.acquire();
+  try {
+    const { stdout } = await vm.exec({ argv: ["greet"] });
+    console.log(`  guest says: ${stdout.toString().trim()}`);
+  } finally {
+    await vm.release();
+    await pool.shutdown();
+  }
+  process.exit(0);
+}
 
 const work = await mkdtemp(join(tmpdir(), "supermachine-example-"));
 const configFile = join(work, "app.conf");

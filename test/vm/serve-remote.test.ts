@@ -1,9 +1,11 @@
 // The remote client against `supermachine serve` on loopback with real microVMs: examples 01-05
-// run unchanged but for SUPERMACHINE_URL and SUPERMACHINE_API_KEY in their environment (the way
+// and patterns 1-4 run unchanged but for SUPERMACHINE_URL and SUPERMACHINE_API_KEY in their
+// environment (the way
 // docs/serve.md tells users to), as `node examples/<file>` does; then the client's own
 // behaviour (errors as library classes, flow control, a process that outlives its socket, TCP
 // half-close), and fuzzed request bodies against a live sandbox, which must never get a 5xx.
 import { spawn } from "node:child_process";
+import { writeFileSync } from "node:fs";
 import { createConnection } from "node:net";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -11,13 +13,54 @@ import fc from "fast-check";
 import WebSocket from "ws";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, ExecError, GuestFileError, ServerError, OptionError, type RemotePools } from "../../src/index.js";
-import { testServer, type TestServer } from "../helpers/serve.js";
+import { projectDir, testServer, type TestServer } from "../helpers/serve.js";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
-const PROJECT = `import { defineConfig, defineImage } from "supermachine/config";
+/**
+ * The server's project: the pools examples 01-05 and patterns 1-4 ask for, each declared with the
+ * options the pattern gives Image.build and image.pool when it runs locally.
+ */
+const project = (pythonRef: string) => `import { defineConfig, defineImage } from "supermachine/config";
+const TOOLS = \`
+def summarize(xs):
+    return f"n={len(xs)} min={min(xs)} max={max(xs)} mean={sum(xs) / len(xs):.2f}"
+\`;
 export default defineConfig({
-  images: { box: defineImage({ ref: "builtin:busybox" }) },
-  pools: { busybox: { image: "box", min: 2, max: 4 } },
+  images: {
+    box: defineImage({ ref: "builtin:busybox" }),
+    python: defineImage({ ref: ${JSON.stringify(pythonRef)}, memoryMib: 512 }),
+    agent: defineImage({
+      ref: ${JSON.stringify(pythonRef)},
+      memoryMib: 512,
+      env: { PYTHONPATH: "/opt/agent" },
+      warmupTag: "tools-v1",
+      warmup: async (vm) => {
+        await vm.writeFile("/opt/agent/tools.py", TOOLS);
+        const r = await vm.exec({ argv: ["python3", "-c", "import tools"], timeoutMs: 60_000 });
+        if (r.exitCode !== 0) throw new Error("warmup failed: " + r.stderr);
+      },
+    }),
+    httpd: defineImage({
+      ref: "builtin:busybox",
+      cmd: ["sh", "-c", 'mkdir -p /www && echo "started $(date -u +%T) UTC, instance $(head -c 4 /dev/urandom | od -An -tx1 | tr -d " \\\\n")" > /www/index.html && exec httpd -f -p 8080 -h /www'],
+      guestPort: 8080,
+      listenerRequired: true,
+    }),
+    resources: defineImage({
+      ref: "builtin:busybox",
+      extraFiles: [
+        { hostPath: "./app.conf", guestPath: "/etc/app.conf" },
+        { hostPath: "./greet.sh", guestPath: "/usr/local/bin/greet" },
+      ],
+    }),
+  },
+  pools: {
+    busybox: { image: "box", min: 2, max: 4 },
+    pattern1: { image: "python", min: 0, max: 2, restoreOnRelease: true },
+    pattern2: { image: "agent", min: 2, max: 4, restoreOnRelease: true, acquireTimeoutMs: 30_000 },
+    pattern3: { image: "httpd", min: 2, max: 2 },
+    pattern4: { image: "resources", min: 1, max: 1 },
+  },
 });
 `;
 
@@ -25,7 +68,12 @@ let t: TestServer;
 let pools: RemotePools;
 
 beforeAll(async () => {
-  t = await testServer({}, PROJECT);
+  const { ensureFixtures } = (await import("../fixtures/build-fixtures.mjs")) as { ensureFixtures(o: { only: string[]; log: (l: string) => void }): Promise<{ python: { ref: string } }> };
+  const { python } = await ensureFixtures({ only: ["python"], log: () => {} });
+  const dir = projectDir(project(python.ref));
+  writeFileSync(join(dir, "app.conf"), "greeting=hello\n");
+  writeFileSync(join(dir, "greet.sh"), '#!/bin/sh\n. /etc/app.conf\necho "$greeting from a baked-in script"\n', { mode: 0o755 });
+  t = await testServer({ cwd: dir });
   pools = await connect(t.server.url, { apiKey: t.key });
 });
 
@@ -64,6 +112,28 @@ const EXPECTED: Record<string, Array<string | RegExp | ((stdout: string) => void
   ],
   "03-snapshot-then-restore.mjs": [/snapshot saved: snapshot [a-z0-9]{20} on the server\n/, /new VM \(sandbox [a-z0-9]{20}\) sees:/, "  notes: written before the snapshot\n", "  answer: 42\n"],
   "04-expose-tcp.mjs": [/guest port 8080 is at http:\/\/127\.0\.0\.1:\d+\//, "GET /index.html -> 200 OK, text/html", "body: <h1>hello from inside the VM</h1>", "GET /nope.html -> 404"],
+  "pattern-1-one-shot-exec.mjs": [
+    /sum-of-squares +ok: 285\n/,
+    /tampers +ok: deleted python3\n/,
+    /checks-python +ok: python3 still there: True\n/,
+    /crashes +failed, exit 1: ValueError: bad candidate\n/,
+    /never-ends +timed out after 5 s \(killed\)\n/,
+  ],
+  "pattern-2-agent-runtime.mjs": [
+    "image ready: the server's pattern2 pool, baked with its warmup\n",
+    "task 1: exit 0\n  n=5 min=1 max=5 mean=2.80\n  byte-compiled at warmup: True\n  scratch from an earlier task: False\n",
+    "task 3: exit 0\n",
+  ],
+  "pattern-3-persistent-service.mjs": [
+    /VM \(sandbox [a-z0-9]{20}\): 200 "started [0-9:]+ UTC, instance [0-9a-f]{8}"/,
+    "same page in both VMs: the server started once, at bake time, and was captured running",
+    (stdout) => {
+      const pages = [...stdout.matchAll(/: 200 "([^"]+)"/g)].map((m) => m[1]);
+      expect(pages).toHaveLength(2);
+      expect(pages[0]).toBe(pages[1]);
+    },
+  ],
+  "pattern-4-resource-files.mjs": ["  guest says: hello from a baked-in script\n"],
   "05-spawn-streaming.mjs": [
     (stdout) => {
       const at = [...stdout.matchAll(/\+ *(\d+) ms {2}tick (\d)\n/g)].map((m) => Number(m[1]));
