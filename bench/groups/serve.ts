@@ -2,7 +2,8 @@
  * Benchmark group `serve`: time to interactive through `supermachine serve`, with the method of
  * the public cross-provider sandbox benchmark: `create()`, then the first command's output
  * (`python3 -V` on the python fixture), sandbox killed after. Sequentially through the unchanged
- * `e2b` SDK; 100 (quick: 20) creates at once through it on a pool kept that warm (min 100), each
+ * `e2b` SDK and through the package's own remote client (`connect()`: acquire, exec, release);
+ * 100 (quick: 20) creates at once through the SDK on a pool kept that warm (min 100), each
  * one's time from the burst's start; and, in the same run, the peer: `acquire()` + `exec()` in
  * process of the very command the SDK sends (`bash -l -c "python3 -V"`: a login shell's first
  * start in a fresh VM is most of the time under TCG), so the ratio is the server's and the SDK's
@@ -14,12 +15,13 @@ import { join } from "node:path";
 import { Image } from "../../src/runtime/image.js";
 import { KeyStore } from "../../src/server/keys.js";
 import { startServer } from "../../src/server/index.js";
+import { connect } from "../../src/remote/index.js";
 import { fixtures } from "../util.js";
 import type { BenchContext, BenchGroup } from "../harness.js";
 
 export const serveGroup: BenchGroup = {
   name: "serve",
-  metrics: ["tti_e2b_ms", "tti_burst_ms", "tti_inprocess_ms"],
+  metrics: ["tti_e2b_ms", "tti_connect_ms", "tti_burst_ms", "tti_inprocess_ms"],
   run: (ctx) => serveBenchmarks(ctx),
 };
 
@@ -65,6 +67,24 @@ export default defineConfig({
     const seq: number[] = [];
     for (let i = 0; i < n; i++) seq.push(await tti());
     record("tti_e2b_ms", seq);
+
+    // The remote client, on the same pool, running the same command line as the SDK.
+    const remote = await connect(server.url, { apiKey: key });
+    try {
+      const viaConnect: number[] = [];
+      for (let i = 0; i < n + 3; i++) {
+        const t0 = performance.now();
+        const vm = await remote.python!.acquire();
+        const r = await vm.exec({ argv: ["bash", "-l", "-c", "python3 -V"] });
+        const ms = performance.now() - t0;
+        if (!/^Python 3\./.test(r.stdout.toString())) throw new Error(`python3 -V printed ${JSON.stringify(r.stdout.toString())}`);
+        await vm.release();
+        if (i >= 3) viaConnect.push(ms);
+      }
+      record("tti_connect_ms", viaConnect);
+    } finally {
+      await remote.close();
+    }
 
     // The peer: the same pool's image, in process.
     const image = await Image.build({ ref: fx.python.ref });

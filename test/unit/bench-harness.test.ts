@@ -16,7 +16,7 @@ const V010 = ["acquire_200_concurrent_ms", "acquire_idle_ms", "boot_to_ready_ms"
 /** Added since: the cache across a slow link (issue 18). */
 const WAN = ["cache_pull_wan_ms", "cache_push_requests", "cache_push_wan_ms", "child_push_wan_ms", "python_manifest_bytes", "python_pull_wan_ms", "python_push_wan_ms", "python_skopeo_pull_wan_ms", "python_skopeo_push_wan_ms", "skopeo_pull_wan_ms", "skopeo_push_wan_ms"];
 /** Added since: time to interactive through `supermachine serve` (issue 19). */
-const SERVE = ["tti_burst_ms", "tti_e2b_ms", "tti_inprocess_ms"];
+const SERVE = ["tti_burst_ms", "tti_connect_ms", "tti_e2b_ms", "tti_inprocess_ms"];
 const METRICS = [...V010, ...WAN, ...SERVE].sort();
 
 describe("bench harness", () => {
