@@ -19,6 +19,7 @@ interface ServeCliOptions {
   drainGrace: number;
   maxTimeout?: number;
   logLevel: string;
+  allowSandboxNetwork?: boolean;
 }
 
 export function registerServeCommands(program: Command): void {
@@ -42,6 +43,7 @@ export function registerServeCommands(program: Command): void {
     .option("--tls-key <file>", "the certificate's PEM private key")
     .option("--drain-grace <seconds>", "on SIGTERM, how long live sandboxes may run on before they are released", integer, 30)
     .option("--max-timeout <seconds>", "the longest life a client may give a sandbox (default 86400)", integer)
+    .option("--allow-sandbox-network", "let creates give their sandbox egress of its own (`network`), on pools without one")
     .option("--log-level <level>", "fatal, error, warn, info, debug, trace or silent", "info")
     .action(action(serve));
 
@@ -111,6 +113,7 @@ async function serve(o: ServeCliOptions, cmd: Command): Promise<number> {
     ...(o.tlsCert && o.tlsKey ? { tls: { cert: o.tlsCert, key: o.tlsKey } } : {}),
     ...(o.maxTimeout !== undefined ? { maxTimeoutMs: o.maxTimeout * 1000 } : {}),
     logLevel: o.logLevel,
+    ...(o.allowSandboxNetwork ? { allowSandboxNetwork: true } : {}),
   });
   let signalled = false;
   const stopped = new Promise<number>((resolve) => {

@@ -34,6 +34,11 @@ export interface ServeOptions extends Pick<LoadPoolsOptions, "config" | "cwd" | 
   /** A sandbox's life when the client does not say (default 300 s) and the most it may ask for (default 24 h). */
   defaultTimeoutMs?: number;
   maxTimeoutMs?: number;
+  /**
+   * Let creates give their sandbox egress of its own (`network`, on pools without one). Off by
+   * default: a key holder could otherwise open the network the project's pools keep closed.
+   */
+  allowSandboxNetwork?: boolean;
   /** Progress of the project's build. */
   onEvent?: (e: PublicBuildEvent) => void;
   /** Pools already open, instead of loading the project (tests, embedding). */
@@ -128,6 +133,7 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
         ...(options.defaultTimeoutMs ? { defaultTimeoutMs: options.defaultTimeoutMs } : {}),
         ...(options.maxTimeoutMs ? { maxTimeoutMs: options.maxTimeoutMs } : {}),
         metrics,
+        ...(options.allowSandboxNetwork ? { allowSandboxNetwork: true } : {}),
         log: (msg, fields) => app.log.info(fields ?? {}, msg),
       });
       notReady = undefined;

@@ -17,6 +17,7 @@ import { ServerError } from "./errors.js";
 import type { KeyRecord } from "./keys.js";
 import type { ServerMetrics } from "./metrics.js";
 import { ProcessTable } from "./processes.js";
+import { parseNetwork } from "../schema/network.js";
 
 export const DEFAULT_SANDBOX_TIMEOUT_MS = 300_000;
 export const MAX_SANDBOX_TIMEOUT_MS = 24 * 3_600_000;
@@ -47,6 +48,11 @@ export interface CreateSandbox {
   env?: Record<string, string> | undefined;
   /** Acquire from this pool instead of the project's pool named `pool` (snapshots of the native API). */
   source?: ProjectPool | undefined;
+  /**
+   * Egress of this sandbox (the `network` option's forms), on a pool without its own: only when
+   * the server lets clients ask for it (`allowSandboxNetwork`).
+   */
+  network?: unknown;
 }
 
 /** Where paused sandboxes' snapshots live (removed when the sandbox is killed or the server drains). */
@@ -108,6 +114,8 @@ export class Sandbox {
 }
 
 export interface SandboxRegistryOptions {
+  /** Creates may give a sandbox egress of its own (`network`): off unless the operator allows it. */
+  allowSandboxNetwork?: boolean;
   defaultTimeoutMs?: number;
   maxTimeoutMs?: number;
   metrics?: ServerMetrics | undefined;
@@ -177,6 +185,12 @@ export class SandboxRegistry {
       });
     }
     const timeoutMs = this.checkTimeout(o.timeoutMs, "timeout");
+    const network = o.network === undefined ? "none" : parseNetwork(o.network, "network");
+    if (network !== "none" && !this.options.allowSandboxNetwork) {
+      throw new ServerError("SERVER_BAD_REQUEST", "this server does not let a create give its sandbox network", {
+        hint: "declare `network` on the pool in the project, or start the server with --allow-sandbox-network",
+      });
+    }
     const held = this.countFor(o.key.id) + (this.creating.get(o.key.id) ?? 0);
     if (o.key.maxSandboxes !== undefined && held >= o.key.maxSandboxes) {
       this.options.metrics?.sandboxCreates.inc({ pool: o.pool, result: "limit" });
@@ -194,6 +208,20 @@ export class SandboxRegistry {
       throw err;
     } finally {
       this.creating.set(o.key.id, (this.creating.get(o.key.id) ?? 1) - 1);
+    }
+    if (network !== "none") {
+      if (vm.hasEgress) {
+        await vm.release().catch(() => {});
+        throw new ServerError("SERVER_CONFLICT", `pool ${JSON.stringify(o.pool)} sets its own network; a sandbox of it cannot have another`, {
+          hint: "leave network out of the create, or use a pool without network",
+        });
+      }
+      try {
+        await vm.startEgress(network);
+      } catch (err) {
+        await vm.release().catch(() => {});
+        throw err;
+      }
     }
     this.options.metrics?.acquireSeconds.observe({ pool: o.pool }, (performance.now() - t0) / 1000);
     this.options.metrics?.sandboxCreates.inc({ pool: o.pool, result: "ok" });

@@ -563,6 +563,11 @@ export class GuestSession {
     this.egress = await GuestEgress.start(this.machine.agent, network);
   }
 
+  /** Whether egress is on for this session (its pool's `network`, or a server's sandbox network). */
+  get hasEgress(): boolean {
+    return this.egress !== undefined;
+  }
+
   /**
    * Connections and bytes through this VM's egress proxy since it was acquired (all zero with
    * `network: "none"`): `connections` made, `active` now, `refused` (403, 429), `failed` (bad

@@ -201,6 +201,52 @@ function isAlive(pid: number): boolean {
   }
 }
 
+describe("a sandbox's own network", () => {
+  it("is refused unless the server allows it, then reaches what it allows and nothing else", async () => {
+    const { createServer } = await import("node:http");
+    const web = createServer((_req, res) => res.end("hello through the proxy\n"));
+    await new Promise<void>((r) => web.listen(0, "127.0.0.1", r));
+    const port = (web.address() as { port: number }).port;
+    const network = { allow: [`127.0.0.1:${port}`] };
+    const closed = await testServer();
+    const open = await testServer({ allowSandboxNetwork: true }, `import { defineConfig, defineImage } from "supermachine/config";
+export default defineConfig({
+  images: { box: defineImage({ ref: "builtin:busybox" }) },
+  pools: { base: { image: "box", min: 1, max: 2 }, online: { image: "box", min: 0, max: 1, network: { allow: ["example.com"] } } },
+});
+`);
+    try {
+      const create = (t: TestServer, body: unknown) => post(`${t.server.url}/v1/sandboxes`, body, t.key);
+      const refused = await create(closed, { pool: "base", network });
+      expect(refused.status).toBe(400);
+      expect(await refused.json()).toMatchObject({ errorCode: "SERVER_BAD_REQUEST", hint: expect.stringContaining("--allow-sandbox-network") });
+      const bad = await create(open, { pool: "base", network: { allow: ["not a host!"] } });
+      expect(bad.status).toBe(400);
+      const conflict = await create(open, { pool: "online", network });
+      expect(conflict.status).toBe(409);
+
+      const made = await create(open, { pool: "base", network });
+      expect(made.status).toBe(201);
+      const { id } = (await made.json()) as { id: string };
+      const exec = async (cmd: string) =>
+        (await (await post(`${open.server.url}/v1/sandboxes/${id}/exec`, { argv: ["sh", "-c", cmd] }, open.key)).json()) as { stdout: string; exitCode: number };
+      const ok = await exec(`wget -q -O- http://127.0.0.1:${port}/`);
+      expect(Buffer.from(ok.stdout, "base64").toString()).toBe("hello through the proxy\n");
+      const other = await exec("wget -q -O- http://example.com/ 2>&1; echo exit=$?");
+      expect(Buffer.from(other.stdout, "base64").toString()).toMatch(/403|Forbidden|exit=[1-9]/);
+      expect((await fetch(`${open.server.url}/sandboxes/${id}`, { method: "DELETE", headers: { "x-api-key": open.key } })).status).toBe(204);
+      // The next sandbox of the pool has no network.
+      const next = (await (await create(open, { pool: "base" })).json()) as { id: string };
+      const after = (await (await post(`${open.server.url}/v1/sandboxes/${next.id}/exec`, { argv: ["sh", "-c", "echo ${http_proxy:-none}"] }, open.key)).json()) as { stdout: string };
+      expect(Buffer.from(after.stdout, "base64").toString()).toBe("none\n");
+    } finally {
+      web.close();
+      await closed.close();
+      await open.close();
+    }
+  });
+});
+
 describe("watch mode", () => {
   it("hands out sandboxes of the rebaked snapshot after a file the image stages changes", async () => {
     const dir = projectDir(`import { defineConfig, defineImage } from "supermachine/config";

@@ -131,9 +131,9 @@ export function registerNative(app: FastifyInstance, deps: NativeDeps): void {
         const snaps = state().snapshots;
         const rec = snaps.require(body.snapshot, key, what(req));
         const source = await snaps.pool(rec);
-        sb = await registry.create({ pool: `${SNAPSHOT_POOL}${rec.id}`, key, timeoutMs: body.timeoutMs, metadata: body.metadata, env: body.env, source });
+        sb = await registry.create({ pool: `${SNAPSHOT_POOL}${rec.id}`, key, timeoutMs: body.timeoutMs, metadata: body.metadata, env: body.env, source, network: body.network });
       } else {
-        sb = await registry.create({ pool: body.pool!, key, timeoutMs: body.timeoutMs, metadata: body.metadata, env: body.env });
+        sb = await registry.create({ pool: body.pool!, key, timeoutMs: body.timeoutMs, metadata: body.metadata, env: body.env, network: body.network });
       }
       req.log.info({ sandbox: sb.id, pool: sb.pool }, "sandbox created");
       return reply.code(201).send(sandboxInfo(sb));

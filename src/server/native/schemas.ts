@@ -45,6 +45,11 @@ export const createSandbox = z
     metadata: stringMap.optional(),
     /** Environment of every process started in the sandbox (a call's own env wins). */
     env: stringMap.optional(),
+    /**
+     * Egress of this sandbox: "none" or { allow, hosts?, maxConnections?, maxBytes? } (docs/network.md);
+     * only on a server started with --allow-sandbox-network, and a pool without its own network.
+     */
+    network: z.union([z.literal("none"), z.object({ allow: z.array(z.string()), hosts: stringMap.optional(), maxConnections: z.number().int().optional(), maxBytes: z.number().int().optional() }).strict()]).optional(),
   })
   .strict()
   .refine((b) => (b.pool === undefined) !== (b.snapshot === undefined), { error: "name exactly one of pool and snapshot", path: ["pool"] });
