@@ -339,7 +339,11 @@ pub fn open(cx: &mut Ctx, payload: &[u8]) -> Option<Box<dyn Stream>> {
         }
     };
     match open_inner(cx, req) {
-        Ok(s) => Some(Box::new(s)),
+        Ok(s) => {
+            // The host may now rely on the watch: everything after this is reported.
+            cx.send(proto::STARTED, 0, &[]);
+            Some(Box::new(s))
+        }
         Err(e) => {
             cx.error(e.code(), &e.to_string(), e.errno());
             None

@@ -1747,8 +1747,11 @@ fn fs_watch_recursive_events() {
     c.send(FS_WATCH, 0, id, &Fields::new().bytes(1, pbytes(&d)).u8(2, 1).finish());
     let flat = c.id();
     c.send(FS_WATCH, 0, flat, &Fields::new().bytes(1, pbytes(&d)).finish());
-    // Both are in place once a request sent after them is answered.
-    assert!(c.fs(FS_STAT, Fields::new().bytes(1, pbytes(&d))).ok.is_some());
+    // STARTED: each is in place.
+    for w in [id, flat] {
+        let f = c.recv();
+        assert_eq!((f.ty, f.stream, f.payload.len()), (STARTED, w, 0));
+    }
     let mut outcomes = HashMap::new();
     let (create, write, remove, rename, chmod) = (1u8, 2u8, 3u8, 4u8, 5u8);
     let s = |x: &str| x.to_string();
