@@ -20,7 +20,7 @@ export { ExecChild, type ExecWaitResult } from "./session/exec-child.js";
 export { TcpForwarder } from "./session/tcp.js";
 export type { BuildOptions, PoolOptions } from "./schema/options.js";
 export type { ExtraFile, ExecLimits } from "./schema/fields.js";
-export type { ExecOptions, SpawnOptions, ExecOutput, StagedFileMode, Winsize, CallOptions, ReadFileOptions, WriteFileOptions, WarmupVm, ExecChildLike, BackgroundEntry } from "./schema/calls.js";
+export type { ExecOptions, SpawnOptions, ExecOutput, StagedFileMode, Winsize, CallOptions, ReadFileOptions, WriteFileOptions, WarmupVm, ExecChildLike, BackgroundEntry, StatOptions, ReadDirOptions, MakeDirOptions, RemoveOptions, WatchDirOptions, FileInfo, DirEvent, DirWatch } from "./schema/calls.js";
 export type { NetworkOption, NetworkObjectOption } from "./schema/network.js";
 export { NETWORK_DEFAULTS } from "./schema/network.js";
 export type { NetStats } from "./session/egress.js";

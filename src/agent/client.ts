@@ -1,7 +1,7 @@
 /**
  * A connection to one guest agent (PROTOCOL.md): the typed calls the host makes — HELLO, PING,
- * EXEC, TCP_CONNECT, file transfers, the workload, background processes, the egress proxy
- * listener — each a thin wrapper that encodes its request and decodes its answer. How requests
+ * EXEC, TCP_CONNECT, file transfers, the file system (FS_*), the workload, background processes,
+ * the egress proxy listener — each a thin wrapper that encodes its request and decodes its answer. How requests
  * travel and are answered is ./connection.ts's, the byte stream ./transport.ts's, the streams
  * and their flow control ./streams.ts's and ./windows.ts's.
  *
@@ -13,12 +13,34 @@
 import { AgentError } from "../errors.js";
 import { AgentConnection } from "./connection.js";
 import type { BackgroundEntry, ExecRequest, FileReader, FileWriter, HelloInfo, ProxyConnHandler } from "./messages.js";
-import { Channel, Fields, FieldWriter, FLAG_EOF, MAX_PING_PAYLOAD, Msg, PROTOCOL_VERSION, Tag } from "./protocol.js";
+import { dirEventOf, fileInfoOf, type DirEvent, type FileInfo } from "./fs.js";
+import { Channel, Fields, FieldWriter, FLAG_EOF, MAX_LIST_ENTRIES, MAX_PING_PAYLOAD, Msg, PROTOCOL_VERSION, RecordDecoder, Tag } from "./protocol.js";
 import { ExecStream, RequestOp, TcpStream } from "./streams.js";
 import { sendWindowed } from "./windows.js";
 
 export { AgentStreamError, type BackgroundEntry, type ExecRequest, type ExitInfo, type FileReader, type FileWriter, type HelloInfo, type ProxyConnHandler } from "./messages.js";
 export { ExecStream, TcpStream, type RequestOp } from "./streams.js";
+export type { DirEvent, FileInfo } from "./fs.js";
+
+/** An FS_LIST in progress. */
+export interface DirLister {
+  readonly done: Promise<FileInfo[]>;
+  abandon(err: Error): void;
+}
+
+/**
+ * An FS_WATCH in progress: events arrive through `onEvents` with the bytes they took, which the
+ * consumer hands back with `consumed` as it takes them (the guest holds the rest). `done`
+ * settles when the guest ends the watch (OK: the directory was removed) or it fails.
+ */
+export interface DirWatcher {
+  /** Resolves once the guest watches (STARTED); rejects with its error. */
+  readonly started: Promise<void>;
+  onEvents: (events: DirEvent[], bytes: number) => void;
+  consumed(n: number): void;
+  readonly done: Promise<void>;
+  abandon(err: Error): void;
+}
 export type { AgentClientOptions } from "./transport.js";
 
 /**
@@ -174,6 +196,75 @@ export class AgentClient extends AgentConnection {
     r.onData = (c) => chunks.push(c);
     await r.done;
     return Buffer.concat(chunks);
+  }
+
+  /** FS_STAT: a file's metadata; with `follow`, a symlink's target's. */
+  async stat(path: string, follow = false): Promise<FileInfo> {
+    const w = new FieldWriter().bytes(Tag.fsStat.path, path).u8(Tag.fsStat.follow, follow ? 1 : 0);
+    return fileInfoOf(await this.request(Msg.FS_STAT, `stat ${path}`, w.finish()), "FS_STAT");
+  }
+
+  /** FS_LIST: the entries of a directory, `depth` levels down, as the guest streams them. */
+  list(path: string, depth = 1, maxEntries = MAX_LIST_ENTRIES): DirLister {
+    const w = new FieldWriter().bytes(Tag.fsList.path, path).u32(Tag.fsList.depth, depth).u32(Tag.fsList.maxEntries, maxEntries);
+    const op = this.open((id) => new RequestOp(this, id, `list ${path}`), Msg.FS_LIST, w.finish());
+    const records = new RecordDecoder(`list ${path}`);
+    const entries: FileInfo[] = [];
+    op.onData = (chunk) => {
+      for (const r of records.push(chunk)) {
+        if (entries.length >= maxEntries) throw new AgentError("AGENT_PROTOCOL", `list ${path}: more than the ${maxEntries} entries asked for`);
+        entries.push(fileInfoOf(new Fields(r, "FS_LIST entry"), "FS_LIST entry"));
+      }
+    };
+    const done = op.result.then((ok) => {
+      const count = Number(ok.u64(Tag.fsListOk.count) ?? -1n);
+      if (records.pending || count !== entries.length) {
+        throw new AgentError("AGENT_PROTOCOL", `list ${path}: OK counts ${count} entries, ${entries.length} arrived (${records.pending} bytes left over)`);
+      }
+      return entries;
+    });
+    done.catch(() => {});
+    return { done, abandon: (err) => op.abandon(err) };
+  }
+
+  /** FS_MKDIR: resolves with whether it created the directory. */
+  async mkdir(path: string, opts: { mode: number; parents: boolean; uid?: number | undefined; gid?: number | undefined }): Promise<boolean> {
+    const w = new FieldWriter().bytes(Tag.fsMkdir.path, path).u32(Tag.fsMkdir.mode, opts.mode).u8(Tag.fsMkdir.parents, opts.parents ? 1 : 0);
+    if (opts.uid !== undefined) w.u32(Tag.fsMkdir.uid, opts.uid);
+    if (opts.gid !== undefined) w.u32(Tag.fsMkdir.gid, opts.gid);
+    return (await this.request(Msg.FS_MKDIR, `make directory ${path}`, w.finish())).u8(Tag.fsMkdirOk.created) === 1;
+  }
+
+  /** FS_RENAME: rename(2) in the guest. */
+  async rename(from: string, to: string): Promise<void> {
+    await this.request(Msg.FS_RENAME, `rename ${from}`, new FieldWriter().bytes(Tag.fsRename.from, from).bytes(Tag.fsRename.to, to).finish());
+  }
+
+  /** FS_REMOVE: a file, a symlink, an empty directory, or with `recursive` a whole tree. */
+  async remove(path: string, recursive = false): Promise<void> {
+    const w = new FieldWriter().bytes(Tag.fsPathRecursive.path, path).u8(Tag.fsPathRecursive.recursive, recursive ? 1 : 0);
+    await this.request(Msg.FS_REMOVE, `remove ${path}`, w.finish());
+  }
+
+  /** FS_WATCH: events of a directory (and below it, `recursive`) until abandoned or ended. */
+  watch(path: string, recursive = false): DirWatcher {
+    const w = new FieldWriter().bytes(Tag.fsPathRecursive.path, path).u8(Tag.fsPathRecursive.recursive, recursive ? 1 : 0);
+    const op = this.open((id) => new RequestOp(this, id, `watch ${path}`, Infinity, false), Msg.FS_WATCH, w.finish());
+    const records = new RecordDecoder(`watch ${path}`);
+    const watcher: DirWatcher = {
+      started: op.started,
+      onEvents: () => {},
+      consumed: (n) => op.consumed(n),
+      done: op.result.then(() => {}),
+      abandon: (err) => op.abandon(err),
+    };
+    // Credit goes back per chunk, once the consumer has taken every event of it.
+    op.onData = (chunk) => {
+      const events = records.push(chunk).map(dirEventOf);
+      watcher.onEvents(events, chunk.length);
+    };
+    watcher.done.catch(() => {});
+    return watcher;
   }
 
   /** Ask the agent to time `count` spawn+reap cycles of `argv` itself (guest clock). */

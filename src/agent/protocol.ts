@@ -4,7 +4,7 @@
  */
 import { AgentError, type AgentStreamErrorName } from "../errors.js";
 
-export const PROTOCOL_VERSION = 4;
+export const PROTOCOL_VERSION = 5;
 export const HEADER_SIZE = 12;
 export const MAX_PAYLOAD = 1024 * 1024;
 export const INITIAL_WINDOW = 256 * 1024;
@@ -40,6 +40,12 @@ export const Msg = {
   PROXY_LISTEN: 0x70,
   PROXY_STOP: 0x71,
   PROXY_CONN: 0x72,
+  FS_STAT: 0x80,
+  FS_LIST: 0x81,
+  FS_MKDIR: 0x82,
+  FS_RENAME: 0x83,
+  FS_REMOVE: 0x84,
+  FS_WATCH: 0x85,
 } as const;
 
 /** Stream ids from here up are the agent's (PROXY_CONN); the host allocates below. */
@@ -85,7 +91,23 @@ export const Tag = {
   proxyConn: { peerPort: 1 },
   /** OK of PROXY_LISTEN: the port bound (tag 1, a u16: not the `size` of files). */
   proxyListenOk: { port: 1 },
+  fsStat: { path: 1, follow: 2 },
+  fsList: { path: 1, depth: 2, maxEntries: 3 },
+  fsMkdir: { path: 1, mode: 2, parents: 3, uid: 4, gid: 5 },
+  fsRename: { from: 1, to: 2 },
+  /** FS_REMOVE and FS_WATCH. */
+  fsPathRecursive: { path: 1, recursive: 2 },
+  /** A file's fields: FS_STAT's OK, each FS_LIST record. */
+  fileInfo: { path: 1, name: 2, type: 3, size: 4, mode: 5, uid: 6, gid: 7, mtimeSec: 8, mtimeNsec: 9, target: 10 },
+  /** An FS_WATCH record. */
+  fsEvent: { kind: 1, name: 2 },
+  fsMkdirOk: { created: 1 },
+  fsListOk: { count: 1 },
 } as const;
+
+/** FS_* limits (PROTOCOL.md): entries of one FS_LIST, bytes of one record. */
+export const MAX_LIST_ENTRIES = 100_000;
+export const MAX_RECORD = 64 * 1024;
 
 export interface Frame {
   type: number;
@@ -275,6 +297,9 @@ export class Fields {
   i32(tag: number): number | undefined {
     return this.fixed(tag, 4)?.readInt32LE(0);
   }
+  i64(tag: number): bigint | undefined {
+    return this.fixed(tag, 8)?.readBigInt64LE(0);
+  }
   u64(tag: number): bigint | undefined {
     return this.fixed(tag, 8)?.readBigUInt64LE(0);
   }
@@ -285,6 +310,37 @@ export class Fields {
     const out: bigint[] = [];
     for (let i = 0; i < b.length; i += 8) out.push(b.readBigUInt64LE(i));
     return out;
+  }
+}
+
+/**
+ * Splits the byte stream of an FS_LIST or FS_WATCH (channel 1) into its records: `len: u32`,
+ * then `len` bytes of fields. A record may arrive across DATA frames; one announcing more than
+ * MAX_RECORD is a protocol error.
+ */
+export class RecordDecoder {
+  private buf: Buffer = EMPTY;
+
+  constructor(private readonly what: string) {}
+
+  push(chunk: Buffer): Buffer[] {
+    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
+    const out: Buffer[] = [];
+    let off = 0;
+    while (this.buf.length - off >= 4) {
+      const len = this.buf.readUInt32LE(off);
+      if (len > MAX_RECORD) throw new AgentError("AGENT_PROTOCOL", `${this.what}: a record of ${len} bytes (limit ${MAX_RECORD})`);
+      if (this.buf.length - off - 4 < len) break;
+      out.push(this.buf.subarray(off + 4, off + 4 + len));
+      off += 4 + len;
+    }
+    this.buf = off === this.buf.length ? EMPTY : Buffer.from(this.buf.subarray(off));
+    return out;
+  }
+
+  /** Bytes of a record not complete yet (at the end of the stream: a truncated record). */
+  get pending(): number {
+    return this.buf.length;
   }
 }
 

@@ -332,11 +332,13 @@ export class TcpStream extends StreamOp {
 
 /**
  * A file transfer or a request that ends with OK (WRITE_FILE, READ_FILE, SPAWN_BENCH,
- * WORKLOAD_*). For READ_FILE the content arrives through `onData`; credit goes back at once
- * (`autoGrant`, buffered reads) or as the consumer calls `consumed` (streams).
+ * WORKLOAD_*, FS_*). For READ_FILE, FS_LIST and FS_WATCH the content arrives through `onData`;
+ * credit goes back at once (`autoGrant`, buffered reads) or as the consumer calls `consumed`
+ * (streams). `started` settles on the STARTED of a request that sends one (FS_WATCH).
  */
 export class RequestOp extends StreamOp {
   private readonly outcome = new Deferred<Fields>();
+  private readonly start = new Deferred<void>();
   readonly sendWindow = new SendWindow();
   private readonly recvWindow: Array<RecvWindow | undefined>;
   private receivedBytes = 0;
@@ -359,12 +361,21 @@ export class RequestOp extends StreamOp {
     return this.outcome.promise;
   }
 
+  /** Resolves on STARTED (or an OK without one); rejects as `result` does. */
+  get started(): Promise<void> {
+    return this.start.promise;
+  }
+
   onFrame(frame: Frame): void {
     switch (frame.type) {
+      case Msg.STARTED:
+        this.start.resolve();
+        return;
       case Msg.OK: {
         const fields = new Fields(frame.payload, "OK");
         this.end();
         this.sendWindow.wake();
+        this.start.resolve();
         this.outcome.resolve(fields);
         return;
       }
@@ -409,6 +420,7 @@ export class RequestOp extends StreamOp {
     this.error = err;
     this.ended = true;
     this.sendWindow.wake();
+    this.start.reject(err);
     this.outcome.reject(err);
   }
 }

@@ -242,7 +242,7 @@ export function checkKernel(a: ArtifactsFacts, kernelVersion: string | null): Ch
   };
 }
 
-/** `supermachine-agent --version` output: `supermachine-agent 0.1.0 (protocol 4)`. */
+/** `supermachine-agent --version` output: `supermachine-agent 0.1.0 (protocol 5)`. */
 export function agentVersionOf(output: string): { version: string; protocol: number } | null {
   const m = /supermachine-agent (\S+) \(protocol (\d+)\)/.exec(output);
   return m ? { version: m[1]!, protocol: Number(m[2]) } : null;

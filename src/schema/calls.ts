@@ -192,3 +192,83 @@ export interface BackgroundEntry {
   /** Started with `detach`: a release leaves them running. */
   detached: boolean;
 }
+
+// ---- the file system: stat, readDir, makeDir, rename, remove, watchDir ------------------------
+
+export interface StatOptions extends CallOptions {
+  /** Report what a symlink points to rather than the symlink (default false, like lstat). */
+  follow?: boolean;
+}
+
+export interface ReadDirOptions extends CallOptions {
+  /** 1 (the default): the directory's entries; 2: theirs too; and so on. Symlinks are never followed. */
+  depth?: number;
+}
+
+export interface MakeDirOptions extends CallOptions {
+  /** Create missing parents too, and take an existing directory as success (default false). */
+  parents?: boolean;
+  /** Permission bits of every directory created (default 0o755, regardless of the umask). */
+  mode?: number;
+  /** Owner of every directory created (default: root, the agent's). */
+  uid?: number;
+  gid?: number;
+}
+
+export interface RemoveOptions extends CallOptions {
+  /** Remove a directory and everything in it (never following a symlink out of it). */
+  recursive?: boolean;
+}
+
+export interface WatchDirOptions {
+  /** Also watch every directory below it, those created later included (default false). */
+  recursive?: boolean;
+  /** Aborting it ends the watch, as `close()` does. */
+  signal?: AbortSignal;
+}
+
+/** A guest file's metadata (vm.stat, vm.readDir). */
+export interface FileInfo {
+  /** Absolute guest path. */
+  path: string;
+  /** Its last component ("/" for the root). */
+  name: string;
+  type: "file" | "directory" | "symlink" | "other";
+  size: number;
+  /** Permission, set-id and sticky bits (st_mode & 0o7777). */
+  mode: number;
+  uid: number;
+  gid: number;
+  /** Last modification, ms since the epoch (with the sub-millisecond part as a fraction). */
+  mtimeMs: number;
+  /** What a symlink points to, as stored. */
+  symlinkTarget?: string;
+}
+
+/**
+ * One change in a watched directory. `name` is relative to it (`f`, `sub/f`). A rename gives
+ * `rename` for the old name and `create` for the new one (when inside the watched tree).
+ */
+export interface DirEvent {
+  type: "create" | "write" | "remove" | "rename" | "chmod";
+  name: string;
+}
+
+/**
+ * A directory watch (vm.watchDir): iterate it for events. It ends when closed, when its signal
+ * aborts, or when the watched directory is removed; it throws when the VM goes or the guest
+ * ends it (GuestFileError EOVERFLOW when events came faster than they were read).
+ */
+export interface DirWatch extends AsyncIterable<DirEvent> {
+  /** Ends the watch in the guest; iteration ends after the events already received. */
+  close(): void;
+}
+
+const ownerId = intIn(0, 0xffff_fffe);
+export const statSchema = z.object({ ...callBase, follow: z.boolean().default(false) }).strict();
+export const readDirSchema = z.object({ ...callBase, depth: intIn(1, 0xffff_ffff).default(1) }).strict();
+export const makeDirSchema = z
+  .object({ ...callBase, parents: z.boolean().default(false), mode: intIn(0, 0o7777).default(0o755), uid: ownerId.optional(), gid: ownerId.optional() })
+  .strict();
+export const removeSchema = z.object({ ...callBase, recursive: z.boolean().default(false) }).strict();
+export const watchDirSchema = z.object({ recursive: z.boolean().default(false), signal: abortSignal.optional() }).strict();

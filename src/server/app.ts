@@ -24,6 +24,8 @@ import type { NativeState } from "./native/state.js";
 import { envdHealth, registerEnvdFiles } from "./e2b/files.js";
 import { processService } from "./e2b/envd-process.js";
 import { Process } from "./e2b/gen/process/process_pb.js";
+import { Filesystem } from "./e2b/gen/filesystem/filesystem_pb.js";
+import { filesystemService } from "./e2b/envd-filesystem.js";
 
 export interface AppDeps {
   keys: KeyStore;
@@ -160,6 +162,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   const connect = connectNodeAdapter({
     routes: (router) => {
       router.service(Process, processService(sandboxOfCall, (sb) => deps.metrics.processes.inc({ pool: sb.pool, kind: "spawn" })));
+      router.service(Filesystem, filesystemService(sandboxOfCall));
       deps.extraServices?.(router, sandboxOfCall);
     },
     contextValues: (req) => {

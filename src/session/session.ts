@@ -1,6 +1,7 @@
 /**
  * `GuestSession`: what can be done to a running guest through its agent: run processes
- * (collected or streamed), move files, carry TCP connections in, signal the workload. `Vm`
+ * (collected or streamed), move files, carry TCP connections in, signal the workload; the file
+ * system calls (stat, readDir, makeDir, rename, remove, watchDir) it inherits from ./fs.ts. `Vm`
  * (runtime) extends it with pool semantics; a bake's warmup gets one directly.
  *
  * Every call validates its options before anything reaches the guest, takes an AbortSignal, and
@@ -8,12 +9,11 @@
  */
 import { join } from "node:path";
 import type { Server } from "node:net";
-import { constants as osConstants } from "node:os";
 import { Readable } from "node:stream";
 import { AgentStreamError, type ExecRequest } from "../agent/client.js";
 import { CallScope, callScope } from "../deadline.js";
 import type { MicroVm } from "../engine/qemu.js";
-import { AgentError, DeadlineError, ExecError, GuestFileError, OptionError, PoolError, SupermachineError, type AgentStreamErrorName, type ErrnoName, type GuestFileErrorCode } from "../errors.js";
+import { AgentError, DeadlineError, ExecError, OptionError, PoolError } from "../errors.js";
 import { logger } from "../debug.js";
 import { guestPath, hostPortSchema, portSchema, signalSchema, bytesLike, mergeLimits, type ExecLimits } from "../schema/fields.js";
 import { CALL_DEFAULT_TIMEOUT_MS, callSchema, execSchema, readFileSchema, readStreamSchema, spawnSchema, writeFileSchema, writeStreamSchema, type CallOptions, type ExecOptions, type ExecOutput, type ReadFileOptions, type SpawnOptions, type WriteFileOptions, type BackgroundEntry } from "../schema/calls.js";
@@ -23,6 +23,7 @@ import { ExecChild, signalName } from "./exec-child.js";
 import { OutputQueue } from "./output.js";
 import { listenTcp, listenVsock, type TcpForwarder } from "./tcp.js";
 import { GuestEgress, type NetStats } from "./egress.js";
+import { GuestFs, type Abandonable } from "./fs.js";
 import type { ResolvedNetwork } from "../schema/network.js";
 import { z } from "zod";
 
@@ -37,14 +38,7 @@ const MAX_COLLECT = 64 * 1024 * 1024;
  */
 export const HOST_GRACE_MS = 5_000;
 
-/** Something in flight that must stop when the session closes. */
-interface Abandonable {
-  abandon(err: Error): void;
-}
-
-const errnoNames = new Map(Object.entries(osConstants.errno).map(([name, n]) => [n, name as ErrnoName]));
-
-export class GuestSession {
+export class GuestSession extends GuestFs {
   /** Users named by a call's `user` (or the defaults'), resolved once each. */
   private readonly users = new Map<string, Promise<{ uid: number; gid: number }>>();
   private readonly resolvedUsers = new Map<string, { uid: number; gid: number }>();
@@ -58,7 +52,9 @@ export class GuestSession {
   constructor(
     /** @internal */ readonly machine: MicroVm,
     /** @internal */ protected readonly defaults: ExecDefaults,
-  ) {}
+  ) {
+    super();
+  }
 
   /** Host pid of the QEMU process. */
   get pid(): number {
@@ -115,8 +111,8 @@ export class GuestSession {
     return ids;
   }
 
-  /** Runs `op` under `scope`: an abort or the deadline abandons it (CANCEL) and rejects. */
-  private track<T extends Abandonable>(op: T, scope: CallScope | AbortSignal | undefined): () => void {
+  /** @internal Runs `op` under `scope`: an abort or the deadline abandons it (CANCEL) and rejects. */
+  protected track(op: Abandonable, scope: CallScope | AbortSignal | undefined): () => void {
     this.inflight.set(op, (this.inflight.get(op) ?? 0) + 1);
     let detach: () => void = () => {};
     if (scope instanceof CallScope) {
@@ -308,29 +304,6 @@ export class GuestSession {
 
   private checkPath(what: string, path: unknown): string {
     return parseOptions(what, z.object({ path: guestPath }), { path }).path;
-  }
-
-  /** Maps an agent's file error to a GuestFileError with an errno-style code. */
-  private fileError(what: string, path: string, e: unknown): Error {
-    if (e instanceof SupermachineError && !(e instanceof AgentError)) return this.explain(e, what);
-    if (e instanceof AgentStreamError) {
-      const byCode: Partial<Record<AgentStreamErrorName, GuestFileErrorCode>> = { NOT_FOUND: "ENOENT", TOO_LARGE: "FILE_TOO_LARGE", BAD_REQUEST: "EINVAL", IO: "EIO" };
-      const code = (e.errno !== undefined ? errnoNames.get(e.errno) : undefined) ?? byCode[e.agentCode] ?? "EIO";
-      const hint =
-        code === "ENOENT"
-          ? "check the path (vm.exec({ argv: [\"ls\", \"-la\", dir] }) shows what is there)"
-          : code === "FILE_TOO_LARGE"
-            ? "raise maxBytes, or use vm.readFileStream / vm.writeFileStream for large files"
-            : undefined;
-      return new GuestFileError(code, `${what}: guest path ${path}: ${e.message.replace(/^[^:]*: /, "")}`, path, e.errno, { cause: e, ...(hint ? { hint } : {}) });
-    }
-    if (e instanceof AgentError && e.code === "AGENT_TOO_LARGE") {
-      return new GuestFileError("FILE_TOO_LARGE", `${what}: guest path ${path}: ${e.message}`, path, undefined, {
-        cause: e,
-        hint: "raise maxBytes, or use vm.readFileStream for large files",
-      });
-    }
-    return this.explain(e, what);
   }
 
   /** Reads a guest file (at most `maxBytes`, default 4 MiB). A missing file rejects with code ENOENT. */

@@ -12,7 +12,10 @@ import {
   FLAG_EOF,
   Tag,
   INITIAL_WINDOW,
+  MAX_RECORD,
+  RecordDecoder,
 } from "../../src/agent/protocol.js";
+import { dirEventOf, fileInfoOf } from "../../src/agent/fs.js";
 import { AgentClient } from "../../src/agent/client.js";
 import { AgentError } from "../../src/errors.js";
 
@@ -172,7 +175,7 @@ describe("client against a hostile peer", () => {
     for (let chunk: Buffer | null; (chunk = toAgent.read() as Buffer | null) !== null; ) frames.push(...dec.push(chunk));
     return frames;
   }
-  const helloOk = (version = 4) => new FieldWriter().u16(Tag.helloOk.version, version).bytes(Tag.helloOk.agentVersion, "t").finish();
+  const helloOk = (version = 5) => new FieldWriter().u16(Tag.helloOk.version, version).bytes(Tag.helloOk.agentVersion, "t").finish();
   const tick = () => new Promise((r) => setImmediate(r));
 
   it("sends HELLO on stream 0 and requests on fresh ids; HELLO and PING open no stream", async () => {
@@ -192,7 +195,7 @@ describe("client against a hostile peer", () => {
     fromAgent.write(encodeFrame(Msg.HELLO_OK, 9, helloOk()));
     fromAgent.write(encodeFrame(Msg.PONG, exec.id, Buffer.from("p")));
     fromAgent.write(encodeFrame(Msg.PONG, 1, Buffer.from("p")));
-    await expect(hello).resolves.toMatchObject({ version: 4, agentVersion: "t" });
+    await expect(hello).resolves.toMatchObject({ version: 5, agentVersion: "t" });
     await expect(ping).resolves.toBeGreaterThanOrEqual(0);
     fromAgent.write(encodeFrame(Msg.OK, 2, new FieldWriter().bytes(Tag.ok.samplesNs, Buffer.alloc(8)).finish()));
     await expect(bench).resolves.toEqual([0]);
@@ -224,9 +227,9 @@ describe("client against a hostile peer", () => {
     fromAgent.write(encodeFrame(Msg.HELLO_OK, 0, helloOk()));
     await tick();
     expect(fatal).toHaveLength(0);
-    fromAgent.write(encodeFrame(Msg.HELLO_OK, 0, helloOk(3)));
+    fromAgent.write(encodeFrame(Msg.HELLO_OK, 0, helloOk(4)));
     await tick();
-    expect(fatal[0]).toMatchObject({ code: "AGENT_VERSION", message: "agent chose protocol version 3, host speaks 4" });
+    expect(fatal[0]).toMatchObject({ code: "AGENT_VERSION", message: "agent chose protocol version 4, host speaks 5" });
   });
 
   it("fails every call on a failed connection: HELLO and PING at once, requests by rejecting", async () => {
@@ -240,5 +243,140 @@ describe("client against a hostile peer", () => {
     expect(() => client.exec({ argv: ["true"], env: [] })).toThrow(/was closed/);
     await expect(client.startWorkload({ argv: ["w"], env: [] })).rejects.toMatchObject({ code: "AGENT_CLOSED" });
     expect(client.openStreams).toBe(0);
+  });
+
+  // ---- FS_* (version 5) --------------------------------------------------------------------
+
+  const record = (fields: Buffer) => {
+    const len = Buffer.alloc(4);
+    len.writeUInt32LE(fields.length, 0);
+    return Buffer.concat([len, fields]);
+  };
+  const fileFields = (path: string, type = 1, extra: (w: FieldWriter) => FieldWriter = (w) => w) =>
+    extra(
+      new FieldWriter()
+        .bytes(Tag.fileInfo.path, path)
+        .bytes(Tag.fileInfo.name, path.split("/").pop() || "/")
+        .u8(Tag.fileInfo.type, type)
+        .u64(Tag.fileInfo.size, 5)
+        .u32(Tag.fileInfo.mode, 0o104755)
+        .u32(Tag.fileInfo.uid, 1000)
+        .u32(Tag.fileInfo.gid, 100),
+    )
+      .bytes(Tag.fileInfo.mtimeSec, (() => {
+        const b = Buffer.alloc(8);
+        b.writeBigInt64LE(-2n, 0);
+        return b;
+      })())
+      .u32(Tag.fileInfo.mtimeNsec, 500_000)
+      .finish();
+
+  it("decodes a file's fields, a symlink's target and watch events, and rejects what is out of range", () => {
+    const f = fileInfoOf(new Fields(fileFields("/a/b")), "t");
+    expect(f).toEqual({ path: "/a/b", name: "b", type: "file", size: 5, mode: 0o4755, uid: 1000, gid: 100, mtimeMs: -1999.5 });
+    const l = fileInfoOf(new Fields(fileFields("/l", 3, (w) => w.bytes(Tag.fileInfo.target, "../t"))), "t");
+    expect(l).toMatchObject({ type: "symlink", symlinkTarget: "../t" });
+    expect(fileInfoOf(new Fields(fileFields("/d", 2, (w) => w.bytes(Tag.fileInfo.target, "x"))), "t").symlinkTarget).toBeUndefined();
+    expect(() => fileInfoOf(new Fields(fileFields("/x", 4)), "t")).toThrow(/file type 4/);
+    expect(() => fileInfoOf(new Fields(new FieldWriter().u8(Tag.fileInfo.type, 1).finish()), "t")).toThrow(/missing/);
+    expect(dirEventOf(new FieldWriter().u8(Tag.fsEvent.kind, 4).bytes(Tag.fsEvent.name, "sub/f").finish())).toEqual({ type: "rename", name: "sub/f" });
+    for (const kind of [0, 6]) expect(() => dirEventOf(new FieldWriter().u8(Tag.fsEvent.kind, kind).bytes(Tag.fsEvent.name, "f").finish())).toThrow(/kind/);
+  });
+
+  it("reassembles records split anywhere, and refuses an oversized one", () => {
+    const recs = [Buffer.from("one"), Buffer.alloc(0), Buffer.from("three three")];
+    const wire = Buffer.concat(recs.map(record));
+    for (let cut = 0; cut <= wire.length; cut++) {
+      const d = new RecordDecoder("t");
+      const got = [...d.push(wire.subarray(0, cut)), ...d.push(wire.subarray(cut))];
+      expect(got.map(String)).toEqual(recs.map(String));
+      expect(d.pending).toBe(0);
+    }
+    const d = new RecordDecoder("t");
+    expect(d.push(wire.subarray(0, 5))).toEqual([]);
+    expect(d.pending).toBe(5);
+    const big = Buffer.alloc(4);
+    big.writeUInt32LE(MAX_RECORD + 1, 0);
+    expect(() => new RecordDecoder("t").push(big)).toThrow(/record of/);
+  });
+
+  it("sends FS requests with their fields, and lists entries streamed across DATA frames", async () => {
+    const { client, fromAgent, toAgent, fatal } = connected();
+    const stat = client.stat("/a/b", true);
+    const list = client.list("/a", 2);
+    const mk = client.mkdir("/a/n", { mode: 0o700, parents: true, uid: 5 });
+    const mv = client.rename("/a/x", "/a/y");
+    const rm = client.remove("/a/z", true);
+    const sent = sentFrames(toAgent);
+    expect(sent.map((f) => f.type)).toEqual([Msg.FS_STAT, Msg.FS_LIST, Msg.FS_MKDIR, Msg.FS_RENAME, Msg.FS_REMOVE]);
+    const fields = sent.map((f) => new Fields(f.payload));
+    expect([fields[0]!.string(Tag.fsStat.path), fields[0]!.u8(Tag.fsStat.follow)]).toEqual(["/a/b", 1]);
+    expect([fields[1]!.u32(Tag.fsList.depth), fields[1]!.u32(Tag.fsList.maxEntries)]).toEqual([2, 100_000]);
+    expect([fields[2]!.u32(Tag.fsMkdir.mode), fields[2]!.u8(Tag.fsMkdir.parents), fields[2]!.u32(Tag.fsMkdir.uid), fields[2]!.u32(Tag.fsMkdir.gid)]).toEqual([0o700, 1, 5, undefined]);
+    expect([fields[3]!.string(Tag.fsRename.from), fields[3]!.string(Tag.fsRename.to)]).toEqual(["/a/x", "/a/y"]);
+    expect(fields[4]!.u8(Tag.fsPathRecursive.recursive)).toBe(1);
+
+    fromAgent.write(encodeFrame(Msg.OK, sent[0]!.stream, fileFields("/a/b")));
+    await expect(stat).resolves.toMatchObject({ path: "/a/b", type: "file" });
+    const wire = Buffer.concat([record(fileFields("/a/1")), record(fileFields("/a/2", 2))]);
+    fromAgent.write(encodeFrame(Msg.DATA, sent[1]!.stream, wire.subarray(0, 7), 1));
+    fromAgent.write(encodeFrame(Msg.DATA, sent[1]!.stream, wire.subarray(7), 1));
+    fromAgent.write(encodeFrame(Msg.DATA, sent[1]!.stream, undefined, 1 | FLAG_EOF));
+    fromAgent.write(encodeFrame(Msg.OK, sent[1]!.stream, new FieldWriter().u64(Tag.fsListOk.count, 2).finish()));
+    expect((await list.done).map((e) => [e.path, e.type])).toEqual([["/a/1", "file"], ["/a/2", "directory"]]);
+    fromAgent.write(encodeFrame(Msg.OK, sent[2]!.stream, new FieldWriter().u8(Tag.fsMkdirOk.created, 0).finish()));
+    await expect(mk).resolves.toBe(false);
+    fromAgent.write(encodeFrame(Msg.OK, sent[3]!.stream));
+    await expect(mv).resolves.toBeUndefined();
+    fromAgent.write(encodeFrame(Msg.STREAM_ERROR, sent[4]!.stream, new FieldWriter().u32(Tag.streamError.code, 3).bytes(Tag.streamError.message, "cannot remove").u32(Tag.streamError.errno, 39).finish()));
+    await expect(rm).rejects.toMatchObject({ agentCode: "IO", errno: 39 });
+    expect(fatal).toHaveLength(0);
+    expect(client.openStreams).toBe(0);
+  });
+
+  it("fails a listing whose OK count differs from the entries sent", async () => {
+    const { client, fromAgent, toAgent, fatal } = connected();
+    const list = client.list("/a");
+    const id = sentFrames(toAgent)[0]!.stream;
+    fromAgent.write(encodeFrame(Msg.DATA, id, record(fileFields("/a/1")), 1));
+    fromAgent.write(encodeFrame(Msg.OK, id, new FieldWriter().u64(Tag.fsListOk.count, 3).finish()));
+    await expect(list.done).rejects.toThrow(/counts 3 entries, 1 arrived/);
+    expect(fatal).toHaveLength(0);
+  });
+
+  it("delivers watch events after STARTED and returns credit only as they are consumed", async () => {
+    const { client, fromAgent, toAgent, fatal } = connected();
+    const w = client.watch("/d", true);
+    const id = sentFrames(toAgent)[0]!.stream;
+    let started = false;
+    void w.started.then(() => (started = true));
+    fromAgent.write(encodeFrame(Msg.STARTED, id));
+    await tick();
+    expect(started).toBe(true);
+    const got: string[] = [];
+    let held = 0;
+    w.onEvents = (events, bytes) => {
+      got.push(...events.map((e) => `${e.type} ${e.name}`));
+      held += bytes;
+    };
+    const ev = (kind: number, name: string) => record(new FieldWriter().u8(Tag.fsEvent.kind, kind).bytes(Tag.fsEvent.name, name).finish());
+    // Fill the window: no WINDOW goes back while the consumer holds the events.
+    const big = Buffer.concat(Array.from({ length: 8000 }, (_, i) => ev(1, `f${i}`.padEnd(20, "x"))));
+    let off = 0;
+    while (off < INITIAL_WINDOW) {
+      const n = Math.min(65536, INITIAL_WINDOW - off);
+      fromAgent.write(encodeFrame(Msg.DATA, id, big.subarray(off, off + n), 1));
+      off += n;
+    }
+    await tick();
+    expect(got.length).toBeGreaterThan(1000);
+    expect(sentFrames(toAgent).filter((f) => f.type === Msg.WINDOW)).toEqual([]);
+    w.consumed(held);
+    expect(sentFrames(toAgent).filter((f) => f.type === Msg.WINDOW).length).toBeGreaterThan(0);
+    // Abandoning it sends CANCEL and settles `done`.
+    w.abandon(new Error("closed"));
+    expect(sentFrames(toAgent).map((f) => f.type)).toEqual([Msg.CANCEL]);
+    await expect(w.done).rejects.toThrow("closed");
+    expect(fatal).toHaveLength(0);
   });
 });

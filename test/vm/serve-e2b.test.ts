@@ -123,6 +123,45 @@ describe.each(VERSIONS)("the %s SDK", (pkg) => {
     }
   });
 
+  it("stats, lists, makes, moves, removes and watches files", async () => {
+    const sandbox = await sdk.Sandbox.create("base");
+    try {
+      await sandbox.files.write("/tmp/fs/a.txt", "aaa");
+      expect(await sandbox.files.exists("/tmp/fs/a.txt")).toBe(true);
+      expect(await sandbox.files.exists("/tmp/fs/none.txt")).toBe(false);
+      const info = await sandbox.files.getInfo("/tmp/fs/a.txt");
+      expect(info).toMatchObject({ name: "a.txt", path: "/tmp/fs/a.txt", type: "file", size: 3, owner: "root", permissions: "-rw-r--r--" });
+      expect(Math.abs(new Date(info.modifiedTime).getTime() - Date.now())).toBeLessThan(120_000);
+      expect(await sandbox.files.makeDir("/tmp/fs/sub/deeper")).toBe(true);
+      expect(await sandbox.files.makeDir("/tmp/fs/sub/deeper")).toBe(false);
+      const flat = await sandbox.files.list("/tmp/fs");
+      expect(flat.map((e: { name: string; type: string }) => `${e.name}:${e.type}`).sort()).toEqual(["a.txt:file", "sub:dir"]);
+      const deep = await sandbox.files.list("/tmp/fs", { depth: 3 });
+      expect(deep.map((e: { path: string }) => e.path).sort()).toEqual(["/tmp/fs/a.txt", "/tmp/fs/sub", "/tmp/fs/sub/deeper"]);
+      const moved = await sandbox.files.rename("/tmp/fs/a.txt", "/tmp/fs/sub/b.txt");
+      expect(moved.path).toBe("/tmp/fs/sub/b.txt");
+      expect(await sandbox.files.read("/tmp/fs/sub/b.txt")).toBe("aaa");
+      await expect(sandbox.files.getInfo("/tmp/fs/a.txt")).rejects.toBeInstanceOf(sdk.NotFoundError ?? sdk.FileNotFoundError);
+
+      const events: string[] = [];
+      const watcher = await sandbox.files.watchDir("/tmp/fs", (e: { name: string; type: string }) => events.push(`${e.type}:${e.name}`), { recursive: true });
+      await sandbox.files.write("/tmp/fs/new.txt", "n");
+      await sandbox.files.write("/tmp/fs/sub/deeper/inner.txt", "i");
+      await sandbox.files.remove("/tmp/fs/new.txt");
+      const until = Date.now() + 20_000;
+      while (!(events.some((e) => e.endsWith(":sub/deeper/inner.txt")) && events.some((e) => e.startsWith("remove:new.txt"))) && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+      await watcher.stop();
+      expect(events).toContain("create:new.txt");
+      expect(events).toContain("remove:new.txt");
+      expect(events.some((e) => e.endsWith(":sub/deeper/inner.txt"))).toBe(true);
+
+      await sandbox.files.remove("/tmp/fs");
+      expect(await sandbox.files.exists("/tmp/fs")).toBe(false);
+    } finally {
+      await sandbox.kill();
+    }
+  });
+
   it("pauses a sandbox into a snapshot and resumes it with its files and processes", async () => {
     const sandbox = await sdk.Sandbox.create("base", { metadata: { pausing: pkg } });
     try {

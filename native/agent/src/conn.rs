@@ -19,7 +19,7 @@ use crate::shared::Shared;
 use crate::stream::{Ctx, Output, Stream, Violation, OUT_HIGH, OUT_LOW};
 use crate::token::{token, ConnId, T_CONN};
 use crate::sys::{self, Reaped, EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT};
-use crate::{bench, files, proxy, stream_exec, tcp};
+use crate::{bench, files, fs_ops, proxy, stream_exec, tcp, watch};
 
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -472,6 +472,9 @@ impl Conn {
             proto::EXEC | proto::WRITE_FILE | proto::READ_FILE | proto::SPAWN_BENCH | proto::TCP_CONNECT => {
                 self.open_stream(sh, h, payload)
             }
+            proto::FS_STAT | proto::FS_LIST | proto::FS_MKDIR | proto::FS_RENAME | proto::FS_REMOVE | proto::FS_WATCH => {
+                self.open_stream(sh, h, payload)
+            }
             proto::DATA => {
                 let channel = h.flags & proto::CHANNEL_MASK;
                 let eof = h.flags & proto::FLAG_EOF != 0;
@@ -545,6 +548,11 @@ impl Conn {
     fn on_hello(&mut self, sh: &mut Shared, payload: &[u8]) {
         // A restore or handoff never inherits a listener: the host listens again if it wants.
         self.stop_proxy(sh, false);
+        // Nor a directory watch: the host that opened it is not the one saying HELLO.
+        let ids: Vec<u32> = self.streams.iter().filter(|(_, s)| s.ends_on_hello()).map(|(&id, _)| id).collect();
+        for id in ids {
+            self.abort_stream(sh, id);
+        }
         let hello = match proto::Hello::parse(payload) {
             Ok(h) => h,
             Err(e) => return self.goaway(sh, proto::PROTOCOL, &format!("bad HELLO: {e}")),
@@ -606,6 +614,12 @@ impl Conn {
             proto::WRITE_FILE => files::open_write(&mut cx, payload),
             proto::READ_FILE => files::open_read(&mut cx, payload),
             proto::SPAWN_BENCH => bench::open(&mut cx, payload),
+            proto::FS_STAT => fs_ops::stat(&mut cx, payload),
+            proto::FS_LIST => fs_ops::open_list(&mut cx, payload),
+            proto::FS_MKDIR => fs_ops::mkdir(&mut cx, payload),
+            proto::FS_RENAME => fs_ops::rename(&mut cx, payload),
+            proto::FS_REMOVE => fs_ops::remove(&mut cx, payload),
+            proto::FS_WATCH => watch::open(&mut cx, payload),
             _ => tcp::open(&mut cx, payload),
         };
         if let Some(s) = stream {

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use crate::exec;
 use crate::proto::*;
+use crate::proto_fs::*;
+use crate::watch::parse_events;
 use crate::sys::alloc_count;
 
 const DEFAULT_SEED: u64 = 0x5eed_0010;
@@ -109,7 +111,7 @@ impl Budget {
 const TYPES: &[u8] = &[
     HELLO, HELLO_OK, PING, PONG, SHUTDOWN, GOAWAY, EXEC, STARTED, DATA, WINDOW, EXIT, SIGNAL, STREAM_ERROR, RESIZE, CANCEL,
     WRITE_FILE, READ_FILE, OK, SPAWN_BENCH, WORKLOAD_START, WORKLOAD_SIGNAL, TCP_CONNECT, LIST_BACKGROUND,
-    KILL_BACKGROUND, PROXY_LISTEN, PROXY_STOP, PROXY_CONN,
+    KILL_BACKGROUND, PROXY_LISTEN, PROXY_STOP, PROXY_CONN, FS_STAT, FS_LIST, FS_MKDIR, FS_RENAME, FS_REMOVE, FS_WATCH,
 ];
 
 fn field_value(r: &mut Rng) -> Vec<u8> {
@@ -121,7 +123,7 @@ fn field_value(r: &mut Rng) -> Vec<u8> {
         3 => {
             let words: &[&[u8]] = &[
                 b"true", b"/bin/sh", b"PATH=/bin", b"/tmp/x", b"::1", b"127.0.0.1", b"", b"a-vm.id_1", b"http_proxy=http://127.0.0.1:3128",
-                b"=x", b"NOEQUALS",
+                b"=x", b"NOEQUALS", b"/", b"/a/../b", b"//x", b"/tmp/", b"/a/./b",
             ];
             words[r.below(words.len())].to_vec()
         }
@@ -342,6 +344,38 @@ fn fuzz_requests() {
         let _ = bounded("Resize", &p, Resize::parse)?;
         let _ = bounded("TcpConnect", &p, TcpConnect::parse)?;
         let _ = bounded("window", &p, parse_window)?;
+        let _ = bounded("inotify events", &p, |p| parse_events(p).len())?;
+        let ok_path = |what: &str, path: &[u8], root_ok: bool| {
+            if normalised(path) && (root_ok || path != b"/") {
+                Ok(())
+            } else {
+                Err(format!("{what} let through the path {path:?}"))
+            }
+        };
+        if let Ok(s) = bounded("FsStat", &p, FsStat::parse)? {
+            ok_path("FS_STAT", &s.path, true)?;
+        }
+        if let Ok(l) = bounded("FsList", &p, FsList::parse)? {
+            ok_path("FS_LIST", &l.path, true)?;
+            if l.depth == 0 || !(1..=MAX_LIST_ENTRIES).contains(&l.max_entries) {
+                return Err(format!("FS_LIST let through {l:?}"));
+            }
+        }
+        if let Ok(m) = bounded("FsMkdir", &p, FsMkdir::parse)? {
+            ok_path("FS_MKDIR", &m.path, false)?;
+            if m.mode > 0o7777 {
+                return Err(format!("FS_MKDIR let through {m:?}"));
+            }
+        }
+        if let Ok(m) = bounded("FsRename", &p, FsRename::parse)? {
+            ok_path("FS_RENAME", &m.from, false)?;
+            ok_path("FS_RENAME", &m.to, false)?;
+        }
+        for root_ok in [false, true] {
+            if let Ok(m) = bounded("PathRecursive", &p, |p| PathRecursive::parse(p, root_ok))? {
+                ok_path("FS_REMOVE/FS_WATCH", &m.path, root_ok)?;
+            }
+        }
         if let Ok(l) = bounded("ProxyListen", &p, ProxyListen::parse)? {
             let bad_env = |e: &Vec<u8>| e.len() > MAX_PROXY_ENV_LEN || env_key(e).is_empty() || env_key(e).len() == e.len();
             if l.addr.port() == 0 || l.env.len() > MAX_PROXY_ENV || l.env.iter().any(bad_env) || !(1..=MAX_PROXY_STREAMS).contains(&l.max_streams) {
@@ -456,6 +490,43 @@ fn fuzz_round_trip() {
         let want = ProxyListen { addr: SocketAddr::new([127, 0, 0, 2].into(), port), env, max_streams: if max_streams == 0 { DEFAULT_PROXY_STREAMS } else { max_streams } };
         if l != want {
             return Err(format!("ProxyListen: got {l:?}, want {want:?}"));
+        }
+
+        // FS_*: a normalised path of random components (no '/', not '.' or '..').
+        let fs_path = |r: &mut Rng| {
+            let mut p = Vec::new();
+            for _ in 0..1 + r.below(4) {
+                let mut c: Vec<u8> = (0..1 + r.below(8)).map(|_| (r.next() as u8).max(1)).filter(|&b| b != b'/').collect();
+                if c.is_empty() || c == b"." || c == b".." {
+                    c = b"x".to_vec();
+                }
+                p.push(b'/');
+                p.extend(c);
+            }
+            p
+        };
+        let (path, to, flag) = (fs_path(r), fs_path(r), r.chance(2));
+        let (depth, max) = (1 + r.below(1000) as u32, 1 + r.below(MAX_LIST_ENTRIES as usize) as u32);
+        let mode = r.next() as u32;
+        let got = FsStat::parse(&noise(r, FieldWriter::new().bytes(1, &path)).u8(2, flag as u8).finish()).map_err(|e| format!("{e}"))?;
+        if got != (FsStat { path: path.clone(), follow: flag }) {
+            return Err(format!("FsStat: {got:?}"));
+        }
+        let got = FsList::parse(&noise(r, FieldWriter::new().u32(2, depth)).bytes(1, &path).u32(3, max).finish()).map_err(|e| format!("{e}"))?;
+        if got != (FsList { path: path.clone(), depth, max_entries: max as u64 }) {
+            return Err(format!("FsList: {got:?}"));
+        }
+        let got = FsMkdir::parse(&noise(r, FieldWriter::new().bytes(1, &path)).u32(2, mode).u8(3, flag as u8).u32(4, 7).u32(5, 8).finish()).map_err(|e| format!("{e}"))?;
+        if got != (FsMkdir { path: path.clone(), mode: mode & 0o7777, parents: flag, uid: Some(7), gid: Some(8) }) {
+            return Err(format!("FsMkdir: {got:?}"));
+        }
+        let got = FsRename::parse(&noise(r, FieldWriter::new().bytes(2, &to)).bytes(1, &path).finish()).map_err(|e| format!("{e}"))?;
+        if got != (FsRename { from: path.clone(), to }) {
+            return Err(format!("FsRename: {got:?}"));
+        }
+        let got = PathRecursive::parse(&noise(r, FieldWriter::new().bytes(1, &path)).u8(2, flag as u8).finish(), false).map_err(|e| format!("{e}"))?;
+        if got != (PathRecursive { path, recursive: flag }) {
+            return Err(format!("PathRecursive: {got:?}"));
         }
         Ok(())
     });

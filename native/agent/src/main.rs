@@ -17,12 +17,14 @@ mod conn;
 mod exec;
 mod exec_io;
 mod files;
+mod fs_ops;
 #[cfg(test)]
 mod fuzz;
 mod identity;
 mod init;
 mod pipes;
 mod proto;
+mod proto_fs;
 mod proxy;
 mod pty;
 mod server;
@@ -33,6 +35,7 @@ mod stream_exec;
 mod sys;
 mod tcp;
 mod token;
+mod watch;
 mod workload;
 
 use std::os::unix::net::UnixListener;

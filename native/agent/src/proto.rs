@@ -1,11 +1,12 @@
-//! Frame and field codec of PROTOCOL.md (version 4), plus typed requests and replies.
+//! Frame and field codec of PROTOCOL.md (version 5), plus typed requests and replies. The FS_*
+//! requests and their replies have a module of their own (proto_fs.rs).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// HELLO_OK `features` of this version; `limits` is added when execs run in cgroups.
-pub const FEATURES: &str = "exec,files,bench,tty,chain,tcp,workload,background,proxy";
+pub const FEATURES: &str = "exec,files,bench,tty,chain,tcp,workload,background,proxy,fs";
 pub const HEADER_LEN: usize = 12;
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Largest DATA payload the agent sends.
@@ -39,6 +40,12 @@ pub const KILL_BACKGROUND: u8 = 0x61;
 pub const PROXY_LISTEN: u8 = 0x70;
 pub const PROXY_STOP: u8 = 0x71;
 pub const PROXY_CONN: u8 = 0x72;
+pub const FS_STAT: u8 = 0x80;
+pub const FS_LIST: u8 = 0x81;
+pub const FS_MKDIR: u8 = 0x82;
+pub const FS_RENAME: u8 = 0x83;
+pub const FS_REMOVE: u8 = 0x84;
+pub const FS_WATCH: u8 = 0x85;
 
 /// Stream ids from here up are opened by the agent (PROXY_CONN); the host's stay below.
 pub const AGENT_STREAM_MIN: u32 = 1 << 31;
@@ -236,6 +243,9 @@ impl FieldWriter {
     pub fn i32(self, tag: u8, v: i32) -> Self {
         self.bytes(tag, &v.to_le_bytes())
     }
+    pub fn i64(self, tag: u8, v: i64) -> Self {
+        self.bytes(tag, &v.to_le_bytes())
+    }
     pub fn u64(self, tag: u8, v: u64) -> Self {
         self.bytes(tag, &v.to_le_bytes())
     }
@@ -332,7 +342,7 @@ impl Default for Exec {
     }
 }
 
-fn flag(f: &Field, what: &'static str) -> Result<bool, ProtoError> {
+pub fn flag(f: &Field, what: &'static str) -> Result<bool, ProtoError> {
     match f.u8()? {
         0 => Ok(false),
         1 => Ok(true),
@@ -909,12 +919,12 @@ mod tests {
         let parse = |p: &[u8]| fields(p).map(|f| f.map(|f| (f.tag, f.value.to_vec()))).collect::<Result<Vec<_>, _>>().unwrap();
         let ok = parse(&hello_ok("0.1.0", 5, Some("supermachine.1"), None, None));
         assert_eq!(ok[0], (1, VERSION.to_le_bytes().to_vec()));
-        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload,background,proxy".to_vec()));
+        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload,background,proxy,fs".to_vec()));
         assert_eq!(ok[4], (5, b"supermachine.1".to_vec()));
         assert_eq!(parse(&hello_ok("0.1.0", 5, None, None, None)).len(), 4);
         assert_eq!(parse(&hello_ok("0.1.0", 5, None, Some(b"vm-1"), None))[4], (6, b"vm-1".to_vec()));
         let ok = parse(&hello_ok("0.1.0", 5, None, None, Some((474, 1 << 28))));
-        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload,background,proxy,limits".to_vec()));
+        assert_eq!(ok[3], (4, b"exec,files,bench,tty,chain,tcp,workload,background,proxy,fs,limits".to_vec()));
         assert_eq!(ok[4], (7, 474u32.to_le_bytes().to_vec()));
         assert_eq!(ok[5], (8, (1u64 << 28).to_le_bytes().to_vec()));
         assert_eq!(parse(&started(7, Some(3))), vec![(1, 7u32.to_le_bytes().to_vec()), (2, 3u32.to_le_bytes().to_vec())]);
@@ -984,7 +994,7 @@ mod tests {
     #[test]
     fn v4_replies() {
         let parse = |p: &[u8]| fields(p).map(|f| f.map(|f| (f.tag, f.value.to_vec()))).collect::<Result<Vec<_>, _>>().unwrap();
-        assert_eq!(VERSION, 4);
+        assert_eq!(VERSION, 5);
         assert_eq!(parse(&ok_port(3128)), vec![(1, 3128u16.to_le_bytes().to_vec())]);
         assert_eq!(parse(&proxy_conn(40_001)), vec![(1, 40_001u16.to_le_bytes().to_vec())]);
     }

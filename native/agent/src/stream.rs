@@ -377,6 +377,11 @@ pub trait Stream {
     }
     /// Ends the stream without a terminal message: kill its processes, close its descriptors.
     fn abort(&mut self, cx: &mut Ctx);
+    /// A HELLO ends it (silently, like `abort`): state a restored or handed-off VM must not
+    /// carry over to a host that knows nothing of it (FS_WATCH).
+    fn ends_on_hello(&self) -> bool {
+        false
+    }
     /// The terminal message has been sent.
     fn done(&self) -> bool;
 }

@@ -12,6 +12,11 @@
 //! SHUTDOWN, or an EXEC of anything but the allow-listed programs) has its type byte replaced
 //! by an unknown one before sending; its decoders get those payloads in `src/fuzz.rs`.
 //!
+//! The FS_* requests are let through only when every path they name is inside the case's
+//! sandbox directory (literally: below it, without a `..` component); the sandbox holds a few
+//! directories, files and a symlink within it, and the fuzzer makes, lists, renames, removes
+//! and watches there.
+//!
 //! PROXY_LISTEN is let through only for an address of 127.77.0.0/16 (the case's own, so it
 //! cannot take a port another program on the host uses); while a case runs, guest clients
 //! connect there, write, and close or reset, so PROXY_CONN streams meet the random frames
@@ -155,12 +160,28 @@ fn proxy_allowed(payload: &[u8]) -> bool {
     !addrs.is_empty() && addrs.iter().all(|a| ours(a))
 }
 
+/// Where FS_* requests may act: a directory of the test's own.
+fn sandbox() -> PathBuf {
+    std::env::temp_dir().join(format!("sm-agent-fuzz-{}", std::process::id())).join("fs")
+}
+
+/// An FS_* request the harness lets through: its fields parse, and every path field (tag 1,
+/// and FS_RENAME's tag 2) is below the sandbox, without a `..` component.
+fn fs_allowed(ty: u8, payload: &[u8]) -> bool {
+    let Some(fs) = fields(payload) else { return false };
+    let root = sandbox();
+    let root = root.to_str().unwrap().as_bytes();
+    let inside = |p: &[u8]| p.len() > root.len() + 1 && p.starts_with(root) && p[root.len()] == b'/' && !p.split(|&c| c == b'/').any(|c| c == b"..");
+    fs.iter().filter(|(t, _)| *t == 1 || (ty == FS_RENAME && *t == 2)).all(|(_, v)| inside(v))
+}
+
 /// Rewrites the type of every frame that would touch the host into an unknown one.
 fn neuter(wire: &mut [u8]) {
     for f in frames(wire).0 {
         let forbidden = match f.ty {
             EXEC => !exec_allowed(&f.payload),
             PROXY_LISTEN => !proxy_allowed(&f.payload),
+            FS_STAT | FS_LIST | FS_MKDIR | FS_RENAME | FS_REMOVE | FS_WATCH => !fs_allowed(f.ty, &f.payload),
             WRITE_FILE | READ_FILE | SPAWN_BENCH | TCP_CONNECT | WORKLOAD_START | WORKLOAD_SIGNAL | SHUTDOWN => true,
             _ => false,
         };
@@ -214,6 +235,27 @@ fn exec_payload(r: &mut Rng) -> Vec<u8> {
     f.0
 }
 
+/// A path in the sandbox: mostly one of a few names, so requests meet each other's files.
+fn fs_path(r: &mut Rng) -> Vec<u8> {
+    let root = sandbox().to_str().unwrap().as_bytes().to_vec();
+    let rel: &[u8] = r.pick(&[&b"a"[..], b"a/b", b"a/b/c", b"d", b"d/e", b"f", b"link", b"link/x", b"n/m", b"a/./b", b"a//b", b"a/"]);
+    [root, b"/".to_vec(), rel.to_vec()].concat()
+}
+
+/// One FS_* request on sandbox paths, with its flags and numbers now and then out of range.
+fn fs_frame(r: &mut Rng) -> (u8, Vec<u8>) {
+    let ty = r.pick(&[FS_STAT, FS_LIST, FS_MKDIR, FS_RENAME, FS_REMOVE, FS_WATCH]);
+    let mut f = Fields::default().bytes(1, &fs_path(r));
+    let flag = |r: &mut Rng| [0u8, 1, 1, 2][r.below(4)];
+    f = match ty {
+        FS_STAT | FS_REMOVE | FS_WATCH => f.bytes(2, &[flag(r)]),
+        FS_LIST => f.bytes(2, &[0u32, 1, 2, 9][r.below(4)].to_le_bytes()).bytes(3, &[0u32, 1, 3, 200_000][r.below(4)].to_le_bytes()),
+        FS_MKDIR => f.bytes(2, &[0o755u32, 0o7777, r.next() as u32][r.below(3)].to_le_bytes()).bytes(3, &[flag(r)]),
+        _ => f.bytes(2, &fs_path(r)),
+    };
+    (ty, f.0)
+}
+
 /// A PROXY_LISTEN on the case's address, with a few env entries and a small `max_streams`.
 fn proxy_listen_payload(r: &mut Rng, at: SocketAddr) -> Vec<u8> {
     let mut f = Fields::default().bytes(1, &at.port().to_le_bytes()).bytes(2, at.ip().to_string().as_bytes());
@@ -233,8 +275,8 @@ fn case_wire(r: &mut Rng, proxy: Option<SocketAddr>) -> Vec<u8> {
     let mut w = Vec::new();
     if !r.chance(8) {
         // The protocol's version (PROTOCOL.md), now and then an older one the agent refuses.
-        let version = if r.chance(10) { 1u16 } else { 4 };
-        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &version.to_le_bytes()).bytes(2, &4u16.to_le_bytes()).0);
+        let version = if r.chance(10) { 1u16 } else { 5 };
+        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &version.to_le_bytes()).bytes(2, &5u16.to_le_bytes()).0);
     }
     let mut execs = 0;
     if let Some(at) = proxy {
@@ -247,7 +289,11 @@ fn case_wire(r: &mut Rng, proxy: Option<SocketAddr>) -> Vec<u8> {
             1 if proxy.is_some() => (1 << 31) + r.below(4) as u32,
             _ => r.below(9) as u32,
         };
-        match r.below(13) {
+        match r.below(15) {
+            13 | 14 => {
+                let (ty, p) = fs_frame(r);
+                frame(&mut w, ty, 0, stream, &p);
+            }
             12 if proxy.is_some() => {
                 let p = if r.chance(3) { Vec::new() } else { proxy_listen_payload(r, proxy.unwrap()) };
                 frame(&mut w, if p.is_empty() { PROXY_STOP } else { PROXY_LISTEN }, 0, stream, &p);
@@ -347,6 +393,12 @@ impl Agent {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("agent.sock");
+        // The FS_* requests' playground: directories, a file, a symlink within it.
+        let fs = sandbox();
+        std::fs::create_dir_all(fs.join("a/b")).unwrap();
+        std::fs::create_dir_all(fs.join("d")).unwrap();
+        std::fs::write(fs.join("f"), b"file").unwrap();
+        std::os::unix::fs::symlink(fs.join("a"), fs.join("link")).unwrap();
         let bin = std::env::var_os("SUPERMACHINE_AGENT_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_supermachine-agent")));
         let child = Command::new(bin).arg("--serve-unix").arg(&sock).stdin(Stdio::null()).stderr(Stdio::null()).spawn().expect("start agent");
         let start = Instant::now();
@@ -366,7 +418,7 @@ impl Agent {
         let mut s = UnixStream::connect(&self.sock).map_err(|e| format!("connect: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut w = Vec::new();
-        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &4u16.to_le_bytes()).bytes(2, &4u16.to_le_bytes()).0);
+        frame(&mut w, HELLO, 0, 0, &Fields::default().bytes(1, &5u16.to_le_bytes()).bytes(2, &5u16.to_le_bytes()).0);
         frame(&mut w, PING, 0, 7, b"alive?");
         s.write_all(&w).map_err(|e| format!("write: {e}"))?;
         let mut buf = Vec::new();
@@ -437,7 +489,7 @@ fn check_replies(sent: &[u8], received: &[u8]) -> Result<usize, String> {
     }
     for f in frames(sent).0 {
         match f.ty {
-            EXEC => *opens.entry(f.stream).or_default() += 1,
+            EXEC | FS_LIST | FS_WATCH => *opens.entry(f.stream).or_default() += 1,
             WINDOW if f.payload.len() == 4 => {
                 *credit.entry((f.stream, f.flags & 3)).or_default() += u32::from_le_bytes(f.payload[..].try_into().unwrap()) as u64
             }

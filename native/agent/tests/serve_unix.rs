@@ -64,7 +64,7 @@ impl Agent {
 
     fn hello(&self) -> Client {
         let mut c = self.connect();
-        c.send(HELLO, 0, 0, &Fields::new().u16(1, 4).u16(2, 4).u64(3, 0).finish());
+        c.send(HELLO, 0, 0, &Fields::new().u16(1, 5).u16(2, 5).u64(3, 0).finish());
         let f = c.recv();
         assert_eq!(f.ty, HELLO_OK);
         c
@@ -300,13 +300,13 @@ fn hello_ping_and_frames_before_hello() {
     let agent = Agent::start("hello");
     let mut c = agent.connect();
     c.send(PING, 0, 9, b"ignored"); // before HELLO: ignored
-    c.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 4).bytes(77, b"future field").finish());
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 1).u16(2, 5).bytes(77, b"future field").finish());
     let f = c.recv();
     assert_eq!(f.ty, HELLO_OK);
     let fs = parse_fields(&f.payload);
-    assert_eq!(field(&fs, 1), &4u16.to_le_bytes());
+    assert_eq!(field(&fs, 1), &5u16.to_le_bytes());
     // Development mode runs execs without cgroups: no `limits`, no default limits (tags 6, 7).
-    assert_eq!(field(&fs, 4), b"exec,files,bench,tty,chain,tcp,workload,background,proxy");
+    assert_eq!(field(&fs, 4), b"exec,files,bench,tty,chain,tcp,workload,background,proxy,fs");
     assert!(!fs.iter().any(|(t, _)| *t == 6 || *t == 7));
     assert!(!fs.iter().any(|(t, _)| *t == 5), "no port name in development mode");
     assert!(!field(&fs, 2).is_empty());
@@ -315,14 +315,14 @@ fn hello_ping_and_frames_before_hello() {
     let f = c.recv();
     assert_eq!((f.ty, f.stream, &f.payload[..]), (PONG, 42, &b"payload"[..]));
     // Version mismatch → GOAWAY VERSION, then the connection closes; a new one works.
-    c.send(HELLO, 0, 0, &Fields::new().u16(1, 5).u16(2, 6).finish());
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 6).u16(2, 7).finish());
     let f = c.recv();
     assert_eq!(f.ty, GOAWAY);
     assert_eq!(fu32(&parse_fields(&f.payload), 1), 7);
     let mut c = agent.hello();
     assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
-    // Version 3 only (a host from before version 4), or 2 → GOAWAY VERSION too.
-    for v in [3u16, 2] {
+    // Version 4 only (a host from before version 5), or 3 → GOAWAY VERSION too.
+    for v in [4u16, 3] {
         let mut old = agent.connect();
         old.send(HELLO, 0, 0, &Fields::new().u16(1, v).u16(2, v).finish());
         let f = old.recv();
@@ -626,7 +626,7 @@ fn at_most_eight_connections() {
     let mut open: Vec<Client> = (0..8).map(|_| agent.hello()).collect();
     // The ninth waits in the backlog: its HELLO is answered once a slot frees.
     let mut ninth = agent.connect();
-    ninth.send(HELLO, 0, 0, &Fields::new().u16(1, 4).u16(2, 4).finish());
+    ninth.send(HELLO, 0, 0, &Fields::new().u16(1, 5).u16(2, 5).finish());
     assert!(ninth.try_recv(Duration::from_millis(300)).is_none(), "a ninth connection was served");
     for c in open.iter_mut() {
         assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
@@ -1496,7 +1496,7 @@ fn proxy_listener_ownership_hello_and_close() {
     assert!(id > kept);
 
     // HELLO on the owning connection closes the listener and its streams without a message.
-    a.send(HELLO, 0, 0, &Fields::new().u16(1, 4).u16(2, 4).finish());
+    a.send(HELLO, 0, 0, &Fields::new().u16(1, 5).u16(2, 5).finish());
     assert_eq!(a.recv().ty, HELLO_OK);
     assert!(was_reset(&mut s), "HELLO resets the listener's clients");
     assert!(refused(port2));
@@ -1551,4 +1551,313 @@ fn proxy_bad_requests() {
     c.send(TCP_CONNECT, 0, 1 << 31, &Fields::new().u16(1, busy_port).finish());
     assert_eq!(c.wait(1 << 31).error.map(|e| e.0), Some(1));
     assert_eq!(c.run(&["true"], Fields::new()).code(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// FS_STAT / FS_LIST / FS_MKDIR / FS_RENAME / FS_REMOVE / FS_WATCH (version 5)
+
+impl Client {
+    /// An FS_* request on a new id, waited for.
+    fn fs(&mut self, ty: u8, f: Fields) -> Outcome {
+        let id = self.id();
+        self.send(ty, 0, id, &f.finish());
+        self.wait(id)
+    }
+}
+
+/// Splits a channel-1 byte stream into its records (`len: u32`, then fields).
+fn records(mut b: &[u8]) -> Vec<Vec<(u8, Vec<u8>)>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let len = u32::from_le_bytes(b[..4].try_into().unwrap()) as usize;
+        out.push(parse_fields(&b[4..4 + len]));
+        b = &b[4 + len..];
+    }
+    out
+}
+
+fn ok_fields(o: &Outcome) -> &[(u8, Vec<u8>)] {
+    o.ok.as_deref().unwrap_or_else(|| panic!("no OK: {:?}", o.error))
+}
+
+fn err_of(o: &Outcome) -> (u32, Option<u32>) {
+    (o.error.as_ref().unwrap_or_else(|| panic!("no error, OK {:?}", o.ok)).0, o.errno)
+}
+
+fn pbytes(p: &std::path::Path) -> &[u8] {
+    use std::os::unix::ffi::OsStrExt;
+    p.as_os_str().as_bytes()
+}
+
+#[test]
+fn fs_stat_mkdir_rename_remove() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let agent = Agent::start("fs");
+    let mut c = agent.hello();
+    let d = agent.dir.join("t");
+    std::fs::create_dir(&d).unwrap();
+    let file = d.join("file");
+    std::fs::write(&file, b"12345").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o4640)).unwrap();
+    std::os::unix::fs::symlink("file", d.join("link")).unwrap();
+
+    let st = |c: &mut Client, p: &[u8], follow: bool| c.fs(FS_STAT, Fields::new().bytes(1, p).u8(2, follow as u8));
+    let o = st(&mut c, pbytes(&file), false);
+    let fs = ok_fields(&o);
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!((field(fs, 1), field(fs, 2), field(fs, 3)), (pbytes(&file), &b"file"[..], &[1u8][..]));
+    assert_eq!((fu64(fs, 4), fu32(fs, 5), fu32(fs, 6), fu32(fs, 7)), (5, 0o4640, meta.uid(), meta.gid()));
+    assert_eq!(i64::from_le_bytes(field(fs, 8).try_into().unwrap()), meta.mtime());
+    assert_eq!(fu32(fs, 9) as i64, meta.mtime_nsec());
+    assert!(!fs.iter().any(|(t, _)| *t == 10));
+    let o = st(&mut c, pbytes(&d.join("link")), false);
+    assert_eq!((field(ok_fields(&o), 3), field(ok_fields(&o), 10)), (&[3u8][..], &b"file"[..]));
+    let o = st(&mut c, pbytes(&d.join("link")), true);
+    assert_eq!(field(ok_fields(&o), 3), &[1u8]);
+    assert_eq!(field(ok_fields(&st(&mut c, pbytes(&d), false)), 3), &[2u8]);
+    assert_eq!(field(ok_fields(&st(&mut c, b"/", false)), 2), b"/");
+    assert_eq!(err_of(&st(&mut c, pbytes(&d.join("none")), false)), (4, Some(2)));
+    for bad in [&b"rel"[..], b"/a/../b", b"/a/", b"//a", b""] {
+        assert_eq!(err_of(&st(&mut c, bad, false)), (1, None), "{bad:?}");
+    }
+
+    // FS_MKDIR: mode regardless of the umask, parents, an existing directory.
+    let mk = |c: &mut Client, p: &std::path::Path, parents: bool| c.fs(FS_MKDIR, Fields::new().bytes(1, pbytes(p)).u32(2, 0o705).u8(3, parents as u8));
+    let o = mk(&mut c, &d.join("new"), false);
+    assert_eq!(field(ok_fields(&o), 1), &[1]);
+    assert_eq!(std::fs::metadata(d.join("new")).unwrap().permissions().mode() & 0o7777, 0o705);
+    assert_eq!(err_of(&mk(&mut c, &d.join("new"), false)), (3, Some(17)));
+    assert_eq!(field(ok_fields(&mk(&mut c, &d.join("new"), true)), 1), &[0]);
+    assert_eq!(err_of(&mk(&mut c, &d.join("p/q/r"), false)), (4, Some(2)));
+    assert_eq!(field(ok_fields(&mk(&mut c, &d.join("p/q/r"), true)), 1), &[1]);
+    assert!(d.join("p/q/r").is_dir());
+    assert_eq!(err_of(&mk(&mut c, &file, true)), (3, Some(17)));
+    let o = c.fs(FS_MKDIR, Fields::new().bytes(1, pbytes(&d.join("default"))));
+    assert_eq!(field(ok_fields(&o), 1), &[1]);
+    assert_eq!(std::fs::metadata(d.join("default")).unwrap().permissions().mode() & 0o7777, 0o755);
+    // Ownership: our own ids always work; another's only as root.
+    let (uid, gid) = (meta.uid(), meta.gid());
+    let o = c.fs(FS_MKDIR, Fields::new().bytes(1, pbytes(&d.join("owned"))).u32(4, uid).u32(5, gid));
+    assert!(o.ok.is_some(), "{:?}", o.error);
+    if running_as_root() {
+        let o = c.fs(FS_MKDIR, Fields::new().bytes(1, pbytes(&d.join("o1/o2"))).u8(3, 1).u32(4, 1234).u32(5, 5678));
+        assert!(o.ok.is_some(), "{:?}", o.error);
+        for p in ["o1", "o1/o2"] {
+            let m = std::fs::metadata(d.join(p)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (1234, 5678), "{p}");
+        }
+    }
+    assert_eq!(err_of(&c.fs(FS_MKDIR, Fields::new().bytes(1, b"/"))), (1, None));
+
+    // FS_RENAME.
+    let o = c.fs(FS_RENAME, Fields::new().bytes(1, pbytes(&file)).bytes(2, pbytes(&d.join("renamed"))));
+    assert!(o.ok.is_some(), "{:?}", o.error);
+    assert!(!file.exists() && d.join("renamed").exists());
+    let o = c.fs(FS_RENAME, Fields::new().bytes(1, pbytes(&file)).bytes(2, pbytes(&d.join("x"))));
+    assert_eq!(err_of(&o), (4, Some(2)));
+    assert!(o.error.as_ref().unwrap().1.contains("renamed") || o.error.as_ref().unwrap().1.contains("file"));
+    assert_eq!(err_of(&c.fs(FS_RENAME, Fields::new().bytes(1, pbytes(&d)))), (1, None));
+
+    // FS_REMOVE: a file, an empty directory, a non-empty one, recursively without following links.
+    let outside = agent.dir.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("keep"), b"k").unwrap();
+    std::os::unix::fs::symlink(&outside, d.join("p/q/out")).unwrap();
+    let rm = |c: &mut Client, p: &std::path::Path, recursive: bool| c.fs(FS_REMOVE, Fields::new().bytes(1, pbytes(p)).u8(2, recursive as u8));
+    assert!(rm(&mut c, &d.join("renamed"), false).ok.is_some());
+    assert!(!d.join("renamed").exists());
+    assert!(rm(&mut c, &d.join("new"), false).ok.is_some());
+    assert_eq!(err_of(&rm(&mut c, &d.join("p"), false)), (3, Some(39)));
+    assert!(rm(&mut c, &d.join("p"), true).ok.is_some());
+    assert!(!d.join("p").exists());
+    assert!(outside.join("keep").exists(), "recursive removal followed a symlink");
+    assert_eq!(err_of(&rm(&mut c, &d.join("p"), true)), (4, Some(2)));
+    assert_eq!(err_of(&rm(&mut c, std::path::Path::new("/"), true)), (1, None));
+}
+
+#[test]
+fn fs_list_depth_flow_control_and_limit() {
+    let agent = Agent::start("fs-list");
+    let mut c = agent.hello();
+    let d = agent.dir.join("l");
+    std::fs::create_dir_all(d.join("b/c")).unwrap();
+    std::fs::write(d.join("a"), b"1").unwrap();
+    std::fs::write(d.join("b/c/deep"), b"22").unwrap();
+    std::os::unix::fs::symlink(d.join("b"), d.join("z")).unwrap();
+    let list = |c: &mut Client, p: &std::path::Path, depth: u32| c.fs(FS_LIST, Fields::new().bytes(1, pbytes(p)).u32(2, depth));
+    let names = |o: &Outcome| -> Vec<String> {
+        assert!(o.eof[0], "no EOF before OK");
+        let recs = records(&o.stdout);
+        assert_eq!(fu64(ok_fields(o), 1), recs.len() as u64);
+        recs.iter().map(|r| String::from_utf8(field(r, 1).to_vec()).unwrap()).collect()
+    };
+    let at = |s: &str| format!("{}{s}", d.display());
+    assert_eq!(names(&list(&mut c, &d, 1)), [at("/a"), at("/b"), at("/z")]);
+    let o = list(&mut c, &d, 2);
+    assert_eq!(names(&o), [at("/a"), at("/b"), at("/b/c"), at("/z")]);
+    let recs = records(&o.stdout);
+    assert_eq!((field(&recs[1], 2), field(&recs[1], 3)), (&b"b"[..], &[2u8][..]));
+    assert_eq!((field(&recs[3], 3), field(&recs[3], 10)), (&[3u8][..], pbytes(&d.join("b"))), "a symlink, not followed");
+    assert_eq!(names(&list(&mut c, &d, 10)), [at("/a"), at("/b"), at("/b/c"), at("/b/c/deep"), at("/z")]);
+    // Errors: missing, not a directory, depth 0.
+    assert_eq!(err_of(&list(&mut c, &d.join("none"), 1)), (4, Some(2)));
+    assert_eq!(err_of(&list(&mut c, &d.join("a"), 1)), (3, Some(20)));
+    assert_eq!(err_of(&list(&mut c, &d, 0)), (1, None));
+
+    // Many entries: more than one window of records, within the credit given (Client::pump checks).
+    let big = agent.dir.join("big");
+    std::fs::create_dir(&big).unwrap();
+    for i in 0..4000 {
+        std::fs::write(big.join(format!("{i:05}-{}", "n".repeat(60))), b"").unwrap();
+    }
+    let o = list(&mut c, &big, 1);
+    assert!(o.stdout.len() > 2 * INITIAL_WINDOW as usize, "{} bytes", o.stdout.len());
+    let n = names(&o);
+    assert_eq!(n.len(), 4000);
+    assert!(n.windows(2).all(|w| w[0] < w[1]), "sorted");
+    // A limit: TOO_LARGE, without errno.
+    let o = c.fs(FS_LIST, Fields::new().bytes(1, pbytes(&big)).u32(3, 3999));
+    assert_eq!(err_of(&o), (5, None));
+    let o = c.fs(FS_LIST, Fields::new().bytes(1, pbytes(&d)).u32(2, 5).u32(3, 4));
+    assert_eq!(err_of(&o), (5, None));
+    assert_eq!(fu64(ok_fields(&c.fs(FS_LIST, Fields::new().bytes(1, pbytes(&d)).u32(2, 5).u32(3, 5))), 1), 5);
+}
+
+/// Reads frames of watch `id` until `n` event records have arrived (or the stream ended).
+fn watch_events(c: &mut Client, id: u32, outcomes: &mut HashMap<u32, Outcome>, n: usize) -> Vec<(u8, String)> {
+    loop {
+        let o = outcomes.entry(id).or_default();
+        let recs = records(&o.stdout);
+        if recs.len() >= n || o.done() {
+            return recs.iter().map(|r| (field(r, 1)[0], String::from_utf8(field(r, 2).to_vec()).unwrap())).collect();
+        }
+        c.pump(outcomes);
+    }
+}
+
+#[test]
+fn fs_watch_recursive_events() {
+    use std::os::unix::fs::PermissionsExt;
+    let agent = Agent::start("fs-watch");
+    let mut c = agent.hello();
+    let d = agent.dir.join("w");
+    std::fs::create_dir_all(d.join("old/inner")).unwrap();
+    let fds0 = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).unwrap().count();
+    let id = c.id();
+    c.send(FS_WATCH, 0, id, &Fields::new().bytes(1, pbytes(&d)).u8(2, 1).finish());
+    let flat = c.id();
+    c.send(FS_WATCH, 0, flat, &Fields::new().bytes(1, pbytes(&d)).finish());
+    // STARTED: each is in place.
+    for w in [id, flat] {
+        let f = c.recv();
+        assert_eq!((f.ty, f.stream, f.payload.len()), (STARTED, w, 0));
+    }
+    let mut outcomes = HashMap::new();
+    let (create, write, remove, rename, chmod) = (1u8, 2u8, 3u8, 4u8, 5u8);
+    let s = |x: &str| x.to_string();
+
+    std::fs::write(d.join("f"), b"").unwrap();
+    std::fs::OpenOptions::new().append(true).open(d.join("f")).unwrap().write_all(b"more").unwrap();
+    std::fs::set_permissions(d.join("f"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(d.join("old/inner/g"), b"x").unwrap();
+    let ev = watch_events(&mut c, id, &mut outcomes, 5);
+    assert_eq!(ev[..3], [(create, s("f")), (write, s("f")), (chmod, s("f"))], "{ev:?}");
+    assert!(ev[3..].contains(&(create, s("old/inner/g"))), "{ev:?}");
+
+    // A directory made after the watch started: once its create is seen, it is watched.
+    std::fs::create_dir(d.join("sub")).unwrap();
+    let ev = watch_events(&mut c, id, &mut outcomes, 6);
+    assert_eq!(ev[5], (create, s("sub")));
+    std::fs::write(d.join("sub/h"), b"").unwrap();
+    std::fs::rename(d.join("sub/h"), d.join("sub/h2")).unwrap();
+    std::fs::remove_file(d.join("sub/h2")).unwrap();
+    let ev = watch_events(&mut c, id, &mut outcomes, 10);
+    assert_eq!(ev[6..10], [(create, s("sub/h")), (rename, s("sub/h")), (create, s("sub/h2")), (remove, s("sub/h2"))], "{ev:?}");
+    // A watched directory moved within the tree is watched under its new name.
+    std::fs::rename(d.join("old"), d.join("moved")).unwrap();
+    std::fs::write(d.join("moved/inner/k"), b"").unwrap();
+    let ev = watch_events(&mut c, id, &mut outcomes, 13);
+    assert_eq!(ev[10..13], [(rename, s("old")), (create, s("moved")), (create, s("moved/inner/k"))], "{ev:?}");
+
+    // Not recursive: only the directory's own entries.
+    let flat_ev = watch_events(&mut c, flat, &mut outcomes, 6);
+    assert_eq!(flat_ev[..4], [(create, s("f")), (write, s("f")), (chmod, s("f")), (create, s("sub"))], "{flat_ev:?}");
+    assert!(flat_ev.iter().all(|(_, n)| !n.contains('/')), "{flat_ev:?}");
+
+    // CANCEL ends it with STREAM_ERROR; the other still reports.
+    c.send(CANCEL, 0, flat, &[]);
+    while !outcomes.get(&flat).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    assert_eq!(outcomes[&flat].error.as_ref().unwrap().0, 3);
+    std::fs::write(d.join("after"), b"").unwrap();
+    let ev = watch_events(&mut c, id, &mut outcomes, 14);
+    assert_eq!(ev[13], (create, s("after")));
+
+    // Removing the watched directory ends the watch with OK (after the removals inside it).
+    std::fs::remove_dir_all(&d).unwrap();
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        c.pump(&mut outcomes);
+    }
+    let o = &outcomes[&id];
+    assert!(o.ok.is_some() && o.eof[0], "{:?}", o.error);
+    assert!(records(&o.stdout).iter().any(|r| field(r, 1) == [remove] && field(r, 2) == b"after"));
+    // Their inotify descriptors are closed.
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).unwrap().count();
+    assert_eq!(fds, fds0, "descriptors left after the watches ended");
+
+    // Errors: missing, a file, not normalised.
+    assert_eq!(err_of(&c.fs(FS_WATCH, Fields::new().bytes(1, pbytes(&d)))), (4, Some(2)));
+    let f = agent.dir.join("plain");
+    std::fs::write(&f, b"").unwrap();
+    assert_eq!(err_of(&c.fs(FS_WATCH, Fields::new().bytes(1, pbytes(&f)))), (3, Some(20)));
+    assert_eq!(err_of(&c.fs(FS_WATCH, Fields::new().bytes(1, b"/tmp/"))), (1, None));
+}
+
+#[test]
+fn fs_watch_ends_on_hello_and_overflow() {
+    let agent = Agent::start("fs-watch-end");
+    let mut c = agent.hello();
+    let d = agent.dir.join("w");
+    std::fs::create_dir(&d).unwrap();
+    let fd_count = || std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).unwrap().count();
+    let fds0 = fd_count();
+    // A HELLO drops the watch without a message.
+    let id = c.id();
+    c.send(FS_WATCH, 0, id, &Fields::new().bytes(1, pbytes(&d)).finish());
+    assert!(c.fs(FS_STAT, Fields::new().bytes(1, pbytes(&d))).ok.is_some());
+    assert_eq!(fd_count(), fds0 + 1);
+    c.send(HELLO, 0, 0, &Fields::new().u16(1, 5).u16(2, 5).finish());
+    assert_eq!(c.recv().ty, HELLO_OK);
+    std::fs::write(d.join("f"), b"").unwrap();
+    let p = c.id();
+    c.send(PING, 0, p, b"x");
+    let f = c.recv();
+    assert_eq!((f.ty, f.stream), (PONG, p), "the watch outlived HELLO: {f:?}");
+    assert_eq!(fd_count(), fds0);
+
+    // A host that gives no credit: once over a window and the queue cap, TOO_LARGE.
+    c.auto_credit = false;
+    let id = c.id();
+    c.send(FS_WATCH, 0, id, &Fields::new().bytes(1, pbytes(&d)).finish());
+    assert!(c.fs(FS_STAT, Fields::new().bytes(1, pbytes(&d))).ok.is_some());
+    let long = "x".repeat(200);
+    let mut outcomes = HashMap::new();
+    let mut i = 0;
+    while !outcomes.get(&id).is_some_and(Outcome::done) {
+        for _ in 0..500 {
+            std::fs::write(d.join(format!("{i}{long}")), b"").unwrap();
+            i += 1;
+        }
+        assert!(i < 100_000, "no overflow after {i} files");
+        while let Some(f) = c.try_recv(Duration::from_millis(10)) {
+            let buf = reframe(&f);
+            c.buf.splice(0..0, buf);
+            c.pump(&mut outcomes);
+        }
+    }
+    let o = &outcomes[&id];
+    assert_eq!(err_of(o), (5, None));
+    assert!(o.stdout.len() as i64 <= INITIAL_WINDOW);
+    assert_eq!(fd_count(), fds0);
 }

@@ -34,6 +34,12 @@ pub const KILL_BACKGROUND: u8 = 0x61;
 pub const PROXY_LISTEN: u8 = 0x70;
 pub const PROXY_STOP: u8 = 0x71;
 pub const PROXY_CONN: u8 = 0x72;
+pub const FS_STAT: u8 = 0x80;
+pub const FS_LIST: u8 = 0x81;
+pub const FS_MKDIR: u8 = 0x82;
+pub const FS_RENAME: u8 = 0x83;
+pub const FS_REMOVE: u8 = 0x84;
+pub const FS_WATCH: u8 = 0x85;
 /// DATA flag: end of the channel.
 pub const EOF: u8 = 0x80;
 
