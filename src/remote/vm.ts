@@ -8,7 +8,30 @@
  */
 import { Readable } from "node:stream";
 import { ExecError, GuestFileError, PoolError } from "../errors.js";
-import { execSchema, readFileSchema, readStreamSchema, spawnSchema, writeFileSchema, writeStreamSchema, type CallOptions, type ExecOptions, type ExecOutput, type ReadFileOptions, type SpawnOptions, type WriteFileOptions } from "../schema/calls.js";
+import {
+  callSchema,
+  execSchema,
+  makeDirSchema,
+  readDirSchema,
+  readFileSchema,
+  readStreamSchema,
+  removeSchema,
+  spawnSchema,
+  statSchema,
+  writeFileSchema,
+  writeStreamSchema,
+  type CallOptions,
+  type ExecOptions,
+  type ExecOutput,
+  type FileInfo,
+  type MakeDirOptions,
+  type ReadDirOptions,
+  type ReadFileOptions,
+  type RemoveOptions,
+  type SpawnOptions,
+  type StatOptions,
+  type WriteFileOptions,
+} from "../schema/calls.js";
 import { hostPortSchema, portSchema } from "../schema/fields.js";
 import { parseOptions } from "../schema/parse.js";
 import { z } from "zod";
@@ -171,6 +194,41 @@ export class RemoteVm {
       path,
     });
     return res.bytes;
+  }
+
+  /** A guest file's metadata (a symlink as itself). */
+  async stat(path: string, options: StatOptions = {}): Promise<FileInfo> {
+    this.usable("vm.stat");
+    const o = parseOptions("vm.stat", statSchema, options);
+    return requestJson<FileInfo>(this.ep, `${this.base}/files/stat`, `vm.stat ${path}`, { query: { path, follow: String(o.follow) }, signal: o.signal, path });
+  }
+
+  /** A directory's entries (depth 1 by default), never following symlinks. */
+  async readDir(path: string, options: ReadDirOptions = {}): Promise<FileInfo[]> {
+    this.usable("vm.readDir");
+    const o = parseOptions("vm.readDir", readDirSchema, options);
+    return (await requestJson<{ entries: FileInfo[] }>(this.ep, `${this.base}/files/list`, `vm.readDir ${path}`, { query: { path, depth: String(o.depth) }, signal: o.signal, path })).entries;
+  }
+
+  /** Makes a directory; resolves true when it created it. */
+  async makeDir(path: string, options: MakeDirOptions = {}): Promise<boolean> {
+    this.usable("vm.makeDir");
+    const { timeoutMs: _t, signal, ...o } = parseOptions("vm.makeDir", makeDirSchema, options);
+    return (await requestJson<{ created: boolean }>(this.ep, `${this.base}/files/mkdir`, `vm.makeDir ${path}`, { method: "POST", json: { path, ...o }, signal, path })).created;
+  }
+
+  /** Renames or moves a guest file. */
+  async rename(from: string, to: string, options: CallOptions = {}): Promise<void> {
+    this.usable("vm.rename");
+    const o = parseOptions("vm.rename", callSchema, options);
+    await request(this.ep, `${this.base}/files/move`, `vm.rename ${from}`, { method: "POST", json: { from, to }, signal: o.signal, path: from });
+  }
+
+  /** Removes a guest file, or a directory and what it holds with `recursive`. */
+  async remove(path: string, options: RemoveOptions = {}): Promise<void> {
+    this.usable("vm.remove");
+    const o = parseOptions("vm.remove", removeSchema, options);
+    await request(this.ep, `${this.base}/files`, `vm.remove ${path}`, { method: "DELETE", query: { path, recursive: String(o.recursive) }, signal: o.signal, path });
   }
 
   private writeQuery(path: string, o: { mode: number; user?: string | undefined }): Record<string, string | undefined> {

@@ -168,6 +168,27 @@ describe("examples through the remote client", () => {
 });
 
 describe("the remote client", () => {
+  it("stats, lists, makes, moves and removes files as a local VM does", async () => {
+    await using vm = await pools.busybox!.acquire();
+    await vm.writeFile("/tmp/r/a.txt", "abc");
+    expect(await vm.makeDir("/tmp/r/sub/deeper", { parents: true, uid: 65534, gid: 65534 })).toBe(true);
+    expect(await vm.makeDir("/tmp/r/sub/deeper", { parents: true })).toBe(false);
+    await expect(vm.makeDir("/tmp/r/sub")).rejects.toMatchObject({ code: "EEXIST" });
+    const a = await vm.stat("/tmp/r/a.txt");
+    expect(a).toMatchObject({ path: "/tmp/r/a.txt", name: "a.txt", type: "file", size: 3, mode: 0o644, uid: 0 });
+    expect((await vm.stat("/tmp/r/sub/deeper")).uid).toBe(65534);
+    const entries = await vm.readDir("/tmp/r", { depth: 3 });
+    expect(entries.map((e) => `${e.path}:${e.type}`).sort()).toEqual(["/tmp/r/a.txt:file", "/tmp/r/sub/deeper:directory", "/tmp/r/sub:directory"]);
+    await vm.rename("/tmp/r/a.txt", "/tmp/r/sub/b.txt");
+    expect((await vm.readFile("/tmp/r/sub/b.txt")).toString()).toBe("abc");
+    const gone = await vm.stat("/tmp/r/a.txt").catch((e: unknown) => e);
+    expect(gone).toBeInstanceOf(GuestFileError);
+    expect((gone as GuestFileError).code).toBe("ENOENT");
+    await expect(vm.remove("/tmp/r")).rejects.toMatchObject({ code: expect.stringMatching(/ENOTEMPTY|EISDIR/) });
+    await vm.remove("/tmp/r", { recursive: true });
+    await expect(vm.stat("/tmp/r")).rejects.toMatchObject({ code: "ENOENT" });
+  });
+
   it("raises the library's error classes with the server's code and hint", async () => {
     await using vm = await pools.busybox!.acquire();
     const missing = await vm.readFile("/no/such/file").catch((e: unknown) => e);

@@ -20,6 +20,7 @@ import { openApiDocument } from "./openapi.js";
 import type { NativeState } from "./state.js";
 import { processSocket, tcpSocket } from "./ws.js";
 
+
 export interface NativeDeps {
   registry: () => SandboxRegistry;
   keyOf: (req: FastifyRequest) => KeyRecord;
@@ -230,6 +231,30 @@ export function registerNative(app: FastifyInstance, deps: NativeDeps): void {
         ...(q.maxBytes !== undefined ? { maxBytes: q.maxBytes } : {}),
       });
       return { path: q.path, bytes };
+    });
+
+    api.get("/v1/sandboxes/:id/files/stat", async (req) => {
+      const q = parse(s.statQuery, req.query ?? {}, what(req));
+      return sandboxOf(req).vm.stat(q.path, { follow: q.follow === "true" });
+    });
+    api.get("/v1/sandboxes/:id/files/list", async (req) => {
+      const q = parse(s.listQuery, req.query ?? {}, what(req));
+      return { entries: await sandboxOf(req).vm.readDir(q.path, q.depth !== undefined ? { depth: q.depth } : {}) };
+    });
+    api.post("/v1/sandboxes/:id/files/mkdir", async (req) => {
+      const b = parse(s.makeDirBody, req.body ?? {}, what(req));
+      const { path, ...options } = b;
+      return { created: await sandboxOf(req).vm.makeDir(path, options) };
+    });
+    api.post("/v1/sandboxes/:id/files/move", async (req, reply) => {
+      const b = parse(s.moveBody, req.body ?? {}, what(req));
+      await sandboxOf(req).vm.rename(b.from, b.to);
+      return reply.code(204).send();
+    });
+    api.delete("/v1/sandboxes/:id/files", async (req, reply) => {
+      const q = parse(s.removeQuery, req.query ?? {}, what(req));
+      await sandboxOf(req).vm.remove(q.path, { recursive: q.recursive === "true" });
+      return reply.code(204).send();
     });
 
     // ---- TCP ----

@@ -163,6 +163,25 @@ export const fileQuery = z
   })
   .strict();
 export const fileWritten = z.object({ path: z.string(), bytes: z.number() });
+export const statQuery = z.object({ path: guestPath, follow: z.enum(["true", "false"]).optional() }).strict();
+export const listQuery = z.object({ path: guestPath, depth: z.coerce.number().int().min(1).max(0xffff_ffff).optional() }).strict();
+export const removeQuery = z.object({ path: guestPath, recursive: z.enum(["true", "false"]).optional() }).strict();
+const ownerId = z.number().int().min(0).max(0xffff_fffe);
+export const makeDirBody = z.object({ path: guestPath, parents: z.boolean().optional(), mode: z.number().int().min(0).max(0o7777).optional(), uid: ownerId.optional(), gid: ownerId.optional() }).strict();
+export const moveBody = z.object({ from: guestPath, to: guestPath }).strict();
+export const fileInfo = z.object({
+  path: z.string(),
+  name: z.string(),
+  type: z.enum(["file", "directory", "symlink", "other"]),
+  size: z.number(),
+  mode: z.number(),
+  uid: z.number(),
+  gid: z.number(),
+  mtimeMs: z.number(),
+  symlinkTarget: z.string().optional(),
+});
+export const fileList = z.object({ entries: z.array(fileInfo) });
+export const madeDir = z.object({ created: z.boolean() });
 export const tcpParams = z.object({ id: sandboxId, port: z.coerce.number().int().min(1).max(65535) });
 
 // ---- snapshots, builds -----------------------------------------------------------------------
@@ -215,6 +234,11 @@ export const ROUTES: readonly RouteSpec[] = [
   { method: "GET", path: "/v1/sandboxes/:id/processes/:pid", summary: "WebSocket: attach to a running process by pid", params: processParams, websocket: true, response: { status: 101 } },
   { method: "GET", path: "/v1/sandboxes/:id/files", summary: "Read a guest file, streamed", params: sandboxParams, query: fileQuery, response: { status: 200, raw: true } },
   { method: "PUT", path: "/v1/sandboxes/:id/files", summary: "Write a guest file from the streamed body", params: sandboxParams, query: fileQuery, rawBody: true, response: { status: 200, schema: fileWritten } },
+  { method: "GET", path: "/v1/sandboxes/:id/files/stat", summary: "A guest file's metadata (vm.stat; a symlink as itself unless ?follow=true)", params: sandboxParams, query: statQuery, response: { status: 200, schema: fileInfo } },
+  { method: "GET", path: "/v1/sandboxes/:id/files/list", summary: "A directory's entries to a depth (vm.readDir)", params: sandboxParams, query: listQuery, response: { status: 200, schema: fileList } },
+  { method: "POST", path: "/v1/sandboxes/:id/files/mkdir", summary: "Make a directory (vm.makeDir), owned by uid:gid when given", params: sandboxParams, body: makeDirBody, response: { status: 200, schema: madeDir } },
+  { method: "POST", path: "/v1/sandboxes/:id/files/move", summary: "Rename or move a guest file (vm.rename)", params: sandboxParams, body: moveBody, response: { status: 204 } },
+  { method: "DELETE", path: "/v1/sandboxes/:id/files", summary: "Remove a guest file, or a directory with ?recursive=true (vm.remove)", params: sandboxParams, query: removeQuery, response: { status: 204 } },
   { method: "GET", path: "/v1/sandboxes/:id/tcp/:port", summary: "WebSocket: one TCP connection to the guest's 127.0.0.1:port", params: tcpParams, websocket: true, response: { status: 101 } },
   { method: "POST", path: "/v1/sandboxes/:id/snapshot", summary: "Capture the sandbox's VM (vm.snapshot); sandboxes can then be created from it", params: sandboxParams, body: snapshotBody, response: { status: 201, schema: snapshotInfo } },
   { method: "GET", path: "/v1/snapshots", summary: "The snapshots this server holds", response: { status: 200, schema: snapshotList } },
