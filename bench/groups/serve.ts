@@ -1,20 +1,25 @@
 /**
  * Benchmark group `serve`: time to interactive through `supermachine serve`, with the method of
  * the public cross-provider sandbox benchmark: `create()`, then the first command's output
- * (`python3 -V` on the python fixture), sandbox killed after. Sequentially through the unchanged
- * `e2b` SDK and through the package's own remote client (`connect()`: acquire, exec, release);
- * 100 (quick: 20) creates at once through the SDK on a pool kept that warm (min 100), each
- * one's time from the burst's start; and, in the same run, the peer: `acquire()` + `exec()` in
- * process of the very command the SDK sends (`bash -l -c "python3 -V"`: a login shell's first
- * start in a fresh VM is most of the time under TCG), so the ratio is the server's and the SDK's
- * overhead. The server runs in this process on loopback, so the figures hold no network.
+ * (`python3 -V` on the python fixture), sandbox killed after.
+ * - `tti_e2b_ms`: sequentially, through the unchanged `e2b` SDK.
+ * - `tti_connect_ms`: the same through the package's remote client (`connect()`: acquire, exec,
+ *   release).
+ * - `tti_inprocess_ms`, the peer: `acquire()` + `exec()` in process on a pool of the same image.
+ * All three run the command line the SDK sends (`bash -l -c "python3 -V"`: a login shell's first
+ * start in a fresh VM is most of the time under TCG), so their ratio is the server's and the
+ * clients' overhead.
+ * - `tti_burst_ms`: 100 (quick: 20) creates at once through the SDK, each one's time from the
+ *   burst's start, on a second server whose only pool is kept that warm (so the idle VMs of the
+ *   burst pool do not take CPU from the sequential figures).
+ * The servers run in this process on loopback, so the figures hold no network.
  */
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Image } from "../../src/runtime/image.js";
 import { KeyStore } from "../../src/server/keys.js";
-import { startServer } from "../../src/server/index.js";
+import { startServer, type SupermachineServer } from "../../src/server/index.js";
 import { connect } from "../../src/remote/index.js";
 import { fixtures } from "../util.js";
 import type { BenchContext, BenchGroup } from "../harness.js";
@@ -25,59 +30,75 @@ export const serveGroup: BenchGroup = {
   run: (ctx) => serveBenchmarks(ctx),
 };
 
+const COMMAND = ["bash", "-l", "-c", "python3 -V"];
+
+function checkVersion(out: string): void {
+  if (!/^Python 3\./.test(out)) throw new Error(`python3 -V printed ${JSON.stringify(out)}`);
+}
+
+/** A server on a temp project with one pool of the python fixture; `use` gets its URL and a key. */
+async function withServer(ref: string, pool: { name: string; min: number; max: number }, use: (url: string, key: string) => Promise<void>): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), "sm-bench-serve-"));
+  let server: SupermachineServer | undefined;
+  const saved = { url: process.env.E2B_API_URL, sandbox: process.env.E2B_SANDBOX_URL, key: process.env.E2B_API_KEY };
+  try {
+    writeFileSync(
+      join(dir, "supermachine.config.ts"),
+      `import { defineConfig, defineImage } from "supermachine/config";
+export default defineConfig({
+  images: { python: defineImage({ ref: ${JSON.stringify(ref)} }) },
+  pools: { ${pool.name}: { image: "python", min: ${pool.min}, max: ${pool.max}, acquireTimeoutMs: 300000 } },
+});
+`,
+    );
+    const keys = new KeyStore(join(dir, "keys.json"));
+    const { key } = await keys.create({ name: "bench" });
+    server = await startServer({ cwd: dir, listen: "127.0.0.1:0", keys: keys.path, logLevel: "silent" });
+    await server.ready;
+    process.env.E2B_API_URL = server.url;
+    process.env.E2B_SANDBOX_URL = server.url;
+    process.env.E2B_API_KEY = key;
+    await use(server.url, key);
+  } finally {
+    for (const [name, value] of [["E2B_API_URL", saved.url], ["E2B_SANDBOX_URL", saved.sandbox], ["E2B_API_KEY", saved.key]] as const) {
+      if (value === undefined) delete process.env[name];
+      else process.env[name] = value;
+    }
+    await server?.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 async function serveBenchmarks(ctx: BenchContext): Promise<void> {
   const { quick, record, progress } = ctx;
   const fx = await (await fixtures()).ensureFixtures({ only: ["python"], log: progress });
   const n = quick ? 20 : 100;
   const burst = quick ? 20 : 100;
-  const dir = mkdtempSync(join(tmpdir(), "sm-bench-serve-"));
-  writeFileSync(
-    join(dir, "supermachine.config.ts"),
-    `import { defineConfig, defineImage } from "supermachine/config";
-export default defineConfig({
-  images: { python: defineImage({ ref: ${JSON.stringify(fx.python.ref)} }) },
-  pools: {
-    python: { image: "python", min: 2, max: 4 },
-    burst: { image: "python", min: ${burst}, max: ${burst}, acquireTimeoutMs: 300000 },
-  },
-});
-`,
-  );
-  const keys = new KeyStore(join(dir, "keys.json"));
-  const { key } = await keys.create({ name: "bench" });
-  progress("serve: starting the server (bakes the python image if needed)");
-  const server = await startServer({ cwd: dir, listen: "127.0.0.1:0", keys: keys.path, logLevel: "silent" });
-  const saved = { url: process.env.E2B_API_URL, sandbox: process.env.E2B_SANDBOX_URL, key: process.env.E2B_API_KEY };
-  try {
-    await server.ready;
-    process.env.E2B_API_URL = server.url;
-    process.env.E2B_SANDBOX_URL = server.url;
-    process.env.E2B_API_KEY = key;
-    const { Sandbox } = await import("e2b");
-    const tti = async (): Promise<number> => {
+  const { Sandbox } = await import("e2b");
+
+  progress("serve: sequential creates (bakes the python image if needed)");
+  await withServer(fx.python.ref, { name: "python", min: 2, max: 4 }, async (url, key) => {
+    const viaSdk: number[] = [];
+    for (let i = 0; i < n + 3; i++) {
       const t0 = performance.now();
       const sandbox = await Sandbox.create("python");
       const r = await sandbox.commands.run("python3 -V");
       const ms = performance.now() - t0;
-      if (!/^Python 3\./.test(r.stdout)) throw new Error(`python3 -V printed ${JSON.stringify(r.stdout)}`);
+      checkVersion(r.stdout);
       await sandbox.kill();
-      return ms;
-    };
-    for (let i = 0; i < 3; i++) await tti(); // the first restores and the SDK's connections
-    const seq: number[] = [];
-    for (let i = 0; i < n; i++) seq.push(await tti());
-    record("tti_e2b_ms", seq);
+      if (i >= 3) viaSdk.push(ms); // the first ones warm the SDK's connections
+    }
+    record("tti_e2b_ms", viaSdk);
 
-    // The remote client, on the same pool, running the same command line as the SDK.
-    const remote = await connect(server.url, { apiKey: key });
+    const remote = await connect(url, { apiKey: key });
     try {
       const viaConnect: number[] = [];
       for (let i = 0; i < n + 3; i++) {
         const t0 = performance.now();
         const vm = await remote.python!.acquire();
-        const r = await vm.exec({ argv: ["bash", "-l", "-c", "python3 -V"] });
+        const r = await vm.exec({ argv: COMMAND });
         const ms = performance.now() - t0;
-        if (!/^Python 3\./.test(r.stdout.toString())) throw new Error(`python3 -V printed ${JSON.stringify(r.stdout.toString())}`);
+        checkVersion(r.stdout.toString());
         await vm.release();
         if (i >= 3) viaConnect.push(ms);
       }
@@ -85,47 +106,40 @@ export default defineConfig({
     } finally {
       await remote.close();
     }
+  });
 
-    // The peer: the same pool's image, in process.
-    const image = await Image.build({ ref: fx.python.ref });
-    const pool = await image.pool({ min: 2, max: 2 });
-    try {
-      const local: number[] = [];
-      for (let i = 0; i < n + 3; i++) {
-        const t0 = performance.now();
-        const vm = await pool.acquire();
-        const r = await vm.exec({ argv: ["bash", "-l", "-c", "python3 -V"] });
-        const ms = performance.now() - t0;
-        if (!/^Python 3\./.test(r.stdout.toString())) throw new Error(`python3 -V printed ${JSON.stringify(r.stdout.toString())}`);
-        await vm.release();
-        if (i >= 3) local.push(ms);
-      }
-      record("tti_inprocess_ms", local);
-    } finally {
-      await pool.shutdown();
+  // The peer, with no server running: the same image, in process.
+  const image = await Image.build({ ref: fx.python.ref });
+  const pool = await image.pool({ min: 2, max: 4 });
+  try {
+    const local: number[] = [];
+    for (let i = 0; i < n + 3; i++) {
+      const t0 = performance.now();
+      const vm = await pool.acquire();
+      const r = await vm.exec({ argv: COMMAND });
+      const ms = performance.now() - t0;
+      checkVersion(r.stdout.toString());
+      await vm.release();
+      if (i >= 3) local.push(ms);
     }
+    record("tti_inprocess_ms", local);
+  } finally {
+    await pool.shutdown();
+  }
 
-    progress(`serve: ${burst} creates at once`);
+  progress(`serve: ${burst} creates at once (the pool first restores ${burst} VMs)`);
+  await withServer(fx.python.ref, { name: "burst", min: burst, max: burst }, async () => {
     const t0 = performance.now();
-    const times = await Promise.all(
+    const results = await Promise.all(
       Array.from({ length: burst }, async () => {
         const sandbox = await Sandbox.create("burst");
         const r = await sandbox.commands.run("python3 -V");
         const ms = performance.now() - t0;
-        if (!/^Python 3\./.test(r.stdout)) throw new Error(`python3 -V printed ${JSON.stringify(r.stdout)}`);
+        checkVersion(r.stdout);
         return { ms, sandbox };
       }),
     );
-    record("tti_burst_ms", times.map((x) => x.ms));
-    await Promise.all(times.map((x) => x.sandbox.kill()));
-  } finally {
-    if (saved.url === undefined) delete process.env.E2B_API_URL;
-    else process.env.E2B_API_URL = saved.url;
-    if (saved.sandbox === undefined) delete process.env.E2B_SANDBOX_URL;
-    else process.env.E2B_SANDBOX_URL = saved.sandbox;
-    if (saved.key === undefined) delete process.env.E2B_API_KEY;
-    else process.env.E2B_API_KEY = saved.key;
-    await server.close();
-    rmSync(dir, { recursive: true, force: true });
-  }
+    record("tti_burst_ms", results.map((x) => x.ms));
+    await Promise.all(results.map((x) => x.sandbox.kill()));
+  });
 }

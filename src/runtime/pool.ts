@@ -7,6 +7,7 @@
  * away and restores a clean one in its place; `false` hands the same VM, as it was left, to the
  * next caller.
  */
+import { setMaxListeners } from "node:events";
 import { PoolError } from "../errors.js";
 import { logger } from "../debug.js";
 import { isRestoreFault, MicroVm, type VmSpec } from "../engine/qemu.js";
@@ -95,6 +96,9 @@ export class Pool {
     /** What the image does about failed and successful restores (restore pools only). */
     private readonly health?: PoolHealth,
   ) {
+    // Every VM starting for the pool listens on this signal until it is up (and removes its
+    // listener then): a pool restoring many at once is not a leak.
+    setMaxListeners(0, this.closing.signal);
     if (opts.idleTimeoutMs !== undefined) {
       this.idleTimer = setInterval(() => this.evictIdle(), Math.max(50, Math.min(opts.idleTimeoutMs / 2, 5_000)));
       this.idleTimer.unref();
