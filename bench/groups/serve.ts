@@ -128,7 +128,16 @@ async function serveBenchmarks(ctx: BenchContext): Promise<void> {
   }
 
   progress(`serve: ${burst} creates at once (the pool first restores ${burst} VMs)`);
-  await withServer(fx.python.ref, { name: "burst", min: burst, max: burst }, async () => {
+  await withServer(fx.python.ref, { name: "burst", min: burst, max: burst }, async (url, key) => {
+    // Ready means the pool is serving; its other VMs may still be restoring. Wait until all are idle.
+    const until = Date.now() + 600_000;
+    for (;;) {
+      const { stats } = (await (await fetch(`${url}/v1/pools/burst`, { headers: { "x-api-key": key } })).json()) as { stats: { idle: number } };
+      if (stats.idle >= burst) break;
+      if (Date.now() > until) throw new Error(`the burst pool has ${stats.idle} of ${burst} VMs idle after 10 minutes`);
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    await new Promise((r) => setTimeout(r, 2_000));
     const t0 = performance.now();
     const results = await Promise.all(
       Array.from({ length: burst }, async () => {
