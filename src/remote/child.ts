@@ -10,10 +10,10 @@ import { Readable, Writable } from "node:stream";
 import type WebSocket from "ws";
 import { ExecError, OptionError, ServerError, type SupermachineError } from "../errors.js";
 import { errorFrom } from "./http.js";
+import { DEFAULT_READ_BYTES, OutputQueue } from "../output-queue.js";
 
 /** Bytes one output stream holds unread before the socket is paused (the local window). */
 export const WINDOW = 256 * 1024;
-const DEFAULT_READ_BYTES = 64 * 1024;
 const CHANNEL = { stdin: 0, stdout: 1, stderr: 2 } as const;
 
 /** What the local ExecChild.wait() gives. */
@@ -27,99 +27,9 @@ export interface RemoteWaitResult {
   pidsLimited: boolean;
 }
 
-/** One output stream: read pull-style or as a Readable, never both. */
-class Output {
-  private chunks: Buffer[] = [];
-  queued = 0;
-  private ended = false;
-  private error: Error | undefined;
-  private readers: Array<{ max: number; resolve: (b: Buffer) => void; reject: (e: Error) => void }> = [];
-  private readable: Readable | undefined;
-  private wants = false;
-  private eofPushed = false;
-
-  constructor(
-    private readonly name: string,
-    private readonly changed: () => void,
-  ) {}
-
-  push(c: Buffer): void {
-    if (this.ended || this.error) return;
-    this.chunks.push(c);
-    this.queued += c.length;
-    this.drain();
-  }
-
-  end(): void {
-    if (this.ended) return;
-    this.ended = true;
-    this.drain();
-  }
-
-  fail(err: Error): void {
-    if (this.ended || this.error) return;
-    this.error = err;
-    this.chunks = [];
-    this.queued = 0;
-    for (const r of this.readers.splice(0)) r.reject(err);
-    this.readable?.destroy(err);
-  }
-
-  read(max: number): Promise<Buffer> {
-    if (this.readable) {
-      return Promise.reject(new ExecError("EXEC_STREAM_IN_USE", `${this.name}: this output is consumed through its Node stream`, { hint: "read it either with the stream or with the pull-style read calls, not both" }));
-    }
-    if (!Number.isInteger(max) || max < 1) return Promise.reject(new ExecError("EXEC_READ_SIZE", `${this.name}: maxBytes must be a positive integer, got ${String(max)}`));
-    if (this.error) return Promise.reject(this.error);
-    return new Promise((resolve, reject) => {
-      this.readers.push({ max, resolve, reject });
-      this.drain();
-    });
-  }
-
-  stream(): Readable {
-    if (!this.readable) {
-      this.readable = new Readable({
-        highWaterMark: DEFAULT_READ_BYTES,
-        read: () => {
-          this.wants = true;
-          this.drain();
-        },
-      });
-      if (this.error) this.readable.destroy(this.error);
-    }
-    return this.readable;
-  }
-
-  private take(max: number): Buffer {
-    const first = this.chunks[0]!;
-    const out = first.length <= max ? this.chunks.shift()! : first.subarray(0, max);
-    if (out !== first) this.chunks[0] = first.subarray(max);
-    this.queued -= out.length;
-    return out;
-  }
-
-  private drain(): void {
-    if (this.error) return;
-    if (this.readable) {
-      while (this.wants && this.chunks.length) this.wants = this.readable.push(this.take(Infinity));
-      if (this.ended && this.chunks.length === 0 && !this.eofPushed) {
-        this.eofPushed = true;
-        this.readable.push(null);
-      }
-    } else {
-      while (this.readers.length && (this.chunks.length || this.ended)) {
-        const r = this.readers.shift()!;
-        r.resolve(this.chunks.length ? this.take(r.max) : Buffer.alloc(0));
-      }
-    }
-    this.changed();
-  }
-}
-
 export class RemoteExecChild {
-  private readonly out: Output;
-  private readonly err: Output;
+  private readonly out: OutputQueue;
+  private readonly err: OutputQueue;
   private stdinStream: Writable | undefined;
   private readonly result: Promise<RemoteWaitResult>;
   private settle!: { resolve: (r: RemoteWaitResult) => void; reject: (e: Error) => void };
@@ -137,8 +47,9 @@ export class RemoteExecChild {
     private readonly name: string,
   ) {
     const flow = () => this.flow();
-    this.out = new Output(`${name}: stdout`, flow);
-    this.err = new Output(`${name}: stderr`, flow);
+    // Bytes taken from a stream are its credit back: the socket resumes once both are below WINDOW.
+    this.out = new OutputQueue(flow, `${name}: stdout`);
+    this.err = new OutputQueue(flow, `${name}: stderr`);
     // On a terminal, stderr is merged into stdout: EOF at once, as locally.
     if (tty) this.err.end();
     this.result = new Promise((resolve, reject) => (this.settle = { resolve, reject }));
@@ -175,6 +86,7 @@ export class RemoteExecChild {
     if (binary) {
       if (data[0] === CHANNEL.stdout) this.out.push(data.subarray(1));
       else if (data[0] === CHANNEL.stderr) this.err.push(data.subarray(1));
+      this.flow();
       return;
     }
     const msg = JSON.parse(data.toString("utf8")) as { type: string; id?: number; result?: RemoteWaitResult; error?: { code: string; message: string; hint?: string } };
@@ -212,7 +124,7 @@ export class RemoteExecChild {
 
   /** Pauses the socket while either stream holds a window unread. */
   private flow(): void {
-    const full = this.out.queued >= WINDOW || this.err.queued >= WINDOW;
+    const full = this.out.buffered >= WINDOW || this.err.buffered >= WINDOW;
     if (full && !this.ws.isPaused) this.ws.pause();
     else if (!full && this.ws.isPaused) this.ws.resume();
   }

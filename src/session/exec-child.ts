@@ -11,7 +11,7 @@ import type { ExecStream, ExitInfo } from "../agent/client.js";
 import { ExecError, OptionError } from "../errors.js";
 import { parseOptions } from "../schema/parse.js";
 import { signalSchema } from "../schema/fields.js";
-import { DEFAULT_READ_BYTES, OutputQueue } from "./output.js";
+import { DEFAULT_READ_BYTES, OutputQueue } from "../output-queue.js";
 import { z } from "zod";
 
 export interface ExecWaitResult {

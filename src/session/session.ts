@@ -20,7 +20,7 @@ import { CALL_DEFAULT_TIMEOUT_MS, callSchema, execSchema, readFileSchema, readSt
 import { parseOptions } from "../schema/parse.js";
 import { mergeEnv, resolveImageUser, type ExecDefaults } from "./env.js";
 import { ExecChild, signalName } from "./exec-child.js";
-import { OutputQueue } from "./output.js";
+import { OutputQueue } from "../output-queue.js";
 import { listenTcp, listenVsock, type TcpForwarder } from "./tcp.js";
 import { GuestEgress, type NetStats } from "./egress.js";
 import { GuestFs, type Abandonable } from "./fs.js";

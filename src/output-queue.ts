@@ -1,12 +1,12 @@
 /**
- * One output channel of a guest stream (a process's stdout or stderr, a file being read), as
- * the host consumer sees it: a queue that holds at most the agent's window of bytes, read
+ * One output channel of a guest stream (a process's stdout or stderr, a file being read; locally
+ * or through `supermachine serve`'s remote client), as the consumer sees it: a queue that holds at most the agent's window of bytes, read
  * pull-style (`read`) or as a Node Readable (`stream()`), never both. Window credit goes back
- * to the agent only as bytes leave the queue, so a consumer that stops reading stops the
+ * to the producer (the agent, or the remote client's socket) only as bytes leave the queue, so a consumer that stops reading stops the
  * producer in the guest and host memory stays bounded.
  */
 import { Readable } from "node:stream";
-import { ExecError } from "../errors.js";
+import { ExecError } from "./errors.js";
 
 /** Largest piece a pull read returns when the caller does not say. */
 export const DEFAULT_READ_BYTES = 64 * 1024;
