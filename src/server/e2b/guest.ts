@@ -46,31 +46,21 @@ export const groups = (sb: Sandbox): Promise<Map<number, string>> =>
 
 export const userNames = async (sb: Sandbox): Promise<Map<number, string>> => new Map((await passwd(sb)).map((e) => [e.uid, e.name] as const));
 
-/** Whether the guest has /bin/bash (the SDKs' shell). */
-export const hasBash = (sb: Sandbox): Promise<boolean> =>
-  sb.fact("bash", async () => {
-    try {
-      const s = await sb.vm.readFileStream("/bin/bash", { maxBytes: 1 });
-      s.destroy();
-      return true;
-    } catch (err) {
-      // FILE_TOO_LARGE means it is there (and over a byte); ENOENT that it is not.
-      if (err instanceof GuestFileError) return err.code === "FILE_TOO_LARGE";
-      throw err;
-    }
-  });
+/** What `path` is in the guest, following symlinks; undefined when nothing is there. */
+async function typeOf(sb: Sandbox, path: string): Promise<string | undefined> {
+  try {
+    return (await sb.vm.stat(path, { follow: true })).type;
+  } catch (err) {
+    if (err instanceof GuestFileError && (err.code === "ENOENT" || err.code === "ENOTDIR")) return undefined;
+    throw err;
+  }
+}
 
-/** Whether `path` is a directory in the guest (reading a directory fails with EISDIR). */
-export const isDirectory = (sb: Sandbox, path: string): Promise<boolean> =>
-  sb.fact(`dir:${path}`, async () => {
-    try {
-      (await sb.vm.readFileStream(path, { maxBytes: 1 })).destroy();
-      return false;
-    } catch (err) {
-      if (err instanceof GuestFileError) return err.code === "EISDIR";
-      throw err;
-    }
-  });
+/** Whether the guest has /bin/bash (the SDKs' shell). */
+export const hasBash = (sb: Sandbox): Promise<boolean> => sb.fact("bash", async () => (await typeOf(sb, "/bin/bash")) === "file");
+
+/** Whether `path` is a directory in the guest. */
+export const isDirectory = (sb: Sandbox, path: string): Promise<boolean> => sb.fact(`dir:${path}`, async () => (await typeOf(sb, path)) === "directory");
 
 /** The user named by `Authorization: Basic base64("<user>:")`, if any. */
 export function userFromHeader(authorization: string | null | undefined): string | undefined {
