@@ -20,6 +20,14 @@ interface ServeCliOptions {
   maxTimeout?: number;
   logLevel: string;
   allowSandboxNetwork?: boolean;
+  lazy?: boolean;
+  bakeOnDemand?: boolean;
+  nodeName?: string;
+  capacity?: number;
+  front?: boolean;
+  nodes?: string;
+  nodePort: number;
+  namespace?: string;
 }
 
 export function registerServeCommands(program: Command): void {
@@ -45,6 +53,14 @@ export function registerServeCommands(program: Command): void {
     .option("--max-timeout <seconds>", "the longest life a client may give a sandbox (default 86400)", integer)
     .option("--allow-sandbox-network", "let creates give their sandbox egress of its own (`network`), on pools without one")
     .option("--log-level <level>", "fatal, error, warn, info, debug, trace or silent", "info")
+    .option("--lazy", "open each pool on its first create, importing its snapshot from the cache (a node of a fleet)")
+    .option("--bake-on-demand", "with --lazy: bake an image neither here nor in the cache in the create that needs it")
+    .option("--node-name <name>", "this node's name in a fleet (default: the hostname)")
+    .option("--capacity <n>", "the most sandboxes this node holds; creates past it are refused so a front places them elsewhere", integer)
+    .option("--front", "be a stateless front for a fleet of serve nodes (with --nodes): place creates, route the rest")
+    .option("--nodes <spec>", "with --front: host:port[,host:port...], dns:<name>:<port> or k8s:<label selector>")
+    .option("--node-port <port>", "with --front --nodes k8s:...: the nodes' port", integer, 8080)
+    .option("--namespace <name>", "with --front --nodes k8s:...: the nodes' namespace (default: the front's own)")
     .action(action(serve));
 
   const keys = program.command("keys").helpGroup("Serving:").summary("manage the API keys of `supermachine serve`").description("Create, list and revoke the API keys `supermachine serve` accepts. Only a hash of each key is stored.");
@@ -103,6 +119,11 @@ async function serve(o: ServeCliOptions, cmd: Command): Promise<number> {
     return 2;
   }
   const json = isJson(cmd);
+  if (o.front) return front(o, json);
+  if (o.nodes) {
+    process.stderr.write("supermachine serve: --nodes goes with --front\n");
+    return 2;
+  }
   const server = await startServer({
     listen: o.listen,
     ...(o.config ? { config: o.config } : {}),
@@ -114,6 +135,10 @@ async function serve(o: ServeCliOptions, cmd: Command): Promise<number> {
     ...(o.maxTimeout !== undefined ? { maxTimeoutMs: o.maxTimeout * 1000 } : {}),
     logLevel: o.logLevel,
     ...(o.allowSandboxNetwork ? { allowSandboxNetwork: true } : {}),
+    ...(o.lazy ? { lazy: true } : {}),
+    ...(o.bakeOnDemand ? { bakeOnDemand: true } : {}),
+    ...(o.nodeName ? { nodeName: o.nodeName } : {}),
+    ...(o.capacity !== undefined ? { capacity: o.capacity } : {}),
   });
   let signalled = false;
   const stopped = new Promise<number>((resolve) => {
@@ -144,4 +169,28 @@ async function serve(o: ServeCliOptions, cmd: Command): Promise<number> {
   if (json) writeJson({ type: "ready", url: server.url });
   else process.stderr.write(`supermachine serve: ready on ${server.url}\n`);
   return stopped;
+}
+
+async function front(o: ServeCliOptions, json: boolean): Promise<number> {
+  if (!o.nodes) {
+    process.stderr.write("supermachine serve --front: give the nodes with --nodes (host:port,... | dns:<name>:<port> | k8s:<label selector>)\n");
+    return 2;
+  }
+  const { startFront } = await import("../server/front/index.js");
+  const server = await startFront({
+    nodes: o.nodes,
+    listen: o.listen,
+    nodePort: o.nodePort,
+    ...(o.namespace ? { namespace: o.namespace } : {}),
+    logLevel: o.logLevel,
+  });
+  if (json) writeJson({ type: "listening", url: server.url, front: true });
+  else process.stderr.write(`supermachine serve --front: listening on ${server.url}, ${server.nodes.all().length} nodes from ${o.nodes}\n`);
+  // A front holds nothing: SIGTERM closes it at once.
+  await new Promise<void>((resolve) => {
+    process.once("SIGTERM", () => resolve());
+    process.once("SIGINT", () => resolve());
+  });
+  await server.close();
+  return 0;
 }

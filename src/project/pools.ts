@@ -18,7 +18,7 @@ import { buildGraph, firstFailure, type BuildOptions, type BuiltNode } from "./b
 import { ProjectWatcher, type WatchEvent } from "./watch.js";
 import { loadProject } from "../config/loader.js";
 import type { BuildEvent as PublicBuildEvent, WatchEvent as PublicWatchEvent } from "../schema/events.js";
-import { GraphError } from "../errors.js";
+import { GraphError, PoolError } from "../errors.js";
 import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { logger } from "../debug.js";
 import type { PoolDeclaration } from "../schema/project.js";
@@ -60,12 +60,39 @@ export interface LoadPoolsOptions {
    */
   cacheTrust?: CacheTrust;
   cacheFrom?: string;
+  /**
+   * Open each pool on its first acquire instead of now (a node of a fleet that serves many
+   * images): that acquire imports the image's snapshot from `cacheFrom` when this machine lacks
+   * it. It never bakes unless `bakeOnDemand` is set too (a bake in a request takes minutes).
+   * Not with `watch`.
+   */
+  lazy?: boolean;
+  /** With `lazy`: an image neither here nor in the cache is baked by the acquire that needs it. */
+  bakeOnDemand?: boolean;
+}
+
+/** What a node reports of one of its pools. */
+export interface PoolState {
+  image: string;
+  /** Its snapshot's key, once known (a lazy pool learns it when it opens). */
+  key: string | null;
+  /**
+   * `open`: serving VMs. `closed`: a lazy pool not opened yet. `loading`: opening (importing its
+   * snapshot, or baking it). `failed`: its last opening failed (`error`; the next acquire tries
+   * again).
+   */
+  state: "open" | "closed" | "loading" | "failed";
+  /** Where an open pool's snapshot came from when it opened: found here, imported from the cache, or baked. */
+  origin?: "cached" | "imported" | "baked";
+  error?: { code?: string; message: string };
 }
 
 /** What a project's pool offers (a Pool; with `watch`, one that follows rebakes). */
 export interface ProjectPool {
   acquire(): Promise<Vm>;
   stats(): PoolStats;
+  /** Its image, key and whether it is open (for a node's report, `GET /v1/node`). */
+  describe?(): PoolState;
   shutdown(): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
 }
@@ -89,10 +116,18 @@ class FollowingPool implements ProjectPool {
     private image: Image,
     private key: string,
     private readonly opts: Omit<PoolDeclaration, "image">,
+    private readonly imageName: string,
   ) {}
 
   get snapshotKey(): string {
     return this.key;
+  }
+
+  /** @internal How its snapshot was found when the pool opened. */
+  origin: PoolState["origin"];
+
+  describe(): PoolState {
+    return { image: this.imageName, key: this.key, state: "open", ...(this.origin ? { origin: this.origin } : {}) };
   }
 
   acquire(): Promise<Vm> {
@@ -136,6 +171,7 @@ class FollowingPool implements ProjectPool {
 export async function loadPools(options: LoadPoolsOptions = {}): Promise<Pools> {
   const projectOpts = { ...(options.cwd ? { cwd: options.cwd } : {}), ...(options.config ? { configFile: options.config } : {}) };
   if (options.watch) return watchPools(options, projectOpts);
+  if (options.lazy) return lazyPools(options, projectOpts);
   const project = await loadProject({ ...projectOpts, command: "pools" });
   const graph = buildImageGraph(project.images);
   const wanted = poolImages(project.configPath, project.pools, graph);
@@ -198,7 +234,7 @@ async function openPools(decls: Record<string, PoolDeclaration>, nodes: Map<stri
     for (const [name, decl] of Object.entries(decls)) {
       const { image, ...opts } = decl;
       const img = images.get(image)!;
-      pools[name] = new FollowingPool(await img.pool(opts), img, nodes.get(image)!.key, opts);
+      pools[name] = new FollowingPool(await img.pool(opts), img, nodes.get(image)!.key, opts, image);
     }
   } catch (err) {
     await Promise.all(Object.values(pools).map((p) => p.shutdown()));
@@ -263,5 +299,130 @@ async function watchPools(options: LoadPoolsOptions, projectOpts: { cwd?: string
     await watcher.close();
     await switching;
     await Promise.all(Object.values(pools!).map((p) => p.shutdown()));
+  });
+}
+
+/**
+ * A pool that opens on its first acquire (`lazy`): concurrent acquires share one opening, and a
+ * failed opening is reported (`describe`) and tried again by the next acquire.
+ */
+class LazyPool implements ProjectPool {
+  private pool: FollowingPool | undefined;
+  private opening: Promise<FollowingPool> | undefined;
+  private failure: Error | undefined;
+  private closed = false;
+
+  constructor(
+    private readonly decl: PoolDeclaration,
+    private readonly open: () => Promise<FollowingPool>,
+  ) {}
+
+  describe(): PoolState {
+    if (this.pool) return this.pool.describe();
+    const e = this.failure;
+    return {
+      image: this.decl.image,
+      key: null,
+      state: this.opening ? "loading" : e ? "failed" : "closed",
+      ...(e && !this.opening ? { error: { message: e.message, ...((e as { code?: string }).code ? { code: (e as { code?: string }).code! } : {}) } } : {}),
+    };
+  }
+
+  async acquire(): Promise<Vm> {
+    return (await this.ensure()).acquire();
+  }
+
+  /** Opens the pool (once). */
+  ensure(): Promise<FollowingPool> {
+    if (this.pool) return Promise.resolve(this.pool);
+    if (this.closed) return Promise.reject(new PoolError("POOL_SHUT_DOWN", `pool.acquire: the pool of ${this.decl.image} has been shut down`));
+    this.opening ??= this.open().then(
+      async (p) => {
+        this.opening = undefined;
+        if (this.closed) {
+          await p.shutdown();
+          throw new PoolError("POOL_SHUT_DOWN", `the pool of ${this.decl.image} was shut down while it opened`);
+        }
+        this.failure = undefined;
+        return (this.pool = p);
+      },
+      (err: Error) => {
+        this.opening = undefined;
+        this.failure = err;
+        throw err;
+      },
+    );
+    return this.opening;
+  }
+
+  stats(): PoolStats {
+    return this.pool?.stats() ?? { alive: 0, inUse: 0, idle: 0, waiting: 0, min: this.decl.min ?? 0, max: this.decl.max ?? 0, memoryMib: this.decl.memoryMib ?? 0, vcpus: this.decl.vcpus ?? 0 };
+  }
+
+  async shutdown(): Promise<void> {
+    this.closed = true;
+    await this.opening?.catch(() => {});
+    await this.pool?.shutdown();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.shutdown();
+  }
+}
+
+async function lazyPools(options: LoadPoolsOptions, projectOpts: { cwd?: string; configFile?: string }): Promise<Pools> {
+  const project = await loadProject({ ...projectOpts, command: "pools" });
+  const graph = buildImageGraph(project.images);
+  poolImages(project.configPath, project.pools, graph);
+  const cacheFrom = options.cacheFrom ?? project.cache.from;
+  const trust = options.cacheTrust ?? project.cache.trust;
+  const lock = await openLock(project);
+  const buildOpts: BuildOptions = {
+    root: project.root,
+    lock,
+    // In a request: import, or fail naming what is missing; bake only when told to.
+    ...(options.bakeOnDemand ? {} : { frozen: true }),
+    ...(project.snapshotsDir ? { snapshotsDir: project.snapshotsDir } : {}),
+    ...(options.onEvent ? { onEvent: options.onEvent } : {}),
+    ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom, undefined, { trust }) } : {}),
+  };
+  // One opening per image at a time, shared by the pools of that image.
+  const building = new Map<string, Promise<Map<string, BuiltNode>>>();
+  const build = (image: string) => {
+    let p = building.get(image);
+    if (!p) {
+      p = (async () => {
+        if (cacheFrom) await seedImages(cacheFrom, graph, [image], { pins: lock, trust });
+        return buildGraph(graph, { ...buildOpts, names: [image], handoff: (n) => n === image });
+      })().finally(() => building.delete(image));
+      building.set(image, p);
+    }
+    return p;
+  };
+  const pools: Record<string, LazyPool> = {};
+  for (const [name, decl] of Object.entries(project.pools)) {
+    const { image, ...opts } = decl;
+    pools[name] = new LazyPool(decl, async () => {
+      const nodes = await build(image);
+      const node = nodes.get(image)!;
+      for (const n of nodes.values()) if (n !== node) await n.handoff?.kill();
+      const failure = firstFailure(nodes);
+      if (failure || !node.snapshot) {
+        await node.handoff?.kill();
+        throw failure ?? new GraphError("GRAPH_UNKNOWN_IMAGE", `pool ${name}: image ${image} was not built`);
+      }
+      log("pool %s: opening on %s (key %s, %s)", name, image, node.key.slice(0, 16), node.status);
+      const img = Image.create(node.snapshot, node.handoff);
+      try {
+        const pool = new FollowingPool(await img.pool(opts), img, node.key, opts, image);
+        if (node.status === "cached" || node.status === "imported" || node.status === "baked") pool.origin = node.status;
+        return pool;
+      } finally {
+        await img.dropHandoff();
+      }
+    });
+  }
+  return withClose(pools, async () => {
+    await Promise.all(Object.values(pools).map((p) => p.shutdown()));
   });
 }

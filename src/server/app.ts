@@ -38,12 +38,14 @@ export interface AppDeps {
   https?: { cert: string | Buffer; key: string | Buffer } | undefined;
   /** The native API's snapshots and build status. */
   native?: NativeState;
+  /** This node's report for fronts (`GET /v1/node`). */
+  node?: () => unknown;
   /** Services of the data plane beyond processes (the filesystem), registered by the caller. */
   extraServices?: (router: import("@connectrpc/connect").ConnectRouter, sandboxOf: (ctx: HandlerContext) => Sandbox) => void;
 }
 
 /** Paths anyone may call (probes and scrapers; the server listens on loopback by default). */
-const OPEN = new Set(["/healthz", "/readyz", "/metrics", "/openapi.json"]);
+const OPEN = new Set(["/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/node"]);
 const CONNECT_PREFIXES = ["/process.Process/", "/filesystem.Filesystem/"];
 const ENVD_PATHS = new Set(["/files"]);
 
@@ -59,7 +61,7 @@ const kSandbox = createContextKey<Sandbox | ServerError | undefined>(undefined);
 
 export function statusOf(err: unknown): number {
   if (err instanceof ServerError) {
-    return { SERVER_UNAUTHORIZED: 401, SERVER_LIMIT: 429, SERVER_NOT_FOUND: 404, SERVER_POOL_UNKNOWN: 404, SERVER_BAD_REQUEST: 400, SERVER_DRAINING: 503, SERVER_STARTING: 503, SERVER_SANDBOX_GONE: 502, SERVER_CONFLICT: 409 }[err.code as string] ?? 500;
+    return { SERVER_UNAUTHORIZED: 401, SERVER_LIMIT: 429, SERVER_NOT_FOUND: 404, SERVER_POOL_UNKNOWN: 404, SERVER_BAD_REQUEST: 400, SERVER_DRAINING: 503, SERVER_STARTING: 503, SERVER_SANDBOX_GONE: 502, SERVER_CONFLICT: 409, SERVER_FULL: 503, SERVER_NO_NODE: 503, SANDBOX_NODE_LOST: 502 }[err.code as string] ?? 500;
   }
   if (err instanceof GuestFileError) return err.code === "ENOENT" ? 404 : err.code === "EACCES" || err.code === "EPERM" ? 403 : 400;
   if (err instanceof OptionError) return 400;
@@ -153,6 +155,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     return why ? reply.code(503).send({ status: "starting", reason: why }) : { status: "ready" };
   });
   app.get("/metrics", async (_req, reply) => reply.type(deps.metrics.contentType).send(await deps.metrics.text()));
+  if (deps.node) app.get("/v1/node", async () => deps.node!());
   app.get("/health", async (req, reply) => {
     const a = auth.get(req.raw);
     if (a) return envdHealth(sandboxOfRequest(req), reply);

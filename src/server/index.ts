@@ -16,11 +16,23 @@ import { ServerMetrics } from "./metrics.js";
 import { SandboxRegistry, poolEntries } from "./sandboxes.js";
 import { buildApp } from "./app.js";
 import { NativeState } from "./native/state.js";
+import { newNodeTag } from "./node-tag.js";
+import { defaultCapacity, defaultNodeName, nodeReport } from "./node.js";
 
 export { ServerError, SERVER_ERROR_CODES, type ServerErrorCode } from "./errors.js";
 export { KeyStore, defaultKeysPath, type KeyRecord } from "./keys.js";
+export { parseListen } from "./listen.js";
+import { parseListen } from "./listen.js";
 
-export interface ServeOptions extends Pick<LoadPoolsOptions, "config" | "cwd" | "cacheFrom" | "cacheTrust" | "watch" | "frozen" | "concurrency"> {
+export interface ServeOptions extends Pick<LoadPoolsOptions, "config" | "cwd" | "cacheFrom" | "cacheTrust" | "watch" | "frozen" | "concurrency" | "lazy" | "bakeOnDemand"> {
+  /** This node's name in a fleet (`GET /v1/node`; default: the hostname). */
+  nodeName?: string;
+  /**
+   * The most sandboxes this node holds at once: creates past it are refused (SERVER_FULL), so a
+   * front places them elsewhere. Without it nothing is refused, and fronts weigh load against
+   * a capacity derived from memory (256 MiB of guest RAM per sandbox in 3/4 of it).
+   */
+  capacity?: number;
   /** `host:port` (default 127.0.0.1:8080; port 0 picks a free one). */
   listen?: string;
   /** The key file (default `$SUPERMACHINE_HOME/server/keys.json`). */
@@ -57,14 +69,6 @@ export interface SupermachineServer {
   close(): Promise<void>;
 }
 
-export function parseListen(listen: string): { host: string; port: number } {
-  const m = listen.match(/^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/) ?? listen.match(/^()()(\d{1,5})$/);
-  const port = m ? Number(m[3]) : NaN;
-  if (!m || port > 65535) {
-    throw new ServerError("SERVER_BAD_REQUEST", `--listen ${JSON.stringify(listen)} is not host:port`, { hint: "for example --listen 127.0.0.1:8080, or 0.0.0.0:8080 to serve other hosts (put TLS in front)" });
-  }
-  return { host: m[1] || m[2] || "127.0.0.1", port };
-}
 
 export async function startServer(options: ServeOptions = {}): Promise<SupermachineServer> {
   const { host, port } = parseListen(options.listen ?? "127.0.0.1:8080");
@@ -82,6 +86,8 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
   let registry: SandboxRegistry | undefined;
   let notReady: string | undefined = "loading the project";
   const native = new NativeState();
+  const nodeTag = newNodeTag();
+  const startedAt = new Date();
   const metrics = new ServerMetrics(
     () => (pools ? Object.fromEntries(poolEntries(pools).map(([n, p]) => [n, p.stats()])) : {}),
     () => registry?.alivePerPool() ?? {},
@@ -94,6 +100,16 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
     logger: options.logLevel === "silent" ? false : { level: options.logLevel ?? "info", stream: options.logStream ?? process.stderr },
     https,
     native,
+    node: () =>
+      nodeReport({
+        name: options.nodeName ?? defaultNodeName(),
+        tag: nodeTag,
+        startedAt,
+        capacity: options.capacity ?? defaultCapacity(),
+        pools: () => pools,
+        registry: () => registry,
+        notReady: () => notReady,
+      }),
   });
   try {
     await app.listen({ host, port });
@@ -119,6 +135,8 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
           ...(options.watch ? { watch: true } : {}),
           ...(options.frozen ? { frozen: true } : {}),
           ...(options.concurrency ? { concurrency: options.concurrency } : {}),
+          ...(options.lazy ? { lazy: true } : {}),
+          ...(options.bakeOnDemand ? { bakeOnDemand: true } : {}),
           onEvent: (e) => {
             if (e.type === "done") metrics.bakes.inc({ status: e.node.status });
             native.builds.record(e);
@@ -134,10 +152,12 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
         ...(options.maxTimeoutMs ? { maxTimeoutMs: options.maxTimeoutMs } : {}),
         metrics,
         ...(options.allowSandboxNetwork ? { allowSandboxNetwork: true } : {}),
+        ...(options.capacity ? { capacity: options.capacity } : {}),
+        nodeTag,
         log: (msg, fields) => app.log.info(fields ?? {}, msg),
       });
       notReady = undefined;
-      app.log.info({ pools: registry.poolNames() }, "ready");
+      app.log.info({ pools: registry.poolNames(), node: options.nodeName ?? defaultNodeName(), tag: nodeTag }, "ready");
     } catch (err) {
       notReady = `the project failed to load: ${(err as Error).message}`;
       throw err;

@@ -18,22 +18,16 @@ import type { KeyRecord } from "./keys.js";
 import type { ServerMetrics } from "./metrics.js";
 import { ProcessTable } from "./processes.js";
 import { parseNetwork } from "../schema/network.js";
+import { newNodeTag, randomAlnum, TAG_LENGTH } from "./node-tag.js";
 
 export const DEFAULT_SANDBOX_TIMEOUT_MS = 300_000;
 export const MAX_SANDBOX_TIMEOUT_MS = 24 * 3_600_000;
 
-const ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789";
+/** 20 characters from [a-z0-9]: 14 from a CSPRNG, then the node's tag (src/server/node-tag.ts). */
+export const newSandboxId = (tag: string): string => randomAlnum(20 - TAG_LENGTH) + tag;
 
-/** 20 characters from [a-z0-9], from a CSPRNG (rejection sampling keeps them uniform). */
-export function newSandboxId(): string {
-  let id = "";
-  while (id.length < 20) {
-    for (const b of randomBytes(32)) {
-      if (b < 252 && id.length < 20) id += ID_ALPHABET[b % 36];
-    }
-  }
-  return id;
-}
+/** A sandbox's data-plane credential: 48 hex digits from a CSPRNG, then the node's tag. */
+export const newAccessToken = (tag: string): string => randomBytes(24).toString("hex") + tag;
 
 /** A project's pools by name (what `loadPools` returns holds `close` beside them). */
 export function poolEntries(pools: Pools): [string, ProjectPool][] {
@@ -120,13 +114,20 @@ export interface SandboxRegistryOptions {
   maxTimeoutMs?: number;
   metrics?: ServerMetrics | undefined;
   log?: (msg: string, fields?: Record<string, unknown>) => void;
+  /** This node's tag, which every id and token it hands out ends with (default: a new one). */
+  nodeTag?: string;
+  /** The most sandboxes this node holds at once (default: no limit); creates past it are refused (SERVER_FULL). */
+  capacity?: number;
 }
 
 export class SandboxRegistry {
+  readonly nodeTag: string;
   private readonly byId = new Map<string, Sandbox>();
   private readonly byToken = new Map<string, Sandbox>();
   /** Creates in flight per key, counted against its limit with the live ones. */
   private readonly creating = new Map<string, number>();
+  /** Creates in flight, all keys. */
+  creatingTotal = 0;
   private draining = false;
   readonly defaultTimeoutMs: number;
   readonly maxTimeoutMs: number;
@@ -137,6 +138,7 @@ export class SandboxRegistry {
   ) {
     this.defaultTimeoutMs = options.defaultTimeoutMs ?? DEFAULT_SANDBOX_TIMEOUT_MS;
     this.maxTimeoutMs = options.maxTimeoutMs ?? MAX_SANDBOX_TIMEOUT_MS;
+    this.nodeTag = options.nodeTag ?? newNodeTag();
     // A VM that dies (the guest crashed, QEMU was killed) ends its sandbox: it is gone for
     // clients as it is for the pool, which replaces the VM. Checked every second (a flag read per
     // sandbox), rather than a callback per sandbox on a VM that a pool may hand out many times.
@@ -191,6 +193,13 @@ export class SandboxRegistry {
         hint: "declare `network` on the pool in the project, or start the server with --allow-sandbox-network",
       });
     }
+    const capacity = this.options.capacity;
+    if (capacity !== undefined && this.byId.size + this.creatingTotal >= capacity) {
+      this.options.metrics?.sandboxCreates.inc({ pool: o.pool, result: "full" });
+      throw new ServerError("SERVER_FULL", `this node holds ${this.byId.size} sandboxes and creates ${this.creatingTotal} more, its capacity is ${capacity}`, {
+        hint: "a front places the create on another node; alone, kill sandboxes or start the server with a higher --capacity",
+      });
+    }
     const held = this.countFor(o.key.id) + (this.creating.get(o.key.id) ?? 0);
     if (o.key.maxSandboxes !== undefined && held >= o.key.maxSandboxes) {
       this.options.metrics?.sandboxCreates.inc({ pool: o.pool, result: "limit" });
@@ -199,6 +208,7 @@ export class SandboxRegistry {
       });
     }
     this.creating.set(o.key.id, (this.creating.get(o.key.id) ?? 0) + 1);
+    this.creatingTotal++;
     const t0 = performance.now();
     let vm: Vm;
     try {
@@ -208,6 +218,7 @@ export class SandboxRegistry {
       throw err;
     } finally {
       this.creating.set(o.key.id, (this.creating.get(o.key.id) ?? 1) - 1);
+      this.creatingTotal--;
     }
     if (network !== "none") {
       if (vm.hasEgress) {
@@ -230,9 +241,9 @@ export class SandboxRegistry {
       throw new ServerError("SERVER_DRAINING", "the server began shutting down while this sandbox was being created", { hint: "retry against another server, or once it is back" });
     }
     const stats = pool.stats();
-    let id = newSandboxId();
-    while (this.byId.has(id)) id = newSandboxId();
-    const sb = new Sandbox(id, o.pool, o.key.id, vm, randomBytes(24).toString("hex"), o.metadata ?? {}, o.env ?? {}, stats.memoryMib, stats.vcpus, timeoutMs, (s) => {
+    let id = newSandboxId(this.nodeTag);
+    while (this.byId.has(id)) id = newSandboxId(this.nodeTag);
+    const sb = new Sandbox(id, o.pool, o.key.id, vm, newAccessToken(this.nodeTag), o.metadata ?? {}, o.env ?? {}, stats.memoryMib, stats.vcpus, timeoutMs, (s) => {
       this.options.log?.("sandbox timed out", { sandbox: s.id, pool: s.pool });
       void this.kill(s.id).catch(() => {});
     });

@@ -61,6 +61,7 @@ function operation(route: RouteSpec): Json {
     summary: route.summary,
     parameters: parameters(route),
     responses,
+    ...(route.open ? { security: [] } : {}),
   };
   if (route.websocket) {
     op.description =
@@ -86,7 +87,7 @@ export function openApiDocument(): Json {
     info: {
       title: "supermachine serve: native API",
       version: "1",
-      description: "A project's pools over HTTP (docs/serve.md). Every /v1 route needs an API key in X-API-KEY or Authorization: Bearer.",
+      description: "A project's pools over HTTP (docs/serve.md). Every /v1 route but GET /v1/node needs an API key in X-API-KEY or Authorization: Bearer.",
     },
     jsonSchemaDialect: "https://json-schema.org/draft/2020-12/schema",
     components: {

@@ -218,9 +218,42 @@ export interface RouteSpec {
   response: { status: number; schema?: z.ZodType; raw?: boolean; sse?: boolean };
   /** A WebSocket upgrade (GET): the framing is in docs/serve.md. */
   websocket?: boolean;
+  /** Needs no key (a node's report for fronts). */
+  open?: boolean;
 }
 
+const poolReport = z.object({
+  name: z.string(),
+  image: z.string(),
+  key: z.string().nullable(),
+  state: z.enum(["open", "closed", "loading", "failed"]),
+  origin: z.enum(["cached", "imported", "baked"]).optional(),
+  error: z.object({ code: z.string().optional(), message: z.string() }).optional(),
+  idle: z.number(),
+  inUse: z.number(),
+  max: z.number(),
+});
+
+/** GET /v1/node (src/server/node.ts). */
+export const nodeReport = z.object({
+  node: z.object({ name: z.string(), tag: z.string(), version: z.string(), startedAt: z.string() }),
+  state: z.enum(["starting", "ready", "draining"]),
+  reason: z.string().optional(),
+  identity: z.record(z.string(), z.unknown()).nullable(),
+  load: z.object({
+    sandboxes: z.number(),
+    creating: z.number(),
+    capacity: z.number(),
+    cpu: z.number(),
+    cores: z.number(),
+    memory: z.object({ totalMib: z.number(), availableMib: z.number() }),
+  }),
+  pools: z.array(poolReport),
+  keys: z.array(z.string()),
+});
+
 export const ROUTES: readonly RouteSpec[] = [
+  { method: "GET", path: "/v1/node", summary: "This node's name, tag, state, host identity, load and pools, for fronts (no key needed)", response: { status: 200, schema: nodeReport }, open: true },
   { method: "GET", path: "/v1/pools", summary: "The project's pools and their stats", response: { status: 200, schema: poolList } },
   { method: "GET", path: "/v1/pools/:name", summary: "One pool's stats", params: z.object({ name }), response: { status: 200, schema: poolInfo } },
   { method: "POST", path: "/v1/sandboxes", summary: "Acquire a VM from a pool (or from a snapshot) as a sandbox", body: createSandbox, response: { status: 201, schema: sandboxInfo } },

@@ -16,6 +16,7 @@ import type { Pool } from "../../runtime/pool.js";
 import { ServerError } from "../errors.js";
 import type { KeyRecord } from "../keys.js";
 import { newSandboxId, type Sandbox } from "../sandboxes.js";
+import { randomAlnum, tagOf } from "../node-tag.js";
 
 export interface BuildStatus {
   name: string;
@@ -88,14 +89,16 @@ export class SnapshotStore {
   private closed = false;
 
   constructor(dir?: string) {
-    this.dir = dir ?? join(homePaths().snapshots, `serve-${process.pid}-${newSandboxId().slice(0, 8)}`);
+    this.dir = dir ?? join(homePaths().snapshots, `serve-${process.pid}-${randomAlnum(8)}`);
   }
 
   /** Captures the sandbox's VM. */
   async take(sb: Sandbox, key: KeyRecord, timeoutMs: number | undefined): Promise<SnapshotRecord> {
     if (this.closed) throw new ServerError("SERVER_DRAINING", "the server is shutting down and takes no snapshots", { hint: "retry against another server" });
-    let id = newSandboxId();
-    while (this.byId.has(id)) id = newSandboxId();
+    // A snapshot lives on the node of the sandbox it was taken from: its id carries that node's tag.
+    const tag = tagOf(sb.id) ?? randomAlnum(6);
+    let id = newSandboxId(tag);
+    while (this.byId.has(id)) id = newSandboxId(tag);
     const dir = join(this.dir, id);
     const image = await sb.vm.snapshot(dir, timeoutMs === undefined ? {} : { timeoutMs });
     const rec: SnapshotRecord = { id, keyId: key.id, pool: sb.pool, createdAt: new Date(), image, dir, user: sb.vm.processDefaults.user };
