@@ -7,7 +7,6 @@
 // Nomad: both job files are parsed (@cdktf/hcl2json) and checked for the same facts.
 import { readFileSync, readdirSync } from "node:fs";
 import { join } from "node:path";
-import { parse as parseHcl } from "@cdktf/hcl2json";
 import fastJsonPatch, { type Operation } from "fast-json-patch";
 import { describe, expect, it } from "vitest";
 import { parseAllDocuments, parse as parseYaml } from "yaml";
@@ -289,7 +288,18 @@ interface HclJob {
 interface HclGroup {
   network?: { port: Record<string, { static?: number; to?: number }[]> }[];
   service?: { name: string; port: string; check: { type: string; path: string }[] }[];
-  task: Record<string, { driver: string; kill_timeout?: string; shutdown_delay?: string; config: { args: string[]; devices?: { host_path: string }[]; mount?: { source: string; target: string }[] }[]; template?: { destination: string }[] }[]>;
+  task: Record<string, { driver: string; kill_timeout?: string; shutdown_delay?: string; config: { args: string[]; devices?: { host_path: string }[]; mount?: { source: string; target: string }[] }[]; template?: { destination: string; env?: boolean; data: string }[] }[]>;
+}
+
+/**
+ * HCL to JSON. The package is imported by a name TypeScript does not resolve: its declarations
+ * reference the DOM library, which would change the fetch and stream types of the whole
+ * type-check (tsconfig.check.json).
+ */
+async function parseHcl(file: string, text: string): Promise<unknown> {
+  const name = "@cdktf/hcl2json";
+  const { parse } = (await import(/* @vite-ignore */ name)) as { parse(file: string, text: string): Promise<unknown> };
+  return parse(file, text);
 }
 
 async function nomadJob(file: string): Promise<[string, HclJob]> {
@@ -358,7 +368,7 @@ describe("deploy/nomad", () => {
     const { args, task } = await checkNomadGroup(group, "nomad front");
     expect(args.get("--front")).toBe(true);
     expect(args.get("--nodes")).toBe("${SUPERMACHINE_NODES}");
-    const tpl = (task.template ?? []) as { env?: boolean; data: string }[];
+    const tpl = task.template ?? [];
     const nodesTpl = tpl.find((t) => t.env && t.data.includes("SUPERMACHINE_NODES="));
     expect(nodesTpl?.data).toContain('nomadService "supermachine-node"');
   });
