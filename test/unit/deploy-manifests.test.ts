@@ -16,9 +16,6 @@ const root = join(import.meta.dirname, "..", "..");
 const k8sDir = join(root, "deploy", "kubernetes");
 const nomadDir = join(root, "deploy", "nomad");
 
-/** The flags of the scale-out work on serve (front and lazy nodes), made in parallel with these manifests. */
-const FLAGS_FROM_FRONT_WORK = ["--front", "--nodes", "--node-port", "--lazy", "--node-name"];
-
 const LISTEN_PORT = 8080;
 const CONFIG_PATH = "/etc/supermachine/supermachine.config.ts";
 const KEYS_PATH = "/etc/supermachine/keys/keys.json";
@@ -107,7 +104,6 @@ function parseArgs(args: string[]): Map<string, string | true> {
 async function checkFlags(args: Map<string, string | true>, where: string): Promise<void> {
   const known = await serveFlags();
   for (const flag of args.keys()) {
-    if (FLAGS_FROM_FRONT_WORK.includes(flag)) continue;
     expect(known.has(flag), `${where}: ${flag} is a flag of supermachine serve`).toBe(true);
   }
 }
