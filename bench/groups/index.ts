@@ -5,6 +5,7 @@ import { cacheGroup } from "./cache.js";
 import { cacheWanGroup } from "./cache-wan.js";
 import { densityGroup } from "./density.js";
 import { egressGroup } from "./egress.js";
+import { fleetGroup } from "./fleet.js";
 import { floodGroup } from "./flood.js";
 import { forkBombGroup } from "./fork-bomb.js";
 import { installGroup } from "./install.js";
@@ -42,6 +43,7 @@ export const GROUPS: readonly BenchGroup[] = [
   watchGroup,
   egressGroup,
   serveGroup,
+  fleetGroup,
   cacheGroup,
   cacheWanGroup,
   staleLockGroup,
