@@ -75,9 +75,9 @@ export function hostCpuFlags(): string[] {
  * This host's identity for VMs under `accel` (default: the accelerator the engine would use now),
  * with the CPU model `SUPERMACHINE_CPU` gives now.
  */
-export function hostIdentity(accel?: Accel): HostIdentity {
-  const a = accel ?? chooseAccel().accel;
-  const cpu = cpuModel(a);
+export function hostIdentity(accel?: Accel, env: NodeJS.ProcessEnv = process.env): HostIdentity {
+  const a = accel ?? chooseAccel(env).accel;
+  const cpu = cpuModel(a, env);
   return { qemu: qemuIdentity(), machine: MACHINE_TYPE, accel: a, cpu, ...(passesHostCpu(a, cpu) ? { cpuFlags: hostCpuFlags() } : {}) };
 }
 
