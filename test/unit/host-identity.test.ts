@@ -2,6 +2,7 @@
 // fingerprints without machine/cpu included), the recipe key that leaves exactly the host fields
 // out, and the -cpu model SUPERMACHINE_CPU gives.
 import { describe, expect, it } from "vitest";
+import { diffInputs } from "../../src/graph/keys.js";
 import { cpuModel, hostCpuFlags, KVM_BASELINE_CPU, passesHostCpu } from "../../src/engine/identity.js";
 import { describeDifference, HOST_FIELDS, hostDifferences, hostMismatch, recipeKeyOf, type HostIdentity } from "../../src/schema/host.js";
 import { keyOf, type EngineFingerprint, type SnapshotInputs } from "../../src/schema/key.js";
@@ -111,5 +112,19 @@ describe("the -cpu model", () => {
     expect(passesHostCpu("tcg", "max")).toBe(false);
     const flags = hostCpuFlags();
     expect(flags).toEqual([...new Set(flags)].sort());
+  });
+});
+
+describe("why names a change of host", () => {
+  it("names engine.cpu and engine.machine, and the CPU flags by those only one side has", () => {
+    const kvm: EngineFingerprint = { ...engine, accel: "kvm", cpu: "host", cpuFlags: ["avx", "avx2", "fpu"] };
+    const changes = diffInputs({ inputs: inputs(kvm) }, { inputs: inputs({ ...kvm, machine: "q35", cpuFlags: ["avx", "avx512f", "fpu"] }) });
+    expect(changes).toEqual([
+      { input: "engine.cpuFlags", before: ["avx2"], after: ["avx512f"] },
+      { input: "engine.machine", before: "microvm", after: "q35" },
+    ]);
+    const old = { ...engine } as Partial<EngineFingerprint>;
+    delete old.cpu;
+    expect(diffInputs({ inputs: inputs(old as EngineFingerprint) }, { inputs: inputs(engine) })).toEqual([{ input: "engine.cpu", before: null, after: "max" }]);
   });
 });
