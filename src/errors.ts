@@ -62,10 +62,14 @@ export const IMAGE_ERROR_CODES = [
   "IMAGE_LAYER_MEDIA_TYPE_UNSUPPORTED", "IMAGE_LAYER_NAME_TOO_LONG", "IMAGE_LAYER_TOO_LARGE", "IMAGE_LAYER_TOO_MANY_ENTRIES",
   "IMAGE_LAYER_UNSAFE", "IMAGE_LAYOUT_INVALID", "IMAGE_LAYOUT_NOT_FOUND", "IMAGE_LISTENER_TIMEOUT", "IMAGE_MANIFEST_INVALID",
   "IMAGE_MEDIA_TYPE_UNSUPPORTED", "IMAGE_NOT_PRESENT", "IMAGE_NO_WORKLOAD", "IMAGE_PIN_INVALID", "IMAGE_PLATFORM_MISMATCH", "IMAGE_PLATFORM_UNSUPPORTED",
-  "IMAGE_SQUASHFS_FAILED", "IMAGE_TAG_NOT_FOUND", "IMAGE_TAG_REQUIRED", "SNAPSHOT_DAMAGED", "SNAPSHOT_NOT_FOUND",
+  "IMAGE_SQUASHFS_FAILED", "IMAGE_TAG_NOT_FOUND", "IMAGE_TAG_REQUIRED", "SNAPSHOT_DAMAGED", "SNAPSHOT_HOST_MISMATCH", "SNAPSHOT_NOT_FOUND",
 ] as const;
 export type ImageErrorCode = (typeof IMAGE_ERROR_CODES)[number];
-/** An image could not be read, verified or converted; or the snapshot an Image opens is missing or damaged. */
+/**
+ * An image could not be read, verified or converted; or the snapshot an Image opens is missing,
+ * damaged, or was made on another host (SNAPSHOT_HOST_MISMATCH: another QEMU, machine type,
+ * accelerator or CPU model; also when a cache has an image only for another host).
+ */
 export class ImageError extends SupermachineError<ImageErrorCode> {}
 
 export const ENGINE_ERROR_CODES = [
@@ -92,7 +96,7 @@ export type AgentErrorCode = (typeof AGENT_ERROR_CODES)[number];
 export class AgentError extends SupermachineError<AgentErrorCode> {}
 
 export const OPTION_ERROR_CODES = [
-  "OPTION_ACCEL_INVALID", "OPTION_EXTRA_FILE_INVALID", "OPTION_EXTRA_FILE_MISSING", "OPTION_FILE_TOO_LARGE", "OPTION_INVALID",
+  "OPTION_ACCEL_INVALID", "OPTION_CPU_INVALID", "OPTION_EXTRA_FILE_INVALID", "OPTION_EXTRA_FILE_MISSING", "OPTION_FILE_TOO_LARGE", "OPTION_INVALID",
   "OPTION_MEMORY_INVALID", "OPTION_MISSING", "OPTION_REF_REQUIRED", "OPTION_UNKNOWN", "OPTION_VCPUS_INVALID",
 ] as const;
 export type OptionErrorCode = (typeof OPTION_ERROR_CODES)[number];

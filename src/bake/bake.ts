@@ -143,7 +143,7 @@ async function bakeInto(tmp: string, req: BakeRequest): Promise<{ meta: Snapshot
     memoryMib: req.memoryMib,
     vcpus: req.vcpus,
     memoryFile: { path: ram, shared: true },
-    ...(req.parent ? { incomingState: req.parent.state } : {}),
+    ...(req.parent ? { incomingState: req.parent.state, capturedBy: { engine: req.parent.meta.inputs.engine, what: `the snapshot of its parent ${req.parent.dir}` } } : {}),
     ...(req.bootTimeoutMs ? { bootTimeoutMs: req.bootTimeoutMs } : {}),
   }).catch((err: unknown) => {
     bakeLog.line(`boot failed: ${(err as Error).message}`);

@@ -17,6 +17,7 @@ import { resolveImage } from "../image/resolve.js";
 import type { BuildProgress } from "../schema/image.js";
 import type { BuiltImage, FetchRequest } from "../schema/events.js";
 import type { SnapshotInputs, SnapshotSources } from "../schema/key.js";
+import { recipeKeyOf } from "../schema/host.js";
 import { execDefaults } from "../session/env.js";
 import { damageReason, isDamaged, loadSnapshot, quarantineSnapshot, type LoadedSnapshot, type SnapshotMeta, type WorkloadSpec } from "../store/snapshots.js";
 import { AccelMismatch, ensureBaked } from "./bake.js";
@@ -27,6 +28,8 @@ const log = logger("build");
 /** A node of a build as the library keeps it: the public BuiltImage, with its key inputs, what it runs, its snapshot and the baked VM. */
 export interface BuiltNode extends BuiltImage {
   inputs: SnapshotInputs;
+  /** Its key without the host's part (src/schema/host.ts): what a cache has it under for any host. */
+  recipeKey: string;
   sources: SnapshotSources;
   /** What the image is and runs (children inherit both), known even when not baked. */
   image?: SnapshotMeta["image"];
@@ -120,8 +123,9 @@ export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, m
       engine: engineFingerprint(),
     });
     const key = keyOf(inputs);
+    const recipeKey = recipeKeyOf(inputs, parent ? parent.recipeKey : null);
     const dir = join(opts.snapshotsDir, dirName(spec, key));
-    const base = { name: spec.name, key, parent: spec.parent, ms: 0, dir, inputs, sources, image, workload };
+    const base = { name: spec.name, key, recipeKey, parent: spec.parent, ms: 0, dir, inputs, sources, image, workload };
     let damaged: BuiltNode["damaged"];
     let cacheError: BuiltNode["cacheError"];
     if (!opts.force && (opts.dryRun || opts.frozen || opts.fetch)) {
@@ -140,13 +144,13 @@ export async function buildNode(spec: NodeSpec, parent: BuiltNode | undefined, m
       if (opts.fetch && !opts.dryRun) {
         let fetched = false;
         try {
-          fetched = await opts.fetch({ name: spec.name, key, dir, inputs, sources, expect: { workload, image: { digest: image.digest, config: image.config } } });
+          fetched = await opts.fetch({ name: spec.name, key, recipeKey, dir, inputs, sources, expect: { workload, image: { digest: image.digest, config: image.config } } });
         } catch (err) {
-          // A cache that cannot give this snapshot (refused, damaged, unreachable) is not a reason
-          // to fail the build: the image is baked instead, and the cause reported. A frozen build
-          // bakes nothing, so there it is the error.
+          // A cache that cannot give this snapshot (refused, damaged, unreachable, or made for
+          // another host) is not a reason to fail the build: the image is baked instead, and the
+          // cause reported. A frozen build bakes nothing, so there it is the error.
           const code = (err as { code?: unknown }).code;
-          if (opts.frozen || opts.signal?.aborted || typeof code !== "string" || !/^(CACHE|REGISTRY)_/.test(code)) throw err;
+          if (opts.frozen || opts.signal?.aborted || typeof code !== "string" || !/^(CACHE|REGISTRY)_|^SNAPSHOT_HOST_MISMATCH$/.test(code)) throw err;
           cacheError = { code, message: (err as Error).message };
           log("%s: not imported (%s): baking it", spec.name, cacheError.message);
           onProgress({ phase: "cache-refused", code, reason: cacheError.message });

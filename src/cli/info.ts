@@ -39,7 +39,7 @@ async function info(json: boolean): Promise<number> {
     confinement: await confinementReport(qemuBinary()),
     artifacts,
     /** What snapshot keys record of the engine. */
-    fingerprint: "error" in artifacts ? null : engineFingerprint(),
+    fingerprint: "error" in artifacts ? null : fingerprintOrError(),
   };
   if (json) {
     writeJson(report, true);
@@ -52,6 +52,9 @@ async function info(json: boolean): Promise<number> {
         `sandbox:     ${describeSandbox(report.confinement)}`,
         `qemu user:   ${report.confinement.qemuUser.name}${report.confinement.qemuUser.uid !== null ? ` (uid ${report.confinement.qemuUser.uid})` : ""}${report.confinement.qemuUser.dropped ? ", unprivileged" : ""}`,
         ...(report.confinement.error ? [`error:       VMs cannot start: ${report.confinement.error}`] : []),
+        ...(report.fingerprint && "cpu" in report.fingerprint
+          ? [`identity:    machine ${report.fingerprint.machine}, -cpu ${report.fingerprint.cpu}${report.fingerprint.cpuFlags ? `, this CPU's ${report.fingerprint.cpuFlags.length} flags` : ""} (snapshots restore on hosts alike: supermachine doctor)`]
+          : report.fingerprint ? [`identity:    ${report.fingerprint.error}`] : []),
         ...("error" in artifacts
           ? [`artifacts:   ${artifacts.error}`]
           : [`kernel:      ${artifacts.kernel}`, `agent:       ${artifacts.initramfs} (v${artifacts.agentVersion})`]),
@@ -59,6 +62,15 @@ async function info(json: boolean): Promise<number> {
     );
   }
   return "error" in artifacts || report.confinement.error ? 1 : 0;
+}
+
+/** The engine fingerprint, or why it cannot be made (SUPERMACHINE_CPU or SUPERMACHINE_ACCEL not usable). */
+function fingerprintOrError(): ReturnType<typeof engineFingerprint> | { error: string } {
+  try {
+    return engineFingerprint();
+  } catch (e) {
+    return { error: e instanceof SupermachineError ? e.describe() : String(e) };
+  }
 }
 
 function describeSandbox(c: Awaited<ReturnType<typeof confinementReport>>): string {

@@ -8,6 +8,7 @@ import semver from "semver";
 import { ACCELS, decideAccel, hasHardwareVirt, type HostAccelFacts } from "../engine/accel.js";
 import type { NativeArtifacts } from "../engine/artifacts.js";
 import type { ConfinementReport } from "../engine/confine.js";
+import type { HostIdentity } from "../schema/host.js";
 
 export type CheckStatus = "pass" | "warn" | "fail";
 
@@ -21,6 +22,8 @@ export interface Check {
 
 export interface DoctorReport {
   checks: Check[];
+  /** This host's identity as snapshots record it (null when it cannot be read: see the identity check). */
+  identity: HostIdentity | null;
   /** No check failed (warnings allowed). */
   ok: boolean;
 }
@@ -333,4 +336,27 @@ export function checkSandbox(c: ConfinementReport): Check {
   }
   const user = c.qemuUser.dropped ? `QEMU runs as ${who}, unprivileged` : `QEMU runs as ${who}, this process's user`;
   return { id, status: "pass", summary: `on (seccomp), ${user}`, detail: `-sandbox ${c.sandboxOptions}` };
+}
+
+// ---- host identity -------------------------------------------------------------------------------
+
+/**
+ * What a snapshot made here records of the host (src/engine/identity.ts), and so where it can be
+ * restored: hosts of the same QEMU build, machine type, accelerator and CPU model (and, with
+ * `-cpu host`, the same CPU flags). Fails when SUPERMACHINE_CPU (or SUPERMACHINE_ACCEL) is not usable.
+ */
+export function checkIdentity(f: { identity: HostIdentity } | { error: string; hint?: string | undefined }): Check {
+  const id = "identity";
+  if ("error" in f) return { id, status: "fail", summary: `this host's identity cannot be read: ${f.error}`, ...(f.hint ? { fix: f.hint } : {}) };
+  const h = f.identity;
+  const summary = `snapshots made here restore on hosts with ${h.qemu}, machine ${h.machine}, accel ${h.accel}, -cpu ${h.cpu}`;
+  if (h.cpuFlags) {
+    return {
+      id,
+      status: "pass",
+      summary: `${summary} and this CPU's ${h.cpuFlags.length} flags`,
+      detail: `cpu flags: ${h.cpuFlags.join(" ")}\n-cpu ${h.cpu} passes this host's CPU through: its snapshots move only to hosts with exactly these flags (a homogeneous fleet); unset SUPERMACHINE_CPU for the baseline model, whose snapshots move across mixed hosts`,
+    };
+  }
+  return { id, status: "pass", summary, detail: h.accel === "kvm" ? "a named CPU model with enforce: a host that lacks one of its features refuses to start it" : "TCG: the guest CPU is defined by the QEMU build and the model alone" };
 }

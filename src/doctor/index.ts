@@ -1,6 +1,6 @@
 /**
  * `supermachine doctor`: reads the host's facts (Node, QEMU, CPU flags and /dev/kvm, the guest
- * artifacts, the cache directory, QEMU's confinement) and judges them with the checks of
+ * artifacts, the cache directory, QEMU's confinement, the host identity snapshots record) and judges them with the checks of
  * `./checks.ts`. Reads only: it creates, tightens or builds nothing.
  */
 import { spawnSync } from "node:child_process";
@@ -11,6 +11,7 @@ import { PROTOCOL_VERSION } from "../agent/protocol.js";
 import { hasHardwareVirt, hostAccelFacts } from "../engine/accel.js";
 import { nativeArtifacts, packageRoot } from "../engine/artifacts.js";
 import { confinementReport } from "../engine/confine.js";
+import { hostIdentity, type HostIdentity } from "../engine/identity.js";
 import { qemuBinary } from "../engine/qemu-binary.js";
 import { SupermachineError } from "../errors.js";
 import { supermachineHome } from "../paths.js";
@@ -26,6 +27,7 @@ import {
   checkKvmGroup,
   checkNode,
   checkQemu,
+  checkIdentity,
   checkSandbox,
   kernelVersionOf,
 } from "./checks.js";
@@ -47,7 +49,17 @@ export async function runDoctor(env: NodeJS.ProcessEnv = process.env): Promise<D
     checkDiskSpace(diskFacts(home)),
     checkSandbox(await confinementReport(qemuBinary(), env)),
   ];
-  return { checks, ok: checks.every((c) => c.status !== "fail") };
+  const identity = identityFacts(env);
+  checks.push(checkIdentity(identity));
+  return { checks, identity: "identity" in identity ? identity.identity : null, ok: checks.every((c) => c.status !== "fail") };
+}
+
+function identityFacts(env: NodeJS.ProcessEnv): { identity: HostIdentity } | { error: string; hint: string | undefined } {
+  try {
+    return { identity: hostIdentity(undefined, env) };
+  } catch (e) {
+    return { error: e instanceof Error ? e.message : String(e), hint: e instanceof SupermachineError ? e.hint : undefined };
+  }
 }
 
 function packageEngines(): string | undefined {

@@ -31,6 +31,11 @@ export interface VmSpec {
   memoryFile?: { path: string; shared: boolean };
   /** Restore: start paused and load this device-state file (QEMU migration stream) first. */
   incomingState?: string;
+  /**
+   * The engine that captured `incomingState` (its snapshot's `inputs.engine`): a host that
+   * differs (./identity.ts) refuses the restore with SNAPSHOT_HOST_MISMATCH before QEMU starts.
+   */
+  capturedBy?: { engine: unknown; what: string };
   /** The state file is a complete stream with the RAM in it (`snapshot({ includeRam })`). */
   incomingHasRam?: boolean;
   /** Aborting it while the VM starts (spawn, restore, first answer) kills the process and rejects the start. */
@@ -83,6 +88,9 @@ const FDSET = { rootfs: 1, console: 2 } as const;
 
 export function qemuArgs(o: {
   accel: Accel;
+  /** The machine type and the `-cpu` argument (./identity.ts: `hostIdentity`). */
+  machine: string;
+  cpu: string;
   memoryMib: number;
   vcpus: number;
   qmpSock: string;
@@ -98,7 +106,7 @@ export function qemuArgs(o: {
 }): string[] {
   // The PIT, PIC and RTC stay: without the PIT the guest cannot calibrate its TSC under TCG,
   // without the PIC it hangs early, without the RTC it stalls a second and starts in 1970.
-  const machine = "microvm,acpi=off,x-option-roms=off" + (o.memoryFile ? ",memory-backend=mem" : "");
+  const machine = `${o.machine},acpi=off,x-option-roms=off` + (o.memoryFile ? ",memory-backend=mem" : "");
   const memory = o.memoryFile
     ? [
         "-object",
@@ -111,7 +119,7 @@ export function qemuArgs(o: {
     ...(o.incoming ? ["-incoming", "defer"] : []),
     "-M", machine,
     "-accel", o.accel === "kvm" ? "kvm" : "tcg",
-    "-cpu", o.accel === "kvm" ? "host" : "max",
+    "-cpu", o.cpu,
     "-m", String(o.memoryMib),
     "-smp", String(o.vcpus),
     "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",

@@ -16,10 +16,12 @@ import { logger } from "../debug.js";
 import { EngineError } from "../errors.js";
 import { keepLog, logPathFor } from "../failure-logs.js";
 import { runtimeRoot } from "../paths.js";
+import { hostDifferences, hostMismatch } from "../schema/host.js";
 import type { Accel } from "./accel.js";
 import { kernelCmdline, qemuArgs, type VmSpec } from "./argv.js";
 import { checkConfined, checkRuntimeRoot, confinement, type Confinement, grantQemu, setprivArgs } from "./confine.js";
 import { describeFailure, failureHint, STDERR_TAIL } from "./console.js";
+import { hostIdentity } from "./identity.js";
 import { acceptOnce, listening, restoreState, shareSocket, sleep } from "./migration.js";
 import { installExitHook, registerProcess, RUN_DIR_PREFIX, unregisterProcess } from "./processes.js";
 import { qemuBinary } from "./qemu-binary.js";
@@ -155,6 +157,10 @@ export class PendingVm {
     if (!existsSync(spec.rootfs)) {
       throw new EngineError("ENGINE_ROOTFS_MISSING", `root filesystem image ${spec.rootfs} does not exist`);
     }
+    // This host as QEMU will be: a restore of a snapshot made on another one stops here.
+    const host = hostIdentity(accel);
+    const diffs = spec.capturedBy ? hostDifferences(spec.capturedBy.engine, host) : [];
+    if (diffs.length) throw hostMismatch(spec.capturedBy!.what, diffs);
     installExitHook();
     const qemu = qemuBinary();
     const conf = await confinement(qemu);
@@ -196,6 +202,8 @@ export class PendingVm {
       agentL = acceptOnce(agentSock);
       args = qemuArgs({
         accel,
+        machine: host.machine,
+        cpu: host.cpu,
         memoryMib: spec.memoryMib,
         vcpus: spec.vcpus,
         qmpSock,

@@ -38,7 +38,11 @@ export function nodeInputs(spec: NodeSpec, p: KeyParts): SnapshotInputs {
 export { keyOf };
 
 export interface InputChange {
-  /** `ref`, `image`, `lock:<ref>`, `parent`, `memoryMib`, `extraFiles:/srv/x`, `module`, `module:lib/prepare.ts`, `package:zod`, `engine.qemu`, ... */
+  /**
+   * `ref`, `image`, `lock:<ref>`, `parent`, `memoryMib`, `extraFiles:/srv/x`, `module`,
+   * `module:lib/prepare.ts`, `package:zod`, `engine.qemu`, `engine.cpu`, `engine.machine`, ...;
+   * `engine.cpuFlags` has the flags only the last bake's host had (before) and only this one has (after).
+   */
   input: string;
   before: unknown;
   after: unknown;
@@ -89,7 +93,13 @@ export function diffInputs(before: { inputs: SnapshotInputs; sources?: SnapshotS
         const x = (a[k] ?? {}) as Record<string, unknown>;
         const y = (b[k] ?? {}) as Record<string, unknown>;
         for (const e of [...new Set([...Object.keys(x), ...Object.keys(y)])].sort()) {
-          if (!same(x[e], y[e])) changes.push({ input: `engine.${e}`, before: x[e] ?? null, after: y[e] ?? null });
+          if (same(x[e], y[e])) continue;
+          // The host's CPU flags are a long list: named by the flags only one side has.
+          if (e === "cpuFlags" && Array.isArray(x[e]) && Array.isArray(y[e])) {
+            const bx = new Set(x[e] as string[]);
+            const by = new Set(y[e] as string[]);
+            changes.push({ input: "engine.cpuFlags", before: [...bx].filter((f) => !by.has(f)), after: [...by].filter((f) => !bx.has(f)) });
+          } else changes.push({ input: `engine.${e}`, before: x[e] ?? null, after: y[e] ?? null });
         }
         break;
       }

@@ -153,6 +153,7 @@ function unbuilt(spec: NodeSpec, status: "failed" | "skipped", error: Error): Bu
   return {
     name: spec.name,
     key: "",
+    recipeKey: "",
     status,
     parent: spec.parent,
     ms: 0,

@@ -42,8 +42,9 @@ export function importSnapshots(src: string, keys: string[], opts: Omit<ImportOp
  * A `BuildOptions.fetch` hook: a node that is not baked here is imported from `src` (a
  * directory or a registry repository) into the build's directory for it, if a key in `trust`
  * signed it (or any, with `"unsigned"`) and it runs exactly what the build computed for the
- * node. Resolves false when the cache does not have it, and throws the CacheError or
- * RegistryError when it cannot be imported; a build then bakes the node (reporting the error as
+ * node. Resolves false when the cache does not have it, throws SNAPSHOT_HOST_MISMATCH when it
+ * has the image only as made on another host (another QEMU, machine type, accelerator or CPU:
+ * found by its recipe key), and the CacheError or RegistryError when it cannot be imported; a build then bakes the node (reporting the error as
  * its `cacheError`), or, frozen, fails it with that error.
  */
 export function fetchFromCache(src: string, snapshotsDir?: string, opts: TransferOptions & { trust?: CacheTrust | undefined } = {}): (req: FetchRequest) => Promise<boolean> {
@@ -54,6 +55,7 @@ export function fetchFromCache(src: string, snapshotsDir?: string, opts: Transfe
       ...(trust !== undefined ? { trust } : {}),
       snapshotsDir: snapshotsDir ?? dirname(req.dir),
       dirs: new Map([[req.key, req.dir]]),
+      recipes: new Map([[req.key, req.recipeKey]]),
       expect: new Map([[req.key, req.expect]]),
     });
     const entry = report.snapshots.find((s) => s.key === req.key);

@@ -8,6 +8,7 @@ import { resolve as resolvePath } from "node:path";
 import { buildNode } from "../bake/node.js";
 import { buildImageGraph } from "../graph/graph.js";
 import { chooseAccel } from "../engine/accel.js";
+import { checkSnapshotHost } from "../engine/identity.js";
 import type { AccelChoice } from "../schema/key.js";
 import type { MicroVm, VmSpec } from "../engine/qemu.js";
 import { BuildError, ImageError, OptionError } from "../errors.js";
@@ -109,7 +110,11 @@ export class Image {
     return Image.create(node.snapshot!, node.handoff, rebuild);
   }
 
-  /** Opens a snapshot directory made by `Image.build` (or `vm.snapshot`), after verifying it. */
+  /**
+   * Opens a snapshot directory made by `Image.build` (or `vm.snapshot`), after verifying it; one
+   * made on another host (QEMU, machine type, accelerator, CPU model) is refused here, with
+   * SNAPSHOT_HOST_MISMATCH, before any VM starts.
+   */
   static async fromSnapshot(path: string): Promise<Image> {
     const snap = await loadSnapshot(path);
     if (!snap) {
@@ -117,6 +122,7 @@ export class Image {
         hint: "pass the directory Image.build baked into: image.snapshotPath",
       });
     }
+    checkSnapshotHost(snap.meta.inputs.engine, `snapshot ${path}`);
     return Image.create(snap);
   }
 
@@ -163,7 +169,7 @@ export class Image {
       log("pool shape %d MiB/%d vCPU differs from the snapshot (%d/%d): VMs boot cold", memoryMib, vcpus, snap.meta.memoryMib, snap.meta.vcpus);
       return base;
     }
-    return { ...base, memoryFile: { path: snap.ram, shared: false }, incomingState: snap.state };
+    return { ...base, memoryFile: { path: snap.ram, shared: false }, incomingState: snap.state, capturedBy: { engine: snap.meta.inputs.engine, what: `snapshot ${snap.dir}` } };
   }
 
   /**

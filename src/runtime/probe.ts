@@ -24,6 +24,7 @@ export async function probeRestore(snap: LoadedSnapshot, opts: { timeoutMs?: num
       bootTimeoutMs: opts.timeoutMs ?? 30_000,
       memoryFile: { path: snap.ram, shared: false },
       incomingState: snap.state,
+      capturedBy: { engine: snap.meta.inputs.engine, what: `snapshot ${snap.dir}` },
       ...(opts.signal ? { signal: opts.signal } : {}),
     });
     const ms = Math.round(performance.now() - t0);

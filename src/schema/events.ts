@@ -36,6 +36,11 @@ export type BuildEvent<N extends BuiltImage = BuiltImage> =
 export interface FetchRequest {
   name: string;
   key: string;
+  /**
+   * The key without the host's part (QEMU, machine type, accelerator, CPU): a cache that has
+   * this but not `key` has the image for another host (`fetchFromCache` then says which).
+   */
+  recipeKey: string;
   /** Where the snapshot must appear (published atomically) if the cache has it. */
   dir: string;
   inputs: SnapshotInputs;

@@ -5,6 +5,7 @@
  * snapshot and checks a loaded one against its key), so that neither imports the other.
  */
 import { createHash } from "node:crypto";
+import type { HostIdentity } from "./host.js";
 import type { KeyedOptions } from "./options.js";
 
 /** The accelerator a VM runs under. */
@@ -19,12 +20,13 @@ export interface AccelChoice {
   forced: boolean;
 }
 
-/** What the engine is made of: a snapshot restores only into the QEMU, guest kernel and agent that made it, under the accelerator it ran on. */
-export interface EngineFingerprint {
-  /** QEMU binary identity (path, size, mtime). */
-  qemu: string;
-  /** The accelerator VMs run under: the one a VM actually used, or the engine's current choice. */
-  accel: Accel;
+/**
+ * What the engine is made of: a snapshot restores only into the QEMU, machine type, CPU model,
+ * guest kernel and agent that made it, under the accelerator it ran on. The host's part
+ * (`HostIdentity`: qemu, machine, accel, cpu, cpuFlags) is compared field by field by
+ * `hostDifferences` (./host.ts).
+ */
+export interface EngineFingerprint extends HostIdentity {
   kernelKey: string;
   agentKey: string;
   agentVersion: string;

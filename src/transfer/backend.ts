@@ -1,7 +1,8 @@
 /**
  * Where snapshot artifacts are kept: a directory (an OCI image layout) or a repository of an OCI
- * registry. Both store content-addressed blobs and one manifest per snapshot key; the exporter
- * and importer only speak this interface.
+ * registry. Both store content-addressed blobs and one manifest per snapshot key (found also by
+ * its recipe key: the same image made on another host); the exporter and importer only speak
+ * this interface.
  */
 import type { RegistryOptions } from "../registry/client.js";
 import { CacheError } from "./errors.js";
@@ -26,9 +27,13 @@ export interface CacheBackend {
   readManifest(key: string): Promise<Buffer | undefined>;
   /**
    * Records the manifest of snapshot `key` (its blobs are all there already); `tagImage`: also
-   * mark it as carrying its image's root filesystem unless another snapshot does already.
+   * mark it as carrying its image's root filesystem unless another snapshot does already;
+   * `recipeKey`: also record it under its recipe key (src/schema/host.ts), replacing the
+   * snapshot of the same recipe made on another host.
    */
-  writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest, opts: { tagImage: boolean }): Promise<void>;
+  writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest, opts: { tagImage: boolean; recipeKey?: string | undefined }): Promise<void>;
+  /** The manifest of the snapshot last recorded under recipe key `recipeKey` (unverified), or undefined. */
+  readRecipeManifest(recipeKey: string): Promise<Buffer | undefined>;
   /** A manifest of some snapshot that carries the root filesystem of image `digest`, if any. */
   readImageManifest(imageDigest: string): Promise<Buffer | undefined>;
   /** Blob operations at once that suit it (a registry gains from parallel requests). */

@@ -1,10 +1,11 @@
 /**
  * What an importer checks of a snapshot's config beyond its key: the engine must be this
- * machine's, and everything that decides what its VMs do must agree with its key's inputs (and,
+ * machine's (its host part compared by src/schema/host.ts), and everything that decides what its VMs do must agree with its key's inputs (and,
  * when the importer computed them itself, with its own values): the memory and vCPUs QEMU is
  * given, the RAM size that follows from them, the workload's command and environment, the image.
  * A cache that changes any of them under an honest key is refused by name.
  */
+import { hostDifferences, hostMismatch, withoutHost } from "../schema/host.js";
 import { hashEnvValue, stableJson, type EngineFingerprint } from "../schema/key.js";
 import type { SnapshotMeta } from "../store/snapshots.js";
 import { CacheError } from "./errors.js";
@@ -60,23 +61,26 @@ export function checkChild(s: SnapshotConfig, parent: SnapshotMeta, what: string
   if (canon(s.workload) !== canon(parent.workload)) throw refuse(what, "its workload is not its parent's");
 }
 
-const FIELD_NAMES: Record<string, string> = { kernelKey: "kernel", agentKey: "agent", agentVersion: "agent", qemu: "qemu", accel: "accel" };
+const FIELD_NAMES: Record<string, string> = { kernelKey: "kernel", agentKey: "agent", agentVersion: "agent" };
 
-/** The snapshot's engine must be this machine's, field by field (and its accelerator usable here). */
+/**
+ * The snapshot's engine must be this machine's, field by field: the host's part (QEMU, machine
+ * type, accelerator, CPU model and flags) under the accelerator VMs use now, refused as
+ * SNAPSHOT_HOST_MISMATCH naming every field that differs; then the guest kernel and agent
+ * (CACHE_ENGINE_MISMATCH).
+ */
 export function checkEngine(theirs: EngineFingerprint, engine: LocalEngine, what: string): void {
-  const here = engine.fingerprint(theirs.accel);
-  const mismatch = (field: string, a: unknown, b: unknown) =>
-    new CacheError("CACHE_ENGINE_MISMATCH", `${what} was made by another engine: its ${field} is ${JSON.stringify(a)}, this machine's is ${JSON.stringify(b)}`, {
-      hint: "a snapshot restores only into the kernel, agent and QEMU that made it: bake it here (supermachine build), or share caches between machines set up alike",
-    });
-  const t = theirs as unknown as Record<string, unknown>;
-  const h = here as unknown as Record<string, unknown>;
+  const here = engine.fingerprint(engine.accelNow());
+  const diffs = hostDifferences(theirs, here);
+  if (diffs.length) throw hostMismatch(what, diffs);
+  const t = withoutHost(theirs);
+  const h = withoutHost(here);
   for (const k of [...new Set([...Object.keys(h), ...Object.keys(t)])]) {
-    if (t[k] !== h[k]) throw mismatch(FIELD_NAMES[k] ?? k, t[k], h[k]);
-  }
-  if (theirs.accel === "kvm") {
-    const now = engine.accelNow();
-    if (now !== "kvm") throw mismatch("accel", "kvm", now);
+    if (canon(t[k]) !== canon(h[k])) {
+      throw new CacheError("CACHE_ENGINE_MISMATCH", `${what} was made by another engine: its ${FIELD_NAMES[k] ?? k} is ${JSON.stringify(t[k])}, this machine's is ${JSON.stringify(h[k])}`, {
+        hint: "a snapshot restores only into the kernel and agent that made it: bake it here (supermachine build), or share caches between machines set up alike",
+      });
+    }
   }
 }
 

@@ -1,6 +1,6 @@
 /**
  * A snapshot cache in a directory, laid out as an OCI image layout: `oci-layout`, `index.json`
- * (one entry per snapshot, annotated with its key and name) and `blobs/sha256/<hex>`. Blobs are
+ * (one entry per snapshot, annotated with its key, name and recipe key) and `blobs/sha256/<hex>`. Blobs are
  * written to a temp file, fsynced and renamed into place, and never written again once there;
  * index.json is rewritten the same way under a lock (the store's publish helper), so concurrent
  * exports into one directory keep every entry.
@@ -166,7 +166,13 @@ export class DirBackend implements CacheBackend {
     return e ? this.readBlob(e.digest, LIMITS.manifestBytes, `manifest of a snapshot of image ${imageDigest}`) : undefined;
   }
 
-  async writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest, _opts: { tagImage: boolean }): Promise<void> {
+  async readRecipeManifest(recipeKey: string): Promise<Buffer | undefined> {
+    // The last entry of that recipe: the one exported last (entries are appended).
+    const e = (await this.readIndex()).manifests.filter((m) => m.artifactType === MEDIA.artifact && m.annotations?.[ANNOTATIONS.recipe] === recipeKey).pop();
+    return e ? this.readBlob(e.digest, LIMITS.manifestBytes, `manifest of a snapshot of recipe ${recipeKey}`) : undefined;
+  }
+
+  async writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest, opts: { tagImage: boolean; recipeKey?: string | undefined }): Promise<void> {
     await this.init();
     const digest = digestOf(bytes);
     if ((await this.blobSize(digest)) !== bytes.length) await this.writeBlob(digest, bytes);
@@ -187,6 +193,7 @@ export class DirBackend implements CacheBackend {
         ...(a[ANNOTATIONS.name] !== undefined ? { [ANNOTATIONS.name]: a[ANNOTATIONS.name] } : {}),
         ...(a[ANNOTATIONS.parent] !== undefined ? { [ANNOTATIONS.parent]: a[ANNOTATIONS.parent] } : {}),
         ...(a[ANNOTATIONS.image] !== undefined ? { [ANNOTATIONS.image]: a[ANNOTATIONS.image] } : {}),
+        ...(opts.recipeKey ? { [ANNOTATIONS.recipe]: opts.recipeKey } : {}),
       },
     };
     const target = join(this.location, "index.json");

@@ -40,6 +40,7 @@ import {
   type IndexedFile,
 } from "./format.js";
 import { Lanes } from "./lanes.js";
+import { recipeOf } from "./recipes.js";
 import { checkSignature, parseTrust, signManifest } from "./sign.js";
 import { keepConfigCopy, readConfigCopy } from "./config-memo.js";
 import { PackWriter, resolveFrame, type ClosedPack, type PendingFrame } from "./packs.js";
@@ -134,6 +135,11 @@ class ExportSession {
   private readonly blobs = new Map<string, Promise<boolean>>();
   private readonly rootfs = new Map<string, Promise<RootfsPart>>();
   private readonly artifacts = new Map<string, ArtifactFacts>();
+  /**
+   * Recipe keys (src/schema/host.ts) by key, of the snapshots this session exported or found
+   * present: a child's recipe names its parent's.
+   */
+  private readonly recipes = new Map<string, string>();
   /** Manifests read from the cache in this session, by key (undefined: the cache has none). */
   private readonly manifests = new Map<string, Promise<Buffer | undefined>>();
   /**
@@ -380,6 +386,8 @@ class ExportSession {
     this.backend.prepareUploads?.(2);
     const parentKey = meta.inputs.parent;
     const [present, parent] = await Promise.all([this.present(key), parentKey ? this.cachedArtifact(parentKey) : undefined]);
+    const recipeKey = await recipeOf(snap, this.recipes, (k) => this.manifestOf(k), this.backend.location);
+    if (recipeKey) this.recipes.set(key, recipeKey);
     if (present) {
       log("%s (%s): already in %s", name, key, this.backend.location);
       return this.done({ name, key, status: "present", chunks: 0, chunksMoved: 0, bytesMoved: 0 });
@@ -392,14 +400,14 @@ class ExportSession {
     const rootfsP = parent && parent.rootfs.image === meta.image.digest && localSha !== undefined && parent.rootfs.sha256 === localSha ? Promise.resolve(parent.rootfs) : this.rootfsOf(snap, c);
     rootfsP.catch(() => undefined); // awaited below, or settled before a failure of the RAM's is thrown
     try {
-      return await this.exportRam(snap, parent, rootfsP, c, t0);
+      return await this.exportRam(snap, parent, rootfsP, c, t0, recipeKey);
     } catch (err) {
       await rootfsP.catch(() => undefined);
       throw err;
     }
   }
 
-  private async exportRam(snap: LoadedSnapshot, parent: ArtifactFacts | undefined, rootfsP: Promise<RootfsPart>, c: Counters, t0: number): Promise<TransferEntry> {
+  private async exportRam(snap: LoadedSnapshot, parent: ArtifactFacts | undefined, rootfsP: Promise<RootfsPart>, c: Counters, t0: number, recipeKey: string | undefined): Promise<TransferEntry> {
     const meta = snap.meta;
     const key = meta.hash;
     const name = snapshotName(snap);
@@ -543,6 +551,7 @@ class ExportSession {
         [ANNOTATIONS.name]: name,
         ...(meta.inputs.parent ? { [ANNOTATIONS.parent]: meta.inputs.parent } : {}),
         [ANNOTATIONS.engine]: stableJson(meta.inputs.engine),
+        ...(recipeKey ? { [ANNOTATIONS.recipe]: recipeKey } : {}),
         [ANNOTATIONS.image]: meta.image.digest,
         [ANNOTATIONS.created]: meta.created,
       },
@@ -552,7 +561,7 @@ class ExportSession {
       throw new CacheError("CACHE_TOO_LARGE", `the manifest of snapshot ${name} would be ${bytes.length} bytes (${layers.length} layers), more than registries take (${LIMITS.manifestBytes})`, { hint: "the chain of parents is too deep for one manifest; bake the image from a shallower parent" });
     }
     const tagImage = !(parent && parent.rootfs.image === meta.image.digest);
-    await this.backend.writeManifest(key, bytes, manifest, { tagImage });
+    await this.backend.writeManifest(key, bytes, manifest, { tagImage, recipeKey });
     c.bytesMoved += bytes.length;
     this.artifacts.set(key, { rootfs, frames: new Map(ramChunks.map((ch) => [ch.sha256, { pack: ch.pack, at: ch.at, size: ch.size }])), packs: new Map(layers.filter((l) => l.mediaType === MEDIA.pack).map((l) => [l.digest, l])) });
     const distinct = new Set(ramChunks.map((ch) => ch.sha256)).size + (rootfs.frames.size || 0);

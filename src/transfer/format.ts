@@ -33,6 +33,8 @@ export const ANNOTATIONS = {
   name: "dev.supermachine.name",
   parent: "dev.supermachine.parent",
   engine: "dev.supermachine.engine",
+  /** The snapshot's recipe key: its key without the host's part (src/schema/host.ts). */
+  recipe: "dev.supermachine.recipe",
   image: "dev.supermachine.image.digest",
   file: "dev.supermachine.file",
   size: "dev.supermachine.size",
@@ -66,6 +68,8 @@ export const LIMITS = {
 export const tagOf = (key: string): string => `sm-${key}`;
 /** The tag that points at an artifact carrying the root filesystem of an image (by manifest digest). */
 export const imageTagOf = (digest: string): string => `sm-image-${digest.slice("sha256:".length)}`;
+/** The tag that points at the snapshot last exported under a recipe key (the same image, any host). */
+export const recipeTagOf = (recipeKey: string): string => `sm-recipe-${recipeKey}`;
 
 export const KEY_RE = /^[0-9a-f]{64}$/;
 const HEX64 = KEY_RE;
@@ -247,6 +251,8 @@ export function decodeConfig(blob: Buffer, what: string, vet: (snapshot: Snapsho
   return { snapshot, state: { pack: s.pack as string, at: s.at, size: s.size, length: s.length, sha256: s.sha256 }, ram };
 }
 
+const isOptionalText = (v: unknown, max: number): boolean => v === undefined || (typeof v === "string" && v.length <= max);
+
 function checkSnapshotConfig(raw: unknown, bad: (why: string) => CacheError): SnapshotConfig {
   if (!isObject(raw)) throw bad("snapshot is not an object");
   if (raw.version !== META_VERSION) throw bad(`snapshot.version ${JSON.stringify(raw.version)}, expected ${META_VERSION}`);
@@ -258,6 +264,10 @@ function checkSnapshotConfig(raw: unknown, bad: (why: string) => CacheError): Sn
   if (!isCount(inputs.memoryMib) || !isCount(inputs.vcpus)) throw bad("snapshot.inputs.memoryMib or vcpus is not a count");
   const e = inputs.engine;
   if (!isObject(e) || typeof e.qemu !== "string" || (e.accel !== "kvm" && e.accel !== "tcg") || typeof e.kernelKey !== "string" || typeof e.agentKey !== "string" || typeof e.agentVersion !== "string") throw bad("snapshot.inputs.engine is not an engine fingerprint");
+  // machine, cpu and cpuFlags came later: an entry without them is read, and then refused by the
+  // engine check as another host's (SNAPSHOT_HOST_MISMATCH), never taken for this one's.
+  if (!isOptionalText(e.machine, 256) || !isOptionalText(e.cpu, 1024)) throw bad("snapshot.inputs.engine.machine or cpu is not a string");
+  if (e.cpuFlags !== undefined && !(Array.isArray(e.cpuFlags) && e.cpuFlags.length <= 4096 && e.cpuFlags.every((f) => typeof f === "string" && f.length <= 64))) throw bad("snapshot.inputs.engine.cpuFlags is not a list of CPU flags");
   const sources = raw.sources;
   if (sources !== undefined && !(isObject(sources) && typeof sources.name === "string" && sources.name.length <= 256)) throw bad("snapshot.sources is not { name }");
   const image = raw.image;

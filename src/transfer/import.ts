@@ -13,6 +13,7 @@ import { basename, join } from "node:path";
 import { logger } from "../debug.js";
 import { homePaths } from "../paths.js";
 import { IMAGE_NAME } from "../schema/config.js";
+import { hostDifferences, hostMismatch } from "../schema/host.js";
 import { keyOf, type EngineFingerprint } from "../schema/key.js";
 import { ramSumsFrom, readRamSums } from "../store/ram-sums.js";
 import { loadSnapshot, publishSnapshot, rootfsDigest, SNAPSHOT_FILES, sealSnapshot, type LoadedSnapshot, type SnapshotMeta } from "../store/snapshots.js";
@@ -154,6 +155,7 @@ export class ImportSession {
     const manifestBytes = await this.backend.readManifest(key);
     if (!manifestBytes) {
       log("%s: not in %s", key, where);
+      await this.explainMiss(key, where);
       return { name: "", key, status: "missing", chunks: 0, chunksMoved: 0, bytesMoved: 0 };
     }
     const c: Counters = { chunksMoved: 0, bytesMoved: manifestBytes.length };
@@ -202,6 +204,35 @@ export class ImportSession {
     if (!created) return { name, key, status: "present", chunks: 0, chunksMoved: 0, bytesMoved: 0 };
     log("%s: imported into %s in %d ms: %d chunks and %d bytes moved", what, dir, Math.round(performance.now() - t0), c.chunksMoved, c.bytesMoved);
     return { name, key, status: "imported", chunks: new Set(config.ram.chunks.map((ch) => ch.sha256)).size, ...c };
+  }
+
+  /**
+   * The cache lacks `key`: when it has the same recipe (src/schema/host.ts) signed by a trusted
+   * key and made on another host, throws SNAPSHOT_HOST_MISMATCH naming the differences.
+   */
+  private async explainMiss(key: string, where: string): Promise<void> {
+    const recipe = this.opts.recipes?.get(key);
+    if (!recipe || !this.opts.engine) return;
+    const bytes = await this.backend.readRecipeManifest(recipe).catch(() => undefined);
+    if (!bytes) return;
+    let engine: unknown;
+    let theirs: string | undefined;
+    let name: string | undefined;
+    try {
+      const m = parseManifest(bytes, `the manifest of recipe ${recipe.slice(0, 16)} in ${where}`, "null");
+      // Only what a trusted key signed speaks for the cache; anything else is a plain miss.
+      if (!m || m.annotations[ANNOTATIONS.recipe] !== recipe || !this.signedByTrusted(bytes, `the snapshot of recipe ${recipe.slice(0, 16)} in ${where}`)) return;
+      engine = JSON.parse(m.annotations[ANNOTATIONS.engine] ?? "null");
+      theirs = m.annotations[ANNOTATIONS.key];
+      name = m.annotations[ANNOTATIONS.name];
+    } catch (err) {
+      log("%s: recipe %s in %s not usable: %s", key.slice(0, 16), recipe.slice(0, 16), where, (err as Error).message);
+      return;
+    }
+    const e = this.opts.engine;
+    const diffs = hostDifferences(engine, e.fingerprint(e.accelNow()));
+    if (diffs.length) throw hostMismatch(`snapshot ${name && IMAGE_NAME.test(name) ? `${name} ` : ""}(key ${key.slice(0, 16)}) is not in ${where}; its image there (key ${String(theirs).slice(0, 16)})`, diffs);
+    log("%s: %s has its recipe under key %s, made on this host's QEMU and CPU (another kernel or agent?)", key.slice(0, 16), where, String(theirs).slice(0, 16));
   }
 
   private async writeSnapshot(tmp: string, dir: string, what: string, config: ArtifactConfig, parts: ManifestParts, parent: LoadedSnapshot | undefined, c: Counters, id: { name: string; key: string }, signed: boolean): Promise<SnapshotMeta> {

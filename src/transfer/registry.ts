@@ -1,7 +1,9 @@
 /**
  * A snapshot cache in a registry repository: one tag per snapshot (`sm-<key>`), and for every
  * image whose root filesystem a snapshot carries, a tag `sm-image-<manifest hex>` on one such
- * snapshot (so a machine can restore the image before it knows any snapshot key). Credentials,
+ * snapshot (so a machine can restore the image before it knows any snapshot key), and a tag
+ * `sm-recipe-<recipe key>` on the snapshot last exported for that recipe (so a machine whose key
+ * misses can tell that the cache has the image for another host). Credentials,
  * TLS and the insecure/loopback rules are those of pulls (src/registry/).
  */
 import type { RegistryOptions } from "../registry/client.js";
@@ -10,7 +12,7 @@ import { homePaths } from "../paths.js";
 import { PushClient } from "../registry/push.js";
 import { fileUploadJournal } from "../registry/upload-journal.js";
 import type { CacheBackend } from "./backend.js";
-import { ANNOTATIONS, imageTagOf, LIMITS, MEDIA, tagOf, type ArtifactManifest } from "./format.js";
+import { ANNOTATIONS, imageTagOf, LIMITS, MEDIA, recipeTagOf, tagOf, type ArtifactManifest } from "./format.js";
 
 export class RegistryBackend implements CacheBackend {
   readonly kind = "registry" as const;
@@ -68,8 +70,13 @@ export class RegistryBackend implements CacheBackend {
     return (await this.client.getManifest(imageTagOf(imageDigest), MEDIA.manifest, LIMITS.manifestBytes))?.bytes;
   }
 
-  async writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest, opts: { tagImage: boolean }): Promise<void> {
+  async readRecipeManifest(recipeKey: string): Promise<Buffer | undefined> {
+    return (await this.client.getManifest(recipeTagOf(recipeKey), MEDIA.manifest, LIMITS.manifestBytes))?.bytes;
+  }
+
+  async writeManifest(key: string, bytes: Buffer, manifest: ArtifactManifest, opts: { tagImage: boolean; recipeKey?: string | undefined }): Promise<void> {
     await this.client.putManifest(tagOf(key), bytes, MEDIA.manifest);
+    if (opts.recipeKey) await this.client.putManifest(recipeTagOf(opts.recipeKey), bytes, MEDIA.manifest);
     const image = manifest.annotations[ANNOTATIONS.image];
     // Always (re)pointed at a current artifact: an older one may be of an earlier format.
     if (opts.tagImage && image) {

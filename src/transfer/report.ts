@@ -61,6 +61,12 @@ export interface ImportOptions extends TransferOptions {
   engine: LocalEngine;
   /** Where snapshots go (default `$SUPERMACHINE_HOME/snapshots`), as `<name>-<key[0:16]>`. */
   snapshotsDir?: string;
+  /**
+   * @internal The recipe key of a key (src/schema/host.ts): when the cache lacks the key but has
+   * its recipe, made on another host, the import fails with SNAPSHOT_HOST_MISMATCH naming how
+   * that host differs, instead of reporting the snapshot `missing`.
+   */
+  recipes?: Map<string, string>;
   /** @internal Where a given key must be published (a build's directory for it). */
   dirs?: Map<string, string>;
   /**

@@ -1,6 +1,7 @@
 // `supermachine doctor` run as a user would (built JS from dist/), judged against this host's
 // facts read independently here: it must pass with or without /dev/kvm, with a /dev/kvm that is
 // not hardware KVM (kvm_pvm), and with real KVM.
+import { spawnSync } from "node:child_process";
 import { accessSync, constants, existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -37,11 +38,11 @@ afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
 describe("supermachine doctor", () => {
   it("explains this host: the accelerator and why, the sandbox, the artifacts; ok and exit 0", async () => {
-    const env = { SUPERMACHINE_ACCEL: "", SUPERMACHINE_UNSANDBOXED: "" };
+    const env = { SUPERMACHINE_ACCEL: "", SUPERMACHINE_UNSANDBOXED: "", SUPERMACHINE_CPU: "" };
     const r = await cli(["doctor", "--json"], env);
     expect(r.stderr).toBe("");
-    const report = JSON.parse(r.stdout) as { checks: Check[]; ok: boolean };
-    expect(report.checks.map((c) => c.id)).toEqual(["node", "qemu", "accel", "kvm-group", "kernel", "agent", "cache", "disk", "sandbox"]);
+    const report = JSON.parse(r.stdout) as { checks: Check[]; identity: Record<string, unknown> | null; ok: boolean };
+    expect(report.checks.map((c) => c.id)).toEqual(["node", "qemu", "accel", "kvm-group", "kernel", "agent", "cache", "disk", "sandbox", "identity"]);
     for (const c of report.checks) {
       expect(["pass", "warn", "fail"]).toContain(c.status);
       if (c.status !== "pass") expect(c.fix, c.id).toBeTruthy();
@@ -83,6 +84,32 @@ describe("supermachine doctor", () => {
     expect(c.agent).toMatchObject({ status: "pass", summary: expect.stringMatching(/^guest agent \S+, protocol \d+/) });
     expect(c.qemu).toMatchObject({ status: "pass", summary: expect.stringMatching(/^QEMU \d+\.\d+/) });
     expect(c.node!.summary).toContain(process.versions.node);
+
+    // The host's identity, as snapshots record it: the QEMU's own version line, microvm, the
+    // accelerator the accel check chose, and the CPU model that accelerator gets by default.
+    const qemuLine = spawnSync(process.env.SUPERMACHINE_QEMU || "qemu-system-x86_64", ["--version"], { encoding: "utf8" }).stdout.split("\n")[0]!.trim();
+    const accelNow = accel.summary.split(":")[0];
+    expect(report.identity).toEqual({ qemu: qemuLine, machine: "microvm", accel: accelNow, cpu: accelNow === "kvm" ? "Nehalem-v1,enforce" : "max" });
+    expect(c.identity).toMatchObject({ status: "pass", summary: `snapshots made here restore on hosts with ${qemuLine}, machine microvm, accel ${accelNow}, -cpu ${report.identity!.cpu}` });
+  });
+
+  it("shows the CPU model SUPERMACHINE_CPU gives, and the host's CPU flags only for -cpu host under KVM", async () => {
+    const named = JSON.parse((await cli(["doctor", "--json"], { SUPERMACHINE_CPU: "qemu64" })).stdout) as { identity: Record<string, unknown> };
+    expect(named.identity).toMatchObject({ cpu: "qemu64" });
+    expect(named.identity.cpuFlags).toBeUndefined();
+    const r = await cli(["doctor", "--json"], { SUPERMACHINE_CPU: "host" });
+    const report = JSON.parse(r.stdout) as { checks: Check[]; identity: Record<string, unknown> | null };
+    const c = byId(report.checks);
+    if (c.accel!.summary.startsWith("kvm")) {
+      const flags = [...new Set((/^flags\s*:(.*)$/m.exec(readFileSync("/proc/cpuinfo", "utf8"))?.[1] ?? "").split(/\s+/).filter(Boolean))].sort();
+      expect(report.identity).toMatchObject({ accel: "kvm", cpu: "host", cpuFlags: flags });
+      expect(c.identity!.detail).toContain("homogeneous fleet");
+    } else {
+      // -cpu host needs KVM: refused by name, with what to do.
+      expect(report.identity).toBeNull();
+      expect(c.identity).toMatchObject({ status: "fail", summary: expect.stringContaining("SUPERMACHINE_CPU=host needs KVM"), fix: expect.stringContaining("unset SUPERMACHINE_CPU") });
+      expect(r.status).toBe(1);
+    }
   });
 
   it("fails with exit 1 when QEMU is missing, names it with a fix, and creates nothing in a fresh cache", async () => {

@@ -2,6 +2,7 @@
 // on snapshots made without a VM.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { recipeKeyOf } from "../../src/schema/host.js";
 import { afterAll, describe, expect, it } from "vitest";
 import { loadProject } from "../../src/config/loader.js";
 import { exportSnapshots, parseCacheLocation } from "../../src/transfer/index.js";
@@ -51,13 +52,14 @@ describe("the build's fetch hook", () => {
       const fetch = fetchFromCache(cache, undefined, trusted);
       const dir = join(home, "project-snapshots", "renamed-abc");
       const expect_ = { workload: snap.meta.workload, image: { digest: snap.meta.image.digest, config: snap.meta.image.config } };
-      const req = { name: "base", key: snap.meta.hash, dir, inputs: snap.meta.inputs, sources: snap.meta.sources!, expect: expect_ };
+      const req = { name: "base", key: snap.meta.hash, recipeKey: recipeKeyOf(snap.meta.inputs, null), dir, inputs: snap.meta.inputs, sources: snap.meta.sources!, expect: expect_ };
       // A snapshot that would run something else than this build computed is refused, whatever its key.
       const other = { ...req, expect: { ...expect_, workload: { argv: ["sh", "-c", "evil"], env: [], cwd: "/" } } };
       await expect(fetch(other)).rejects.toMatchObject({ code: "CACHE_KEY_MISMATCH", message: expect.stringContaining("its workload (command, environment, directory or user) is not the one this project declares") });
       expect(await fetch(req)).toBe(true);
       expect((await loadSnapshot(dir, snap.meta.hash))?.meta.hash).toBe(snap.meta.hash);
       expect(await fetch(req)).toBe(true); // present
+      // A key the cache lacks, whose recipe it has as made on this very host: a plain miss.
       expect(await fetch({ ...req, key: "f".repeat(64), dir: join(home, "x") })).toBe(false);
     });
   });

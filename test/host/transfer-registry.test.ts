@@ -5,6 +5,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { homePaths } from "../../src/paths.js";
+import { recipeKeyOf } from "../../src/schema/host.js";
 import type { LoadedSnapshot } from "../../src/store/snapshots.js";
 import { exportSnapshots, openCache } from "../../src/transfer/index.js";
 import { importSnapshots } from "../../src/project/cache.js";
@@ -56,7 +57,17 @@ describe("a registry cache", () => {
       await proxy.close();
     }
     const tags = JSON.parse(await (await fetch(`${reg.url}/v2/sm/cache/tags/list`)).text()) as { tags: string[] };
-    expect(tags.tags.sort()).toEqual([`sm-${child.meta.hash}`, `sm-${parent.meta.hash}`, `sm-image-${image.digest.slice(7)}`].sort());
+    // And each snapshot under its recipe key (its key without the host's part; a child's names its parent's).
+    const parentRecipe = recipeKeyOf(parent.meta.inputs, null);
+    const recipes = [`sm-recipe-${parentRecipe}`, `sm-recipe-${recipeKeyOf(child.meta.inputs, parentRecipe)}`];
+    expect(tags.tags.sort()).toEqual([`sm-${child.meta.hash}`, `sm-${parent.meta.hash}`, `sm-image-${image.digest.slice(7)}`, ...recipes].sort());
+    const backend = await openCache(repo);
+    try {
+      const byRecipe = await backend.readRecipeManifest(parentRecipe);
+      expect(byRecipe && JSON.parse(byRecipe.toString()).annotations["dev.supermachine.key"]).toBe(parent.meta.hash);
+    } finally {
+      backend.close();
+    }
 
     const home = tempDir("sm-home-");
     await inHome(home, async () => {

@@ -77,7 +77,7 @@ describe("image graph", () => {
 });
 
 describe("keys", () => {
-  const engine = { qemu: "QEMU emulator version 7.2", accel: "tcg" as const, kernelKey: "k", agentKey: "a", agentVersion: "0.1.0" };
+  const engine = { qemu: "QEMU emulator version 7.2", machine: "microvm", accel: "tcg" as const, cpu: "max", kernelKey: "k", agentKey: "a", agentVersion: "0.1.0" };
   const g = buildImageGraph([img("base", null), img("child", "base", { warmupTag: "v1" })]);
   const parts = { parentKey: null, manifestDigest: "sha256:aa", workload: null, extraFiles: [], module: { sha256: "m1", packages: {}, files: { "a.ts": "1" } }, engine };
 

@@ -5,6 +5,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { cpuModel, passesHostCpu } from "../../src/engine/identity.js";
 import { engineCounters } from "../../src/engine/qemu.js";
 import { Image } from "../../src/index.js";
 import { isRunning, waitFor } from "../helpers/vm.js";
@@ -35,7 +36,10 @@ describe("baking", () => {
     } finally {
       await pool.shutdown();
     }
-    expect(Object.keys(meta.inputs.engine).sort()).toEqual(["accel", "agentKey", "agentVersion", "kernelKey", "qemu"]);
+    // The host's CPU flags only where the guest sees them (KVM passing the host's CPU through).
+    const e = meta.inputs.engine;
+    expect(Object.keys(e).sort()).toEqual(["accel", "agentKey", "agentVersion", "cpu", ...(passesHostCpu(e.accel, e.cpu) ? ["cpuFlags"] : []), "kernelKey", "machine", "qemu"]);
+    expect(e).toMatchObject({ machine: "microvm", cpu: cpuModel(e.accel) });
     expect(readFileSync(join(a.snapshotPath, "bake.log"), "utf8")).toMatch(/booted in \d+ ms \(accel (tcg|kvm)/);
     const launched = engineCounters().launched;
     const cached: string[] = [];
