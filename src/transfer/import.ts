@@ -220,8 +220,11 @@ export class ImportSession {
     let name: string | undefined;
     try {
       const m = parseManifest(bytes, `the manifest of recipe ${recipe.slice(0, 16)} in ${where}`, "null");
-      // Only what a trusted key signed speaks for the cache; anything else is a plain miss.
-      if (!m || m.annotations[ANNOTATIONS.recipe] !== recipe || !this.signedByTrusted(bytes, `the snapshot of recipe ${recipe.slice(0, 16)} in ${where}`)) return;
+      // Only what this project would import speaks for the cache (signed by a trusted key, or
+      // anything with trust "unsigned"); anything else is a plain miss. It explains a refusal
+      // only: nothing of it is imported.
+      if (!m || m.annotations[ANNOTATIONS.recipe] !== recipe) return;
+      if (this.trust !== "unsigned" && !this.signedByTrusted(bytes, `the snapshot of recipe ${recipe.slice(0, 16)} in ${where}`)) return;
       engine = JSON.parse(m.annotations[ANNOTATIONS.engine] ?? "null");
       theirs = m.annotations[ANNOTATIONS.key];
       name = m.annotations[ANNOTATIONS.name];

@@ -120,6 +120,9 @@ describe("host identity in a directory cache", () => {
       expect((await importSnapshots(cache, [parent.meta.hash], trusted)).snapshots[0]!.status).toBe("missing");
       const stranger = readSigningKey(generateSigningKey().privatePem, "another key");
       expect((await importSnapshots(cache, [parent.meta.hash], { trust: [stranger.publicKey], recipes })).snapshots[0]!.status).toBe("missing");
+      // A project that imports unsigned entries (trust "unsigned") gets the explanation too.
+      const unsigned = await importSnapshots(cache, [parent.meta.hash], { trust: "unsigned", recipes }).catch((e: unknown) => e);
+      expect(unsigned).toMatchObject({ code: "SNAPSHOT_HOST_MISMATCH" });
     });
   });
 });

@@ -158,6 +158,42 @@ describe("a fleet of three nodes behind two fronts", () => {
     expect(listed.length).toBeGreaterThanOrEqual(30);
   }, 600_000);
 
+  it("a node of another host identity refuses the snapshot by name, and a front then places on a matching node", async () => {
+    // Another CPU model (a real difference under TCG too): its key differs, the cache has the
+    // image only for the identity it was baked on, and the node says so.
+    const odd = await startServe("n-odd", ["--listen", "127.0.0.5:0", "--keys", keysFile, "--lazy", "--frozen", "--cache-from", cache, "--node-name", "n-odd"], {
+      cwd: project,
+      home: freshHome("odd"),
+      env: { SUPERMACHINE_CPU: "qemu64" },
+    });
+    nodes.push(odd);
+    const direct = await fetch(`${odd.url}/v1/sandboxes`, { method: "POST", headers: { "x-api-key": key, "content-type": "application/json" }, body: JSON.stringify({ pool: "base" }) });
+    const body = (await direct.json()) as { errorCode: string; message: string };
+    expect(direct.status).toBeGreaterThanOrEqual(500);
+    expect(body.errorCode).toBe("SNAPSHOT_HOST_MISMATCH");
+    expect(body.message).toMatch(/cpu: the snapshot's is "max", this host's is "qemu64"/);
+    const pool = (await report(odd)).pools.find((p) => p.name === "base")!;
+    expect(pool.state).toBe("failed");
+    expect(pool.error?.code).toBe("SNAPSHOT_HOST_MISMATCH");
+    expect((await report(odd)).identity?.cpu).toBe("qemu64");
+    // A front that knows it and one good node: every create lands on the good node.
+    const good = nodes[1]!;
+    const third = await startServe("front-c", ["--front", "--listen", "127.0.0.1:0", "--nodes", `${new URL(odd.url).host},${new URL(good.url).host}`], { cwd: project, until: "listening" });
+    fronts.push(third);
+    const goodTag = (await report(good)).node.tag;
+    const remote = await connect(third.url, { apiKey: key });
+    try {
+      const vms = await Promise.all([0, 1, 2, 3].map(() => remote.base!.acquire()));
+      for (const vm of vms) expect(tagOf(vm.id)).toBe(goodTag);
+      await Promise.all(vms.map((vm) => vm.release()));
+    } finally {
+      await remote.close();
+    }
+    await stopAll([third, odd]);
+    fronts.splice(fronts.indexOf(third), 1);
+    nodes.splice(nodes.indexOf(odd), 1);
+  }, 300_000);
+
   it("a node killed with -9: its sandboxes fail with SANDBOX_NODE_LOST, creates go on elsewhere within 5 s, its QEMUs die", async () => {
     const victimVm = remoteVms[0]!;
     const victim = (await nodeOfTag(tagOf(victimVm.id)))!;
