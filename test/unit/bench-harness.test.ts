@@ -17,7 +17,9 @@ const V010 = ["acquire_200_concurrent_ms", "acquire_idle_ms", "boot_to_ready_ms"
 const WAN = ["cache_pull_wan_ms", "cache_push_requests", "cache_push_wan_ms", "child_push_wan_ms", "python_manifest_bytes", "python_pull_wan_ms", "python_push_wan_ms", "python_skopeo_pull_wan_ms", "python_skopeo_push_wan_ms", "skopeo_pull_wan_ms", "skopeo_push_wan_ms"];
 /** Added since: time to interactive through `supermachine serve` (issue 19). */
 const SERVE = ["tti_burst_ms", "tti_connect_ms", "tti_e2b_ms", "tti_inprocess_ms"];
-const METRICS = [...V010, ...WAN, ...SERVE].sort();
+/** Added since: a fleet of nodes behind a front (issue 20). */
+const FLEET = ["cold_node_first_create_ms", "fleet_cache_pull_ms", "front_create_ms", "node_create_ms"];
+const METRICS = [...V010, ...WAN, ...SERVE, ...FLEET].sort();
 
 describe("bench harness", () => {
   it("reports what the groups record, and exits 0", async () => {
