@@ -109,7 +109,7 @@ async function fleetBenchmarks(ctx: BenchContext): Promise<void> {
       return { ms, id: ((await res.json()) as { id: string }).id };
     };
     const kill = async (base: string, id: string) => {
-      const res = await fetch(`${base}/v1/sandboxes/${id}`, { method: "DELETE", headers });
+      const res = await fetch(`${base}/v1/sandboxes/${id}`, { method: "DELETE", headers: { "x-api-key": key } });
       if (res.status !== 204) throw new Error(`kill ${id}: ${res.status}`);
     };
 
