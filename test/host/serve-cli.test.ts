@@ -108,4 +108,45 @@ describe("supermachine serve", () => {
     expect(noProject.status).toBe(1);
     expect(noProject.stderr).toMatch(/supermachine\.config/);
   });
+
+  it("as a front: needs --nodes, refuses a spec it cannot read, and with no node up is live but not ready", async () => {
+    const noNodes = await cli(["serve", "--front"], { cwd: dir });
+    expect(noNodes.status).toBe(2);
+    expect(noNodes.stderr).toContain("give the nodes with --nodes");
+    const notFront = await cli(["serve", "--nodes", "127.0.0.1:1"], { cwd: dir });
+    expect(notFront.status).toBe(2);
+    expect(notFront.stderr).toContain("--nodes goes with --front");
+    const bad = await cli(["serve", "--front", "--nodes", "dns:noport"], { cwd: dir });
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toContain("expected dns:<name>:<port>");
+
+    // A front over a node address where nothing listens: it starts, answers /healthz, and says
+    // why it is not ready; a create gets SERVER_NO_NODE; SIGTERM stops it with 0.
+    const { spawn } = await import("node:child_process");
+    const child = spawn(process.execPath, [join(import.meta.dirname, "..", "..", "dist", "src", "cli", "main.js"), "--json", "serve", "--front", "--listen", "127.0.0.1:0", "--nodes", "127.0.0.1:1"], { cwd: dir, stdio: ["ignore", "pipe", "pipe"] });
+    const exited = new Promise<number | null>((r) => child.once("close", (code) => r(code)));
+    try {
+      const url = await new Promise<string>((resolve, reject) => {
+        let buf = "";
+        child.stdout!.on("data", (c: Buffer) => {
+          buf += c.toString();
+          const m = buf.match(/"url":"([^"]+)"/);
+          if (m) resolve(m[1]!);
+        });
+        void exited.then((code) => reject(new Error(`the front exited (${code})`)));
+      });
+      expect((await fetch(`${url}/healthz`)).status).toBe(200);
+      const ready = await fetch(`${url}/readyz`);
+      expect(ready.status).toBe(503);
+      expect(((await ready.json()) as { reason: string }).reason).toContain("no node is ready");
+      const create = await fetch(`${url}/v1/sandboxes`, { method: "POST", headers: { "content-type": "application/json", "x-api-key": "e2b_0" }, body: JSON.stringify({ pool: "base" }) });
+      expect(create.status).toBe(503);
+      expect(((await create.json()) as { errorCode: string }).errorCode).toBe("SERVER_NO_NODE");
+      const metrics = await (await fetch(`${url}/metrics`)).text();
+      expect(metrics).toContain('supermachine_front_creates_total{result="no-node"} 1');
+    } finally {
+      child.kill("SIGTERM");
+    }
+    expect(await exited).toBe(0);
+  });
 });

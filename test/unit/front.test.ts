@@ -23,7 +23,7 @@ function view(name: string, o: { sandboxes?: number; capacity?: number; cpu?: nu
     report: {
       node: { name, tag: name.padEnd(6, "x").slice(0, 6), version: "0", startedAt: "" },
       state: o.state ?? "ready",
-      identity: { qemu: o.identity ?? "7.2", accel: "tcg", kernelKey: "k", agentKey: "a", agentVersion: "1" },
+      identity: { qemu: o.identity ?? "7.2", machine: "microvm", accel: "tcg", cpu: "max", kernelKey: "k", agentKey: "a", agentVersion: "1" },
       load: { sandboxes: o.sandboxes ?? 0, creating: 0, capacity: o.capacity ?? 100, cpu: o.cpu ?? 0, cores: 2, memory: { totalMib: 1, availableMib: 1 } },
       pools,
       keys: o.pool === "open" ? ["k1"] : [],

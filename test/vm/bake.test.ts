@@ -6,6 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { cpuModel, passesHostCpu } from "../../src/engine/identity.js";
+import type { Accel } from "../../src/engine/accel.js";
 import { engineCounters } from "../../src/engine/qemu.js";
 import { Image } from "../../src/index.js";
 import { isRunning, waitFor } from "../helpers/vm.js";
@@ -38,8 +39,8 @@ describe("baking", () => {
     }
     // The host's CPU flags only where the guest sees them (KVM passing the host's CPU through).
     const e = meta.inputs.engine;
-    expect(Object.keys(e).sort()).toEqual(["accel", "agentKey", "agentVersion", "cpu", ...(passesHostCpu(e.accel, e.cpu) ? ["cpuFlags"] : []), "kernelKey", "machine", "qemu"]);
-    expect(e).toMatchObject({ machine: "microvm", cpu: cpuModel(e.accel) });
+    expect(Object.keys(e).sort()).toEqual(["accel", "agentKey", "agentVersion", "cpu", ...(passesHostCpu(e.accel as Accel, e.cpu!) ? ["cpuFlags"] : []), "kernelKey", "machine", "qemu"]);
+    expect(e).toMatchObject({ machine: "microvm", cpu: cpuModel(e.accel as Accel) });
     expect(readFileSync(join(a.snapshotPath, "bake.log"), "utf8")).toMatch(/booted in \d+ ms \(accel (tcg|kvm)/);
     const launched = engineCounters().launched;
     const cached: string[] = [];

@@ -5,7 +5,6 @@
 // own key and finds the recipe key there), and a restore of its snapshot directory, which stops
 // before QEMU starts. A build that may bake bakes under the other model (the guest boots with it)
 // and says why the cache's copy was not used.
-import { spawn } from "node:child_process";
 import { chmodSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -15,9 +14,9 @@ import { engineCounters } from "../../src/engine/processes.js";
 import { engineFingerprint } from "../../src/engine/fingerprint.js";
 import { importSnapshots } from "../../src/project/cache.js";
 import { readIndex } from "../helpers/transfer-format.js";
+import { cli as runCli } from "../helpers/run.js";
 import { generateSigningKey } from "../../src/transfer/sign.js";
 
-const root = join(import.meta.dirname, "..", "..");
 const work = mkdtempSync(join(tmpdir(), "sm-host-identity-"));
 const signing = generateSigningKey();
 const trust = { trust: [signing.publicKey] };
@@ -37,21 +36,8 @@ interface Row {
   cacheError?: { code: string; message: string };
 }
 
-function cli(cwd: string, env: NodeJS.ProcessEnv, ...args: string[]): Promise<{ status: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [join(root, "dist/src/cli/main.js"), ...args], { cwd, env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
-    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
-    const timer = setTimeout(() => child.kill("SIGKILL"), 400_000);
-    child.on("error", reject);
-    child.on("close", (status) => {
-      clearTimeout(timer);
-      resolve({ status, stdout, stderr });
-    });
-  });
-}
+/** The CLI from dist/ in `cwd`, with `env` over this process's environment. */
+const cli = (cwd: string, env: NodeJS.ProcessEnv, ...args: string[]) => runCli(args, { cwd, env: { ...process.env, ...env }, timeout: 400_000 });
 
 /** A one-image project (busybox, with a warmup) whose cache is signed by `signing`. */
 function makeProject(name: string): string {
