@@ -103,6 +103,16 @@ export type { ServeOptions, SupermachineServer } from "./server/index.js";
 export async function startServer(options?: import("./server/index.js").ServeOptions): Promise<import("./server/index.js").SupermachineServer> {
   return (await import("./server/index.js")).startServer(options);
 }
+export type { FrontOptions, SupermachineFront } from "./server/front/index.js";
+export type { NodeReport } from "./server/node.js";
+
+/**
+ * Starts `supermachine serve --front` in this process: a stateless front over a fleet of serve
+ * nodes (see docs/scale-out.md). The HTTP stack loads only when this is called.
+ */
+export async function startFront(options: import("./server/front/index.js").FrontOptions): Promise<import("./server/front/index.js").SupermachineFront> {
+  return (await import("./server/front/index.js")).startFront(options);
+}
 export type { RemotePools, RemotePool, RemoteVm, RemoteExecChild, RemoteTcpForwarder, ConnectOptions, AcquireOptions, RemotePoolStats, RemoteWaitResult, SandboxInfo, SnapshotInfo } from "./remote/index.js";
 
 /**

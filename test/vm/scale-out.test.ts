@@ -153,6 +153,17 @@ describe("a fleet of three nodes behind two fronts", () => {
         expect(Buffer.from(((await res.json()) as { stdout: string }).stdout, "base64").toString()).toBe(vm.id);
       }),
     );
+    // WebSockets (spawn) pass through the front to the node, with flow control: 8 MiB nobody reads
+    // at first holds the guest back, then all of it arrives.
+    const vm = remoteVms[1]!;
+    const flood = await vm.spawn({ argv: ["sh", "-c", "head -c 8388608 /dev/zero; echo done >&2"] });
+    await new Promise((r) => setTimeout(r, 1_000));
+    expect(flood.exited).toBe(false);
+    let got = 0;
+    for await (const c of flood.stdout) got += (c as Buffer).length;
+    expect(got).toBe(8 * 1024 * 1024);
+    expect((await flood.readStderr()).toString()).toBe("done\n");
+    expect((await flood.wait()).exitCode).toBe(0);
     // Lists merge every node's sandboxes (E2B's, paged, through either front).
     const listed = await sdk.Sandbox.list({ ...via(fronts[1]!) }).nextItems();
     expect(listed.length).toBeGreaterThanOrEqual(30);
