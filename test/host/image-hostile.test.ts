@@ -54,7 +54,7 @@ async function expectNoLeftovers(): Promise<void> {
  * Resolves an image made of `layers` and expects it to be refused with `code`, the message
  * naming the ref, the digest of layer `culprit` (default: the last) and every string of `names`.
  */
-async function expectRefused(layers: LayoutLayer[], code: string, names: string[], culprit = layers.length - 1): Promise<Error> {
+async function expectRefused(layers: LayoutLayer[], code: string | string[], names: Array<string | RegExp>, culprit = layers.length - 1): Promise<Error> {
   const layout = join(work, "img");
   const { layerDigests } = await writeLayout(layout, { layers });
   const ref = `oci:${layout}`;
@@ -62,10 +62,14 @@ async function expectRefused(layers: LayoutLayer[], code: string, names: string[
     () => new Error("resolved"),
     (e: unknown) => e,
   )) as Error & { code?: string };
-  expect(err).toMatchObject({ name: "ImageError", code });
+  expect(err).toMatchObject({ name: "ImageError" });
+  expect(Array.isArray(code) ? code : [code]).toContain(err.code);
   expect(err.message).toContain(JSON.stringify(ref));
   expect(err.message).toContain(layerDigests[culprit]!);
-  for (const n of names) expect(err.message).toContain(n);
+  for (const n of names) {
+    if (typeof n === "string") expect(err.message).toContain(n);
+    else expect(err.message).toMatch(n);
+  }
   await expectNoLeftovers();
   return err;
 }
@@ -88,14 +92,16 @@ describe("hostile entry names", () => {
     expect(unsquashfs("-cat", image.rootfsPath, "abs/file")).toBe("absolute\n");
   });
 
+  // tar-stream 3.3 refuses these in its parser (IMAGE_LAYER_INVALID, its message); with 3.2,
+  // which passes them on, the flattener's own check refuses them (IMAGE_LAYER_UNSAFE).
   it("refuses a NUL byte in a name (pax path)", async () => {
     const tar = rawTar([{ name: "placeholder", pax: { path: Buffer.from("etc/evil\0.conf") }, data: "x" }]);
-    await expectRefused([{ tar: await base() }, { tar }], "IMAGE_LAYER_UNSAFE", ["etc/evil", "NUL byte"]);
+    await expectRefused([{ tar: await base() }, { tar }], ["IMAGE_LAYER_UNSAFE", "IMAGE_LAYER_INVALID"], [/NUL byte|null byte/i]);
   });
 
   it("refuses a NUL byte in a symlink target (pax linkpath)", async () => {
     const tar = rawTar([{ name: "link", typeflag: "2", linkname: "x", pax: { linkpath: Buffer.from("/etc\0/passwd") } }]);
-    await expectRefused([{ tar }], "IMAGE_LAYER_UNSAFE", ['"link"', "NUL byte"]);
+    await expectRefused([{ tar }], ["IMAGE_LAYER_UNSAFE", "IMAGE_LAYER_INVALID"], [/NUL byte|null byte/i]);
   });
 
   it("refuses a name longer than 4096 bytes", async () => {
