@@ -190,20 +190,25 @@ export async function loadPools(options: LoadPoolsOptions = {}): Promise<Pools> 
     ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom, undefined, { trust }) } : {}),
   };
   const nodes = await buildGraph(graph, { ...buildOpts, names: wanted, handoff: (name) => wanted.includes(name) });
-  // A pool whose snapshot turns out damaged (a restore fails and its RAM does not match its
-  // checksums) has it quarantined and built again the same way: fetched from the cache, or baked
-  // unless frozen. One whose restores QEMU keeps refusing is baked (`fresh`), never fetched again
-  // from the cache it likely came from.
-  const rebuild = (name: string): Rebuild => async (o = {}) => {
+  const pools = await openPools(project.pools, nodes, wanted, rebuilder(graph, buildOpts));
+  return withClose(pools, async () => {
+    await Promise.all(Object.values(pools).map((p) => p.shutdown()));
+  });
+}
+
+/**
+ * How a pool's image is built again when its snapshot turns out damaged (a restore fails and its
+ * RAM does not match its checksums; the image quarantines it): fetched from the cache, or baked
+ * unless frozen. One whose restores QEMU keeps refusing is baked (`fresh`), never fetched again
+ * from the cache it likely came from.
+ */
+function rebuilder(graph: ImageGraph, buildOpts: BuildOptions): (name: string) => Rebuild {
+  return (name) => async (o = {}) => {
     const { fetch: _fetch, ...local } = buildOpts;
     const node = (await buildGraph(graph, { ...(o.fresh ? local : buildOpts), names: [name], handoff: false })).get(name)!;
     if (node.error) throw node.error;
     return node.snapshot!;
   };
-  const pools = await openPools(project.pools, nodes, wanted, rebuild);
-  return withClose(pools, async () => {
-    await Promise.all(Object.values(pools).map((p) => p.shutdown()));
-  });
 }
 
 function poolImages(configPath: string, pools: Record<string, PoolDeclaration>, graph: ImageGraph): string[] {
@@ -387,6 +392,7 @@ async function lazyPools(options: LoadPoolsOptions, projectOpts: { cwd?: string;
     ...(cacheFrom ? { fetch: fetchFromCache(cacheFrom, undefined, { trust }) } : {}),
   };
   // One opening per image at a time, shared by the pools of that image.
+  const rebuild = rebuilder(graph, buildOpts);
   const building = new Map<string, Promise<Map<string, BuiltNode>>>();
   const build = (image: string) => {
     let p = building.get(image);
@@ -412,7 +418,7 @@ async function lazyPools(options: LoadPoolsOptions, projectOpts: { cwd?: string;
         throw failure ?? new GraphError("GRAPH_UNKNOWN_IMAGE", `pool ${name}: image ${image} was not built`);
       }
       log("pool %s: opening on %s (key %s, %s)", name, image, node.key.slice(0, 16), node.status);
-      const img = Image.create(node.snapshot, node.handoff);
+      const img = Image.create(node.snapshot, node.handoff, rebuild(image));
       try {
         const pool = new FollowingPool(await img.pool(opts), img, node.key, opts, image);
         if (node.status === "cached" || node.status === "imported" || node.status === "baked") pool.origin = node.status;

@@ -98,10 +98,13 @@ describe("snapshots whose restore fails", () => {
 });
 
 describe("a cache entry whose restore fails", () => {
-  it("loadPools({ cacheFrom }) imports it, quarantines it at its second failure and bakes it here instead of importing it again", async () => {
+  it.each([
+    ["loadPools({ cacheFrom })", {}],
+    ["a lazy pool (a fleet node with --lazy --bake-on-demand)", { lazy: true, bakeOnDemand: true }],
+  ] as const)("%s imports it, quarantines it at its second failure and bakes it here instead of importing it again", async (what, mode) => {
     // A trusted, signed entry whose device state is garbage: what a careless or compromised
     // writer of the trusted key leaves. Every check passes; only a restore can tell.
-    const project = join(work, "project");
+    const project = join(work, `project-${"lazy" in mode ? "lazy" : "eager"}`);
     mkdirSync(join(project, "images"), { recursive: true });
     writeFileSync(join(project, "images", "box.ts"), `import { defineImage } from "supermachine/config";\nexport default defineImage({ ref: "builtin:busybox", memoryMib: 208 });\n`);
     const config = (snapshots: string) =>
@@ -116,12 +119,13 @@ describe("a cache entry whose restore fails", () => {
     const [name] = readdirSync(writerDir).filter((n) => n.startsWith("box-"));
     const state = join(writerDir, name!, "state");
     await tamper(join(writerDir, name!), () => writeFileSync(state, randomBytes(readFileSync(state).length)));
-    const cacheDir = join(work, "cache");
+    const cacheDir = join(work, `cache-${"lazy" in mode ? "lazy" : "eager"}`);
     await exportSnapshots(cacheDir, [{ dir: join(writerDir, name!) }], signed);
 
     config("./.reader");
     const events: string[] = [];
-    const pools = await loadPools({ cwd: project, cacheFrom: cacheDir, cacheTrust: TRUST, onEvent: (e) => void (e.type === "done" && events.push(`${e.name}:${e.node.status}`)) });
+    const pools = await loadPools({ cwd: project, cacheFrom: cacheDir, cacheTrust: TRUST, ...mode, onEvent: (e) => void (e.type === "done" && events.push(`${e.name}:${e.node.status}`)) });
+    expect(what).toBeTruthy();
     try {
       const vm = await pools.box!.acquire();
       expect((await vm.exec({ argv: ["echo", "baked here"] })).stdout.toString()).toBe("baked here\n");
