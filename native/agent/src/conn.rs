@@ -236,9 +236,9 @@ impl Conn {
     /// The listener has clients waiting: each becomes a PROXY_CONN stream, up to `max_streams`.
     pub fn on_proxy_ready(&mut self, sh: &mut Shared) {
         for _ in 0..proxy::ACCEPT_BATCH {
-            let Some((sock, peer_port)) = sh.proxy.accept(self.slot, self.proxy_streams) else { return };
+            let Some((sock, peer_port, dst)) = sh.proxy.accept(self.slot, self.proxy_streams) else { return };
             let id = self.next_free_proxy_id();
-            self.out.send(proto::PROXY_CONN, 0, id, &proto::proxy_conn(peer_port));
+            self.out.send(proto::PROXY_CONN, 0, id, &proto::proxy_conn(peer_port, dst));
             let mut cx = sh.ctx(id, self.slot, &mut self.out, self.paused);
             let stream = tcp::accepted(&mut cx, sock);
             self.streams.insert(id, stream);

@@ -378,7 +378,7 @@ fn fuzz_requests() {
         }
         if let Ok(l) = bounded("ProxyListen", &p, ProxyListen::parse)? {
             let bad_env = |e: &Vec<u8>| e.len() > MAX_PROXY_ENV_LEN || env_key(e).is_empty() || env_key(e).len() == e.len();
-            if l.addr.port() == 0 || l.env.len() > MAX_PROXY_ENV || l.env.iter().any(bad_env) || !(1..=MAX_PROXY_STREAMS).contains(&l.max_streams) {
+            if (l.addr.port() == 0 && l.mode == ProxyMode::Proxy) || l.env.len() > MAX_PROXY_ENV || l.env.iter().any(bad_env) || !(1..=MAX_PROXY_STREAMS).contains(&l.max_streams) {
                 return Err(format!("PROXY_LISTEN let through {l:?}"));
             }
         }
@@ -487,7 +487,7 @@ fn fuzz_round_trip() {
             w = noise(r, w.bytes(3, e));
         }
         let l = ProxyListen::parse(&w.u32(4, max_streams).finish()).map_err(|e| format!("{e}"))?;
-        let want = ProxyListen { addr: SocketAddr::new([127, 0, 0, 2].into(), port), env, max_streams: if max_streams == 0 { DEFAULT_PROXY_STREAMS } else { max_streams } };
+        let want = ProxyListen { addr: SocketAddr::new([127, 0, 0, 2].into(), port), mode: ProxyMode::Proxy, env, max_streams: if max_streams == 0 { DEFAULT_PROXY_STREAMS } else { max_streams } };
         if l != want {
             return Err(format!("ProxyListen: got {l:?}, want {want:?}"));
         }

@@ -35,6 +35,7 @@ mod stream_exec;
 mod sys;
 mod tcp;
 mod token;
+mod transparent;
 mod watch;
 mod workload;
 

@@ -552,9 +552,20 @@ pub const MAX_PROXY_ENV_LEN: usize = 4096;
 pub const DEFAULT_PROXY_STREAMS: u32 = 256;
 pub const MAX_PROXY_STREAMS: u32 = 4096;
 
+/// How the guest's programs reach the proxy listener (PROXY_LISTEN field 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// 0: they connect to it themselves, told by the `env` entries (http_proxy and the like).
+    Proxy,
+    /// 1: every TCP connection to a non-loopback address is steered to it (`transparent.rs`).
+    Transparent,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyListen {
+    /// Port 0 (transparent mode only) binds an ephemeral port.
     pub addr: SocketAddr,
+    pub mode: ProxyMode,
     /// `KEY=VALUE` entries to add to the environment of every EXEC and WORKLOAD_START.
     pub env: Vec<Vec<u8>>,
     /// How many PROXY_CONN streams may be open at once (1..=MAX_PROXY_STREAMS).
@@ -572,6 +583,7 @@ impl ProxyListen {
         let mut ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let mut env = Vec::new();
         let mut max_streams = DEFAULT_PROXY_STREAMS;
+        let mut mode = ProxyMode::Proxy;
         for f in fields(payload) {
             let f = f?;
             match f.tag {
@@ -597,13 +609,20 @@ impl ProxyListen {
                         _ => return Err(ProtoError::Invalid("max_streams must be at most 4096")),
                     }
                 }
+                5 => {
+                    mode = match f.u8()? {
+                        0 => ProxyMode::Proxy,
+                        1 => ProxyMode::Transparent,
+                        _ => return Err(ProtoError::Invalid("mode must be 0 (proxy) or 1 (transparent)")),
+                    }
+                }
                 _ => {}
             }
         }
-        if port == 0 {
+        if port == 0 && mode == ProxyMode::Proxy {
             return Err(ProtoError::Invalid("port must be 1 to 65535"));
         }
-        Ok(ProxyListen { addr: SocketAddr::new(ip, port), env, max_streams })
+        Ok(ProxyListen { addr: SocketAddr::new(ip, port), mode, env, max_streams })
     }
 }
 
@@ -732,9 +751,15 @@ pub fn ok_port(port: u16) -> Vec<u8> {
     FieldWriter::new().u16(1, port).finish()
 }
 
-/// PROXY_CONN: the guest client's source port.
-pub fn proxy_conn(peer_port: u16) -> Vec<u8> {
-    FieldWriter::new().u16(1, peer_port).finish()
+/// PROXY_CONN: the guest client's source port, and in transparent mode the address and port
+/// it connected to (the address as 4 or 16 raw bytes).
+pub fn proxy_conn(peer_port: u16, dst: Option<SocketAddr>) -> Vec<u8> {
+    let w = FieldWriter::new().u16(1, peer_port);
+    match dst {
+        None => w.finish(),
+        Some(SocketAddr::V4(a)) => w.bytes(2, &a.ip().octets()).u16(3, a.port()).finish(),
+        Some(SocketAddr::V6(a)) => w.bytes(2, &a.ip().octets()).u16(3, a.port()).finish(),
+    }
 }
 
 pub fn ok_killed(count: u32) -> Vec<u8> {
@@ -937,7 +962,11 @@ mod tests {
     #[test]
     fn proxy_listen() {
         let p = ProxyListen::parse(&FieldWriter::new().u16(1, 3128).finish()).unwrap();
-        assert_eq!(p, ProxyListen { addr: "127.0.0.1:3128".parse().unwrap(), env: vec![], max_streams: DEFAULT_PROXY_STREAMS });
+        assert_eq!(p, ProxyListen { addr: "127.0.0.1:3128".parse().unwrap(), mode: ProxyMode::Proxy, env: vec![], max_streams: DEFAULT_PROXY_STREAMS });
+        // Transparent mode may leave the port to the kernel.
+        let t = ProxyListen::parse(&FieldWriter::new().u8(5, 1).finish()).unwrap();
+        assert_eq!((t.mode, t.addr), (ProxyMode::Transparent, "127.0.0.1:0".parse().unwrap()));
+        assert_eq!(ProxyListen::parse(&FieldWriter::new().u16(1, 9).u8(5, 0).finish()).unwrap().mode, ProxyMode::Proxy);
         let p = ProxyListen::parse(
             &FieldWriter::new()
                 .bytes(2, b"::1")
@@ -982,6 +1011,9 @@ mod tests {
             FieldWriter::new().u16(1, 80).u32(4, 4097).finish(),
             FieldWriter::new().u16(1, 80).u16(4, 2).finish(),
             FieldWriter::new().u16(1, 80).bytes(3, b"A=b").finish()[..8].to_vec(), // truncated
+            FieldWriter::new().u8(5, 0).finish(),                      // proxy mode needs a port
+            FieldWriter::new().u16(1, 80).u8(5, 2).finish(),           // no such mode
+            FieldWriter::new().u16(1, 80).u16(5, 1).finish(),          // mode of the wrong width
         ];
         for (i, p) in bad.iter().enumerate() {
             assert!(ProxyListen::parse(p).is_err(), "case {i}: {p:?}");
@@ -996,6 +1028,11 @@ mod tests {
         let parse = |p: &[u8]| fields(p).map(|f| f.map(|f| (f.tag, f.value.to_vec()))).collect::<Result<Vec<_>, _>>().unwrap();
         assert_eq!(VERSION, 5);
         assert_eq!(parse(&ok_port(3128)), vec![(1, 3128u16.to_le_bytes().to_vec())]);
-        assert_eq!(parse(&proxy_conn(40_001)), vec![(1, 40_001u16.to_le_bytes().to_vec())]);
+        assert_eq!(parse(&proxy_conn(40_001, None)), vec![(1, 40_001u16.to_le_bytes().to_vec())]);
+        assert_eq!(
+            parse(&proxy_conn(40_001, Some("203.0.113.5:443".parse().unwrap()))),
+            vec![(1, 40_001u16.to_le_bytes().to_vec()), (2, vec![203, 0, 113, 5]), (3, 443u16.to_le_bytes().to_vec())]
+        );
+        assert_eq!(parse(&proxy_conn(1, Some("[2001:db8::1]:22".parse().unwrap())))[1].1.len(), 16);
     }
 }

@@ -5,13 +5,17 @@
 //! PROXY_CONN streams open; further clients wait in the listen backlog), and the environment
 //! entries every EXEC and WORKLOAD_START gets while it listens. The connection (`conn.rs`)
 //! owns the streams: it accepts through `Proxy::accept`, announces each with PROXY_CONN and
-//! runs it as a TCP stream (`tcp::accepted`).
+//! runs it as a TCP stream (`tcp::accepted`). In transparent mode (`transparent.rs`) the
+//! listener is also armed as the destination of every outbound TCP connection, and each accepted
+//! client comes with the address it connected to.
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use crate::proto::{self, ProxyListen};
+use crate::proto::{self, ProxyListen, ProxyMode};
+use crate::transparent::{self, Armed, TransparentError};
 use crate::token::{token, ConnId, T_PROXY};
 use crate::sys::{self, Epoll, EPOLLIN};
 
@@ -29,6 +33,8 @@ pub enum ProxyError {
     InUse,
     /// A system call failed (bind: EADDRINUSE, say).
     Os(&'static str, io::Error),
+    /// Transparent mode could not be armed (ENOSYS: a kernel without bpf(2)).
+    Transparent(TransparentError),
 }
 
 impl ProxyError {
@@ -37,13 +43,14 @@ impl ProxyError {
             ProxyError::BadRequest(_) => proto::BAD_REQUEST,
             ProxyError::Unsupported => proto::UNSUPPORTED,
             ProxyError::InUse => proto::STREAM_IN_USE,
-            ProxyError::Os(..) => proto::IO,
+            ProxyError::Os(..) | ProxyError::Transparent(_) => proto::IO,
         }
     }
 
     pub fn errno(&self) -> Option<i32> {
         match self {
             ProxyError::Os(_, e) => e.raw_os_error(),
+            ProxyError::Transparent(e) => e.io().raw_os_error(),
             _ => None,
         }
     }
@@ -56,12 +63,16 @@ impl fmt::Display for ProxyError {
             ProxyError::Unsupported => f.write_str("PROXY_LISTEN is honoured on the primary port only"),
             ProxyError::InUse => f.write_str("another connection's proxy listener is open"),
             ProxyError::Os(what, e) => write!(f, "{what}: {}", sys::io_text(e)),
+            ProxyError::Transparent(e) => write!(f, "{e}"),
         }
     }
 }
 
 struct Listener {
     owner: ConnId,
+    /// Transparent mode's redirect. Declared before `sock`, so it is disarmed before the socket
+    /// closes (fields drop in order).
+    transparent: Option<Armed>,
     /// Dropping it closes the socket, which also takes it out of the epoll set.
     sock: OwnedFd,
     max_streams: usize,
@@ -109,8 +120,13 @@ impl Proxy {
     pub fn listen(&mut self, conn: ConnId, req: ProxyListen) -> Result<u16, ProxyError> {
         debug_assert!(self.listener.is_none());
         let (sock, port) = sys::tcp_listen(&req.addr, BACKLOG).map_err(|e| ProxyError::Os("listen", e))?;
+        let transparent = match req.mode {
+            ProxyMode::Proxy => None,
+            ProxyMode::Transparent => Some(transparent::arm(sock.as_raw_fd()).map_err(ProxyError::Transparent)?),
+        };
         self.listener = Some(Listener {
             owner: conn,
+            transparent,
             sock,
             max_streams: req.max_streams as usize,
             env: req.env,
@@ -159,15 +175,25 @@ impl Proxy {
     }
 
     /// Accepts one client for `conn`, which has `open` proxy streams, if it may take one:
-    /// the socket and the client's port. None when nobody waits, the limit is reached, or the
-    /// call failed (then the listener rests until a stream ends, or the client is dropped).
-    pub fn accept(&mut self, conn: ConnId, open: usize) -> Option<(OwnedFd, u16)> {
+    /// the socket, the client's port and, in transparent mode, the address it connected to.
+    /// None when nobody waits, the limit is reached, or the call failed (then the listener rests
+    /// until a stream ends, or the client is dropped).
+    pub fn accept(&mut self, conn: ConnId, open: usize) -> Option<(OwnedFd, u16, Option<SocketAddr>)> {
         let l = self.listener.as_mut().filter(|l| l.owner == conn && !l.starved)?;
         if open >= l.max_streams {
             return None;
         }
         match sys::tcp_accept(l.sock.as_raw_fd()) {
-            Ok(c) => Some(c),
+            Ok((sock, peer)) if l.transparent.is_some() => match sys::tcp_local_addr(sock.as_raw_fd()) {
+                Ok(dst) => Some((sock, peer, Some(dst))),
+                Err(e) => {
+                    // Without its destination the connection cannot be carried: reset it.
+                    eprintln!("supermachine-agent: transparent accept: getsockname: {e}");
+                    let _ = sys::set_linger_reset(sock.as_raw_fd());
+                    None
+                }
+            },
+            Ok((sock, peer)) => Some((sock, peer, None)),
             Err(e) => {
                 match e.raw_os_error() {
                     Some(libc::EAGAIN) | Some(libc::EINTR) | Some(libc::ECONNABORTED) => {}
@@ -247,7 +273,8 @@ mod tests {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let (_sock, peer) = got.expect("accepted");
+        let (_sock, peer, dst) = got.expect("accepted");
+        assert_eq!(dst, None, "proxy mode has no destination");
         assert_eq!(peer, client.local_addr().unwrap().port());
         let _second = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         assert!(p.accept(1, 0).is_none(), "another connection accepts nothing");

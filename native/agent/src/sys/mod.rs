@@ -51,6 +51,7 @@ pub fn io_text(e: &io::Error) -> String {
     }
 }
 
+pub mod bpf;
 mod boot;
 mod clock;
 mod entry;
@@ -60,6 +61,7 @@ mod inotify;
 mod net;
 mod process;
 mod pty;
+pub mod rtnl;
 mod spawn;
 #[cfg(test)]
 pub mod alloc_count;

@@ -131,6 +131,32 @@ pub fn tcp_accept(listener: RawFd) -> io::Result<(OwnedFd, u16)> {
     Ok((sock, sockaddr_port(&peer)))
 }
 
+/// The local address of a socket (for a connection accepted through transparent egress: the
+/// address and port the guest client connected to). An IPv4-mapped IPv6 address is unmapped.
+pub fn tcp_local_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: storage and len are valid out-pointers; len holds storage's size.
+    cvt(unsafe { libc::getsockname(fd, (&mut storage as *mut libc::sockaddr_storage).cast(), &mut len) })?;
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in; storage is aligned for it.
+            let sin = unsafe { &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Ok(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6; storage is aligned for it.
+            let sin6 = unsafe { &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            let ip = ip.to_ipv4_mapped().map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4);
+            Ok(SocketAddr::new(ip, u16::from_be(sin6.sin6_port)))
+        }
+        _ => Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT)),
+    }
+}
+
 fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -164,4 +190,11 @@ pub fn set_linger_reset(fd: RawFd) -> io::Result<()> {
         )
     })
     .map(|_| ())
+}
+
+/// Moves the calling thread into a new, empty network namespace (tests of transparent egress).
+#[cfg(test)]
+pub fn unshare_net() -> io::Result<()> {
+    // SAFETY: plain syscall; it changes only the calling thread's namespace.
+    cvt(unsafe { libc::unshare(libc::CLONE_NEWNET) }).map(|_| ())
 }

@@ -1,0 +1,262 @@
+//! Transparent egress (PROXY_LISTEN mode 1): every TCP connection a guest program opens to a
+//! non-loopback IPv4 address reaches the agent's listener, whatever the program, with no proxy
+//! variable. Two pieces do it, both armed only while the host wants egress:
+//!
+//! - the AnyIP route `local 0.0.0.0/0 dev lo` (`sys::rtnl`): every address is local, so a
+//!   connect() loops back through `lo` instead of failing with ENETUNREACH (there is no device);
+//! - an sk_lookup program (`sys::bpf`), linked to the guest's network namespace, that runs before
+//!   the kernel's own listener lookup: TCP to a non-loopback address is handed to the socket in
+//!   slot 0 of a SOCKMAP (the agent's listener); other UDP to a non-loopback address is dropped
+//!   (the sender gets ECONNREFUSED); loopback and IPv6 are left to the kernel.
+//!
+//! `getsockname()` on an accepted socket is then the address the client asked for. Dropping an
+//! `Armed` closes the link (which detaches the program) and deletes the route, so a snapshot
+//! taken after PROXY_STOP holds neither.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::sys::bpf::{self, BpfError, Insn};
+use crate::sys::rtnl;
+
+/// The loopback interface's index (always 1: it is the first device of every namespace).
+const LO_IFINDEX: u32 = 1;
+/// The SOCKMAP's slots: 0 the TCP listener (later ones are for DNS).
+const SLOTS: u32 = 1;
+
+#[derive(Debug)]
+pub enum TransparentError {
+    Bpf(BpfError),
+    /// A route or namespace call failed.
+    Os(&'static str, io::Error),
+}
+
+impl TransparentError {
+    pub fn io(&self) -> &io::Error {
+        match self {
+            TransparentError::Bpf(e) => e.io(),
+            TransparentError::Os(_, e) => e,
+        }
+    }
+}
+
+impl fmt::Display for TransparentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransparentError::Bpf(e) => write!(f, "transparent egress: {e}"),
+            TransparentError::Os(what, e) => write!(f, "transparent egress: {what}: {}", crate::sys::io_text(e)),
+        }
+    }
+}
+
+impl From<BpfError> for TransparentError {
+    fn from(e: BpfError) -> Self {
+        TransparentError::Bpf(e)
+    }
+}
+
+/// The armed redirect. Field order is drop order: the link goes first (no new flow is steered),
+/// then the program and map; the route is deleted in `drop`.
+pub struct Armed {
+    _link: OwnedFd,
+    _prog: OwnedFd,
+    _map: OwnedFd,
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        if let Err(e) = rtnl::local_default_route(false, LO_IFINDEX) {
+            eprintln!("supermachine-agent: transparent egress: cannot delete the local default route: {e}");
+        }
+    }
+}
+
+const fn ins(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    Insn { code, regs: (src << 4) | dst, off, imm }
+}
+
+// Opcodes (include/uapi/linux/bpf.h, bpf_common.h).
+const MOV64_REG: u8 = 0xbf;
+const MOV64_IMM: u8 = 0xb7;
+const ADD64_IMM: u8 = 0x07;
+const AND64_IMM: u8 = 0x57;
+const LDX_W: u8 = 0x61;
+const ST_W: u8 = 0x62;
+const LD_IMM64: u8 = 0x18;
+const JEQ_IMM: u8 = 0x15;
+const JNE_IMM: u8 = 0x55;
+const CALL: u8 = 0x85;
+const EXIT: u8 = 0x95;
+/// src register value of an LD_IMM64 whose immediate is a map descriptor.
+const PSEUDO_MAP_FD: u8 = 1;
+
+// struct bpf_sk_lookup offsets.
+const CTX_FAMILY: i16 = 8;
+const CTX_PROTOCOL: i16 = 12;
+const CTX_LOCAL_IP4: i16 = 40;
+
+// Helper ids.
+const MAP_LOOKUP_ELEM: i32 = 1;
+const SK_RELEASE: i32 = 86;
+const SK_ASSIGN: i32 = 124;
+
+const SK_DROP: i32 = 0;
+const SK_PASS: i32 = 1;
+
+/// The sk_lookup program, with the SOCKMAP's descriptor in its map load. Jump offsets count
+/// instructions from the one after the jump.
+pub fn program(map_fd: RawFd) -> Vec<Insn> {
+    vec![
+        ins(MOV64_REG, 6, 1, 0, 0),               // 0: r6 = ctx
+        ins(LDX_W, 2, 6, CTX_FAMILY, 0),          // 1: r2 = family
+        ins(JNE_IMM, 2, 0, 19, libc::AF_INET),    // 2: not IPv4 -> pass (22)
+        ins(LDX_W, 2, 6, CTX_LOCAL_IP4, 0),       // 3: r2 = destination address (network order)
+        ins(AND64_IMM, 2, 0, 0, 0xff),            // 4: its first byte
+        ins(JEQ_IMM, 2, 0, 16, 127),              // 5: 127/8 -> pass (22)
+        ins(LDX_W, 2, 6, CTX_PROTOCOL, 0),        // 6: r2 = protocol
+        ins(JNE_IMM, 2, 0, 16, libc::IPPROTO_TCP), // 7: not TCP -> drop (24)
+        ins(ST_W, 10, 0, -4, 0),                  // 8: key = 0 on the stack
+        ins(MOV64_REG, 2, 10, 0, 0),              // 9: r2 = fp
+        ins(ADD64_IMM, 2, 0, 0, -4),              // 10: r2 = &key
+        ins(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map_fd), // 11, 12: r1 = the map
+        ins(0, 0, 0, 0, 0),
+        ins(CALL, 0, 0, 0, MAP_LOOKUP_ELEM),      // 13: r0 = sockmap[0] (a reference) or NULL
+        ins(JEQ_IMM, 0, 0, 9, 0),                 // 14: no listener -> drop (24)
+        ins(MOV64_REG, 7, 0, 0, 0),               // 15: r7 = the socket
+        ins(MOV64_REG, 1, 6, 0, 0),               // 16: sk_assign(ctx, sk, 0)
+        ins(MOV64_REG, 2, 0, 0, 0),               // 17
+        ins(MOV64_IMM, 3, 0, 0, 0),               // 18
+        ins(CALL, 0, 0, 0, SK_ASSIGN),            // 19
+        ins(MOV64_REG, 1, 7, 0, 0),               // 20: sk_release(sk)
+        ins(CALL, 0, 0, 0, SK_RELEASE),           // 21
+        ins(MOV64_IMM, 0, 0, 0, SK_PASS),         // 22: pass (to the assigned socket, if any)
+        ins(EXIT, 0, 0, 0, 0),                    // 23
+        ins(MOV64_IMM, 0, 0, 0, SK_DROP),         // 24: drop
+        ins(EXIT, 0, 0, 0, 0),                    // 25
+    ]
+}
+
+/// Arms transparent egress in the calling thread's network namespace, steering to `listener`
+/// (a listening TCP socket, IPv4 or dual-stack). Needs CAP_NET_ADMIN and CAP_BPF (root).
+pub fn arm(listener: RawFd) -> Result<Armed, TransparentError> {
+    let map = bpf::sockmap_create(SLOTS)?;
+    bpf::sockmap_set(&map, 0, listener)?;
+    let prog = bpf::prog_load(bpf::BPF_PROG_TYPE_SK_LOOKUP, bpf::BPF_SK_LOOKUP, &program(map.as_raw_fd()))?;
+    let netns = bpf::socket_netns(listener).map_err(|e| TransparentError::Os("namespace of the listener", e))?;
+    rtnl::local_default_route(true, LO_IFINDEX).map_err(|e| TransparentError::Os("add the local default route", e))?;
+    match bpf::link_create(&prog, netns.as_raw_fd(), bpf::BPF_SK_LOOKUP) {
+        Ok(link) => Ok(Armed { _link: link, _prog: prog, _map: map }),
+        Err(e) => {
+            let _ = rtnl::local_default_route(false, LO_IFINDEX);
+            Err(e.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream, UdpSocket};
+    use std::time::Duration;
+
+    use crate::sys;
+
+    /// Runs `f` on a new thread moved into a new, empty network namespace (a namespace belongs to
+    /// a thread, so the other tests are unaffected). None when this process may not make one
+    /// (not root): the caller then says the test did not run.
+    fn in_new_netns<F: FnOnce() + Send + 'static>(f: F) -> Option<()> {
+        std::thread::spawn(move || {
+            if sys::unshare_net().is_err() {
+                return None;
+            }
+            sys::interface_up("lo").expect("lo up");
+            f();
+            Some(())
+        })
+        .join()
+        .expect("the namespace thread panicked")
+    }
+
+    fn accept_dst(listener: RawFd) -> (OwnedFd, SocketAddr) {
+        for _ in 0..500 {
+            match sys::tcp_accept(listener) {
+                Ok((s, _)) => {
+                    let dst = sys::tcp_local_addr(s.as_raw_fd()).unwrap();
+                    return (s, dst);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        panic!("nothing to accept");
+    }
+
+    #[test]
+    fn steers_every_tcp_destination_to_the_listener_until_disarmed() {
+        let ran = in_new_netns(|| {
+            let target = "203.0.113.5:22".parse::<SocketAddr>().unwrap();
+            let unreachable = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap_err();
+            assert_eq!(unreachable.raw_os_error(), Some(libc::ENETUNREACH), "no route before arming");
+
+            let (listener, port) = sys::tcp_listen(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
+            let armed = arm(listener.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
+            for dst in ["198.18.0.7:443", "203.0.113.5:22"] {
+                let dst: SocketAddr = dst.parse().unwrap();
+                let mut client = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
+                let (sock, got) = accept_dst(listener.as_raw_fd());
+                assert_eq!(got, dst, "getsockname of the accepted socket is the client's destination");
+                // The accepted socket is the client's peer: bytes go through.
+                client.write_all(b"hi").unwrap();
+                let mut server = TcpStream::from(sock);
+                server.set_nonblocking(false).unwrap();
+                let mut buf = [0u8; 2];
+                server.read_exact(&mut buf).unwrap();
+                assert_eq!(&buf, b"hi");
+            }
+
+            // Loopback stays the guest's own: a server on 127.0.0.1 gets its connection, and a
+            // closed loopback port refuses.
+            let own = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let own_addr = own.local_addr().unwrap();
+            let _c = TcpStream::connect(own_addr).unwrap();
+            let (_s, from) = own.accept().unwrap();
+            assert_eq!(from.ip(), own_addr.ip());
+            let closed = TcpStream::connect(("127.0.0.1", if port == 9 { 10 } else { 9 })).unwrap_err();
+            assert_eq!(closed.raw_os_error(), Some(libc::ECONNREFUSED));
+            assert!(sys::tcp_accept(listener.as_raw_fd()).is_err(), "loopback connections are not steered");
+
+            // UDP to the outside is dropped: the sender learns at once.
+            let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
+            udp.connect("203.0.113.5:123").unwrap();
+            udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            udp.send(b"ntp").unwrap();
+            let refused = udp.recv(&mut [0u8; 16]).unwrap_err();
+            assert_eq!(refused.raw_os_error(), Some(libc::ECONNREFUSED));
+
+            drop(armed);
+            let after = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap_err();
+            assert_eq!(after.raw_os_error(), Some(libc::ENETUNREACH), "disarming removes the route");
+            // Arming twice in a row works (the route was deleted, the link closed).
+            let again = arm(listener.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
+            drop(again);
+        });
+        if ran.is_none() {
+            eprintln!("transparent: skipped, this process cannot create a network namespace (run as root)");
+        }
+    }
+
+    #[test]
+    fn program_jumps_land_inside_it() {
+        let p = program(3);
+        for (i, insn) in p.iter().enumerate() {
+            if insn.code == JEQ_IMM || insn.code == JNE_IMM {
+                let target = i as i64 + 1 + insn.off as i64;
+                assert!((0..p.len() as i64).contains(&target), "jump at {i} lands at {target}");
+                assert_eq!(p[target as usize].code, MOV64_IMM, "jump at {i} lands on a verdict");
+            }
+        }
+        assert_eq!(p.last().unwrap().code, EXIT);
+    }
+}
