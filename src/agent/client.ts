@@ -325,18 +325,26 @@ export class AgentClient extends AgentConnection {
    * PROXY_LISTEN: the agent listens on the guest's `addr:port` (default 127.0.0.1), adds `env`
    * to every exec and workload while it does, and hands each connection accepted there to
    * `onConnection` as a stream (PROXY_CONN) until `proxyStop`, the next `hello` or the end of the
-   * connection. Resolves with the port bound.
+   * connection. Resolves with the port bound. With `mode: "transparent"` the agent also steers
+   * every TCP connection the guest opens to a non-loopback IPv4 address to that listener (port
+   * 0 lets the kernel pick one), and each connection's `info.dst` is where the client meant to go.
    */
-  async proxyListen(opts: { port: number; addr?: string; env?: string[]; maxStreams?: number }, onConnection: ProxyConnHandler): Promise<number> {
+  async proxyListen(
+    opts: { port: number; addr?: string; env?: string[]; maxStreams?: number; mode?: "proxy" | "transparent" },
+    onConnection: ProxyConnHandler,
+  ): Promise<number> {
     this.checkAlive();
     const w = new FieldWriter().u16(Tag.proxyListen.port, opts.port);
     if (opts.addr !== undefined) w.bytes(Tag.proxyListen.addr, opts.addr);
     for (const e of opts.env ?? []) w.bytes(Tag.proxyListen.env, e);
     if (opts.maxStreams !== undefined) w.u32(Tag.proxyListen.maxStreams, opts.maxStreams);
+    // The field is sent only for transparent mode, so an older agent sees today's request.
+    if (opts.mode === "transparent") w.u8(Tag.proxyListen.mode, 1);
     // Connections may arrive before the OK: the handler is in place first.
     this.proxyHandler = onConnection;
+    const what = opts.mode === "transparent" ? "transparent egress listen" : `proxy listen on port ${opts.port}`;
     try {
-      return (await this.request(Msg.PROXY_LISTEN, `proxy listen on port ${opts.port}`, w.finish())).u16(Tag.proxyListenOk.port) ?? opts.port;
+      return (await this.request(Msg.PROXY_LISTEN, what, w.finish())).u16(Tag.proxyListenOk.port) ?? opts.port;
     } catch (err) {
       if (this.proxyHandler === onConnection) this.proxyHandler = undefined;
       throw err;

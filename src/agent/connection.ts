@@ -95,7 +95,9 @@ export abstract class AgentConnection extends AgentTransport {
     const id = frame.stream;
     if (id < AGENT_STREAM_BASE) throw new AgentError("AGENT_PROTOCOL", `PROXY_CONN on stream ${id}, below the agent's ids (${AGENT_STREAM_BASE})`);
     if (this.streams.has(id)) throw new AgentError("AGENT_PROTOCOL", `PROXY_CONN on stream ${id}, which is open`);
-    const peerPort = new Fields(frame.payload, "PROXY_CONN").u16(Tag.proxyConn.peerPort) ?? 0;
+    const fields = new Fields(frame.payload, "PROXY_CONN");
+    const peerPort = fields.u16(Tag.proxyConn.peerPort) ?? 0;
+    const dst = proxyConnDst(fields.bytes(Tag.proxyConn.dstAddr), fields.u16(Tag.proxyConn.dstPort));
     const handler = this.proxyHandler;
     const op = new TcpStream(this, id, true);
     this.streams.set(id, op);
@@ -106,7 +108,7 @@ export abstract class AgentConnection extends AgentTransport {
       return;
     }
     this.settle();
-    handler(op, { peerPort });
+    handler(op, dst ? { peerPort, dst } : { peerPort });
   }
 
   /** @internal */
@@ -155,4 +157,28 @@ function helloInfo(frame: Frame): HelloInfo {
   const memoryMax = f.u64(Tag.helloOk.defaultMemoryMax);
   if (pidsMax !== undefined && memoryMax !== undefined) info.limits = { pidsMax, memoryMaxBytes: Number(memoryMax) };
   return info;
+}
+
+/**
+ * A transparent PROXY_CONN's destination: 4 or 16 raw address bytes as text, and the port. A
+ * wrong length means a broken agent, which fails the connection like any malformed frame.
+ */
+export function proxyConnDst(addr: Buffer | undefined, port: number | undefined): { address: string; port: number } | undefined {
+  if (addr === undefined) return undefined;
+  if (port === undefined) throw new AgentError("AGENT_PROTOCOL", "PROXY_CONN has dst_addr but no dst_port");
+  if (addr.length === 4) return { address: [...addr].join("."), port };
+  if (addr.length !== 16) throw new AgentError("AGENT_PROTOCOL", `PROXY_CONN dst_addr is ${addr.length} bytes, not 4 or 16`);
+  const groups: string[] = [];
+  for (let i = 0; i < 16; i += 2) groups.push(addr.readUInt16BE(i).toString(16));
+  // Compress the longest run of two or more zero groups, as RFC 5952 writes it.
+  let best = -1;
+  let bestLen = 1;
+  for (let i = 0; i < 8; ) {
+    let j = i;
+    while (j < 8 && groups[j] === "0") j++;
+    if (j - i > bestLen) [best, bestLen] = [i, j - i];
+    i = j === i ? i + 1 : j;
+  }
+  const address = best < 0 ? groups.join(":") : `${groups.slice(0, best).join(":")}::${groups.slice(best + bestLen).join(":")}`;
+  return { address, port };
 }

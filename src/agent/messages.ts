@@ -90,6 +90,15 @@ export interface FileWriter {
   abandon(err: Error): void;
 }
 
+/**
+ * What the agent says of a connection to its proxy listener: the guest client's port and, in
+ * transparent mode, the address and port it connected to.
+ */
+export interface ProxyConnInfo {
+  peerPort: number;
+  dst?: { address: string; port: number };
+}
+
 /** Takes a connection the guest made to the agent's proxy listener. */
-export type ProxyConnHandler = (stream: TcpStream, info: { peerPort: number }) => void;
+export type ProxyConnHandler = (stream: TcpStream, info: ProxyConnInfo) => void;
 

@@ -87,8 +87,8 @@ export const Tag = {
   backgroundEntry: { id: 1, argv: 2, pid: 3, detached: 4 },
   killBackground: { id: 1, all: 2 },
   spawnBench: { argv: 1, count: 2, env: 3 },
-  proxyListen: { port: 1, addr: 2, env: 3, maxStreams: 4 },
-  proxyConn: { peerPort: 1 },
+  proxyListen: { port: 1, addr: 2, env: 3, maxStreams: 4, mode: 5 },
+  proxyConn: { peerPort: 1, dstAddr: 2, dstPort: 3 },
   /** OK of PROXY_LISTEN: the port bound (tag 1, a u16: not the `size` of files). */
   proxyListenOk: { port: 1 },
   fsStat: { path: 1, follow: 2 },

@@ -6,6 +6,7 @@ import {
   FieldWriter,
   Fields,
   FrameDecoder,
+  type Frame,
   HEADER_SIZE,
   MAX_PAYLOAD,
   Msg,
@@ -17,6 +18,8 @@ import {
 } from "../../src/agent/protocol.js";
 import { dirEventOf, fileInfoOf } from "../../src/agent/fs.js";
 import { AgentClient } from "../../src/agent/client.js";
+import { proxyConnDst } from "../../src/agent/connection.js";
+import type { ProxyConnInfo } from "../../src/agent/messages.js";
 import { AgentError } from "../../src/errors.js";
 
 describe("frame codec", () => {
@@ -157,6 +160,51 @@ describe("client against a hostile peer", () => {
     second.fromAgent.write(conn(7));
     await tick();
     expect(second.fatal[0]?.message).toMatch(/below the agent's ids/);
+  });
+
+  it("sends PROXY_LISTEN's transparent mode only when asked, and hands the handler PROXY_CONN's destination", async () => {
+    const { client, fromAgent, toAgent, fatal } = connected();
+    const sent: Frame[] = [];
+    const dec = new FrameDecoder();
+    toAgent.on("data", (d: Buffer) => sent.push(...dec.push(d)));
+    const tick = () => new Promise((r) => setImmediate(r));
+    const got: ProxyConnInfo[] = [];
+    const listening = client.proxyListen({ port: 0, mode: "transparent" }, (_s, info) => got.push(info));
+    const req = sent.find((f) => f.type === Msg.PROXY_LISTEN)!;
+    const fields = new Fields(req.payload, "PROXY_LISTEN");
+    expect([fields.u16(Tag.proxyListen.port), fields.u8(Tag.proxyListen.mode)]).toEqual([0, 1]);
+    fromAgent.write(encodeFrame(Msg.OK, req.stream, new FieldWriter().u16(Tag.proxyListenOk.port, 41234).finish()));
+    await expect(listening).resolves.toBe(41234);
+    const conn = (id: number, addr: number[], port: number) =>
+      encodeFrame(Msg.PROXY_CONN, id, new FieldWriter().u16(Tag.proxyConn.peerPort, 40000).bytes(Tag.proxyConn.dstAddr, Buffer.from(addr)).u16(Tag.proxyConn.dstPort, port).finish());
+    fromAgent.write(conn(AGENT_STREAM_BASE, [203, 0, 113, 5], 443));
+    fromAgent.write(conn(AGENT_STREAM_BASE + 1, [0x20, 0x01, 0x0d, 0xb8, ...Array(11).fill(0), 1], 22));
+    await tick();
+    expect(got).toEqual([
+      { peerPort: 40000, dst: { address: "203.0.113.5", port: 443 } },
+      { peerPort: 40000, dst: { address: "2001:db8::1", port: 22 } },
+    ]);
+    expect(fatal).toHaveLength(0);
+
+    // Proxy mode sends no mode field (an older agent sees today's request).
+    const plain = connected();
+    const plainSent: Frame[] = [];
+    const plainDec = new FrameDecoder();
+    plain.toAgent.on("data", (d: Buffer) => plainSent.push(...plainDec.push(d)));
+    void plain.client.proxyListen({ port: 3128 }, () => {}).catch(() => {});
+    const plainReq = plainSent.find((f) => f.type === Msg.PROXY_LISTEN)!;
+    expect(new Fields(plainReq.payload, "PROXY_LISTEN").u8(Tag.proxyListen.mode)).toBeUndefined();
+  });
+
+  it("formats PROXY_CONN destinations and refuses malformed ones", () => {
+    expect(proxyConnDst(undefined, undefined)).toBeUndefined();
+    expect(proxyConnDst(Buffer.from([10, 0, 2, 2]), 8080)).toEqual({ address: "10.0.2.2", port: 8080 });
+    expect(proxyConnDst(Buffer.alloc(16), 1)?.address).toBe("::");
+    const mapped = Buffer.from([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1, 2, 3, 4]);
+    expect(proxyConnDst(mapped, 1)?.address).toBe("::ffff:102:304");
+    expect(proxyConnDst(Buffer.from([0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]), 1)?.address).toBe("1:0:1::1:0:1");
+    expect(() => proxyConnDst(Buffer.from([1, 2, 3]), 1)).toThrow(/3 bytes/);
+    expect(() => proxyConnDst(Buffer.from([1, 2, 3, 4]), undefined)).toThrow(/no dst_port/);
   });
 
   it("ignores frames for streams it does not know", async () => {
