@@ -245,6 +245,35 @@ mod tests {
     }
 
     #[test]
+    fn transparent_mode_accepts_with_the_destination_and_disarms_on_stop() {
+        let ran = crate::transparent::tests::in_new_netns(|| {
+            let mut p = Proxy::default();
+            let payload = proto::FieldWriter::new().u8(5, 1).u32(4, 2).finish();
+            let (r, _) = p.check_listen(0, true, &payload).unwrap();
+            let port = p.listen(0, r).unwrap_or_else(|e| panic!("{e}"));
+            assert_ne!(port, 0, "the kernel picked a port");
+            let dst: std::net::SocketAddr = "203.0.113.5:443".parse().unwrap();
+            let client = std::net::TcpStream::connect_timeout(&dst, std::time::Duration::from_secs(2)).unwrap();
+            let mut got = None;
+            for _ in 0..500 {
+                got = p.accept(0, 0);
+                if got.is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let (_sock, peer, to) = got.expect("accepted");
+            assert_eq!((peer, to), (client.local_addr().unwrap().port(), Some(dst)));
+            assert!(p.stop(0));
+            let e = std::net::TcpStream::connect_timeout(&dst, std::time::Duration::from_secs(2)).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ENETUNREACH), "stop disarms");
+        });
+        if ran.is_none() {
+            eprintln!("proxy: transparent test skipped, this process cannot create a network namespace (run as root)");
+        }
+    }
+
+    #[test]
     fn one_listener_owned_by_one_connection() {
         let epoll = Epoll::new().unwrap();
         let mut p = Proxy::default();

@@ -155,7 +155,7 @@ pub fn arm(listener: RawFd) -> Result<Armed, TransparentError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -166,7 +166,7 @@ mod tests {
     /// Runs `f` on a new thread moved into a new, empty network namespace (a namespace belongs to
     /// a thread, so the other tests are unaffected). None when this process may not make one
     /// (not root): the caller then says the test did not run.
-    fn in_new_netns<F: FnOnce() + Send + 'static>(f: F) -> Option<()> {
+    pub(crate) fn in_new_netns<F: FnOnce() + Send + 'static>(f: F) -> Option<()> {
         std::thread::spawn(move || {
             if sys::unshare_net().is_err() {
                 return None;
