@@ -143,7 +143,7 @@ pub fn arm(listener: RawFd) -> Result<Armed, TransparentError> {
     let map = bpf::sockmap_create(SLOTS)?;
     bpf::sockmap_set(&map, 0, listener)?;
     let prog = bpf::prog_load(bpf::BPF_PROG_TYPE_SK_LOOKUP, bpf::BPF_SK_LOOKUP, &program(map.as_raw_fd()))?;
-    let netns = bpf::socket_netns(listener).map_err(|e| TransparentError::Os("namespace of the listener", e))?;
+    let netns = crate::sys::socket_netns(listener).map_err(|e| TransparentError::Os("namespace of the listener", e))?;
     rtnl::local_default_route(true, LO_IFINDEX).map_err(|e| TransparentError::Os("add the local default route", e))?;
     match bpf::link_create(&prog, netns.as_raw_fd(), bpf::BPF_SK_LOOKUP) {
         Ok(link) => Ok(Armed { _link: link, _prog: prog, _map: map }),

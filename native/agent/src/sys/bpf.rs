@@ -176,13 +176,3 @@ pub fn link_create(prog: &OwnedFd, target: RawFd, attach_type: u32) -> Result<Ow
     let mut attr = LinkCreateAttr { prog_fd: prog.as_raw_fd() as u32, target_fd: target as u32, attach_type, flags: 0 };
     bpf(BPF_LINK_CREATE, &mut attr).map(owned).map_err(|e| BpfError::Os("link create", e))
 }
-
-/// A descriptor for the network namespace of socket `sock` (SIOCGSKNS; needs CAP_NET_ADMIN).
-/// It avoids /proc, and it names the namespace of the calling thread's socket, not of the
-/// process's first thread.
-pub fn socket_netns(sock: RawFd) -> io::Result<OwnedFd> {
-    const SIOCGSKNS: libc::c_ulong = 0x894C;
-    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor.
-    let fd = unsafe { libc::ioctl(sock, SIOCGSKNS as _) };
-    super::cvt(fd).map(owned)
-}

@@ -192,6 +192,16 @@ pub fn set_linger_reset(fd: RawFd) -> io::Result<()> {
     .map(|_| ())
 }
 
+/// A descriptor for the network namespace of socket `sock` (SIOCGSKNS; needs CAP_NET_ADMIN).
+/// It avoids /proc, and it names the namespace of the calling thread's socket, not of the
+/// process's first thread.
+pub fn socket_netns(sock: RawFd) -> io::Result<OwnedFd> {
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor.
+    let fd = unsafe { libc::ioctl(sock, SIOCGSKNS as _) };
+    cvt(fd).map(owned)
+}
+
 /// Moves the calling thread into a new, empty network namespace (tests of transparent egress).
 #[cfg(test)]
 pub fn unshare_net() -> io::Result<()> {
