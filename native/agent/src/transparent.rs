@@ -56,8 +56,8 @@ impl From<BpfError> for TransparentError {
     }
 }
 
-/// The armed redirect. Field order is drop order: the link goes first (no new flow is steered),
-/// then the program and map; the route is deleted in `drop`.
+/// The armed redirect. Dropping it deletes the route first (a new connect() fails with
+/// ENETUNREACH again), then closes the link (which detaches the program), the program and the map.
 pub struct Armed {
     _link: OwnedFd,
     _prog: OwnedFd,
