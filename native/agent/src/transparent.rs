@@ -227,6 +227,10 @@ pub(crate) mod tests {
             assert_eq!(closed.raw_os_error(), Some(libc::ECONNREFUSED));
             assert!(sys::tcp_accept(listener.as_raw_fd()).is_err(), "loopback connections are not steered");
 
+            // IPv6 is not steered yet, and there is no IPv6 route: it still fails closed.
+            let v6 = TcpStream::connect_timeout(&"[2001:db8::1]:443".parse().unwrap(), Duration::from_secs(2)).unwrap_err();
+            assert_eq!(v6.raw_os_error(), Some(libc::ENETUNREACH));
+
             // UDP to the outside is dropped: the sender learns at once.
             let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
             udp.connect("203.0.113.5:123").unwrap();
