@@ -14,8 +14,10 @@ mod background;
 mod bench;
 mod cgroup;
 mod conn;
+mod dns_wire;
 mod exec;
 mod exec_io;
+mod fake_ip;
 mod files;
 mod fs_ops;
 #[cfg(test)]
