@@ -133,6 +133,23 @@ export class EgressPolicy {
   }
 
   /**
+   * The ports any allow rule lets the guest reach `name` on (a DNS name, not an IP literal),
+   * ascending; empty when no rule names it. Transparent DNS answers only names with a port here,
+   * before any resolution.
+   */
+  portsFor(name: string): number[] {
+    const parsed = parseHost(name);
+    if ("error" in parsed || parsed.kind !== "name") return [];
+    const ports = new Set<number>();
+    for (const rule of this.rules) {
+      if ((rule.kind === "name" && rule.host === parsed.host) || (rule.kind === "suffix" && parsed.host.endsWith(`.${rule.domain}`))) {
+        for (const p of rule.port === undefined ? DEFAULT_PORTS : [rule.port]) ports.add(p);
+      }
+    }
+    return [...ports].sort((a, b) => a - b);
+  }
+
+  /**
    * May the proxy connect to `address` (what `host` resolved to, or the `hosts` entry) on `port`?
    * Addresses in a special range (loopback, private, link-local, ...) only when an `allow` entry
    * names that IP literal with a matching port.
