@@ -125,7 +125,12 @@ impl Conn {
         self.update_pause(sh);
         self.update_interest(sh);
         sh.proxy.update_interest(&sh.epoll, self.slot, self.proxy_streams);
-        self.out.lazy_deadline
+        let dns_due = sh.proxy.dns_expire(self.slot, now);
+        self.flush(sh);
+        match (self.out.lazy_deadline, dns_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Whether the loop must not sleep: some stream has pump work and may produce.
@@ -237,8 +242,10 @@ impl Conn {
     pub fn on_proxy_ready(&mut self, sh: &mut Shared) {
         for _ in 0..proxy::ACCEPT_BATCH {
             let Some((sock, peer_port, dst)) = sh.proxy.accept(self.slot, self.proxy_streams) else { return };
-            let id = self.next_free_proxy_id();
-            self.out.send(proto::PROXY_CONN, 0, id, &proto::proxy_conn(peer_port, dst));
+            let slot = self.slot;
+            let id = self.next_free_proxy_id(&|i| sh.proxy.dns_owns(slot, i));
+            let name = dst.as_ref().and_then(|d| sh.proxy.fake_name(d));
+            self.out.send(proto::PROXY_CONN, 0, id, &proto::proxy_conn(peer_port, dst, name.as_deref()));
             let mut cx = sh.ctx(id, self.slot, &mut self.out, self.paused);
             let stream = tcp::accepted(&mut cx, sock);
             self.streams.insert(id, stream);
@@ -247,15 +254,47 @@ impl Conn {
         }
     }
 
-    /// The next id from 2^31 up that no stream uses (at most MAX_PROXY_STREAMS are: one is free).
-    fn next_free_proxy_id(&mut self) -> u32 {
+    /// The next id from 2^31 up that no stream uses, nor (`taken`) a pending RESOLVE; or the
+    /// DNS responder (`Proxy::dns_owns`). At most MAX_PROXY_STREAMS + 64 are used: one is free.
+    fn next_free_proxy_id(&mut self, taken: &dyn Fn(u32) -> bool) -> u32 {
         loop {
             let id = self.next_proxy_id;
             self.next_proxy_id = id.checked_add(1).unwrap_or(proto::AGENT_STREAM_MIN);
-            if !self.streams.contains_key(&id) {
+            if !self.streams.contains_key(&id) && !taken(id) {
                 return id;
             }
         }
+    }
+
+    /// The DNS responder has queries: each name the agent has no verdict for becomes a RESOLVE
+    /// on an agent id, answered by the host's OK (`on_resolve_answer`).
+    pub fn on_dns_ready(&mut self, sh: &mut Shared) {
+        let now = sys::monotonic_ns();
+        let slot = self.slot;
+        let asks = {
+            let streams = &self.streams;
+            let next = &mut self.next_proxy_id;
+            let mut new_id = |taken: &dyn Fn(u32) -> bool| loop {
+                let id = *next;
+                *next = id.checked_add(1).unwrap_or(proto::AGENT_STREAM_MIN);
+                if !streams.contains_key(&id) && !taken(id) {
+                    return id;
+                }
+            };
+            sh.proxy.dns_readable(slot, now, &mut new_id)
+        };
+        for (id, payload) in asks {
+            self.out.send(proto::RESOLVE, 0, id, &payload);
+        }
+    }
+
+    /// The host's OK or STREAM_ERROR on an agent id: a RESOLVE's answer, if it is one.
+    fn on_resolve_answer(&mut self, sh: &mut Shared, ty: u8, id: u32, payload: &[u8]) {
+        if !sh.proxy.dns_owns(self.slot, id) {
+            return;
+        }
+        let answer = if ty == proto::OK { proto::ResolveAnswer::parse(payload).ok() } else { None };
+        sh.proxy.dns_answer(self.slot, id, answer, sys::monotonic_ns());
     }
 
     /// Closes this connection's listener, if it has one, and ends its PROXY_CONN streams
@@ -525,6 +564,7 @@ impl Conn {
                 Err(e) => self.out.error(id, proto::BAD_REQUEST, &e.to_string(), None),
             },
             proto::PROXY_LISTEN if id != 0 => self.on_proxy_listen(sh, id, payload),
+            proto::OK | proto::STREAM_ERROR if id >= proto::AGENT_STREAM_MIN => self.on_resolve_answer(sh, h.ty, id, payload),
             proto::PROXY_STOP if id != 0 => {
                 self.stop_proxy(sh, true);
                 self.out.send(proto::OK, 0, id, &[]);

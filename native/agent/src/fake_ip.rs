@@ -86,6 +86,7 @@ impl FakeIps {
         Some(self.entries[index as usize].name.clone())
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }

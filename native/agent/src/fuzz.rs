@@ -111,7 +111,7 @@ impl Budget {
 const TYPES: &[u8] = &[
     HELLO, HELLO_OK, PING, PONG, SHUTDOWN, GOAWAY, EXEC, STARTED, DATA, WINDOW, EXIT, SIGNAL, STREAM_ERROR, RESIZE, CANCEL,
     WRITE_FILE, READ_FILE, OK, SPAWN_BENCH, WORKLOAD_START, WORKLOAD_SIGNAL, TCP_CONNECT, LIST_BACKGROUND,
-    KILL_BACKGROUND, PROXY_LISTEN, PROXY_STOP, PROXY_CONN, FS_STAT, FS_LIST, FS_MKDIR, FS_RENAME, FS_REMOVE, FS_WATCH,
+    KILL_BACKGROUND, PROXY_LISTEN, PROXY_STOP, PROXY_CONN, RESOLVE, FS_STAT, FS_LIST, FS_MKDIR, FS_RENAME, FS_REMOVE, FS_WATCH,
 ];
 
 fn field_value(r: &mut Rng) -> Vec<u8> {
@@ -315,6 +315,39 @@ fn bounded<T>(what: &str, input: &[u8], f: impl FnOnce(&[u8]) -> T) -> Result<T,
     Ok(out)
 }
 
+/// The transparent-egress DNS responder's parser on mutated queries: no panic, no hang, and what
+/// it accepts has a host-name-sized name and answers that start with the query's id.
+#[test]
+fn fuzz_dns_queries() {
+    use crate::dns_wire::{build_response, parse_query, Answer};
+    let n = Budget::new(1_000).run("fuzz_dns_queries", |r| {
+        let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 1];
+        for l in ["Web", "test"] {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        if r.chance(3) {
+            let n = r.len(16, 600);
+            q.extend(r.bytes(n));
+        }
+        for _ in 0..1 + r.below(4) {
+            mutate(r, &mut q);
+        }
+        if let Ok(query) = bounded("DnsQuery", &q, parse_query)? {
+            if query.name.len() > 253 || query.name.split('.').any(|l| l.len() > 63) {
+                return Err(format!("a DNS name of {} bytes let through", query.name.len()));
+            }
+            let out = build_response(&query, &Answer::A([198, 18, 0, 1].into(), 60));
+            if out[..2] != q[..2] || out.len() > 12 + 255 + 4 + 16 {
+                return Err("a DNS answer does not match its query".into());
+            }
+        }
+        Ok(())
+    });
+    assert!(n > 0);
+}
+
 /// Every request decoder, and EXEC's preparation (PATH lookup, C strings: no process is
 /// started), on random, well-formed and mutated payloads.
 #[test]
@@ -380,6 +413,11 @@ fn fuzz_requests() {
             let bad_env = |e: &Vec<u8>| e.len() > MAX_PROXY_ENV_LEN || env_key(e).is_empty() || env_key(e).len() == e.len();
             if (l.addr.port() == 0 && l.mode == ProxyMode::Proxy) || l.env.len() > MAX_PROXY_ENV || l.env.iter().any(bad_env) || !(1..=MAX_PROXY_STREAMS).contains(&l.max_streams) {
                 return Err(format!("PROXY_LISTEN let through {l:?}"));
+            }
+        }
+        if let Ok(a) = bounded("ResolveAnswer", &p, ResolveAnswer::parse)? {
+            if a.verdict > 3 {
+                return Err(format!("RESOLVE's answer let through {a:?}"));
             }
         }
         if let Ok(e) = bounded("Exec", &p, Exec::parse)? {

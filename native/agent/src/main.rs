@@ -14,6 +14,7 @@ mod background;
 mod bench;
 mod cgroup;
 mod conn;
+mod dns;
 mod dns_wire;
 mod exec;
 mod exec_io;

@@ -40,6 +40,8 @@ pub const KILL_BACKGROUND: u8 = 0x61;
 pub const PROXY_LISTEN: u8 = 0x70;
 pub const PROXY_STOP: u8 = 0x71;
 pub const PROXY_CONN: u8 = 0x72;
+/// Agent → host, transparent egress only: may the guest resolve this name? (opens an id ≥ 2^31)
+pub const RESOLVE: u8 = 0x73;
 pub const FS_STAT: u8 = 0x80;
 pub const FS_LIST: u8 = 0x81;
 pub const FS_MKDIR: u8 = 0x82;
@@ -753,12 +755,53 @@ pub fn ok_port(port: u16) -> Vec<u8> {
 
 /// PROXY_CONN: the guest client's source port, and in transparent mode the address and port
 /// it connected to (the address as 4 or 16 raw bytes).
-pub fn proxy_conn(peer_port: u16, dst: Option<SocketAddr>) -> Vec<u8> {
+/// PROXY_CONN's fields: the client's port and, in transparent mode, its destination and the name
+/// the destination stands for when it is one of the agent's fake addresses.
+pub fn proxy_conn(peer_port: u16, dst: Option<SocketAddr>, name: Option<&str>) -> Vec<u8> {
     let w = FieldWriter::new().u16(1, peer_port);
-    match dst {
+    let w = match dst {
+        None => w,
+        Some(SocketAddr::V4(a)) => w.bytes(2, &a.ip().octets()).u16(3, a.port()),
+        Some(SocketAddr::V6(a)) => w.bytes(2, &a.ip().octets()).u16(3, a.port()),
+    };
+    match name {
+        Some(n) => w.bytes(4, n.as_bytes()).finish(),
         None => w.finish(),
-        Some(SocketAddr::V4(a)) => w.bytes(2, &a.ip().octets()).u16(3, a.port()).finish(),
-        Some(SocketAddr::V6(a)) => w.bytes(2, &a.ip().octets()).u16(3, a.port()).finish(),
+    }
+}
+
+/// RESOLVE's fields: `1 name` (lowercase, dotted), `2 qtype`.
+pub fn resolve(name: &str, qtype: u16) -> Vec<u8> {
+    FieldWriter::new().bytes(1, name.as_bytes()).u16(2, qtype).finish()
+}
+
+/// The host's answer to a RESOLVE (its OK): `1 verdict` (0 allow, 1 nxdomain, 2 refused,
+/// 3 servfail) and `2 ttl` in seconds. Ports (field 3) are for a later step and ignored here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolveAnswer {
+    pub verdict: u8,
+    pub ttl: u32,
+}
+
+impl ResolveAnswer {
+    pub fn parse(payload: &[u8]) -> Result<ResolveAnswer, ProtoError> {
+        let mut a = ResolveAnswer { verdict: 3, ttl: 0 };
+        let mut seen = false;
+        for f in fields(payload) {
+            let f = f?;
+            match f.tag {
+                1 => {
+                    a.verdict = f.u8()?;
+                    seen = true;
+                }
+                2 => a.ttl = f.u32()?,
+                _ => {}
+            }
+        }
+        if !seen || a.verdict > 3 {
+            return Err(ProtoError::Invalid("a RESOLVE answer needs verdict 0-3"));
+        }
+        Ok(a)
     }
 }
 
@@ -1028,11 +1071,17 @@ mod tests {
         let parse = |p: &[u8]| fields(p).map(|f| f.map(|f| (f.tag, f.value.to_vec()))).collect::<Result<Vec<_>, _>>().unwrap();
         assert_eq!(VERSION, 5);
         assert_eq!(parse(&ok_port(3128)), vec![(1, 3128u16.to_le_bytes().to_vec())]);
-        assert_eq!(parse(&proxy_conn(40_001, None)), vec![(1, 40_001u16.to_le_bytes().to_vec())]);
+        assert_eq!(parse(&proxy_conn(40_001, None, None)), vec![(1, 40_001u16.to_le_bytes().to_vec())]);
         assert_eq!(
-            parse(&proxy_conn(40_001, Some("203.0.113.5:443".parse().unwrap()))),
+            parse(&proxy_conn(40_001, Some("203.0.113.5:443".parse().unwrap()), None)),
             vec![(1, 40_001u16.to_le_bytes().to_vec()), (2, vec![203, 0, 113, 5]), (3, 443u16.to_le_bytes().to_vec())]
         );
-        assert_eq!(parse(&proxy_conn(1, Some("[2001:db8::1]:22".parse().unwrap())))[1].1.len(), 16);
+        assert_eq!(parse(&proxy_conn(1, Some("[2001:db8::1]:22".parse().unwrap()), None))[1].1.len(), 16);
+        assert_eq!(parse(&proxy_conn(1, Some("198.18.0.1:80".parse().unwrap()), Some("web.test")))[3], (4, b"web.test".to_vec()));
+        assert_eq!(parse(&resolve("web.test", 28)), vec![(1, b"web.test".to_vec()), (2, 28u16.to_le_bytes().to_vec())]);
+        let ok = FieldWriter::new().u8(1, 0).u32(2, 30).u16(3, 80).finish();
+        assert_eq!(ResolveAnswer::parse(&ok).unwrap(), ResolveAnswer { verdict: 0, ttl: 30 });
+        assert!(ResolveAnswer::parse(&[]).is_err(), "no verdict");
+        assert!(ResolveAnswer::parse(&FieldWriter::new().u8(1, 4).finish()).is_err(), "unknown verdict");
     }
 }

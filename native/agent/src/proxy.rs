@@ -7,16 +7,20 @@
 //! owns the streams: it accepts through `Proxy::accept`, announces each with PROXY_CONN and
 //! runs it as a TCP stream (`tcp::accepted`). In transparent mode (`transparent.rs`) the
 //! listener is also armed as the destination of every outbound TCP connection, and each accepted
-//! client comes with the address it connected to.
+//! client comes with the address it connected to; a DNS responder (`dns.rs`) answers every UDP
+//! query to port 53, asking the host about each name, and the fake-IP table (`fake_ip.rs`),
+//! which outlives listeners, says which name a fake destination stands for.
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use crate::proto::{self, ProxyListen, ProxyMode};
+use crate::dns::{DnsError, DnsServer};
+use crate::fake_ip::{self, FakeIps};
+use crate::proto::{self, ProxyListen, ProxyMode, ResolveAnswer};
 use crate::transparent::{self, Armed, TransparentError};
-use crate::token::{token, ConnId, T_PROXY};
+use crate::token::{token, ConnId, T_DNS, T_PROXY};
 use crate::sys::{self, Epoll, EPOLLIN};
 
 /// The listen backlog: clients beyond `max_streams` wait here.
@@ -35,6 +39,8 @@ pub enum ProxyError {
     Os(&'static str, io::Error),
     /// Transparent mode could not be armed (ENOSYS: a kernel without bpf(2)).
     Transparent(TransparentError),
+    /// Transparent mode's DNS responder could not bind port 53.
+    Dns(DnsError),
 }
 
 impl ProxyError {
@@ -43,7 +49,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => proto::BAD_REQUEST,
             ProxyError::Unsupported => proto::UNSUPPORTED,
             ProxyError::InUse => proto::STREAM_IN_USE,
-            ProxyError::Os(..) | ProxyError::Transparent(_) => proto::IO,
+            ProxyError::Os(..) | ProxyError::Transparent(_) | ProxyError::Dns(_) => proto::IO,
         }
     }
 
@@ -51,6 +57,7 @@ impl ProxyError {
         match self {
             ProxyError::Os(_, e) => e.raw_os_error(),
             ProxyError::Transparent(e) => e.io().raw_os_error(),
+            ProxyError::Dns(e) => e.io().raw_os_error(),
             _ => None,
         }
     }
@@ -64,6 +71,7 @@ impl fmt::Display for ProxyError {
             ProxyError::InUse => f.write_str("another connection's proxy listener is open"),
             ProxyError::Os(what, e) => write!(f, "{what}: {}", sys::io_text(e)),
             ProxyError::Transparent(e) => write!(f, "{e}"),
+            ProxyError::Dns(e) => write!(f, "{e}"),
         }
     }
 }
@@ -73,6 +81,9 @@ struct Listener {
     /// Transparent mode's redirect. Declared before `sock`, so it is disarmed before the socket
     /// closes (fields drop in order).
     transparent: Option<Armed>,
+    /// Transparent mode's DNS responder (its verdict cache goes with it: a new listener, which
+    /// may come with another policy, asks the host again).
+    dns: Option<DnsServer>,
     /// Dropping it closes the socket, which also takes it out of the epoll set.
     sock: OwnedFd,
     max_streams: usize,
@@ -84,10 +95,17 @@ struct Listener {
     starved: bool,
 }
 
-/// The VM's proxy listener, if one is open.
-#[derive(Default)]
+/// The VM's proxy listener, if one is open, and the fake-IP table (kept for the VM's life, so a
+/// snapshot's programs still reach the names they resolved).
 pub struct Proxy {
     listener: Option<Listener>,
+    fakes: FakeIps,
+}
+
+impl Default for Proxy {
+    fn default() -> Proxy {
+        Proxy { listener: None, fakes: FakeIps::new(fake_ip::DEFAULT_CAPACITY) }
+    }
 }
 
 impl Proxy {
@@ -120,13 +138,18 @@ impl Proxy {
     pub fn listen(&mut self, conn: ConnId, req: ProxyListen) -> Result<u16, ProxyError> {
         debug_assert!(self.listener.is_none());
         let (sock, port) = sys::tcp_listen(&req.addr, BACKLOG).map_err(|e| ProxyError::Os("listen", e))?;
-        let transparent = match req.mode {
-            ProxyMode::Proxy => None,
-            ProxyMode::Transparent => Some(transparent::arm(sock.as_raw_fd()).map_err(ProxyError::Transparent)?),
+        let (transparent, dns) = match req.mode {
+            ProxyMode::Proxy => (None, None),
+            ProxyMode::Transparent => {
+                let dns = DnsServer::open().map_err(ProxyError::Dns)?;
+                let armed = transparent::arm(sock.as_raw_fd(), dns.udp_fd()).map_err(ProxyError::Transparent)?;
+                (Some(armed), Some(dns))
+            }
         };
         self.listener = Some(Listener {
             owner: conn,
             transparent,
+            dns,
             sock,
             max_streams: req.max_streams as usize,
             env: req.env,
@@ -152,9 +175,16 @@ impl Proxy {
         }
     }
 
-    /// Watches `conn`'s listener while it has fewer than `max_streams` proxy streams `open`.
+    /// Watches `conn`'s listener while it has fewer than `max_streams` proxy streams `open`, and
+    /// its DNS responder always.
     pub fn update_interest(&mut self, epoll: &Epoll, conn: ConnId, open: usize) {
         let Some(l) = self.listener.as_mut().filter(|l| l.owner == conn) else { return };
+        if let Some(dns) = l.dns.as_mut().filter(|d| !d.watching) {
+            match epoll.add(dns.udp_fd(), EPOLLIN, token(T_DNS, conn, 0, 0)) {
+                Ok(()) => dns.watching = true,
+                Err(e) => eprintln!("supermachine-agent: cannot watch the DNS responder: {e}"),
+            }
+        }
         let want = open < l.max_streams && !l.starved;
         if want == l.watching {
             return;
@@ -205,6 +235,51 @@ impl Proxy {
                 }
                 None
             }
+        }
+    }
+}
+
+impl Proxy {
+    fn dns(&mut self, conn: ConnId) -> Option<(&mut DnsServer, &mut FakeIps)> {
+        let dns = self.listener.as_mut().filter(|l| l.owner == conn)?.dns.as_mut()?;
+        Some((dns, &mut self.fakes))
+    }
+
+    /// `conn`'s DNS responder has datagrams: answers what it can; returns the RESOLVEs to send.
+    /// `new_id` gives a free agent stream id, told which ids pending RESOLVEs use.
+    pub fn dns_readable(&mut self, conn: ConnId, now: u64, new_id: &mut dyn FnMut(&dyn Fn(u32) -> bool) -> u32) -> Vec<(u32, Vec<u8>)> {
+        let Some((dns, fakes)) = self.dns(conn) else { return Vec::new() };
+        dns.on_readable(now, fakes, new_id)
+    }
+
+    /// Whether agent stream id `id` is one of `conn`'s outstanding RESOLVEs.
+    pub fn dns_owns(&self, conn: ConnId, id: u32) -> bool {
+        self.listener.as_ref().filter(|l| l.owner == conn).and_then(|l| l.dns.as_ref()).is_some_and(|d| d.state.owns(id))
+    }
+
+    /// The host answered RESOLVE `id` (None: with an error): replies to the clients that wait.
+    pub fn dns_answer(&mut self, conn: ConnId, id: u32, answer: Option<ResolveAnswer>, now: u64) {
+        let Some((dns, fakes)) = self.dns(conn) else { return };
+        for r in dns.state.answer(id, answer, now, fakes) {
+            dns.send(&r);
+        }
+    }
+
+    /// Answers SERVFAIL where the host is late; returns when the next RESOLVE falls due.
+    pub fn dns_expire(&mut self, conn: ConnId, now: u64) -> Option<u64> {
+        let (dns, fakes) = self.dns(conn)?;
+        let (late, due) = dns.state.expire(now, fakes);
+        for r in &late {
+            dns.send(r);
+        }
+        due
+    }
+
+    /// The name a transparent connection's destination stands for, when it is a fake address.
+    pub fn fake_name(&mut self, dst: &SocketAddr) -> Option<String> {
+        match dst.ip() {
+            IpAddr::V4(ip) if FakeIps::in_range(ip) => self.fakes.name_of(ip),
+            _ => None,
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::cgroup::Hierarchy;
 use crate::identity::Identity;
 use crate::proxy::Proxy;
 use crate::stream::Procs;
-use crate::token::{token, ConnId, Token, T_CGROUP, T_CONN, T_LISTENER, T_PROXY, T_SIGNAL, T_STREAM, T_TIMER};
+use crate::token::{token, ConnId, Token, T_CGROUP, T_CONN, T_DNS, T_LISTENER, T_PROXY, T_SIGNAL, T_STREAM, T_TIMER};
 use crate::sys::{self, Epoll, Event, TimerFd, EPOLLIN};
 use crate::workload::Workload;
 
@@ -153,6 +153,11 @@ impl Server {
             T_PROXY => {
                 if let Some(Some(conn)) = self.conns.get_mut(t.conn as usize) {
                     conn.on_proxy_ready(&mut self.sh);
+                }
+            }
+            T_DNS => {
+                if let Some(Some(conn)) = self.conns.get_mut(t.conn as usize) {
+                    conn.on_dns_ready(&mut self.sh);
                 }
             }
             _ => {}

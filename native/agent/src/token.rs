@@ -17,6 +17,8 @@ pub const T_STREAM: u8 = 5;
 pub const T_CGROUP: u8 = 6;
 /// The proxy listener (the connection is its owner).
 pub const T_PROXY: u8 = 7;
+/// The transparent-egress DNS responder's socket (the connection is the listener's owner).
+pub const T_DNS: u8 = 8;
 
 pub fn token(kind: u8, conn: ConnId, slot: u8, id: u32) -> u64 {
     (id as u64) << 32 | (slot as u64) << 16 | (conn as u64) << 8 | kind as u64

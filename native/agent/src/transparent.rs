@@ -5,9 +5,11 @@
 //! - the AnyIP route `local 0.0.0.0/0 dev lo` (`sys::rtnl`): every address is local, so a
 //!   connect() loops back through `lo` instead of failing with ENETUNREACH (there is no device);
 //! - an sk_lookup program (`sys::bpf`), linked to the guest's network namespace, that runs before
-//!   the kernel's own listener lookup: TCP to a non-loopback address is handed to the socket in
-//!   slot 0 of a SOCKMAP (the agent's listener); other UDP to a non-loopback address is dropped
-//!   (the sender gets ECONNREFUSED); loopback and IPv6 are left to the kernel.
+//!   the kernel's own listener lookup: UDP to port 53 on any address, loopback included, goes to
+//!   slot 1 of a SOCKMAP (the agent's DNS responder, `dns.rs`), TCP to port 53 to slot 2 (empty
+//!   for now, so refused); other TCP to a non-loopback address to slot 0 (the agent's listener);
+//!   other UDP to a non-loopback address is dropped (the sender gets ECONNREFUSED); the rest of
+//!   loopback, and IPv6, are left to the kernel.
 //!
 //! `getsockname()` on an accepted socket is then the address the client asked for. Dropping an
 //! `Armed` closes the link (which detaches the program) and deletes the route, so a snapshot
@@ -22,8 +24,12 @@ use crate::sys::rtnl;
 
 /// The loopback interface's index (always 1: it is the first device of every namespace).
 const LO_IFINDEX: u32 = 1;
-/// The SOCKMAP's slots: 0 the TCP listener (later ones are for DNS).
-const SLOTS: u32 = 1;
+/// The SOCKMAP's slots: the TCP listener, the DNS responder's UDP socket, and TCP/53's
+/// listener (not served yet).
+const SLOT_TCP: u32 = 0;
+const SLOT_DNS_UDP: u32 = 1;
+const SLOT_DNS_TCP: u32 = 2;
+const SLOTS: u32 = 3;
 
 #[derive(Debug)]
 pub enum TransparentError {
@@ -82,7 +88,8 @@ const MOV64_IMM: u8 = 0xb7;
 const ADD64_IMM: u8 = 0x07;
 const AND64_IMM: u8 = 0x57;
 const LDX_W: u8 = 0x61;
-const ST_W: u8 = 0x62;
+const STX_W: u8 = 0x63;
+const JA: u8 = 0x05;
 const LD_IMM64: u8 = 0x18;
 const JEQ_IMM: u8 = 0x15;
 const JNE_IMM: u8 = 0x55;
@@ -95,6 +102,7 @@ const PSEUDO_MAP_FD: u8 = 1;
 const CTX_FAMILY: i16 = 8;
 const CTX_PROTOCOL: i16 = 12;
 const CTX_LOCAL_IP4: i16 = 40;
+const CTX_LOCAL_PORT: i16 = 60;
 
 // Helper ids.
 const MAP_LOOKUP_ELEM: i32 = 1;
@@ -105,43 +113,53 @@ const SK_DROP: i32 = 0;
 const SK_PASS: i32 = 1;
 
 /// The sk_lookup program, with the SOCKMAP's descriptor in its map load. Jump offsets count
-/// instructions from the one after the jump.
+/// instructions from the one after the jump. r8 holds the slot to steer to.
 pub fn program(map_fd: RawFd) -> Vec<Insn> {
     vec![
-        ins(MOV64_REG, 6, 1, 0, 0),               // 0: r6 = ctx
-        ins(LDX_W, 2, 6, CTX_FAMILY, 0),          // 1: r2 = family
-        ins(JNE_IMM, 2, 0, 19, libc::AF_INET),    // 2: not IPv4 -> pass (22)
-        ins(LDX_W, 2, 6, CTX_LOCAL_IP4, 0),       // 3: r2 = destination address (network order)
-        ins(AND64_IMM, 2, 0, 0, 0xff),            // 4: its first byte
-        ins(JEQ_IMM, 2, 0, 16, 127),              // 5: 127/8 -> pass (22)
-        ins(LDX_W, 2, 6, CTX_PROTOCOL, 0),        // 6: r2 = protocol
-        ins(JNE_IMM, 2, 0, 16, libc::IPPROTO_TCP), // 7: not TCP -> drop (24)
-        ins(ST_W, 10, 0, -4, 0),                  // 8: key = 0 on the stack
-        ins(MOV64_REG, 2, 10, 0, 0),              // 9: r2 = fp
-        ins(ADD64_IMM, 2, 0, 0, -4),              // 10: r2 = &key
-        ins(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map_fd), // 11, 12: r1 = the map
+        ins(MOV64_REG, 6, 1, 0, 0),                  // 0: r6 = ctx
+        ins(LDX_W, 2, 6, CTX_FAMILY, 0),             // 1: r2 = family
+        ins(JNE_IMM, 2, 0, 26, libc::AF_INET),       // 2: not IPv4 -> pass (29)
+        ins(LDX_W, 3, 6, CTX_PROTOCOL, 0),           // 3: r3 = protocol
+        ins(LDX_W, 2, 6, CTX_LOCAL_PORT, 0),         // 4: r2 = destination port (host order)
+        ins(JNE_IMM, 2, 0, 4, 53),                   // 5: not port 53 -> not DNS (10)
+        ins(MOV64_IMM, 8, 0, 0, SLOT_DNS_UDP as i32), // 6: DNS on any address, loopback included
+        ins(JNE_IMM, 3, 0, 7, libc::IPPROTO_TCP),    // 7: UDP -> lookup (15)
+        ins(MOV64_IMM, 8, 0, 0, SLOT_DNS_TCP as i32), // 8: TCP/53
+        ins(JA, 0, 0, 5, 0),                         // 9: -> lookup (15)
+        ins(LDX_W, 2, 6, CTX_LOCAL_IP4, 0),          // 10: r2 = destination address (network order)
+        ins(AND64_IMM, 2, 0, 0, 0xff),               // 11: its first byte
+        ins(JEQ_IMM, 2, 0, 16, 127),                 // 12: 127/8 -> pass (29)
+        ins(MOV64_IMM, 8, 0, 0, SLOT_TCP as i32),    // 13: the listener
+        ins(JNE_IMM, 3, 0, 16, libc::IPPROTO_TCP),   // 14: not TCP -> drop (31)
+        ins(STX_W, 10, 8, -4, 0),                    // 15: key = r8 on the stack
+        ins(MOV64_REG, 2, 10, 0, 0),                 // 16: r2 = fp
+        ins(ADD64_IMM, 2, 0, 0, -4),                 // 17: r2 = &key
+        ins(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map_fd),  // 18, 19: r1 = the map
         ins(0, 0, 0, 0, 0),
-        ins(CALL, 0, 0, 0, MAP_LOOKUP_ELEM),      // 13: r0 = sockmap[0] (a reference) or NULL
-        ins(JEQ_IMM, 0, 0, 9, 0),                 // 14: no listener -> drop (24)
-        ins(MOV64_REG, 7, 0, 0, 0),               // 15: r7 = the socket
-        ins(MOV64_REG, 1, 6, 0, 0),               // 16: sk_assign(ctx, sk, 0)
-        ins(MOV64_REG, 2, 0, 0, 0),               // 17
-        ins(MOV64_IMM, 3, 0, 0, 0),               // 18
-        ins(CALL, 0, 0, 0, SK_ASSIGN),            // 19
-        ins(MOV64_REG, 1, 7, 0, 0),               // 20: sk_release(sk)
-        ins(CALL, 0, 0, 0, SK_RELEASE),           // 21
-        ins(MOV64_IMM, 0, 0, 0, SK_PASS),         // 22: pass (to the assigned socket, if any)
-        ins(EXIT, 0, 0, 0, 0),                    // 23
-        ins(MOV64_IMM, 0, 0, 0, SK_DROP),         // 24: drop
-        ins(EXIT, 0, 0, 0, 0),                    // 25
+        ins(CALL, 0, 0, 0, MAP_LOOKUP_ELEM),         // 20: r0 = sockmap[key] (a reference) or NULL
+        ins(JEQ_IMM, 0, 0, 9, 0),                    // 21: no socket -> drop (31)
+        ins(MOV64_REG, 7, 0, 0, 0),                  // 22: r7 = the socket
+        ins(MOV64_REG, 1, 6, 0, 0),                  // 23: sk_assign(ctx, sk, 0)
+        ins(MOV64_REG, 2, 0, 0, 0),                  // 24
+        ins(MOV64_IMM, 3, 0, 0, 0),                  // 25
+        ins(CALL, 0, 0, 0, SK_ASSIGN),               // 26
+        ins(MOV64_REG, 1, 7, 0, 0),                  // 27: sk_release(sk)
+        ins(CALL, 0, 0, 0, SK_RELEASE),              // 28
+        ins(MOV64_IMM, 0, 0, 0, SK_PASS),            // 29: pass (to the assigned socket, if any)
+        ins(EXIT, 0, 0, 0, 0),                       // 30
+        ins(MOV64_IMM, 0, 0, 0, SK_DROP),            // 31: drop
+        ins(EXIT, 0, 0, 0, 0),                       // 32
     ]
 }
 
-/// Arms transparent egress in the calling thread's network namespace, steering to `listener`
-/// (a listening TCP socket, IPv4 or dual-stack). Needs CAP_NET_ADMIN and CAP_BPF (root).
-pub fn arm(listener: RawFd) -> Result<Armed, TransparentError> {
+/// Arms transparent egress in the calling thread's network namespace, steering TCP to
+/// `listener` (a listening TCP socket, IPv4 or dual-stack) and UDP/53 to `dns_udp` (a UDP socket
+/// bound to port 53). TCP/53's slot stays empty for now: such connections are refused.
+/// Needs CAP_NET_ADMIN and CAP_BPF (root).
+pub fn arm(listener: RawFd, dns_udp: RawFd) -> Result<Armed, TransparentError> {
     let map = bpf::sockmap_create(SLOTS)?;
-    bpf::sockmap_set(&map, 0, listener)?;
+    bpf::sockmap_set(&map, SLOT_TCP, listener)?;
+    bpf::sockmap_set(&map, SLOT_DNS_UDP, dns_udp)?;
     let prog = bpf::prog_load(bpf::BPF_PROG_TYPE_SK_LOOKUP, bpf::BPF_SK_LOOKUP, &program(map.as_raw_fd()))?;
     let netns = crate::sys::socket_netns(listener).map_err(|e| TransparentError::Os("namespace of the listener", e))?;
     rtnl::local_default_route(true, LO_IFINDEX).map_err(|e| TransparentError::Os("add the local default route", e))?;
@@ -158,7 +176,7 @@ pub fn arm(listener: RawFd) -> Result<Armed, TransparentError> {
 pub(crate) mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::net::{SocketAddr, TcpStream, UdpSocket};
+    use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
     use std::time::Duration;
 
     use crate::sys;
@@ -201,7 +219,8 @@ pub(crate) mod tests {
             assert_eq!(unreachable.raw_os_error(), Some(libc::ENETUNREACH), "no route before arming");
 
             let (listener, port) = sys::tcp_listen(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
-            let armed = arm(listener.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
+            let dns = sys::udp_bind(crate::dns::UDP_ADDR).unwrap();
+            let armed = arm(listener.as_raw_fd(), dns.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
             for dst in ["198.18.0.7:443", "203.0.113.5:22"] {
                 let dst: SocketAddr = dst.parse().unwrap();
                 let mut client = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
@@ -239,11 +258,38 @@ pub(crate) mod tests {
             let refused = udp.recv(&mut [0u8; 16]).unwrap_err();
             assert_eq!(refused.raw_os_error(), Some(libc::ECONNREFUSED));
 
+            // UDP to port 53 reaches the DNS socket, on any address, loopback included, and its
+            // reply from the address asked reaches the client's connected socket.
+            for to in ["8.8.8.8:53", "127.0.0.1:53"] {
+                let q = UdpSocket::bind("0.0.0.0:0").unwrap();
+                q.connect(to).unwrap();
+                q.send(b"query").unwrap();
+                let mut buf = [0u8; 16];
+                let mut got = None;
+                for _ in 0..200 {
+                    match sys::udp_recv(dns.as_raw_fd(), &mut buf) {
+                        Ok(r) => {
+                            got = Some(r);
+                            break;
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+                let (n, peer, dst) = got.unwrap_or_else(|| panic!("the DNS socket got nothing sent to {to}"));
+                assert_eq!((&buf[..n], SocketAddr::V4(SocketAddrV4::new(dst, 53))), (&b"query"[..], to.parse().unwrap()));
+                sys::udp_send_from(dns.as_raw_fd(), b"answer", peer, dst).unwrap();
+                q.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                assert_eq!(q.recv(&mut buf).unwrap(), 6, "the reply from {to} reaches the client");
+            }
+            // TCP/53 is steered to its own slot, empty for now: refused.
+            let tcp53 = TcpStream::connect_timeout(&"8.8.8.8:53".parse().unwrap(), Duration::from_secs(2)).unwrap_err();
+            assert_eq!(tcp53.raw_os_error(), Some(libc::ECONNREFUSED));
+
             drop(armed);
             let after = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap_err();
             assert_eq!(after.raw_os_error(), Some(libc::ENETUNREACH), "disarming removes the route");
             // Arming twice in a row works (the route was deleted, the link closed).
-            let again = arm(listener.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
+            let again = arm(listener.as_raw_fd(), dns.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
             drop(again);
         });
         if ran.is_none() {
@@ -255,10 +301,16 @@ pub(crate) mod tests {
     fn program_jumps_land_inside_it() {
         let p = program(3);
         for (i, insn) in p.iter().enumerate() {
-            if insn.code == JEQ_IMM || insn.code == JNE_IMM {
+            if insn.code == JEQ_IMM || insn.code == JNE_IMM || insn.code == JA {
                 let target = i as i64 + 1 + insn.off as i64;
                 assert!((0..p.len() as i64).contains(&target), "jump at {i} lands at {target}");
-                assert_eq!(p[target as usize].code, MOV64_IMM, "jump at {i} lands on a verdict");
+                let t = &p[target as usize];
+                // A verdict (r0), a slot choice (r8), the lookup that uses the slot, or the
+                // loopback check that starts the non-DNS path.
+                let ok = (t.code == MOV64_IMM && (t.regs & 0xf == 0 || t.regs & 0xf == 8))
+                    || t.code == STX_W
+                    || (t.code == LDX_W && t.off == CTX_LOCAL_IP4);
+                assert!(ok, "jump at {i} lands on a verdict, a slot choice, the lookup or the loopback check, not {:#x}", t.code);
             }
         }
         assert_eq!(p.last().unwrap().code, EXIT);

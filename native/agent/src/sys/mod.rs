@@ -63,6 +63,7 @@ mod process;
 mod pty;
 pub mod rtnl;
 mod spawn;
+mod udp;
 #[cfg(test)]
 pub mod alloc_count;
 
@@ -75,3 +76,4 @@ pub use net::*;
 pub use process::*;
 pub use pty::*;
 pub use spawn::*;
+pub use udp::*;
