@@ -12,13 +12,13 @@
  */
 import { AgentError } from "../errors.js";
 import { AgentConnection } from "./connection.js";
-import type { BackgroundEntry, ExecRequest, FileReader, FileWriter, HelloInfo, ProxyConnHandler } from "./messages.js";
+import type { BackgroundEntry, ExecRequest, FileReader, FileWriter, HelloInfo, ProxyConnHandler, ResolveHandler } from "./messages.js";
 import { dirEventOf, fileInfoOf, type DirEvent, type FileInfo } from "./fs.js";
 import { Channel, Fields, FieldWriter, FLAG_EOF, MAX_LIST_ENTRIES, MAX_PING_PAYLOAD, Msg, PROTOCOL_VERSION, RecordDecoder, Tag } from "./protocol.js";
 import { ExecStream, RequestOp, TcpStream } from "./streams.js";
 import { sendWindowed } from "./windows.js";
 
-export { AgentStreamError, type BackgroundEntry, type ExecRequest, type ExitInfo, type FileReader, type FileWriter, type HelloInfo, type ProxyConnHandler } from "./messages.js";
+export { AgentStreamError, type BackgroundEntry, type ExecRequest, type ExitInfo, type FileReader, type FileWriter, type HelloInfo, type ProxyConnHandler, type ProxyConnInfo, type ResolveAnswer, type ResolveHandler, type ResolveRequest } from "./messages.js";
 export { ExecStream, TcpStream, type RequestOp } from "./streams.js";
 export type { DirEvent, FileInfo } from "./fs.js";
 
@@ -62,6 +62,7 @@ export class AgentClient extends AgentConnection {
     if (opts.vmId !== undefined) w.bytes(Tag.hello.vmId, opts.vmId);
     // A HELLO ends the agent's proxy listener (PROTOCOL.md, PROXY_LISTEN).
     this.proxyHandler = undefined;
+    this.resolveHandler = undefined;
     return new Promise<HelloInfo>((resolve, reject) => {
       const timer =
         opts.timeoutMs === undefined
@@ -328,9 +329,12 @@ export class AgentClient extends AgentConnection {
    * connection. Resolves with the port bound. With `mode: "transparent"` the agent also steers
    * every TCP connection the guest opens to a non-loopback IPv4 address to that listener (port
    * 0 lets the kernel pick one), and each connection's `info.dst` is where the client meant to go.
+   * In transparent mode the agent also answers the guest's DNS queries, asking `onResolve` about
+   * each name (without it every name is SERVFAIL); a connection to a fake address it handed out
+   * has `info.name`.
    */
   async proxyListen(
-    opts: { port: number; addr?: string; env?: string[]; maxStreams?: number; mode?: "proxy" | "transparent" },
+    opts: { port: number; addr?: string; env?: string[]; maxStreams?: number; mode?: "proxy" | "transparent"; onResolve?: ResolveHandler },
     onConnection: ProxyConnHandler,
   ): Promise<number> {
     this.checkAlive();
@@ -342,11 +346,15 @@ export class AgentClient extends AgentConnection {
     if (opts.mode === "transparent") w.u8(Tag.proxyListen.mode, 1);
     // Connections may arrive before the OK: the handler is in place first.
     this.proxyHandler = onConnection;
+    this.resolveHandler = opts.mode === "transparent" ? opts.onResolve : undefined;
     const what = opts.mode === "transparent" ? "transparent egress listen" : `proxy listen on port ${opts.port}`;
     try {
       return (await this.request(Msg.PROXY_LISTEN, what, w.finish())).u16(Tag.proxyListenOk.port) ?? opts.port;
     } catch (err) {
-      if (this.proxyHandler === onConnection) this.proxyHandler = undefined;
+      if (this.proxyHandler === onConnection) {
+        this.proxyHandler = undefined;
+        this.resolveHandler = undefined;
+      }
       throw err;
     }
   }
@@ -357,6 +365,7 @@ export class AgentClient extends AgentConnection {
       await this.request(Msg.PROXY_STOP, "proxy stop");
     } finally {
       this.proxyHandler = undefined;
+      this.resolveHandler = undefined;
     }
   }
 

@@ -2,13 +2,13 @@
  * Requests and their answers over one agent connection: the table of operations in flight by
  * stream id, ids allocated below the agent's own (PROTOCOL.md: PROXY_CONN streams are the
  * agent's), frames routed to the operation they belong to, and the connection-level messages
- * (HELLO_OK, PONG, GOAWAY, PROXY_CONN). `request()` is the one way a request answered with OK
+ * (HELLO_OK, PONG, GOAWAY, PROXY_CONN, RESOLVE). `request()` is the one way a request answered with OK
  * is sent and awaited; streams that live longer are opened with `open()`.
  */
 import { logger } from "../debug.js";
 import { AgentError } from "../errors.js";
-import type { HelloInfo, ProxyConnHandler } from "./messages.js";
-import { AGENT_STREAM_BASE, Fields, type Frame, Msg, PROTOCOL_VERSION, StreamErrorCode, Tag } from "./protocol.js";
+import type { HelloInfo, ProxyConnHandler, ResolveAnswer, ResolveHandler } from "./messages.js";
+import { AGENT_STREAM_BASE, FieldWriter, Fields, type Frame, Msg, PROTOCOL_VERSION, StreamErrorCode, Tag } from "./protocol.js";
 import { RequestOp, TcpStream, type StreamOp } from "./streams.js";
 import { AgentTransport } from "./transport.js";
 
@@ -20,6 +20,8 @@ export abstract class AgentConnection extends AgentTransport {
   private nextId = 1;
   /** Who takes PROXY_CONN streams while the agent's proxy listener is up (proxyListen). */
   protected proxyHandler: ProxyConnHandler | undefined;
+  /** Who decides RESOLVE requests while transparent egress is up (proxyListen's onResolve). */
+  protected resolveHandler: ResolveHandler | undefined;
   protected helloWaiter: { resolve: (h: HelloInfo) => void; reject: (e: Error) => void } | undefined;
 
   /** Streams in flight (diagnostics, tests). */
@@ -69,6 +71,9 @@ export abstract class AgentConnection extends AgentTransport {
       case Msg.PROXY_CONN:
         this.onProxyConn(frame);
         return;
+      case Msg.RESOLVE:
+        this.onResolve(frame);
+        return;
       default: {
         const op = this.streams.get(frame.stream);
         if (!op) {
@@ -108,7 +113,32 @@ export abstract class AgentConnection extends AgentTransport {
       return;
     }
     this.settle();
-    handler(op, dst ? { peerPort, dst } : { peerPort });
+    const name = fields.string(Tag.proxyConn.name);
+    handler(op, { peerPort, ...(dst ? { dst } : {}), ...(name !== undefined ? { name } : {}) });
+  }
+
+  /**
+   * A DNS question of the guest's (transparent egress): the handler decides, and the answer is
+   * the id's one OK. With no handler, or one that fails, the answer is SERVFAIL (not cached).
+   * The id is not kept as a stream: the agent sends nothing else on it.
+   */
+  private onResolve(frame: Frame): void {
+    const id = frame.stream;
+    if (id < AGENT_STREAM_BASE) throw new AgentError("AGENT_PROTOCOL", `RESOLVE on stream ${id}, below the agent's ids (${AGENT_STREAM_BASE})`);
+    const fields = new Fields(frame.payload, "RESOLVE");
+    const name = fields.string(Tag.resolve.name) ?? "";
+    const qtype = fields.u16(Tag.resolve.qtype) ?? 0;
+    const handler = this.resolveHandler;
+    const servfail: ResolveAnswer = { verdict: "servfail", ttl: 0 };
+    const answered = handler ? handler({ name, qtype }).catch((err: Error) => {
+      log("RESOLVE %s failed on the host: %s", name, err.message);
+      return servfail;
+    }) : Promise.resolve(servfail);
+    void answered.then((a) => {
+      const w = new FieldWriter().u8(Tag.resolveOk.verdict, RESOLVE_VERDICTS[a.verdict]).u32(Tag.resolveOk.ttl, Math.max(0, Math.floor(a.ttl)));
+      for (const p of a.ports ?? []) w.u16(Tag.resolveOk.ports, p);
+      this.trySend(Msg.OK, id, w.finish());
+    });
   }
 
   /** @internal */
@@ -141,6 +171,8 @@ export abstract class AgentConnection extends AgentTransport {
     return this.open((id) => new RequestOp(this, id, what), type, payload).result;
   }
 }
+
+const RESOLVE_VERDICTS: Record<ResolveAnswer["verdict"], number> = { allow: 0, nxdomain: 1, refused: 2, servfail: 3 };
 
 function helloInfo(frame: Frame): HelloInfo {
   const f = new Fields(frame.payload, "HELLO_OK");

@@ -97,7 +97,28 @@ export interface FileWriter {
 export interface ProxyConnInfo {
   peerPort: number;
   dst?: { address: string; port: number };
+  /** The name `dst` stands for, when it is one of the agent's fake DNS addresses (transparent mode). */
+  name?: string;
 }
+
+/** A transparent-mode DNS question the agent asks the host about (RESOLVE). */
+export interface ResolveRequest {
+  /** Lowercase, dotted, no trailing dot. */
+  name: string;
+  /** The DNS type the guest asked for (1 A, 28 AAAA, ...). */
+  qtype: number;
+}
+
+/** The host's verdict on a name: the agent answers the guest from it, and may keep it `ttl` seconds. */
+export interface ResolveAnswer {
+  verdict: "allow" | "nxdomain" | "refused" | "servfail";
+  ttl: number;
+  /** The ports the name is allowed on (informative). */
+  ports?: number[];
+}
+
+/** Decides the agent's RESOLVE requests while transparent egress is up. */
+export type ResolveHandler = (req: ResolveRequest) => Promise<ResolveAnswer>;
 
 /** Takes a connection the guest made to the agent's proxy listener. */
 export type ProxyConnHandler = (stream: TcpStream, info: ProxyConnInfo) => void;

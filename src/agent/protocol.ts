@@ -40,6 +40,8 @@ export const Msg = {
   PROXY_LISTEN: 0x70,
   PROXY_STOP: 0x71,
   PROXY_CONN: 0x72,
+  /** Agent → host, transparent egress: may the guest resolve this name? */
+  RESOLVE: 0x73,
   FS_STAT: 0x80,
   FS_LIST: 0x81,
   FS_MKDIR: 0x82,
@@ -88,7 +90,10 @@ export const Tag = {
   killBackground: { id: 1, all: 2 },
   spawnBench: { argv: 1, count: 2, env: 3 },
   proxyListen: { port: 1, addr: 2, env: 3, maxStreams: 4, mode: 5 },
-  proxyConn: { peerPort: 1, dstAddr: 2, dstPort: 3 },
+  proxyConn: { peerPort: 1, dstAddr: 2, dstPort: 3, name: 4 },
+  resolve: { name: 1, qtype: 2 },
+  /** OK of RESOLVE, sent by the host: verdict 0 allow, 1 nxdomain, 2 refused, 3 servfail. */
+  resolveOk: { verdict: 1, ttl: 2, ports: 3 },
   /** OK of PROXY_LISTEN: the port bound (tag 1, a u16: not the `size` of files). */
   proxyListenOk: { port: 1 },
   fsStat: { path: 1, follow: 2 },

@@ -80,6 +80,19 @@ export class EgressDns {
     return this.count(verdict);
   }
 
+  /**
+   * The answer to the agent's RESOLVE (the shape of the agent client's ResolveAnswer): the verdict,
+   * its TTL and, when allowed, the ports. Never throws: an unexpected failure is SERVFAIL.
+   */
+  async answer(req: { name: string; qtype: number }): Promise<{ verdict: DnsVerdictName; ttl: number; ports?: number[] }> {
+    try {
+      const v = await this.resolve(req.name, req.qtype);
+      return v.verdict === "allow" ? { verdict: "allow", ttl: v.ttl, ports: v.ports } : { verdict: v.verdict, ttl: v.ttl };
+    } catch {
+      return { verdict: "servfail", ttl: 0 };
+    }
+  }
+
   /** The addresses an ALLOW verdict on `name` found, while it is cached (for the connect that follows). */
   cachedAddresses(name: string): string[] | undefined {
     const hit = this.cache.get(name.toLowerCase());

@@ -28,6 +28,9 @@ describe("EgressDns", () => {
     expect(await suffix.resolve("93.184.216.34")).toMatchObject({ verdict: "nxdomain" });
     expect(resolve).not.toHaveBeenCalled();
     expect(dns.counters).toEqual({ queries: 2, refused: 2 });
+    // What the agent client sends back for RESOLVE.
+    expect(await dns.answer({ name: "evil.test", qtype: 1 })).toEqual({ verdict: "nxdomain", ttl: 5 });
+    expect(resolve).not.toHaveBeenCalled();
   });
 
   it("allows a public answer with the name's ports, for A and AAAA alike", async () => {
@@ -38,6 +41,7 @@ describe("EgressDns", () => {
     expect(v).toEqual({ verdict: "allow", ttl: 30, ports: [80, 443, 8443], addresses: ["93.184.216.34"] });
     expect(resolve).toHaveBeenCalledWith("api.web.test");
     expect(dns.cachedAddresses("api.web.test")).toEqual(["93.184.216.34"]);
+    expect(await dns.answer({ name: "api.web.test", qtype: 1 })).toEqual({ verdict: "allow", ttl: 30, ports: [80, 443, 8443] });
   });
 
   it("refuses a name whose addresses are all private or loopback, unless the IP is listed", async () => {

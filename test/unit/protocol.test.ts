@@ -196,6 +196,70 @@ describe("client against a hostile peer", () => {
     expect(new Fields(plainReq.payload, "PROXY_LISTEN").u8(Tag.proxyListen.mode)).toBeUndefined();
   });
 
+  it("answers RESOLVE with the handler's verdict on the same id, SERVFAIL without a handler or when it fails, and passes PROXY_CONN's name", async () => {
+    const { client, fromAgent, toAgent, fatal } = connected();
+    const sent: Frame[] = [];
+    const dec = new FrameDecoder();
+    toAgent.on("data", (d: Buffer) => sent.push(...dec.push(d)));
+    const tick = () => new Promise((r) => setImmediate(r));
+    const resolve = (id: number, name: string, qtype: number) => encodeFrame(Msg.RESOLVE, id, new FieldWriter().bytes(Tag.resolve.name, name).u16(Tag.resolve.qtype, qtype).finish());
+    const answerOn = (id: number) => {
+      const f = sent.find((x) => x.type === Msg.OK && x.stream === id);
+      if (!f) return undefined;
+      const fields = new Fields(f.payload, "RESOLVE OK");
+      return { verdict: fields.u8(Tag.resolveOk.verdict), ttl: fields.u32(Tag.resolveOk.ttl) };
+    };
+    // Before any listen: SERVFAIL, TTL 0.
+    fromAgent.write(resolve(AGENT_STREAM_BASE, "web.test", 1));
+    await tick();
+    expect(answerOn(AGENT_STREAM_BASE)).toEqual({ verdict: 3, ttl: 0 });
+
+    const asked: string[] = [];
+    const got: ProxyConnInfo[] = [];
+    const listening = client.proxyListen(
+      {
+        port: 0,
+        mode: "transparent",
+        onResolve: async (req) => {
+          asked.push(`${req.name}/${req.qtype}`);
+          if (req.name === "boom.test") throw new Error("boom");
+          return req.name === "web.test" ? { verdict: "allow", ttl: 30, ports: [80, 443] } : { verdict: "nxdomain", ttl: 5 };
+        },
+      },
+      (_s, info) => got.push(info),
+    );
+    const req = sent.find((f) => f.type === Msg.PROXY_LISTEN)!;
+    fromAgent.write(encodeFrame(Msg.OK, req.stream, new FieldWriter().u16(Tag.proxyListenOk.port, 41234).finish()));
+    await listening;
+    fromAgent.write(resolve(AGENT_STREAM_BASE + 1, "web.test", 28));
+    fromAgent.write(resolve(AGENT_STREAM_BASE + 2, "evil.test", 1));
+    fromAgent.write(resolve(AGENT_STREAM_BASE + 3, "boom.test", 1));
+    await tick();
+    await tick();
+    expect(asked).toEqual(["web.test/28", "evil.test/1", "boom.test/1"]);
+    expect(answerOn(AGENT_STREAM_BASE + 1)).toEqual({ verdict: 0, ttl: 30 });
+    const ports = new Fields(sent.find((x) => x.type === Msg.OK && x.stream === AGENT_STREAM_BASE + 1)!.payload, "OK");
+    expect(ports.u16(Tag.resolveOk.ports)).toBe(80);
+    expect(answerOn(AGENT_STREAM_BASE + 2)).toEqual({ verdict: 1, ttl: 5 });
+    expect(answerOn(AGENT_STREAM_BASE + 3)).toEqual({ verdict: 3, ttl: 0 });
+    // A RESOLVE keeps no stream open.
+    expect(client.openStreams).toBe(0);
+    // PROXY_CONN's name field reaches the handler.
+    fromAgent.write(
+      encodeFrame(
+        Msg.PROXY_CONN,
+        AGENT_STREAM_BASE + 4,
+        new FieldWriter().u16(Tag.proxyConn.peerPort, 40000).bytes(Tag.proxyConn.dstAddr, Buffer.from([198, 18, 0, 1])).u16(Tag.proxyConn.dstPort, 80).bytes(Tag.proxyConn.name, "web.test").finish(),
+      ),
+    );
+    await tick();
+    expect(got).toEqual([{ peerPort: 40000, dst: { address: "198.18.0.1", port: 80 }, name: "web.test" }]);
+    // A RESOLVE on a host id is a broken agent.
+    fromAgent.write(resolve(9, "web.test", 1));
+    await tick();
+    expect(fatal[0]?.message).toMatch(/RESOLVE on stream 9, below the agent's ids/);
+  });
+
   it("formats PROXY_CONN destinations and refuses malformed ones", () => {
     expect(proxyConnDst(undefined, undefined)).toBeUndefined();
     expect(proxyConnDst(Buffer.from([10, 0, 2, 2]), 8080)).toEqual({ address: "10.0.2.2", port: 8080 });

@@ -1,11 +1,14 @@
-// Transparent egress at the agent level (issue 21, steps 1 and 2) on a real microVM: the guest
+// Transparent egress at the agent level (issue 21, steps 1 to 3) on a real microVM: the guest
 // kernel has bpf(2), and PROXY_LISTEN in transparent mode makes a program that knows nothing of
 // proxies (busybox wget, no proxy variables) reach the host's handler, which learns where the
 // program meant to go. Nothing here connects anywhere real: the handler answers itself, and the
-// destination (203.0.113.5, TEST-NET-3) is only named.
-import { describe, expect, it } from "vitest";
+// destination (203.0.113.5, TEST-NET-3) is only named. Step 3: the guest's DNS queries reach
+// the agent's responder and, through RESOLVE, the host's EgressDns.
+import { describe, expect, it, vi } from "vitest";
 import type { ProxyConnInfo } from "../../src/agent/messages.js";
 import type { TcpStream } from "../../src/agent/streams.js";
+import { EgressDns } from "../../src/net/dns.js";
+import { EgressPolicy } from "../../src/net/policy.js";
 import { useBusyboxVm } from "../helpers/vm.js";
 
 const env = useBusyboxVm();
@@ -62,5 +65,66 @@ describe("transparent egress in the guest", () => {
     expect(after.stderr.toString()).toMatch(/unreachable/i);
     expect(await routes()).toBe(before);
     expect(seen).toHaveLength(1);
+  });
+
+  it("answers the guest's DNS from the host's policy: an allowed name gets a fake address its connections carry, another NXDOMAIN with no lookup", { timeout: 180_000 }, async () => {
+    const vm = env.vm;
+    const agent = vm.machine.agent;
+    const port = 8080;
+    const lookups = vi.fn(async (name: string) => {
+      throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${name}`), { code: "ENOTFOUND" });
+    });
+    const dns = new EgressDns(new EgressPolicy({ allow: [`web.test:${port}`, `127.0.0.1:${port}`], hosts: { "web.test": "127.0.0.1" } }), { resolve: lookups });
+    const asked: string[] = [];
+    const seen: ProxyConnInfo[] = [];
+    const handle = (stream: TcpStream, info: ProxyConnInfo) => {
+      seen.push(info);
+      let request = "";
+      stream.onData = (chunk) => {
+        stream.consumed(chunk.length);
+        request += chunk.toString("latin1");
+        if (!request.includes("\r\n\r\n")) return;
+        void stream
+          .write(Buffer.from(`HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n`))
+          .then(() => stream.closeWrite())
+          .catch(() => {});
+      };
+      stream.done.catch(() => {});
+    };
+    await agent.proxyListen(
+      {
+        port: 0,
+        mode: "transparent",
+        onResolve: (req) => {
+          asked.push(`${req.name}/${req.qtype}`);
+          return dns.answer(req);
+        },
+      },
+      handle,
+    );
+    try {
+      // Any server address works, loopback included: port 53 belongs to the agent.
+      for (const server of ["8.8.8.8", "127.0.0.1"]) {
+        const r = await vm.exec({ argv: ["nslookup", "web.test", server] });
+        expect(r.stdout.toString()).toMatch(/Address:\s+198\.1[89]\.\d+\.\d+/);
+      }
+      const fake = /Address:\s+(198\.1[89]\.\d+\.\d+)/.exec((await vm.exec({ argv: ["nslookup", "web.test", "8.8.8.8"] })).stdout.toString())![1]!;
+      expect(asked).toContain("web.test/1");
+
+      // A connection to the fake address carries the name.
+      const got = await vm.exec({ argv: ["wget", "-q", "-O", "-", `http://${fake}:${port}/`] });
+      expect(got.stderr.toString()).toBe("");
+      expect(got.stdout.toString()).toBe("ok\n");
+      expect(seen.at(-1)).toEqual({ peerPort: expect.any(Number), dst: { address: fake, port }, name: "web.test" });
+
+      // A name off the allowlist: NXDOMAIN, and the host resolved nothing.
+      const evil = await vm.exec({ argv: ["nslookup", "evil.test", "8.8.8.8"] });
+      expect(evil.exitCode).not.toBe(0);
+      expect(evil.stdout.toString() + evil.stderr.toString()).toMatch(/NXDOMAIN/);
+      expect(asked).toContain("evil.test/1");
+      expect(lookups).not.toHaveBeenCalled();
+    } finally {
+      await agent.proxyStop();
+    }
   });
 });
