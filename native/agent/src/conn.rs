@@ -125,8 +125,8 @@ impl Conn {
         self.update_pause(sh);
         self.update_interest(sh);
         sh.proxy.update_interest(&sh.epoll, self.slot, self.proxy_streams);
+        // Late RESOLVEs are answered SERVFAIL on the DNS socket (not through `out`).
         let dns_due = sh.proxy.dns_expire(self.slot, now);
-        self.flush(sh);
         match (self.out.lazy_deadline, dns_due) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
