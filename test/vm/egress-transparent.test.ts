@@ -116,6 +116,11 @@ describe("transparent egress in the guest", () => {
       expect(got.stderr.toString()).toBe("");
       expect(got.stdout.toString()).toBe("ok\n");
       expect(seen.at(-1)).toEqual({ peerPort: expect.any(Number), dst: { address: fake, port }, name: "web.test" });
+      // And so does one through the libc resolver, whatever the image's resolv.conf says.
+      const byName = await vm.exec({ argv: ["wget", "-q", "-O", "-", `http://web.test:${port}/`] });
+      expect(byName.stderr.toString()).toBe("");
+      expect(byName.stdout.toString()).toBe("ok\n");
+      expect(seen.at(-1)).toEqual({ peerPort: expect.any(Number), dst: { address: fake, port }, name: "web.test" });
 
       // A name off the allowlist: NXDOMAIN, and the host resolved nothing.
       const evil = await vm.exec({ argv: ["nslookup", "evil.test", "8.8.8.8"] });
