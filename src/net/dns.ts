@@ -20,7 +20,14 @@ export type DnsVerdictName = keyof typeof DNS_VERDICT;
 
 export type DnsVerdict =
   | { verdict: "allow"; ttl: number; ports: number[]; addresses: string[] }
-  | { verdict: "nxdomain" | "refused" | "servfail"; ttl: number; reason: "not-allowed" | "not-found" | "private-address" | "timeout" | "error"; message: string };
+  | {
+      verdict: "nxdomain" | "refused" | "servfail";
+      ttl: number;
+      reason: "not-allowed" | "not-found" | "private-address" | "timeout" | "error";
+      message: string;
+      /** What the name resolved to, for a `private-address` refusal (a connect re-checks them, and is refused by name). */
+      addresses?: string[];
+    };
 
 export type DnsResolve = (name: string) => Promise<{ address: string }[]>;
 
@@ -47,6 +54,7 @@ export class EgressDns {
   private readonly now: () => number;
   private readonly cache = new Map<string, { until: number; verdict: DnsVerdict }>();
   private readonly pending = new Map<string, Promise<DnsVerdict>>();
+  /** Queries the guest asked (`queries`) and those it got no address for (`refused`: NXDOMAIN, REFUSED, SERVFAIL). */
   readonly counters = { queries: 0, refused: 0 };
 
   constructor(
@@ -67,9 +75,27 @@ export class EgressDns {
   async resolve(name: string, qtype = 1): Promise<DnsVerdict> {
     void qtype;
     this.counters.queries++;
+    return this.count(await this.verdict(name));
+  }
+
+  /**
+   * The addresses a connection to `name` may go to now: those of the cached verdict, or of a
+   * fresh one when it expired (so an answer that changed to a refused address since the guest's
+   * query is refused here too: DNS rebinding). A `private-address` refusal yields the addresses,
+   * which the caller's address check then refuses by name; no address at all throws, like
+   * `dns.lookup` (`code` ENOTFOUND or ESERVFAIL). Not counted as a guest query.
+   */
+  async addressesFor(name: string): Promise<{ address: string }[]> {
+    const v = await this.verdict(name);
+    const found = v.verdict === "allow" ? v.addresses : (v.addresses ?? []);
+    if (found.length > 0) return found.map((address) => ({ address }));
+    throw Object.assign(new Error(v.verdict === "allow" ? "no addresses" : v.message.replace(/^supermachine: /, "")), { code: v.verdict === "servfail" ? "ESERVFAIL" : "ENOTFOUND" });
+  }
+
+  private async verdict(name: string): Promise<DnsVerdict> {
     const key = name.toLowerCase().replace(/\.$/, "");
     const hit = this.cache.get(key);
-    if (hit && hit.until > this.now()) return this.count(hit.verdict);
+    if (hit && hit.until > this.now()) return hit.verdict;
     let job = this.pending.get(key);
     if (!job) {
       job = this.decide(key).finally(() => this.pending.delete(key));
@@ -77,7 +103,7 @@ export class EgressDns {
     }
     const verdict = await job;
     this.cache.set(key, { until: this.now() + verdict.ttl * 1000, verdict });
-    return this.count(verdict);
+    return verdict;
   }
 
   /**
@@ -134,7 +160,7 @@ export class EgressDns {
     const usable = addresses.filter((a) => ports.some((p) => this.policy.checkAddress(name, p, a).allowed));
     if (usable.length === 0) {
       const why = addresses.length ? this.policy.checkAddress(name, ports[0]!, addresses[0]!) : undefined;
-      return { verdict: "refused", ttl: NEGATIVE_TTL, reason: "private-address", message: why && !why.allowed ? why.message : `supermachine: ${name} resolved to no address` };
+      return { verdict: "refused", ttl: NEGATIVE_TTL, reason: "private-address", message: why && !why.allowed ? why.message : `supermachine: ${name} resolved to no address`, addresses };
     }
     return { verdict: "allow", ttl: this.ttl, ports, addresses: usable };
   }

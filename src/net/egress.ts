@@ -24,7 +24,7 @@ export { EGRESS_DEFAULTS };
 
 export interface ResolvedAddress {
   address: string;
-  family: number;
+  family?: number;
 }
 
 export interface EgressDeps {
@@ -42,8 +42,16 @@ export interface EgressStats {
   connections: number;
   /** Connections open now (each counts against maxConnections from `handle` until it closes). */
   active: number;
-  /** Connections the policy or a limit refused (403, 429). */
+  /** Connections the policy or a limit refused (403, 429; transparent connections are reset). */
   refused: number;
+  /**
+   * The refusals by reason: `not-allowed` (the allowlist does not list the target),
+   * `private-address` (it resolved to a loopback, private or metadata address not listed by IP),
+   * `limit` (maxConnections or maxBytes), `name-mismatch` (a TLS SNI or HTTP Host the allowlist
+   * does not list, sent to an allowed name's address), `stale-address` (an address of the
+   * guest's DNS that no name holds any more), `disabled` (network "none").
+   */
+  refusedBy: Record<string, number>;
   /** Connections answered with another error (400, 408, 431, 502, 504). */
   failed: number;
   /** Bytes written to the guest (responses, tunnelled data, the proxy's own answers). */
@@ -61,6 +69,7 @@ export class EgressProxy {
   readonly connectTimeoutMs: number;
   readonly lingerMs: number;
   private readonly counters = { connections: 0, refused: 0, failed: 0, bytesIn: 0, bytesOut: 0 };
+  private readonly refusedBy: Record<string, number> = {};
   private used = 0;
   private exhausted = false;
   private closed = false;
@@ -82,22 +91,38 @@ export class EgressProxy {
     return this.policy.settings?.maxBytes ?? NETWORK_DEFAULTS.maxBytes;
   }
 
-  /** Serves one guest connection; never throws (a closed proxy destroys it). */
+  /** Serves one guest connection to the proxy port; never throws (a closed proxy destroys it). */
   handle(conn: Duplex): void {
+    const flow = this.admit(conn);
+    if (flow) flow.start();
+  }
+
+  /**
+   * Serves one connection the guest opened straight to `dst` (transparent egress): `name` is the
+   * allowed name the guest's DNS gave that address for (absent for an address the program had
+   * itself). There is no HTTP to answer in: a refusal resets the connection. Never throws.
+   */
+  handleTransparent(conn: Duplex, dst: { address: string; port: number }, name?: string): void {
+    const flow = this.admit(conn, true);
+    if (flow) flow.startTransparent(dst, name);
+  }
+
+  private admit(conn: Duplex, transparent = false): Flow | undefined {
     if (this.closed) {
       conn.destroy();
-      return;
+      return undefined;
     }
     this.counters.connections++;
-    const flow = new Flow(this, conn);
+    const flow = new Flow(this, conn, transparent);
     this.flows.add(flow);
     if (this.exhausted) flow.refuseBytes();
     else if (this.activeCount() >= this.maxConnections) flow.refuseConnections();
-    else flow.start();
+    else return flow;
+    return undefined;
   }
 
   stats(): EgressStats {
-    return { ...this.counters, active: this.activeCount() };
+    return { ...this.counters, refusedBy: { ...this.refusedBy }, active: this.activeCount() };
   }
 
   /** Destroys every connection, pending connect and timer; resolves once their sockets are closed. Idempotent. */
@@ -138,8 +163,10 @@ export class EgressProxy {
   }
   /** @internal */
   refused(status: number, reason: string, message: string): void {
-    if (status === 403 || status === 429) this.counters.refused++;
-    else this.counters.failed++;
+    if (status === 403 || status === 429) {
+      this.counters.refused++;
+      this.refusedBy[reason] = (this.refusedBy[reason] ?? 0) + 1;
+    } else this.counters.failed++;
     this.log("refused %d (%s): %s", status, reason, message);
   }
   /** @internal */

@@ -4,13 +4,18 @@
  * and connect to a checked address, then relay both ways with backpressure (a CONNECT tunnel) or
  * forward one plain HTTP request in origin form; or answer with an HTTP error saying why and
  * what to change. Budgets (connections, bytes) are the proxy's; this file only spends them.
+ *
+ * A transparent connection (the guest connected to an outside address itself) has no head: its
+ * target is the address it connected to, checked by the name the guest's DNS gave that address
+ * for, or by the IP rules; every refusal resets it instead of answering.
  */
 import { connect as netConnect, type Socket } from "node:net";
 import { finished, type Duplex } from "node:stream";
-import { parseHost, parsePort, showHostPort, splitHostPort } from "../schema/network.js";
+import { DEFAULT_PORTS, canonicalIp, parseHost, parsePort, showHostPort, splitHostPort } from "../schema/network.js";
 import type { EgressProxy } from "./egress.js";
 import { headEnd, parseRequestHead, parseResponseHead, serializeHead, withoutHopByHop, type RequestHead } from "./http-head.js";
 import type { PolicyDecision } from "./policy.js";
+import { sniff } from "./sniff.js";
 
 export const EGRESS_DEFAULTS = {
   /** Largest request head the guest may send (431 beyond). */
@@ -65,6 +70,14 @@ class ConnectFailure extends Error {
 
 type State = "head" | "connecting" | "relay" | "answering" | "done";
 
+/** The agent's fake addresses for allowed names (198.18.0.0/15, RFC 2544's benchmarking range). */
+export function isFakeAddress(address: string): boolean {
+  const ip = canonicalIp(address);
+  if (!ip || ip.family !== 4) return false;
+  const [a, b] = ip.address.split(".").map(Number);
+  return a === 198 && (b === 18 || b === 19);
+}
+
 /** One guest connection, from its head to the end of both directions. */
 export class Flow {
   state: State = "head";
@@ -83,6 +96,8 @@ export class Flow {
   constructor(
     private readonly proxy: EgressProxy,
     readonly conn: Duplex,
+    /** A transparent connection: no HTTP is spoken to the guest; refusals reset. */
+    private readonly transparent = false,
   ) {
     this.closes.push(closed(conn));
     conn.on("error", () => this.destroy());
@@ -99,6 +114,24 @@ export class Flow {
     }, this.proxy.headTimeoutMs);
     this.conn.on("data", this.onHeadData);
     this.conn.on("end", this.onHeadEnd);
+  }
+
+  /** A transparent connection to `dst` (`name`: the allowed name the guest's DNS gave that address for). */
+  startTransparent(dst: { address: string; port: number }, name: string | undefined): void {
+    this.holdsSlot = true;
+    this.conn.pause();
+    let host = name;
+    if (host === undefined) {
+      if (isFakeAddress(dst.address)) {
+        const message = `supermachine: egress to ${showHostPort(dst.address, dst.port)} is not allowed: it is an address the guest's DNS gave a name that no longer holds it (resolve the name again)`;
+        return this.answer(403, "http_request_denied", "stale-address", message);
+      }
+      host = dst.address;
+    }
+    const decision = this.proxy.policy.check(host, dst.port);
+    if (!decision.allowed) return this.refuse(decision);
+    const gated = name;
+    void this.connectAndRelay(host, dst.port, (socket) => this.pump(socket, this.conn, "in"), gated === undefined ? undefined : (socket) => this.gate(socket, gated, dst.port));
   }
 
   refuseConnections(): void {
@@ -176,6 +209,27 @@ export class Flow {
     const { host, port } = target;
     const decision = this.proxy.policy.check(host, port);
     if (!decision.allowed) return this.refuse(decision);
+    await this.connectAndRelay(host, port, (socket) => {
+      this.proxy.debug("%s %s -> %s:%d", head.method, showHostPort(host, port), socket.remoteAddress, port);
+      if (head.method === "CONNECT") {
+        this.toGuest(Buffer.from(`${head.version} 200 Connection established\r\n\r\n`, "latin1"), true);
+        if (rest.length) socket.write(rest);
+        this.pump(socket, this.conn, "in");
+      } else {
+        const headers = withoutHopByHop(head.headers).filter((h) => h.name.toLowerCase() !== "host");
+        const out = serializeHead(`${head.method} ${target.path!} ${head.version}`, [{ name: "Host", value: target.hostHeader! }, ...headers, { name: "Connection", value: "close" }]);
+        socket.write(rest.length ? Buffer.concat([out, rest]) : out);
+        this.readResponse(socket);
+      }
+    });
+  }
+
+  /**
+   * Resolves `host` (checked already), connects to a checked address and relays: `begin` starts
+   * the upstream → guest direction (and may write first); guest → upstream follows. Failures
+   * are answered (or, transparent, reset).
+   */
+  private async connectAndRelay(host: string, port: number, begin: (socket: Socket) => void, out?: (socket: Socket) => void): Promise<void> {
     this.state = "connecting";
     let socket: Socket;
     try {
@@ -193,19 +247,11 @@ export class Flow {
     this.upstream = socket;
     this.closes.push(closed(socket));
     this.state = "relay";
-    this.proxy.debug("%s %s -> %s:%d", head.method, showHostPort(host, port), socket.remoteAddress, port);
     socket.on("error", () => this.destroy());
-    if (head.method === "CONNECT") {
-      this.toGuest(Buffer.from(`${head.version} 200 Connection established\r\n\r\n`, "latin1"), true);
-      if (rest.length) socket.write(rest);
-      this.pump(socket, this.conn, "in");
-    } else {
-      const headers = withoutHopByHop(head.headers).filter((h) => h.name.toLowerCase() !== "host");
-      const out = serializeHead(`${head.method} ${target.path!} ${head.version}`, [{ name: "Host", value: target.hostHeader! }, ...headers, { name: "Connection", value: "close" }]);
-      socket.write(rest.length ? Buffer.concat([out, rest]) : out);
-      this.readResponse(socket);
-    }
-    this.pump(this.conn, socket, "out");
+    if (this.transparent) this.proxy.debug("transparent %s -> %s:%d", showHostPort(host, port), socket.remoteAddress, port);
+    begin(socket);
+    if (out) out(socket);
+    else this.pump(this.conn, socket, "out");
     finished(this.conn, (err) => this.sideDone(err, this.conn, socket));
     finished(socket, (err) => this.sideDone(err, socket, this.conn));
     this.conn.resume();
@@ -297,6 +343,49 @@ export class Flow {
   }
 
   // ---- relay ----
+
+  /**
+   * Guest → upstream of a transparent connection to `name`'s address: the first bytes are held
+   * until they show which name the client asks the server for (TLS SNI, HTTP Host; sniff.ts). A
+   * name other than `name` must be allowed on `port` too, or the connection is reset; bytes that
+   * are neither TLS nor HTTP go through as they are (the address is the allowed name's anyway).
+   */
+  private gate(socket: Socket, name: string, port: number): void {
+    let held: Buffer = Buffer.alloc(0);
+    const decide = (ended: boolean) => {
+      const s = sniff(held);
+      if (s.kind === "more" && !ended) return;
+      this.conn.off("data", onData);
+      this.conn.off("end", onEnd);
+      const target = showHostPort(name, port);
+      if (s.kind === "bad") return this.fail(400, "http_request_error", `the connection to ${target} starts with ${s.reason}`);
+      if (s.kind === "more") return this.fail(400, "http_request_error", `the client closed its side of the connection to ${target} before its first message was complete`);
+      const asked = s.kind === "tls" ? s.sni : s.kind === "http" ? s.host : undefined;
+      if (asked !== undefined && asked !== name && !this.proxy.policy.check(asked, port).allowed) {
+        const what = s.kind === "tls" ? "TLS server name (SNI)" : "HTTP Host";
+        return this.answer(
+          403,
+          "http_request_denied",
+          "name-mismatch",
+          `supermachine: egress to ${target} is not allowed to ask for ${showHostPort(asked, port)} (its ${what}): network.allow does not list it; add "${showHostPort(asked, DEFAULT_PORTS.includes(port) ? undefined : port)}" to network.allow`,
+        );
+      }
+      if (held.length) socket.write(held);
+      if (ended) socket.end();
+      else this.pump(this.conn, socket, "out");
+    };
+    const onData = (chunk: Buffer) => {
+      if (this.state !== "relay") return;
+      if (this.proxy.take("out", chunk.length) < chunk.length) return; // maxBytes: onExhausted ends it
+      held = held.length ? Buffer.concat([held, chunk]) : chunk;
+      decide(false);
+    };
+    const onEnd = () => {
+      if (this.state === "relay") decide(true);
+    };
+    this.conn.on("data", onData);
+    this.conn.on("end", onEnd);
+  }
 
   /** Upstream → guest for plain HTTP: the response head(s) rewritten (hop-by-hop out, `Connection: close`), then raw. */
   private readResponse(socket: Socket): void {
@@ -403,13 +492,20 @@ export class Flow {
     this.answer(status, proxyStatus, proxyStatus, body);
   }
 
-  /** Sends the proxy's own answer, ends the guest's side and waits (lingerMs at most) for its EOF. */
+  /**
+   * Sends the proxy's own answer, ends the guest's side and waits (lingerMs at most) for its EOF.
+   * A transparent connection has nobody to read an answer: it is counted, logged and reset.
+   */
   private answer(status: number, proxyStatus: ProxyStatus, reason: string, message: string): void {
     if (this.state === "answering" || this.state === "done") return;
     this.stopHead();
     this.stopUpstream();
     this.state = "answering";
     this.proxy.refused(status, reason, message);
+    if (this.transparent) {
+      void this.destroy();
+      return;
+    }
     const body = Buffer.from(`${message}\n`, "utf8");
     const head =
       `HTTP/1.1 ${status} ${REASONS[status] ?? "Error"}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${body.length}\r\n` +

@@ -175,5 +175,5 @@ function isResolved(o: unknown): o is ResolvedNetworkOption {
   if (o === "none") return true;
   if (o === null || typeof o !== "object") return false;
   const r = o as Partial<ResolvedNetwork>;
-  return Array.isArray(r.allow) && r.allow.length > 0 && r.allow.every((x) => typeof x === "object" && x !== null && "text" in x) && typeof r.maxBytes === "number" && typeof r.maxConnections === "number";
+  return Array.isArray(r.allow) && r.allow.length > 0 && r.allow.every((x) => typeof x === "object" && x !== null && "text" in x) && typeof r.maxBytes === "number" && typeof r.maxConnections === "number" && typeof r.mode === "string";
 }

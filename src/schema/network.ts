@@ -1,5 +1,5 @@
 /**
- * The `network` option: egress from the guest through the host-side proxy (issue 12). One source
+ * The `network` option: egress from the guest through the host-side policy (issues 12, 21). One source
  * for its types, defaults and accepted values: the zod schema (`networkSchema`, to embed in the
  * option schemas), `parseNetwork` (throws `NetworkError`), the grammar of allowlist entries and
  * hosts (shared with the proxy, which parses request targets with `parseHost`), and
@@ -9,7 +9,10 @@
  *          | { allow: string[];                        host, *.domain, IPv4, [IPv6], each [:port]
  *              hosts?: Record<string, string>;        name → IP literal, before DNS
  *              maxConnections?: number;               concurrent per VM (default 32)
- *              maxBytes?: number }                    in + out per VM (default 4 GiB)
+ *              maxBytes?: number;                     in + out per VM (default 4 GiB)
+ *              mode?: "transparent" | "proxy" }       transparent (the default): every TCP connection and
+ *                                                     DNS query of the guest goes through the policy;
+ *                                                     proxy: only programs that use the proxy variables
  */
 import { isIPv4, isIPv6 } from "node:net";
 import { domainToASCII } from "node:url";
@@ -38,7 +41,17 @@ export interface NetworkObjectOption {
   maxConnections?: number;
   /** Bytes carried per VM, in and out together (default 4 GiB); beyond, connections end and new ones get 403. */
   maxBytes?: number;
+  /**
+   * `"transparent"` (the default): every TCP connection a guest program opens, and every DNS
+   * query, goes through the policy, whatever the program; the proxy variables are set too.
+   * `"proxy"`: only the guest's proxy port (the variables point there); a program that ignores
+   * them reaches nothing.
+   */
+  mode?: NetworkMode;
 }
+/** How the guest reaches the policy: every connection (transparent) or only through the proxy port. */
+export type NetworkMode = "transparent" | "proxy";
+export const NETWORK_MODES: readonly NetworkMode[] = ["transparent", "proxy"];
 export type NetworkOption = "none" | NetworkObjectOption;
 
 /** A host as the grammar reads it: a DNS name (lowercase, ASCII) or an IP literal (canonical). */
@@ -57,6 +70,7 @@ export interface ResolvedNetwork {
   hosts: Record<string, string>;
   maxConnections: number;
   maxBytes: number;
+  mode: NetworkMode;
 }
 export type ResolvedNetworkOption = "none" | ResolvedNetwork;
 
@@ -221,8 +235,8 @@ const limitsSchema = {
   maxConnections: z.number().int().min(1).max(NETWORK_MAX_CONNECTIONS),
   maxBytes: z.number().int().min(1).max(Number.MAX_SAFE_INTEGER),
 };
-const OBJECT_KEYS = ["allow", "hosts", "maxConnections", "maxBytes"] as const;
-const SHAPE_HINT = `network is "none" (the default) or { allow: [...], hosts?: { name: ip }, maxConnections?: 1-${NETWORK_MAX_CONNECTIONS}, maxBytes?: bytes }; ${ALLOW_FORMS_HINT}`;
+const OBJECT_KEYS = ["allow", "hosts", "maxConnections", "maxBytes", "mode"] as const;
+const SHAPE_HINT = `network is "none" (the default) or { allow: [...], hosts?: { name: ip }, maxConnections?: 1-${NETWORK_MAX_CONNECTIONS}, maxBytes?: bytes, mode?: "transparent" | "proxy" }; ${ALLOW_FORMS_HINT}`;
 
 type Issue = { path: (string | number)[]; message: string; code: NetworkErrorCode | "OPTION_UNKNOWN"; hint: string };
 
@@ -276,6 +290,9 @@ function resolve(v: unknown): { value: ResolvedNetworkOption } | { issue: Issue 
     if (!r.success) return issue([key], `must be an integer ${range}`, "NETWORK_INVALID", `default: ${NETWORK_DEFAULTS[key]}`);
     limits[key] = r.data;
   }
+  if (o.mode !== undefined && !(NETWORK_MODES as readonly unknown[]).includes(o.mode)) {
+    return issue(["mode"], 'must be "transparent" or "proxy"', "NETWORK_INVALID", '"transparent" (the default) filters every connection and DNS query of the guest; "proxy" only what goes through the proxy variables');
+  }
   const sortedHosts: Record<string, string> = {};
   for (const n of [...hosts.keys()].sort()) sortedHosts[n] = hosts.get(n)!;
   return {
@@ -284,6 +301,7 @@ function resolve(v: unknown): { value: ResolvedNetworkOption } | { issue: Issue 
       hosts: sortedHosts,
       maxConnections: limits.maxConnections!,
       maxBytes: limits.maxBytes!,
+      mode: (o.mode as NetworkMode | undefined) ?? "transparent",
     },
   };
 }
@@ -333,20 +351,20 @@ export function parseNetworkOption(what: string, input: unknown): ResolvedNetwor
 }
 
 /** The canonical JSON value of the option, for cache keys: "none", or sorted, deduplicated entries with the defaults filled. */
-export type NetworkKey = "none" | { allow: string[]; hosts: Record<string, string>; maxConnections: number; maxBytes: number };
+export type NetworkKey = "none" | { allow: string[]; hosts: Record<string, string>; maxConnections: number; maxBytes: number; mode: NetworkMode };
 export function networkKey(option: unknown): NetworkKey {
   return resolvedNetworkKey(parseNetwork(option));
 }
 /** networkKey of an option already resolved (by networkSchema or parseNetwork). */
 export function resolvedNetworkKey(r: ResolvedNetworkOption): NetworkKey {
   if (r === "none") return "none";
-  return { allow: r.allow.map((a) => a.text), hosts: { ...r.hosts }, maxConnections: r.maxConnections, maxBytes: r.maxBytes };
+  return { allow: r.allow.map((a) => a.text), hosts: { ...r.hosts }, maxConnections: r.maxConnections, maxBytes: r.maxBytes, mode: r.mode };
 }
 
 /** An option as the API or a config module gave it, or already resolved by `networkSchema`: resolved. */
 export function resolveNetwork(v: unknown): ResolvedNetworkOption {
   if (v === undefined || v === "none") return "none";
-  if (typeof v === "object" && v !== null && Array.isArray((v as ResolvedNetwork).allow) && (v as ResolvedNetwork).allow.every((a) => typeof a === "object" && a !== null && "text" in a)) {
+  if (typeof v === "object" && v !== null && Array.isArray((v as ResolvedNetwork).allow) && typeof (v as ResolvedNetwork).mode === "string" && (v as ResolvedNetwork).allow.every((a) => typeof a === "object" && a !== null && "text" in a)) {
     return v as ResolvedNetwork;
   }
   return parseNetwork(v);

@@ -165,8 +165,8 @@ export const buildOptions = {
   },
   network: {
     schema: networkInputSchema,
-    type: '"none" | { allow, hosts?, maxConnections?, maxBytes? }',
-    doc: "What the warmup may reach through the host's egress proxy (docs/network.md). Pools do not inherit it.",
+    type: '"none" | { allow, hosts?, maxConnections?, maxBytes?, mode? }',
+    doc: "What the warmup may reach: every TCP connection and DNS query goes through the host's allowlist (docs/network.md). Pools do not inherit it.",
     default: "none",
     resolve: (v: NetworkOption | undefined) => resolveNetwork(v),
     child: "own",
@@ -193,8 +193,8 @@ export const poolOptions = {
   execLimits: { schema: execLimitsSchema, type: "{ processes?, memoryMib? }", doc: "Limits of every exec in this pool's VMs unless a call sets them (over the image's)." },
   network: {
     schema: networkInputSchema,
-    type: '"none" | { allow, hosts?, maxConnections?, maxBytes? }',
-    doc: "What VMs may reach while checked out, through the host's egress proxy (docs/network.md).",
+    type: '"none" | { allow, hosts?, maxConnections?, maxBytes?, mode? }',
+    doc: "What VMs may reach while checked out: every TCP connection and DNS query goes through the host's allowlist (docs/network.md).",
     default: "none",
     resolve: (v: NetworkOption | undefined) => resolveNetwork(v),
   },

@@ -22,7 +22,7 @@ import { mergeEnv, resolveImageUser, type ExecDefaults } from "./env.js";
 import { ExecChild, signalName } from "./exec-child.js";
 import { OutputQueue } from "../output-queue.js";
 import { listenTcp, listenVsock, type TcpForwarder } from "./tcp.js";
-import { GuestEgress, type NetStats } from "./egress.js";
+import { GuestEgress, noNetStats, type NetStats } from "./egress.js";
 import { GuestFs, type Abandonable } from "./fs.js";
 import type { ResolvedNetwork } from "../schema/network.js";
 import { z } from "zod";
@@ -542,15 +542,17 @@ export class GuestSession extends GuestFs {
   }
 
   /**
-   * Connections and bytes through this VM's egress proxy since it was acquired (all zero with
-   * `network: "none"`): `connections` made, `active` now, `refused` (403, 429), `failed` (bad
-   * requests, unreachable targets); `bytesOut` sent by the guest, `bytesIn` received by it.
+   * Connections and bytes through this VM's egress since it was acquired (all zero with
+   * `network: "none"`): `connections` made, `active` now, `refused` (by the allowlist or a limit;
+   * `refusedBy` counts them per reason), `failed` (bad requests, unreachable targets);
+   * `bytesOut` sent by the guest, `bytesIn` received by it; `dnsQueries` the guest made and
+   * `dnsRefused` (answered without an address) in transparent mode.
    *
    * @example
-   * const { connections, refused, bytesIn } = vm.netStats();
+   * const { connections, refused, refusedBy, bytesIn } = vm.netStats();
    */
   netStats(): NetStats {
-    return this.egress?.stats() ?? { connections: 0, active: 0, refused: 0, failed: 0, bytesIn: 0, bytesOut: 0 };
+    return this.egress?.stats() ?? noNetStats();
   }
 
   /**

@@ -18,6 +18,15 @@ function refused(fn: () => unknown): NetworkError {
 }
 
 describe("network option", () => {
+  it("takes mode transparent (the default) or proxy, and refuses anything else by name", () => {
+    expect(parseNetwork({ allow: ["a.example"] })).toMatchObject({ mode: "transparent" });
+    expect(parseNetwork({ allow: ["a.example"], mode: "proxy" })).toMatchObject({ mode: "proxy" });
+    const e = refused(() => parseNetwork({ allow: ["a.example"], mode: "tun" }));
+    expect(e.code).toBe("NETWORK_INVALID");
+    expect(e.message).toBe('network.mode must be "transparent" or "proxy", got "tun"');
+    expect(e.hint).toMatch(/transparent.*default/);
+  });
+
   it("defaults to none and fills the limits", () => {
     expect(parseNetwork(undefined)).toBe("none");
     expect(parseNetwork("none")).toBe("none");
@@ -102,8 +111,11 @@ describe("network option", () => {
     const a = networkKey({ allow: ["B.example", "a.example", "b.example", "[0::1]:80"], hosts: { "z.test": "::1", "A.test": "127.0.0.1" } });
     const b = networkKey({ allow: ["[::1]:80", "a.example", "b.example"], hosts: { "a.test": "127.0.0.1", "z.test": "0::1" }, maxConnections: 32, maxBytes: 4 * 1024 ** 3 });
     expect(JSON.stringify(a)).toBe(JSON.stringify(b));
-    expect(a).toEqual({ allow: ["[::1]:80", "a.example", "b.example"], hosts: { "a.test": "127.0.0.1", "z.test": "::1" }, maxConnections: 32, maxBytes: 4294967296 });
+    expect(a).toEqual({ allow: ["[::1]:80", "a.example", "b.example"], hosts: { "a.test": "127.0.0.1", "z.test": "::1" }, maxConnections: 32, maxBytes: 4294967296, mode: "transparent" });
     expect(networkKey("none")).toBe("none");
+    // The mode is keyed: a warmup in proxy mode reaches less than one in transparent mode.
+    expect(networkKey({ allow: ["a.example"], mode: "proxy" })).toMatchObject({ mode: "proxy" });
+    expect(JSON.stringify(networkKey({ allow: ["a.example"], mode: "proxy" }))).not.toBe(JSON.stringify(networkKey({ allow: ["a.example"] })));
     expect(JSON.stringify(networkKey({ allow: ["a.example"], maxBytes: 10 }))).not.toBe(JSON.stringify(networkKey({ allow: ["a.example"] })));
   });
 });
