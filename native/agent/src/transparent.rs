@@ -14,6 +14,10 @@
 //! `getsockname()` on an accepted socket is then the address the client asked for. Dropping an
 //! `Armed` closes the link (which detaches the program) and deletes the route, so a snapshot
 //! taken after PROXY_STOP holds neither.
+//!
+//! With every address local, the guest kernel would answer ICMP echo to any address itself (a
+//! `ping` that seems to reach the world). While armed, `net.ipv4.icmp_echo_ignore_all` is 1, so
+//! echo requests go unanswered (loopback's included); the old value comes back on disarm.
 
 use std::fmt;
 use std::io;
@@ -68,12 +72,35 @@ pub struct Armed {
     _link: OwnedFd,
     _prog: OwnedFd,
     _map: OwnedFd,
+    /// icmp_echo_ignore_all before arming, to restore (None: it could not be read or set).
+    icmp_was: Option<String>,
 }
 
 impl Drop for Armed {
     fn drop(&mut self) {
         if let Err(e) = rtnl::local_default_route(false, LO_IFINDEX) {
             eprintln!("supermachine-agent: transparent egress: cannot delete the local default route: {e}");
+        }
+        if let Some(old) = &self.icmp_was {
+            if let Err(e) = std::fs::write(ICMP_ECHO_IGNORE, old) {
+                eprintln!("supermachine-agent: transparent egress: cannot restore {ICMP_ECHO_IGNORE}: {e}");
+            }
+        }
+    }
+}
+
+/// The sysctl that makes the kernel ignore ICMP echo requests (per network namespace).
+const ICMP_ECHO_IGNORE: &str = "/proc/sys/net/ipv4/icmp_echo_ignore_all";
+
+/// Sets icmp_echo_ignore_all to 1; returns its old value (None, with a warning, when it fails:
+/// a guest kernel without it still gets transparent egress, only ping answers locally).
+fn ignore_icmp_echo() -> Option<String> {
+    let old = std::fs::read_to_string(ICMP_ECHO_IGNORE).ok()?;
+    match std::fs::write(ICMP_ECHO_IGNORE, "1") {
+        Ok(()) => Some(old.trim().to_owned()),
+        Err(e) => {
+            eprintln!("supermachine-agent: transparent egress: cannot set {ICMP_ECHO_IGNORE}: {e}");
+            None
         }
     }
 }
@@ -164,7 +191,7 @@ pub fn arm(listener: RawFd, dns_udp: RawFd) -> Result<Armed, TransparentError> {
     let netns = crate::sys::socket_netns(listener).map_err(|e| TransparentError::Os("namespace of the listener", e))?;
     rtnl::local_default_route(true, LO_IFINDEX).map_err(|e| TransparentError::Os("add the local default route", e))?;
     match bpf::link_create(&prog, netns.as_raw_fd(), bpf::BPF_SK_LOOKUP) {
-        Ok(link) => Ok(Armed { _link: link, _prog: prog, _map: map }),
+        Ok(link) => Ok(Armed { _link: link, _prog: prog, _map: map, icmp_was: ignore_icmp_echo() }),
         Err(e) => {
             let _ = rtnl::local_default_route(false, LO_IFINDEX);
             Err(e.into())
@@ -220,7 +247,10 @@ pub(crate) mod tests {
 
             let (listener, port) = sys::tcp_listen(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
             let dns = sys::udp_bind(crate::dns::UDP_ADDR).unwrap();
+            let icmp = || std::fs::read_to_string(ICMP_ECHO_IGNORE).unwrap().trim().to_owned();
+            std::fs::write(ICMP_ECHO_IGNORE, "0").unwrap();
             let armed = arm(listener.as_raw_fd(), dns.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(icmp(), "1", "echo requests go unanswered while armed");
             for dst in ["198.18.0.7:443", "203.0.113.5:22"] {
                 let dst: SocketAddr = dst.parse().unwrap();
                 let mut client = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
@@ -286,6 +316,7 @@ pub(crate) mod tests {
             assert_eq!(tcp53.raw_os_error(), Some(libc::ECONNREFUSED));
 
             drop(armed);
+            assert_eq!(icmp(), "0", "disarming restores icmp_echo_ignore_all");
             let after = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap_err();
             assert_eq!(after.raw_os_error(), Some(libc::ENETUNREACH), "disarming removes the route");
             // Arming twice in a row works (the route was deleted, the link closed).
