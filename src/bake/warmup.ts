@@ -27,7 +27,8 @@ export async function runWarmup(
   const session = new GuestSession(machine, defaults);
   if (network !== "none") {
     await session.startEgress(network);
-    log.line(`warmup network: egress through the host proxy to ${network.allow.map((a) => a.text).join(", ")}`);
+    const how = network.mode === "transparent" ? "every connection and DNS query checked by the host" : "through the host's proxy port";
+    log.line(`warmup network (${network.mode}, ${how}): ${network.allow.map((a) => a.text).join(", ")}`);
   }
   const vm: WarmupVm = {
     exec: async (o: ExecOptions) => {
@@ -76,7 +77,7 @@ export async function runWarmup(
   } finally {
     if (network !== "none") {
       const n = session.netStats();
-      log.line(`warmup network: ${n.connections} connection(s), ${n.refused} refused, ${n.bytesIn} bytes in, ${n.bytesOut} bytes out`);
+      log.line(`warmup network: ${n.connections} connection(s), ${n.refused} refused, ${n.bytesIn} bytes in, ${n.bytesOut} bytes out, ${n.dnsQueries} DNS queries (${n.dnsRefused} without an address)`);
     }
     // Egress stops here, before the capture: the snapshot holds no proxy listener.
     await session.closeSession(new BakeError("BAKE_WARMUP_ENDED", "the warmup has finished; its processes were stopped before the snapshot"));

@@ -160,7 +160,7 @@ export class Pool {
         await vm.startEgress(network);
       } catch (err) {
         await vm.release().catch(() => {});
-        throw new PoolError("POOL_NETWORK_FAILED", `pool.acquire: cannot start the VM's egress proxy: ${(err as Error).message}`, {
+        throw new PoolError("POOL_NETWORK_FAILED", `pool.acquire: cannot start the VM's egress: ${(err as Error).message}`, {
           cause: err,
           hint: "the guest's proxy port (127.0.0.1:3128) may be taken by a process of the image; see DEBUG=supermachine:net",
         });

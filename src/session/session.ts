@@ -529,7 +529,8 @@ export class GuestSession extends GuestFs {
 
   /**
    * @internal Turns egress on for this session (`network: { allow }` of its pool or build):
-   * the guest's proxy port and variables, and the host proxy behind them. "none" does nothing.
+   * the guest's proxy port and variables, the host proxy behind them and, in transparent mode,
+   * every TCP connection and DNS query of the guest. "none" does nothing.
    */
   async startEgress(network: ResolvedNetwork | "none"): Promise<void> {
     if (network === "none" || this.egress) return;
