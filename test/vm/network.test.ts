@@ -231,7 +231,7 @@ describe('network: "none" (the default)', () => {
       const direct = await vm.exec({ argv: ["sh", "-c", `wget -q -T 5 -O - http://10.0.2.2:${webPort}/hello`], timeoutMs: 30_000 });
       expect(direct.exitCode).not.toBe(0);
       expect(direct.stdout.toString()).toBe("");
-      expect(vm.netStats()).toEqual({ connections: 0, active: 0, refused: 0, failed: 0, bytesIn: 0, bytesOut: 0 });
+      expect(vm.netStats()).toEqual({ connections: 0, active: 0, refused: 0, refusedBy: {}, failed: 0, bytesIn: 0, bytesOut: 0, dnsQueries: 0, dnsRefused: 0 });
     } finally {
       await vm.release();
     }
@@ -255,7 +255,7 @@ describe("network for a warmup", () => {
       });
     const image = await build();
     expect(seen.filter((s) => s === "GET /data.txt").length).toBe(before + 1);
-    expect((await readSnapshotMeta(image.snapshotPath))!.inputs.network).toEqual({ allow: [`127.0.0.1:${webPort}`], hosts: {}, maxConnections: 32, maxBytes: 4 * 1024 ** 3 });
+    expect((await readSnapshotMeta(image.snapshotPath))!.inputs.network).toEqual({ allow: [`127.0.0.1:${webPort}`], hosts: {}, maxConnections: 32, maxBytes: 4 * 1024 ** 3, mode: "transparent" });
     const p = await image.pool({ min: 1, max: 1 });
     pools.push(p);
     const vm = await p.acquire();
