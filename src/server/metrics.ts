@@ -15,6 +15,8 @@ export class ServerMetrics {
   readonly processes: Counter<"pool" | "kind">;
   readonly bakes: Counter<"status">;
   readonly egressBytes: Counter<"direction">;
+  readonly egressRefused: Counter<"reason">;
+  readonly egressDns: Counter<"answer">;
   readonly requests: Counter<"method" | "route" | "status">;
 
   constructor(pools: () => Record<string, PoolStats>, alive: () => Record<string, number>) {
@@ -57,7 +59,14 @@ export class ServerMetrics {
     });
     this.processes = new Counter({ name: "supermachine_processes_total", help: "Processes started in sandboxes, by kind (exec: run to completion; spawn: streamed)", labelNames: ["pool", "kind"], registers });
     this.bakes = new Counter({ name: "supermachine_bakes_total", help: "Images the server's project built, by outcome (baked, cached, imported, failed, ...)", labelNames: ["status"], registers });
-    this.egressBytes = new Counter({ name: "supermachine_egress_bytes_total", help: "Bytes sandboxes moved through the egress proxy, by direction (in: to the guest)", labelNames: ["direction"], registers });
+    this.egressBytes = new Counter({ name: "supermachine_egress_bytes_total", help: "Bytes sandboxes moved through egress, by direction (in: to the guest)", labelNames: ["direction"], registers });
+    this.egressRefused = new Counter({
+      name: "supermachine_egress_refused_total",
+      help: "Sandbox connections egress refused, by reason (not-allowed, private-address, limit, name-mismatch, stale-address)",
+      labelNames: ["reason"],
+      registers,
+    });
+    this.egressDns = new Counter({ name: "supermachine_egress_dns_queries_total", help: "DNS queries of sandboxes (transparent egress), by answer (address, none)", labelNames: ["answer"], registers });
     this.requests = new Counter({ name: "supermachine_http_requests_total", help: "HTTP requests, by method, route and status", labelNames: ["method", "route", "status"], registers });
   }
 

@@ -345,9 +345,12 @@ export class SandboxRegistry {
     const m = this.options.metrics;
     if (m) {
       m.sandboxLifetime.observe({ pool: sb.pool }, (Date.now() - sb.startedAt.getTime()) / 1000);
-      const net = sb.state === "running" ? sb.vm.netStats() : { bytesIn: 0, bytesOut: 0 };
+      const net = sb.state === "running" ? sb.vm.netStats() : { bytesIn: 0, bytesOut: 0, refusedBy: {}, dnsQueries: 0, dnsRefused: 0 };
       if (net.bytesIn) m.egressBytes.inc({ direction: "in" }, net.bytesIn);
       if (net.bytesOut) m.egressBytes.inc({ direction: "out" }, net.bytesOut);
+      for (const [reason, n] of Object.entries(net.refusedBy)) m.egressRefused.inc({ reason }, n);
+      if (net.dnsQueries > net.dnsRefused) m.egressDns.inc({ answer: "address" }, net.dnsQueries - net.dnsRefused);
+      if (net.dnsRefused) m.egressDns.inc({ answer: "none" }, net.dnsRefused);
     }
     if (sb.paused) {
       // Paused, or resumed into a pool of its own: that pool and the snapshot go with it.

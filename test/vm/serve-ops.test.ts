@@ -234,7 +234,16 @@ export default defineConfig({
       expect(Buffer.from(ok.stdout, "base64").toString()).toBe("hello through the proxy\n");
       const other = await exec("wget -q -O- http://example.com/ 2>&1; echo exit=$?");
       expect(Buffer.from(other.stdout, "base64").toString()).toMatch(/403|Forbidden|exit=[1-9]/);
+      // Without the proxy variables (transparent egress): the name does not resolve, and an
+      // address the program has itself is refused at once (busybox wget's -T is left out: it
+      // crashes on a reset connection).
+      const direct = await exec("unset http_proxy HTTP_PROXY; wget -q -O- http://example.com/ 2>&1; echo exit=$?; wget -q -O- http://203.0.113.9/ 2>&1; echo exit=$?");
+      expect(Buffer.from(direct.stdout, "base64").toString()).toMatch(/bad address 'example\.com'\nexit=1\n.*reset by peer\nexit=1\n/);
       expect((await fetch(`${open.server.url}/sandboxes/${id}`, { method: "DELETE", headers: { "x-api-key": open.key } })).status).toBe(204);
+      const metrics = await (await fetch(`${open.server.url}/metrics`)).text();
+      expect(metrics).toMatch(/supermachine_egress_refused_total\{reason="not-allowed"\} 2\n/);
+      expect(metrics).toMatch(/supermachine_egress_dns_queries_total\{answer="none"\} [1-9]/);
+      expect(metrics).toMatch(/supermachine_egress_bytes_total\{direction="in"\} [1-9]/);
       // The next sandbox of the pool has no network.
       const next = (await (await create(open, { pool: "base" })).json()) as { id: string };
       const after = (await (await post(`${open.server.url}/v1/sandboxes/${next.id}/exec`, { argv: ["sh", "-c", "echo ${http_proxy:-none}"] }, open.key)).json()) as { stdout: string };
