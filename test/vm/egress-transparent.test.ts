@@ -21,6 +21,13 @@ describe("transparent egress in the guest", () => {
     expect(r.stdout.toString()).toBe("2\n");
   });
 
+  it("has the steering program loaded from boot (in the snapshot), before any egress is armed", async () => {
+    // The agent (PID 1) holds the program, its link and its map; arming only fills the map.
+    const fds = await env.vm.exec({ argv: ["ls", "-l", "/proc/1/fd"] });
+    const kinds = [...fds.stdout.toString().matchAll(/anon_inode:bpf[-_](prog|link|map)/g)].map((m) => m[1]);
+    expect(new Set(kinds), fds.stdout.toString()).toEqual(new Set(["prog", "link", "map"]));
+  });
+
   it("steers a plain connect to any address to the host handler, with its destination, until stopped", { timeout: 120_000 }, async () => {
     const vm = env.vm;
     const agent = vm.machine.agent;

@@ -13,13 +13,13 @@
 
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::dns::{DnsError, DnsServer};
 use crate::fake_ip::{self, FakeIps};
 use crate::proto::{self, ProxyListen, ProxyMode, ResolveAnswer};
-use crate::transparent::{self, Armed, TransparentError};
+use crate::transparent::{Armed, Steering, TransparentError};
 use crate::token::{token, ConnId, T_DNS, T_PROXY};
 use crate::sys::{self, Epoll, EPOLLIN};
 
@@ -100,15 +100,28 @@ struct Listener {
 pub struct Proxy {
     listener: Option<Listener>,
     fakes: FakeIps,
+    /// Transparent mode's steering program, loaded once (`preload`, or the first listen).
+    steering: Option<Steering>,
 }
 
 impl Default for Proxy {
     fn default() -> Proxy {
-        Proxy { listener: None, fakes: FakeIps::new(fake_ip::DEFAULT_CAPACITY) }
+        Proxy { listener: None, fakes: FakeIps::new(fake_ip::DEFAULT_CAPACITY), steering: None }
     }
 }
 
 impl Proxy {
+    /// Loads the steering program into the agent's network namespace now (the agent as the
+    /// guest's init, at boot), so that arming transparent egress later, in this VM or in a
+    /// clone restored from its snapshot, does not load it. A failure is only reported: the
+    /// first transparent listen tries again and returns the error.
+    pub fn preload(&mut self) {
+        match sys::udp_bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).map_err(|e| TransparentError::Os("socket", e)).and_then(|s| Steering::load(s.as_raw_fd())) {
+            Ok(s) => self.steering = Some(s),
+            Err(e) => eprintln!("supermachine-agent: transparent egress not preloaded: {e}"),
+        }
+    }
+
     /// The connection that listens.
     pub fn owner(&self) -> Option<ConnId> {
         self.listener.as_ref().map(|l| l.owner)
@@ -142,7 +155,10 @@ impl Proxy {
             ProxyMode::Proxy => (None, None),
             ProxyMode::Transparent => {
                 let dns = DnsServer::open().map_err(ProxyError::Dns)?;
-                let armed = transparent::arm(sock.as_raw_fd(), dns.udp_fd()).map_err(ProxyError::Transparent)?;
+                if self.steering.is_none() {
+                    self.steering = Some(Steering::load(sock.as_raw_fd()).map_err(ProxyError::Transparent)?);
+                }
+                let armed = self.steering.as_ref().expect("loaded above").arm(sock.as_raw_fd(), dns.udp_fd()).map_err(ProxyError::Transparent)?;
                 (Some(armed), Some(dns))
             }
         };

@@ -74,8 +74,13 @@ impl Server {
         let ctl = |e| ServerError::Setup("epoll_ctl", e);
         epoll.add(sigfd.as_raw_fd(), EPOLLIN, token(T_SIGNAL, 0, 0, 0)).map_err(ctl)?;
         epoll.add(timer.raw(), EPOLLIN, token(T_TIMER, 0, 0, 0)).map_err(ctl)?;
+        let mut proxy = Proxy::default();
+        if init_mode {
+            // The guest's own agent: load transparent egress's program now, before any snapshot.
+            proxy.preload();
+        }
         let mut s = Server {
-            sh: Shared { epoll, procs: Procs::new(devnull, cgroups), workload: Workload::default(), identity: Identity::default(), init_mode, proxy: Proxy::default() },
+            sh: Shared { epoll, procs: Procs::new(devnull, cgroups), workload: Workload::default(), identity: Identity::default(), init_mode, proxy },
             sigfd,
             timer,
             listener: None,

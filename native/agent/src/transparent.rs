@@ -1,19 +1,21 @@
 //! Transparent egress (PROXY_LISTEN mode 1): every TCP connection a guest program opens to a
 //! non-loopback IPv4 address reaches the agent's listener, whatever the program, with no proxy
-//! variable. Two pieces do it, both armed only while the host wants egress:
+//! variable. Two pieces do it, both in effect only while the host wants egress:
 //!
 //! - the AnyIP route `local 0.0.0.0/0 dev lo` (`sys::rtnl`): every address is local, so a
 //!   connect() loops back through `lo` instead of failing with ENETUNREACH (there is no device);
 //! - an sk_lookup program (`sys::bpf`), linked to the guest's network namespace, that runs before
 //!   the kernel's own listener lookup: UDP to port 53 on any address, loopback included, goes to
-//!   slot 1 of a SOCKMAP (the agent's DNS responder, `dns.rs`), TCP to port 53 to slot 2 (empty
-//!   for now, so refused); other TCP to a non-loopback address to slot 0 (the agent's listener);
+//!   slot 1 of a SOCKMAP (the agent's DNS responder, `dns.rs`), TCP to port 53 to slot 2 (left
+//!   empty, so refused); other TCP to a non-loopback address to slot 0 (the agent's listener);
 //!   other UDP to a non-loopback address is dropped (the sender gets ECONNREFUSED); the rest of
-//!   loopback, and IPv6, are left to the kernel.
+//!   loopback, and IPv6, are left to the kernel. An empty slot passes to the kernel's lookup.
 //!
-//! `getsockname()` on an accepted socket is then the address the client asked for. Dropping an
-//! `Armed` closes the link (which detaches the program) and deletes the route, so a snapshot
-//! taken after PROXY_STOP holds neither.
+//! The program is loaded and linked once (`Steering`, at the agent's boot as init, so snapshots
+//! hold it): with its slots empty and no route it changes nothing. Arming fills the slots and
+//! adds the route; dropping the `Armed` deletes the route and empties the slots, so a snapshot
+//! taken after PROXY_STOP steers nothing. `getsockname()` on an accepted socket is the address
+//! the client asked for.
 //!
 //! With every address local, the guest kernel would answer ICMP echo to any address itself (a
 //! `ping` that seems to reach the world). While armed, `net.ipv4.icmp_echo_ignore_all` is 1, so
@@ -66,20 +68,64 @@ impl From<BpfError> for TransparentError {
     }
 }
 
-/// The armed redirect. Dropping it deletes the route first (a new connect() fails with
-/// ENETUNREACH again), then closes the link (which detaches the program), the program and the map.
-pub struct Armed {
+/// The steering program, loaded and linked to a network namespace once (the agent does it at
+/// boot, so a snapshot holds it and a restored clone arms in a few system calls instead of
+/// running the verifier). With its SOCKMAP empty it changes nothing: every lookup passes to the
+/// kernel's own (see `program`); `arm` fills the slots.
+pub struct Steering {
     _link: OwnedFd,
     _prog: OwnedFd,
-    _map: OwnedFd,
+    map: OwnedFd,
+}
+
+impl Steering {
+    /// Loads the program and links it to the network namespace of socket `any_sock`.
+    pub fn load(any_sock: RawFd) -> Result<Steering, TransparentError> {
+        let map = bpf::sockmap_create(SLOTS)?;
+        let prog = bpf::prog_load(bpf::BPF_PROG_TYPE_SK_LOOKUP, bpf::BPF_SK_LOOKUP, &program(map.as_raw_fd()))?;
+        let netns = crate::sys::socket_netns(any_sock).map_err(|e| TransparentError::Os("namespace of the listener", e))?;
+        let link = bpf::link_create(&prog, netns.as_raw_fd(), bpf::BPF_SK_LOOKUP)?;
+        Ok(Steering { _link: link, _prog: prog, map })
+    }
+
+    /// Arms transparent egress, steering TCP to `listener` (a listening TCP socket, IPv4 or
+    /// dual-stack) and UDP/53 to `dns_udp` (a UDP socket bound to port 53), both in the
+    /// namespace the program is linked to. TCP/53's slot stays empty: such connections find no
+    /// listener and are refused. Needs CAP_NET_ADMIN (root).
+    pub fn arm(&self, listener: RawFd, dns_udp: RawFd) -> Result<Armed, TransparentError> {
+        let map = self.map.try_clone().map_err(|e| TransparentError::Os("dup the map", e))?;
+        // From here, dropping `armed` undoes whatever was done.
+        let mut armed = Armed { map, route: false, icmp_was: None };
+        bpf::sockmap_set(&armed.map, SLOT_TCP, listener)?;
+        bpf::sockmap_set(&armed.map, SLOT_DNS_UDP, dns_udp)?;
+        rtnl::local_default_route(true, LO_IFINDEX).map_err(|e| TransparentError::Os("add the local default route", e))?;
+        armed.route = true;
+        armed.icmp_was = ignore_icmp_echo();
+        Ok(armed)
+    }
+}
+
+/// The armed redirect. Dropping it deletes the route first (a new connect() fails with
+/// ENETUNREACH again), then empties the SOCKMAP's slots (the program passes everything again)
+/// and restores icmp_echo_ignore_all.
+pub struct Armed {
+    map: OwnedFd,
+    route: bool,
     /// icmp_echo_ignore_all before arming, to restore (None: it could not be read or set).
     icmp_was: Option<String>,
 }
 
 impl Drop for Armed {
     fn drop(&mut self) {
-        if let Err(e) = rtnl::local_default_route(false, LO_IFINDEX) {
-            eprintln!("supermachine-agent: transparent egress: cannot delete the local default route: {e}");
+        if self.route {
+            if let Err(e) = rtnl::local_default_route(false, LO_IFINDEX) {
+                eprintln!("supermachine-agent: transparent egress: cannot delete the local default route: {e}");
+            }
+        }
+        for slot in [SLOT_TCP, SLOT_DNS_UDP] {
+            if let Err(e) = bpf::sockmap_clear(&self.map, slot) {
+                eprintln!("supermachine-agent: transparent egress: cannot empty slot {slot}: {e}");
+            }
         }
         if let Some(old) = &self.icmp_was {
             if let Err(e) = std::fs::write(ICMP_ECHO_IGNORE, old) {
@@ -164,7 +210,7 @@ pub fn program(map_fd: RawFd) -> Vec<Insn> {
         ins(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map_fd),  // 18, 19: r1 = the map
         ins(0, 0, 0, 0, 0),
         ins(CALL, 0, 0, 0, MAP_LOOKUP_ELEM),         // 20: r0 = sockmap[key] (a reference) or NULL
-        ins(JEQ_IMM, 0, 0, 9, 0),                    // 21: no socket -> drop (31)
+        ins(JEQ_IMM, 0, 0, 7, 0),                    // 21: empty slot (not armed, TCP/53) -> pass (29)
         ins(MOV64_REG, 7, 0, 0, 0),                  // 22: r7 = the socket
         ins(MOV64_REG, 1, 6, 0, 0),                  // 23: sk_assign(ctx, sk, 0)
         ins(MOV64_REG, 2, 0, 0, 0),                  // 24
@@ -177,26 +223,6 @@ pub fn program(map_fd: RawFd) -> Vec<Insn> {
         ins(MOV64_IMM, 0, 0, 0, SK_DROP),            // 31: drop
         ins(EXIT, 0, 0, 0, 0),                       // 32
     ]
-}
-
-/// Arms transparent egress in the calling thread's network namespace, steering TCP to
-/// `listener` (a listening TCP socket, IPv4 or dual-stack) and UDP/53 to `dns_udp` (a UDP socket
-/// bound to port 53). TCP/53's slot stays empty for now: such connections are refused.
-/// Needs CAP_NET_ADMIN and CAP_BPF (root).
-pub fn arm(listener: RawFd, dns_udp: RawFd) -> Result<Armed, TransparentError> {
-    let map = bpf::sockmap_create(SLOTS)?;
-    bpf::sockmap_set(&map, SLOT_TCP, listener)?;
-    bpf::sockmap_set(&map, SLOT_DNS_UDP, dns_udp)?;
-    let prog = bpf::prog_load(bpf::BPF_PROG_TYPE_SK_LOOKUP, bpf::BPF_SK_LOOKUP, &program(map.as_raw_fd()))?;
-    let netns = crate::sys::socket_netns(listener).map_err(|e| TransparentError::Os("namespace of the listener", e))?;
-    rtnl::local_default_route(true, LO_IFINDEX).map_err(|e| TransparentError::Os("add the local default route", e))?;
-    match bpf::link_create(&prog, netns.as_raw_fd(), bpf::BPF_SK_LOOKUP) {
-        Ok(link) => Ok(Armed { _link: link, _prog: prog, _map: map, icmp_was: ignore_icmp_echo() }),
-        Err(e) => {
-            let _ = rtnl::local_default_route(false, LO_IFINDEX);
-            Err(e.into())
-        }
-    }
 }
 
 #[cfg(test)]
@@ -246,10 +272,22 @@ pub(crate) mod tests {
             assert_eq!(unreachable.raw_os_error(), Some(libc::ENETUNREACH), "no route before arming");
 
             let (listener, port) = sys::tcp_listen(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
+            let steering = Steering::load(listener.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
+            // Loaded but not armed, the program changes nothing: a DNS server of the guest's
+            // own on loopback gets its queries, and outside addresses stay unreachable.
+            let own_dns = UdpSocket::bind("127.0.0.1:53").unwrap();
+            own_dns.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let asker = UdpSocket::bind("127.0.0.1:0").unwrap();
+            asker.send_to(b"q", "127.0.0.1:53").unwrap();
+            assert_eq!(own_dns.recv(&mut [0u8; 4]).unwrap(), 1, "an empty slot passes to the kernel's lookup");
+            drop(own_dns);
+            let still = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap_err();
+            assert_eq!(still.raw_os_error(), Some(libc::ENETUNREACH), "loading alone adds no route");
+
             let dns = sys::udp_bind(crate::dns::UDP_ADDR).unwrap();
             let icmp = || std::fs::read_to_string(ICMP_ECHO_IGNORE).unwrap().trim().to_owned();
             std::fs::write(ICMP_ECHO_IGNORE, "0").unwrap();
-            let armed = arm(listener.as_raw_fd(), dns.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
+            let armed = steering.arm(listener.as_raw_fd(), dns.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(icmp(), "1", "echo requests go unanswered while armed");
             for dst in ["198.18.0.7:443", "203.0.113.5:22"] {
                 let dst: SocketAddr = dst.parse().unwrap();
@@ -319,8 +357,17 @@ pub(crate) mod tests {
             assert_eq!(icmp(), "0", "disarming restores icmp_echo_ignore_all");
             let after = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap_err();
             assert_eq!(after.raw_os_error(), Some(libc::ENETUNREACH), "disarming removes the route");
-            // Arming twice in a row works (the route was deleted, the link closed).
-            let again = arm(listener.as_raw_fd(), dns.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
+            // Disarmed, loopback DNS is the guest's own again.
+            let own_dns = UdpSocket::bind("127.0.0.1:53").unwrap();
+            own_dns.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            asker.send_to(b"q", "127.0.0.1:53").unwrap();
+            assert_eq!(own_dns.recv(&mut [0u8; 4]).unwrap(), 1, "disarming empties the slots");
+            drop(own_dns);
+            // Arming twice in a row works (the route was deleted, the slots emptied).
+            let again = steering.arm(listener.as_raw_fd(), dns.as_raw_fd()).unwrap_or_else(|e| panic!("{e}"));
+            let mut c = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
+            c.write_all(b"x").unwrap();
+            let _ = accept_dst(listener.as_raw_fd());
             drop(again);
         });
         if ran.is_none() {

@@ -12,6 +12,7 @@ use super::owned;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
@@ -132,6 +133,16 @@ pub fn sockmap_set(map: &OwnedFd, key: u32, sock: RawFd) -> Result<(), BpfError>
         ..Default::default()
     };
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ()).map_err(|e| BpfError::Os("map update", e))
+}
+
+/// Empties slot `key` of `map` (a slot already empty is fine).
+pub fn sockmap_clear(map: &OwnedFd, key: u32) -> Result<(), BpfError> {
+    let mut attr = MapElemAttr { map_fd: map.as_raw_fd() as u32, key: &key as *const u32 as u64, ..Default::default() };
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(BpfError::Os("map delete", e)),
+    }
 }
 
 /// Loads `insns` as a program of `prog_type` for `attach_type`. When the verifier refuses it,
