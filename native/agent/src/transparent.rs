@@ -8,8 +8,10 @@
 //!   the kernel's own listener lookup: UDP to port 53 on any address, loopback included, goes to
 //!   slot 1 of a SOCKMAP (the agent's DNS responder, `dns.rs`), TCP to port 53 to slot 2 (left
 //!   empty, so refused); other TCP to a non-loopback address to slot 0 (the agent's listener);
-//!   other UDP to a non-loopback address is dropped (the sender gets ECONNREFUSED); the rest of
-//!   loopback, and IPv6, are left to the kernel. An empty slot passes to the kernel's lookup.
+//!   other UDP to a non-loopback address is dropped (the sender gets ECONNREFUSED), except what
+//!   comes from port 53: the DNS responder's answers, sent from the address the client asked, so
+//!   that an unconnected client socket (musl's resolver) gets them; the rest of loopback, and
+//!   IPv6, are left to the kernel. An empty slot passes to the kernel's lookup.
 //!
 //! The program is loaded and linked once (`Steering`, at the agent's boot as init, so snapshots
 //! hold it): with its slots empty and no route it changes nothing. Arming fills the slots and
@@ -174,6 +176,7 @@ const PSEUDO_MAP_FD: u8 = 1;
 // struct bpf_sk_lookup offsets.
 const CTX_FAMILY: i16 = 8;
 const CTX_PROTOCOL: i16 = 12;
+const CTX_REMOTE_PORT: i16 = 36;
 const CTX_LOCAL_IP4: i16 = 40;
 const CTX_LOCAL_PORT: i16 = 60;
 
@@ -203,7 +206,7 @@ pub fn program(map_fd: RawFd) -> Vec<Insn> {
         ins(AND64_IMM, 2, 0, 0, 0xff),               // 11: its first byte
         ins(JEQ_IMM, 2, 0, 16, 127),                 // 12: 127/8 -> pass (29)
         ins(MOV64_IMM, 8, 0, 0, SLOT_TCP as i32),    // 13: the listener
-        ins(JNE_IMM, 3, 0, 16, libc::IPPROTO_TCP),   // 14: not TCP -> drop (31)
+        ins(JNE_IMM, 3, 0, 18, libc::IPPROTO_TCP),   // 14: not TCP -> UDP (33)
         ins(STX_W, 10, 8, -4, 0),                    // 15: key = r8 on the stack
         ins(MOV64_REG, 2, 10, 0, 0),                 // 16: r2 = fp
         ins(ADD64_IMM, 2, 0, 0, -4),                 // 17: r2 = &key
@@ -222,6 +225,9 @@ pub fn program(map_fd: RawFd) -> Vec<Insn> {
         ins(EXIT, 0, 0, 0, 0),                       // 30
         ins(MOV64_IMM, 0, 0, 0, SK_DROP),            // 31: drop
         ins(EXIT, 0, 0, 0, 0),                       // 32
+        ins(LDX_W, 2, 6, CTX_REMOTE_PORT, 0),        // 33: r2 = source port (network order, low 16 bits)
+        ins(JEQ_IMM, 2, 0, -6, 53_u16.to_be() as i32), // 34: from port 53 (a DNS answer) -> pass (29)
+        ins(JA, 0, 0, -5, 0),                        // 35: other UDP -> drop (31)
     ]
 }
 
@@ -349,7 +355,26 @@ pub(crate) mod tests {
                 q.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
                 assert_eq!(q.recv(&mut buf).unwrap(), 6, "the reply from {to} reaches the client");
             }
-            // TCP/53 is steered to its own slot, empty for now: refused.
+            // A client on an unconnected socket (sendto, as musl's resolver) gets the answer too.
+            let q = UdpSocket::bind("0.0.0.0:0").unwrap();
+            q.send_to(b"query", "9.9.9.9:53").unwrap();
+            let mut buf = [0u8; 16];
+            let mut got = None;
+            for _ in 0..200 {
+                match sys::udp_recv(dns.as_raw_fd(), &mut buf) {
+                    Ok(r) => {
+                        got = Some(r);
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            let (_, peer, dst) = got.expect("the DNS socket got the unconnected query");
+            sys::udp_send_from(dns.as_raw_fd(), b"answer", peer, dst).unwrap();
+            q.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let (n, from) = q.recv_from(&mut buf).expect("the answer reaches an unconnected socket");
+            assert_eq!((&buf[..n], from), (&b"answer"[..], "9.9.9.9:53".parse().unwrap()));
+            // TCP/53 is steered to its own slot, empty: refused.
             let tcp53 = TcpStream::connect_timeout(&"8.8.8.8:53".parse().unwrap(), Duration::from_secs(2)).unwrap_err();
             assert_eq!(tcp53.raw_os_error(), Some(libc::ECONNREFUSED));
 
@@ -383,14 +408,15 @@ pub(crate) mod tests {
                 let target = i as i64 + 1 + insn.off as i64;
                 assert!((0..p.len() as i64).contains(&target), "jump at {i} lands at {target}");
                 let t = &p[target as usize];
-                // A verdict (r0), a slot choice (r8), the lookup that uses the slot, or the
-                // loopback check that starts the non-DNS path.
+                // A verdict (r0), a slot choice (r8), the lookup that uses the slot, the
+                // loopback check that starts the non-DNS path, or the UDP source-port check.
                 let ok = (t.code == MOV64_IMM && (t.regs & 0xf == 0 || t.regs & 0xf == 8))
                     || t.code == STX_W
-                    || (t.code == LDX_W && t.off == CTX_LOCAL_IP4);
+                    || (t.code == LDX_W && (t.off == CTX_LOCAL_IP4 || t.off == CTX_REMOTE_PORT));
                 assert!(ok, "jump at {i} lands on a verdict, a slot choice, the lookup or the loopback check, not {:#x}", t.code);
             }
         }
-        assert_eq!(p.last().unwrap().code, EXIT);
+        // The verifier refuses a program whose last instruction could fall off its end.
+        assert!(matches!(p.last().unwrap().code, EXIT | JA));
     }
 }
