@@ -111,7 +111,7 @@ async function direct(vm: Vm, argv: string[], timeoutMs = 60_000): Promise<Ran> 
 const py = (vm: Vm, code: string) => direct(vm, ["python3", "-c", PREAMBLE + code]);
 
 /**
- * attempt(): one TCP connection (connect, send a GET, read), as "<outcome> <seconds>"; outcome is
+ * attempt(): one TCP connection (connect, send a GET for Host `asked` or `host`, read), as "<outcome> <seconds>"; outcome is
  * the reply's first line, "EOF", or the errno name. resolve(): the address a name resolves to,
  * or "gaierror".
  */
@@ -120,13 +120,13 @@ import errno, os, socket, time
 assert not [k for k in os.environ if k.lower().endswith("_proxy")], os.environ
 def outcome(e):
     return errno.errorcode.get(e.errno, type(e).__name__) if isinstance(e, OSError) and e.errno else type(e).__name__
-def attempt(host, port, family=socket.AF_INET, path="/"):
+def attempt(host, port, family=socket.AF_INET, path="/", asked=None):
     t = time.monotonic()
     try:
         s = socket.socket(family, socket.SOCK_STREAM)
         s.settimeout(20)
         s.connect((host, port))
-        s.sendall(("GET %s HTTP/1.0\\r\\nHost: %s:%d\\r\\n\\r\\n" % (path, host, port)).encode())
+        s.sendall(("GET %s HTTP/1.0\\r\\nHost: %s:%d\\r\\n\\r\\n" % (path, asked or host, port)).encode())
         data = s.recv(200)
         r = data.split(b"\\r\\n")[0].decode() if data else "EOF"
     except Exception as e:
@@ -194,6 +194,7 @@ describe("transparent egress: clients that know nothing of proxies", () => {
   beforeAll(async () => {
     bb = await (await pool(busybox, worldNetwork())).acquire();
     pyVm = await (await pool(python, worldNetwork())).acquire();
+    await pyVm.writeFile("/tmp/ca.pem", caPem);
   }, 300_000);
 
   it("reach an allowed name: busybox wget, python urllib, http.client and a raw socket, HTTPS with SNI, Node's fetch", { timeout: 300_000 }, async () => {
@@ -202,7 +203,6 @@ describe("transparent egress: clients that know nothing of proxies", () => {
     expect(wget.err).toBe("");
     expect(wget.out).toBe(`hello ${host}\n`);
 
-    await pyVm.writeFile("/tmp/ca.pem", caPem);
     const r = await py(
       pyVm,
       `
@@ -274,6 +274,51 @@ print(resolve("evil.test"), 0)
     expect(w.err).toMatch(/reset/i);
     expect(w.ms).toBeLessThan(8_000);
     expect(bb.netStats().refusedBy["not-allowed"]).toBe(bbBefore + 1);
+  });
+
+  it("refuses what an allowed name does not cover: another Host or TLS server name on its address, a fake address its DNS never gave; UDP and IPv6 go nowhere", { timeout: 120_000 }, async () => {
+    const before = pyVm.netStats();
+    const r = await py(
+      pyVm,
+      `
+import ssl
+def tls(name):
+    t = time.monotonic()
+    ctx = ssl.create_default_context(cafile="/tmp/ca.pem")
+    ctx.check_hostname = False  # another name on purpose: the certificate is secure.test's
+    try:
+        ctx.wrap_socket(socket.create_connection(("secure.test", ${tlsPort}), timeout=20), server_hostname=name).close()
+        r = "handshake"
+    except Exception as e:
+        r = outcome(e)
+    return "%s %.1f" % (r, time.monotonic() - t)
+def udp(host, port):
+    t = time.monotonic()
+    try:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(5)
+        u.connect((host, port))
+        u.send(b"x")
+        u.recv(10)
+        r = "answered"
+    except Exception as e:
+        r = outcome(e)
+    return "%s %.1f" % (r, time.monotonic() - t)
+print(attempt("web.test", ${webPort}, path="/mismatch", asked="evil.test"))
+print(tls("secure.test"))
+print(tls("evil.test"))
+print(attempt("198.18.255.254", 80))
+print(udp("203.0.113.5", 123))
+print(attempt("2001:db8::1", 80, socket.AF_INET6))
+`,
+    );
+    expect(r.err).toBe("");
+    expect(quick(r.out)).toEqual(["ECONNRESET", "handshake", "ECONNRESET", "ECONNRESET", "ECONNREFUSED", "ENETUNREACH"]);
+    const after = pyVm.netStats();
+    expect((after.refusedBy["name-mismatch"] ?? 0) - (before.refusedBy["name-mismatch"] ?? 0)).toBe(2);
+    expect((after.refusedBy["stale-address"] ?? 0) - (before.refusedBy["stale-address"] ?? 0)).toBe(1);
+    expect(after.refused - before.refused).toBe(3);
+    expect(sawPath("/mismatch")).toEqual([]);
   });
 
   it("leaves ICMP echo unanswered while egress is on", { timeout: 60_000 }, async () => {
