@@ -150,7 +150,10 @@ export class Flow {
       this.refuseBytes();
       return;
     }
-    // Mid-transfer: no HTTP answer is possible any more; end the guest's side, drop the outside.
+    // Mid-transfer: no HTTP answer is possible any more. A transparent connection is reset (a
+    // protocol without its own framing must not take the cut for a clean end); through the
+    // proxy port, end the guest's side and drop the outside.
+    if (this.transparent) return void this.destroy();
     this.stopUpstream();
     this.state = "answering";
     this.closeGuest();
