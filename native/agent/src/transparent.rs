@@ -270,6 +270,18 @@ pub(crate) mod tests {
         panic!("nothing to accept");
     }
 
+    /// A datagram on the (non-blocking) DNS socket, within a second: its length, sender and the
+    /// address it was sent to.
+    fn recv_query(dns: RawFd, buf: &mut [u8]) -> Option<(usize, SocketAddrV4, std::net::Ipv4Addr)> {
+        for _ in 0..200 {
+            match sys::udp_recv(dns, buf) {
+                Ok(r) => return Some(r),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        None
+    }
+
     #[test]
     fn steers_every_tcp_destination_to_the_listener_until_disarmed() {
         let ran = in_new_netns(|| {
@@ -339,17 +351,7 @@ pub(crate) mod tests {
                 q.connect(to).unwrap();
                 q.send(b"query").unwrap();
                 let mut buf = [0u8; 16];
-                let mut got = None;
-                for _ in 0..200 {
-                    match sys::udp_recv(dns.as_raw_fd(), &mut buf) {
-                        Ok(r) => {
-                            got = Some(r);
-                            break;
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                    }
-                }
-                let (n, peer, dst) = got.unwrap_or_else(|| panic!("the DNS socket got nothing sent to {to}"));
+                let (n, peer, dst) = recv_query(dns.as_raw_fd(), &mut buf).unwrap_or_else(|| panic!("the DNS socket got nothing sent to {to}"));
                 assert_eq!((&buf[..n], SocketAddr::V4(SocketAddrV4::new(dst, 53))), (&b"query"[..], to.parse().unwrap()));
                 sys::udp_send_from(dns.as_raw_fd(), b"answer", peer, dst).unwrap();
                 q.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -359,17 +361,7 @@ pub(crate) mod tests {
             let q = UdpSocket::bind("0.0.0.0:0").unwrap();
             q.send_to(b"query", "9.9.9.9:53").unwrap();
             let mut buf = [0u8; 16];
-            let mut got = None;
-            for _ in 0..200 {
-                match sys::udp_recv(dns.as_raw_fd(), &mut buf) {
-                    Ok(r) => {
-                        got = Some(r);
-                        break;
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-            let (_, peer, dst) = got.expect("the DNS socket got the unconnected query");
+            let (_, peer, dst) = recv_query(dns.as_raw_fd(), &mut buf).expect("the DNS socket got the unconnected query");
             sys::udp_send_from(dns.as_raw_fd(), b"answer", peer, dst).unwrap();
             q.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
             let (n, from) = q.recv_from(&mut buf).expect("the answer reaches an unconnected socket");
