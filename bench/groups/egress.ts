@@ -16,6 +16,9 @@ export const egressGroup: BenchGroup = {
     "egress_transparent_mib_per_s",
     "egress_idle_pss_off_mib",
     "egress_idle_pss_on_mib",
+    "egress_acquire_none_ms",
+    "egress_acquire_proxy_ms",
+    "egress_acquire_transparent_ms",
   ],
   run: (ctx) => egressBenchmarks(ctx),
 };
@@ -38,6 +41,9 @@ const NO_PROXY_ENV = ["env", "-u", "http_proxy", "-u", "HTTP_PROXY", "-u", "http
  * (`egress_transparent_mib_per_s`, no proxy variables), in turn on two VMs alive together, timed
  * by the guest's exec duration. Memory: the PSS of idle busybox VMs of one snapshot with egress off
  * and on (transparent, armed), all alive together so that the shared pages split evenly.
+ * Acquire: `pool.acquire()` of a restored, idle VM (the pool given time to restore between
+ * cycles) with network "none", in proxy mode and in transparent mode: what egress adds to a
+ * checkout (the host's proxy and DNS, the agent's listener and, transparent, its arming).
  */
 async function egressBenchmarks(ctx: BenchContext): Promise<void> {
   const { quick, record, recordValue, progress } = ctx;
@@ -177,9 +183,39 @@ async function egressBenchmarks(ctx: BenchContext): Promise<void> {
       await offPool.shutdown();
       await onPool.shutdown();
     }
+
+    // ---- acquire of an idle VM, egress off, proxy, transparent ----
+    const cycles = quick ? 4 : 12;
+    for (const [metric, network] of [
+      ["egress_acquire_none_ms", "none"],
+      ["egress_acquire_proxy_ms", proxyNet],
+      ["egress_acquire_transparent_ms", transparentNet],
+    ] as const) {
+      const p = await image.pool({ min: 2, max: 2, network });
+      try {
+        const times: number[] = [];
+        for (let i = 0; i < cycles + 2; i++) {
+          await idle(p, 2);
+          const t0 = performance.now();
+          const vm = await p.acquire();
+          times.push(performance.now() - t0);
+          await vm.release();
+        }
+        record(metric, times.slice(2));
+      } finally {
+        await p.shutdown();
+      }
+    }
   } finally {
     server.close();
   }
+}
+
+/** Waits (30 s at most) until `pool` has `n` VMs restored and idle, so an acquire takes one at once. */
+async function idle(pool: { stats(): { idle: number } }, n: number): Promise<void> {
+  const until = Date.now() + 30_000;
+  while (pool.stats().idle < n && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+  if (pool.stats().idle < n) throw new Error(`the pool has ${pool.stats().idle} idle VMs after 30 s, expected ${n}`);
 }
 
 /** On the host: connect to 127.0.0.1:port, send the GET, wait for the first bytes; milliseconds. */

@@ -20,7 +20,15 @@ const SERVE = ["tti_burst_ms", "tti_connect_ms", "tti_e2b_ms", "tti_inprocess_ms
 /** Added since: a fleet of nodes behind a front (issue 20). */
 const FLEET = ["cold_node_first_create_ms", "fleet_cache_pull_ms", "front_create_ms", "node_create_ms"];
 /** Added since: transparent egress beside the proxy (issue 21). */
-const EGRESS = ["egress_idle_pss_off_mib", "egress_idle_pss_on_mib", "egress_transparent_connect_ms", "egress_transparent_mib_per_s"];
+const EGRESS = [
+  "egress_acquire_none_ms",
+  "egress_acquire_proxy_ms",
+  "egress_acquire_transparent_ms",
+  "egress_idle_pss_off_mib",
+  "egress_idle_pss_on_mib",
+  "egress_transparent_connect_ms",
+  "egress_transparent_mib_per_s",
+];
 const METRICS = [...V010, ...WAN, ...SERVE, ...FLEET, ...EGRESS].sort();
 
 describe("bench harness", () => {
