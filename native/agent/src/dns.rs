@@ -5,7 +5,9 @@
 //! - allowed: A with the name's fake address (`fake_ip`), any other type NOERROR with no data
 //!   (IPv6 is not steered, so clients must use IPv4; no HTTPS/SVCB hint leaks a real address);
 //! - otherwise NXDOMAIN, REFUSED or SERVFAIL as the host says (SERVFAIL also when it does not
-//!   answer within 5 s). PTR for a fake address names its name without asking anyone.
+//!   answer within 5 s); a name the host says does not exist for the guest is NXDOMAIN to
+//!   address questions (A, AAAA) and REFUSED to every other type (MX, TXT, SRV...), which no
+//!   policy answers. PTR for a fake address names its name without asking anyone.
 //! Malformed datagrams are dropped. The responder's state (`DnsState`) does no I/O, so it is
 //! tested without sockets; `DnsServer` adds the socket.
 
@@ -128,8 +130,8 @@ fn answer_for(q: &Query, verdict: Verdict, fakes: &mut FakeIps) -> Answer {
     match verdict {
         Verdict::Allow if q.qtype == dns_wire::TYPE_A => Answer::A(fakes.assign(&q.name), ANSWER_TTL),
         Verdict::Allow => Answer::NoData,
-        Verdict::NxDomain => Answer::NxDomain,
-        Verdict::Refused => Answer::Refused,
+        Verdict::NxDomain if q.qtype == dns_wire::TYPE_A || q.qtype == dns_wire::TYPE_AAAA => Answer::NxDomain,
+        Verdict::NxDomain | Verdict::Refused => Answer::Refused,
         Verdict::ServFail => Answer::ServFail,
     }
 }
@@ -326,6 +328,11 @@ mod tests {
             assert!(matches!(s.query(client(&name, dns_wire::TYPE_A, 1), 1, &mut f, &mut ids), Step::Ask(..)));
         }
         assert_eq!(f.len(), 0, "no fake address for a refused name");
+        // A name that does not exist for the guest: NXDOMAIN to A and AAAA, REFUSED to other types.
+        let Step::Ask(id, _) = s.query(client("off.test", dns_wire::TYPE_AAAA, 1), 0, &mut f, &mut ids) else { panic!() };
+        assert_eq!(rcode(&s.answer(id, Some(ResolveAnswer { verdict: 1, ttl: 5 }), 0, &mut f)[0]), 3);
+        let Step::Reply(mx) = s.query(client("off.test", 15, 1), 1, &mut f, &mut ids) else { panic!("cached") };
+        assert_eq!(rcode(&mx), 5);
         let mut s = DnsState::default();
         let Step::Ask(id, _) = s.query(client("slow.test", dns_wire::TYPE_A, 1), 0, &mut f, &mut ids) else { panic!() };
         let (none, due) = s.expire(RESOLVE_TIMEOUT_NS - 1, &mut f);

@@ -9,7 +9,6 @@ use std::net::Ipv4Addr;
 
 pub const TYPE_A: u16 = 1;
 pub const TYPE_PTR: u16 = 12;
-#[cfg(test)]
 pub const TYPE_AAAA: u16 = 28;
 const CLASS_IN: u16 = 1;
 const HEADER: usize = 12;
