@@ -484,6 +484,10 @@ describe("egress rig: the host's lookups counted", () => {
       const evil = await direct(vm, ["nslookup", "evil.test", "8.8.8.8"]);
       expect(evil.exit).not.toBe(0);
       expect(evil.out + evil.err).toMatch(/NXDOMAIN/);
+      // Other question types about it are REFUSED.
+      const mx = await direct(vm, ["nslookup", "-type=mx", "evil.test", "8.8.8.8"]);
+      expect(mx.out + mx.err).toMatch(/REFUSED/);
+      expect(mx.out + mx.err).not.toMatch(/NXDOMAIN/);
       expect(egress.stats().dnsRefused).toBeGreaterThan(0);
       expect(lookups).not.toHaveBeenCalled();
       // The spy is the host's resolver: an allowed name is looked up through it.
