@@ -16,6 +16,7 @@ import { logger } from "../debug.js";
 import { EngineError } from "../errors.js";
 import { keepLog, logPathFor } from "../failure-logs.js";
 import { runtimeRoot } from "../paths.js";
+import { phaseSince, phasesOn, processCpuMs, reportPhase } from "../phases.js";
 import { hostDifferences, hostMismatch } from "../schema/host.js";
 import type { Accel } from "./accel.js";
 import { kernelCmdline, qemuArgs, type VmSpec } from "./argv.js";
@@ -244,6 +245,7 @@ export class PendingVm {
         });
       }
     });
+    phaseSince("engine.spawn", t0);
     return p;
   }
 
@@ -282,7 +284,11 @@ export class PendingVm {
       const agent = this.agent!;
       const qmp = this.qmp!;
       const mark = this.stderrComplaints;
-      if (this.spec.incomingState !== undefined) await race(restoreState(qmp, this.runDir, this.spec.incomingState, !this.spec.incomingHasRam));
+      if (this.spec.incomingState !== undefined) {
+        await race(restoreState(qmp, this.runDir, this.spec.incomingState, !this.spec.incomingHasRam));
+        phaseSince("engine.restore", t0);
+      }
+      const tHello = performance.now();
       // After a restore, HELLO also gives the clone the host's clock, fresh entropy and an
       // identity of its own, before anything else runs in it. A QEMU that complained about the
       // state it loaded (virtqueue indices that do not match the RAM) gives a guest that rarely
@@ -295,6 +301,11 @@ export class PendingVm {
         complaint?.cancel();
       }
       const { hello, id } = answered;
+      phaseSince("engine.hello", tHello);
+      if (phasesOn()) {
+        const cpu = processCpuMs(this.proc.pid);
+        if (cpu !== undefined) reportPhase("qemu.cpu_to_ready", cpu);
+      }
       // A boot is timed from the process spawn; a restore from the state load (the process may
       // have been waiting, pre-started).
       const bootMs = performance.now() - (this.spec.incomingState !== undefined ? t0 : this.t0);

@@ -10,6 +10,7 @@ import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import type { AgentClient, HelloInfo } from "../agent/client.js";
 import { logger } from "../debug.js";
+import { phaseSince, phasesOn, processCpuMs, reportPhase } from "../phases.js";
 import { EngineError } from "../errors.js";
 import type { SystemUser } from "../private.js";
 import { type Accel, chooseAccel, markKvmBroken } from "./accel.js";
@@ -241,7 +242,16 @@ export class MicroVm {
     this.stopping = true;
     // Whoever awaits the exit needs the event loop to stay up until it arrives.
     this.proc.ref();
-    if (!this.exitInfo) this.proc.kill("SIGKILL");
+    if (!this.exitInfo) {
+      let t0: number | undefined;
+      if (phasesOn()) {
+        const cpu = processCpuMs(this.proc.pid);
+        if (cpu !== undefined) reportPhase("qemu.cpu_life", cpu);
+        t0 = performance.now();
+      }
+      this.proc.kill("SIGKILL");
+      if (t0 !== undefined) void this.exited.then(() => phaseSince("engine.kill", t0));
+    }
     return this.exited;
   }
 }

@@ -10,6 +10,7 @@
 import { setMaxListeners } from "node:events";
 import { PoolError } from "../errors.js";
 import { logger } from "../debug.js";
+import { phaseSince } from "../phases.js";
 import { isRestoreFault, MicroVm, type VmSpec } from "../engine/qemu.js";
 import { startWorkload } from "../bake/workload.js";
 import type { ExecDefaults } from "../session/env.js";
@@ -259,6 +260,7 @@ export class Pool {
 
   private async onRelease(vm: Vm): Promise<void> {
     if (!this.inUse.delete(vm)) return;
+    const t0 = performance.now();
     const m = vm.machine;
     if (this.closed || this.retiring || this.opts.restoreOnRelease || !m.alive || !(await this.killLeftovers(m))) {
       this.stopping++;
@@ -270,6 +272,7 @@ export class Pool {
     } else {
       this.idle.push({ machine: m, since: Date.now() });
     }
+    phaseSince("pool.release", t0);
     this.pump();
   }
 
@@ -465,8 +468,10 @@ export class Pool {
   private async bootOne(): Promise<void> {
     this.booting++;
     let machine: MicroVm;
+    const t0 = performance.now();
     try {
       machine = await this.launchOne();
+      phaseSince("pool.launch", t0);
     } catch (err) {
       this.booting--;
       this.lastBootError = err as Error;
