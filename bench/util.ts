@@ -15,6 +15,38 @@ export function memoryOf(pid: number): { rss: number; pss: number } {
   return { rss: kb("Rss") / 1024, pss: kb("Pss") / 1024 };
 }
 
+/** Where a process's memory goes (PSS, MiB), from /proc/<pid>/smaps. */
+export interface MemoryBreakdown {
+  /** The guest's RAM: file-backed mappings of 64 MiB or more (the snapshot's RAM file). */
+  guestRam: number;
+  /** Anonymous memory: TCG's translation buffer, QEMU's heap and stacks, private copies of RAM pages. */
+  anonymous: number;
+  /** The QEMU binary. */
+  binary: number;
+  /** Shared libraries. */
+  libraries: number;
+  /** Any other file mapping. */
+  other: number;
+}
+
+export function memoryBreakdown(pid: number): MemoryBreakdown {
+  const text = readFileSync(`/proc/${pid}/smaps`, "utf8");
+  const out: MemoryBreakdown = { guestRam: 0, anonymous: 0, binary: 0, libraries: 0, other: 0 };
+  let kind: keyof MemoryBreakdown = "anonymous";
+  for (const line of text.split("\n")) {
+    const head = /^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)$/.exec(line);
+    if (head) {
+      const path = head[3]!;
+      const size = parseInt(head[2]!, 16) - parseInt(head[1]!, 16);
+      kind = !path.startsWith("/") ? "anonymous" : /qemu-system/.test(path) ? "binary" : /\.so(\.|$)/.test(path) ? "libraries" : size >= 64 * MiB ? "guestRam" : "other";
+      continue;
+    }
+    const pss = /^Pss:\s+(\d+) kB/.exec(line);
+    if (pss) out[kind] += Number(pss[1]) / 1024;
+  }
+  return out;
+}
+
 /** Runs a shell command in the guest for a benchmark's set-up; a failure ends that benchmark. */
 export async function guestSetup(v: Vm, script: string): Promise<void> {
   const r = await v.exec({ argv: ["sh", "-c", script], timeoutMs: 120_000 });
