@@ -246,6 +246,10 @@ export class PendingVm {
       }
     });
     phaseSince("engine.spawn", t0);
+    if (phasesOn()) {
+      const cpu = processCpuMs(proc.pid);
+      if (cpu !== undefined) reportPhase("qemu.cpu_at_spawn", cpu);
+    }
     return p;
   }
 
