@@ -345,15 +345,7 @@ mod tests {
             assert_ne!(port, 0, "the kernel picked a port");
             let dst: std::net::SocketAddr = "203.0.113.5:443".parse().unwrap();
             let client = std::net::TcpStream::connect_timeout(&dst, std::time::Duration::from_secs(2)).unwrap();
-            let mut got = None;
-            for _ in 0..500 {
-                got = p.accept(0, 0);
-                if got.is_some() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            let (_sock, peer, to) = got.expect("accepted");
+            let (_sock, peer, to) = accept_within(&mut p).expect("accepted");
             assert_eq!((peer, to), (client.local_addr().unwrap().port(), Some(dst)));
             assert!(p.stop(0));
             let e = std::net::TcpStream::connect_timeout(&dst, std::time::Duration::from_secs(2)).unwrap_err();
@@ -362,6 +354,17 @@ mod tests {
         if ran.is_none() {
             eprintln!("proxy: transparent test skipped, this process cannot create a network namespace (run as root)");
         }
+    }
+
+    /// Connection 0's next client, waiting up to 5 s for it to arrive.
+    fn accept_within(p: &mut Proxy) -> Option<(OwnedFd, u16, Option<SocketAddr>)> {
+        for _ in 0..500 {
+            if let Some(got) = p.accept(0, 0) {
+                return Some(got);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        None
     }
 
     #[test]
@@ -385,15 +388,7 @@ mod tests {
         // Accepts while under max_streams (1), not at it.
         p.update_interest(&epoll, 0, 0);
         let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let mut got = None;
-        for _ in 0..500 {
-            got = p.accept(0, 0);
-            if got.is_some() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let (_sock, peer, dst) = got.expect("accepted");
+        let (_sock, peer, dst) = accept_within(&mut p).expect("accepted");
         assert_eq!(dst, None, "proxy mode has no destination");
         assert_eq!(peer, client.local_addr().unwrap().port());
         let _second = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
