@@ -129,6 +129,7 @@ export class AgentClient extends AgentConnection {
     if (req.limits?.pidsMax) w.u32(Tag.exec.pidsMax, req.limits.pidsMax);
     if (req.limits?.memoryMaxBytes) w.u64(Tag.exec.memoryMax, req.limits.memoryMaxBytes);
     if (req.detach) w.u8(Tag.exec.detach, 1);
+    if (req.startedWithNext) w.u8(Tag.exec.startedWithNext, 1);
     return this.open((id) => new ExecStream(this, id, opts.autoGrant ?? true), Msg.EXEC, w.finish());
   }
 

@@ -40,6 +40,11 @@ export interface ExecRequest {
   limits?: { pidsMax?: number | undefined; memoryMaxBytes?: number | undefined };
   /** Processes it leaves running survive a kill of the attached leftovers (release). */
   detach?: boolean;
+  /**
+   * Nobody waits for STARTED (`vm.exec` collects the output and the exit): the agent sends it
+   * with the exec's next frame instead of on its own.
+   */
+  startedWithNext?: boolean;
 }
 
 export interface ExitInfo {

@@ -75,7 +75,7 @@ export const Tag = {
   hello: { versionMin: 1, versionMax: 2, hostTimeNs: 3, entropy: 4, vmId: 5 },
   helloOk: { version: 1, agentVersion: 2, uptimeMs: 3, features: 4, port: 5, vmId: 6, defaultPidsMax: 7, defaultMemoryMax: 8 },
   goaway: { code: 1, message: 2 },
-  exec: { argv: 1, env: 2, cwd: 3, timeoutMs: 4, uid: 5, gid: 6, stdin: 7, tty: 8, cols: 9, rows: 10, chain: 11, pidsMax: 12, memoryMax: 13, detach: 14 },
+  exec: { argv: 1, env: 2, cwd: 3, timeoutMs: 4, uid: 5, gid: 6, stdin: 7, tty: 8, cols: 9, rows: 10, chain: 11, pidsMax: 12, memoryMax: 13, detach: 14, startedWithNext: 15 },
   started: { pid: 1, execId: 2 },
   exit: { exitCode: 1, signal: 2, timedOut: 3, peakRssKib: 4, durationUs: 5, step: 6, oomKilled: 7, pidsLimited: 8 },
   signal: { signum: 1, group: 2 },

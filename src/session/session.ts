@@ -213,7 +213,7 @@ export class GuestSession extends GuestFs {
     const scope = callScope(what, o.timeoutMs + HOST_GRACE_MS, o.signal);
     try {
       const req = this.prepare(o, false, scope);
-      const stream = this.machine.agent.exec(req instanceof Promise ? await req : req);
+      const stream = this.machine.agent.exec({ ...(req instanceof Promise ? await req : req), startedWithNext: true });
       const untrack = this.track(stream, scope);
       const out: Buffer[] = [];
       const err: Buffer[] = [];

@@ -157,6 +157,39 @@ describe("exec on a busybox microVM", () => {
     const r = await vm.exec({ argv: ["date", "+%s"] });
     expect(Math.abs(Number(r.stdout.toString()) - Date.now() / 1000)).toBeLessThan(5);
   });
+
+  it("sends an exec's STARTED with its first output, and a spawn's at once (issue 22)", async () => {
+    // Frame arrival times on the host, by type, for one stream.
+    const agent = vm.machine.agent as unknown as { onFrame(f: { type: number; stream: number }): void };
+    const orig = agent.onFrame.bind(agent);
+    const arrivals: { type: number; at: number }[] = [];
+    agent.onFrame = (f) => {
+      arrivals.push({ type: f.type, at: performance.now() });
+      orig(f);
+    };
+    const STARTED = 0x11;
+    const DATA = 0x12;
+    try {
+      // vm.exec: nobody waits for STARTED, so it leaves with the output 300 ms later.
+      let t0 = performance.now();
+      const r = await vm.exec({ argv: ["sh", "-c", "sleep 0.3; echo late"] });
+      expect(r.stdout.toString()).toBe("late\n");
+      const started = arrivals.find((a) => a.type === STARTED)!;
+      const data = arrivals.find((a) => a.type === DATA)!;
+      expect(started.at - t0).toBeGreaterThan(250);
+      expect(arrivals.indexOf(started)).toBeLessThan(arrivals.indexOf(data));
+      expect(data.at - started.at).toBeLessThan(50);
+      // vm.spawn resolves on STARTED (with the pid): it comes long before the output.
+      t0 = performance.now();
+      const child = await vm.spawn({ argv: ["sh", "-c", "sleep 0.3; echo late"] });
+      const spawned = performance.now() - t0;
+      expect(child.pid).toBeGreaterThan(1);
+      expect(spawned).toBeLessThan(250);
+      await child.wait();
+    } finally {
+      agent.onFrame = orig;
+    }
+  });
 });
 
 describe("pools", () => {

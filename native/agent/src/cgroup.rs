@@ -26,7 +26,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::sys::{self, pid_t};
+use crate::sys::{self, pid_t, CgroupTarget};
 
 pub const ROOT: &str = "/sys/fs/cgroup";
 /// cpu.weight of the agent's group (the maximum; an exec's is the default 100).
@@ -124,6 +124,8 @@ pub struct Hierarchy {
     next_id: u32,
     next_slot: u32,
     free: Vec<ExecGroup>,
+    /// Empty groups of finished execs, not yet checked for reuse (`recycle_later`).
+    pending: Vec<ExecGroup>,
 }
 
 impl Hierarchy {
@@ -172,7 +174,7 @@ impl Hierarchy {
         let (total, defaults) = default_limits(mem, threads);
         write_file(&root.join("exec/memory.max"), &total.memory_max.to_string())?;
         write_file(&root.join("exec/pids.max"), &total.pids_max.to_string())?;
-        let mut h = Hierarchy { root, defaults, next_id: 1, next_slot: 1, free: Vec::new() };
+        let mut h = Hierarchy { root, defaults, next_id: 1, next_slot: 1, free: Vec::new(), pending: Vec::new() };
         // One idle group made at boot, so every snapshot holds it: the first exec of a restored
         // VM (and a layered child's warmup) reuses it instead of making one, which costs time
         // and memory pages the child snapshot would carry.
@@ -203,6 +205,7 @@ impl Hierarchy {
             memory_max: memory_max.unwrap_or(self.defaults.memory_max),
         };
         let id = self.take_id();
+        self.settle_pending();
         while let Some(mut g) = self.free.pop() {
             if g.set_limits(limits).is_ok() {
                 g.id = id;
@@ -234,9 +237,27 @@ impl Hierarchy {
     /// An exec is over and nothing runs in its group any more: keep the group for the next exec
     /// if little is charged to it and there is room, remove it otherwise.
     pub fn recycle(&mut self, mut g: ExecGroup) {
+        // What happened to its leftovers after the exec ended is not the next exec's.
+        g.outcome();
+        self.keep_or_discard(g);
+    }
+
+    /// As `recycle`, for a group whose outcome was read once it was empty; deferred until
+    /// `settle_pending` (after the loop has written the exec's reply, or before the next group
+    /// is handed out).
+    pub fn recycle_later(&mut self, g: ExecGroup) {
+        self.pending.push(g);
+    }
+
+    /// Reuses or removes the groups `recycle_later` was given.
+    pub fn settle_pending(&mut self) {
+        while let Some(g) = self.pending.pop() {
+            self.keep_or_discard(g);
+        }
+    }
+
+    fn keep_or_discard(&mut self, g: ExecGroup) {
         if self.free.len() < FREE_MAX && g.charged() <= REUSE_MAX_CHARGE {
-            // What happened to its leftovers after the exec ended is not the next exec's.
-            g.outcome();
             self.free.push(g);
         } else {
             g.discard();
@@ -276,6 +297,8 @@ pub struct ExecGroup {
     /// The id of the exec running in it now.
     pub id: u32,
     dir: PathBuf,
+    /// The directory, open (clone3's CLONE_INTO_CGROUP takes it).
+    dir_fd: File,
     procs: File,
     events: File,
     memory_events: File,
@@ -297,8 +320,13 @@ impl ExecGroup {
             let p = dir.join(name);
             step(|| format!("open {}", p.display()), if write { open_write(&p) } else { open_read(&p) })
         };
+        let dir_fd = step(
+            || format!("open {}", dir.display()),
+            OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC | libc::O_DIRECTORY).open(&dir),
+        )?;
         Ok(ExecGroup {
             id,
+            dir_fd,
             procs: open("cgroup.procs", true)?,
             events: open("cgroup.events", false)?,
             memory_events: open("memory.events", false)?,
@@ -322,9 +350,9 @@ impl ExecGroup {
         Ok(())
     }
 
-    /// For `sys::spawn`: the child writes itself into this.
-    pub fn procs_fd(&self) -> RawFd {
-        self.procs.as_raw_fd()
+    /// For `sys::spawn`: the child is created in the group (or writes itself into it).
+    pub fn target(&self) -> CgroupTarget {
+        CgroupTarget { dir: Some(self.dir_fd.as_raw_fd()), procs: self.procs.as_raw_fd() }
     }
 
     /// `cgroup.events`, whose readiness (EPOLLPRI) signals a change of `populated`.

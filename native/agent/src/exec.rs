@@ -4,10 +4,11 @@ use std::ffi::{CStr, CString, OsStr};
 use std::fmt;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use crate::sys::{self, pid_t, SpawnSpec, SpawnStage};
+use crate::sys::{self, pid_t, CgroupTarget, SpawnSpec, SpawnStage};
 
 const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -49,7 +50,8 @@ impl fmt::Display for ExecError {
 
 /// A validated command, ready to be spawned (possibly many times).
 pub struct Prepared {
-    pub path: CString,
+    /// Where to look for the program, in order (`candidates`).
+    pub paths: Vec<CString>,
     pub argv: Vec<CString>,
     pub env: Vec<CString>,
     pub cwd: Option<CString>,
@@ -68,73 +70,52 @@ fn cstrings(items: &[Vec<u8>], what: &str) -> Result<Vec<CString>, ExecError> {
 }
 
 /// Some(true): executable regular file; Some(false): regular file without x bits; None: other.
-fn is_executable_file(p: &Path) -> Option<bool> {
-    let m = std::fs::metadata(p).ok().filter(|m| m.is_file())?;
-    Some(m.permissions().mode() & 0o111 != 0)
-}
-
-/// Looks `argv0` up like a shell: names with '/' are taken as paths (relative ones against
-/// `cwd`), others are searched in `PATH` (executable regular files only).
-pub fn resolve(argv0: &[u8], path_var: Option<&[u8]>, cwd: &Path) -> Result<PathBuf, ExecError> {
-    let name = show(argv0);
-    let not_found = || ExecError::NotFound(format!("supermachine: {name}: command not found\n"));
+/// Where the child looks for `argv0`, in order: `argv0` itself when it holds a slash (relative
+/// to the exec's cwd), else each PATH entry joined with it (an empty entry is the cwd). The
+/// child tries them with execve as execvp does: a missing file or one it may not run (a
+/// directory, no x bit) moves on to the next.
+pub fn candidates(argv0: &[u8], path_var: Option<&[u8]>) -> Vec<PathBuf> {
     if argv0.contains(&b'/') {
-        let p = Path::new(OsStr::from_bytes(argv0));
-        return match std::fs::metadata(cwd.join(p)) {
-            Ok(_) => Ok(p.to_path_buf()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(not_found()),
-            Err(e) => Err(ExecError::CannotStart(format!("supermachine: {name}: {}\n", sys::io_text(&e)), e.raw_os_error())),
-        };
+        return vec![PathBuf::from(OsStr::from_bytes(argv0))];
     }
-    let mut denied = false;
-    for dir in path_var.unwrap_or(DEFAULT_PATH).split(|&c| c == b':') {
-        let dir = if dir.is_empty() { Path::new(".") } else { Path::new(OsStr::from_bytes(dir)) };
-        let candidate = dir.join(OsStr::from_bytes(argv0));
-        match is_executable_file(&cwd.join(&candidate)) {
-            Some(true) => return Ok(candidate),
-            Some(false) => denied = true,
-            None => {}
-        }
-    }
-    if denied {
-        Err(ExecError::CannotStart(format!("supermachine: {name}: Permission denied\n"), Some(libc::EACCES)))
-    } else {
-        Err(not_found())
-    }
+    path_var
+        .unwrap_or(DEFAULT_PATH)
+        .split(|&c| c == b':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { Path::new(".") } else { Path::new(OsStr::from_bytes(dir)) };
+            dir.join(OsStr::from_bytes(argv0))
+        })
+        .collect()
 }
 
-/// Validates a request and resolves its program.
+/// Converts a request into what `start` needs. The file system is not checked beyond where a
+/// PATH search starts: a missing command, a cwd that is not a directory and the like are
+/// reported by the child's failed step (`start`), with the same messages.
 pub fn prepare(argv: &[Vec<u8>], env: &[Vec<u8>], cwd: Option<&[u8]>, uid: u32, gid: u32) -> Result<Prepared, ExecError> {
     let cargv = cstrings(argv, "argv")?;
     let cenv = cstrings(env, "env")?;
     let ccwd = cwd.map(|c| CString::new(c).map_err(|_| ExecError::BadRequest("cwd contains a NUL byte".into()))).transpose()?;
-    let cwd_path = Path::new(OsStr::from_bytes(cwd.unwrap_or(b"/")));
-    // Checked up front for a clear message (the spawn reports a failed chdir as a bare errno).
-    // The default "/" needs no check: one syscall less on the hot path.
-    match cwd.map(|_| std::fs::metadata(cwd_path)) {
-        None => {}
-        Some(Ok(m)) if m.is_dir() => {}
-        Some(Ok(_)) => {
-            return Err(ExecError::CannotStart(
-                format!("supermachine: cannot change directory to {}: Not a directory\n", cwd_path.display()),
-                Some(libc::ENOTDIR),
-            ))
-        }
-        Some(Err(e)) => {
-            return Err(ExecError::CannotStart(
-                format!("supermachine: cannot change directory to {}: {}\n", cwd_path.display(), sys::io_text(&e)),
-                e.raw_os_error(),
-            ))
-        }
-    }
+    let argv0 = argv.first().ok_or_else(|| ExecError::BadRequest("argv is empty".into()))?;
     let path_var = env.iter().find_map(|kv| kv.strip_prefix(b"PATH="));
-    let path = resolve(&argv[0], path_var, cwd_path)?;
-    let path = CString::new(path.as_os_str().as_bytes()).map_err(|_| ExecError::BadRequest("bad path".into()))?;
-    let creds = if uid == sys::geteuid() && gid == sys::getegid() { None } else { Some((uid, gid)) };
-    Ok(Prepared { path, argv: cargv, env: cenv, cwd: ccwd, creds })
+    let mut paths = candidates(argv0, path_var)
+        .into_iter()
+        .map(|p| CString::new(p.into_os_string().into_vec()).map_err(|_| ExecError::BadRequest("argv[0] contains a NUL byte".into())))
+        .collect::<Result<Vec<_>, _>>()?;
+    // A failed execve costs far more than a failed lookup (a few hundred microseconds under
+    // emulation against tens), so the child starts at the first candidate that exists; it
+    // still moves on if that one cannot run. Relative entries are left to the child (its cwd).
+    if paths.len() > 1 {
+        // None there: the last alone, whose ENOENT the child reports as "command not found".
+        let first = paths.iter().position(|p| !p.as_bytes().starts_with(b"/") || sys::exists(p)).unwrap_or(paths.len() - 1);
+        paths.drain(..first);
+    }
+    // The agent's ids never change: asked once, not for every exec.
+    static OWN_IDS: OnceLock<(u32, u32)> = OnceLock::new();
+    let own = *OWN_IDS.get_or_init(|| (sys::geteuid(), sys::getegid()));
+    let creds = if (uid, gid) == own { None } else { Some((uid, gid)) };
+    Ok(Prepared { paths, argv: cargv, env: cenv, cwd: ccwd, creds })
 }
 
-/// Checks that an argv that will be prepared later (a chain) can be: no NUL bytes.
 pub fn check_argv(argv: &[Vec<u8>]) -> Result<(), ExecError> {
     cstrings(argv, "chain").map(|_| ())
 }
@@ -142,18 +123,17 @@ pub fn check_argv(argv: &[Vec<u8>]) -> Result<(), ExecError> {
 impl Prepared {
     /// Starts the program in a new session with the given descriptors as its stdio; with
     /// `ctty` (the path of the terminal in `stdio`) that terminal becomes its controlling one.
-    /// With `cgroup_procs` (a cgroup's `cgroup.procs`, open for writing) it joins that cgroup
-    /// before it execs.
-    pub fn start(&self, stdio: [RawFd; 3], ctty: Option<&CStr>, cgroup_procs: Option<RawFd>) -> Result<pid_t, ExecError> {
+    /// With `cgroup` it starts in that cgroup.
+    pub fn start(&self, stdio: [RawFd; 3], ctty: Option<&CStr>, cgroup: Option<CgroupTarget>) -> Result<pid_t, ExecError> {
         let spec = SpawnSpec {
-            path: &self.path,
+            paths: &self.paths,
             argv: &self.argv,
             env: &self.env,
             cwd: self.cwd.as_deref(),
             stdio,
             creds: self.creds,
             ctty,
-            cgroup_procs,
+            cgroup,
         };
         sys::spawn(&spec).map_err(|e| {
             let text = sys::errno_text(e.errno);
@@ -169,6 +149,9 @@ impl Prepared {
                 SpawnStage::Cgroup => {
                     format!("supermachine: {}: cannot join the exec's cgroup: {text}\n", show(self.argv[0].as_bytes()))
                 }
+                SpawnStage::Exec if e.errno == libc::ENOENT => {
+                    return ExecError::NotFound(format!("supermachine: {}: command not found\n", show(self.argv[0].as_bytes())))
+                }
                 SpawnStage::Setup | SpawnStage::Exec => {
                     format!("supermachine: {}: {text}\n", show(self.argv[0].as_bytes()))
                 }
@@ -181,22 +164,68 @@ impl Prepared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn resolves_through_path() {
-        let p = resolve(b"sh", Some(b"/nonexistent:/bin:/usr/bin"), Path::new("/")).unwrap();
-        assert!(p.ends_with("sh"));
-        assert!(matches!(resolve(b"no-such-cmd-xyz", Some(b"/bin"), Path::new("/")), Err(ExecError::NotFound(_))));
-        assert!(matches!(resolve(b"/no/such", None, Path::new("/")), Err(ExecError::NotFound(_))));
-        // A directory on PATH with the name is not a match.
-        assert!(matches!(resolve(b"bin", Some(b"/"), Path::new("/")), Err(ExecError::NotFound(_))));
+    fn candidates_follow_path() {
+        let c = candidates(b"sh", Some(b"/nonexistent::/bin"));
+        assert_eq!(c, vec![PathBuf::from("/nonexistent/sh"), PathBuf::from("./sh"), PathBuf::from("/bin/sh")]);
+        assert_eq!(candidates(b"./x", Some(b"/bin")), vec![PathBuf::from("./x")]);
+        assert_eq!(candidates(b"ls", None).len(), 6);
+    }
+
+    /// Starts `argv` with `env` in `cwd` and returns its exit code, or the error.
+    fn run(argv: &[&str], env: &[&str], cwd: Option<&str>) -> Result<i32, ExecError> {
+        let argv: Vec<Vec<u8>> = argv.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let env: Vec<Vec<u8>> = env.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let p = prepare(&argv, &env, cwd.map(str::as_bytes), sys::geteuid(), sys::getegid())?;
+        let null = fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&null);
+        let pid = p.start([fd, fd, fd], None, None)?;
+        Ok(libc::WEXITSTATUS(sys::reap_blocking(pid)))
     }
 
     #[test]
-    fn not_found_message_matches_spec() {
-        match resolve(b"nope-nope", Some(b"/bin"), Path::new("/")) {
-            Err(ExecError::NotFound(m)) => assert_eq!(m, "supermachine: nope-nope: command not found\n"),
-            _ => panic!(),
+    fn the_child_searches_path_as_execvp_does() {
+        let dir = std::env::temp_dir().join(format!("sm-exec-path-{}", std::process::id()));
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        fs::create_dir_all(&a).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        fs::create_dir_all(a.join("adir")).unwrap();
+        fs::write(a.join("cmd"), "#!/bin/sh\nexit 3\n").unwrap(); // not executable
+        fs::write(b.join("cmd"), "#!/bin/sh\nexit 5\n").unwrap();
+        fs::set_permissions(b.join("cmd"), fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!("PATH=/nonexistent:{}:{}", a.display(), b.display());
+        // The first one that runs wins; one without the x bit is passed over.
+        assert_eq!(run(&["cmd"], &[&path], None), Ok(5));
+        // Only a file it may not run: Permission denied (126).
+        let only_a = format!("PATH={}", a.display());
+        match run(&["cmd"], &[&only_a], None) {
+            Err(ExecError::CannotStart(m, Some(libc::EACCES))) => assert_eq!(m, "supermachine: cmd: Permission denied\n"),
+            other => panic!("{other:?}"),
         }
+        // Nothing, or only a directory of that name: command not found (127).
+        for argv0 in ["no-such-cmd-xyz", "adir"] {
+            match run(&[argv0], &[&only_a], None) {
+                Err(e @ ExecError::NotFound(_)) => {
+                    assert_eq!(e.message(), format!("supermachine: {argv0}: command not found\n"));
+                    assert_eq!(e.exit_code(), Some(127));
+                }
+                other => panic!("{argv0}: {other:?}"),
+            }
+        }
+        assert!(matches!(run(&["/no/such"], &[], None), Err(ExecError::NotFound(_))));
+        // A path with a slash is relative to the cwd.
+        assert_eq!(run(&["./cmd"], &[], Some(b.to_str().unwrap())), Ok(5));
+        // A cwd that is not a directory is the child's failed step, with its own message.
+        let file_cwd = b.join("cmd");
+        match run(&["/bin/true"], &[], Some(file_cwd.to_str().unwrap())) {
+            Err(ExecError::CannotStart(m, Some(libc::ENOTDIR))) => {
+                assert_eq!(m, format!("supermachine: cannot change directory to {}: Not a directory\n", file_cwd.display()))
+            }
+            other => panic!("{other:?}"),
+        }
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

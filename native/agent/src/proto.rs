@@ -321,6 +321,8 @@ pub struct Exec {
     pub memory_max: Option<u64>,
     /// Processes it leaves running survive a KILL_BACKGROUND that does not name it.
     pub detach: bool,
+    /// The host does not wait for STARTED: it leaves with the exec's next frame.
+    pub started_with_next: bool,
 }
 
 impl Default for Exec {
@@ -340,6 +342,7 @@ impl Default for Exec {
             pids_max: None,
             memory_max: None,
             detach: false,
+            started_with_next: false,
         }
     }
 }
@@ -373,6 +376,7 @@ impl Exec {
                 12 => e.pids_max = Some(f.u32()? as u64).filter(|&n| n > 0),
                 13 => e.memory_max = Some(f.u64()?).filter(|&n| n > 0),
                 14 => e.detach = flag(&f, "detach must be 0 or 1")?,
+                15 => e.started_with_next = flag(&f, "started_with_next must be 0 or 1")?,
                 _ => {}
             }
         }
@@ -954,6 +958,7 @@ mod tests {
         // 0 (or absent) is the default.
         let e = Exec::parse(&FieldWriter::new().bytes(1, b"sh").u32(12, 0).u64(13, 0).finish()).unwrap();
         assert_eq!((e.pids_max, e.memory_max, e.detach), (None, None, false));
+        assert!(!e.started_with_next);
         assert!(Exec::parse(&FieldWriter::new().bytes(1, b"sh").u8(14, 2).finish()).is_err());
         assert!(Exec::parse(&FieldWriter::new().bytes(1, b"sh").u64(12, 1).finish()).is_err());
         assert_eq!(parse_kill_background(&[]), Ok(KillTarget::Attached));

@@ -113,6 +113,10 @@ impl Server {
                     wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
                 }
             }
+            // Replies are written: now the work they did not wait for.
+            if let Some(h) = self.sh.procs.cgroups.as_mut() {
+                h.settle_pending();
+            }
             self.timer.set(self.sh.procs.next_deadline().unwrap_or(0));
             let busy = self.conns.iter().flatten().any(Conn::busy);
             let timeout_ms = match wake_at {

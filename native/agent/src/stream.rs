@@ -31,6 +31,8 @@ const LAZY_FLUSH_NS: u64 = 2_000_000;
 pub struct Output {
     buf: Vec<u8>,
     pos: usize,
+    /// Frames that leave only with the next frame sent (`hold`).
+    held: Vec<u8>,
     /// Set while everything queued is lazy: the monotonic time by which it must be written.
     pub lazy_deadline: Option<u64>,
     /// False while there is nobody to send to (disconnected, or after GOAWAY): frames are dropped.
@@ -39,11 +41,12 @@ pub struct Output {
 
 impl Output {
     pub fn new() -> Output {
-        Output { buf: Vec::new(), pos: 0, lazy_deadline: None, open: false }
+        Output { buf: Vec::new(), pos: 0, held: Vec::new(), lazy_deadline: None, open: false }
     }
 
     pub fn clear(&mut self) {
         self.buf.clear();
+        self.held.clear();
         self.pos = 0;
         self.lazy_deadline = None;
     }
@@ -57,7 +60,19 @@ impl Output {
             return;
         }
         self.lazy_deadline = None;
+        if !self.held.is_empty() {
+            self.buf.append(&mut self.held);
+        }
         proto::encode_frame(&mut self.buf, ty, flags, stream, payload);
+    }
+
+    /// Queues a frame that nobody waits for, to leave with the next frame sent (on any stream),
+    /// however late: an exec's STARTED when the host collects its output and exit anyway. It
+    /// then costs no write, no trip through the virtio port and no wake-up of its own.
+    pub fn hold(&mut self, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+        if self.open {
+            proto::encode_frame(&mut self.held, ty, flags, stream, payload);
+        }
     }
 
     /// Queues a frame that may wait up to LAZY_FLUSH_NS for company.
@@ -89,6 +104,10 @@ impl Output {
             // Nobody to send to: the bytes would be dropped, so leave them where they are.
             return Err(io::Error::from(io::ErrorKind::WouldBlock));
         }
+        // Held frames go first (a STARTED before its stream's first DATA), read or not.
+        if !self.held.is_empty() {
+            self.buf.append(&mut self.held);
+        }
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; proto::HEADER_LEN]);
         match sys::read_append(fd, &mut self.buf, max) {
@@ -115,7 +134,10 @@ impl Output {
             }
         }
         if self.pos == self.buf.len() {
-            self.clear();
+            // Written out; held frames wait on.
+            self.buf.clear();
+            self.pos = 0;
+            self.lazy_deadline = None;
             return Ok(true);
         }
         if self.pos >= OUT_LOW {
@@ -157,6 +179,16 @@ impl Procs {
     pub fn settle_exec(&mut self, epoll: &Epoll, group: ExecGroup, argv: Vec<Vec<u8>>, detach: bool, killed: bool) {
         let idle = if group.populated() { self.background.adopt(epoll, group, argv, detach, killed) } else { Some(group) };
         self.recycle(idle);
+    }
+
+    /// An exec is over and its group was found empty after its outcome was read (the exec's
+    /// reply does not wait for what follows): it is reused or removed once the reply is written
+    /// (`Hierarchy::settle_pending`).
+    pub fn settle_empty_exec(&mut self, group: ExecGroup) {
+        match self.cgroups.as_mut() {
+            Some(h) => h.recycle_later(group),
+            None => group.discard(),
+        }
     }
 
     /// A leftover's `cgroup.events` changed.
@@ -255,6 +287,10 @@ impl Ctx<'_> {
 
     pub fn send_lazy(&mut self, ty: u8, flags: u8, payload: &[u8]) {
         self.out.send_lazy(ty, flags, self.id, payload);
+    }
+
+    pub fn hold(&mut self, ty: u8, flags: u8, payload: &[u8]) {
+        self.out.hold(ty, flags, self.id, payload);
     }
 
     pub fn window(&mut self, channel: u8, inc: u64) {
@@ -384,4 +420,54 @@ pub trait Stream {
     }
     /// The terminal message has been sent.
     fn done(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// The frame types in `out`'s queue, in order.
+    fn queued(out: &Output) -> Vec<(u8, u32)> {
+        let mut types = Vec::new();
+        let mut rest = &out.buf[out.pos..];
+        while let Ok(Some((h, total))) = proto::decode_frame(rest) {
+            types.push((h.ty, h.stream));
+            rest = &rest[total..];
+        }
+        types
+    }
+
+    #[test]
+    fn a_held_frame_leaves_with_the_next_one_and_before_it() {
+        let mut out = Output::new();
+        out.open = true;
+        out.hold(proto::STARTED, 0, 7, &[]);
+        // Held alone: nothing to write, and no deadline that would force a write.
+        assert_eq!(out.pending(), 0);
+        assert_eq!(out.lazy_deadline, None);
+        // A DATA read straight from a pipe comes after it.
+        let (r, w) = sys::pipe().unwrap();
+        sys::write(w.as_raw_fd(), b"hi\n").unwrap();
+        assert_eq!(out.read_data(7, proto::STDOUT, r.as_raw_fd(), 100).unwrap(), 3);
+        assert_eq!(queued(&out), vec![(proto::STARTED, 7), (proto::DATA, 7)]);
+        // And before any frame sent, on any stream.
+        out.hold(proto::STARTED, 0, 9, &[]);
+        out.send(proto::EXIT, 0, 8, &[]);
+        assert_eq!(queued(&out), vec![(proto::STARTED, 7), (proto::DATA, 7), (proto::STARTED, 9), (proto::EXIT, 8)]);
+        // Writing out what is queued leaves a held frame held.
+        out.hold(proto::STARTED, 0, 5, &[]);
+        let (r2, w2) = sys::pipe().unwrap();
+        assert!(out.write_to(w2.as_raw_fd()).unwrap());
+        drop(r2);
+        out.send(proto::EXIT, 0, 5, &[]);
+        assert_eq!(queued(&out), vec![(proto::STARTED, 5), (proto::EXIT, 5)]);
+        // Nobody to send to: dropped.
+        out.clear();
+        out.open = false;
+        out.hold(proto::STARTED, 0, 1, &[]);
+        out.open = true;
+        out.send(proto::EXIT, 0, 1, &[]);
+        assert_eq!(queued(&out), vec![(proto::EXIT, 1)]);
+    }
 }

@@ -115,7 +115,7 @@ pub fn open(cx: &mut Ctx, payload: &[u8]) -> Option<Box<dyn Stream>> {
     };
     let start_ns = sys::monotonic_ns();
     let (stdio, ctty) = io.child_stdio(cx.devnull());
-    let pid = match prepared.start(stdio, ctty, group.as_ref().map(ExecGroup::procs_fd)) {
+    let pid = match prepared.start(stdio, ctty, group.as_ref().map(ExecGroup::target)) {
         Ok(pid) => pid,
         Err(e) => {
             if let Some(g) = group {
@@ -128,7 +128,12 @@ pub fn open(cx: &mut Ctx, payload: &[u8]) -> Option<Box<dyn Stream>> {
     if !keep_child_ends {
         io.release_child_ends();
     }
-    cx.send_lazy(proto::STARTED, 0, &proto::started(pid as u32, group.as_ref().map(|g| g.id)));
+    let started = proto::started(pid as u32, group.as_ref().map(|g| g.id));
+    if req.started_with_next {
+        cx.hold(proto::STARTED, 0, &started);
+    } else {
+        cx.send_lazy(proto::STARTED, 0, &started);
+    }
     cx.watch_child(pid);
     let deadline = if req.timeout_ms > 0 { start_ns.saturating_add(req.timeout_ms.saturating_mul(1_000_000)) } else { 0 };
     cx.set_deadline(deadline);
@@ -160,7 +165,7 @@ impl ExecStream {
     fn start_chain(&mut self, cx: &mut Ctx, chain: Chain) -> Result<pid_t, ExecError> {
         let prepared = exec::prepare(&chain.argv, &chain.env, chain.cwd.as_deref(), chain.uid, chain.gid)?;
         let (stdio, ctty) = self.io.child_stdio(cx.devnull());
-        prepared.start(stdio, ctty, self.group.as_ref().map(ExecGroup::procs_fd))
+        prepared.start(stdio, ctty, self.group.as_ref().map(ExecGroup::target))
     }
 
     /// Nothing more will run: forward what is left, then EOFs and EXIT. The cgroup goes to the
@@ -168,6 +173,9 @@ impl ExecStream {
     fn conclude(&mut self, cx: &mut Ctx, exit_code: i32, signal: u32, trailer: &[u8]) {
         cx.clear_deadline(self.deadline);
         self.chain = None;
+        // Whether anything of the exec still runs, read before its outcome: an empty group's
+        // counts are final, so it needs no second reading when it is reused.
+        let populated = self.group.as_ref().is_some_and(ExecGroup::populated);
         let (oom_killed, pids_limited) = self.group.as_mut().map_or((false, false), ExecGroup::outcome);
         self.exit = Some(ExitInfo {
             exit_code,
@@ -179,7 +187,11 @@ impl ExecStream {
             oom_killed,
             pids_limited,
         });
-        self.settle_group(cx);
+        if populated {
+            self.settle_group(cx);
+        } else if let Some(g) = self.group.take() {
+            cx.procs.settle_empty_exec(g);
+        }
         self.io.release_child_ends();
         self.io.finish(cx, self.cancelled, trailer);
         self.maybe_end(cx);

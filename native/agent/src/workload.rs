@@ -70,7 +70,8 @@ impl Workload {
             ExecError::NotFound(m) => WorkloadError::NotFound(m),
             ExecError::CannotStart(m, errno) => WorkloadError::Io(m, errno),
         })?;
-        let pid = prepared.start([devnull, 1, 2], None, cgroup_procs).map_err(|e| match e {
+        let cgroup = cgroup_procs.map(|procs| sys::CgroupTarget { dir: None, procs });
+        let pid = prepared.start([devnull, 1, 2], None, cgroup).map_err(|e| match e {
             ExecError::CannotStart(m, errno) => WorkloadError::Io(m, errno),
             other => WorkloadError::Io(other.to_string(), None),
         })?;

@@ -80,3 +80,9 @@ pub fn open_rw_nonblock(path: &CStr) -> io::Result<OwnedFd> {
     })?;
     Ok(owned(fd))
 }
+
+/// Whether something exists at `path` (access F_OK: a path walk, nothing read).
+pub fn exists(path: &std::ffi::CStr) -> bool {
+    // SAFETY: `path` is a valid C string.
+    unsafe { libc::access(path.as_ptr(), libc::F_OK) == 0 }
+}

@@ -117,13 +117,14 @@ pub fn reap_any() -> Option<Reaped> {
     }
 }
 
-pub(crate) fn reap_blocking(pid: pid_t) {
+/// Waits for the child `pid` and returns its wait status (0 if it could not be waited for).
+pub(crate) fn reap_blocking(pid: pid_t) -> libc::c_int {
     let mut status = 0;
     loop {
         // SAFETY: status is a valid out-pointer.
         let r = unsafe { libc::waitpid(pid, &mut status, 0) };
         if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return;
+            return status;
         }
     }
 }
