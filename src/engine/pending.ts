@@ -319,6 +319,19 @@ export class PendingVm {
 
 
   /**
+   * @internal Loads the snapshot's state and lets the guest run, without a word to its agent
+   * (no HELLO, no exec): QEMU restored as it would be by hand, with the same arguments. The
+   * density benchmark's peer (`plain_qemu_idle_pss_mib`); `kill()` ends it.
+   */
+  async loadOnly(): Promise<void> {
+    if (this.used) throw new EngineError("ENGINE_PENDING_USED", "this pre-started VM was already started");
+    if (this.spec.incomingState === undefined) throw new EngineError("ENGINE_PRESTART_NEEDS_STATE", "loadOnly needs a snapshot's state (VmSpec.incomingState)");
+    this.used = true;
+    this.loading = true;
+    await this.guard(this.spec.bootTimeoutMs ?? 60_000, (race) => race(restoreState(this.qmp!, this.runDir, this.spec.incomingState!, !this.spec.incomingHasRam)));
+  }
+
+  /**
    * Rejects COMPLAINT_GRACE_MS after QEMU first writes an error to stderr past `mark` (while a
    * restored guest is awaited): QEMU reports no error on a sound restore.
    */

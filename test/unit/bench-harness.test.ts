@@ -30,7 +30,7 @@ const EGRESS = [
   "egress_transparent_mib_per_s",
 ];
 /** Added since: where a pool cycle's time goes (issue 22). */
-const CYCLES = ["cycle_host_cpu_ms", "cycle_qemu_cpu_ms", "idle_vm_anon_pss_mib", "idle_vm_guest_ram_pss_mib"];
+const CYCLES = ["cycle_host_cpu_ms", "cycle_qemu_cpu_ms", "idle_vm_anon_pss_mib", "idle_vm_guest_ram_pss_mib", "idle_vms_per_gib", "plain_qemu_anon_pss_mib", "plain_qemu_idle_pss_mib"];
 const METRICS = [...V010, ...WAN, ...SERVE, ...FLEET, ...EGRESS, ...CYCLES].sort();
 
 describe("bench harness", () => {
