@@ -18,14 +18,13 @@ import { serveGroup } from "./serve.js";
 import { staleLockGroup } from "./stale-lock.js";
 import { streamsGroup } from "./streams.js";
 import { tcpGroup } from "./tcp.js";
-import { bootGroup, execGroup, memoryGroup, spawnFloorGroup } from "./vm.js";
+import { bootGroup, execGroup, memoryGroup } from "./vm.js";
 import { watchGroup } from "./watch.js";
 import type { BenchGroup } from "../harness.js";
 
 /** In the order they run: the groups that share one VM come first (the streaming ones after the memory figures, each cleaning up after itself). */
 export const GROUPS: readonly BenchGroup[] = [
   bootGroup,
-  spawnFloorGroup,
   execGroup,
   memoryGroup,
   streamsGroup,
