@@ -156,7 +156,12 @@ class ChunkWorker {
   private settle(): void {
     if (this.jobs.size > 0) return;
     this.worker.unref();
-    this.idle = setTimeout(() => void this.worker.terminate(), IDLE_MS);
+    this.idle = setTimeout(() => {
+      // Out of the pool before it goes: a job handed to it between terminate() and its exit
+      // would fail with "exited (code 1)".
+      this.onGone(this);
+      void this.worker.terminate();
+    }, IDLE_MS);
     this.idle.unref();
   }
 }

@@ -2,8 +2,8 @@
 // stay content-addressed), checksums are checked on both sides, and a hostile frame (garbage, or
 // one that decompresses to more than its chunk) is refused without allocating beyond the length.
 import { createHash, randomBytes } from "node:crypto";
-import { describe, expect, it } from "vitest";
-import { INLINE_BYTES, packChunks, unpackChunks, type BatchChunk } from "../../src/transfer/workers.js";
+import { describe, expect, it, vi } from "vitest";
+import { INLINE_BYTES, packChunks, sha256Of, unpackChunks, type BatchChunk } from "../../src/transfer/workers.js";
 import { compress, decompressBounded } from "../../src/transfer/zstd.js";
 
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
@@ -59,5 +59,19 @@ describe("transfer workers", () => {
     const garbage = Buffer.from(r.frames);
     garbage.fill(0x41, frames[3]!.at, frames[3]!.at + 16);
     expect(await unpackChunks(garbage, frames, inline)).toMatchObject({ ok: false, index: 3, why: "corrupt" });
+  });
+  it("hands no job to a worker that its idle timer is ending (it would fail with exit code 1)", async () => {
+    const big = randomBytes(INLINE_BYTES * 2);
+    vi.useFakeTimers({ toFake: ["setTimeout", "clearTimeout"] });
+    try {
+      // Every worker of the pool runs a job, goes idle, and its idle timer fires...
+      await Promise.all(Array.from({ length: 4 }, () => sha256Of(big)));
+      vi.advanceTimersByTime(10_000);
+      // ...and jobs given right after, before the workers' exits are seen, still run.
+      const sums = await Promise.all(Array.from({ length: 4 }, () => sha256Of(big)));
+      expect(sums).toEqual(Array(4).fill(sha(big)));
+    } finally {
+      vi.useRealTimers();
+    }
   });
 });
