@@ -188,7 +188,15 @@ mod tests {
 
     #[test]
     fn the_child_searches_path_as_execvp_does() {
-        let dir = std::env::temp_dir().join(format!("sm-exec-path-{}", std::process::id()));
+        /// Removes the directory however the test ends.
+        struct TempDir(PathBuf);
+        impl Drop for TempDir {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+        let guard = TempDir(std::env::temp_dir().join(format!("sm-exec-path-{}", std::process::id())));
+        let dir = &guard.0;
         let (a, b) = (dir.join("a"), dir.join("b"));
         fs::create_dir_all(&a).unwrap();
         fs::create_dir_all(&b).unwrap();
@@ -226,6 +234,5 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
