@@ -107,9 +107,11 @@ const STAGE_NONE: i32 = -1;
 /// # Safety
 /// `path` must be a valid C string.
 unsafe fn is_dir(path: *const libc::c_char) -> bool {
+    // SAFETY: stat is plain data, filled by the kernel; `path` is valid (the caller's promise).
     let mut st: libc::stat = std::mem::zeroed();
     libc::stat(path, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFDIR
 }
+
 /// Stack of a spawn child: it only makes system calls (through libc's thin wrappers).
 const CHILD_STACK: usize = 64 * 1024;
 
@@ -342,6 +344,7 @@ unsafe fn clone3_vfork(stack: *mut u8, len: usize, cgroup_dir: RawFd, args: &mut
         options(nostack),
     );
     if ret < 0 {
+        // SAFETY: this thread's errno, as libc's wrappers set it.
         *libc::__errno_location() = (-ret) as i32;
         return -1;
     }
