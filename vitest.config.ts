@@ -4,6 +4,8 @@
 //   host  the host's real tools and facts: QEMU binaries (never booting a guest), squashfs tools,
 //         zstd, skopeo, a registry on loopback, the guest artifacts, the CLI.
 //   vm    everything that bakes or boots a VM.
+//   compat the library and the CLI under Node, Bun and Deno (test/compat): the compatibility
+//         table of docs/runtimes.md, row by row, on real VMs.
 // The host and vm tiers run with SUPERMACHINE_HOME at a fresh temporary directory unless the user
 // set one (test/helpers/tier-home.ts), so the suite proves it passes with any home.
 import { defineConfig } from "vitest/config";
@@ -26,6 +28,6 @@ export default defineConfig({
     testTimeout: 120_000,
     hookTimeout: 180_000,
     reporters: ["default"],
-    projects: [tier("unit", 0, ["test/helpers/unit-guard.ts"]), tier("host", 1), tier("vm", 2)],
+    projects: [tier("unit", 0, ["test/helpers/unit-guard.ts"]), tier("host", 1), tier("vm", 2), tier("compat", 3)],
   },
 });

@@ -66,7 +66,8 @@ try {
 } finally {
   // 4. SIGTERM drains the server: live sandboxes are released, it exits 0.
   server.kill("SIGTERM");
-  const code = await new Promise((r) => server.once("exit", r));
-  console.log(`server drained, exit ${code}`);
+  const [code, signal] = await new Promise((r) => server.once("exit", (...end) => r(end)));
+  // Deno reports a child it sent SIGTERM as ended by the signal, even one that exited 0.
+  console.log(`server drained, ${signal ? `ended by ${signal}` : `exit ${code}`}`);
   rmSync(work, { recursive: true, force: true });
 }

@@ -201,3 +201,12 @@ export type ServerErrorCode = (typeof SERVER_ERROR_CODES)[number];
  * here, not in src/server, so the remote client raises the same class without the HTTP stack.
  */
 export class ServerError extends SupermachineError<ServerErrorCode> {}
+
+export const RUNTIME_ERROR_CODES = ["RUNTIME_PERMISSIONS", "RUNTIME_UNSUPPORTED"] as const;
+export type RuntimeErrorCode = (typeof RUNTIME_ERROR_CODES)[number];
+/**
+ * The JavaScript runtime cannot run supermachine: a Node, Bun or Deno older than the release
+ * that first has every API the library uses, or a Deno without the permissions it needs. Thrown
+ * when the package is imported (src/js-runtime-check.ts), before anything could hang on it.
+ */
+export class RuntimeError extends SupermachineError<RuntimeErrorCode> {}

@@ -1,4 +1,6 @@
 // The public surface of supermachine. Everything else under src/ is internal.
+// First: a runtime that cannot run the library fails here, naming what it lacks.
+import "./js-runtime-check.js";
 export { Image } from "./runtime/image.js";
 export { Pool, type PoolStats } from "./runtime/pool.js";
 export { Vm } from "./runtime/vm.js";
@@ -89,6 +91,9 @@ export {
   type GraphErrorCode,
   type BuildErrorCode,
   type CacheErrorCode,
+  RuntimeError,
+  RUNTIME_ERROR_CODES,
+  type RuntimeErrorCode,
   type ErrorDetails,
 } from "./errors.js";
 export { ConfigError, CONFIG_ERROR_CODES, type ConfigErrorCode } from "./config/errors.js";

@@ -14,6 +14,7 @@ import { poolCycleGroup } from "./pool-cycle.js";
 import { projectGroup } from "./project.js";
 import { registryGroup } from "./registry.js";
 import { restoreGroup } from "./restore.js";
+import { runtimesGroup } from "./runtimes.js";
 import { serveGroup } from "./serve.js";
 import { staleLockGroup } from "./stale-lock.js";
 import { streamsGroup } from "./streams.js";
@@ -34,6 +35,7 @@ export const GROUPS: readonly BenchGroup[] = [
   restoreGroup,
   bakeGroup,
   acquireGroup,
+  runtimesGroup,
   poolCycleGroup,
   loadGroup,
   densityGroup,

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 /**
  * The `supermachine` command: parses the command line (program.ts), runs the command and exits
- * with its status. The only place in the package that calls process.exit.
+ * with its status. With runtime-check.ts, the only place in the package that calls process.exit.
  */
+import "./runtime-check.js"; // first: a runtime that cannot run supermachine stops here
 import { CommanderError } from "commander";
 import { SupermachineError } from "../errors.js";
 import { UsageError } from "./common.js";

@@ -9,6 +9,7 @@ import { ACCELS, decideAccel, hasHardwareVirt, type HostAccelFacts } from "../en
 import type { NativeArtifacts } from "../engine/artifacts.js";
 import type { ConfinementReport } from "../engine/confine.js";
 import type { HostIdentity } from "../schema/host.js";
+import { describeJsRuntime, RUNTIME_LABELS, RUNTIME_MINIMUMS, runtimeProblem, type JsRuntime } from "../js-runtime.js";
 
 export type CheckStatus = "pass" | "warn" | "fail";
 
@@ -40,18 +41,32 @@ export const TESTED_QEMU = "7.2.0";
 const octal = (mode: number) => "0" + (mode & 0o777).toString(8).padStart(3, "0");
 const gib = (n: number) => `${(n / GiB).toFixed(1)} GiB`;
 
-// ---- Node ----------------------------------------------------------------------------------------
+// ---- The JavaScript runtime ----------------------------------------------------------------------
 
-export function checkNode(f: { version: string; engines: string | undefined }): Check {
-  if (!f.engines) return { id: "node", status: "pass", summary: `Node ${f.version} (the package declares no engines range)` };
-  if (!semver.validRange(f.engines)) {
-    return { id: "node", status: "warn", summary: `Node ${f.version}; the package's engines range ${JSON.stringify(f.engines)} is not a valid range`, fix: "reinstall supermachine (its package.json looks damaged)" };
+/**
+ * Node against the package's engines range; Bun and Deno against their oldest supported release
+ * (src/js-runtime.ts). Under Bun and Deno `process.versions.node` is the Node API they emulate,
+ * not a Node install, so it is reported beside the runtime's own version.
+ */
+export function checkRuntime(f: { runtime: JsRuntime; engines: string | undefined }): Check {
+  const rt = f.runtime;
+  const id = "runtime";
+  if (rt.name !== "node") {
+    const problem = runtimeProblem({ runtime: rt });
+    const summary = `${describeJsRuntime(rt)} (Node API ${rt.nodeApi})`;
+    if (problem) return { id, status: "fail", summary: `${summary}: ${problem.message}`, ...(problem.hint ? { fix: problem.hint } : {}) };
+    return { id, status: "pass", summary: `${summary}, supported from ${RUNTIME_LABELS[rt.name]} ${RUNTIME_MINIMUMS[rt.name].version}` };
   }
-  if (semver.satisfies(f.version, f.engines)) return { id: "node", status: "pass", summary: `Node ${f.version} satisfies engines ${f.engines}` };
+  const v = rt.version;
+  if (!f.engines) return { id, status: "pass", summary: `Node ${v} (the package declares no engines range)` };
+  if (!semver.validRange(f.engines)) {
+    return { id, status: "warn", summary: `Node ${v}; the package's engines range ${JSON.stringify(f.engines)} is not a valid range`, fix: "reinstall supermachine (its package.json looks damaged)" };
+  }
+  if (semver.satisfies(v, f.engines)) return { id, status: "pass", summary: `Node ${v} satisfies engines ${f.engines}` };
   return {
-    id: "node",
+    id,
     status: "fail",
-    summary: `Node ${f.version} does not satisfy the package's engines ${f.engines}`,
+    summary: `Node ${v} does not satisfy the package's engines ${f.engines}`,
     fix: `install a Node.js that satisfies ${f.engines} (for example from https://nodejs.org or nvm) and run supermachine with it`,
   };
 }

@@ -6,6 +6,7 @@
 import { spawnSync } from "node:child_process";
 import { accessSync, constants, existsSync, readFileSync, statSync, statfsSync } from "node:fs";
 import { userInfo } from "node:os";
+import { currentJsRuntime } from "../js-runtime.js";
 import { dirname, join } from "node:path";
 import { PROTOCOL_VERSION } from "../agent/protocol.js";
 import { hasHardwareVirt, hostAccelFacts } from "../engine/accel.js";
@@ -25,7 +26,7 @@ import {
   checkDiskSpace,
   checkKernel,
   checkKvmGroup,
-  checkNode,
+  checkRuntime,
   checkQemu,
   checkIdentity,
   checkSandbox,
@@ -39,7 +40,7 @@ export async function runDoctor(env: NodeJS.ProcessEnv = process.env): Promise<D
   const artifacts = artifactsFacts(env);
   const home = supermachineHome(env);
   const checks: Check[] = [
-    checkNode({ version: process.versions.node, engines: packageEngines() }),
+    checkRuntime({ runtime: currentJsRuntime(), engines: packageEngines() }),
     checkQemu(qemuFacts()),
     checkAccel(accelFacts, env.SUPERMACHINE_ACCEL?.trim() || undefined),
     checkKvmGroup(kvmGroupFacts(accelFacts.kvmReadWrite, hasHardwareVirt(accelFacts.cpuFlags))),

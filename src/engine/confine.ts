@@ -16,7 +16,10 @@
  * `ENGINE_QEMU_USER_MISSING`).
  */
 import { execFile } from "node:child_process";
-import { fchmodSync, fchownSync, fstatSync, readFileSync, statSync, type Stats } from "node:fs";
+// fchmodSync and fchownSync through the namespace: a named import of one that a runtime lacks
+// (Deno 2.4 and older) fails the whole package at link time, before src/js-runtime-check.ts can explain.
+import * as fs from "node:fs";
+import { fstatSync, readFileSync, statSync, type Stats } from "node:fs";
 import { userInfo } from "node:os";
 import { dirname, resolve } from "node:path";
 import { EngineError } from "../errors.js";
@@ -207,8 +210,8 @@ export function grantQemu(fd: number, path: string, user: SystemUser | undefined
       { hint: `give the file to QEMU's group: chgrp ${user.name} ${path} && chmod g+${access} ${path}` },
     );
   }
-  fchownSync(fd, -1, user.gid);
-  fchmodSync(fd, ((st.mode & 0o7777) & ~0o007) | (need << 3));
+  fs.fchownSync(fd, -1, user.gid);
+  fs.fchmodSync(fd, ((st.mode & 0o7777) & ~0o007) | (need << 3));
   log("granted group %s %s access to %s", user.name, access, path);
 }
 

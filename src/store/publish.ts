@@ -20,7 +20,10 @@
  * failed) fails with STORE_NO_SPACE naming the entry and the path, and leaves nothing behind.
  */
 import { randomBytes } from "node:crypto";
-import { lstat, mkdir, readdir, rename, rm, statfs } from "node:fs/promises";
+// statfs through the namespace: a named import of it fails the whole package at link time on
+// runtimes without it (Bun 1.1, Deno 2.5), before src/js-runtime-check.ts can explain.
+import * as fsp from "node:fs/promises";
+import { lstat, mkdir, readdir, rename, rm } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { StoreError, SupermachineError } from "../errors.js";
 import { logger } from "../debug.js";
@@ -147,7 +150,7 @@ async function noSpace(err: unknown, dir: string): Promise<string | undefined> {
     if (/no space left on device/i.test((e as Error).message ?? "")) return "ENOSPC";
   }
   try {
-    const fs = await statfs(dir);
+    const fs = await fsp.statfs(dir);
     const free = fs.bavail * fs.bsize;
     if (free < NEARLY_FULL_BYTES) return `${Math.round(free / 1024)} KiB free`;
   } catch {

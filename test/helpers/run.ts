@@ -18,8 +18,10 @@ export interface RunResult {
 export interface RunOptions {
   cwd?: string;
   env?: NodeJS.ProcessEnv;
-  /** Milliseconds before the child is sent SIGTERM (as spawnSync's `timeout`). */
+  /** Milliseconds before the child is sent `killSignal` (as spawnSync's `timeout`). */
   timeout?: number;
+  /** What `timeout` sends (default SIGTERM). */
+  killSignal?: NodeJS.Signals;
   /** Written to the child's stdin, which is then closed (closed at once without it). */
   input?: string | Buffer;
   uid?: number;
@@ -27,7 +29,7 @@ export interface RunOptions {
 }
 
 export function run(cmd: string, args: readonly string[], opts: RunOptions = {}): Promise<RunResult> {
-  const { timeout, input, ...spawnOpts } = opts;
+  const { timeout, input, killSignal = "SIGTERM", ...spawnOpts } = opts;
   return new Promise((resolve) => {
     const out: Buffer[] = [];
     const err: Buffer[] = [];
@@ -64,7 +66,7 @@ export function run(cmd: string, args: readonly string[], opts: RunOptions = {})
     if (timeout) {
       timer = setTimeout(() => {
         error = Object.assign(new Error(`${cmd} ${args.join(" ")} timed out after ${timeout} ms`), { code: "ETIMEDOUT" });
-        child.kill("SIGTERM");
+        child.kill(killSignal);
       }, timeout);
     }
   });

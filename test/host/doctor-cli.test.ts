@@ -42,7 +42,7 @@ describe("supermachine doctor", () => {
     const r = await cli(["doctor", "--json"], env);
     expect(r.stderr).toBe("");
     const report = JSON.parse(r.stdout) as { checks: Check[]; identity: Record<string, unknown> | null; ok: boolean };
-    expect(report.checks.map((c) => c.id)).toEqual(["node", "qemu", "accel", "kvm-group", "kernel", "agent", "cache", "disk", "sandbox", "identity"]);
+    expect(report.checks.map((c) => c.id)).toEqual(["runtime", "qemu", "accel", "kvm-group", "kernel", "agent", "cache", "disk", "sandbox", "identity"]);
     for (const c of report.checks) {
       expect(["pass", "warn", "fail"]).toContain(c.status);
       if (c.status !== "pass") expect(c.fix, c.id).toBeTruthy();

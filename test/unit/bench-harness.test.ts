@@ -31,7 +31,9 @@ const EGRESS = [
 ];
 /** Added since: where a pool cycle's time goes (issue 22). */
 const CYCLES = ["cycle_host_cpu_ms", "cycle_qemu_cpu_ms", "idle_vm_anon_pss_mib", "idle_vm_guest_ram_pss_mib", "idle_vms_per_gib", "plain_qemu_anon_pss_mib", "plain_qemu_idle_pss_mib"];
-const METRICS = [...V010, ...WAN, ...SERVE, ...FLEET, ...EGRESS, ...CYCLES].sort();
+/** Added since: the public API under Node, Bun and Deno, in one run (issue 23). */
+const RUNTIMES = ["acquire_idle_bun_ms", "acquire_idle_deno_ms", "acquire_idle_node_ms", "exec_roundtrip_bun_ms", "exec_roundtrip_deno_ms", "exec_roundtrip_node_ms"];
+const METRICS = [...V010, ...WAN, ...SERVE, ...FLEET, ...EGRESS, ...CYCLES, ...RUNTIMES].sort();
 
 describe("bench harness", () => {
   it("reports what the groups record, and exits 0", async () => {

@@ -10,7 +10,7 @@ import {
   checkDiskSpace,
   checkKernel,
   checkKvmGroup,
-  checkNode,
+  checkRuntime,
   checkQemu,
   checkSandbox,
   kernelVersionOf,
@@ -21,13 +21,22 @@ const CPUINFO_PVM = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu v
 const CPUINFO_VMX = "processor\t: 0\nflags\t\t: fpu vme vmx ept pae\n";
 const host = (over: Partial<HostAccelFacts>): HostAccelFacts => ({ cpuFlags: cpuFlagsOf(CPUINFO_VMX), kvmDevice: true, kvmReadWrite: true, pvmModule: false, qemuUser: null, ...over });
 
-describe("doctor: node", () => {
-  it("passes a version inside the engines range and fails one outside it, naming both", () => {
-    expect(checkNode({ version: "20.20.2", engines: ">=20" }).status).toBe("pass");
-    const old = checkNode({ version: "18.19.0", engines: ">=20" });
+describe("doctor: runtime", () => {
+  const node = (version: string) => ({ runtime: { name: "node" as const, version, nodeApi: version }, engines: ">=20" });
+  it("passes a Node inside the engines range and fails one outside it, naming both", () => {
+    expect(checkRuntime(node("20.20.2"))).toMatchObject({ id: "runtime", status: "pass" });
+    const old = checkRuntime(node("18.19.0"));
     expect(old).toMatchObject({ status: "fail", summary: expect.stringContaining("18.19.0") });
     expect(old.summary).toContain(">=20");
     expect(old.fix).toContain(">=20");
+  });
+
+  it("judges Bun and Deno by their own version, not the Node API they report", () => {
+    const bun = checkRuntime({ runtime: { name: "bun", version: "1.4.5", nodeApi: "26.3.0" }, engines: ">=20" });
+    expect(bun).toMatchObject({ status: "pass", summary: "Bun 1.4.5 (Node API 26.3.0), supported from Bun 1.2.0" });
+    const deno = checkRuntime({ runtime: { name: "deno", version: "2.6.0", nodeApi: "24.2.0" }, engines: ">=20" });
+    expect(deno).toMatchObject({ status: "fail", summary: expect.stringMatching(/^Deno 2\.6\.0 \(Node API 24\.2\.0\): supermachine needs Deno 2\.7\.14 or later/) });
+    expect(deno.fix).toContain("deno upgrade");
   });
 });
 

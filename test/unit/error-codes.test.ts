@@ -41,6 +41,7 @@ const LISTS: Record<string, readonly string[]> = {
   GraphError: errors.GRAPH_ERROR_CODES,
   BuildError: errors.BUILD_ERROR_CODES,
   CacheError: errors.CACHE_ERROR_CODES,
+  RuntimeError: errors.RUNTIME_ERROR_CODES,
   ConfigError: CONFIG_ERROR_CODES,
   RegistryError: REGISTRY_ERROR_CODES,
   InitError: INIT_ERROR_CODES,
