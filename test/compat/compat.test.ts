@@ -11,7 +11,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { runtimeRoot } from "../../src/paths.js";
 import { compareVersions, RUNTIME_MINIMUMS, type JsRuntimeName } from "../../src/js-runtime.js";
 import { checkExample, EXPECTED, ROOT, RUN_TIMEOUT_MS, type Run } from "../helpers/examples.js";
-import { run as runCommand } from "../helpers/run.js";
+import { run as runCommand, setupHomeEnv } from "../helpers/run.js";
 import { qemuPids, waitFor } from "../helpers/vm.js";
 import { FEATURES } from "./features.js";
 
@@ -84,6 +84,27 @@ function projectCopy(data?: string): string {
   cpSync(PROJECT, dir, { recursive: true });
   if (data !== undefined) writeFileSync(join(dir, "data.txt"), data);
   return dir;
+}
+
+let installing: Promise<string> | undefined;
+/**
+ * A project that installed the packed package (pack:all's two tarballs) with hello.mjs in it,
+ * made once for every runtime. pack:all takes the guest artifacts setup left in its home.
+ */
+function installedApp(): Promise<string> {
+  installing ??= (async () => {
+    const pack = await runCommand(process.execPath, [join(ROOT, "scripts", "pack-all.mjs"), "--json"], { cwd: ROOT, env: setupHomeEnv(), timeout: 300_000 });
+    expect(pack.status, pack.stderr).toBe(0);
+    const tgz = JSON.parse(pack.stdout) as { main: string; guest: string };
+    const work = realpathSync(mkdtempSync(join(tmpdir(), "sm-compat-installed-")));
+    made.push(work);
+    writeFileSync(join(work, "package.json"), JSON.stringify({ name: "app", private: true, type: "module" }));
+    const install = await runCommand("npm", ["install", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error", tgz.main, tgz.guest], { cwd: work, timeout: 300_000 });
+    expect(install.status, install.stderr).toBe(0);
+    cpSync(join(ROOT, "test", "fixtures", "hello.mjs"), join(work, "hello.mjs"));
+    return work;
+  })();
+  return installing;
 }
 
 /** Each image's key and status as one runtime's project scenario saw it, by runtime. */
@@ -205,6 +226,21 @@ const TESTS: Record<string, (rt: Runtime) => void> = {
       expect(ran.stdout).toBe("warmed by child: 42\n");
       const failed = await cli(["run", "child", "--", "sh", "-c", "exit 7"]);
       expect(failed.code, describeRun(rt, "run exit 7", failed)).toBe(7);
+    }, 400_000);
+  },
+
+  installed(rt) {
+    it("runs from an installed package: a program, and the CLI as docs/runtimes.md says", async () => {
+      const app = await installedApp();
+      const hello = await runCommand(rt.command[0]!, [...rt.command.slice(1), "hello.mjs"], { cwd: app, timeout: 240_000, killSignal: "SIGKILL" });
+      expect(hello.stdout, `${rt.name} hello.mjs in an installed project:\n${hello.stderr}`).toBe("exit 0: hello\n");
+      expect(hello.status).toBe(0);
+      // The CLI, invoked as the page says; doctor names the runtime it runs on.
+      const cli = { node: ["npx", "--no-install", "supermachine"], bun: [bin("bun"), "x", "--bun", "supermachine"], deno: [bin("deno"), "run", "-A", "npm:supermachine"] }[rt.name];
+      const doctor = await runCommand(cli[0]!, [...cli.slice(1), "doctor", "--json"], { cwd: app, timeout: 120_000 });
+      const report = JSON.parse(doctor.stdout || "{}") as { checks?: { id: string; summary: string }[] };
+      const check = report.checks?.find((c) => c.id === "runtime");
+      expect(check?.summary, `${cli.join(" ")} doctor --json:\n${doctor.stdout}\n${doctor.stderr}`).toMatch(new RegExp(`^${{ node: "Node", bun: "Bun", deno: "Deno" }[rt.name]} \\d`));
     }, 400_000);
   },
 

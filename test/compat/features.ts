@@ -32,6 +32,11 @@ export const FEATURES: readonly Feature[] = [
     status: { node: "from Node 24 (older Node cannot parse it: use try/finally, or TypeScript, which compiles it)", bun: "yes", deno: "yes" },
   },
   { id: "cli", what: "The CLI: ls, build, why and run in a project", status: YES },
+  {
+    id: "installed",
+    what: "An installed package (npm pack, npm install): a program importing supermachine, and the CLI the way the table above says to run it",
+    status: YES,
+  },
   { id: "cache", what: "cache keygen, a signed cache export and an import into another home (worker threads, the zstd addon, Ed25519)", status: YES },
   { id: "serve", what: "serve on a project, connect() from the same runtime, a SIGTERM drain that exits 0", status: YES },
   {
