@@ -19,6 +19,7 @@ const CLI = join(ROOT, "dist", "src", "cli", "main.js");
 const SCENARIOS = join(ROOT, "test", "compat", "scenarios");
 const PROJECT = join(ROOT, "test", "compat", "fixtures", "project");
 const bin = (name: string) => join(ROOT, "node_modules", ".bin", name);
+const LABELS: Record<JsRuntimeName, string> = { node: "Node", bun: "Bun", deno: "Deno" };
 const nodeMajor = Number(process.versions.node.split(".")[0]);
 
 interface Runtime {
@@ -240,7 +241,7 @@ const TESTS: Record<string, (rt: Runtime) => void> = {
       const doctor = await runCommand(cli[0]!, [...cli.slice(1), "doctor", "--json"], { cwd: app, timeout: 120_000 });
       const report = JSON.parse(doctor.stdout || "{}") as { checks?: { id: string; summary: string }[] };
       const check = report.checks?.find((c) => c.id === "runtime");
-      expect(check?.summary, `${cli.join(" ")} doctor --json:\n${doctor.stdout}\n${doctor.stderr}`).toMatch(new RegExp(`^${{ node: "Node", bun: "Bun", deno: "Deno" }[rt.name]} \\d`));
+      expect(check?.summary, `${cli.join(" ")} doctor --json:\n${doctor.stdout}\n${doctor.stderr}`).toMatch(new RegExp(`^${LABELS[rt.name]} \\d`));
     }, 400_000);
   },
 
@@ -301,12 +302,12 @@ const TESTS: Record<string, (rt: Runtime) => void> = {
   },
 
   permissions(rt) {
-    if (rt.name !== "deno") {
-      it("needs no permission flags (the examples ran without any)", () => {
-        expect(rt.command).toHaveLength(1);
-      });
-      return;
-    }
+    it(rt.name === "deno" ? "passes the runtime check with -A" : "passes the runtime check with no flag at all", async () => {
+      const r = await run(rt, [CLI, "doctor", "--json"], { timeoutMs: 120_000 });
+      const check = (JSON.parse(r.stdout || "{}") as { checks?: { id: string; status: string; summary: string }[] }).checks?.find((c) => c.id === "runtime");
+      expect(check, describeRun(rt, "doctor --json", r)).toMatchObject({ status: "pass", summary: expect.stringMatching(new RegExp(`^${LABELS[rt.name]} \\d`)) });
+    });
+    if (rt.name !== "deno") return;
     it("refuses to run without -A, naming the missing flags, at once", async () => {
       const r = await run({ ...rt, command: [bin("deno"), "run"] }, [join(ROOT, "examples", "01-hello.mjs")], { timeoutMs: 60_000 });
       expect(r.code, describeRun(rt, "without -A", r)).not.toBe(0);
