@@ -36,7 +36,7 @@ try {
     );
     for (const line of lines) console.log(`  ${line}`);
   } finally {
-    // On Node 24+ or in TypeScript, `await using vm = await pool.acquire()` releases for you.
+    // On Bun, Deno, Node 24+ or in TypeScript, `await using vm = await pool.acquire()` releases for you.
     await Promise.all(vms.map((vm) => vm.release()));
   }
   // Released VMs are thrown away; clean restores take their place in the background.

@@ -47,7 +47,7 @@ const pool = process.env.SUPERMACHINE_URL ? (await connect(process.env.SUPERMACH
 if (process.env.SUPERMACHINE_URL) console.log("image ready: the server's pattern2 pool, baked with its warmup");
 
 async function handleAgentTask(taskCode) {
-  // On Node 24+ or in TypeScript: `await using vm = await pool.acquire();` and no try/finally.
+  // On Bun, Deno, Node 24+ or in TypeScript: `await using vm = await pool.acquire();` and no try/finally.
   const vm = await pool.acquire();
   try {
     return await vm.exec({
