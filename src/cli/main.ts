@@ -5,14 +5,12 @@
  */
 import "./runtime-check.js"; // first: a runtime that cannot run supermachine stops here
 import { CommanderError } from "commander";
-import { SupermachineError } from "../errors.js";
 import { UsageError } from "./common.js";
+import { printError, wantsJson } from "./print-error.js";
 import { createProgram } from "./program.js";
 
 const args = process.argv.slice(2);
-// What follows "--" belongs to the guest, so a "--json" there does not switch the output.
-const dashdash = args.indexOf("--");
-const wantsJson = (dashdash < 0 ? args : args.slice(0, dashdash)).includes("--json");
+const json = wantsJson(args);
 
 createProgram(args)
   .then((program) => program.parseAsync(args, { from: "user" }))
@@ -31,11 +29,6 @@ function report(err: unknown): number {
     process.stderr.write(`supermachine: ${err.message}\n(add --help for usage)\n`);
     return 2;
   }
-  if (wantsJson) {
-    const e = err as Partial<SupermachineError>;
-    process.stdout.write(JSON.stringify({ error: { code: e.code ?? "INTERNAL", message: e.message ?? String(err), hint: e.hint } }) + "\n");
-  } else {
-    process.stderr.write(`supermachine: ${err instanceof SupermachineError ? err.describe() : ((err as Error).stack ?? String(err))}\n`);
-  }
+  printError(err, json);
   return 1;
 }

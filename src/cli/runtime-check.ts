@@ -4,13 +4,10 @@
  * before any other module of the package is evaluated.
  */
 import { checkJsRuntime } from "../js-runtime.js";
+import { printError, wantsJson } from "./print-error.js";
 
 const problem = checkJsRuntime();
 if (problem) {
-  if (process.argv.includes("--json")) {
-    process.stdout.write(JSON.stringify({ error: { code: problem.code, message: problem.message, hint: problem.hint } }) + "\n");
-  } else {
-    process.stderr.write(`supermachine: ${problem.describe()}\n`);
-  }
+  printError(problem, wantsJson(process.argv.slice(2)));
   process.exit(1);
 }

@@ -6,8 +6,8 @@
 import { spawnSync } from "node:child_process";
 import { accessSync, constants, existsSync, readFileSync, statSync, statfsSync } from "node:fs";
 import { userInfo } from "node:os";
-import { currentJsRuntime } from "../js-runtime.js";
 import { dirname, join } from "node:path";
+import { currentJsRuntime } from "../js-runtime.js";
 import { PROTOCOL_VERSION } from "../agent/protocol.js";
 import { hasHardwareVirt, hostAccelFacts } from "../engine/accel.js";
 import { nativeArtifacts, packageRoot } from "../engine/artifacts.js";

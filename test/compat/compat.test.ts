@@ -46,10 +46,8 @@ const EXPECTED_UNDER: Partial<Record<JsRuntimeName, Record<string, { drop: strin
   deno: { "08-e2b-sdk.mjs": { drop: "server drained, exit 0\n", add: "server drained, ended by SIGTERM\n" } },
 };
 
-type Ran = Run;
-
 /** Runs `args` (a script and its arguments) under `rt`, with `env` added. */
-async function run(rt: Runtime, args: string[], opts: { cwd?: string; env?: Record<string, string>; timeoutMs?: number } = {}): Promise<Ran> {
+async function run(rt: Runtime, args: string[], opts: { cwd?: string; env?: Record<string, string>; timeoutMs?: number } = {}): Promise<Run> {
   const t0 = Date.now();
   const r = await runCommand(rt.command[0]!, [...rt.command.slice(1), ...args], {
     cwd: opts.cwd ?? ROOT,
@@ -61,7 +59,7 @@ async function run(rt: Runtime, args: string[], opts: { cwd?: string; env?: Reco
   return { code: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr, ms: Date.now() - t0 };
 }
 
-const describeRun = (rt: Runtime, what: string, r: Ran) => `${rt.name} ${what}: exit ${r.code ?? r.signal} after ${r.ms} ms\n--- stdout\n${r.stdout}--- stderr\n${r.stderr}`;
+const describeRun = (rt: Runtime, what: string, r: Run) => `${rt.name} ${what}: exit ${r.code ?? r.signal} after ${r.ms} ms\n--- stdout\n${r.stdout}--- stderr\n${r.stderr}`;
 
 /** Runs a scenario under `rt`; expects exit 0 and returns its COMPAT report. */
 async function scenario(rt: Runtime, name: string, args: string[] = [], env: Record<string, string> = {}): Promise<Record<string, unknown>> {
@@ -117,13 +115,8 @@ const TESTS: Record<string, (rt: Runtime) => void> = {
     for (const file of files) {
       it(`examples/${file}`, async () => {
         const change = EXPECTED_UNDER[rt.name]?.[file];
-        const saved = EXPECTED[file]!;
-        if (change) EXPECTED[file] = [...saved.filter((c) => c !== change.drop), change.add];
-        try {
-          await checkExample(file, rt.command, rt.name);
-        } finally {
-          EXPECTED[file] = saved;
-        }
+        const checks = change ? [...EXPECTED[file]!.filter((c) => c !== change.drop), change.add] : EXPECTED[file];
+        await checkExample(file, rt.command, rt.name, checks);
       }, RUN_TIMEOUT_MS + 20_000);
     }
   },
