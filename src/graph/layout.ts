@@ -72,7 +72,7 @@ export function layoutGraph(images: GraphImage[]): GraphLayout {
     const n = g.node(img.name) as { x: number; y: number; width: number; height: number };
     return { ...img, x: n.x, y: n.y, width: n.width, height: n.height };
   });
-  const edges = g.edges().map((e) => ({ from: e.v, to: e.w, points: ((g.edge(e) as { points?: { x: number; y: number }[] }).points ?? []).map((p) => ({ x: p.x, y: p.y })) }));
+  const edges = g.edges().map((e: { v: string; w: string }) => ({ from: e.v, to: e.w, points: ((g.edge(e) as { points?: { x: number; y: number }[] }).points ?? []).map((p) => ({ x: p.x, y: p.y })) }));
   const label = g.graph() as { width?: number; height?: number };
   return { width: Math.ceil(label.width ?? 0), height: Math.ceil(label.height ?? 0), images: placed, edges };
 }
