@@ -6,6 +6,8 @@
 //   vm    everything that bakes or boots a VM.
 //   compat the library and the CLI under Node, Bun and Deno (test/compat): the compatibility
 //         table of docs/runtimes.md, row by row, on real VMs.
+//   browser the serve page in Debian's headless Chromium (test/browser), against a real server
+//         and real VMs; screenshots go to test-results/browser/.
 // The host and vm tiers run with SUPERMACHINE_HOME at a fresh temporary directory unless the user
 // set one (test/helpers/tier-home.ts), so the suite proves it passes with any home.
 import { defineConfig } from "vitest/config";
@@ -28,6 +30,6 @@ export default defineConfig({
     testTimeout: 120_000,
     hookTimeout: 180_000,
     reporters: ["default"],
-    projects: [tier("unit", 0, ["test/helpers/unit-guard.ts"]), tier("host", 1), tier("vm", 2), tier("compat", 3)],
+    projects: [tier("unit", 0, ["test/helpers/unit-guard.ts"]), tier("host", 1), tier("vm", 2), tier("compat", 3), tier("browser", 4)],
   },
 });

@@ -3,8 +3,8 @@
  * Command modules never call process.exit: an action returns its status and main.ts exits.
  */
 import { InvalidArgumentError, type Command } from "commander";
-import { hostname } from "node:os";
-import type { BuildProgress, LockHolder } from "../schema/image.js";
+import type { BuildProgress } from "../schema/image.js";
+import { describeWait } from "../project/progress.js";
 import { isGuestPath } from "../schema/fields.js";
 
 /** A command line that cannot be acted on; main.ts prints it on stderr and exits with status 2. */
@@ -114,14 +114,6 @@ export function progressPrinter(json: boolean): (p: BuildProgress) => void {
 }
 
 /** "waiting for <what>, held by pid N since 12:03:04 (5 s ago)". */
-export function describeWait(what: string, holder: LockHolder | undefined): string {
-  if (!holder) return `waiting for ${what} (locked by another process)`;
-  const t = Date.parse(holder.since);
-  const since = Number.isNaN(t) ? holder.since : `${new Date(t).toLocaleTimeString()} (${Math.max(0, Math.round((Date.now() - t) / 1000))} s ago)`;
-  const host = holder.host && holder.host !== hostname() ? ` on ${holder.host}` : "";
-  return `waiting for ${what}, held by pid ${holder.pid}${host} since ${since}`;
-}
-
 /** `pullPolicy` values, as the options accept them. */
 export const PULL_POLICIES = ["always", "missing", "never"] as const;
 export type PullPolicyArg = (typeof PULL_POLICIES)[number];

@@ -4,8 +4,7 @@
  */
 import { logUpdateStderr } from "log-update";
 import type { BuildEvent, BuiltNode } from "../project/build.js";
-import type { BuildProgress } from "../schema/image.js";
-import { describeWait } from "./common.js";
+import { describeProgress as describe } from "../project/progress.js";
 
 interface Row {
   name: string;
@@ -15,35 +14,6 @@ interface Row {
 }
 
 const seconds = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
-
-/** What a progress event means, in a few words (undefined: nothing worth showing). */
-function describe(p: BuildProgress): string | undefined {
-  switch (p.phase) {
-    case "pull":
-      if (p.event.type === "layer") return `pulling layer ${p.event.index + 1}/${p.event.count} (${(p.event.bytes / 1e6).toFixed(1)} MB)`;
-      if (p.event.type === "manifest") return "resolving";
-      return undefined;
-    case "import":
-      return "importing";
-    case "scan-layer":
-    case "copy-layer":
-      return `unpacking layer ${p.layer}/${p.layers}`;
-    case "squashfs":
-      return "building the root filesystem";
-    case "waiting-for-lock":
-      return describeWait(p.what, p.holder);
-    case "bake-waiting-for-lock":
-      return describeWait("its snapshot", p.holder);
-    case "bake-damaged":
-      return `damaged snapshot (${p.reason}) quarantined; rebaking`;
-    case "cache-refused":
-      return `not imported from the cache (${p.code}); baking`;
-    case "bake":
-      return { boot: "booting", "extra-files": "staging extraFiles", warmup: "running the warmup", listener: "waiting for the listener", capture: "capturing", handoff: "capturing" }[p.step];
-    default:
-      return undefined;
-  }
-}
 
 function outcome(n: BuiltNode): string {
   switch (n.status) {

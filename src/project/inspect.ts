@@ -22,11 +22,16 @@ type InspectOptions = Pick<BuildOptions, "snapshotsDir" | "root" | "dirName" | "
 
 /** Every image (or `names` and their ancestors) with its current key and whether it is baked. */
 export async function listProjectImages(graph: ImageGraph, opts: InspectOptions & { names?: string[] } = {}): Promise<ImageListing[]> {
+  return (await inspectProjectImages(graph, opts)).map((i) => i.listing);
+}
+
+/** As listProjectImages, with each image's node of the dry run (its key's inputs and sources). */
+export async function inspectProjectImages(graph: ImageGraph, opts: InspectOptions & { names?: string[] } = {}): Promise<{ listing: ImageListing; node: BuiltNode }[]> {
   const nodes = await buildGraph(graph, { ...opts, dryRun: true });
-  const out: ImageListing[] = [];
+  const out: { listing: ImageListing; node: BuiltNode }[] = [];
   for (const n of nodes.values()) {
     const cached = n.status === "cached";
-    out.push({ name: n.name, key: n.key, parent: n.parent, cached, sizeBytes: cached ? await diskUsage(n.dir) : null, snapshot: cached ? n.dir : null });
+    out.push({ listing: { name: n.name, key: n.key, parent: n.parent, cached, sizeBytes: cached ? await diskUsage(n.dir) : null, snapshot: cached ? n.dir : null }, node: n });
   }
   return out;
 }

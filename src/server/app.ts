@@ -16,9 +16,10 @@ import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { SupermachineError, GuestFileError, OptionError } from "../errors.js";
 import { ServerError } from "./errors.js";
 import type { KeyRecord, KeyStore } from "./keys.js";
-import type { Sandbox, SandboxRegistry } from "./sandboxes.js";
+import { countProcess, type Sandbox, type SandboxRegistry } from "./sandboxes.js";
 import type { ServerMetrics } from "./metrics.js";
 import { registerControlPlane } from "./e2b/control.js";
+import { isPagePath, registerPage } from "./ui.js";
 import { registerNative } from "./native/routes.js";
 import type { NativeState } from "./native/state.js";
 import { envdHealth, registerEnvdFiles } from "./e2b/files.js";
@@ -40,6 +41,8 @@ export interface AppDeps {
   native?: NativeState;
   /** This node's report for fronts (`GET /v1/node`). */
   node?: () => unknown;
+  /** Serve the web page at `/` (src/server/ui.ts). */
+  page?: boolean;
   /** Services of the data plane beyond processes (the filesystem), registered by the caller. */
   extraServices?: (router: import("@connectrpc/connect").ConnectRouter, sandboxOf: (ctx: HandlerContext) => Sandbox) => void;
 }
@@ -91,7 +94,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   // Routing and authentication, before any body is read.
   app.addHook("onRequest", async (req) => {
     const path = req.url.split("?")[0]!;
-    if (OPEN.has(path)) return;
+    if (OPEN.has(path) || (deps.page && isPagePath(path))) return;
     const registry = deps.registry();
     const sandboxId = header(req, "e2b-sandbox-id");
     const token = header(req, "x-access-token");
@@ -136,8 +139,11 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     const status = statusOf(err);
     const code = err instanceof SupermachineError ? err.code : (err as { code?: string }).code;
     const message = (err as Error).message;
-    if (status >= 500 && code !== "SERVER_SANDBOX_GONE") req.log.error({ err }, "request failed");
-    else req.log.info({ code, status, message }, "request refused");
+    if (status >= 500 && code !== "SERVER_SANDBOX_GONE") {
+      req.log.error({ err }, "request failed");
+      const keyId = auth.get(req.raw)?.key?.id;
+      if (keyId) deps.native?.events.emit({ kind: "error", type: "request", message: `${req.method} ${req.url.split("?")[0]}: ${message}`, code: code ?? null }, keyId);
+    } else req.log.info({ code, status, message }, "request refused");
     void reply.code(status).send({ code: status, message: code ? `${code}: ${message}` : message, ...(code ? { errorCode: code } : {}), ...(err instanceof SupermachineError && err.hint ? { hint: err.hint } : {}) });
   });
   app.setNotFoundHandler((req, reply) => {
@@ -149,6 +155,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   // preservePath: a part's filename is the path to write (E2B's multi-file form), not a bare name.
   void app.register(multipart, { preservePath: true, limits: { fileSize: Number.MAX_SAFE_INTEGER, files: 10_000, fields: 100, parts: 10_100 } });
 
+  if (deps.page) registerPage(app);
   app.get("/healthz", async () => ({ status: "ok" }));
   app.get("/readyz", async (_req, reply) => {
     const why = deps.notReady();
@@ -164,7 +171,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
 
   const connect = connectNodeAdapter({
     routes: (router) => {
-      router.service(Process, processService(sandboxOfCall, (sb) => deps.metrics.processes.inc({ pool: sb.pool, kind: "spawn" })));
+      router.service(Process, processService(sandboxOfCall, (sb) => countProcess(sb, deps.metrics, "spawn")));
       router.service(Filesystem, filesystemService(sandboxOfCall));
       deps.extraServices?.(router, sandboxOfCall);
     },

@@ -9,7 +9,7 @@ import { readFile } from "node:fs/promises";
 import type { AddressInfo } from "node:net";
 import type { FastifyInstance } from "fastify";
 import { loadPools, type Pools, type LoadPoolsOptions } from "../project/pools.js";
-import type { BuildEvent as PublicBuildEvent } from "../schema/events.js";
+import type { BuildEvent as PublicBuildEvent, WatchEvent as PublicWatchEvent } from "../schema/events.js";
 import { ServerError } from "./errors.js";
 import { KeyStore } from "./keys.js";
 import { ServerMetrics } from "./metrics.js";
@@ -53,6 +53,8 @@ export interface ServeOptions extends Pick<LoadPoolsOptions, "config" | "cwd" | 
   allowSandboxNetwork?: boolean;
   /** Progress of the project's build. */
   onEvent?: (e: PublicBuildEvent) => void;
+  /** With `watch`: what the watcher does (changes, rounds, failures). */
+  onWatchEvent?: (e: PublicWatchEvent) => void;
   /** Pools already open, instead of loading the project (tests, embedding). */
   pools?: Pools;
 }
@@ -85,7 +87,7 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
   let pools: Pools | undefined;
   let registry: SandboxRegistry | undefined;
   let notReady: string | undefined = "loading the project";
-  const native = new NativeState();
+  const native = new NativeState(options.pools ? {} : { project: { ...(options.cwd ? { cwd: options.cwd } : {}), ...(options.config ? { config: options.config } : {}) } });
   const nodeTag = newNodeTag();
   const startedAt = new Date();
   const metrics = new ServerMetrics(
@@ -100,6 +102,7 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
     logger: options.logLevel === "silent" ? false : { level: options.logLevel ?? "info", stream: options.logStream ?? process.stderr },
     https,
     native,
+    page: true,
     node: () =>
       nodeReport({
         name: options.nodeName ?? defaultNodeName(),
@@ -139,8 +142,12 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
           ...(options.bakeOnDemand ? { bakeOnDemand: true } : {}),
           onEvent: (e) => {
             if (e.type === "done") metrics.bakes.inc({ status: e.node.status });
-            native.builds.record(e);
+            native.onBuild(e);
             options.onEvent?.(e);
+          },
+          onWatchEvent: (e) => {
+            native.onWatch(e);
+            options.onWatchEvent?.(e);
           },
         }));
       if (closing) {
@@ -155,7 +162,11 @@ export async function startServer(options: ServeOptions = {}): Promise<Supermach
         ...(options.capacity ? { capacity: options.capacity } : {}),
         nodeTag,
         log: (msg, fields) => app.log.info(fields ?? {}, msg),
+        events: native.events,
+        series: native.series,
       });
+      // The page's first look at the graph, before anyone asks (and the keys a watch round compares with).
+      native.images.list().catch((err: Error) => app.log.warn({ err }, "listing the project's images"));
       notReady = undefined;
       app.log.info({ pools: registry.poolNames(), node: options.nodeName ?? defaultNodeName(), tag: nodeTag }, "ready");
     } catch (err) {

@@ -16,6 +16,8 @@ import { SupermachineError } from "../errors.js";
 import { ServerError } from "./errors.js";
 import type { KeyRecord } from "./keys.js";
 import type { ServerMetrics } from "./metrics.js";
+import type { ServerEvents } from "./events.js";
+import type { PoolSeries } from "./pool-series.js";
 import { ProcessTable } from "./processes.js";
 import { parseNetwork } from "../schema/network.js";
 import { newNodeTag, randomAlnum, TAG_LENGTH } from "./node-tag.js";
@@ -64,6 +66,8 @@ export class Sandbox {
   readonly facts = new Map<string, Promise<unknown>>();
   /** Run when the sandbox ends, before its VM goes back to the pool (tunnels into the guest close). */
   readonly cleanups = new Set<() => void>();
+  /** Processes started in it through the server (execs and spawns, native and E2B). */
+  execs = 0;
 
   constructor(
     readonly id: string,
@@ -88,6 +92,13 @@ export class Sandbox {
     this.endAt = new Date(Date.now() + ms);
     this.timer = setTimeout(() => this.expire(this), ms);
     this.timer.unref();
+  }
+
+  /** Bytes its egress moved both ways since it was created (0 while paused or without network). */
+  egressBytes(): number {
+    if (this.state !== "running") return 0;
+    const net = this.vm.netStats();
+    return net.bytesIn + net.bytesOut;
   }
 
   /** Paused sandboxes do not run out of time; a resume gives them a new life. */
@@ -118,6 +129,16 @@ export interface SandboxRegistryOptions {
   nodeTag?: string;
   /** The most sandboxes this node holds at once (default: no limit); creates past it are refused (SERVER_FULL). */
   capacity?: number;
+  /** The server's event feed: sandboxes created and ended, creates that failed. */
+  events?: ServerEvents;
+  /** Each pool's recent acquire latencies and cycles. */
+  series?: PoolSeries;
+}
+
+/** Counts a process started in `sb`: its exec count and the server's metric. */
+export function countProcess(sb: Sandbox, metrics: ServerMetrics | undefined, kind: "exec" | "spawn"): void {
+  sb.execs++;
+  metrics?.processes.inc({ pool: sb.pool, kind });
 }
 
 export class SandboxRegistry {
@@ -146,7 +167,7 @@ export class SandboxRegistry {
       for (const [id, sb] of this.byId) {
         if (sb.state === "running" && !this.pausing.has(id) && !sb.vm.machine.alive) {
           this.options.log?.("sandbox's VM exited", { sandbox: id, pool: sb.pool });
-          void this.kill(id).catch(() => {});
+          void this.kill(id, undefined, "vm-exited").catch(() => {});
         }
       }
     }, 1_000);
@@ -215,6 +236,7 @@ export class SandboxRegistry {
       vm = await pool.acquire();
     } catch (err) {
       this.options.metrics?.sandboxCreates.inc({ pool: o.pool, result: "error" });
+      this.options.events?.emit({ kind: "error", type: "create", message: `a sandbox of pool ${o.pool} could not be created: ${(err as Error).message}`, code: (err as { code?: string }).code ?? null }, o.key.id);
       throw err;
     } finally {
       this.creating.set(o.key.id, (this.creating.get(o.key.id) ?? 1) - 1);
@@ -234,7 +256,9 @@ export class SandboxRegistry {
         throw err;
       }
     }
-    this.options.metrics?.acquireSeconds.observe({ pool: o.pool }, (performance.now() - t0) / 1000);
+    const acquireMs = performance.now() - t0;
+    this.options.metrics?.acquireSeconds.observe({ pool: o.pool }, acquireMs / 1000);
+    this.options.series?.acquired(o.pool, acquireMs);
     this.options.metrics?.sandboxCreates.inc({ pool: o.pool, result: "ok" });
     if (this.draining) {
       await vm.release().catch(() => {});
@@ -245,10 +269,11 @@ export class SandboxRegistry {
     while (this.byId.has(id)) id = newSandboxId(this.nodeTag);
     const sb = new Sandbox(id, o.pool, o.key.id, vm, newAccessToken(this.nodeTag), o.metadata ?? {}, o.env ?? {}, stats.memoryMib, stats.vcpus, timeoutMs, (s) => {
       this.options.log?.("sandbox timed out", { sandbox: s.id, pool: s.pool });
-      void this.kill(s.id).catch(() => {});
+      void this.kill(s.id, undefined, "timed-out").catch(() => {});
     });
     this.byId.set(id, sb);
     this.byToken.set(sb.accessToken, sb);
+    this.options.events?.emit({ kind: "sandbox", type: "created", sandbox: id, pool: o.pool }, o.key.id);
     return sb;
   }
 
@@ -333,12 +358,14 @@ export class SandboxRegistry {
 
   private readonly pausing = new Set<string>();
 
-  /** Releases the sandbox's VM to its pool; false when there was none. */
-  async kill(id: string, key?: KeyRecord): Promise<boolean> {
+  /** Releases the sandbox's VM to its pool; false when there was none. `why` goes to the event feed. */
+  async kill(id: string, key?: KeyRecord, why: "killed" | "timed-out" | "vm-exited" = "killed"): Promise<boolean> {
     const sb = this.get(id, key);
     if (!sb) return false;
     this.byId.delete(id);
     this.byToken.delete(sb.accessToken);
+    this.options.events?.emit({ kind: "sandbox", type: why, sandbox: id, pool: sb.pool }, sb.keyId);
+    this.options.series?.ended(sb.pool);
     sb.clearTimer();
     for (const cleanup of sb.cleanups) cleanup();
     sb.cleanups.clear();

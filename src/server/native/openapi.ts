@@ -46,7 +46,9 @@ function operation(route: RouteSpec): Json {
   if (route.websocket) {
     responses["101"] = { description: "Switching to the WebSocket protocol (see the description for the framing)" };
   } else if (r.sse) {
-    responses[String(r.status)] = { description: "Server-Sent Events: `status` events for each image first, then `start`, `progress` and `done` as they come", content: { "text/event-stream": { schema: { type: "string" } } } };
+    responses[String(r.status)] = { description: `Server-Sent Events: ${r.sse}`, content: { "text/event-stream": { schema: { type: "string" } } } };
+  } else if (r.text) {
+    responses[String(r.status)] = { description: "Plain text", content: { "text/plain": { schema: { type: "string" } } } };
   } else if (r.raw) {
     responses[String(r.status)] = { description: "The bytes", content: { "application/octet-stream": { schema: { type: "string", contentMediaType: "application/octet-stream" } } } };
   } else if (r.schema) {

@@ -7,6 +7,7 @@
  * /openapi.json` serves the document generated from the same schemas.
  */
 import type { Readable } from "node:stream";
+import type { ProjectPool } from "../../project/pools.js";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import websocket from "@fastify/websocket";
 import type { z } from "zod";
@@ -14,7 +15,7 @@ import { GuestFileError, SupermachineError } from "../../errors.js";
 import { ServerError } from "../errors.js";
 import type { KeyRecord } from "../keys.js";
 import type { ServerMetrics } from "../metrics.js";
-import type { Sandbox, SandboxRegistry } from "../sandboxes.js";
+import { countProcess, type Sandbox, type SandboxRegistry } from "../sandboxes.js";
 import * as s from "./schemas.js";
 import { openApiDocument } from "./openapi.js";
 import type { NativeState } from "./state.js";
@@ -82,6 +83,9 @@ export function sandboxInfo(sb: Sandbox): z.infer<typeof s.sandboxInfo> {
     endAt: iso(sb.endAt),
     memoryMib: sb.memoryMib,
     vcpus: sb.vcpus,
+    state: sb.state,
+    execs: sb.execs,
+    egressBytes: sb.egressBytes(),
   };
 }
 
@@ -110,8 +114,12 @@ export function registerNative(app: FastifyInstance, deps: NativeDeps): void {
     };
 
     // ---- pools ----
+    const poolInfo = (name: string, p: ProjectPool) => {
+      const { cyclesPerSecond, ...acquire } = deps.state?.series.report(name) ?? { bucketSeconds: 0, buckets: [], cyclesPerSecond: 0 };
+      return { name, image: p.describe?.().image ?? null, stats: p.stats(), acquire, cyclesPerSecond };
+    };
     api.get("/v1/pools", async () => {
-      return { pools: deps.registry().poolList().map(([name, p]) => ({ name, stats: p.stats() })) };
+      return { pools: deps.registry().poolList().map(([name, p]) => poolInfo(name, p)) };
     });
     api.get("/v1/pools/:name", async (req) => {
       const { name } = req.params as { name: string };
@@ -119,7 +127,7 @@ export function registerNative(app: FastifyInstance, deps: NativeDeps): void {
       if (!pool) {
         throw new ServerError("SERVER_POOL_UNKNOWN", `${what(req)}: no pool named ${JSON.stringify(name)} on this server`, { hint: "GET /v1/pools lists the project's pools" });
       }
-      return { name, stats: pool[1].stats() };
+      return poolInfo(name, pool[1]);
     });
 
     // ---- sandboxes ----
@@ -178,7 +186,7 @@ export function registerNative(app: FastifyInstance, deps: NativeDeps): void {
       reply.raw.once("close", () => {
         if (!reply.raw.writableEnded) gone.abort(new ServerError("SERVER_BAD_REQUEST", "the client closed the request"));
       });
-      deps.metrics.processes.inc({ pool: sb.pool, kind: "exec" });
+      countProcess(sb, deps.metrics, "exec");
       const out = await sb.vm.exec({
         argv: b.argv,
         env: { ...sb.env, ...b.env },
@@ -294,9 +302,44 @@ export function registerNative(app: FastifyInstance, deps: NativeDeps): void {
         unsubscribe();
       });
     });
+
+    // ---- the project's images (the page) ----
+    api.get("/v1/images", async () => state().images.list());
+    api.get("/v1/images/:name/why", async (req) => {
+      const { name } = parse(s.imageParams, req.params, what(req));
+      return state().images.why(name, what(req));
+    });
+    api.get("/v1/images/:name/log", async (req, reply) => {
+      const { name } = parse(s.imageParams, req.params, what(req));
+      const text = await state().images.log(name, what(req));
+      if (text === undefined) throw new ServerError("SERVER_NOT_FOUND", `${what(req)}: no bake log is kept for ${JSON.stringify(name)}`, { hint: "an image has a log once it is baked here (a snapshot imported from a cache has the log of its bake)" });
+      return reply.type("text/plain; charset=utf-8").send(text);
+    });
+
+    // ---- everything that happens, live ----
+    api.get("/v1/events", async (req, reply) => {
+      const events = state().events;
+      const key = keyOf(req);
+      const last = Number(header(req, "last-event-id") ?? (req.query as { after?: string } | undefined)?.after ?? 0);
+      reply.hijack();
+      const res = reply.raw;
+      res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", connection: "keep-alive", "x-request-id": req.id, "x-accel-buffering": "no" });
+      res.write("retry: 2000\n\n");
+      const unsubscribe = events.subscribe(key.id, Number.isSafeInteger(last) && last > 0 ? last : 0, (e) => res.write(`id: ${e.id}\nevent: ${e.kind}\ndata: ${JSON.stringify(e)}\n\n`));
+      const ping = setInterval(() => res.write(": keepalive\n\n"), 15_000);
+      res.once("close", () => {
+        clearInterval(ping);
+        unsubscribe();
+      });
+    });
   });
 }
 
 function snapshotInfo(rec: { id: string; pool: string; createdAt: Date; image: { memoryMib: number; vcpus: number } }) {
   return { id: rec.id, pool: rec.pool, createdAt: iso(rec.createdAt), memoryMib: rec.image.memoryMib, vcpus: rec.image.vcpus };
+}
+
+function header(req: FastifyRequest, name: string): string | undefined {
+  const v = req.headers[name];
+  return Array.isArray(v) ? v[0] : v;
 }

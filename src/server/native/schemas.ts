@@ -29,7 +29,20 @@ export const poolStats = z.object({
   memoryMib: z.number(),
   vcpus: z.number(),
 });
-export const poolInfo = z.object({ name: z.string(), stats: poolStats });
+/** A pool's recent acquires in buckets of bucketSeconds (the last 10 minutes): count, p50 and p99 latency. */
+export const acquireSeries = z.object({
+  bucketSeconds: z.number(),
+  buckets: z.array(z.object({ t: z.number(), count: z.number(), p50Ms: z.number().nullable(), p99Ms: z.number().nullable() })),
+});
+export const poolInfo = z.object({
+  name: z.string(),
+  /** The project image it serves (null when unknown). */
+  image: z.string().nullable(),
+  stats: poolStats,
+  acquire: acquireSeries,
+  /** Sandboxes of the pool created and ended per second, over the last minute. */
+  cyclesPerSecond: z.number(),
+});
 export const poolList = z.object({ pools: z.array(poolInfo) });
 
 // ---- sandboxes -------------------------------------------------------------------------------
@@ -63,6 +76,11 @@ export const sandboxInfo = z.object({
   endAt: z.string(),
   memoryMib: z.number(),
   vcpus: z.number(),
+  state: z.enum(["running", "paused"]),
+  /** Processes started in it through the server (execs and spawns). */
+  execs: z.number(),
+  /** Bytes its egress moved, both ways. */
+  egressBytes: z.number(),
 });
 export const sandboxList = z.object({ sandboxes: z.array(sandboxInfo) });
 /** `?metadata.<key>=<value>` filters (all must match) and `?pool=`. */
@@ -202,6 +220,39 @@ export const buildStatus = z.object({
 });
 export const buildList = z.object({ images: z.array(buildStatus) });
 
+// ---- the project's images (the serve page) ---------------------------------------------------
+
+const inputChange = z.object({ input: z.string(), before: z.unknown(), after: z.unknown() });
+export const imageView = z.object({
+  name: z.string(),
+  parent: z.string().nullable(),
+  children: z.array(z.string()),
+  ref: z.string().nullable(),
+  module: z.string().nullable(),
+  key: z.string().nullable(),
+  cached: z.boolean(),
+  sizeBytes: z.number().nullable(),
+  /** The pools that serve it. */
+  pools: z.array(z.string()),
+  /** Its build's last status on this server (step: what a bake in progress does now). */
+  build: z.object({ status: z.string(), step: z.string().nullable(), updatedAt: z.string(), ms: z.number().nullable(), error: z.string().nullable() }).nullable(),
+});
+export const imageList = z.object({
+  project: z.object({ config: z.string(), root: z.string() }).nullable(),
+  images: z.array(imageView),
+  updatedAt: z.string(),
+});
+export const imageParams = z.object({ name });
+export const whyReport = z.object({
+  name: z.string(),
+  key: z.string(),
+  cached: z.boolean(),
+  lastBake: z.object({ key: z.string(), dir: z.string(), created: z.string() }).nullable(),
+  changes: z.array(inputChange),
+  /** The last time this server saw the image's key change (a watch round), and what changed. */
+  lastRebake: z.object({ at: z.string(), from: z.string(), to: z.string(), changes: z.array(inputChange) }).nullable(),
+});
+
 // ---- the route table -------------------------------------------------------------------------
 
 export interface RouteSpec {
@@ -214,8 +265,8 @@ export interface RouteSpec {
   body?: z.ZodType;
   /** A raw body (`application/octet-stream`) instead of JSON. */
   rawBody?: boolean;
-  /** Status and schema of the answer; `raw` for a byte stream, `sse` for an event stream. */
-  response: { status: number; schema?: z.ZodType; raw?: boolean; sse?: boolean };
+  /** Status and schema of the answer; `raw` for a byte stream, `sse` for an event stream (described by `sse`), `text` for plain text. */
+  response: { status: number; schema?: z.ZodType; raw?: boolean; sse?: string; text?: boolean };
   /** A WebSocket upgrade (GET): the framing is in docs/serve.md. */
   websocket?: boolean;
   /** Needs no key (a node's report for fronts). */
@@ -277,5 +328,14 @@ export const ROUTES: readonly RouteSpec[] = [
   { method: "GET", path: "/v1/snapshots", summary: "The snapshots this server holds", response: { status: 200, schema: snapshotList } },
   { method: "DELETE", path: "/v1/snapshots/:snapshot", summary: "Remove a snapshot (its idle VMs shut down, its files deleted once no sandbox uses it)", params: snapshotParams, response: { status: 204 } },
   { method: "GET", path: "/v1/builds", summary: "Each image's last build status", response: { status: 200, schema: buildList } },
-  { method: "GET", path: "/v1/builds/events", summary: "Build events as they happen (Server-Sent Events)", response: { status: 200, sse: true } },
+  { method: "GET", path: "/v1/builds/events", summary: "Build events as they happen (Server-Sent Events)", response: { status: 200, sse: "`status` events for each image first, then `start`, `progress` and `done` as they come" } },
+  { method: "GET", path: "/v1/images", summary: "The project's image graph: each image's key, whether it is baked, its size, pools and build status", response: { status: 200, schema: imageList } },
+  { method: "GET", path: "/v1/images/:name/why", summary: "Why the image would rebake (its key's inputs against its last bake), and its last rebake on this server", params: imageParams, response: { status: 200, schema: whyReport } },
+  { method: "GET", path: "/v1/images/:name/log", summary: "The log of the image's last bake (text)", params: imageParams, response: { status: 200, text: true } },
+  {
+    method: "GET",
+    path: "/v1/events",
+    summary: "The server's events as they happen (Server-Sent Events): bakes, watch rounds, the key's sandboxes and errors",
+    response: { status: 200, sse: "Each message has an `id` and a JSON `data` object `{ id, at, kind, type, ... }`, kind being bake, watch, sandbox or error; the recent ones first (after `Last-Event-ID` when sent)" },
+  },
 ];

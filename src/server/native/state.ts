@@ -10,7 +10,10 @@ import { EventEmitter } from "node:events";
 import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { homePaths } from "../../paths.js";
-import type { BuildEvent } from "../../schema/events.js";
+import type { BuildEvent, WatchEvent } from "../../schema/events.js";
+import { ServerEvents } from "../events.js";
+import { PoolSeries } from "../pool-series.js";
+import { ProjectImages } from "../images.js";
 import type { Image } from "../../runtime/image.js";
 import type { Pool } from "../../runtime/pool.js";
 import { ServerError } from "../errors.js";
@@ -153,9 +156,30 @@ export class SnapshotStore {
 export class NativeState {
   readonly builds = new BuildLog();
   readonly snapshots: SnapshotStore;
+  /** The server's event feed (GET /v1/events). */
+  readonly events = new ServerEvents();
+  /** Each pool's recent acquire latency and cycles. */
+  readonly series = new PoolSeries();
+  /** The project's images for the page (GET /v1/images). */
+  readonly images: ProjectImages;
 
-  constructor(options: { snapshotsDir?: string } = {}) {
+  /** `project`: where the served project is (none when the server was handed its pools). */
+  constructor(options: { snapshotsDir?: string; project?: { cwd?: string; config?: string } } = {}) {
     this.snapshots = new SnapshotStore(options.snapshotsDir);
+    this.images = new ProjectImages(options.project, this.builds, this.events);
+  }
+
+  /** A build event of the project: its status, the feed, and the images' listing. */
+  onBuild(e: BuildEvent): void {
+    this.builds.record(e);
+    this.events.build(e);
+    if (e.type === "done") this.images.invalidate();
+  }
+
+  /** A watch-mode event: the feed, and the listing (files changed, keys may have). */
+  onWatch(e: WatchEvent): void {
+    this.events.watch(e);
+    if (e.type === "change" || e.type === "round-done" || e.type === "round-failed") this.images.invalidate();
   }
 
   close(): Promise<void> {

@@ -24,7 +24,7 @@ import type { ExecChild } from "../../session/exec-child.js";
 import { ServerError } from "../errors.js";
 import type { ServerMetrics } from "../metrics.js";
 import { ManagedProcess } from "../processes.js";
-import type { Sandbox } from "../sandboxes.js";
+import { countProcess, type Sandbox } from "../sandboxes.js";
 import { CHANNEL, clientControl, startMessage } from "./schemas.js";
 
 /** Bytes queued on a socket beyond which the server stops taking output from the guest. */
@@ -197,7 +197,7 @@ export function processSocket(socket: WebSocket, req: FastifyRequest, deps: Proc
         ...(m.detach !== undefined ? { detach: m.detach } : {}),
         ...(m.stageFiles ? { stageFilesMode: m.stageFiles.map((f) => ({ path: f.path, bytes: Buffer.from(f.data, "base64"), mode: f.mode ?? 0o644 })) } : {}),
       });
-      deps.metrics.processes.inc({ pool: sb.pool, kind: "spawn" });
+      countProcess(sb, deps.metrics, "spawn");
       const p = new ManagedProcess(child.pid ?? 0, child, { cmd: m.argv[0]!, args: m.argv.slice(1), envs: m.env ?? {}, cwd: m.cwd }, undefined, child.tty);
       // A process that never started (no such command) has no pid to be found by.
       if (child.pid !== undefined) sb.processes.add(p);
