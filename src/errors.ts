@@ -166,10 +166,13 @@ export class BakeError extends SupermachineError<BakeErrorCode> {}
 
 export const GRAPH_ERROR_CODES = [
   "GRAPH_BUNDLE_FAILED", "GRAPH_CHILD_OPTION", "GRAPH_CHILD_SHAPE", "GRAPH_CYCLE", "GRAPH_DUPLICATE_NAME", "GRAPH_NO_BASE",
-  "GRAPH_REF_AND_FROM", "GRAPH_UNKNOWN_IMAGE", "GRAPH_UNKNOWN_PARENT",
+  "GRAPH_OUTPUT_FAILED", "GRAPH_REF_AND_FROM", "GRAPH_UNKNOWN_IMAGE", "GRAPH_UNKNOWN_PARENT",
 ] as const;
 export type GraphErrorCode = (typeof GRAPH_ERROR_CODES)[number];
-/** The image graph of a project is inconsistent (a cycle, an unknown parent, a child that changes what its parent fixed). */
+/**
+ * The image graph of a project is inconsistent (a cycle, an unknown parent, a child that changes
+ * what its parent fixed), or `supermachine graph --output` could not write its file.
+ */
 export class GraphError extends SupermachineError<GraphErrorCode> {}
 
 export const BUILD_ERROR_CODES = ["BUILD_ACCEL_UNSTABLE", "BUILD_FROZEN_DAMAGED", "BUILD_FROZEN_MISSING", "BUILD_FROZEN_UNPINNED", "BUILD_PARENT_FAILED", "BUILD_PARENT_NOT_BAKED"] as const;

@@ -14,6 +14,12 @@ import { BuildRenderer } from "./render.js";
 import { cacheSigningKey, fetchFromCache, seedImages } from "../project/cache.js";
 import { exportSnapshots } from "../transfer/index.js";
 import { openLock, updatePins, type ProjectLock } from "../project/lock.js";
+import type { GraphImage } from "../graph/layout.js";
+import { graphToDot, graphToMermaid, graphToSvg } from "../graph/render.js";
+import { GraphError } from "../errors.js";
+import { randomBytes } from "node:crypto";
+import { rename, rm, writeFile } from "node:fs/promises";
+import { basename, dirname, join } from "node:path";
 
 interface ProjectOptions {
   config?: string;
@@ -54,7 +60,17 @@ export function registerProjectCommands(program: Command): void {
       .argument("<name>", "an image of the project"),
   ).action(action(why));
 
-  withConfig(program.command("graph").helpGroup("Projects:").summary("print the project's image graph")).action(action(graph));
+  withConfig(
+    program
+      .command("graph")
+      .helpGroup("Projects:")
+      .summary("print the project's image graph")
+      .description(
+        "Print the project's image graph, parents above children: a text tree, or for docs and pull requests an SVG picture, Graphviz DOT or a mermaid flowchart, which show each image's key and whether it is baked (computed as `ls` does, without baking anything).",
+      )
+      .option("--format <format>", `the output: ${GRAPH_FORMATS.join(", ")}`, "text")
+      .option("-o, --output <file>", "write to this file (replaced atomically) instead of stdout"),
+  ).action(action(graph));
 }
 
 async function build(names: string[], o: ProjectOptions & { force?: boolean; dryRun?: boolean; frozen?: boolean; update?: boolean; concurrency?: number; cacheFrom?: string; cacheTo?: string }, cmd: Command): Promise<number> {
@@ -162,8 +178,35 @@ function show(v: unknown): string {
   return s.length > 72 ? `${s.slice(0, 69)}...` : s;
 }
 
-async function graph(o: ProjectOptions, cmd: Command): Promise<number> {
-  const { graph: g } = await openProject(o, "graph");
+const GRAPH_FORMATS = ["text", "svg", "dot", "mermaid"] as const;
+type GraphFormat = (typeof GRAPH_FORMATS)[number];
+
+async function graph(o: ProjectOptions & { format: string; output?: string }, cmd: Command): Promise<number> {
+  const format = o.format as GraphFormat;
+  if (!GRAPH_FORMATS.includes(format)) throw new UsageError(`--format ${JSON.stringify(o.format)} is not a graph format: use one of ${GRAPH_FORMATS.join(", ")}`);
+  if (isJson(cmd) && (format !== "text" || o.output !== undefined)) throw new UsageError("--json prints the graph as JSON on stdout: it does not go with --format or --output");
+  const { project, graph: g, snapshotsDir, lock } = await openProject(o, "graph");
+  const emit = (text: string) => (o.output === undefined ? void process.stdout.write(text) : writeOutputFile(o.output, text));
+  if (format !== "text") {
+    // Keys, cached state and sizes as `ls` finds them: a dry run, nothing is baked. An image whose
+    // key cannot be computed (its base image is missing...) is drawn without one, and said why.
+    const unkeyed: string[] = [];
+    const rows = await listProjectImages(g, {
+      root: project.root,
+      snapshotsDir,
+      lock,
+      onEvent: (e) => {
+        if (e.type !== "done" || !e.node.error) return;
+        if (e.node.status === "failed") process.stderr.write(`warning: ${e.name} is drawn without a key: ${describeError(e.node.error)}\n`);
+        else unkeyed.push(e.name);
+      },
+    });
+    if (unkeyed.length) process.stderr.write(`warning: drawn without a key too, as their parent has none: ${unkeyed.join(", ")}\n`);
+    const images: GraphImage[] = rows.map((r) => ({ name: r.name, parent: r.parent, key: r.key || null, cached: r.cached, sizeBytes: r.sizeBytes }));
+    const render = { svg: () => graphToSvg(images, { title: `Images of ${basename(project.root)}` }), dot: () => graphToDot(images), mermaid: () => graphToMermaid(images) }[format];
+    await emit(render());
+    return 0;
+  }
   if (isJson(cmd)) {
     writeJson({ images: g.order.map((n) => ({ name: n, parent: g.parent(n), children: g.children(n), module: g.spec(n).module, ref: g.spec(n).ref })) }, true);
     return 0;
@@ -176,6 +219,22 @@ async function graph(o: ProjectOptions, cmd: Command): Promise<number> {
     kids.forEach((c, i) => walk(c, top ? "" : `${prefix}${last ? "   " : "│  "}`, i === kids.length - 1, false));
   };
   for (const root of g.order.filter((n) => g.parent(n) === null)) walk(root, "", true, true);
-  process.stdout.write(lines.join("\n") + "\n");
+  await emit(lines.join("\n") + "\n");
   return 0;
+}
+
+/** Replaces `file` atomically (a temp beside it, renamed over it), so a reader never sees half a picture. */
+async function writeOutputFile(file: string, text: string): Promise<void> {
+  const tmp = join(dirname(file), `.${basename(file)}.tmp-${randomBytes(6).toString("hex")}`);
+  try {
+    await writeFile(tmp, text, { flag: "wx" });
+    await rename(tmp, file);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    const e = err as NodeJS.ErrnoException;
+    throw new GraphError("GRAPH_OUTPUT_FAILED", `cannot write the graph to ${file}: ${e.message}`, {
+      hint: e.code === "ENOENT" ? `create the directory ${dirname(file)} first, or choose another --output` : "choose another --output, or leave it out to print on stdout",
+      cause: err,
+    });
+  }
 }

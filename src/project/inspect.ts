@@ -17,8 +17,12 @@ export interface ImageListing {
   snapshot: string | null;
 }
 
-/** With `lock`, root images resolve their tags by the project's pins (read only: a dry run writes none). */
-type InspectOptions = Pick<BuildOptions, "snapshotsDir" | "root" | "dirName" | "concurrency" | "lock">;
+/**
+ * With `lock`, root images resolve their tags by the project's pins (read only: a dry run writes
+ * none). `onEvent` sees the dry run's events: a `done` event with a failed node says why an image
+ * has no key.
+ */
+type InspectOptions = Pick<BuildOptions, "snapshotsDir" | "root" | "dirName" | "concurrency" | "lock" | "onEvent">;
 
 /** Every image (or `names` and their ancestors) with its current key and whether it is baked. */
 export async function listProjectImages(graph: ImageGraph, opts: InspectOptions & { names?: string[] } = {}): Promise<ImageListing[]> {

@@ -51,6 +51,8 @@ const REPO_PACKAGES: Record<string, string> = {
   mmdebstrap: "tests: building the Debian python fixture image",
   openssl: "tests: a self-signed CA for the TLS registry",
   "apache2-utils": "tests: htpasswd for the registry with basic auth",
+  graphviz: "tests: checking graph --format dot output",
+  chromium: "tests: the serve page in a headless browser",
 };
 
 /** "cargo" stands for the Rust toolchain: Debian's cargo and rustc packages. */
