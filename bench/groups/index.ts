@@ -10,6 +10,7 @@ import { floodGroup } from "./flood.js";
 import { forkBombGroup } from "./fork-bomb.js";
 import { installGroup } from "./install.js";
 import { loadGroup } from "./load.js";
+import { pageGroup } from "./page.js";
 import { poolCycleGroup } from "./pool-cycle.js";
 import { projectGroup } from "./project.js";
 import { registryGroup } from "./registry.js";
@@ -44,6 +45,7 @@ export const GROUPS: readonly BenchGroup[] = [
   watchGroup,
   egressGroup,
   serveGroup,
+  pageGroup,
   fleetGroup,
   cacheGroup,
   cacheWanGroup,

@@ -59,8 +59,6 @@ async function pageBenchmarks(ctx: BenchContext): Promise<void> {
     record("page_images_ms", listing);
 
     progress("page: a server and a browser");
-    const dir = join(work, "project");
-    cpSync(join(packageRoot(), "test/fixtures/monorepo"), dir, { recursive: true, filter: () => false });
     writeFileSync(
       join(work, "supermachine.config.ts"),
       `import { defineConfig, defineImage } from "supermachine/config";
@@ -135,7 +133,7 @@ export default defineConfig({ images: { box: defineImage({ ref: "builtin:busybox
       for (let i = 0; i < (quick ? 3 : 10) + 1; i++) {
         const tab = await browser.newPage();
         // The key as a signed-in tab has it: in the tab's session storage before the page's script runs.
-        await tab.addInitScript((k) => sessionStorage.setItem("supermachine.apiKey", k), key);
+        await tab.addInitScript((k) => (globalThis as unknown as { sessionStorage: { setItem(name: string, value: string): void } }).sessionStorage.setItem("supermachine.apiKey", k), key);
         const t0 = performance.now();
         await tab.goto(`${server.url}/#sandboxes`);
         await tab.locator(`[data-sandbox-id="${live}"]`).waitFor({ timeout: 10_000 });

@@ -33,7 +33,9 @@ const EGRESS = [
 const CYCLES = ["cycle_host_cpu_ms", "cycle_qemu_cpu_ms", "idle_vm_anon_pss_mib", "idle_vm_guest_ram_pss_mib", "idle_vms_per_gib", "plain_qemu_anon_pss_mib", "plain_qemu_idle_pss_mib"];
 /** Added since: the public API under Node, Bun and Deno, in one run (issue 23). */
 const RUNTIMES = ["acquire_idle_bun_ms", "acquire_idle_deno_ms", "acquire_idle_node_ms", "exec_roundtrip_bun_ms", "exec_roundtrip_deno_ms", "exec_roundtrip_node_ms"];
-const METRICS = [...V010, ...WAN, ...SERVE, ...FLEET, ...EGRESS, ...CYCLES, ...RUNTIMES].sort();
+/** The serve page (issue 24). */
+const PAGE = ["page_bundle_gzip_kib", "page_event_ms", "page_images_ms", "page_load_ms", "page_sandbox_visible_ms"];
+const METRICS = [...V010, ...WAN, ...SERVE, ...FLEET, ...EGRESS, ...CYCLES, ...RUNTIMES, ...PAGE].sort();
 
 describe("bench harness", () => {
   it("reports what the groups record, and exits 0", async () => {
