@@ -43,7 +43,8 @@ const main = JSON.parse(readFileSync(join(root, "package.json"), "utf8"));
 const guestTemplate = JSON.parse(readFileSync(join(root, "packages", "guest-linux-x64", "package.json"), "utf8"));
 if (process.platform !== "linux" || process.arch !== "x64") fail(`the guest package is built for linux/x64; this is ${process.platform}/${process.arch}`);
 
-// 1. dist and the artifacts (builds only what is missing; nothing when all is there).
+// 1. dist (with the web page, dist/web/) and the artifacts (builds only what is missing; nothing
+//    when all is there).
 say("setup: dist, kernel, agent (only what is missing)");
 run(process.execPath, [join(root, "scripts", "setup.mjs"), "--quiet"], { stdio: ["ignore", 2, "inherit"] });
 const report = JSON.parse(run(process.execPath, [join(root, "scripts", "setup.mjs"), "--check", "--json"], { allowFail: true }));
@@ -89,6 +90,8 @@ try {
   mkdirSync(m, { recursive: true });
   const first = npmPack(root, m);
   if (first.files.includes("dist/native.json")) fail("dist/native.json (machine-local) would be shipped: check package.json's files");
+  // The web page of `supermachine serve`, which setup builds into dist/web/.
+  for (const f of ["index.html", "app.js", "app.css"]) if (!first.files.includes(`dist/web/${f}`)) fail(`dist/web/${f} would not be shipped: run node scripts/build-web.mjs`);
   run("tar", ["-xzf", first.file, "-C", m]);
   const pj = join(m, "package", "package.json");
   const packed = JSON.parse(readFileSync(pj, "utf8"));

@@ -2,7 +2,8 @@
 // this repository. Plain Node with no dependencies, because it runs before node_modules and dist/
 // exist. It does only what must happen before TypeScript can run:
 //   1. `npm ci` when node_modules does not match package-lock.json;
-//   2. the TypeScript build into dist/ when the sources changed;
+//   2. the TypeScript build into dist/ when the sources changed (src/, bench/, and web/, the page
+//      of `supermachine serve`, which scripts/build-web.mjs bundles into dist/web/);
 // then hands over to the compiled setup (src/setup/: Debian packages, the guest kernel, agent and
 // busybox image, the install manifest, QEMU's user), which `npx supermachine setup` runs too.
 // A second run with nothing changed does no work.
@@ -71,7 +72,7 @@ function nodeModulesState() {
 }
 
 function distState() {
-  const key = sha256(treeHash(join(root, "src")), treeHash(join(root, "bench")), readFileSync(join(root, "tsconfig.json")), readFileSync(join(root, "package-lock.json")));
+  const key = sha256(treeHash(join(root, "src")), treeHash(join(root, "bench")), (existsSync(join(root, "web")) ? treeHash(join(root, "web")) : ""), readFileSync(join(root, "tsconfig.json")), readFileSync(join(root, "package-lock.json")));
   const stamp = join(root, "dist", ".build-hash");
   return { stamp, key, fresh: existsSync(stamp) && readFileSync(stamp, "utf8") === key };
 }
@@ -105,9 +106,10 @@ if (isRepo && !flags.artifactsOnly) {
     if (!dist.fresh) {
       const t0 = Date.now();
       say("compiling TypeScript into dist/");
-      rmSync(join(root, "dist", "src"), { recursive: true, force: true });
-      rmSync(join(root, "dist", "bench"), { recursive: true, force: true });
+      for (const d of ["src", "bench", "web"]) rmSync(join(root, "dist", d), { recursive: true, force: true });
       run(process.execPath, [join(root, "node_modules", "typescript", "bin", "tsc"), "-p", "tsconfig.json"]);
+      // The web page of `supermachine serve` (dist/web/).
+      run(process.execPath, [join(root, "scripts", "build-web.mjs")]);
       writeFileSync(dist.stamp, distState().key);
       say(`TypeScript compiled in ${secs(t0)}`);
     }
