@@ -23,9 +23,11 @@ export function describeProgress(p: BuildProgress): string | undefined {
       return undefined;
     case "import":
       return "importing";
+    // `layer` counts from 0.
     case "scan-layer":
+      return `reading layer ${p.layer + 1}/${p.layers}`;
     case "copy-layer":
-      return `unpacking layer ${p.layer}/${p.layers}`;
+      return `unpacking layer ${p.layer + 1}/${p.layers}`;
     case "squashfs":
       return "building the root filesystem";
     case "waiting-for-lock":

@@ -6,7 +6,7 @@
  * round may have changed it, and shared by the requests that come meanwhile.
  */
 import { readdir, readFile } from "node:fs/promises";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { loadProject } from "../config/loader.js";
 import { buildImageGraph, type ImageGraph } from "../graph/graph.js";
 import { diffInputs, type InputChange } from "../graph/keys.js";
@@ -121,7 +121,8 @@ export class ProjectImages {
             parent: l.parent,
             children: graph.children(l.name),
             ref: spec.ref ?? null,
-            module: spec.module ?? null,
+            // Relative to the project's root, as people name the files.
+            module: spec.module ? relative(project.root, spec.module) || spec.module : null,
             key: l.key,
             cached: l.cached,
             sizeBytes: l.sizeBytes,

@@ -71,6 +71,10 @@ describe("the key gate", () => {
     await page.getByLabel("API key").press("Enter");
     await page.locator('[data-image="agent"]').waitFor();
     await page.locator('[data-image="python"]').waitFor();
+    // The header names the node and says it is ready (no "starting" or "draining").
+    const node = (await (await fetch(`${server.url}/v1/node`)).json()) as { node: { name: string } };
+    await expect.poll(() => page.locator("header").textContent()).toContain(node.node.name);
+    expect(await page.locator("header").textContent()).not.toMatch(/starting|draining/);
     // Typed once: a reload keeps it (session storage), a new tab asks again.
     await page.reload();
     await page.locator('[data-image="agent"]').waitFor();
@@ -140,7 +144,7 @@ describe("sandboxes", () => {
     expect(await row.textContent()).toContain("agent");
 
     for (let i = 0; i < 3; i++) expect((await api(`/v1/sandboxes/${id}/exec`, { method: "POST", body: JSON.stringify({ argv: ["true"] }) })).status).toBe(200);
-    await expect.poll(() => row.textContent(), { timeout: 5_000 }).toMatch(/\b3\b/);
+    await expect.poll(() => row.locator('[data-label="Execs"]').textContent(), { timeout: 5_000 }).toBe("3");
     await screenshot(page, "sandboxes-one");
 
     // Cancel keeps it; Kill releases it.
@@ -188,6 +192,7 @@ describe("watch mode", () => {
     const details = page.getByRole("complementary", { name: "Image details" });
     await expect.poll(() => details.textContent(), { timeout: 10_000 }).toContain("lib/prepare.ts");
     expect(await details.textContent()).toContain(before.slice(0, 12));
+    await screenshot(page, "graph-rebaked");
 
     // The events view has the round and the bake's steps.
     await page.goto(`${server.url}/#events`);

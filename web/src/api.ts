@@ -116,14 +116,12 @@ export const checkKey = (key: string): Promise<unknown> => new Api(key).json("/v
 
 // ---- What the server answers ----
 
+/** `GET /v1/node`: this server as a fleet's front sees it (only what the page shows). */
 export interface NodeInfo {
-  name: string;
-  tag: string;
-  startedAt: string;
-  ready: boolean;
+  node: { name: string; tag: string; version: string; startedAt: string };
+  state: "starting" | "ready" | "draining";
   reason?: string;
-  sandboxes: number;
-  capacity: number;
+  load: { sandboxes: number; capacity: number };
 }
 
 export type BuildStatus = "building" | "baked" | "cached" | "imported" | "failed" | "skipped" | "would-bake";

@@ -64,14 +64,20 @@ function Dashboard({ apiKey, onSignOut }: { apiKey: string; onSignOut: (message:
       },
       setStream,
     );
-    session.api.json<NodeInfo>("/v1/node").then(setNode, () => {});
-    return () => abort.abort();
+    // The server's state changes (loading, ready, draining): asked again every few seconds.
+    const readNode = () => void session.api.json<NodeInfo>("/v1/node").then(setNode, () => {});
+    readNode();
+    const timer = setInterval(readNode, 5_000);
+    return () => {
+      clearInterval(timer);
+      abort.abort();
+    };
   }, [session]);
 
   const mainRef = useRef<HTMLElement>(null);
   const current = VIEWS.find((v) => v.id === view)!;
   useEffect(() => {
-    document.title = `${current.label} · ${node?.name ?? "supermachine"}`;
+    document.title = `${current.label} · ${node?.node.name ?? "supermachine"}`;
   }, [current, node]);
 
   return (
@@ -90,9 +96,9 @@ function Dashboard({ apiKey, onSignOut }: { apiKey: string; onSignOut: (message:
         <div class="brand">
           <h1>supermachine</h1>
           {node && (
-            <span class="node-name" title={node.ready ? "ready" : node.reason}>
-              {node.name}
-              {!node.ready && <span class="not-ready"> (not ready{node.reason ? `: ${node.reason}` : ""})</span>}
+            <span class="node-name" title={`${node.node.name}: ${node.state}, supermachine ${node.node.version}`}>
+              {node.node.name}
+              {node.state !== "ready" && <span class="not-ready"> ({node.state}{node.reason ? `: ${node.reason}` : ""})</span>}
             </span>
           )}
         </div>

@@ -228,6 +228,7 @@ export const imageView = z.object({
   parent: z.string().nullable(),
   children: z.array(z.string()),
   ref: z.string().nullable(),
+  /** The module that defines it, relative to the project's root. */
   module: z.string().nullable(),
   key: z.string().nullable(),
   cached: z.boolean(),
