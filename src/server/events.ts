@@ -5,6 +5,7 @@
  * Sandbox events and a request's errors belong to the key they concern; bakes and watch rounds are
  * the project's, seen by every key.
  */
+import { randomBytes } from "node:crypto";
 import { EventEmitter } from "node:events";
 import type { BuildEvent, WatchEvent } from "../schema/events.js";
 import { describeProgress } from "../project/progress.js";
@@ -32,6 +33,11 @@ interface Entry {
 }
 
 export class ServerEvents {
+  /**
+   * This feed's instance, in every event's SSE id (`<instance>.<number>`): a client that comes
+   * back with the id of another server's feed (the server restarted) gets everything kept.
+   */
+  readonly instance = randomBytes(4).toString("hex");
   private next = 1;
   private readonly recent: Entry[] = [];
   private readonly feed = new EventEmitter();
@@ -78,6 +84,17 @@ export class ServerEvents {
     else if (e.type === "round-start") this.emit({ kind: "watch", type: "round-start", round: e.round, files: e.files });
     else if (e.type === "round-done") this.emit({ kind: "watch", type: "round-done", round: e.round.round, rekeyed: e.round.rekeyed, ms: e.round.ms });
     else if (e.type === "round-failed") this.emit({ kind: "watch", type: "round-failed", round: e.round, error: e.error.message });
+  }
+
+  /** The SSE id of an event of this feed. */
+  sseId(e: ServerEvent): string {
+    return `${this.instance}.${e.id}`;
+  }
+
+  /** The number of the last event a client saw, from its `Last-Event-ID` (0: another feed's, or none). */
+  seenUpTo(lastEventId: string | undefined): number {
+    const m = /^([0-9a-f]+)\.(\d{1,15})$/.exec(lastEventId ?? "");
+    return m && m[1] === this.instance ? Number(m[2]) : 0;
   }
 
   /**

@@ -25,6 +25,15 @@ describe("ServerEvents", () => {
     expect(after).toEqual([5, 6]);
   });
 
+  it("reads a Last-Event-ID of its own feed only", () => {
+    const bus = new ServerEvents();
+    const e = bus.emit({ kind: "bake", type: "start", image: "base" });
+    expect(bus.sseId(e)).toBe(`${bus.instance}.1`);
+    expect(bus.seenUpTo(bus.sseId(e))).toBe(1);
+    expect(bus.seenUpTo(`${new ServerEvents().instance}.1`)).toBe(0);
+    for (const junk of [undefined, "", "1", "x.1", `${bus.instance}.`, `${bus.instance}.-1`, `${bus.instance}.1e9`]) expect(bus.seenUpTo(junk)).toBe(0);
+  });
+
   it("keeps the last RECENT events and tells progress only when its step changes", () => {
     const bus = new ServerEvents();
     for (let i = 0; i < RECENT + 10; i++) bus.emit({ kind: "bake", type: "start", image: `i${i}` });

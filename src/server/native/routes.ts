@@ -320,12 +320,12 @@ export function registerNative(app: FastifyInstance, deps: NativeDeps): void {
     api.get("/v1/events", async (req, reply) => {
       const events = state().events;
       const key = keyOf(req);
-      const last = Number(header(req, "last-event-id") ?? (req.query as { after?: string } | undefined)?.after ?? 0);
+      const last = events.seenUpTo(header(req, "last-event-id"));
       reply.hijack();
       const res = reply.raw;
       res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", connection: "keep-alive", "x-request-id": req.id, "x-accel-buffering": "no" });
       res.write("retry: 2000\n\n");
-      const unsubscribe = events.subscribe(key.id, Number.isSafeInteger(last) && last > 0 ? last : 0, (e) => res.write(`id: ${e.id}\nevent: ${e.kind}\ndata: ${JSON.stringify(e)}\n\n`));
+      const unsubscribe = events.subscribe(key.id, last, (e) => res.write(`id: ${events.sseId(e)}\nevent: ${e.kind}\ndata: ${JSON.stringify(e)}\n\n`));
       const ping = setInterval(() => res.write(": keepalive\n\n"), 15_000);
       res.once("close", () => {
         clearInterval(ping);
