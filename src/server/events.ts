@@ -8,20 +8,10 @@
 import { randomBytes } from "node:crypto";
 import { EventEmitter } from "node:events";
 import type { BuildEvent, WatchEvent } from "../schema/events.js";
+import type { ServerEvent, ServerEventBody } from "../schema/server-events.js";
+
+export type { ServerEvent, ServerEventBody };
 import { describeProgress } from "../project/progress.js";
-
-export type ServerEventBody =
-  | { kind: "bake"; type: "start"; image: string }
-  | { kind: "bake"; type: "progress"; image: string; step: string }
-  | { kind: "bake"; type: "done"; image: string; status: string; ms: number; key: string; error: string | null }
-  | { kind: "watch"; type: "change"; files: string[] }
-  | { kind: "watch"; type: "round-start"; round: number; files: string[] }
-  | { kind: "watch"; type: "round-done"; round: number; rekeyed: string[]; ms: number }
-  | { kind: "watch"; type: "round-failed"; round: number; error: string }
-  | { kind: "sandbox"; type: "created" | "killed" | "timed-out" | "vm-exited"; sandbox: string; pool: string }
-  | { kind: "error"; type: "request" | "create"; message: string; code: string | null };
-
-export type ServerEvent = ServerEventBody & { id: number; at: string };
 
 /** Events kept for clients that connect or reconnect. */
 export const RECENT = 500;

@@ -4,6 +4,9 @@
  * from a `fetch` body, because EventSource cannot send the key header).
  */
 import { createParser } from "eventsource-parser";
+import type { z } from "zod";
+import type * as wire from "../../src/server/native/schemas.ts";
+import type { ServerEvent } from "../../src/schema/server-events.ts";
 
 const KEY_STORAGE = "supermachine.apiKey";
 
@@ -115,104 +118,26 @@ export type StreamStatus = "connecting" | "live" | "reconnecting";
 export const checkKey = (key: string): Promise<unknown> => new Api(key).json("/v1/pools");
 
 // ---- What the server answers ----
+// The server's own schemas (src/server/native/schemas.ts, zod) and event types: the page is
+// type-checked against what the server sends, and nothing of them is bundled (types only).
 
-/** `GET /v1/node`: this server as a fleet's front sees it (only what the page shows). */
-export interface NodeInfo {
-  node: { name: string; tag: string; version: string; startedAt: string };
-  state: "starting" | "ready" | "draining";
-  reason?: string;
-  load: { sandboxes: number; capacity: number };
-}
+type Answer<T extends z.ZodType> = z.output<T>;
 
-export type BuildStatus = "building" | "baked" | "cached" | "imported" | "failed" | "skipped" | "would-bake";
+/** `GET /v1/node`: this server as a fleet's front sees it. */
+export type NodeInfo = Answer<typeof wire.nodeReport>;
+export type ImagesResponse = Answer<typeof wire.imageList>;
+export type ImageInfo = ImagesResponse["images"][number];
+export type WhyResponse = Answer<typeof wire.whyReport>;
+export type Change = WhyResponse["changes"][number];
+export type PoolInfo = Answer<typeof wire.poolInfo>;
+export type AcquireBucket = PoolInfo["acquire"]["buckets"][number];
+export type SandboxInfo = Answer<typeof wire.sandboxInfo>;
+export type BuildStatus = NonNullable<ImageInfo["build"]>["status"];
 
-export interface ImageInfo {
-  name: string;
-  parent: string | null;
-  children: string[];
-  ref: string | null;
-  module: string | null;
-  key: string | null;
-  cached: boolean;
-  sizeBytes: number | null;
-  pools: string[];
-  build: { status: BuildStatus; step: string | null; updatedAt: string; ms: number | null; error: string | null } | null;
-}
-
-export interface ImagesResponse {
-  project: { config: string; root: string } | null;
-  images: ImageInfo[];
-  updatedAt: string;
-}
-
-export interface Change {
-  input: string;
-  before: unknown;
-  after: unknown;
-}
-
-export interface WhyResponse {
-  name: string;
-  key: string | null;
-  cached: boolean;
-  lastBake: { key: string; created: string } | null;
-  changes: Change[];
-  lastRebake: { at: string; from: string; to: string; changes: Change[] } | null;
-}
-
-export interface AcquireBucket {
-  t: number;
-  count: number;
-  p50Ms: number | null;
-  p99Ms: number | null;
-}
-
-export interface PoolInfo {
-  name: string;
-  image: string | null;
-  stats: { alive: number; inUse: number; idle: number; waiting: number; min: number; max: number; memoryMib: number; vcpus: number };
-  acquire: { bucketSeconds: number; buckets: AcquireBucket[] };
-  cyclesPerSecond: number;
-}
-
-export interface SandboxInfo {
-  id: string;
-  pool: string;
-  snapshot: string | null;
-  metadata: Record<string, string>;
-  startedAt: string;
-  endAt: string;
-  memoryMib: number;
-  vcpus: number;
-  state: "running" | "paused";
-  execs: number;
-  egressBytes: number;
-}
-
-interface EventBase {
-  id: number;
-  at: string;
-}
-
-export type BakeEvent = EventBase &
-  { kind: "bake"; image: string } & (
-    | { type: "start" }
-    | { type: "progress"; step: string }
-    | { type: "done"; status: BuildStatus; ms: number; key: string; error: string | null }
-  );
-
-export type WatchEvent = EventBase &
-  { kind: "watch" } & (
-    | { type: "change"; files: string[] }
-    | { type: "round-start"; round: number; files: string[] }
-    | { type: "round-done"; round: number; rekeyed: string[]; ms: number }
-    | { type: "round-failed"; round: number; error: string }
-  );
-
-export type SandboxEvent = EventBase & { kind: "sandbox"; type: "created" | "killed" | "timed-out" | "vm-exited"; sandbox: string; pool: string };
-
-export type ErrorEvent = EventBase & { kind: "error"; type: "request" | "create"; message: string; code: string | null };
-
-export type ServerEvent = BakeEvent | WatchEvent | SandboxEvent | ErrorEvent;
+export type { ServerEvent };
+export type BakeEvent = Extract<ServerEvent, { kind: "bake" }>;
+export type WatchEvent = Extract<ServerEvent, { kind: "watch" }>;
+export type SandboxEvent = Extract<ServerEvent, { kind: "sandbox" }>;
+export type ErrorEvent = Extract<ServerEvent, { kind: "error" }>;
 
 export type EventKind = ServerEvent["kind"];
