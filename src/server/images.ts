@@ -168,11 +168,17 @@ export class ProjectImages {
   }
 
   /**
-   * The log of the image's last bake: of its newest snapshot, or of a failed bake kept under
-   * `<home>/logs` when that is newer. Undefined when neither is there.
+   * The log of the bake the image runs from: of its snapshot when it is baked with its current
+   * key; otherwise of its last bake, a failed one (kept under `<home>/logs`) or the newest
+   * snapshot of that name. Undefined when there is none.
    */
   async log(name: string, what: string): Promise<string | undefined> {
     const { snapshotsDir } = await this.require(name, what);
+    const node = (await this.listing()).nodes.get(name);
+    if (node?.status === "cached") {
+      const text = await readFile(join(node.dir, SNAPSHOT_FILES.log), "utf8").catch(() => undefined);
+      if (text !== undefined) return text;
+    }
     const newest = (await snapshotsOf(snapshotsDir, name))[0];
     const failed = await newestFailedBakeLog(name);
     if (failed && (!newest || failed.at > newest.meta.created)) return readFile(failed.path, "utf8");
