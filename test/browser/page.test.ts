@@ -11,6 +11,7 @@ import type { Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startServer, tagImage, type SupermachineServer } from "../../src/index.js";
 import { KeyStore } from "../../src/server/keys.js";
+// @ts-expect-error plain JavaScript helpers without types
 import { ensureFixtures } from "../fixtures/build-fixtures.mjs";
 import { accessibilityViolations, launchBrowser, screenshot, type TestBrowser } from "../helpers/browser.js";
 
@@ -85,7 +86,7 @@ describe("the key gate", () => {
     // Signing out forgets it.
     await page.getByRole("button", { name: /sign out/i }).click();
     await expect.poll(() => page.getByLabel("API key").isVisible()).toBe(true);
-    expect(await page.evaluate(() => sessionStorage.length)).toBe(0);
+    expect(await page.evaluate("sessionStorage.length")).toBe(0);
     await page.close();
   });
 
@@ -218,7 +219,7 @@ describe("every view", () => {
           const page = await signedIn("graph", viewport);
           const toggle = page.getByRole("button", { name: "Dark theme" });
           if ((await toggle.getAttribute("aria-pressed")) !== String(theme === "dark")) await toggle.click();
-          expect(await page.evaluate(() => document.documentElement.dataset.theme)).toBe(theme);
+          expect(await page.evaluate("document.documentElement.dataset.theme")).toBe(theme);
           for (const view of views) {
             await page.goto(`${server.url}/#${view}`);
             await page.getByRole("heading", { level: 2 }).first().waitFor();
@@ -228,7 +229,7 @@ describe("every view", () => {
             const violations = await accessibilityViolations(page);
             expect(violations, `${view}, ${theme}, ${size}: ${JSON.stringify(violations, null, 1)}`).toEqual([]);
             // Nothing overflows the viewport but the scroll containers.
-            const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+            const overflow = await page.evaluate<number>("document.documentElement.scrollWidth - window.innerWidth");
             expect(overflow, `${view}, ${theme}, ${size}: the page is ${overflow} px wider than the viewport`).toBeLessThanOrEqual(0);
             await screenshot(page, `${view}-${theme}-${size}`);
           }

@@ -68,6 +68,7 @@ let t: TestServer;
 let pools: RemotePools;
 
 beforeAll(async () => {
+  // @ts-expect-error plain JavaScript helpers without types
   const { ensureFixtures } = (await import("../fixtures/build-fixtures.mjs")) as { ensureFixtures(o: { only: string[]; log: (l: string) => void }): Promise<{ python: { ref: string } }> };
   const { python } = await ensureFixtures({ only: ["python"], log: () => {} });
   const dir = projectDir(project(python.ref));
