@@ -82,7 +82,11 @@ export class ProjectImages {
 
   private async open(): Promise<Opened> {
     const project = await loadProject({ ...(this.source?.cwd ? { cwd: this.source.cwd } : {}), ...(this.source?.config ? { configFile: this.source.config } : {}), command: "serve" });
-    return { project, graph: buildImageGraph(project.images), lock: await openLock(project), snapshotsDir: project.snapshotsDir ?? homePaths().snapshots };
+    // Root images resolve from what is here: showing the graph never pulls an image (a node of a
+    // fleet serves few of them; a pool's images are here once it is open). The key depends on the
+    // digest, not on the policy.
+    const images = project.images.map((i) => (i.from === null ? { ...i, definition: { ...i.definition, pullPolicy: "never" as const } } : i));
+    return { project, graph: buildImageGraph(images), lock: await openLock(project), snapshotsDir: project.snapshotsDir ?? homePaths().snapshots };
   }
 
   private listing(): Promise<Listing> {
@@ -106,7 +110,7 @@ export class ProjectImages {
     const previous = this.last?.nodes;
     for (const [name, node] of nodes) {
       const before = previous?.get(name);
-      if (before && before.key !== node.key) {
+      if (before?.key && node.key && before.key !== node.key) {
         this.rebakes.set(name, { at: new Date().toISOString(), from: before.key, to: node.key, changes: diffInputs(before, node) });
       }
     }
@@ -123,7 +127,8 @@ export class ProjectImages {
             ref: spec.ref ?? null,
             // Relative to the project's root, as people name the files.
             module: spec.module ? relative(project.root, spec.module) || spec.module : null,
-            key: l.key,
+            // An image that cannot be keyed here (its root image is not local) has none.
+            key: l.key || null,
             cached: l.cached,
             sizeBytes: l.sizeBytes,
             pools: poolsOf.get(l.name) ?? [],
@@ -163,7 +168,16 @@ export class ProjectImages {
   /** `why` for one image, and what changed the last time this server saw its key change. */
   async why(name: string, what: string): Promise<WhyReport & { lastRebake: Rebake | null }> {
     const { project, graph, lock, snapshotsDir } = await this.require(name, what);
-    const report = await whyImage(graph, name, { root: project.root, snapshotsDir, lock });
+    let report: WhyReport;
+    try {
+      report = await whyImage(graph, name, { root: project.root, snapshotsDir, lock });
+    } catch (err) {
+      // Its key cannot be computed here (the listing never pulls: its root image is not local).
+      throw new ServerError("SERVER_CONFLICT", `${what}: ${JSON.stringify(name)} cannot be keyed on this server: ${(err as Error).message}`, {
+        hint: "its root image is not on this host: build the project here (supermachine build) or import it from the cache",
+        cause: err,
+      });
+    }
     return { ...report, lastRebake: this.rebakes.get(name) ?? null };
   }
 

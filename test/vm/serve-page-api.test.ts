@@ -1,6 +1,7 @@
 // The routes behind the serve page, on real VMs: the image graph with keys, sizes and pools,
 // why and the bake log, pools' acquire series and cycles, sandboxes' exec counts (native and
 // E2B), and the event feed (each key sees its own sandboxes, a reconnect gets what it missed).
+import { createServer } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { testServer, type TestServer } from "../helpers/serve.js";
 
@@ -113,6 +114,40 @@ describe("the page's routes", () => {
       const res = await fetch(`${t.server.url}${path}`);
       expect(res.status, path).toBeGreaterThanOrEqual(400);
       expect(await res.text(), path).not.toContain('"name": "supermachine"');
+    }
+  });
+});
+
+describe("the graph's listing", () => {
+  it("never pulls: an image no pool needs, whose root is not here, is listed without a key and its registry is never asked", async () => {
+    let connections = 0;
+    const registry = createServer((socket) => {
+      connections++;
+      socket.destroy();
+    });
+    await new Promise<void>((resolve) => registry.listen(0, "127.0.0.1", resolve));
+    const port = (registry.address() as { port: number }).port;
+    const s = await testServer(
+      {},
+      `import { defineConfig, defineImage } from "supermachine/config";
+export default defineConfig({
+  images: { box: defineImage({ ref: "builtin:busybox" }), remote: defineImage({ ref: "127.0.0.1:${port}/never/pulled:1" }) },
+  pools: { base: { image: "box", min: 1, max: 2 } },
+});
+`,
+    );
+    try {
+      const res = await fetch(`${s.server.url}/v1/images`, { headers: { "x-api-key": s.key } });
+      const list = (await res.json()) as { images: { name: string; key: string | null; cached: boolean }[] };
+      expect(list.images.find((i) => i.name === "box")).toMatchObject({ cached: true, key: expect.stringMatching(/^[0-9a-f]{64}$/) });
+      expect(list.images.find((i) => i.name === "remote")).toMatchObject({ cached: false, key: null });
+      const why = await fetch(`${s.server.url}/v1/images/remote/why`, { headers: { "x-api-key": s.key } });
+      expect(why.status).toBe(409);
+      expect(await why.json()).toMatchObject({ errorCode: "SERVER_CONFLICT", message: expect.stringContaining("cannot be keyed"), hint: expect.stringContaining("supermachine build") });
+      expect(connections).toBe(0);
+    } finally {
+      await s.close();
+      registry.close();
     }
   });
 });
