@@ -6,13 +6,17 @@ const W = 280;
 const H = 96;
 const PAD = { left: 4, right: 4, top: 24, bottom: 8 };
 
-function line(buckets: AcquireBucket[], pick: (b: AcquireBucket) => number | null, max: number): string {
-  const step = buckets.length > 1 ? (W - PAD.left - PAD.right) / (buckets.length - 1) : 0;
+/** The chart's time window: what the server keeps (60 buckets). */
+const WINDOW_BUCKETS = 60;
+
+/** Points of one quantile, placed by their bucket's time in the window ending now (gaps stay gaps in time). */
+function line(buckets: AcquireBucket[], pick: (b: AcquireBucket) => number | null, max: number, from: number, spanMs: number): string {
+  const w = W - PAD.left - PAD.right;
   const h = H - PAD.top - PAD.bottom;
   return buckets
-    .map((b, i) => [i, pick(b)] as const)
-    .filter((p): p is readonly [number, number] => p[1] !== null)
-    .map(([i, v]) => `${(PAD.left + i * step).toFixed(1)},${(PAD.top + h - (v / max) * h).toFixed(1)}`)
+    .map((b) => [b.t, pick(b)] as const)
+    .filter((p): p is readonly [number, number] => p[1] !== null && p[0] >= from)
+    .map(([t, v]) => `${(PAD.left + ((t - from) / spanMs) * w).toFixed(1)},${(PAD.top + h - (v / max) * h).toFixed(1)}`)
     .join(" ");
 }
 
@@ -24,7 +28,11 @@ export function LatencyChart({ pool, buckets, bucketSeconds }: { pool: string; b
   const summary = latest
     ? `Acquire latency of pool ${pool}: latest p50 ${ms(latest.p50Ms)}, p99 ${ms(latest.p99Ms)}`
     : `Acquire latency of pool ${pool}: no acquires yet`;
-  const span = Math.round((buckets.length * bucketSeconds) / 60);
+  const bucketMs = Math.max(1, bucketSeconds) * 1000;
+  const spanMs = WINDOW_BUCKETS * bucketMs;
+  // The window ends with the current bucket (the newest the server could have).
+  const from = Math.floor(Date.now() / bucketMs) * bucketMs - spanMs + bucketMs;
+  const span = Math.round(spanMs / 60_000);
   return (
     <figure class="chart">
       <figcaption>
@@ -37,8 +45,19 @@ export function LatencyChart({ pool, buckets, bucketSeconds }: { pool: string; b
         <svg viewBox={`0 0 ${W} ${H}`} role="img" aria-label={summary} preserveAspectRatio="none">
           <line class="axis" x1={PAD.left} y1={H - PAD.bottom} x2={W - PAD.right} y2={H - PAD.bottom} />
           <line class="grid" x1={PAD.left} y1={PAD.top} x2={W - PAD.right} y2={PAD.top} />
-          <polyline class="p99" points={line(buckets, (b) => b.p99Ms, max)} />
-          <polyline class="p50" points={line(buckets, (b) => b.p50Ms, max)} />
+          {(["p99", "p50"] as const).map((q) => {
+            const points = line(buckets, (b) => (q === "p50" ? b.p50Ms : b.p99Ms), max, from, spanMs);
+            return (
+              <g class={q} key={q}>
+                <polyline points={points} />
+                {/* A bucket alone is a point, which a polyline does not draw. */}
+                {points.split(" ").filter(Boolean).map((p) => {
+                  const [x, y] = p.split(",");
+                  return <circle key={p} cx={x} cy={y} r={1.8} />;
+                })}
+              </g>
+            );
+          })}
         </svg>
       </div>
       <ul class="legend" aria-hidden="true">
