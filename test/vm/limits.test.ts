@@ -153,8 +153,10 @@ describe("processes an exec leaves running", () => {
     expect(entry).toMatchObject({ argv: ["sh", "-c", "sleep 300 & sleep 301 & echo started"], detached: false });
     expect(entry!.pids).toHaveLength(2);
     // The pids are the two sleeps (once the shell's forks have exec'd them).
+    // One line per pid, an empty one included (a process in the middle of its execve has no
+    // cmdline yet): trimming the whole output would drop it and end the wait too soon.
     const cmdlines = async (pids: number[]) =>
-      (await vm.exec({ argv: ["sh", "-c", pids.map((p) => `tr '\\0' ' ' < /proc/${p}/cmdline; echo`).join(";")] })).stdout.toString().trim().split("\n").map((c) => c.trim()).sort();
+      (await vm.exec({ argv: ["sh", "-c", pids.map((p) => `tr '\\0' ' ' < /proc/${p}/cmdline; echo`).join(";")] })).stdout.toString().split("\n").slice(0, pids.length).map((c) => c.trim()).sort();
     let seen = await cmdlines(entry!.pids);
     for (let i = 0; i < 50 && seen.some((c) => !c.startsWith("sleep")); i++) {
       await new Promise((r) => setTimeout(r, 100));
